@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llmasos.proto import common_pb2 as llmasos_dot_proto_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dllmasos/proto/inference.proto\x12\nllmasos.v1\x1a\x1allmasos/proto/common.proto\"V\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x17\n\x0fkv_budget_bytes\x18\x04 \x01(\x04\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.llmasos.v1.ModelInfo\"g\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.llmasos.v1.ChatMessagesH\x00\x42\x07\n\x05input\"T\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\reos_token_ids\x18\x02 \x03(\r\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\"5\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\" \n\x0fGeometryRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xba\x01\n\tStepEntry\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x11\n\tstart_pos\x18\x03 \x01(\r\x12\x13\n\x0b\x62lock_table\x18\x04 \x03(\r\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.llmasos.v1.SamplingParams\x12\x15\n\rgenerated_ids\x18\x07 \x03(\r\x12\r\n\x05reset\x18\x08 \x01(\x08\"D\n\x0bStepRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x15.llmasos.v1.StepEntry\"P\n\nStepResult\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0f\n\x07sampled\x18\x04 \x01(\x08\"K\n\x0cStepResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.llmasos.v1.StepResult\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\"<\n\x11\x43opyBlocksRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03src\x18\x02 \x03(\r\x12\x0b\n\x03\x64st\x18\x03 \x03(\r\"\x14\n\x12\x43opyBlocksResponse\"/\n\x0eSwapOutRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x03(\r\"!\n\x0fSwapOutResponse\x12\x0e\n\x06handle\x18\x01 \x01(\x04\">\n\rSwapInRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06handle\x18\x02 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x03 \x03(\r\"\x10\n\x0eSwapInResponse\"0\n\x0eReleaseRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07seq_ids\x18\x02 \x03(\x04\"\x11\n\x0fReleaseResponse2\x92\x06\n\tInference\x12@\n\tLoadModel\x12\x1c.llmasos.v1.LoadModelRequest\x1a\x15.llmasos.v1.ModelInfo\x12N\n\x0bUnloadModel\x12\x1e.llmasos.v1.UnloadModelRequest\x1a\x1f.llmasos.v1.UnloadModelResponse\x12K\n\nListModels\x12\x1d.llmasos.v1.ListModelsRequest\x1a\x1e.llmasos.v1.ListModelsResponse\x12\x45\n\x08Tokenize\x12\x1b.llmasos.v1.TokenizeRequest\x1a\x1c.llmasos.v1.TokenizeResponse\x12K\n\nDetokenize\x12\x1d.llmasos.v1.DetokenizeRequest\x1a\x1e.llmasos.v1.DetokenizeResponse\x12\x41\n\x08Geometry\x12\x1b.llmasos.v1.GeometryRequest\x1a\x18.llmasos.v1.PoolGeometry\x12\x39\n\x04Step\x12\x17.llmasos.v1.StepRequest\x1a\x18.llmasos.v1.StepResponse\x12K\n\nCopyBlocks\x12\x1d.llmasos.v1.CopyBlocksRequest\x1a\x1e.llmasos.v1.CopyBlocksResponse\x12\x42\n\x07SwapOut\x12\x1a.llmasos.v1.SwapOutRequest\x1a\x1b.llmasos.v1.SwapOutResponse\x12?\n\x06SwapIn\x12\x19.llmasos.v1.SwapInRequest\x1a\x1a.llmasos.v1.SwapInResponse\x12\x42\n\x07Release\x12\x1a.llmasos.v1.ReleaseRequest\x1a\x1b.llmasos.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dllmasos/proto/inference.proto\x12\nllmasos.v1\x1a\x1allmasos/proto/common.proto\"V\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x17\n\x0fkv_budget_bytes\x18\x04 \x01(\x04\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.llmasos.v1.ModelInfo\"g\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\x08messages\x18\x03 \x01(\x0b\x32\x18.llmasos.v1.ChatMessagesH\x00\x42\x07\n\x05input\"T\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\reos_token_ids\x18\x02 \x03(\r\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\"5\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\" \n\x0fGeometryRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xba\x01\n\tStepEntry\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x11\n\tstart_pos\x18\x03 \x01(\r\x12\x13\n\x0b\x62lock_table\x18\x04 \x03(\r\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.llmasos.v1.SamplingParams\x12\x15\n\rgenerated_ids\x18\x07 \x03(\r\x12\r\n\x05reset\x18\x08 \x01(\x08\"D\n\x0bStepRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x15.llmasos.v1.StepEntry\"\x8d\x01\n\nStepResult\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0f\n\x07sampled\x18\x04 \x01(\x08\x12\x0c\n\x04text\x18\x05 \x01(\t\x12-\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x16.llmasos.v1.ExitReason\"K\n\x0cStepResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.llmasos.v1.StepResult\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\"<\n\x11\x43opyBlocksRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03src\x18\x02 \x03(\r\x12\x0b\n\x03\x64st\x18\x03 \x03(\r\"\x14\n\x12\x43opyBlocksResponse\"/\n\x0eSwapOutRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x03(\r\"!\n\x0fSwapOutResponse\x12\x0e\n\x06handle\x18\x01 \x01(\x04\">\n\rSwapInRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06handle\x18\x02 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x03 \x03(\r\"\x10\n\x0eSwapInResponse\"0\n\x0eReleaseRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07seq_ids\x18\x02 \x03(\x04\"\x11\n\x0fReleaseResponse2\x92\x06\n\tInference\x12@\n\tLoadModel\x12\x1c.llmasos.v1.LoadModelRequest\x1a\x15.llmasos.v1.ModelInfo\x12N\n\x0bUnloadModel\x12\x1e.llmasos.v1.UnloadModelRequest\x1a\x1f.llmasos.v1.UnloadModelResponse\x12K\n\nListModels\x12\x1d.llmasos.v1.ListModelsRequest\x1a\x1e.llmasos.v1.ListModelsResponse\x12\x45\n\x08Tokenize\x12\x1b.llmasos.v1.TokenizeRequest\x1a\x1c.llmasos.v1.TokenizeResponse\x12K\n\nDetokenize\x12\x1d.llmasos.v1.DetokenizeRequest\x1a\x1e.llmasos.v1.DetokenizeResponse\x12\x41\n\x08Geometry\x12\x1b.llmasos.v1.GeometryRequest\x1a\x18.llmasos.v1.PoolGeometry\x12\x39\n\x04Step\x12\x17.llmasos.v1.StepRequest\x1a\x18.llmasos.v1.StepResponse\x12K\n\nCopyBlocks\x12\x1d.llmasos.v1.CopyBlocksRequest\x1a\x1e.llmasos.v1.CopyBlocksResponse\x12\x42\n\x07SwapOut\x12\x1a.llmasos.v1.SwapOutRequest\x1a\x1b.llmasos.v1.SwapOutResponse\x12?\n\x06SwapIn\x12\x19.llmasos.v1.SwapInRequest\x1a\x1a.llmasos.v1.SwapInResponse\x12\x42\n\x07Release\x12\x1a.llmasos.v1.ReleaseRequest\x1a\x1b.llmasos.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,26 +56,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPENTRY']._serialized_end=805
   _globals['_STEPREQUEST']._serialized_start=807
   _globals['_STEPREQUEST']._serialized_end=875
-  _globals['_STEPRESULT']._serialized_start=877
-  _globals['_STEPRESULT']._serialized_end=957
-  _globals['_STEPRESPONSE']._serialized_start=959
-  _globals['_STEPRESPONSE']._serialized_end=1034
-  _globals['_COPYBLOCKSREQUEST']._serialized_start=1036
-  _globals['_COPYBLOCKSREQUEST']._serialized_end=1096
-  _globals['_COPYBLOCKSRESPONSE']._serialized_start=1098
-  _globals['_COPYBLOCKSRESPONSE']._serialized_end=1118
-  _globals['_SWAPOUTREQUEST']._serialized_start=1120
-  _globals['_SWAPOUTREQUEST']._serialized_end=1167
-  _globals['_SWAPOUTRESPONSE']._serialized_start=1169
-  _globals['_SWAPOUTRESPONSE']._serialized_end=1202
-  _globals['_SWAPINREQUEST']._serialized_start=1204
-  _globals['_SWAPINREQUEST']._serialized_end=1266
-  _globals['_SWAPINRESPONSE']._serialized_start=1268
-  _globals['_SWAPINRESPONSE']._serialized_end=1284
-  _globals['_RELEASEREQUEST']._serialized_start=1286
-  _globals['_RELEASEREQUEST']._serialized_end=1334
-  _globals['_RELEASERESPONSE']._serialized_start=1336
-  _globals['_RELEASERESPONSE']._serialized_end=1353
-  _globals['_INFERENCE']._serialized_start=1356
-  _globals['_INFERENCE']._serialized_end=2142
+  _globals['_STEPRESULT']._serialized_start=878
+  _globals['_STEPRESULT']._serialized_end=1019
+  _globals['_STEPRESPONSE']._serialized_start=1021
+  _globals['_STEPRESPONSE']._serialized_end=1096
+  _globals['_COPYBLOCKSREQUEST']._serialized_start=1098
+  _globals['_COPYBLOCKSREQUEST']._serialized_end=1158
+  _globals['_COPYBLOCKSRESPONSE']._serialized_start=1160
+  _globals['_COPYBLOCKSRESPONSE']._serialized_end=1180
+  _globals['_SWAPOUTREQUEST']._serialized_start=1182
+  _globals['_SWAPOUTREQUEST']._serialized_end=1229
+  _globals['_SWAPOUTRESPONSE']._serialized_start=1231
+  _globals['_SWAPOUTRESPONSE']._serialized_end=1264
+  _globals['_SWAPINREQUEST']._serialized_start=1266
+  _globals['_SWAPINREQUEST']._serialized_end=1328
+  _globals['_SWAPINRESPONSE']._serialized_start=1330
+  _globals['_SWAPINRESPONSE']._serialized_end=1346
+  _globals['_RELEASEREQUEST']._serialized_start=1348
+  _globals['_RELEASEREQUEST']._serialized_end=1396
+  _globals['_RELEASERESPONSE']._serialized_start=1398
+  _globals['_RELEASERESPONSE']._serialized_end=1415
+  _globals['_INFERENCE']._serialized_start=1418
+  _globals['_INFERENCE']._serialized_end=2204
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,112 @@
+"""What every service process shares: logging, a gRPC server with health and reflection,
+reporting its address to the supervising kernel, and a clean exit on SIGTERM.
+
+A service's __main__ calls `serve(name, register)`, where register(server) adds its servicers
+and returns their full service names (for health and reflection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from concurrent import futures
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+Register = Callable[[grpc.Server], list[str]]
+
+
+def configure_logging(service: str) -> structlog.stdlib.BoundLogger:
+    """JSON lines on stderr when not on a TTY, readable console otherwise."""
+    renderer = (
+        structlog.dev.ConsoleRenderer()
+        if sys.stderr.isatty()
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
+    return structlog.get_logger().bind(service=service, pid=os.getpid())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--listen", default="127.0.0.1:0", help="address to serve on")
+    ap.add_argument("--report-fd", type=int, default=-1, help="fd to write the bound address to")
+    ap.add_argument("--state-dir", default=os.environ.get("LLMASOS_HOME", ""))
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--option", action="append", default=[], help="service option KEY=VALUE")
+    return ap.parse_args(argv)
+
+
+def options(args: argparse.Namespace) -> dict[str, str]:
+    """The --option KEY=VALUE pairs as a dict."""
+    return dict(kv.split("=", 1) for kv in args.option)
+
+
+def start_server(register: Register, listen: str, workers: int = 8) -> tuple[grpc.Server, str]:
+    """Start a server with the service's servicers, health and reflection; return it and its
+    bound address."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        options=[("grpc.max_receive_message_length", 64 << 20),
+                 ("grpc.max_send_message_length", 64 << 20)],
+    )
+    names = register(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in [*names, ""]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME,
+                                         reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot bind {listen}; choose another --listen address")
+    server.start()
+    address = listen if listen.startswith("unix:") else f"{listen.rsplit(':', 1)[0]}:{port}"
+    return server, address
+
+
+def report_address(fd: int, address: str) -> None:
+    """Tell the supervisor where we serve: one line on the pipe it gave us, then close it."""
+    if fd < 0:
+        print(address, flush=True)
+        return
+    with os.fdopen(fd, "w") as pipe:
+        pipe.write(address + "\n")
+
+
+def serve(name: str, register: Callable[[grpc.Server, argparse.Namespace], list[str]],
+          argv: list[str] | None = None) -> int:
+    """Run a service until SIGTERM/SIGINT; the standard main of every service process."""
+    args = parse_args(argv)
+    log = configure_logging(name)
+    server, address = start_server(lambda s: register(s, args), args.listen, args.workers)
+    report_address(args.report_fd, address)
+    log.info("service_started", address=address)
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    # The kernel is our parent: if it dies without stopping us, do not linger as an orphan.
+    parent = os.getppid()
+    while not stopped.wait(1.0):
+        if os.getppid() != parent:
+            log.warning("parent_gone", parent=parent)
+            break
+    server.stop(grace=2).wait()
+    log.info("service_stopped")
+    return 0
