@@ -1,0 +1,59 @@
+"""The syscall table: every system call of llmasos.v1.Kernel, as xv6's syscalls[] lists them.
+
+number  the syscall's stable number (logged and shown by tools)
+name    the RPC name in kernel.proto
+cap     the capability the caller needs (security service; root holds all)
+handler the kernel's handler function name (kernel/syscalls.py binds it)
+check   argument validation, run before any state changes
+needs   services the call cannot work without (UNAVAILABLE when one has FAILED)
+stream  server-streaming reply
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from llmasos.syscalls import validate as v
+
+CAP_PROC = "proc"      # spawn, wait, read, kill, nice, stat, ps on one's own jobs
+CAP_MODELS = "models"  # list models
+CAP_SYSTEM = "system"  # whoami, services
+CAP_ADMIN = "admin"    # deploy/undeploy, others' jobs, everyone's ps, negative nice
+ALL_CAPS = (CAP_PROC, CAP_MODELS, CAP_SYSTEM, CAP_ADMIN)
+DEFAULT_USER_CAPS = (CAP_PROC, CAP_MODELS, CAP_SYSTEM)
+
+
+@dataclass(frozen=True)
+class Syscall:
+    number: int
+    name: str
+    cap: str
+    handler: str
+    check: Callable[[Any], None]
+    needs: tuple[str, ...] = ()
+    stream: bool = False
+
+
+SYSCALLS: tuple[Syscall, ...] = (
+    #      no  name        cap         handler         check       needs                   stream
+    Syscall(1, "Spawn",    CAP_PROC,   "sys_spawn",    v.spawn,    ("inference", "scheduler")),
+    Syscall(2, "Wait",     CAP_PROC,   "sys_wait",     v.pid),
+    Syscall(3, "Read",     CAP_PROC,   "sys_read",     v.pid,      (),                     True),
+    Syscall(4, "Kill",     CAP_PROC,   "sys_kill",     v.kill),
+    Syscall(5, "Nice",     CAP_PROC,   "sys_nice",     v.nice),
+    Syscall(6, "Ps",       CAP_PROC,   "sys_ps",       v.ps),
+    Syscall(7, "Stat",     CAP_PROC,   "sys_stat",     v.pid),
+    Syscall(8, "Models",   CAP_MODELS, "sys_models",   v.nothing,  ("inference",)),
+    Syscall(9, "Deploy",   CAP_ADMIN,  "sys_deploy",   v.deploy,   ("inference",)),
+    Syscall(10, "Undeploy", CAP_ADMIN, "sys_undeploy", v.undeploy, ("inference",)),
+    Syscall(11, "WhoAmI",  CAP_SYSTEM, "sys_whoami",   v.nothing),
+    Syscall(12, "Services", CAP_SYSTEM, "sys_services", v.nothing),
+)
+
+BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}
+BY_NUMBER: dict[int, Syscall] = {s.number: s for s in SYSCALLS}
+
+# Signals a job understands (numbers as on Linux; kernel.proto's Signal enum).
+SIGNALS = {"KILL": 9, "TERM": 15, "CONT": 18, "STOP": 19}
