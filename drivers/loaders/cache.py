@@ -1,0 +1,62 @@
+"""Cache of dequantized GGUF weights as safetensors under <state_dir>/cache/, so the second load
+skips dequantization. Keyed by the file's absolute path, size and mtime."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import structlog
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmasos.drivers.loaders.config import ModelConfig
+from llmasos.drivers.loaders.gguf import load_gguf
+from llmasos.drivers.loaders.hf import load_hf
+
+log = structlog.get_logger()
+CACHE_VERSION = "1"  # bump when the stored layout changes
+
+
+def default_state_dir() -> str:
+    return os.environ.get("LLMASOS_HOME") or os.path.expanduser("~/.local/state/llmasos")
+
+
+def cache_path(path: str, state_dir: str) -> Path:
+    st = os.stat(path)
+    key = f"{CACHE_VERSION}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return Path(state_dir) / "cache" / f"{Path(path).stem}-{digest}.safetensors"
+
+
+def load_cached_gguf(path: str, state_dir: str,
+                     progress: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor], bool]:
+    """(config, fp32 weights, hit). Dequantizes and stores on a miss."""
+    target = cache_path(path, state_dir)
+    if target.is_file():
+        from safetensors import safe_open
+        with safe_open(str(target), framework="pt") as f:
+            cfg = ModelConfig.from_json(f.metadata()["config"])
+        log.info("weights_cache_hit", path=path, cache=str(target))
+        return cfg, load_file(str(target)), True
+    cfg, weights = load_gguf(path, progress=progress)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp),
+              metadata={"config": cfg.to_json(), "source": os.path.abspath(path)})
+    os.replace(tmp, target)  # atomic: a crash never leaves a half-written cache entry
+    log.info("weights_cached", path=path, cache=str(target))
+    return cfg, weights, False
+
+
+def load_weights(path: str, state_dir: str,
+                 progress: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
+    """Load a GGUF file (through the cache) or an HF folder; returns (config, weights, source)."""
+    if os.path.isdir(path):
+        cfg, weights = load_hf(path, progress=progress)
+        return cfg, weights, "safetensors"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such model file or folder: {path}")
+    cfg, weights, _ = load_cached_gguf(path, state_dir, progress=progress)
+    return cfg, weights, "gguf"

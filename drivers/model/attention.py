@@ -1,0 +1,126 @@
+"""Paged attention on the CPU (PyTorch): K/V live in a pool of fixed-size blocks and each sequence
+reads its context through a block table.
+
+One layer's view of the pool is k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim];
+slot = block * block_size + offset. The three public functions below have the exact signatures
+of the CUDA kernels in drivers/cuda/. Internally every call goes through one batched SDPA over a
+PagedGroup: the group's queries padded to [S, max_q], its context gathered to [S, max_k] with a
+mask. The model builds the groups once per step and reuses them in every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PagedGroup:
+    """Index tensors for one batched attention call over S sequences (built once per step)."""
+
+    token_rows: torch.Tensor  # [n] rows of the flat batch that belong to this group, in order
+    query_rows: torch.Tensor  # [S * max_q] row of the flat batch for each padded query (pad: 0)
+    padded_pos: torch.Tensor  # [n] index of each token_rows entry in the padded [S * max_q]
+    kv_slots: torch.Tensor  # [S, max_k] pool slot of each context position (pad: 0)
+    mask: torch.Tensor  # [S, 1, gqa * max_q, max_k] bool, True = attend; GQA folded into rows
+    num_seqs: int
+    max_q: int
+    identity: bool  # query_rows == token_rows: no padding, no scatter (decode-only groups)
+    first_row: int  # token_rows[0]
+
+
+def build_group(token_starts: list[int], q_lens: list[int], seq_lens: list[int],
+                block_tables: list[list[int]], block_size: int, gqa: int,
+                device: torch.device | str = "cpu") -> PagedGroup:
+    """Sequence s owns flat rows token_starts[s] .. + q_lens[s]; its context is seq_lens[s] tokens
+    (the new ones included) at the slots of block_tables[s]. Query i of s sits at position
+    seq_lens[s] - q_lens[s] + i and attends causally to positions <= its own."""
+    num_seqs, max_q, max_k = len(q_lens), max(q_lens), max(seq_lens)
+    max_blocks = max(len(bt) for bt in block_tables)
+    table = torch.tensor([bt + [0] * (max_blocks - len(bt)) for bt in block_tables],
+                         dtype=torch.int64)
+    q_len_t = torch.tensor(q_lens, dtype=torch.int64)
+    seq_len_t = torch.tensor(seq_lens, dtype=torch.int64)
+    start_t = torch.tensor(token_starts, dtype=torch.int64)
+
+    pos_k = torch.arange(max_k)
+    slots = table[:, pos_k // block_size] * block_size + pos_k % block_size
+    slots = torch.where(pos_k[None] < seq_len_t[:, None], slots, 0)
+
+    i = torch.arange(max_q)
+    real = i[None] < q_len_t[:, None]  # [S, max_q]
+    q_pos = torch.where(real, (seq_len_t - q_len_t)[:, None] + i[None], 0)  # pad rows see key 0
+    mask = pos_k[None, None] <= q_pos[:, :, None]  # [S, max_q, max_k]
+    mask = mask[:, None, None].expand(num_seqs, 1, gqa, max_q, max_k)
+    mask = mask.reshape(num_seqs, 1, gqa * max_q, max_k)
+
+    rows = torch.where(real, start_t[:, None] + i[None], 0)
+    flat_real = real.reshape(-1)
+    token_rows = rows.reshape(-1)[flat_real]
+    padded_pos = torch.arange(num_seqs * max_q)[flat_real]
+    identity = max_q == 1 and bool((token_rows == torch.arange(len(token_rows))
+                                    + token_rows[0]).all()) if len(token_rows) else False
+    return PagedGroup(
+        token_rows=token_rows.to(device), query_rows=rows.reshape(-1).to(device),
+        padded_pos=padded_pos.to(device), kv_slots=slots.to(device), mask=mask.to(device),
+        num_seqs=num_seqs, max_q=max_q, identity=identity, first_row=int(token_starts[0]),
+    )
+
+
+def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    group: PagedGroup, scale: float) -> torch.Tensor:
+    """q: [T, Hq, D] (the whole flat batch); returns [n, Hq, D] for group.token_rows."""
+    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    num_heads = q.shape[1]
+    gqa = num_heads // kv_heads
+    s, mq = group.num_seqs, group.max_q
+    first = group.first_row
+    qp = q[first:first + s] if group.identity else q[group.query_rows]
+    # [S*mq, Hq, D] -> [S, Hkv, gqa*mq, D]: the query heads of one KV head become extra rows
+    qp = qp.view(s, mq, kv_heads, gqa, head_dim).permute(0, 2, 3, 1, 4)
+    qp = qp.reshape(s, kv_heads, gqa * mq, head_dim)
+    k = k_cache.view(-1, kv_heads, head_dim)[group.kv_slots].transpose(1, 2)
+    v = v_cache.view(-1, kv_heads, head_dim)[group.kv_slots].transpose(1, 2)
+    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=group.mask, scale=scale)
+    out = out.view(s, kv_heads, gqa, mq, head_dim).permute(0, 3, 1, 2, 4)
+    out = out.reshape(s * mq, num_heads, head_dim)
+    return out if group.identity else out[group.padded_pos]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store k, v [T, Hkv, D] at the pool slots slot_mapping [T] (int64)."""
+    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One query per sequence: q [B, Hq, D] -> [B, Hq, D]; seq_lens include the new token."""
+    lens = seq_lens.tolist()
+    tables = [row[: -(-n // k_cache.shape[1])] for row, n in zip(block_tables.tolist(), lens,
+                                                                  strict=True)]
+    group = build_group(list(range(len(lens))), [1] * len(lens), lens, tables,
+                        k_cache.shape[1], q.shape[1] // k_cache.shape[2], q.device)
+    return group_attention(q, k_cache, v_cache, group, scale)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Chunks of S sequences: q [T, Hq, D] -> [T, Hq, D]. The chunks' K/V are already written;
+    query i of sequence s sits at position seq_lens[s] - q_len_s + i."""
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    q_lens = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
+    tables = [row[: -(-n // k_cache.shape[1])] for row, n in zip(block_tables.tolist(), lens,
+                                                                  strict=True)]
+    group = build_group(cu[:-1], q_lens, lens, tables, k_cache.shape[1],
+                        q.shape[1] // k_cache.shape[2], q.device)
+    out = torch.empty_like(q)
+    out[group.token_rows] = group_attention(q, k_cache, v_cache, group, scale)
+    return out

@@ -1,0 +1,75 @@
+"""StepBatch: everything one forward pass needs besides the token ids, built once per step from
+the sequences' slices (decode tokens first, so their attention needs no scatter)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmasos.drivers.model.attention import PagedGroup, build_group
+
+
+@dataclass(frozen=True)
+class SeqSlice:
+    """One sequence's part of a step: new tokens starting at start_pos."""
+
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    sample: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class StepBatch:
+    input_ids: torch.Tensor  # [T] int64, in flat (decode-first) order
+    order: list[int]  # order[r] = index into the caller's slices of flat row block r
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64
+    groups: list[PagedGroup]  # at most two: decode tokens, prefill chunks
+    sample_rows: torch.Tensor  # [R] flat rows whose logits are returned
+    sample_seqs: list[int]  # caller's slice index of each sampled row
+
+
+def build_batch(slices: list[SeqSlice], block_size: int, gqa: int,
+                device: torch.device | str = "cpu") -> StepBatch:
+    """Lay the slices out as one flat batch: decode (1-token) slices first, then chunks."""
+    decode = [i for i, s in enumerate(slices) if s.num_tokens == 1]
+    chunks = [i for i, s in enumerate(slices) if s.num_tokens > 1]
+    order = decode + chunks
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    starts: dict[int, int] = {}
+    for i in order:
+        s = slices[i]
+        starts[i] = len(positions)
+        ids.extend(s.token_ids)
+        for p in range(s.start_pos, s.start_pos + s.num_tokens):
+            if p // block_size >= len(s.block_table):
+                raise ValueError(f"block table of {len(s.block_table)} blocks does not cover "
+                                 f"position {p}")
+            positions.append(p)
+            slots.append(s.block_table[p // block_size] * block_size + p % block_size)
+    groups = []
+    for members in (decode, chunks):
+        if members:
+            groups.append(build_group(
+                [starts[i] for i in members], [slices[i].num_tokens for i in members],
+                [slices[i].start_pos + slices[i].num_tokens for i in members],
+                [slices[i].block_table for i in members], block_size, gqa, device))
+    sample_seqs = [i for i in order if slices[i].sample]
+    rows = [starts[i] + slices[i].num_tokens - 1 for i in sample_seqs]
+    return StepBatch(
+        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+        order=order,
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        groups=groups,
+        sample_rows=torch.tensor(rows, dtype=torch.int64, device=device),
+        sample_seqs=sample_seqs,
+    )

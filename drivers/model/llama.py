@@ -1,0 +1,142 @@
+"""The Llama family (Llama 2/3, SmolLM, Mistral, Qwen2) over the paged KV pool, gpt-fast style:
+plain tensors, one function per block, no Python loop over sequences inside a layer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llmasos.drivers.loaders.config import ModelConfig
+from llmasos.drivers.model.attention import group_attention, write_kv
+from llmasos.drivers.model.batch import StepBatch
+from llmasos.drivers.model.kv_pool import KVPool
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor
+    qkv: torch.Tensor  # [(Hq + 2 Hkv) * D, hidden]: Q, K, V projections fused into one matmul
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    mlp_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate and up fused
+    down: torch.Tensor
+
+
+def rope_inv_freq(cfg: ModelConfig, rope_freqs: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] with the config's scaling applied (HF semantics)."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(
+            scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = torch.where(medium, smoothed, scaled)
+    elif kind not in ("default", "none"):
+        raise ValueError(f"unsupported rope scaling {kind!r}")
+    if rope_freqs is not None:  # GGUF llama3 files carry the divisors as a tensor instead
+        inv = inv / rope_freqs.float()
+    return inv
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [T, H, D] with cos, sin [T, 1, D/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor],
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(device=self.device, dtype=dtype).contiguous()
+
+        self.embed = w("model.embed_tokens.weight")
+        self.norm = w("model.norm.weight")
+        head = weights.get("lm_head.weight")
+        self.lm_head = self.embed if cfg.tie_word_embeddings or head is None else w(
+            "lm_head.weight")
+        self.layers = [self._layer(weights, i, w) for i in range(cfg.num_layers)]
+        freqs = weights.get("model.rope_freqs")
+        self.inv_freq = rope_inv_freq(cfg, freqs).to(self.device)
+        self.scale = cfg.head_dim ** -0.5
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+
+    def _layer(self, weights: dict[str, torch.Tensor], i: int, w: object) -> Layer:
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        bias = None
+        if self.cfg.attention_bias:
+            bias = torch.cat([w(a + f"{x}_proj.bias") for x in "qkv"])
+        return Layer(
+            attn_norm=w(p + "input_layernorm.weight"),
+            qkv=torch.cat([w(a + f"{x}_proj.weight") for x in "qkv"]),
+            qkv_bias=bias,
+            o=w(a + "o_proj.weight"),
+            mlp_norm=w(p + "post_attention_layernorm.weight"),
+            gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+            down=w(p + "mlp.down_proj.weight"),
+        )
+
+    @property
+    def num_parameters(self) -> int:
+        tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        for layer in self.layers:
+            tensors += [layer.attn_norm, layer.qkv, layer.o, layer.mlp_norm, layer.gate_up,
+                        layer.down] + ([layer.qkv_bias] if layer.qkv_bias is not None else [])
+        return sum(t.numel() for t in tensors)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, self.cfg.rms_norm_eps)
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch, pool: KVPool) -> torch.Tensor:
+        """Run the flat batch, writing its K/V into the pool; logits [R, vocab] (fp32) for
+        batch.sample_rows."""
+        cfg = self.cfg
+        t = batch.input_ids.shape[0]
+        freqs = batch.positions[:, None].float() * self.inv_freq[None]
+        cos, sin = freqs.cos()[:, None].to(self.dtype), freqs.sin()[:, None].to(self.dtype)
+        x = F.embedding(batch.input_ids, self.embed)
+        qk_heads = cfg.num_heads + cfg.num_kv_heads
+        for i, layer in enumerate(self.layers):
+            h = self.rms_norm(x, layer.attn_norm)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(t, qk_heads, cfg.head_dim),
+                            cos, sin)
+            q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads:]
+            v = qkv[:, self.q_size + self.kv_size:].view(t, cfg.num_kv_heads, cfg.head_dim)
+            k_cache, v_cache = pool.layer(i)
+            write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+            x = x + F.linear(self.attention(q, k_cache, v_cache, batch).view(t, -1), layer.o)
+            h = self.rms_norm(x, layer.mlp_norm)
+            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down)
+        h = self.rms_norm(x[batch.sample_rows], self.norm)
+        return F.linear(h, self.lm_head).float()
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  batch: StepBatch) -> torch.Tensor:
+        if len(batch.groups) == 1:  # one group covers rows 0..T-1 in order: no scatter
+            return group_attention(q, k_cache, v_cache, batch.groups[0], self.scale)
+        out = torch.empty_like(q)
+        for group in batch.groups:
+            out[group.token_rows] = group_attention(q, k_cache, v_cache, group, self.scale)
+        return out
