@@ -1,0 +1,337 @@
+"""The tokenizer: byte-level BPE on the `tokenizers` library, from GGUF metadata or a HF folder.
+
+Built to give the same ids as HF transformers' tokenizer for the same file. For a GGUF that means
+doing what transformers/integrations/gguf/gguf_tokenizer_mapping.py does: the vocabulary spelled in
+GPT-2's byte alphabet, the file's merges, control tokens added as special tokens, user-defined ones
+as plain added tokens, and the split regex picked by `tokenizer.ggml.pre` (GPT-2's own when the
+type is not in the table, which is the case for SmolLM2's "smollm").
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+from functools import cache
+from pathlib import Path
+
+import structlog
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+
+from llmasos.drivers.chat_template import ChatTemplate
+
+log = structlog.get_logger()
+
+# GGUF token types (llama.cpp's llama_token_type)
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
+
+# Split regexes by `tokenizer.ggml.pre`, as HF's GGUF converter has them. A type not listed keeps
+# GPT-2's ByteLevel regex. "smollm": llama.cpp splits digits one by one first, HF does not; the
+# ids only differ for a space before a non-ASCII numeral (" ²"), and we follow HF.
+_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPLIT_REGEX: dict[str, str] = {
+    "llama3": _LLAMA3, "llama-v3": _LLAMA3, "llama-bpe": _LLAMA3, "falcon3": _LLAMA3,
+    "smaug-bpe": _LLAMA3, "dbrx": _LLAMA3, "pixtral": _LLAMA3,
+    "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2, "megrez": _QWEN2,
+    "gpt-4o": _GPT4O, "llama4": _GPT4O,
+}  # fmt: skip
+
+# Tokens that end a chat turn (counted as end-of-sequence when the template uses them) and tokens
+# that end a document (always counted when the vocabulary has them as special tokens).
+TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>")
+DOCUMENT_END_TOKENS = ("<|endoftext|>", "<|end_of_text|>")
+
+
+@cache
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte → printable character table (bytes_to_unicode)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
+
+
+@cache
+def byte_decoder() -> dict[str, int]:
+    return {c: b for b, c in byte_alphabet().items()}
+
+
+def _spell_bytes(token: str) -> str:
+    """A vocabulary entry in the byte alphabet (GGUFs store a few entries as raw text)."""
+    alphabet = byte_decoder()
+    if all(c in alphabet for c in token):
+        return token
+    return "".join(byte_alphabet()[b] for b in token.encode("utf-8"))
+
+
+def _field(reader: object, key: str) -> object:
+    field = reader.fields.get(key)  # type: ignore[attr-defined]
+    return None if field is None else field.contents()
+
+
+class Tokenizer:
+    """Text ↔ ids, special tokens and the chat template of one model."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        bos_token_id: int | None,
+        eos_token_id: int | None,
+        chat_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
+        extra_eos_ids: tuple[int, ...] = (),
+    ) -> None:
+        self.backend = backend
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        added = backend.get_added_tokens_decoder()
+        self.special_ids: frozenset[int] = frozenset(i for i, t in added.items() if t.special)
+        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        self.chat_template = (
+            ChatTemplate(chat_template, self.special_tokens) if chat_template else None
+        )
+        self.eos_token_ids: list[int] = self._end_ids(extra_eos_ids)
+        self._token_bytes: list[bytes] | None = None
+
+    # ---- construction ----
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike, reader: object | None = None) -> Tokenizer:
+        """Build from a GGUF's tokenizer metadata; pass `reader` to reuse an open GGUFReader."""
+        if reader is None:
+            from gguf import GGUFReader
+
+            reader = GGUFReader(str(path))
+        kind = _field(reader, "tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ValueError(
+                f"GGUF tokenizer model {kind!r} is not supported: only byte-level BPE ('gpt2')"
+            )
+        tokens: list[str] = _field(reader, "tokenizer.ggml.tokens")  # type: ignore[assignment]
+        merges: list[str] = _field(reader, "tokenizer.ggml.merges") or []  # type: ignore[assignment]
+        types: list[int] = _field(reader, "tokenizer.ggml.token_type")  # type: ignore[assignment]
+        types = types or [TOKEN_NORMAL] * len(tokens)
+        pre: str | None = _field(reader, "tokenizer.ggml.pre")  # type: ignore[assignment]
+
+        vocab = {_spell_bytes(t): i for i, t in enumerate(tokens)}
+        pairs = [tuple(m.split(" ")) for m in merges]
+        backend = tokenizers.Tokenizer(
+            models.BPE(vocab=vocab, merges=pairs, continuing_subword_prefix="",
+                       end_of_word_suffix="", fuse_unk=False)
+        )  # fmt: skip
+        backend.decoder = decoders.ByteLevel()
+        split = SPLIT_REGEX.get(pre or "")
+        if split is None:
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        else:
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ])  # fmt: skip
+
+        alphabet = set(byte_decoder())
+        backend.add_special_tokens([
+            AddedToken(t, normalized=False, special=True)
+            for t, kind_ in zip(tokens, types, strict=True)
+            if kind_ == TOKEN_CONTROL and set(t) <= alphabet  # others are llama.cpp mislabels
+        ])  # fmt: skip
+        backend.add_tokens([
+            AddedToken(t, normalized=False, special=False)
+            for t, kind_ in zip(tokens, types, strict=True)
+            if kind_ == TOKEN_USER_DEFINED and t in vocab
+        ])  # fmt: skip
+
+        def token_id(key: str) -> int | None:
+            value = _field(reader, f"tokenizer.ggml.{key}")
+            return None if value is None else int(value)  # type: ignore[arg-type]
+
+        bos, eos = token_id("bos_token_id"), token_id("eos_token_id")
+        unk, pad = token_id("unknown_token_id"), token_id("padding_token_id")
+        _set_post_processor(
+            backend, tokens, bos if _field(reader, "tokenizer.ggml.add_bos_token") else None,
+            eos if _field(reader, "tokenizer.ggml.add_eos_token") else None,
+        )  # fmt: skip
+        names = {"bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": pad}
+        special = {k: tokens[v] for k, v in names.items() if v is not None and v < len(tokens)}
+        template: str | None = _field(reader, "tokenizer.chat_template")  # type: ignore[assignment]
+        log.debug("tokenizer.gguf", path=str(path), vocab=len(tokens), pre=pre)
+        return cls(backend, bos, eos, template, special)
+
+    @classmethod
+    def from_hf_dir(cls, path: str | os.PathLike) -> Tokenizer:
+        """Build from a HF folder: tokenizer.json, tokenizer_config.json, chat template."""
+        folder = Path(path)
+        backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        config = _read_json(folder / "tokenizer_config.json")
+        special = {
+            name: _token_content(config.get(name))
+            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+        }
+        bos = _token_id(backend, special["bos_token"])
+        eos = _token_id(backend, special["eos_token"])
+        generation = _read_json(folder / "generation_config.json").get("eos_token_id")
+        extra = generation if isinstance(generation, list) else [generation]
+        extra_ids = tuple(int(i) for i in extra if i is not None)
+        if eos is None and extra_ids:
+            eos = extra_ids[0]
+        log.debug("tokenizer.hf", path=str(folder), vocab=backend.get_vocab_size())
+        return cls(backend, bos, eos, _hf_chat_template(folder, config), special, extra_ids)
+
+    def _end_ids(self, extra: tuple[int, ...]) -> list[int]:
+        """eos, the model's own extras, turn ends its template uses, and document ends."""
+        ids = [i for i in (self.eos_token_id, *extra) if i is not None]
+        source = self.chat_template.source if self.chat_template else ""
+        wanted = [t for t in TURN_END_TOKENS if t in source] + list(DOCUMENT_END_TOKENS)
+        for text in wanted:
+            token = self.backend.token_to_id(text)
+            if token is not None and token in self.special_ids:
+                ids.append(token)
+        return list(dict.fromkeys(ids))
+
+    # ---- text ↔ ids ----
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template")
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def token_bytes(self) -> list[bytes] | None:
+        """Each id's bytes when the decoder is byte-level (what decode concatenates), else None."""
+        if self._token_bytes is None and isinstance(self.backend.decoder, decoders.ByteLevel):
+            alphabet = byte_decoder()
+            table = []
+            for i in range(self.vocab_size):
+                token = self.backend.id_to_token(i) or ""
+                # the ByteLevel decoder passes a token through as text if any char is off-alphabet
+                if all(c in alphabet for c in token):
+                    table.append(bytes(alphabet[c] for c in token))
+                else:
+                    table.append(token.encode("utf-8"))
+            self._token_bytes = table
+        return self._token_bytes
+
+
+def _set_post_processor(
+    backend: tokenizers.Tokenizer, tokens: list[str], bos: int | None, eos: int | None
+) -> None:
+    """encode(add_special_tokens=True) adds BOS/EOS only where the GGUF says to."""
+    if bos is None and eos is None:
+        return
+    pieces = ([f"{tokens[bos]}"] if bos is not None else []) + ["$A"]
+    pieces += [f"{tokens[eos]}"] if eos is not None else []
+    specials = [(tokens[i], i) for i in (bos, eos) if i is not None]
+    backend.post_processor = processors.TemplateProcessing(
+        single=" ".join(pieces), pair=" ".join(pieces + ["$B:1"]), special_tokens=specials
+    )
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _token_content(value: object) -> str | None:
+    """A special token in tokenizer_config.json is a string or an AddedToken-shaped dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _token_id(backend: tokenizers.Tokenizer, text: str | None) -> int | None:
+    return None if text is None else backend.token_to_id(text)
+
+
+def _hf_chat_template(folder: Path, config: dict) -> str | None:
+    """The default template: chat_template.jinja, chat_template.json, or tokenizer_config.json."""
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.exists():
+        return jinja_file.read_text(encoding="utf-8")
+    template = _read_json(folder / "chat_template.json").get("chat_template")
+    template = template or config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t["name"]: t["template"] for t in template}
+        return named.get("default") or next(iter(named.values()), None)
+    return template
+
+
+class IncrementalDetokenizer:
+    """Token ids in, text out, one id at a time, never splitting a UTF-8 character.
+
+    Byte-level vocabularies go through a table of each id's bytes and an incremental UTF-8
+    decoder, which holds back the bytes of an unfinished character and replaces invalid ones
+    as `decode` does. Other vocabularies re-decode a short window (vLLM's prefix/read offsets).
+    The concatenation of every push plus `flush()` equals `decode(all ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._table = tokenizer.token_bytes()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        skip = self.skip_special_tokens and token_id in self.tokenizer.special_ids
+        if self._table is not None:
+            if skip:
+                return ""
+            data = self._table[token_id] if 0 <= token_id < len(self._table) else b""
+            return self._utf8.decode(data)
+        if not skip:
+            self._ids.append(token_id)
+        return self._window(final=False)
+
+    def flush(self) -> str:
+        """Whatever is held back, as decode would render it (U+FFFD for an unfinished char)."""
+        if self._table is not None:
+            return self._utf8.decode(b"", final=True)
+        return self._window(final=True)
+
+    def _window(self, final: bool) -> str:
+        decode = self.tokenizer.decode
+        ids = self._ids
+        prefix = decode(ids[self._prefix_offset : self._read_offset])
+        text = decode(ids[self._prefix_offset :])
+        if len(text) <= len(prefix) or (text.endswith("\ufffd") and not final):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(ids)
+        return text[len(prefix) :]
