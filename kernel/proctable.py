@@ -1,0 +1,154 @@
+"""The process table: every LLM job the kernel knows, keyed by pid.
+
+PIDs are allocated monotonically and never reused. A job's state moves only along TRANSITIONS
+(illegal moves raise). Zombies keep their exit status until Wait reaps them or their TTL expires.
+The table's lock guards every field of every Proc that the step loop and syscalls share.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class State(enum.IntEnum):
+    """Numbers match kernel.proto's ProcState."""
+
+    NEW = 1
+    READY = 2
+    RUNNING = 3
+    BLOCKED = 4
+    STOPPED = 5
+    ZOMBIE = 6
+    REAPED = 7
+
+
+class Exit(enum.IntEnum):
+    """Numbers match kernel.proto's ExitReason."""
+
+    NONE = 0
+    STOP = 1
+    LENGTH = 2
+    KILLED = 3
+    ERROR = 4
+    SHUTDOWN = 5
+
+
+S = State
+TRANSITIONS: dict[State, frozenset[State]] = {
+    S.NEW:     frozenset({S.READY, S.STOPPED, S.ZOMBIE}),
+    S.READY:   frozenset({S.RUNNING, S.BLOCKED, S.STOPPED, S.ZOMBIE}),
+    S.RUNNING: frozenset({S.READY, S.BLOCKED, S.STOPPED, S.ZOMBIE}),
+    S.BLOCKED: frozenset({S.READY, S.STOPPED, S.ZOMBIE}),
+    S.STOPPED: frozenset({S.READY, S.ZOMBIE}),
+    S.ZOMBIE:  frozenset({S.REAPED}),
+    S.REAPED:  frozenset(),
+}
+
+
+class IllegalTransition(Exception):
+    pass
+
+
+@dataclass
+class Proc:
+    pid: int
+    user: str
+    uid: int
+    ppid: int
+    model: str
+    nice: int
+    name: str = ""
+    state: State = State.NEW
+    prompt_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    text: str = ""                      # emitted output text
+    sampling: Any = None                # the SamplingParams proto message
+    max_tokens: int = 256
+    context_length: int = 0             # the model's longest sequence
+    kv_blocks: int = 0
+    computed: int = 0                   # tokens whose KV is in the cache
+    created: float = field(default_factory=time.time)
+    started: float = 0.0
+    first_token: float = 0.0
+    ended: float = 0.0
+    exit_status: int = 0
+    exit_reason: Exit = Exit.NONE
+    exit_message: str = ""
+    cpu_seconds: float = 0.0
+    preemptions: int = 0
+    pending_signal: int = 0             # delivered at the next token boundary (xv6's p->killed)
+    swapped: bool = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+class ProcessTable:
+    """pid → Proc with O(1) lookups; iteration is in pid order (dicts keep insertion order)."""
+
+    def __init__(self, zombie_ttl: float = 600.0) -> None:
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)  # notified on every state or output change
+        self.procs: dict[int, Proc] = {}
+        self.next_pid = 1
+        self.zombie_ttl = zombie_ttl
+
+    def spawn(self, **fields: Any) -> Proc:
+        with self.lock:
+            proc = Proc(pid=self.next_pid, **fields)
+            self.next_pid += 1
+            self.procs[proc.pid] = proc
+            self.changed.notify_all()
+            return proc
+
+    def get(self, pid: int) -> Proc | None:
+        return self.procs.get(pid)
+
+    def set_state(self, proc: Proc, new: State) -> None:
+        with self.lock:
+            if new not in TRANSITIONS[proc.state]:
+                raise IllegalTransition(f"pid {proc.pid}: {proc.state.name} -> {new.name}")
+            proc.state = new
+            if new == State.RUNNING and not proc.started:
+                proc.started = time.time()
+            self.changed.notify_all()
+
+    def exit(self, proc: Proc, reason: Exit, status: int = 0, message: str = "") -> None:
+        """Make a live job a zombie with its exit status."""
+        with self.lock:
+            self.set_state(proc, State.ZOMBIE)
+            proc.exit_reason, proc.exit_status, proc.exit_message = reason, status, message
+            proc.ended = time.time()
+
+    def reap(self, proc: Proc) -> None:
+        with self.lock:
+            self.set_state(proc, State.REAPED)
+            del self.procs[proc.pid]
+
+    def reap_expired(self, now: float | None = None) -> list[int]:
+        """Reap zombies nobody waited for within the TTL."""
+        now = time.time() if now is None else now
+        with self.lock:
+            old = [p for p in self.procs.values()
+                   if p.state == State.ZOMBIE and now - p.ended > self.zombie_ttl]
+            for p in old:
+                self.reap(p)
+            return [p.pid for p in old]
+
+    def live(self) -> list[Proc]:
+        with self.lock:
+            return [p for p in self.procs.values() if p.state not in (State.ZOMBIE, State.REAPED)]
+
+    def listing(self, user: str | None = None) -> list[Proc]:
+        with self.lock:
+            procs = list(self.procs.values())
+        return procs if user is None else [p for p in procs if p.user == user]
+
+    def __len__(self) -> int:
+        return len(self.procs)

@@ -1,0 +1,113 @@
+"""The Kernel gRPC server, built from the syscall table: each entry becomes a method handler
+that checks the capability, validates the arguments, dispatches to kernel/handlers.py and logs
+the call (uid, syscall, pid, status code, latency)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from llmasos.kernel import handlers
+from llmasos.kernel.auth import Authenticator, AuthInterceptor, current_identity
+from llmasos.kernel.kernel import Kernel
+from llmasos.proto import kernel_pb2
+from llmasos.syscalls import SYSCALLS, Syscall, SyscallError
+
+log = structlog.get_logger()
+SERVICE = "llmasos.v1.Kernel"
+METHODS = kernel_pb2.DESCRIPTOR.services_by_name["Kernel"].methods_by_name
+
+
+def check(k: Kernel, call: Syscall, request: Any) -> Any:
+    """Capability, arguments, services: everything that must hold before state changes."""
+    ident = current_identity.get()
+    if call.cap not in ident.caps and not ident.root:
+        raise SyscallError("PERMISSION_DENIED", f"{call.name} needs the {call.cap!r} "
+                           f"capability, which {ident.user} lacks")
+    call.check(request)
+    failed = k.supervisor.failed(call.needs)
+    if failed:
+        raise SyscallError("UNAVAILABLE", f"{call.name} needs the {', '.join(failed)} service, "
+                           "which has FAILED (restart budget spent); see `llm-ps --services`")
+    return ident
+
+
+def _log(call: Syscall, request: Any, code: str, start: float) -> None:
+    ident = current_identity.get(None)
+    log.info("syscall", nr=call.number, call=call.name, uid=ident.uid if ident else None,
+             pid=getattr(request, "pid", None) or None, code=code,
+             ms=round((time.perf_counter() - start) * 1000, 3))
+
+
+def unary(k: Kernel, call: Syscall) -> Callable:
+    handler = getattr(handlers, call.handler)
+
+    def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+        start, code = time.perf_counter(), "OK"
+        try:
+            ident = check(k, call, request)
+            return handler(k, ident, request, context)
+        except SyscallError as e:
+            code = e.code
+            context.abort(getattr(grpc.StatusCode, e.code), e.message)
+        finally:
+            _log(call, request, code, start)
+    return behavior
+
+
+def streaming(k: Kernel, call: Syscall) -> Callable:
+    handler = getattr(handlers, call.handler)
+
+    def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+        start, code = time.perf_counter(), "OK"
+        try:
+            ident = check(k, call, request)
+            yield from handler(k, ident, request, context)
+        except SyscallError as e:
+            code = e.code
+            context.abort(getattr(grpc.StatusCode, e.code), e.message)
+        finally:
+            _log(call, request, code, start)
+    return behavior
+
+
+def method_handler(k: Kernel, call: Syscall) -> grpc.RpcMethodHandler:
+    desc = METHODS[call.name]
+    req_cls = getattr(kernel_pb2, desc.input_type.name, None) or _message(desc.input_type)
+    rep_cls = getattr(kernel_pb2, desc.output_type.name, None) or _message(desc.output_type)
+    make = grpc.unary_stream_rpc_method_handler if call.stream \
+        else grpc.unary_unary_rpc_method_handler
+    body = streaming(k, call) if call.stream else unary(k, call)
+    return make(body, request_deserializer=req_cls.FromString,
+                response_serializer=rep_cls.SerializeToString)
+
+
+def _message(descriptor: Any) -> Any:
+    from google.protobuf import message_factory
+    return message_factory.GetMessageClass(descriptor)
+
+
+def build(k: Kernel, listen: str, workers: int = 32) -> tuple[grpc.Server, int]:
+    auth = Authenticator(lambda: k.supervisor.channel("security"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         interceptors=[AuthInterceptor(auth)])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        SERVICE, {c.name: method_handler(k, c) for c in SYSCALLS})])
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in (SERVICE, ""):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise SystemExit(f"llmosd: cannot listen on {listen}; is another llmosd running? "
+                         "Choose another address with --listen or LLMASOS_ADDR")
+    return server, port

@@ -1,0 +1,239 @@
+"""The supervisor (MINIX 3's reincarnation server): starts each service as its own OS process,
+learns its address through a pipe, watches it through its exit and grpc.health.v1, and restarts
+it with exponential backoff within a restart budget. Past the budget the service is FAILED."""
+
+from __future__ import annotations
+
+import collections
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+log = structlog.get_logger()
+
+BACKOFF_START, BACKOFF_CAP = 0.5, 30.0
+HEALTH_PERIOD = 1.0          # seconds between health checks
+MISSED_CHECKS_TO_KILL = 2    # a service that misses two periods is killed and restarted
+
+
+@dataclass
+class ServiceSpec:
+    name: str
+    options: dict[str, str] = field(default_factory=dict)
+    start_timeout: float = 300.0   # the inference service loads a model before it reports
+
+
+@dataclass
+class Service:
+    spec: ServiceSpec
+    state: str = "STOPPED"   # STARTING, HEALTHY, UNHEALTHY, RESTARTING, FAILED, STOPPED
+    popen: subprocess.Popen | None = None
+    address: str = ""
+    channel: grpc.Channel | None = None
+    incarnation: int = 0
+    restarts: int = 0
+    started_at: float = 0.0
+    last_exit: str = ""
+    missed: int = 0
+    next_start: float = 0.0
+    recent: collections.deque = field(default_factory=collections.deque)  # restart times
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid if self.popen and self.popen.poll() is None else 0
+
+
+class Supervisor:
+    def __init__(self, specs: list[ServiceSpec], state_dir: str, max_restarts: int = 5,
+                 window: float = 60.0,
+                 on_start: Callable[[Service], None] | None = None) -> None:
+        self.services = {s.name: Service(s) for s in specs}
+        self.state_dir = state_dir
+        self.max_restarts, self.window = max_restarts, window
+        self.on_start = on_start or (lambda svc: None)
+        self.lock = threading.RLock()
+        self.ready = threading.Condition(self.lock)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="supervisor", daemon=True)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for svc in self.services.values():
+            self._launch(svc)
+        self.thread.start()
+
+    def wait_healthy(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.ready:
+            while not all(s.state == "HEALTHY" for s in self.services.values()):
+                left = deadline - time.monotonic()
+                if left <= 0 or self.stopping.is_set():
+                    return False
+                self.ready.wait(min(left, 0.5))
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stopping.set()
+        with self.lock:
+            for svc in self.services.values():
+                if svc.popen and svc.popen.poll() is None:
+                    svc.popen.send_signal(signal.SIGTERM)
+            for svc in self.services.values():
+                self._reap(svc, timeout)
+                svc.state = "STOPPED"
+                if svc.channel:
+                    svc.channel.close()
+                    svc.channel = None
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def channel(self, name: str) -> grpc.Channel | None:
+        """The live service's channel, or None when it is not serving."""
+        svc = self.services[name]
+        return svc.channel if svc.state in ("HEALTHY", "UNHEALTHY") else None
+
+    def failed(self, names: tuple[str, ...]) -> list[str]:
+        return [n for n in names if self.services[n].state == "FAILED"]
+
+    # --- starting --------------------------------------------------------------------------
+
+    def _launch(self, svc: Service) -> None:
+        """Start one incarnation and read its address from the report pipe."""
+        read_fd, write_fd = os.pipe()
+        cmd = [sys.executable, "-m", f"llmasos.services.{svc.spec.name}",
+               "--listen", "127.0.0.1:0", "--report-fd", str(write_fd),
+               "--state-dir", self.state_dir]
+        for key, value in svc.spec.options.items():
+            cmd += ["--option", f"{key}={value}"]
+        svc.state = "STARTING"
+        svc.incarnation += 1
+        svc.started_at = time.time()
+        svc.popen = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
+        os.close(write_fd)
+        address = self._read_report(read_fd, svc)
+        if not address:
+            self._died(svc, "no address reported")
+            return
+        svc.address = address
+        svc.channel = grpc.insecure_channel(address)
+        svc.missed = 0
+        log.info("service_started", service=svc.spec.name, pid=svc.popen.pid,
+                 address=address, incarnation=svc.incarnation)
+        try:
+            self.on_start(svc)
+        except Exception as e:  # a failing hook is a failed start, not a dead supervisor
+            log.error("service_start_hook_failed", service=svc.spec.name, error=str(e))
+        self._check(svc)
+
+    def _read_report(self, fd: int, svc: Service) -> str:
+        deadline = time.monotonic() + svc.spec.start_timeout
+        data = b""
+        try:
+            while b"\n" not in data and time.monotonic() < deadline:
+                if svc.popen.poll() is not None or self.stopping.is_set():
+                    break
+                ready, _, _ = select.select([fd], [], [], 0.2)
+                if ready:
+                    chunk = os.read(fd, 256)
+                    if not chunk:
+                        break
+                    data += chunk
+        finally:
+            os.close(fd)
+        return data.decode().strip() if b"\n" in data else ""
+
+    # --- watching --------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        last_check = 0.0
+        while not self.stopping.wait(0.1):
+            now = time.monotonic()
+            with self.lock:
+                for svc in self.services.values():
+                    self._tick(svc, now, now - last_check >= HEALTH_PERIOD)
+            if now - last_check >= HEALTH_PERIOD:
+                last_check = now
+
+    def _tick(self, svc: Service, now: float, check_health: bool) -> None:
+        if self.stopping.is_set() or svc.state in ("FAILED", "STOPPED"):
+            return
+        if svc.state == "RESTARTING":
+            if now >= svc.next_start:
+                self._launch(svc)
+            return
+        code = svc.popen.poll() if svc.popen else -1
+        if code is not None:
+            self._died(svc, f"exited with status {code}")
+        elif check_health:
+            self._check(svc)
+
+    def _check(self, svc: Service) -> None:
+        if svc.channel is None:
+            return
+        try:
+            stub = health_pb2_grpc.HealthStub(svc.channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=HEALTH_PERIOD)
+            serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            serving = False
+        if serving:
+            svc.missed = 0
+            if svc.state != "HEALTHY":
+                svc.state = "HEALTHY"
+                self.ready.notify_all()
+            return
+        svc.missed += 1
+        svc.state = "UNHEALTHY"
+        if svc.missed >= MISSED_CHECKS_TO_KILL:
+            log.warning("service_unresponsive", service=svc.spec.name, missed=svc.missed)
+            svc.popen.kill()
+            self._died(svc, f"no health answer in {svc.missed} periods; killed")
+
+    def _died(self, svc: Service, reason: str) -> None:
+        """Record the death and schedule a restart, or mark the service FAILED."""
+        self._reap(svc, 5.0)
+        if svc.channel:
+            svc.channel.close()
+            svc.channel = None
+        svc.last_exit = reason
+        if self.stopping.is_set():
+            svc.state = "STOPPED"
+            return
+        now = time.monotonic()
+        while svc.recent and now - svc.recent[0] > self.window:
+            svc.recent.popleft()
+        if len(svc.recent) >= self.max_restarts:
+            svc.state = "FAILED"
+            log.error("service_failed", service=svc.spec.name, reason=reason,
+                      restarts=svc.restarts, budget=f"{self.max_restarts} in {self.window}s")
+            self.ready.notify_all()
+            return
+        delay = min(BACKOFF_START * 2 ** len(svc.recent), BACKOFF_CAP)
+        svc.recent.append(now)
+        svc.restarts += 1
+        svc.state, svc.next_start = "RESTARTING", now + delay
+        log.warning("service_restarting", service=svc.spec.name, reason=reason,
+                    incarnation=svc.incarnation + 1, restarts=svc.restarts, backoff_s=delay)
+
+    @staticmethod
+    def _reap(svc: Service, timeout: float) -> None:
+        if svc.popen is None:
+            return
+        try:
+            svc.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            svc.popen.kill()
+            svc.popen.wait()

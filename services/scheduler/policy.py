@@ -1,0 +1,101 @@
+"""Scheduling policies: which jobs run how many tokens in the next step.
+
+One token budget per step (vLLM's): jobs already holding KV (resident) go first, then waiting
+ones; a prompt longer than what is left of the budget is chunked. The policy only orders the
+jobs and decides preemption; the kernel executes the plan.
+
+  fcfs      arrival order
+  priority  nice value, then arrival; a waiting job may preempt a resident one of lower priority
+  fair      the user who has been served fewest tokens goes first (equal shares per user)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llmasos.proto import scheduler_pb2
+
+
+@dataclass
+class Plan:
+    slots: list[tuple[int, int]]     # (pid, tokens)
+    preempt: list[int]
+
+
+Job = scheduler_pb2.SchedJob
+
+
+def fcfs_key(job: Job, served: dict[str, int]) -> tuple:
+    return (job.arrival, job.pid)
+
+
+def priority_key(job: Job, served: dict[str, int]) -> tuple:
+    return (job.nice, job.arrival, job.pid)
+
+
+def fair_key(job: Job, served: dict[str, int]) -> tuple:
+    return (served.get(job.user, 0), job.arrival, job.pid)
+
+
+POLICIES: dict[str, Callable[[Job, dict[str, int]], tuple]] = {
+    "fcfs": fcfs_key,
+    "priority": priority_key,
+    "fair": fair_key,
+}
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+def plan(policy: str, req: scheduler_pb2.PlanRequest) -> Plan:
+    key = POLICIES[policy]
+    served: dict[str, int] = {}
+    for job in req.jobs:
+        served[job.user] = served.get(job.user, 0) + job.served_tokens
+    order = sorted(req.jobs, key=lambda j: key(j, served))
+    resident = [j for j in order if j.resident]
+    waiting = [j for j in order if not j.resident]
+    budget, free, bs = req.token_budget, req.free_blocks, req.block_size
+    slots: list[tuple[int, int]] = []
+    preempt: list[int] = []
+    for job in resident:                       # running jobs first: decodes, then their chunks
+        if budget <= 0 or len(slots) >= req.max_batch:
+            break
+        n = min(job.pending_tokens, budget)
+        grow = blocks_for(job.context_tokens + n, bs) - job.blocks_held
+        if grow > free:
+            continue                           # the kernel preempts or the job waits
+        free -= max(grow, 0)
+        budget -= n
+        slots.append((job.pid, n))
+    for job in waiting:                        # then admissions, in policy order
+        if budget <= 0 or len(slots) >= req.max_batch:
+            break
+        need = blocks_for(job.pending_tokens + job.context_tokens, bs)
+        if need > free and policy == "priority":
+            freed = _preempt_for(job, resident, need - free, preempt, slots, key, served)
+            free += freed
+        if need > free:
+            continue
+        n = min(job.pending_tokens, budget)
+        free -= need
+        budget -= n
+        slots.append((job.pid, n))
+    return Plan(slots, preempt)
+
+
+def _preempt_for(job: Job, resident: list[Job], short: int, preempt: list[int],
+                 slots: list[tuple[int, int]], key: Callable, served: dict[str, int]) -> int:
+    """Evict resident jobs that rank below `job`, lowest first, until `short` blocks are free."""
+    freed = 0
+    for victim in reversed(resident):
+        if freed >= short or key(victim, served) <= key(job, served):
+            break
+        if victim.pid in preempt:
+            continue
+        preempt.append(victim.pid)
+        slots[:] = [s for s in slots if s[0] != victim.pid]
+        freed += victim.blocks_held
+    return freed
