@@ -69,8 +69,9 @@ class Supervisor:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        for svc in self.services.values():
-            self._launch(svc)
+        with self.lock:
+            for svc in self.services.values():
+                self._launch(svc)
         self.thread.start()
 
     def wait_healthy(self, timeout: float) -> bool:
@@ -78,7 +79,8 @@ class Supervisor:
         with self.ready:
             while not all(s.state == "HEALTHY" for s in self.services.values()):
                 left = deadline - time.monotonic()
-                if left <= 0 or self.stopping.is_set():
+                failed = any(s.state == "FAILED" for s in self.services.values())
+                if left <= 0 or failed or self.stopping.is_set():
                     return False
                 self.ready.wait(min(left, 0.5))
         return True
