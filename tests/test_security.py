@@ -192,9 +192,10 @@ def test_cli_adduser_prints_a_working_token(state):
 
 def test_cli_adduser_bad_and_taken_names(state):
     Security(state).add_user("erin")
-    for name, words in [("erin", "already exists"), ("9lives", "bad user name"),
-                        ("UPPER", "bad user name")]:
-        res = adduser(state, name)
+    for args, words in [(["erin"], "already exists"), (["9lives"], "bad user name"),
+                        (["UPPER"], "bad user name"),
+                        (["fred", "--cap", "wizard"], "unknown capabilities")]:
+        res = adduser(state, *args)
         assert res.returncode == 1
         assert res.stdout == ""
         assert words in res.stderr

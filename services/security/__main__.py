@@ -28,8 +28,9 @@ def adduser(argv: list[str]) -> int:
     ap.add_argument("name")
     ap.add_argument("--state-dir", default="", help="default: $LLMASOS_HOME or "
                     "~/.local/state/llmasos")
-    ap.add_argument("--cap", action="append", default=[], choices=sorted(CAPABILITIES),
-                    help="a capability to grant (repeatable); default: proc, models, system")
+    ap.add_argument("--cap", action="append", default=[],
+                    help=f"a capability to grant (repeatable), one of {', '.join(CAPABILITIES)}; "
+                    "default: proc, models, system")
     args = ap.parse_args(argv)
     runtime.configure_logging("security")  # logs go to stderr; stdout carries only the token
     try:
