@@ -1,0 +1,140 @@
+"""Shared fixtures: boot a real llmosd (with real service processes) on a free loopback port,
+with its own state directory, and check that nothing is left running afterwards."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from llmasos.proto import kernel_pb2, kernel_pb2_grpc
+
+BOOT_TIMEOUT = 300.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class System:
+    """A booted llmosd: its process, address, state dir and a root-authenticated stub."""
+
+    proc: subprocess.Popen
+    address: str
+    home: Path
+    log: Path
+    channel: grpc.Channel = field(init=False)
+    kernel: kernel_pb2_grpc.KernelStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.channel = grpc.insecure_channel(self.address)
+        self.kernel = kernel_pb2_grpc.KernelStub(self.channel)
+
+    @property
+    def root_token(self) -> str:
+        return (self.home / "root.token").read_text().strip()
+
+    def auth(self, token: str | None = None) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {token or self.root_token}")]
+
+    def call(self, name: str, request: object, token: str | None = None,
+             timeout: float = 60) -> object:
+        return getattr(self.kernel, name)(request, metadata=self.auth(token), timeout=timeout)
+
+    def adduser(self, name: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "llmasos.kernel.main", "adduser", name,
+                              "--home", str(self.home)], capture_output=True, text=True,
+                             check=True)
+        return out.stdout.strip().splitlines()[-1]
+
+    def services(self) -> dict[str, kernel_pb2.ServiceInfo]:
+        reply = self.call("Services", kernel_pb2.ServicesRequest())
+        return {s.name: s for s in reply.services}
+
+    def wait_services(self, predicate: object, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            svcs = self.services()
+            if predicate(svcs):
+                return svcs
+            time.sleep(0.2)
+        raise AssertionError(f"services never reached the state: {self.services()}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def boot(home: Path, *flags: str) -> System:
+    """Start llmosd and wait for its ready line."""
+    home.mkdir(parents=True, exist_ok=True)
+    address = f"127.0.0.1:{free_port()}"
+    log = home / "llmosd.log"
+    env = {**os.environ, "LLMASOS_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-m", "llmasos.kernel.main", "run",
+                             "--listen", address, "--home", str(home), *flags],
+                            stdout=subprocess.PIPE, stderr=log.open("w"), env=env, text=True)
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"llmosd exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+        if sel.select(timeout=0.5):
+            line = proc.stdout.readline()
+            if line.startswith("llmosd ready"):
+                return System(proc, address, home, log)
+    proc.kill()
+    raise AssertionError(f"llmosd did not boot in {BOOT_TIMEOUT}s:\n{log.read_text()[-4000:]}")
+
+
+def shutdown(system: System, timeout: float = 60) -> int:
+    """SIGTERM, wait, and assert that no service process and no port is left behind."""
+    system.channel.close()
+    try:
+        children = psutil.Process(system.proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    system.proc.send_signal(signal.SIGTERM)
+    try:
+        code = system.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        system.proc.kill()
+        for c in children:
+            c.kill()
+        raise AssertionError("llmosd did not stop within its timeout") from None
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"left running after shutdown: {[p.pid for p in alive]}"
+    port = int(system.address.rsplit(":", 1)[1])
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the kernel's port is still open"
+    return code
+
+
+@pytest.fixture(scope="module")
+def bare_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    """A system without any model deployed: fast to boot, for ABI and supervision tests."""
+    system = boot(tmp_path_factory.mktemp("home"), "--no-embedded")
+    yield system
+    assert shutdown(system) == 0
+
+
+@pytest.fixture(scope="module")
+def model_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    """A system with the embedded SmolLM2 deployed as smollm2-135m."""
+    system = boot(tmp_path_factory.mktemp("home"))
+    yield system
+    assert shutdown(system) == 0

@@ -1,0 +1,80 @@
+"""The process table: monotonic pids, legal transitions only, reaping, fast listing."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from llmasos.kernel.proctable import TRANSITIONS, Exit, IllegalTransition, ProcessTable, State
+
+
+def spawn(table: ProcessTable, user: str = "alice") -> object:
+    return table.spawn(user=user, uid=1000, ppid=0, model="m", nice=0)
+
+
+def test_pids_are_monotonic_and_never_reused() -> None:
+    table = ProcessTable()
+    a, b = spawn(table), spawn(table)
+    assert (a.pid, b.pid) == (1, 2)
+    table.exit(a, Exit.STOP)
+    table.reap(a)
+    assert spawn(table).pid == 3
+    assert table.get(1) is None
+
+
+@pytest.mark.parametrize("src", list(State))
+@pytest.mark.parametrize("dst", list(State))
+def test_only_listed_transitions_are_legal(src: State, dst: State) -> None:
+    table = ProcessTable()
+    proc = spawn(table)
+    proc.state = src
+    if dst in TRANSITIONS[src]:
+        table.set_state(proc, dst)
+        assert proc.state == dst
+    else:
+        with pytest.raises(IllegalTransition):
+            table.set_state(proc, dst)
+        assert proc.state == src
+
+
+def test_exit_records_status_and_reap_removes() -> None:
+    table = ProcessTable()
+    proc = spawn(table)
+    table.set_state(proc, State.READY)
+    table.set_state(proc, State.RUNNING)
+    assert proc.started > 0
+    table.exit(proc, Exit.KILLED, -9, "killed")
+    assert (proc.state, proc.exit_reason, proc.exit_status) == (State.ZOMBIE, Exit.KILLED, -9)
+    table.reap(proc)
+    assert proc.state == State.REAPED and len(table) == 0
+
+
+def test_zombies_are_reaped_after_ttl() -> None:
+    table = ProcessTable(zombie_ttl=5)
+    old, young, live = spawn(table), spawn(table), spawn(table)
+    table.exit(old, Exit.STOP)
+    table.exit(young, Exit.STOP)
+    old.ended -= 10
+    assert table.reap_expired() == [old.pid]
+    assert table.get(young.pid) is young and table.get(live.pid) is live
+
+
+def test_listing_filters_by_user_in_pid_order() -> None:
+    table = ProcessTable()
+    for i in range(10):
+        spawn(table, "alice" if i % 2 else "bob")
+    assert [p.pid for p in table.listing("alice")] == [2, 4, 6, 8, 10]
+    assert [p.pid for p in table.listing()] == list(range(1, 11))
+
+
+def test_ten_thousand_entries_list_quickly() -> None:
+    table = ProcessTable()
+    for _ in range(10_000):
+        spawn(table)
+    start = time.perf_counter()
+    procs = table.listing()
+    assert len(procs) == 10_000
+    assert table.get(5_000).pid == 5_000
+    # Not a benchmark: a generous bound that only an O(n^2) listing would break.
+    assert time.perf_counter() - start < 1.0

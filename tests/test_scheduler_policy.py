@@ -1,0 +1,53 @@
+"""Scheduling policies in-process: budget, order, chunking, admission, preemption."""
+
+from __future__ import annotations
+
+from llmasos.proto import scheduler_pb2
+from llmasos.services.scheduler.policy import plan
+
+
+def job(pid: int, *, user: str = "u", nice: int = 0, arrival: float = 0.0, pending: int = 1,
+        context: int = 0, blocks: int = 0, resident: bool = False,
+        served: int = 0) -> scheduler_pb2.SchedJob:
+    return scheduler_pb2.SchedJob(pid=pid, user=user, nice=nice, arrival=arrival or pid,
+                                  pending_tokens=pending, context_tokens=context,
+                                  blocks_held=blocks, resident=resident, served_tokens=served)
+
+
+def request(jobs: list, free: int = 100, budget: int = 64, max_batch: int = 64) -> object:
+    return scheduler_pb2.PlanRequest(jobs=jobs, free_blocks=free, block_size=16,
+                                     token_budget=budget, max_batch=max_batch)
+
+
+def test_fcfs_runs_decodes_first_then_chunks_long_prompt() -> None:
+    jobs = [job(3, pending=100), job(1, pending=1, context=20, blocks=2, resident=True),
+            job(2, pending=1, context=40, blocks=3, resident=True)]
+    result = plan("fcfs", request(jobs, budget=50))
+    assert result.slots == [(1, 1), (2, 1), (3, 48)]
+    assert result.preempt == []
+
+
+def test_admission_respects_free_blocks() -> None:
+    jobs = [job(1, pending=64), job(2, pending=16)]
+    result = plan("fcfs", request(jobs, free=4, budget=512))
+    assert result.slots == [(1, 64)]   # job 2 would need a 5th block
+
+
+def test_priority_orders_by_nice_and_preempts_lower_priority() -> None:
+    jobs = [job(1, nice=10, pending=1, context=32, blocks=2, resident=True),
+            job(2, nice=-5, pending=32)]
+    result = plan("priority", request(jobs, free=0, budget=512))
+    assert result.preempt == [1]
+    assert result.slots == [(2, 32)]
+    assert plan("fcfs", request(jobs, free=0, budget=512)).preempt == []
+
+
+def test_fair_share_favours_the_least_served_user() -> None:
+    jobs = [job(1, user="heavy", served=500), job(2, user="light", served=10)]
+    result = plan("fair", request(jobs, budget=1))
+    assert result.slots == [(2, 1)]
+
+
+def test_max_batch_caps_jobs_per_step() -> None:
+    jobs = [job(i, pending=1) for i in range(1, 11)]
+    assert len(plan("fcfs", request(jobs, max_batch=4)).slots) == 4
