@@ -1,0 +1,123 @@
+"""llm-ps: the process table of LLM jobs, as ps(1) shows Unix processes.
+
+    llm-ps                 your jobs        llm-ps -a          everyone's (root)
+    llm-ps -u alice        alice's jobs     llm-ps -o pid,state,tok_out,name
+    llm-ps --json          for scripts      llm-ps --services  the supervised services
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llmasos import fmt
+from llmasos.names import reason_name, state_name
+from llmasos.proto import kernel_pb2
+from llmasos.tools import common
+
+Info = kernel_pb2.ProcessInfo
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    get: Callable[[Info, float], object]  # (entry, now) -> cell
+    right: bool = False
+
+
+def _age(p: Info, now: float) -> str:
+    return fmt.duration((p.ended_unix or now) - p.created_unix) if p.created_unix else "-"
+
+
+COLUMNS: dict[str, Column] = {
+    "pid":     Column("PID", lambda p, now: p.pid, True),
+    "ppid":    Column("PPID", lambda p, now: p.ppid, True),
+    "user":    Column("USER", lambda p, now: p.user),
+    "state":   Column("STATE", lambda p, now: state_name(p.state)),
+    "model":   Column("MODEL", lambda p, now: p.model),
+    "prio":    Column("PRIO", lambda p, now: p.nice, True),
+    "tok_in":  Column("TOK_IN", lambda p, now: p.prompt_tokens, True),
+    "tok_out": Column("TOK_OUT", lambda p, now: p.generated_tokens, True),
+    "kv":      Column("KV", lambda p, now: p.kv_blocks, True),
+    "age":     Column("AGE", _age, True),
+    "cpu":     Column("CPU", lambda p, now: fmt.duration(p.cpu_seconds), True),
+    "preempt": Column("PREEMPT", lambda p, now: p.preemptions, True),
+    "status":  Column("STATUS", lambda p, now: p.exit_status if p.exit_reason else "", True),
+    "reason":  Column("REASON", lambda p, now: reason_name(p.exit_reason)),
+    "name":    Column("NAME", lambda p, now: p.name),
+}
+DEFAULT_FIELDS = "pid,user,state,model,prio,tok_in,tok_out,kv,age"
+
+
+def fields(spec: str) -> list[str]:
+    """'-o pid,state' -> ['pid', 'state']; an unknown field is a usage error (ValueError)."""
+    names = [f.strip().lower() for f in spec.split(",") if f.strip()]
+    bad = [f for f in names if f not in COLUMNS]
+    if bad or not names:
+        raise ValueError(f"unknown field {', '.join(bad) or '(none)'}; "
+                         f"known fields: {', '.join(COLUMNS)}")
+    return names
+
+
+def render(procs: list[Info], names: list[str], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    cols = [COLUMNS[n] for n in names]
+    rows = [[c.get(p, now) for c in cols] for p in procs]
+    return fmt.table([c.header for c in cols], rows, [c.header for c in cols if c.right])
+
+
+def render_services(services: list[kernel_pb2.ServiceInfo]) -> str:
+    rows = [[s.name, s.pid or "-", s.address or "-", s.state, s.restarts,
+             fmt.duration(s.uptime_s) if s.pid else "-"] for s in services]
+    return fmt.table(["NAME", "PID", "ADDRESS", "STATE", "RESTARTS", "UPTIME"], rows,
+                     ["PID", "RESTARTS", "UPTIME"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = common.parser("llm-ps", "List LLM jobs (PID USER STATE MODEL PRIO TOK_IN TOK_OUT KV "
+                                 "AGE) or the supervised services.")
+    ap.add_argument("-a", "--all", action="store_true", help="everyone's jobs (root)")
+    ap.add_argument("-u", "--user", default="", help="only this user's jobs")
+    ap.add_argument("-o", "--format", default=DEFAULT_FIELDS, metavar="FIELDS",
+                    help=f"comma-separated columns, of: {', '.join(COLUMNS)}")
+    ap.add_argument("--json", action="store_true", help="JSON for scripts")
+    ap.add_argument("--services", action="store_true",
+                    help="the services: name, pid, address, state, restarts, uptime")
+    ap.add_argument("--no-headers", action="store_true", help="omit the header line")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        names = fields(args.format)
+    except ValueError as err:
+        ap.error(str(err))
+    return common.run("llm-ps", lambda: show(args, names))
+
+
+def show(args: argparse.Namespace, names: list[str]) -> int:
+    with common.client(args) as c:
+        if args.services:
+            services = c.services()
+            out = (json.dumps([fmt.as_dict(s) for s in services], indent=1) if args.json
+                   else render_services(services))
+        else:
+            procs = c.ps(args.all, args.user)
+            out = (json.dumps([fmt.as_dict(p) for p in procs], indent=1) if args.json
+                   else render(procs, names))
+    if args.no_headers and not args.json:
+        out = "\n".join(out.splitlines()[1:])
+    if out:
+        print(out)
+    sys.stdout.flush()
+    return common.EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
