@@ -392,8 +392,8 @@ class RawParser(ArgParser):
 
 
 def _p_kill() -> ArgParser:
-    return RawParser(prog="kill", usage="kill [-s SIG | -SIG] PID|%JOB...", description="Signal jobs: kill [-STOP|-CONT|-TERM|-KILL|-s SIG]"
-                     " PID|%JOB... (default TERM)")
+    return RawParser(prog="kill", usage="kill [-s SIG | -SIG] PID|%%JOB...",
+                     description="Signal jobs: -STOP, -CONT, -TERM (the default) or -KILL.")
 
 
 COMMANDS: dict[str, Entry] = {

@@ -114,3 +114,6 @@ def guarded(sh: Shell, name: str, body: Callable[[], int]) -> int:
     except OSError as err:
         sh.warn(f"{name}: {err.strerror or err}")
         return EXIT_FAIL
+    except Exception as err:  # noqa: BLE001 - a bug in one command must not end the session
+        sh.warn(f"{name}: internal error ({type(err).__name__}: {err}); please report it")
+        return EXIT_FAIL
