@@ -6,12 +6,14 @@ import os
 import stat
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import System, boot, shutdown
 from llmasos.proto import kernel_pb2
+
+from conftest import System, boot, shutdown
 
 SERVICES = {"security", "ipc", "scheduler", "inference"}
 
@@ -26,11 +28,10 @@ def test_boot_all_services_healthy_then_clean_shutdown(tmp_path) -> None:
             assert s.pid > 0 and s.address and s.incarnation == 1
         pids = [s.pid for s in svcs.values()]
     finally:
-        code = shutdown(system)
+        code = shutdown(system)   # asserts no service process and no open port remain
     assert code == 0
-    for pid in pids:
-        assert not os.path.exists(f"/proc/{pid}") or \
-            open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+                   for pid in pids)
 
 
 def test_root_token_file_is_private(bare_system: System) -> None:
