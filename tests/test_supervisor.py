@@ -1,0 +1,51 @@
+"""Crash-only services: kill -9 each one, it comes back; past the budget it is FAILED."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import grpc
+import pytest
+
+from llmasos.proto import kernel_pb2
+
+from conftest import System, boot, shutdown
+
+
+@pytest.mark.parametrize("name", ["security", "ipc", "scheduler", "inference"])
+def test_killed_service_is_restarted(bare_system: System, name: str) -> None:
+    before = bare_system.services()[name]
+    os.kill(before.pid, signal.SIGKILL)
+    after = bare_system.wait_services(
+        lambda s: s[name].state == "HEALTHY" and s[name].incarnation > before.incarnation)
+    s = after[name]
+    assert s.pid != before.pid and s.restarts == before.restarts + 1
+    assert "status -9" in s.last_exit
+    assert "service_restarting" in bare_system.log_text()
+    # The restarted service really serves: WhoAmI goes through security, Models through inference.
+    assert bare_system.call("WhoAmI", kernel_pb2.WhoAmIRequest()).user == "root"
+    bare_system.call("Models", kernel_pb2.ModelsRequest())
+
+
+def test_exhausted_restart_budget_marks_failed_and_kernel_keeps_working(tmp_path) -> None:
+    system = boot(tmp_path / "home", "--no-embedded", "--restart-max", "1")
+    try:
+        first = system.services()["inference"]
+        os.kill(first.pid, signal.SIGKILL)
+        second = system.wait_services(lambda s: s["inference"].state == "HEALTHY"
+                                      and s["inference"].incarnation == 2)["inference"]
+        os.kill(second.pid, signal.SIGKILL)
+        svcs = system.wait_services(lambda s: s["inference"].state == "FAILED")
+        assert svcs["inference"].pid == 0
+        assert all(s.state == "HEALTHY" for n, s in svcs.items() if n != "inference")
+        # Syscalls that need it say so; everything else still answers.
+        with pytest.raises(grpc.RpcError) as err:
+            system.call("Models", kernel_pb2.ModelsRequest())
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "FAILED" in err.value.details()
+        assert system.call("Ps", kernel_pb2.PsRequest(all=True)).processes is not None
+        assert system.call("WhoAmI", kernel_pb2.WhoAmIRequest()).root
+        assert "service_failed" in system.log_text()
+    finally:
+        assert shutdown(system) == 0
