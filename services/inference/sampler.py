@@ -1,0 +1,276 @@
+"""Choosing the next token: penalties, temperature, top-k, top-p, min-p, seeded draws.
+
+One call samples a whole batch. Every row goes through the same vectorised tensor ops; the only
+per-row Python work is drawing the noise of seeded rows, each from its own generator, so that a
+seeded row's draw depends only on (seed, step) and never on the batch it sits in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from llmasos.proto import common_pb2
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_BYTES = 256
+MAX_TOKENS = 65536
+UINT64_MAX = 2**64 - 1
+TOP_P_WINDOW = 1024  # candidates a top-p row looks at before falling back to a full sort
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # None = fresh randomness
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def penalises(self) -> bool:
+        return bool(
+            self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
+        )
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise ValueError naming the first parameter out of its range (proto/common.proto)."""
+        _check_range("temperature", self.temperature, 0.0, 10.0)
+        _check_range("top_k", self.top_k, 0, vocab_size)
+        _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_range("min_p", self.min_p, 0.0, 1.0, high_open=True)
+        _check_range("repetition_penalty", self.repetition_penalty, 0.0, 10.0, low_open=True)
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        if self.seed is not None:
+            _check_range("seed", self.seed, 0, UINT64_MAX)
+        _check_range("max_tokens", self.max_tokens, 1, MAX_TOKENS)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+        for s in self.stop:
+            size = len(s.encode("utf-8"))
+            if not 1 <= size <= MAX_STOP_BYTES:
+                raise ValueError(
+                    f"stop: each string must be 1 to {MAX_STOP_BYTES} bytes, got {size} ({s!r:.40})"
+                )
+        for t in self.stop_token_ids:
+            if not 0 <= t < vocab_size:
+                raise ValueError(f"stop_token_ids: each must be in [0, {vocab_size}), got {t}")
+
+    @classmethod
+    def from_proto(cls, msg: common_pb2.SamplingParams) -> SamplingParams:
+        """Unset optional fields take the defaults above (proto3 presence)."""
+        default = cls()
+        values = {
+            name: getattr(msg, name) if msg.HasField(name) else getattr(default, name)
+            for name in _OPTIONAL_FIELDS
+        }
+        return cls(**values, stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids))
+
+    def to_proto(self) -> common_pb2.SamplingParams:
+        msg = common_pb2.SamplingParams(stop=self.stop, stop_token_ids=self.stop_token_ids)
+        for name in _OPTIONAL_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(msg, name, value)
+        return msg
+
+
+_OPTIONAL_FIELDS = (
+    "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+    "presence_penalty", "frequency_penalty", "seed", "max_tokens",
+)  # fmt: skip
+
+
+def _check_range(
+    name: str,
+    value: float,
+    low: float,
+    high: float,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    ok = (
+        isinstance(value, int | float)
+        and not math.isnan(value)
+        and (value > low if low_open else value >= low)
+        and (value < high if high_open else value <= high)
+    )
+    if not ok:
+        span = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {span}, got {value}")
+
+
+# ---- the draw ----
+
+
+def seed_for(seed: int, step: int) -> int:
+    """The generator seed of one (job seed, step) pair: stable across processes and runs."""
+    digest = hashlib.blake2b(
+        seed.to_bytes(8, "little") + step.to_bytes(8, "little"), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "little") >> 1  # torch seeds must fit in int64
+
+
+def _uniforms(params: list[SamplingParams], steps: list[int]) -> torch.Tensor:
+    """One U[0, 1) draw per row, float64 on the CPU: a seeded row's from its own generator."""
+    u = torch.rand(len(params), dtype=torch.float64)
+    gen = torch.Generator()
+    for b, p in enumerate(params):
+        if p.seed is not None:
+            gen.manual_seed(seed_for(p.seed, steps[b]))
+            u[b] = torch.rand(1, dtype=torch.float64, generator=gen)[0]
+    return u
+
+
+def _apply_penalties(
+    logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]]
+) -> torch.Tensor:
+    """Repetition, presence and frequency penalties on the tokens each row has generated.
+
+    Sparse: only (row, token) pairs that occur are touched, so the cost follows the histories'
+    length, not the vocabulary.
+    """
+    active = [b for b, p in enumerate(params) if histories[b] and p.penalises]
+    if not active:
+        return logits
+    rows: list[int] = []
+    tokens: list[int] = []
+    counts: list[int] = []
+    for b in active:
+        for token, n in Counter(histories[b]).items():
+            rows.append(b)
+            tokens.append(token)
+            counts.append(n)
+    device = logits.device
+    row_t = torch.tensor(rows, device=device)
+    tok_t = torch.tensor(tokens, device=device)
+    count_t = torch.tensor(counts, dtype=logits.dtype, device=device)
+
+    def per_row(name: str) -> torch.Tensor:
+        values = [getattr(p, name) for p in params]
+        return torch.tensor(values, dtype=logits.dtype, device=device)[row_t]
+
+    seen = logits[row_t, tok_t]
+    rep = per_row("repetition_penalty")
+    # HF/CTRL rule: a seen token becomes less likely whatever its logit's sign
+    seen = torch.where(seen > 0, seen / rep, seen * rep)
+    seen = seen - per_row("presence_penalty") - per_row("frequency_penalty") * count_t
+    return logits.index_put((row_t, tok_t), seen)
+
+
+def _needs_filter(p: SamplingParams, vocab: int) -> bool:
+    return 0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0.0
+
+
+def _top_p_cutoff(
+    desc: torch.Tensor, top_p: torch.Tensor, total: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest kept probability per row, and whether `desc` (a sorted prefix) held the cut."""
+    before = desc.cumsum(dim=-1) - desc
+    kept = (before < top_p * total).sum(dim=-1, keepdim=True).clamp(min=1)
+    cutoff = desc.gather(1, kept - 1)
+    complete = (kept < desc.shape[1]) | (before[:, -1:] + desc[:, -1:] >= top_p * total)
+    return cutoff, complete
+
+
+def _thresholds(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The smallest probability each row keeps after top-k, then top-p, then min-p, [R, 1].
+
+    Works on a top-k prefix, never a full sort of the vocabulary (12 ms a row on these CPUs),
+    unless a top-p row's nucleus is wider than TOP_P_WINDOW. Ties at a threshold are all kept.
+    """
+    vocab = probs.shape[1]
+    device = probs.device
+    k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+    width = max(k_i if k_i < vocab else (TOP_P_WINDOW if p.top_p < 1 else 1)
+                for k_i, p in zip(k, params, strict=True))  # fmt: skip
+    desc = probs.topk(min(width, vocab), dim=-1).values
+    ranks = torch.arange(desc.shape[1], device=device)[None, :]
+    k_t = torch.tensor(k, device=device)[:, None]
+    has_k = k_t < vocab
+    desc = desc.masked_fill(ranks >= k_t, 0.0)
+    # top-p is over the top-k renormalised; a softmax row already sums to one
+    total = torch.where(has_k, desc.sum(dim=-1, keepdim=True), 1.0)
+    cutoff, complete = _top_p_cutoff(desc, top_p, total)
+    short = (~complete & (top_p < 1.0)).squeeze(1).nonzero().squeeze(1)
+    if short.numel():  # nucleus wider than the window: sort those rows in full
+        full = probs[short].sort(dim=-1, descending=True).values
+        cutoff[short] = _top_p_cutoff(full, top_p[short], total[short])[0]
+    threshold = torch.where(top_p < 1.0, cutoff, 0.0)
+    kth = desc.gather(1, (k_t.clamp(max=desc.shape[1]) - 1))
+    threshold = torch.maximum(threshold, torch.where(has_k, kth, 0.0))
+    min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
+    return torch.maximum(threshold, min_p * desc[:, :1])
+
+
+def _draw(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> torch.Tensor:
+    """One token per row from softmax(logits / T) after the filters, [R] int64.
+
+    Every op is row-local and no row is renormalised (the inverse CDF scales by the row's own
+    total), so a row's result does not depend on which other rows share the batch.
+    """
+    vocab = logits.shape[1]
+    device = logits.device
+    temp = torch.tensor([p.temperature for p in params], device=device)[:, None]
+    probs = torch.softmax(logits / temp, dim=-1)
+    filtered = [b for b, p in enumerate(params) if _needs_filter(p, vocab)]
+    if filtered:
+        threshold = torch.zeros(len(params), 1, device=device)
+        if len(filtered) == len(params):
+            threshold = _thresholds(probs, params)
+        else:
+            rows = torch.tensor(filtered, device=device)
+            threshold[rows] = _thresholds(probs[rows], [params[b] for b in filtered])
+        probs = probs.masked_fill_(probs < threshold, 0.0)
+    # inverse CDF: one uniform per row, so a seeded row costs one draw, not one per token
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = _uniforms(params, steps).to(device=device)[:, None]
+    target = (u * total.double()).to(cdf.dtype)
+    # strictly below the total, so the first cdf entry above it is a token with mass
+    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    histories: list[list[int]],
+    steps: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token [B] int64 and its logprob [B] fp32 under the unmodified log-softmax.
+
+    logits: [B, V] fp32; histories: ids generated so far per row (for the penalties);
+    steps: per row, the index of the token being chosen (a seeded row's draw depends on it).
+    """
+    logits = logits.float()
+    penalised = _apply_penalties(logits, params, histories)
+    random_rows = [b for b, p in enumerate(params) if p.temperature > 0]
+    if len(random_rows) == len(params):
+        chosen = _draw(penalised, params, steps)
+    else:
+        chosen = penalised.argmax(dim=-1)
+        if random_rows:
+            rows = torch.tensor(random_rows, device=logits.device)
+            subset = [params[b] for b in random_rows]
+            drawn = _draw(penalised[rows], subset, [steps[b] for b in random_rows])
+            chosen = chosen.index_copy(0, rows, drawn)
+    # log-softmax at the chosen token only: one reduction instead of a [B, V] result
+    picked = logits.gather(1, chosen[:, None]).squeeze(1)
+    return chosen, picked - torch.logsumexp(logits, dim=-1)
