@@ -16,6 +16,7 @@ from llmasos.kernel.kernel import Kernel
 from llmasos.kernel.pager import OutOfBlocks, Pager
 from llmasos.kernel.proctable import Exit, Proc, State
 from llmasos.proto import inference_pb2, scheduler_pb2
+from llmasos.syscalls import SyscallError
 
 log = structlog.get_logger()
 SIGKILL, SIGTERM, SIGCONT, SIGSTOP = 9, 15, 18, 19
@@ -103,9 +104,9 @@ class Executor:
             for model in list(self.k.models):
                 try:
                     busy |= self.step(model)
-                except grpc.RpcError as e:
-                    log.warning("step_failed", model=model, code=e.code().name,
-                                details=e.details())
+                except (grpc.RpcError, SyscallError) as e:   # a service is restarting
+                    log.warning("step_failed", model=model, error=str(e.details() if
+                                isinstance(e, grpc.RpcError) else e.message))
                     self._requeue(model)
                     self.stopping.wait(RETRY_PAUSE)
                 except Exception:
