@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ import pytest
 from llmasos.proto import kernel_pb2, kernel_pb2_grpc
 
 BOOT_TIMEOUT = 300.0
+# Every test system gets its own state dir, but they share the dequantized-weights cache, so
+# only the first boot of a run pays for converting the GGUF file.
+SHARED_CACHE = Path(tempfile.gettempdir()) / "llmasos-test-weights-cache"
 
 
 def free_port() -> int:
@@ -81,6 +85,9 @@ class System:
 def boot(home: Path, *flags: str) -> System:
     """Start llmosd and wait for its ready line."""
     home.mkdir(parents=True, exist_ok=True)
+    SHARED_CACHE.mkdir(exist_ok=True)
+    if not (home / "cache").exists():
+        (home / "cache").symlink_to(SHARED_CACHE)
     address = f"127.0.0.1:{free_port()}"
     log = home / "llmosd.log"
     env = {**os.environ, "LLMASOS_HOME": str(home)}
