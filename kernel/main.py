@@ -41,7 +41,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--zombie-ttl", dest="zombie_ttl", type=float)
     run.add_argument("--restart-max", dest="restart_max", type=int)
     run.add_argument("--restart-window", dest="restart_window", type=float)
-    run.add_argument("--token-budget", dest="token_budget", type=int)
+    run.add_argument("--token-budget", dest="token_budget", type=int,
+                     help="most tokens in one step")
+    run.add_argument("--max-batch", dest="max_batch", type=int, help="most jobs in one step")
     add = sub.add_parser("adduser", help="create a user and print its token once")
     add.add_argument("name")
     add.add_argument("--home")

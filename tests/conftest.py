@@ -145,3 +145,65 @@ def model_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     system = boot(tmp_path_factory.mktemp("home"))
     yield system
     assert shutdown(system) == 0
+
+
+# --- jobs -------------------------------------------------------------------------------------
+
+MODEL = "smollm2-135m"
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "My favourite book is",
+    "In 1969, astronauts",
+    "The quick brown fox",
+]
+
+
+def greedy(max_tokens: int = 12, **extra: object) -> object:
+    from llmasos.proto import common_pb2
+    return common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, **extra)
+
+
+def spawn(system: System, prompt: str, max_tokens: int = 12, token: str | None = None,
+          nice: int = 0, **extra: object) -> int:
+    reply = system.call("Spawn", kernel_pb2.SpawnRequest(
+        model=MODEL, prompt=prompt, nice=nice, sampling=greedy(max_tokens, **extra)),
+        token=token)
+    return reply.pid
+
+
+def wait(system: System, pid: int, token: str | None = None,
+         timeout: float = 300) -> kernel_pb2.WaitResponse:
+    return system.call("Wait", kernel_pb2.WaitRequest(pid=pid), token=token, timeout=timeout)
+
+
+def kv(system: System) -> kernel_pb2.KvUsage:
+    return system.call("Ps", kernel_pb2.PsRequest(all=True)).kv
+
+
+def assert_no_kv_held(system: System, timeout: float = 60) -> None:
+    """Once every job has ended, every KV block is free again (none leaked)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ps = system.call("Ps", kernel_pb2.PsRequest(all=True))
+        live = [p for p in ps.processes if p.state not in (kernel_pb2.PROC_STATE_UNSPECIFIED,
+                                                            6)]
+        if not live and ps.kv.free_blocks == ps.kv.total_blocks:
+            assert not any(ps.kv.blocks_by_user.values()), ps.kv
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"KV blocks still held or jobs still live: {ps}")
+
+
+_ALONE: dict[tuple[str, int], list[int]] = {}
+
+
+def alone(system: System, prompt: str, max_tokens: int = 12) -> list[int]:
+    """Greedy token ids of a prompt run by itself (memoised for the whole test run)."""
+    key = (prompt, max_tokens)
+    if key not in _ALONE:
+        _ALONE[key] = list(wait(system, spawn(system, prompt, max_tokens)).token_ids)
+    return _ALONE[key]

@@ -1,8 +1,8 @@
 """Scheduling policies: which jobs run how many tokens in the next step.
 
-One token budget per step (vLLM's): jobs already holding KV (resident) go first, then waiting
-ones; a prompt longer than what is left of the budget is chunked. The policy only orders the
-jobs and decides preemption; the kernel executes the plan.
+One token budget per step (vLLM's), handed out in policy order; a prompt longer than what is
+left of the budget is chunked. Under FCFS the jobs already holding KV are the oldest, so they
+decode first. The policy only orders the jobs and decides preemption; the kernel executes it.
 
   fcfs      arrival order
   priority  nice value, then arrival; a waiting job may preempt a resident one of lower priority
@@ -56,30 +56,23 @@ def plan(policy: str, req: scheduler_pb2.PlanRequest) -> Plan:
         served[job.user] = served.get(job.user, 0) + job.served_tokens
     order = sorted(req.jobs, key=lambda j: key(j, served))
     resident = [j for j in order if j.resident]
-    waiting = [j for j in order if not j.resident]
     budget, free, bs = req.token_budget, req.free_blocks, req.block_size
     slots: list[tuple[int, int]] = []
     preempt: list[int] = []
-    for job in resident:                       # running jobs first: decodes, then their chunks
+    for job in order:
         if budget <= 0 or len(slots) >= req.max_batch:
             break
-        n = min(job.pending_tokens, budget)
-        grow = blocks_for(job.context_tokens + n, bs) - job.blocks_held
-        if grow > free:
-            continue                           # the kernel preempts or the job waits
-        free -= max(grow, 0)
-        budget -= n
-        slots.append((job.pid, n))
-    for job in waiting:                        # then admissions, in policy order
-        if budget <= 0 or len(slots) >= req.max_batch:
-            break
-        need = blocks_for(job.pending_tokens + job.context_tokens, bs)
-        if need > free and policy == "priority":
-            freed = _preempt_for(job, resident, need - free, preempt, slots, key, served)
-            free += freed
-        if need > free:
+        if job.pid in preempt:
             continue
         n = min(job.pending_tokens, budget)
+        if job.resident:   # grows by the blocks its next tokens need
+            need = max(blocks_for(job.context_tokens + n, bs) - job.blocks_held, 0)
+        else:              # admission takes blocks for everything it must (re)compute
+            need = blocks_for(job.pending_tokens + job.context_tokens, bs)
+        if need > free and policy == "priority":
+            free += _preempt_for(job, resident, need - free, preempt, slots, key, served)
+        if need > free:
+            continue       # waits (the kernel may still make room by preemption)
         free -= need
         budget -= n
         slots.append((job.pid, n))

@@ -1,0 +1,228 @@
+"""Jobs end to end through the syscall ABI: spawn, stream, wait, signals, ownership, and the
+kernel keeping its jobs across service crashes. Every test ends with no KV block held."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from llmasos.proto import common_pb2, kernel_pb2
+
+from conftest import (
+    MODEL,
+    PROMPTS,
+    System,
+    alone,
+    assert_no_kv_held,
+    boot,
+    greedy,
+    kv,
+    shutdown,
+    spawn,
+    wait,
+)
+
+STOPPED, ZOMBIE = kernel_pb2.PROC_STOPPED, kernel_pb2.PROC_ZOMBIE
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_blocks(model_system: System) -> Iterator[None]:
+    yield
+    assert_no_kv_held(model_system)
+
+
+def test_spawn_wait_returns_text_counts_and_timings(model_system: System) -> None:
+    pid = spawn(model_system, "The capital of France is", max_tokens=8)
+    reply = wait(model_system, pid)
+    assert reply.info.pid == pid and reply.info.state == kernel_pb2.PROC_REAPED
+    assert len(reply.token_ids) == reply.info.generated_tokens <= 8
+    assert reply.text.strip(), "generated text must not be empty"
+    assert reply.info.exit_reason in (kernel_pb2.EXIT_LENGTH, kernel_pb2.EXIT_STOP)
+    assert reply.timings.total_ms >= reply.timings.ttft_ms > 0
+    assert "Paris" in reply.text
+    with pytest.raises(grpc.RpcError) as err:   # reaped: gone from the table
+        model_system.call("Stat", kernel_pb2.StatRequest(pid=pid))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_read_streams_the_same_text_as_wait(model_system: System) -> None:
+    pid = spawn(model_system, "Once upon a time, in a small village,", max_tokens=16)
+    chunks = list(model_system.kernel.Read(kernel_pb2.ReadRequest(pid=pid),
+                                           metadata=model_system.auth(), timeout=300))
+    assert chunks[-1].done and chunks[-1].exit_reason != 0
+    assert len(chunks) >= 2, "output must arrive in pieces as it is produced"
+    streamed = "".join(c.text for c in chunks)
+    ids = [i for c in chunks for i in c.token_ids]
+    reply = wait(model_system, pid)
+    assert streamed == reply.text and ids == list(reply.token_ids)
+
+
+def test_chat_messages_use_the_chat_template(model_system: System) -> None:
+    msgs = common_pb2.ChatMessages(messages=[
+        common_pb2.ChatMessage(role="user", content="What is the capital of France?")])
+    pid = model_system.call("Spawn", kernel_pb2.SpawnRequest(
+        model=MODEL, messages=msgs, sampling=greedy(24))).pid
+    reply = wait(model_system, pid)
+    assert reply.info.prompt_tokens > 10   # the template's role markers were added
+    assert "Paris" in reply.text
+
+
+def test_stop_string_ends_the_job(model_system: System) -> None:
+    full = wait(model_system, spawn(model_system, "1, 2, 3, 4,", max_tokens=24)).text
+    assert " 6," in full
+    pid = spawn(model_system, "1, 2, 3, 4,", max_tokens=24, stop=[" 6,"])
+    reply = wait(model_system, pid)
+    assert reply.info.exit_reason == kernel_pb2.EXIT_STOP
+    assert reply.text == full[:full.index(" 6,")]
+
+
+def test_other_users_jobs_are_off_limits(model_system: System) -> None:
+    alice, bob = model_system.adduser("alice"), model_system.adduser("bob")
+    pid = spawn(model_system, "The quick brown fox", max_tokens=64, token=alice)
+    for name, req in [("Stat", kernel_pb2.StatRequest(pid=pid)),
+                      ("Kill", kernel_pb2.KillRequest(pid=pid, signal=9)),
+                      ("Wait", kernel_pb2.WaitRequest(pid=pid)),
+                      ("Nice", kernel_pb2.NiceRequest(pid=pid, nice=5))]:
+        with pytest.raises(grpc.RpcError) as err:
+            model_system.call(name, req, token=bob)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
+    with pytest.raises(grpc.RpcError) as err:
+        list(model_system.kernel.Read(kernel_pb2.ReadRequest(pid=pid),
+                                      metadata=model_system.auth(bob), timeout=30))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert [p.pid for p in model_system.call("Ps", kernel_pb2.PsRequest(), token=bob)
+            .processes] == []
+    assert pid in [p.pid for p in model_system.call("Ps", kernel_pb2.PsRequest(),
+                                                    token=alice).processes]
+    assert model_system.call("Stat", kernel_pb2.StatRequest(pid=pid)).user == "alice"  # root
+    with pytest.raises(grpc.RpcError) as err:   # raising priority needs root
+        model_system.call("Nice", kernel_pb2.NiceRequest(pid=pid, nice=-5), token=alice)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=9), token=alice)
+    assert wait(model_system, pid, token=alice).info.exit_reason == kernel_pb2.EXIT_KILLED
+
+
+def test_kill_mid_generation_frees_blocks(model_system: System) -> None:
+    pid = spawn(model_system, "Once upon a time, in a small village,", max_tokens=400)
+    deadline = time.monotonic() + 120
+    while model_system.call("Stat", kernel_pb2.StatRequest(pid=pid)).generated_tokens < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert model_system.call("Stat", kernel_pb2.StatRequest(pid=pid)).kv_blocks > 0
+    model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=kernel_pb2.SIGTERM))
+    reply = wait(model_system, pid)
+    assert reply.info.exit_reason == kernel_pb2.EXIT_KILLED and reply.info.exit_status == -15
+    assert 3 <= reply.info.generated_tokens < 400
+    usage = kv(model_system)
+    assert usage.free_blocks == usage.total_blocks
+
+
+def test_stop_and_cont_resume_with_identical_output(model_system: System) -> None:
+    prompt = "The three primary colors are"
+    expected = alone(model_system, prompt, 32)
+    pid = spawn(model_system, prompt, max_tokens=32)
+    while model_system.call("Stat", kernel_pb2.StatRequest(pid=pid)).generated_tokens < 4:
+        time.sleep(0.02)
+    state = model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=19)).state
+    assert state in (STOPPED, kernel_pb2.PROC_RUNNING)
+    time.sleep(0.5)
+    info = model_system.call("Stat", kernel_pb2.StatRequest(pid=pid))
+    assert info.state == STOPPED and info.kv_blocks == 0
+    held = info.generated_tokens
+    time.sleep(0.5)
+    assert model_system.call("Stat", kernel_pb2.StatRequest(pid=pid)).generated_tokens == held
+    with pytest.raises(grpc.RpcError) as err:   # only a stopped job can be continued
+        model_system.call("Kill", kernel_pb2.KillRequest(pid=pid + 1000, signal=18))
+    model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=18))
+    assert list(wait(model_system, pid).token_ids) == expected
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cont_on_a_running_job_is_a_precondition_error(model_system: System) -> None:
+    pid = spawn(model_system, "My favourite book is", max_tokens=64)
+    with pytest.raises(grpc.RpcError) as err:
+        model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=18))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=9))
+    wait(model_system, pid)
+
+
+def test_concurrent_spawns_match_alone(model_system: System) -> None:
+    prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(32)]
+    expected = [alone(model_system, p) for p in prompts]
+    results: dict[int, list[int]] = {}
+
+    def one(i: int) -> None:
+        results[i] = list(wait(model_system, spawn(model_system, prompts[i])).token_ids)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert [results.get(i) for i in range(32)] == expected
+
+
+def test_processes_survive_service_crashes(model_system: System) -> None:
+    """kill -9 each service while jobs sit in the table; the table keeps them."""
+    pids = [spawn(model_system, p, max_tokens=200) for p in PROMPTS[:3]]
+    for pid in pids:
+        model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=19))
+    for name in ("security", "ipc", "scheduler", "inference"):
+        before = model_system.services()[name]
+        os.kill(before.pid, signal.SIGKILL)
+        model_system.wait_services(lambda s, n=name, b=before: s[n].state == "HEALTHY"
+                                   and s[n].incarnation > b.incarnation)
+        listed = {p.pid: p for p in
+                  model_system.call("Ps", kernel_pb2.PsRequest(all=True)).processes}
+        assert all(listed[pid].state == STOPPED for pid in pids), name
+    for pid in pids:
+        model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=9))
+        assert wait(model_system, pid).info.exit_reason == kernel_pb2.EXIT_KILLED
+
+
+def test_inference_crash_mid_load_loses_no_job(model_system: System) -> None:
+    prompts = PROMPTS[:6]
+    expected = [alone(model_system, p, 24) for p in prompts]
+    pids = [spawn(model_system, p, max_tokens=24) for p in prompts]
+    while sum(model_system.call("Stat", kernel_pb2.StatRequest(pid=p)).generated_tokens
+              for p in pids) < 10:
+        time.sleep(0.02)
+    os.kill(model_system.services()["inference"].pid, signal.SIGKILL)
+    assert [list(wait(model_system, p).token_ids) for p in pids] == expected
+
+
+def test_small_kv_pool_completes_every_job_through_preemption(tmp_path) -> None:
+    system = boot(tmp_path / "home", "--kv-budget-mb", "12")
+    try:
+        usage = kv(system)
+        assert usage.total_blocks < 24, usage
+        prompts = [p + " " * i for i, p in enumerate(PROMPTS * 2)]
+        pids = [spawn(system, p, max_tokens=40) for p in prompts]
+        replies = [wait(system, pid) for pid in pids]
+        expected = [alone(system, p, 40) for p in prompts]
+        assert [list(r.token_ids) for r in replies] == expected
+        assert sum(r.info.preemptions for r in replies) > 0, "the load must have preempted"
+        assert_no_kv_held(system)
+    finally:
+        assert shutdown(system) == 0
+
+
+def test_nice_value_changes_the_order(tmp_path) -> None:
+    system = boot(tmp_path / "home", "--policy", "priority", "--max-batch", "1")
+    try:
+        # One job per step: the scheduler's order is the order in which they finish.
+        low = spawn(system, PROMPTS[0], max_tokens=30, nice=19)
+        normal = spawn(system, PROMPTS[1], max_tokens=30, nice=0)
+        high = spawn(system, PROMPTS[2], max_tokens=30, nice=-10)
+        ends = {pid: wait(system, pid).info.ended_unix for pid in (low, normal, high)}
+        assert ends[high] < ends[normal] < ends[low]
+        assert_no_kv_held(system)
+    finally:
+        assert shutdown(system) == 0
