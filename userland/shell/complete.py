@@ -4,6 +4,7 @@ fetched from the kernel and kept for a couple of seconds."""
 from __future__ import annotations
 
 import glob
+import os
 import time
 from collections.abc import Callable
 
@@ -52,10 +53,11 @@ class Completer:
         elif words[0] == "help":
             options = self.commands
         elif words[0] == "deploy":
-            options = glob.glob(text + "*")
+            return [p + ("/" if os.path.isdir(p) else " ") for p in glob.glob(text + "*")]
         else:
             options = []
-        return [o for o in options if o.startswith(text)]
+        # Python's readline appends nothing after a match; a space lets the next word start.
+        return [o + " " for o in options if o.startswith(text)]
 
     def complete(self, text: str, state: int) -> str | None:
         """readline's completer protocol: called with state 0, 1, 2... until None."""

@@ -30,9 +30,9 @@ def parse(line: str) -> list[Command]:
                 if tok == ";":
                     continue
                 raise ValueError(f"syntax error near {tok!r}")
-            if tok not in (";", "&"):
+            if tok not in (";", "&", "&;"):
                 raise ValueError(f"{tok!r} is not supported; separate commands with ';'")
-            commands.append(Command(words, background=tok == "&"))
+            commands.append(Command(words, background=tok.startswith("&")))
             words = []
         else:
             words.append(tok)

@@ -103,6 +103,8 @@ def guarded(sh: Shell, name: str, body: Callable[[], int]) -> int:
     """A command's errors as messages on stderr and exit statuses, never a crashed shell."""
     try:
         return body()
+    except ShellExit:
+        raise
     except HelpShown:
         return EXIT_OK
     except Usage as err:
