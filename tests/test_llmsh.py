@@ -195,7 +195,7 @@ def test_interactive_editing_completion_history_ctrl_c(tmp_path):
     assert "help ps" in (tmp_path / "llmsh_history").read_text()
     sh = Pty(env=env)  # history survives across sessions
     sh.expect(PROMPT)
-    sh.send("\x1b[A\r")
+    sh.send("\x1b[A\x1b[A\r")  # up, up: past `exit` to `help ps`
     sh.expect("usage: ps")
     sh.expect(PROMPT)
     sh.send("\x04")  # ^D leaves
