@@ -137,7 +137,7 @@ def _uniforms(params: list[SamplingParams], steps: list[int]) -> torch.Tensor:
     return u
 
 
-def _apply_penalties(
+def apply_penalties(
     logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]]
 ) -> torch.Tensor:
     """Repetition, presence and frequency penalties on the tokens each row has generated.
@@ -260,7 +260,7 @@ def sample(
     steps: per row, the index of the token being chosen (a seeded row's draw depends on it).
     """
     logits = logits.float()
-    penalised = _apply_penalties(logits, params, histories)
+    penalised = apply_penalties(logits, params, histories)
     random_rows = [b for b, p in enumerate(params) if p.temperature > 0]
     if len(random_rows) == len(params):
         chosen = _draw(penalised, params, steps)
