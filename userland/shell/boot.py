@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"llmosd is up at {addr} (state in {env.get('LLMASOS_HOME', connect.home())}); "
           "type `help`, `exit` shuts it down", file=sys.stderr)
     try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the shell's
+        # Ctrl-C is the shell's: a no-op handler (not SIG_IGN, which the shell would inherit)
+        previous = signal.signal(signal.SIGINT, lambda *_: None)
         status = subprocess.call([sys.executable, "-m", "llmasos.shell.main"], env=env)
         signal.signal(signal.SIGINT, previous)
     finally:
