@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from llmasos import connect, requests, tasks
-from llmasos.client import DEFAULT_JOB_TIMEOUT, DEFAULT_TIMEOUT, NO_MODEL
+from llmasos.client import DEFAULT_JOB_TIMEOUT, DEFAULT_TIMEOUT, NO_MODEL, with_deployed
 from llmasos.errors import LLMError, ModelNotFound, NotFound, from_rpc
 from llmasos.names import signal_number
 from llmasos.process import Completion
@@ -122,8 +122,7 @@ class AsyncLLMClient:
             deployed = [m.name for m in await self.models()]
             if req.model in deployed:
                 raise
-            raise ModelNotFound(f"{err.message}; deployed models: "
-                                f"{', '.join(deployed) or 'none'}", deployed) from None
+            raise ModelNotFound(with_deployed(err.message, deployed), deployed) from None
         return AsyncProcess(self, resp.pid)
 
     async def generate_text(self, prompt: str, max_tokens: int | None = None,

@@ -25,6 +25,13 @@ DEFAULT_JOB_TIMEOUT = 600.0  # seconds, for calls that wait on a job (Wait, Read
 NO_MODEL = "no model is deployed; deploy one with `llmsh -c 'deploy PATH NAME'`"
 
 
+def with_deployed(message: str, deployed: list[str]) -> str:
+    """The kernel's NOT_FOUND message, naming the deployed models if it does not already."""
+    if "deployed" in message:
+        return message
+    return f"{message}; deployed models: {', '.join(deployed) or 'none'}"
+
+
 class LLMClient:
     """A connection to llmosd. Every call has a deadline: `timeout` for calls that answer at
     once, `job_timeout` for those that wait on a job. Use it as a context manager to close it."""
@@ -105,8 +112,7 @@ class LLMClient:
         with contextlib.suppress(LLMError):
             deployed = [m.name for m in self.models()]
             if model not in deployed:
-                return ModelNotFound(f"{err.message}; deployed models: "
-                                     f"{', '.join(deployed) or 'none'}", deployed)
+                return ModelNotFound(with_deployed(err.message, deployed), deployed)
         return err
 
     def generate_text(self, prompt: str, max_tokens: int | None = None,
