@@ -13,7 +13,15 @@ from llmasos import fmt, tasks
 from llmasos.errors import LLMError
 from llmasos.names import exit_code, state_name
 from llmasos.shell.parse import Command
-from llmasos.shell.session import EXIT_OK, ArgParser, HelpShown, Shell, ShellExit, Usage
+from llmasos.shell.session import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    ArgParser,
+    HelpShown,
+    Shell,
+    ShellExit,
+    Usage,
+)
 from llmasos.tools import kill as kill_tool
 from llmasos.tools import ps as ps_tool
 from llmasos.tools import top as top_tool
@@ -67,7 +75,7 @@ def generate(sh: Shell, cmd: Command, args: argparse.Namespace, prompt: str | No
 
 
 def foreground(sh: Shell, pid: int) -> int:
-    """Stream a job's output to the terminal, then reap it. Ctrl-C kills it."""
+    """Stream a job's output to the terminal, then reap it. Ctrl-C kills the job (130)."""
     last = "\n"
     try:
         with sh.client.killing_on_interrupt(pid):
@@ -77,13 +85,18 @@ def foreground(sh: Shell, pid: int) -> int:
                     last = chunk.text
             result = sh.client.wait(pid)
     except KeyboardInterrupt:
-        sh.jobs.remove(pid)
-        raise
+        return _interrupted(sh, pid)
     finally:
         if not last.endswith("\n"):
             sh.say()
     sh.jobs.remove(pid)
     return _verdict(sh, result)
+
+
+def _interrupted(sh: Shell, pid: int) -> int:
+    sh.jobs.remove(pid)
+    sh.warn(f"job {pid} killed (Ctrl-C)")
+    return EXIT_INTERRUPTED
 
 
 def _verdict(sh: Shell, result: Any) -> int:
@@ -194,8 +207,11 @@ def cmd_wait(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
     pids = _pids(sh, args.jobs) if args.jobs else [j.pid for j in sh.jobs.table.values()]
     status = EXIT_OK
     for pid in pids:
-        with sh.client.killing_on_interrupt(pid):
-            result = sh.client.wait(pid)
+        try:
+            with sh.client.killing_on_interrupt(pid):
+                result = sh.client.wait(pid)
+        except KeyboardInterrupt:
+            return _interrupted(sh, pid)
         sh.jobs.remove(pid)
         if result.text:
             sh.say(result.text, end="" if result.text.endswith("\n") else "\n")

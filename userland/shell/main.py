@@ -119,9 +119,8 @@ def repl(sh: Shell) -> int:
                 continue
             try:
                 sh.execute(line)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # between calls of a command that runs no job
                 sh.say()
-                sh.warn("interrupted; the foreground job was killed")
                 sh.status = EXIT_INTERRUPTED
     finally:
         save_history()

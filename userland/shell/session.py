@@ -68,6 +68,9 @@ class Shell:
             except EOFError:
                 self.say()
                 return None
+            except KeyboardInterrupt:  # Ctrl-C at a reading prompt abandons the line only
+                self.say()
+                return ""
         return next(self.lines, None)
 
     def execute(self, line: str, errexit: bool = False) -> int:
