@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import codecs
 import json
+import mmap
 import os
+import struct
 from functools import cache
 from pathlib import Path
 
 import structlog
 import tokenizers
+from gguf import GGUF_MAGIC, GGUFValueType
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
 from llmasos.drivers.chat_template import ChatTemplate
@@ -84,9 +87,63 @@ def _spell_bytes(token: str) -> str:
     return "".join(byte_alphabet()[b] for b in token.encode("utf-8"))
 
 
-def _field(reader: object, key: str) -> object:
-    field = reader.fields.get(key)  # type: ignore[attr-defined]
-    return None if field is None else field.contents()
+# struct formats of GGUF's scalar value types
+_SCALAR = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}  # fmt: skip
+
+
+def read_gguf_metadata(path: str | os.PathLike) -> dict[str, object]:
+    """The key/value section of a GGUF file (v2/v3, little-endian), without the tensors.
+
+    GGUFReader makes one numpy view per string, which takes 2-4 s for a 49k-token vocabulary;
+    walking the same bytes with struct takes a tenth of a second.
+    """
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        magic, version, _, count = struct.unpack_from("<IIQQ", buf, 0)
+        if magic != GGUF_MAGIC or version not in (2, 3):
+            raise ValueError(f"{path}: not a little-endian GGUF v2/v3 file")
+        offset, meta = 24, {}
+        for _ in range(count):
+            key, offset = _gguf_string(buf, offset)
+            (kind,) = struct.unpack_from("<I", buf, offset)
+            meta[key], offset = _gguf_value(buf, offset + 4, GGUFValueType(kind))
+        return meta
+
+
+def _gguf_string(buf: mmap.mmap, offset: int) -> tuple[str, int]:
+    (size,) = struct.unpack_from("<Q", buf, offset)
+    end = offset + 8 + size
+    return buf[offset + 8 : end].decode("utf-8", "replace"), end
+
+
+def _gguf_value(buf: mmap.mmap, offset: int, kind: GGUFValueType) -> tuple[object, int]:
+    if kind == GGUFValueType.STRING:
+        return _gguf_string(buf, offset)
+    if kind in _SCALAR:
+        return struct.unpack_from(_SCALAR[kind], buf, offset)[0], offset + struct.calcsize(
+            _SCALAR[kind]
+        )
+    item, count = struct.unpack_from("<IQ", buf, offset)
+    offset += 12
+    item = GGUFValueType(item)
+    if item in _SCALAR:  # numeric arrays in one read
+        fmt = _SCALAR[item]
+        end = offset + count * struct.calcsize(fmt)
+        return list(struct.unpack_from(f"<{count}{fmt[1]}", buf, offset)), end
+    values = []
+    for _ in range(count):
+        value, offset = _gguf_value(buf, offset, item)
+        values.append(value)
+    return values, offset
+
+
+def _reader_metadata(reader: object) -> dict[str, object]:
+    fields = reader.fields  # type: ignore[attr-defined]
+    return {k: f.contents() for k, f in fields.items() if k.startswith("tokenizer.")}
 
 
 class Tokenizer:
@@ -119,20 +176,17 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, reader: object | None = None) -> Tokenizer:
         """Build from a GGUF's tokenizer metadata; pass `reader` to reuse an open GGUFReader."""
-        if reader is None:
-            from gguf import GGUFReader
-
-            reader = GGUFReader(str(path))
-        kind = _field(reader, "tokenizer.ggml.model")
+        meta = read_gguf_metadata(path) if reader is None else _reader_metadata(reader)
+        kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise ValueError(
                 f"GGUF tokenizer model {kind!r} is not supported: only byte-level BPE ('gpt2')"
             )
-        tokens: list[str] = _field(reader, "tokenizer.ggml.tokens")  # type: ignore[assignment]
-        merges: list[str] = _field(reader, "tokenizer.ggml.merges") or []  # type: ignore[assignment]
-        types: list[int] = _field(reader, "tokenizer.ggml.token_type")  # type: ignore[assignment]
+        tokens: list[str] = meta.get("tokenizer.ggml.tokens")  # type: ignore[assignment]
+        merges: list[str] = meta.get("tokenizer.ggml.merges") or []  # type: ignore[assignment]
+        types: list[int] = meta.get("tokenizer.ggml.token_type")  # type: ignore[assignment]
         types = types or [TOKEN_NORMAL] * len(tokens)
-        pre: str | None = _field(reader, "tokenizer.ggml.pre")  # type: ignore[assignment]
+        pre: str | None = meta.get("tokenizer.ggml.pre")  # type: ignore[assignment]
 
         vocab = {_spell_bytes(t): i for i, t in enumerate(tokens)}
         pairs = [tuple(m.split(" ")) for m in merges]
@@ -163,18 +217,18 @@ class Tokenizer:
         ])  # fmt: skip
 
         def token_id(key: str) -> int | None:
-            value = _field(reader, f"tokenizer.ggml.{key}")
+            value = meta.get(f"tokenizer.ggml.{key}")
             return None if value is None else int(value)  # type: ignore[arg-type]
 
         bos, eos = token_id("bos_token_id"), token_id("eos_token_id")
         unk, pad = token_id("unknown_token_id"), token_id("padding_token_id")
         _set_post_processor(
-            backend, tokens, bos if _field(reader, "tokenizer.ggml.add_bos_token") else None,
-            eos if _field(reader, "tokenizer.ggml.add_eos_token") else None,
+            backend, tokens, bos if meta.get("tokenizer.ggml.add_bos_token") else None,
+            eos if meta.get("tokenizer.ggml.add_eos_token") else None,
         )  # fmt: skip
         names = {"bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": pad}
         special = {k: tokens[v] for k, v in names.items() if v is not None and v < len(tokens)}
-        template: str | None = _field(reader, "tokenizer.chat_template")  # type: ignore[assignment]
+        template: str | None = meta.get("tokenizer.chat_template")  # type: ignore[assignment]
         log.debug("tokenizer.gguf", path=str(path), vocab=len(tokens), pre=pre)
         return cls(backend, bos, eos, template, special)
 

