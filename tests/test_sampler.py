@@ -7,9 +7,17 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmasos.proto import common_pb2
-from llmasos.services.inference.sampler import SamplingParams, apply_penalties, sample
+from llmasos.services.inference import sampler
+from llmasos.services.inference.sampler import (
+    SamplingParams,
+    apply_penalties,
+    filter_thresholds,
+    sample,
+)
 
 VOCAB = 49152
 P4 = torch.tensor([0.5, 0.3, 0.15, 0.05])  # a small distribution whose cuts are easy to reason on
@@ -240,3 +248,30 @@ def test_from_proto_honours_presence() -> None:
     assert round_trip.stop == VALID.stop and round_trip.seed == VALID.seed
     assert round_trip.top_k == VALID.top_k and round_trip.max_tokens == VALID.max_tokens
     assert round_trip.temperature == pytest.approx(VALID.temperature)  # proto floats are fp32
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    vocab=st.sampled_from([300, 5000]),
+    sharpness=st.sampled_from([0.01, 1.0, 4.0]),
+    filters=st.lists(
+        st.tuples(
+            st.sampled_from([0, 1, 10, 200, 299, 1000, 4500]),
+            st.sampled_from([1.0, 0.5, 0.9, 0.999]),
+            st.sampled_from([0.0, 0.001, 0.3]),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_prefix_windows_give_the_full_sort_thresholds(vocab, sharpness, filters, seed) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(len(filters), vocab, generator=gen) * sharpness, dim=-1)
+    params = [SamplingParams(temperature=1.0, top_k=k, top_p=p, min_p=m) for k, p, m in filters]
+    windowed = filter_thresholds(probs, params)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sampler, "TOP_P_WINDOWS", ())
+        for row in range(len(filters)):
+            full = filter_thresholds(probs[row : row + 1], params[row : row + 1])
+            assert windowed[row].item() == full.item(), params[row]

@@ -1,8 +1,8 @@
 """Choosing the next token: penalties, temperature, top-k, top-p, min-p, seeded draws.
 
 One call samples a whole batch. Every row goes through the same vectorised tensor ops; the only
-per-row Python work is drawing the noise of seeded rows, each from its own generator, so that a
-seeded row's draw depends only on (seed, step) and never on the batch it sits in.
+per-row Python work is one uniform draw per seeded row from its own generator, so that a seeded
+row's draw depends only on (seed, step) and never on the batch it sits in.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
 MAX_TOKENS = 65536
 UINT64_MAX = 2**64 - 1
-TOP_P_WINDOW = 1024  # candidates a top-p row looks at before falling back to a full sort
+TOP_P_WINDOWS = (256, 4096)  # prefix widths tried before a full sort of the vocabulary
 
 
 @dataclass
@@ -177,46 +177,59 @@ def _needs_filter(p: SamplingParams, vocab: int) -> bool:
     return 0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0.0
 
 
-def _top_p_cutoff(
-    desc: torch.Tensor, top_p: torch.Tensor, total: torch.Tensor
+def _prefix_thresholds(
+    desc: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, vocab: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smallest kept probability per row, and whether `desc` (a sorted prefix) held the cut."""
-    before = desc.cumsum(dim=-1) - desc
-    kept = (before < top_p * total).sum(dim=-1, keepdim=True).clamp(min=1)
-    cutoff = desc.gather(1, kept - 1)
-    complete = (kept < desc.shape[1]) | (before[:, -1:] + desc[:, -1:] >= top_p * total)
-    return cutoff, complete
+    """Thresholds [R, 1] from each row's largest probabilities `desc` (sorted, a prefix of the
+    row), and whether that prefix was long enough to hold the cut."""
+    width = desc.shape[1]
+    has_k = k < vocab
+    desc = desc.masked_fill(torch.arange(width, device=desc.device)[None, :] >= k, 0.0)
+    cum = desc.cumsum(dim=-1)  # sequential on the CPU, so a prefix sums the same at any width
+    last = k.clamp(max=width) - 1
+    # top-p is over the top-k renormalised; a softmax row already sums to one
+    total = torch.where(has_k, cum.gather(1, last), 1.0)
+    kept = ((cum - desc) < top_p * total).sum(dim=-1, keepdim=True).clamp(min=1)
+    cutoff = torch.where(top_p < 1.0, desc.gather(1, kept - 1), 0.0)
+    kth = torch.where(has_k, desc.gather(1, last), 0.0)
+    threshold = torch.maximum(torch.maximum(cutoff, kth), min_p * desc[:, :1])
+    nucleus_inside = (top_p >= 1.0) | (kept < width) | (cum[:, -1:] >= top_p * total)
+    complete = ((~has_k | (k <= width)) & nucleus_inside) | (width == vocab)
+    return threshold, complete.squeeze(1)
 
 
-def _thresholds(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+def filter_thresholds(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """The smallest probability each row keeps after top-k, then top-p, then min-p, [R, 1].
 
-    Works on a top-k prefix, never a full sort of the vocabulary (12 ms a row on these CPUs),
-    unless a top-p row's nucleus is wider than TOP_P_WINDOW. Ties at a threshold are all kept.
+    Looks at a fixed-width top-k prefix first and widens only the rows whose cut lies beyond it
+    (a full sort of the vocabulary costs ~12 ms a row on these CPUs). The widths never depend on
+    the other rows, so neither does the result. Ties at a threshold are all kept.
     """
-    vocab = probs.shape[1]
+    rows, vocab = probs.shape
     device = probs.device
-    k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
-    width = max(k_i if k_i < vocab else (TOP_P_WINDOW if p.top_p < 1 else 1)
-                for k_i, p in zip(k, params, strict=True))  # fmt: skip
-    desc = probs.topk(min(width, vocab), dim=-1).values
-    ranks = torch.arange(desc.shape[1], device=device)[None, :]
-    k_t = torch.tensor(k, device=device)[:, None]
-    has_k = k_t < vocab
-    desc = desc.masked_fill(ranks >= k_t, 0.0)
-    # top-p is over the top-k renormalised; a softmax row already sums to one
-    total = torch.where(has_k, desc.sum(dim=-1, keepdim=True), 1.0)
-    cutoff, complete = _top_p_cutoff(desc, top_p, total)
-    short = (~complete & (top_p < 1.0)).squeeze(1).nonzero().squeeze(1)
-    if short.numel():  # nucleus wider than the window: sort those rows in full
-        full = probs[short].sort(dim=-1, descending=True).values
-        cutoff[short] = _top_p_cutoff(full, top_p[short], total[short])[0]
-    threshold = torch.where(top_p < 1.0, cutoff, 0.0)
-    kth = desc.gather(1, (k_t.clamp(max=desc.shape[1]) - 1))
-    threshold = torch.maximum(threshold, torch.where(has_k, kth, 0.0))
-    min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
-    return torch.maximum(threshold, min_p * desc[:, :1])
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, device=device)[:, None]
+
+    k = column([p.top_k if 0 < p.top_k < vocab else vocab for p in params]).long()
+    top_p = column([p.top_p for p in params])
+    min_p = column([p.min_p for p in params])
+    threshold = torch.zeros(rows, 1, device=device)
+    pending = torch.arange(rows, device=device)
+    for width in [w for w in TOP_P_WINDOWS if w < vocab] + [vocab]:
+        sub = probs if len(pending) == rows else probs[pending]
+        if width < vocab:
+            desc = sub.topk(width, dim=-1).values
+        else:
+            desc = sub.sort(dim=-1, descending=True).values
+        found, complete = _prefix_thresholds(
+            desc, k[pending], top_p[pending], min_p[pending], vocab
+        )
+        threshold[pending] = found
+        pending = pending[~complete]
+        if not len(pending):
+            break
+    return threshold
 
 
 def _draw(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> torch.Tensor:
@@ -233,10 +246,10 @@ def _draw(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) 
     if filtered:
         threshold = torch.zeros(len(params), 1, device=device)
         if len(filtered) == len(params):
-            threshold = _thresholds(probs, params)
+            threshold = filter_thresholds(probs, params)
         else:
             rows = torch.tensor(filtered, device=device)
-            threshold[rows] = _thresholds(probs[rows], [params[b] for b in filtered])
+            threshold[rows] = filter_thresholds(probs[rows], [params[b] for b in filtered])
         probs = probs.masked_fill_(probs < threshold, 0.0)
     # inverse CDF: one uniform per row, so a seeded row costs one draw, not one per token
     cdf = probs.cumsum(dim=-1)
