@@ -99,13 +99,22 @@ def test_eos_flushes_held_back_text(tok: Tokenizer) -> None:
     assert stopped and text == "STOP" and out.text == "go STOP"
 
 
-def test_max_tokens_finishes_with_length(tok: Tokenizer) -> None:
-    ids = tok.encode("one two three four five six")
-    out = SequenceOutput(tok, SamplingParams(max_tokens=3, stop=["fourteen"]), EOS)
-    steps = run(out, ids)
-    assert len(steps) == 3 and steps[-1][1] and out.finish_reason == FINISH_LENGTH
-    assert out.text == tok.decode(ids[:3])
-    assert out.append(ids[3]) == ("", True)  # nothing after the end
+def test_max_tokens_finishes_with_length_and_flushes(tok: Tokenizer) -> None:
+    ids = tok.encode("one two fo")
+    out = SequenceOutput(tok, SamplingParams(max_tokens=len(ids), stop=["four"]), EOS)
+    texts = [out.append(i) for i in ids]
+    assert texts[-1] == (" fo", False)  # held back as a possible "four", flushed at the end
+    assert out.finish_reason == FINISH_LENGTH and not out.stopped
+    assert out.text == "one two fo"
+    assert out.append(ids[0]) == ("", False) and out.token_ids == ids  # nothing after the end
+
+
+def test_ignore_eos_keeps_going_but_honours_stop_ids(tok: Tokenizer) -> None:
+    stop = tok.encode("!")
+    out = SequenceOutput(tok, SamplingParams(ignore_eos=True, stop_token_ids=stop), EOS)
+    steps = [out.append(i) for i in [*tok.encode("a"), EOS[0], EOS[1], *tok.encode("b")]]
+    assert [stopped for _, stopped in steps] == [False] * 4 and out.text == "ab"
+    assert out.append(stop[0]) == ("", True) and out.stopped_by == stop[0]
 
 
 def test_split_characters_are_never_broken(tok: Tokenizer) -> None:

@@ -238,9 +238,12 @@ def test_from_proto_honours_presence() -> None:
     empty = SamplingParams.from_proto(common_pb2.SamplingParams())
     assert empty == SamplingParams()
     # explicit zeros are not "unset": top_p=0 must reach validation and fail there
-    msg = common_pb2.SamplingParams(top_p=0.0, seed=0, temperature=0.5, stop=["END"])
+    msg = common_pb2.SamplingParams(
+        top_p=0.0, seed=0, temperature=0.5, stop=["END"], ignore_eos=True
+    )
     params = SamplingParams.from_proto(msg)
     assert params.top_p == 0.0 and params.seed == 0 and params.temperature == 0.5
+    assert params.ignore_eos and not empty.ignore_eos
     assert params.max_tokens == 256 and params.stop == ["END"]
     with pytest.raises(ValueError, match="top_p"):
         params.validate(VOCAB)

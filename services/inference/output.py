@@ -26,7 +26,8 @@ class SequenceOutput:
         skip_special_tokens: bool = True,
     ) -> None:
         self.params = params
-        self.stop_ids = frozenset(eos_token_ids) | frozenset(params.stop_token_ids)
+        eos = frozenset() if params.ignore_eos else frozenset(eos_token_ids)
+        self.stop_ids = eos | frozenset(params.stop_token_ids)
         self.token_ids: list[int] = []
         self.text = ""  # everything emitted so far
         self.finish_reason: str | None = None
@@ -40,10 +41,19 @@ class SequenceOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def stopped(self) -> bool:
+        """Ended by a stop id, an end-of-sequence id or a stop string (not by length)."""
+        return self.finish_reason == FINISH_STOP
+
     def append(self, token_id: int) -> tuple[str, bool]:
-        """Take the next generated id; return the new text to emit and whether it stopped."""
+        """Take the next generated id; return the new text to emit and whether it stopped.
+
+        At max_tokens the held-back text is flushed and finish_reason becomes "length", but the
+        flag stays False: reaching the length is not a stop, and the kernel counts it itself.
+        """
         if self.finished:
-            return "", True
+            return "", self.stopped
         self.token_ids.append(token_id)
         if token_id in self.stop_ids:
             self.stopped_by = token_id
@@ -51,7 +61,7 @@ class SequenceOutput:
         text = self._scan(self._detok.push(token_id))
         if not self.finished and len(self.token_ids) >= self.params.max_tokens:
             text += self.finish(FINISH_LENGTH)
-        return text, self.finished
+        return text, self.stopped
 
     def finish(self, reason: str = FINISH_LENGTH) -> str:
         """End the sequence now and return the text still held back (none after a stop string)."""

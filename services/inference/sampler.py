@@ -36,6 +36,7 @@ class SamplingParams:
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False  # keep going past end-of-sequence ids (fixed-length benchmarks)
 
     @property
     def greedy(self) -> bool:
@@ -79,10 +80,17 @@ class SamplingParams:
             name: getattr(msg, name) if msg.HasField(name) else getattr(default, name)
             for name in _OPTIONAL_FIELDS
         }
-        return cls(**values, stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids))
+        return cls(
+            **values,
+            stop=list(msg.stop),
+            stop_token_ids=list(msg.stop_token_ids),
+            ignore_eos=msg.ignore_eos,
+        )
 
     def to_proto(self) -> common_pb2.SamplingParams:
-        msg = common_pb2.SamplingParams(stop=self.stop, stop_token_ids=self.stop_token_ids)
+        msg = common_pb2.SamplingParams(
+            stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos
+        )
         for name in _OPTIONAL_FIELDS:
             value = getattr(self, name)
             if value is not None:
