@@ -138,6 +138,8 @@ def test_chat_template_helpers_and_sandbox() -> None:
     escaping = ChatTemplate("{{ messages[0].__class__.__mro__ }}")
     with pytest.raises(jinja2.exceptions.SecurityError):
         escaping.render([{"role": "user", "content": "x"}])
+    marked = ChatTemplate("{% generation %}{{ messages[0]['content'] }}{% endgeneration %}!")
+    assert marked.render([{"role": "assistant", "content": "ok"}]) == "ok!"
     # tojson does not HTML-escape, and special tokens reach the template
     tmpl = ChatTemplate("{{ bos_token }}{{ messages | tojson }}", {"bos_token": "<s>"})
     assert tmpl.render([{"role": "user", "content": "<b>&é"}]) == (
