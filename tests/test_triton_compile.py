@@ -23,6 +23,7 @@ from llmasos.drivers.cuda.backend import kernels_for  # noqa: E402
 from llmasos.drivers.cuda.quant_matmul import choose_config  # noqa: E402
 from llmasos.drivers.cuda.specs import (  # noqa: E402
     DTYPES,
+    MATMUL_MS,
     SM90_SHARED_BYTES,
     KernelSpec,
     all_specs,
@@ -45,7 +46,7 @@ def test_specs_cover_every_matmul_config_the_dispatch_picks():
     assert len(names) == len(SPECS)
     for dtype in DTYPES:
         picked = {choose_config(m, dtype) for m in (1, 4, 16, 17, 64, 1024, 8192)}
-        compiled = {choose_config(m, dtype) for m in (1, 1024)}
+        compiled = {choose_config(m, dtype) for m in MATMUL_MS}
         assert picked == compiled
 
 

@@ -6,7 +6,7 @@ bytes. Small M (decode) uses 16-row tiles and split-K to fill the SMs; large M u
 """
 
 # Triton kernel arguments are untyped and constexprs are upper case by convention.
-# ruff: noqa: ANN001, N803
+# ruff: noqa: ANN001, N803, N806
 
 from __future__ import annotations
 
@@ -33,28 +33,49 @@ def _f16_at(byte_ptr, off):
 
 
 @triton.jit
-def _weight_tile(w_ptr, s_ptr, z_ptr, offs_k, offs_n, stride_wn, stride_sn,
-                 FMT: tl.constexpr, GROUP: tl.constexpr):
-    """W.T[offs_k, offs_n] as fp32 (int8: unscaled). Callers clamp offsets in range."""
-    k = offs_k[:, None]
-    n = offs_n[None, :].to(tl.int64)
+def _nibbles(b, AXIS: tl.constexpr):
+    """Split bytes into (low, high) nibbles stacked along AXIS: [.., n, ..] -> [.., 2n, ..]."""
+    pair = tl.join(b & 0xF, b >> 4)  # the pair is the last axis
+    if AXIS == 0:  # [n, BN, 2] -> [n, 2, BN]: byte i gives k = 2i, 2i+1
+        q = tl.permute(pair, (0, 2, 1))
+        return tl.reshape(q, (2 * q.shape[0], q.shape[2]))
+    else:  # [nb, 16, BN, 2] -> [nb, 2, 16, BN]: byte j gives k = j, j + 16
+        q = tl.permute(pair, (0, 3, 1, 2))
+        return tl.reshape(q, (q.shape[0], 2 * q.shape[2], q.shape[3]))
+
+
+@triton.jit
+def _weight_tile(w_ptr, s_ptr, z_ptr, k0, K, offs_n, stride_wn, stride_sn,
+                 FMT: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """W.T[k0 : k0 + BLOCK_K, offs_n] as fp32 (int8: unscaled). Past K: finite junk."""
+    row = w_ptr + offs_n.to(tl.int64) * stride_wn
     if FMT == 0:
-        w = tl.load(w_ptr + n * stride_wn + k).to(tl.float32)
+        k = tl.minimum(k0 + tl.arange(0, BLOCK_K), K - 1)
+        w = tl.load(row[None, :] + k[:, None]).to(tl.float32)
     elif FMT == 1:
-        byte = tl.load(w_ptr + n * stride_wn + k // 2)
-        q = ((byte >> ((k % 2) * 4).to(tl.uint8)) & 0xF).to(tl.float32)
-        g = n * stride_sn + k // GROUP
-        w = q * tl.load(s_ptr + g).to(tl.float32) + tl.load(z_ptr + g).to(tl.float32)
-    elif FMT == 2:
-        blk = w_ptr + n * stride_wn + (k // 32) * 34
-        q = tl.load(blk + 2 + k % 32).to(tl.int8, bitcast=True).to(tl.float32)
-        w = q * _f16_at(blk, 0)
+        kb = tl.minimum(k0 // 2 + tl.arange(0, BLOCK_K // 2), K // 2 - 1)
+        q = _nibbles(tl.load(row[None, :] + kb[:, None]), 0).to(tl.float32)
+        NG: tl.constexpr = max(BLOCK_K // GROUP, 1)  # groups per tile
+        g = tl.minimum((k0 + tl.arange(0, NG) * (BLOCK_K // NG)) // GROUP, K // GROUP - 1)
+        sz = offs_n.to(tl.int64)[None, :] * stride_sn + g[:, None]
+        s = tl.load(s_ptr + sz).to(tl.float32)[:, None, :]
+        z = tl.load(z_ptr + sz).to(tl.float32)[:, None, :]
+        w = tl.reshape(tl.reshape(q, (NG, BLOCK_K // NG, BLOCK_N)) * s + z, (BLOCK_K, BLOCK_N))
     else:
-        blk = w_ptr + n * stride_wn + (k // 32) * 20
-        j = k % 32
-        byte = tl.load(blk + 4 + j % 16)
-        q = ((byte >> ((j // 16) * 4).to(tl.uint8)) & 0xF).to(tl.float32)
-        w = q * _f16_at(blk, 0) + _f16_at(blk, 2)
+        NB: tl.constexpr = BLOCK_K // 32  # GGUF blocks per tile
+        bi = tl.minimum(k0 // 32 + tl.arange(0, NB), K // 32 - 1)
+        if FMT == 2:
+            blk = row[None, :] + bi[:, None] * 34
+            q = tl.load(blk[:, None, :] + 2 + tl.arange(0, 32)[None, :, None])
+            q = q.to(tl.int8, bitcast=True).to(tl.float32)
+            w = q * _f16_at(blk, 0)[:, None, :]
+        else:
+            blk = row[None, :] + bi[:, None] * 20
+            b = tl.load(blk[:, None, :] + 4 + tl.arange(0, 16)[None, :, None])
+            q = _nibbles(b, 1).to(tl.float32)
+            w = q * _f16_at(blk, 0)[:, None, :] + _f16_at(blk, 2)[:, None, :]
+        w = tl.reshape(w, (BLOCK_K, BLOCK_N))
     return w
 
 
@@ -83,8 +104,8 @@ def _qmm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_hi
         x = tl.load(x_row + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = _weight_tile(w_ptr, s_ptr, z_ptr, tl.minimum(offs_k, K - 1), n_safe,
-                         stride_wn, stride_sn, FMT, GROUP)
+        w = _weight_tile(w_ptr, s_ptr, z_ptr, k0, K, n_safe, stride_wn, stride_sn,
+                         FMT, GROUP, BLOCK_K, BLOCK_N)
         w = tl.where(k_mask[:, None], w, 0.0)
         acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
     if FMT == 0:
@@ -102,21 +123,25 @@ class MatmulConfig:
     num_stages: int
 
 
-SMALL_CONFIG = MatmulConfig(16, 64, 128, 4, 3)
-LARGE_CONFIG = MatmulConfig(64, 128, 64, 8, 3)
-LARGE_CONFIG_FP32 = MatmulConfig(64, 64, 32, 4, 2)  # fp32 tiles are twice the bytes
+# BLOCK_K is a multiple of 32 (one GGUF block) and of every int4 group or a divisor of it
+SMALL_CONFIG = MatmulConfig(16, 32, 128, 4, 4)  # narrow N tiles: N/32 programs stream W
+MEDIUM_CONFIG = MatmulConfig(64, 64, 64, 4, 3)
+LARGE_CONFIG = MatmulConfig(128, 128, 64, 8, 3)
+FP32_CONFIG = MatmulConfig(64, 64, 32, 4, 2)  # fp32 tiles are twice the bytes
 
 
 def choose_config(m: int, dtype: torch.dtype) -> MatmulConfig:
     if m <= SMALL_M:
         return SMALL_CONFIG
-    return LARGE_CONFIG_FP32 if dtype == torch.float32 else LARGE_CONFIG
+    if dtype == torch.float32:
+        return FP32_CONFIG
+    return MEDIUM_CONFIG if m <= 64 else LARGE_CONFIG
 
 
 def choose_split_k(tiles: int, k: int, cfg: MatmulConfig, sms: int) -> int:
-    """Split K until the grid fills the SMs, keeping at least 4 K tiles per split."""
+    """Split K while under half the SMs have a program, keeping >= 4 K tiles per split."""
     split = 1
-    while tiles * split < sms and k // (cfg.block_k * split * 2) >= 4:
+    while 2 * tiles * split <= sms and k // (cfg.block_k * split * 2) >= 4:
         split *= 2
     return split
 

@@ -29,6 +29,7 @@ FLOAT_ARGS = {"qk_scale"}
 # (block_size, kv_heads, group, head_dim): SmolLM2; GQA 8 at head dim 128 (Llama-3-8B-like).
 # GROUP only changes address arithmetic; ratios 1/3/8 all run in the interpreter tests.
 MODEL_SHAPES = ((16, 3, 3, 64), (16, 8, 8, 128))
+MATMUL_MS = (1, 64, 1024)  # one M per config choose_config can return
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,12 @@ def _matmul_specs(dtype: torch.dtype) -> Iterator[KernelSpec]:
     weights += [("int4", g, "*u8", "*fp16") for g in (32, 64, 128)]
     for fmt, group, wt, st in weights:
         qw = QuantWeight(fmt, 0, 0, torch.empty(0), group_size=group)
-        for m in (1, 1024):
-            cfg = qmm.choose_config(m, dtype)
-            for out in {t, "*fp32"} if m == 1 else {t}:  # split-K writes fp32 partials
+        for cfg in dict.fromkeys(qmm.choose_config(m, dtype) for m in MATMUL_MS):
+            small = cfg == qmm.SMALL_CONFIG
+            for out in {t, "*fp32"} if small else {t}:  # split-K writes fp32 partials
                 yield KernelSpec(
-                    f"qmm-{fmt}{group or ''}-{TRITON_TYPE[dtype]}-m{m}-{out[1:]}", qmm._qmm_kernel,
-                    dict(x_ptr=t, w_ptr=wt, s_ptr=st, z_ptr=st, y_ptr=out),
+                    f"qmm-{fmt}{group or ''}-{TRITON_TYPE[dtype]}-bm{cfg.block_m}-{out[1:]}",
+                    qmm._qmm_kernel, dict(x_ptr=t, w_ptr=wt, s_ptr=st, z_ptr=st, y_ptr=out),
                     qmm.kernel_meta(qw, cfg, dtype), cfg.num_warps, cfg.num_stages)
 
 
