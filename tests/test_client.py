@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -278,4 +279,20 @@ def test_abandoned_stream_kills_the_job(gen_system):
         next(stream)
         pid = max(p.pid for p in c.ps())
         stream.close()
+        assert c.wait(pid, timeout=60).reason == "killed"
+
+
+def test_ctrl_c_while_waiting_kills_the_job(gen_system):
+    code = ("from llmasos import LLMClient\n"
+            "p = LLMClient('smollm2-135m').spawn('Tell me a long story.', max_tokens=4000)\n"
+            "print(p.pid, flush=True)\n"
+            "p.wait()\n")
+    env = {**os.environ, "LLMASOS_ADDR": gen_system.address, "LLMASOS_TOKEN": gen_system.root_token}
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             stderr=subprocess.PIPE, env=env)
+    pid = int(child.stdout.readline())
+    time.sleep(1.0)
+    child.send_signal(signal.SIGINT)
+    assert child.wait(30) != 0 and "KeyboardInterrupt" in child.stderr.read()
+    with LLMClient(address=gen_system.address, token=gen_system.root_token) as c:
         assert c.wait(pid, timeout=60).reason == "killed"
