@@ -13,13 +13,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-WORDS = ("the of and to in is was for on that with as by at from his her it an were are "
-         "which this be or had not but what all when there can more one their if out so up "
-         "time people year way day man thing woman life child world school state family "
-         "student group country problem hand part place case week company system program "
-         "question work government number night point home water room mother area money "
-         "story fact month lot right study book eye job word business issue side kind head "
-         "house service friend father power hour game line end member law car city name").split()
+_TEXT = """the of and to in is was for on that with as by at from his her it an were are which
+this be or had not but what all when there can more one their if out so up time people year way
+day man thing woman life child world school state family student group country problem hand
+part place case week company system program question work government number night point home
+water room mother area money story fact month lot right study book eye job word business issue
+side kind head house service friend father power hour game line end member law car city name"""
+WORDS = tuple(_TEXT.split())
 
 
 @dataclass
