@@ -75,10 +75,15 @@ def from_hf_config(cfg: dict[str, Any]) -> ModelConfig:
     spec = arch_spec(arch)
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
-    scaling = cfg.get("rope_scaling")
+    # transformers v5 writes rope_parameters (theta inside); v4 wrote rope_theta + rope_scaling
+    rope = dict(cfg.get("rope_parameters") or {})
+    theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    scaling = cfg.get("rope_scaling") or rope or None
     if scaling is not None:
         scaling = dict(scaling)
         scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
+        if scaling["rope_type"] == "default":
+            scaling = None
     return ModelConfig(
         architecture=arch,
         vocab_size=int(cfg["vocab_size"]),
@@ -88,7 +93,7 @@ def from_hf_config(cfg: dict[str, Any]) -> ModelConfig:
         num_heads=heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
         head_dim=int(cfg.get("head_dim") or hidden // heads),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_theta=theta,
         rope_scaling=scaling,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
