@@ -169,7 +169,7 @@ def bench_prefill(cases, dtype, device, timeit) -> list[dict]:
 
 def bench_matmul(shapes, ms, device, timeit) -> list[dict]:
     from llmasos.drivers.cuda.quant import linear_ref, quantize
-    from llmasos.drivers.cuda.quant_matmul import quant_linear
+    from llmasos.drivers.cuda.quant_matmul import SMALL_CONFIG, quant_linear
 
     act = torch.bfloat16 if device == "cuda" else torch.float16  # interpreter: no bf16 dot
     out = []
@@ -189,6 +189,10 @@ def bench_matmul(shapes, ms, device, timeit) -> list[dict]:
                 row[f"{fmt}_us"] = round(t * 1e6, 1)
                 row[f"{fmt}_speedup"] = round(t_base / t, 2)
                 row[f"{fmt}_rel_err"] = float(f"{rel:.2e}")
+            if m == 1:  # the 16-row tl.dot path M = 2..16 takes, beside the GEMV M = 1 takes
+                for fmt in ("int8", "int4"):
+                    t = timeit(partial(quant_linear, x, quants[fmt], config=SMALL_CONFIG))
+                    row[f"{fmt}_dotpath_speedup"] = round(t_base / t, 2)
             print("matmul", row)
             out.append(row)
     return out

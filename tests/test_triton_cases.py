@@ -25,7 +25,12 @@ from llmasos.drivers.cuda.decode_attention import decode_attention  # noqa: E402
 from llmasos.drivers.cuda.kv_write import write_kv  # noqa: E402
 from llmasos.drivers.cuda.prefill_attention import prefill_attention  # noqa: E402
 from llmasos.drivers.cuda.quant import dequantize, from_gguf, linear_ref, quantize  # noqa: E402
-from llmasos.drivers.cuda.quant_matmul import LARGE_CONFIG, SMALL_CONFIG, quant_linear  # noqa: E402
+from llmasos.drivers.cuda.quant_matmul import (  # noqa: E402
+    GEMV_CONFIG,
+    LARGE_CONFIG,
+    SMALL_CONFIG,
+    quant_linear,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the interpreter's numpy
 
@@ -225,6 +230,7 @@ def test_quant_linear_split_k_and_forced_configs(weights, fmt, group):
     want = linear_ref(x, qw)
     mm_close(quant_linear(x, qw, split_k=3), want, torch.float16)
     mm_close(quant_linear(x, qw, config=LARGE_CONFIG), want, torch.float16)
+    mm_close(quant_linear(x, qw, config=GEMV_CONFIG, split_k=2), want, torch.float16)
     x = torch.randn(40, K_IN, device=DEVICE, dtype=torch.float16)
     mm_close(quant_linear(x, qw, config=SMALL_CONFIG, split_k=2), linear_ref(x, qw),
              torch.float16)

@@ -45,7 +45,7 @@ def test_specs_cover_every_matmul_config_the_dispatch_picks():
     names = {s.name for s in SPECS}
     assert len(names) == len(SPECS)
     for dtype in DTYPES:
-        picked = {choose_config(m, dtype) for m in (1, 4, 16, 17, 64, 1024, 8192)}
+        picked = {choose_config(m, dtype) for m in (1, 2, 4, 16, 17, 64, 65, 1024, 8192)}
         compiled = {choose_config(m, dtype) for m in MATMUL_MS}
         assert picked == compiled
 

@@ -1,8 +1,9 @@
-"""Weight-only quantized matmul y = x @ W.T, one kernel for the four layouts in quant.py.
+"""Weight-only quantized matmul y = x @ W.T for the four layouts in quant.py.
 
-Each K tile of W is dequantized in registers to x's dtype and fed to tl.dot (fp32 accumulate);
-int8's per-channel scale is applied once at the end. GGUF Q8_0/Q4_1 are read as the file's
-bytes. Small M (decode) uses 16-row tiles and split-K to fill the SMs; large M uses big tiles.
+Each K tile of W is dequantized in registers (whole int4 groups / GGUF blocks at a time) and
+fed to tl.dot in x's dtype with fp32 accumulation; int8's per-channel scale is applied once at
+the end. GGUF Q8_0/Q4_1 are read as the file's bytes. M = 1 takes a GEMV kernel without
+tl.dot; small M (decode batches) 16-row tiles; both split K to fill the SMs; large M big tiles.
 """
 
 # Triton kernel arguments are untyped and constexprs are upper case by convention.
@@ -114,6 +115,39 @@ def _qmm_kernel(
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n < N)[None, :])
 
 
+@triton.jit
+def _qgemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, k_per_split,
+    stride_xm, stride_wn, stride_sn, stride_ym, stride_ys,
+    FMT: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One row of x per program, no tl.dot: products pile up in a [BLOCK_K, BLOCK_N] register
+    tile and are reduced once at the end, so the loop is loads, dequant and FMAs only."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    row = pid // tiles_n
+    offs_n = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_safe = tl.minimum(offs_n, N - 1)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    acc = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+        w = _weight_tile(w_ptr, s_ptr, z_ptr, k0, K, n_safe, stride_wn, stride_sn,
+                         FMT, GROUP, BLOCK_K, BLOCK_N)
+        acc += w * x[:, None]  # past K: x is 0 and w is finite (clamped loads)
+    y = tl.sum(acc, 0)
+    if FMT == 0:
+        y *= tl.load(s_ptr + n_safe).to(tl.float32)
+    out = y_ptr + split * stride_ys + row.to(tl.int64) * stride_ym + offs_n
+    tl.store(out, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+
 @dataclass(frozen=True)
 class MatmulConfig:
     block_m: int
@@ -123,7 +157,9 @@ class MatmulConfig:
     num_stages: int
 
 
-# BLOCK_K is a multiple of 32 (one GGUF block) and of every int4 group or a divisor of it
+# BLOCK_K is a multiple of 32 (one GGUF block) and of every int4 group or a divisor of it.
+# block_m == 1 selects the GEMV kernel (M = 1: decode of one sequence).
+GEMV_CONFIG = MatmulConfig(1, 16, 256, 4, 4)
 SMALL_CONFIG = MatmulConfig(16, 32, 128, 4, 4)  # narrow N tiles: N/32 programs stream W
 MEDIUM_CONFIG = MatmulConfig(64, 64, 64, 4, 3)
 LARGE_CONFIG = MatmulConfig(128, 128, 64, 8, 3)
@@ -131,6 +167,8 @@ FP32_CONFIG = MatmulConfig(64, 64, 32, 4, 2)  # fp32 tiles are twice the bytes
 
 
 def choose_config(m: int, dtype: torch.dtype) -> MatmulConfig:
+    if m == 1:
+        return GEMV_CONFIG
     if m <= SMALL_M:
         return SMALL_CONFIG
     if dtype == torch.float32:
@@ -160,6 +198,7 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, *, config: MatmulConfig | Non
         x2 = x2.contiguous()
     m, n = x2.shape[0], qw.out_features
     cfg = config or choose_config(m, x.dtype)
+    kernel = _qgemv_kernel if cfg.block_m == 1 else _qmm_kernel
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if split_k is None:
         split_k = choose_split_k(tiles, k, cfg, num_sms(x.device)) if m <= SMALL_M else 1
@@ -172,7 +211,7 @@ def quant_linear(x: torch.Tensor, qw: QuantWeight, *, config: MatmulConfig | Non
     scale = qw.scale if qw.scale is not None else qw.qweight
     offset = qw.offset if qw.offset is not None else scale
     if m > 0:
-        _qmm_kernel[(tiles, split_k)](
+        kernel[(tiles, split_k)](
             x2, qw.qweight, scale, offset, y, m, n, k, k_per_split,
             x2.stride(0), qw.qweight.stride(0), scale.stride(0) if qw.fmt == "int4" else 0,
             n, m * n,

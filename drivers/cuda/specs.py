@@ -29,7 +29,7 @@ FLOAT_ARGS = {"qk_scale"}
 # (block_size, kv_heads, group, head_dim): SmolLM2; GQA 8 at head dim 128 (Llama-3-8B-like).
 # GROUP only changes address arithmetic; ratios 1/3/8 all run in the interpreter tests.
 MODEL_SHAPES = ((16, 3, 3, 64), (16, 8, 8, 128))
-MATMUL_MS = (1, 64, 1024)  # one M per config choose_config can return
+MATMUL_MS = (1, 16, 64, 1024)  # one M per config choose_config can return
 
 
 @dataclass(frozen=True)
@@ -90,11 +90,12 @@ def _matmul_specs(dtype: torch.dtype) -> Iterator[KernelSpec]:
     for fmt, group, wt, st in weights:
         qw = QuantWeight(fmt, 0, 0, torch.empty(0), group_size=group)
         for cfg in dict.fromkeys(qmm.choose_config(m, dtype) for m in MATMUL_MS):
-            small = cfg == qmm.SMALL_CONFIG
+            small = cfg.block_m <= qmm.SMALL_M
+            fn = qmm._qgemv_kernel if cfg.block_m == 1 else qmm._qmm_kernel
             for out in {t, "*fp32"} if small else {t}:  # split-K writes fp32 partials
                 yield KernelSpec(
                     f"qmm-{fmt}{group or ''}-{TRITON_TYPE[dtype]}-bm{cfg.block_m}-{out[1:]}",
-                    qmm._qmm_kernel, dict(x_ptr=t, w_ptr=wt, s_ptr=st, z_ptr=st, y_ptr=out),
+                    fn, dict(x_ptr=t, w_ptr=wt, s_ptr=st, z_ptr=st, y_ptr=out),
                     qmm.kernel_meta(qw, cfg, dtype), cfg.num_warps, cfg.num_stages)
 
 
