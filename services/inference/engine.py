@@ -1,0 +1,253 @@
+"""Engine: the inference service's core. Holds loaded models, their KV pools and per-sequence
+sampler state; runs one mixed prefill/decode batch per step() call. A plain class: tests and
+benches compose it in-process, the gRPC servicer only translates messages to it."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import structlog
+import torch
+
+from llmasos.drivers.loaders.cache import load_weights
+from llmasos.drivers.model.batch import SeqSlice, build_batch
+from llmasos.drivers.model.kv_pool import KVPool, PoolGeometry
+from llmasos.drivers.model.llama import LlamaModel
+from llmasos.drivers.tokenizer import Tokenizer
+from llmasos.services.inference.output import SequenceOutput
+from llmasos.services.inference.sampler import SamplingParams, sample
+
+log = structlog.get_logger()
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}  # bf16 matmul is ~30x slower on CPU
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    source: str  # the path it was loaded from
+    architecture: str
+    parameters: int
+    dtype: str
+    memory_bytes: int  # weights + KV pool
+    context_length: int
+    device: str
+    vocab_size: int
+
+
+@dataclass
+class StepEntry:
+    seq_id: int
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    sample: bool
+    params: SamplingParams = field(default_factory=SamplingParams)
+    generated_ids: list[int] | None = None
+    reset: bool = False
+
+
+@dataclass(frozen=True)
+class StepResult:
+    seq_id: int
+    token_id: int
+    logprob: float
+    sampled: bool
+    text: str
+    stopped: bool  # a stop token or stop string ended the sequence
+
+
+@dataclass
+class SeqState:
+    output: SequenceOutput
+    generated: list[int]
+
+
+@dataclass
+class Loaded:
+    entry: ModelEntry
+    model: LlamaModel
+    tokenizer: Tokenizer
+    pool: KVPool
+    seqs: dict[int, SeqState] = field(default_factory=dict)
+    swapped: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, state_dir: str, device: str = "cpu", block_size: int = 16,
+                 kv_budget_bytes: int = 256 << 20) -> None:
+        self.state_dir = state_dir
+        self.device = torch.device(device)
+        self.block_size = block_size
+        self.kv_budget_bytes = kv_budget_bytes
+        self._models: dict[str, Loaded] = {}
+        self._handles = itertools.count(1)
+        self._lock = threading.RLock()  # one step at a time per process: the pool is shared
+        self.last_compute_ms = 0.0
+
+    # ---- models ----
+
+    def load(self, name: str, path: str, dtype: str = "", kv_budget_bytes: int = 0) -> ModelEntry:
+        """Load a GGUF file or HF folder under name; raises FileNotFoundError, ValueError
+        (bad dtype, unsupported architecture, name taken) or KVBudgetError."""
+        if not name:
+            raise ValueError("model name must not be empty")
+        dtype_name = dtype or DEFAULT_DTYPE.get(self.device.type, "float32")
+        if dtype_name not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no such model file or folder: {path}")
+        with self._lock:
+            if name in self._models:
+                raise ValueError(f"model name {name!r} is already loaded")
+            t0 = time.perf_counter()
+            cfg, weights, kind = load_weights(path, self.state_dir)
+            tokenizer = Tokenizer.from_hf_dir(path) if kind == "safetensors" \
+                else Tokenizer.from_gguf(path)
+            torch_dtype = DTYPES[dtype_name]
+            model = LlamaModel(cfg, weights, torch_dtype, self.device)
+            del weights
+            pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                          kv_budget_bytes or self.kv_budget_bytes, self.block_size, torch_dtype,
+                          self.device)
+            params = model.num_parameters
+            elem = torch.empty((), dtype=torch_dtype).element_size()
+            entry = ModelEntry(
+                name=name, source=os.path.abspath(path), architecture=cfg.architecture,
+                parameters=params, dtype=str(torch_dtype).removeprefix("torch."),
+                memory_bytes=params * elem + pool.kv.numel() * elem,
+                context_length=cfg.max_position_embeddings, device=str(self.device),
+                vocab_size=cfg.vocab_size,
+            )
+            self._models[name] = Loaded(entry, model, tokenizer, pool)
+            log.info("model_loaded", name=name, path=path, seconds=time.perf_counter() - t0,
+                     blocks=pool.geometry.num_blocks, block_bytes=pool.geometry.block_bytes)
+            return entry
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            self._get(name)
+            del self._models[name]
+
+    def models(self) -> list[ModelEntry]:
+        return [m.entry for m in self._models.values()]
+
+    def _get(self, name: str) -> Loaded:
+        loaded = self._models.get(name)
+        if loaded is None:
+            raise KeyError(f"model {name!r} is not loaded")
+        return loaded
+
+    # ---- text ----
+
+    def tokenize(self, name: str, text: str | None = None,
+                 messages: list[dict[str, str]] | None = None) -> list[int]:
+        tok = self._get(name).tokenizer
+        if messages is not None:
+            return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+        return tok.encode(text or "")
+
+    def detokenize(self, name: str, ids: list[int]) -> str:
+        return self._get(name).tokenizer.decode(list(ids))
+
+    def eos_token_ids(self, name: str) -> list[int]:
+        return list(self._get(name).tokenizer.eos_token_ids)
+
+    def geometry(self, name: str) -> PoolGeometry:
+        return self._get(name).pool.geometry
+
+    # ---- the step ----
+
+    def step(self, name: str, entries: list[StepEntry]) -> list[StepResult]:
+        """Run one batch; one result per entry, in order."""
+        with self._lock:
+            m = self._get(name)
+            self._check(m, entries)
+            if not entries:
+                return []
+            t0 = time.perf_counter()
+            slices = [SeqSlice(list(e.token_ids), e.start_pos, list(e.block_table), e.sample)
+                      for e in entries]
+            batch = build_batch(slices, self.block_size,
+                                m.model.cfg.num_heads // m.model.cfg.num_kv_heads, self.device)
+            logits = m.model.forward(batch, m.pool)
+            results = [StepResult(e.seq_id, 0, 0.0, False, "", False) for e in entries]
+            if batch.sample_seqs:
+                results = self._sample(m, entries, batch.sample_seqs, logits, results)
+            self.last_compute_ms = (time.perf_counter() - t0) * 1000
+            return results
+
+    def _check(self, m: Loaded, entries: list[StepEntry]) -> None:
+        vocab = m.entry.vocab_size
+        seen: set[int] = set()
+        for e in entries:
+            if e.seq_id in seen:
+                raise ValueError(f"seq_id {e.seq_id} appears twice in one step")
+            seen.add(e.seq_id)
+            if not e.token_ids:
+                raise ValueError(f"token_ids of seq_id {e.seq_id} is empty")
+            if e.start_pos + len(e.token_ids) > m.entry.context_length:
+                raise ValueError(f"start_pos: seq_id {e.seq_id} runs past the context length "
+                                 f"{m.entry.context_length}")
+            if any(not 0 <= t < vocab for t in e.token_ids):
+                raise ValueError(f"token_ids: seq_id {e.seq_id} holds ids outside [0, {vocab})")
+            m.pool.check(e.block_table)
+            if e.sample:
+                e.params.validate(vocab)
+
+    def _state(self, m: Loaded, e: StepEntry) -> SeqState:
+        state = m.seqs.get(e.seq_id)
+        if state is None or e.reset:
+            generated = list(e.generated_ids or [])
+            output = SequenceOutput(m.tokenizer, e.params, m.tokenizer.eos_token_ids, generated)
+            state = m.seqs[e.seq_id] = SeqState(output, generated)
+        return state
+
+    def _sample(self, m: Loaded, entries: list[StepEntry], rows: list[int], logits: torch.Tensor,
+                results: list[StepResult]) -> list[StepResult]:
+        states = [self._state(m, entries[i]) for i in rows]
+        token_ids, logprobs = sample(logits, [entries[i].params for i in rows],
+                                     [s.generated for s in states],
+                                     [len(s.generated) for s in states])
+        for i, state, tok, lp in zip(rows, states, token_ids.tolist(), logprobs.tolist(),
+                                     strict=True):
+            state.generated.append(tok)
+            text, stopped = state.output.append(tok)
+            results[i] = StepResult(entries[i].seq_id, tok, lp, True, text, stopped)
+        return results
+
+    # ---- blocks ----
+
+    def copy_blocks(self, name: str, src: list[int], dst: list[int]) -> None:
+        with self._lock:
+            self._get(name).pool.copy_blocks(list(src), list(dst))
+
+    def swap_out(self, name: str, blocks: list[int]) -> int:
+        with self._lock:
+            m = self._get(name)
+            handle = next(self._handles)
+            m.swapped[handle] = m.pool.read_blocks(list(blocks))
+            return handle
+
+    def swap_in(self, name: str, handle: int, blocks: list[int]) -> None:
+        with self._lock:
+            m = self._get(name)
+            if handle not in m.swapped:
+                raise KeyError(f"no swap handle {handle}")
+            m.pool.write_blocks(list(blocks), m.swapped[handle])
+            del m.swapped[handle]
+
+    def release(self, name: str, seq_ids: list[int]) -> None:
+        with self._lock:
+            m = self._get(name)
+            for s in seq_ids:
+                m.seqs.pop(s, None)
