@@ -38,7 +38,7 @@ class ModelEntry:
     architecture: str
     parameters: int
     dtype: str
-    memory_bytes: int  # weights + KV pool
+    memory_bytes: int  # the weights on the device (the KV pool is reported by geometry)
     context_length: int
     device: str
     vocab_size: int
@@ -124,7 +124,7 @@ class Engine:
             entry = ModelEntry(
                 name=name, source=os.path.abspath(path), architecture=cfg.architecture,
                 parameters=params, dtype=str(torch_dtype).removeprefix("torch."),
-                memory_bytes=params * elem + pool.kv.numel() * elem,
+                memory_bytes=params * elem,
                 context_length=cfg.max_position_embeddings, device=str(self.device),
                 vocab_size=cfg.vocab_size,
             )
