@@ -56,8 +56,9 @@ def frame(snapshot: kernel_pb2.PsResponse, services: list[kernel_pb2.ServiceInfo
     used = kv.total_blocks - kv.free_blocks
     pct = 100.0 * used / kv.total_blocks if kv.total_blocks else 0.0
     lines = [
-        f"llm-top - {time.strftime('%H:%M:%S', time.localtime(now))}   jobs: {len(procs)} total, "
-        + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())),
+        f"llm-top - {time.strftime('%H:%M:%S', time.localtime(now))}   jobs: "
+        + ", ".join([f"{len(procs)} total"]
+                    + [f"{n} {s.lower()}" for s, n in sorted(states.items())]),
         f"tokens/s: {sum(rates.values()):.1f}   KV: {used}/{kv.total_blocks} blocks "
         f"({pct:.1f}%), {fmt.size(used * kv.block_bytes)} of "
         f"{fmt.size(kv.total_blocks * kv.block_bytes)}, {kv.block_size} tokens/block",
