@@ -195,6 +195,29 @@ def test_prefill_of_one_token_equals_decode():
     close(a, b, torch.float16)
 
 
+def test_agrees_with_the_cpu_engines_attention():
+    engine = pytest.importorskip("llmasos.drivers.model.attention")
+    seqs = [(0, 7), (19, 1), (33, 12)]
+    k_cache, v_cache = make_pool(3, 64, 16, torch.float32, seed=22)
+    k_eng, v_eng = k_cache.clone(), v_cache.clone()
+    q, cu, lens = prefill_inputs(seqs, 9, 64, torch.float32, seed=23)
+    bt = block_tables(lens.tolist(), 16, seed=24)
+    g = torch.Generator().manual_seed(25)
+    k = torch.randn(q.shape[0], 3, 64, generator=g).to(DEVICE)
+    v = torch.randn(q.shape[0], 3, 64, generator=g).to(DEVICE)
+    slots = torch.cat([  # the chunk's own positions, through the block table
+        bt[s].long()[pos // 16] * 16 + pos % 16
+        for s, pos in enumerate(torch.arange(c, c + n, device=DEVICE) for c, n in seqs)])
+    write_kv(k_cache, v_cache, k, v, slots)
+    engine.write_kv(k_eng, v_eng, k, v, slots)
+    assert torch.equal(k_cache, k_eng) and torch.equal(v_cache, v_eng)
+    close(prefill_attention(q, k_cache, v_cache, bt, cu, lens, 0.125),
+          engine.prefill_attention(q, k_eng, v_eng, bt, cu, lens, 0.125), torch.float32)
+    qd = q[cu[1:].long() - 1]
+    close(decode_attention(qd, k_cache, v_cache, bt, lens, 0.125),
+          engine.decode_attention(qd, k_eng, v_eng, bt, lens, 0.125), torch.float32)
+
+
 # ---- weight-only quantized matmuls -------------------------------------------------------------
 
 WEIGHTS = [("int8", 0), ("q8_0", 0), ("q4_1", 0), ("int4", 32), ("int4", 64), ("int4", 128)]

@@ -15,7 +15,7 @@ CASES = Path(__file__).with_name("test_triton_cases.py")
 FAMILIES = {
     "write_kv": "write_kv or backend",
     "decode": "decode_attention",
-    "prefill": "prefill",
+    "prefill": "prefill or engine",
     "quant_matmul": "quant",
 }
 
