@@ -4,6 +4,7 @@
 fresh process: the flag never reaches this one, whatever order pytest collects modules in.
 """
 
+import ast
 import os
 import subprocess
 import sys
@@ -48,3 +49,12 @@ def test_kernels_in_interpreter(runs, family):
 
 def test_interpreter_flag_did_not_leak_here():
     assert os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def test_every_case_belongs_to_a_family():
+    tree = ast.parse(CASES.read_text())
+    names = [f.name for f in tree.body if isinstance(f, ast.FunctionDef)
+             and f.name.startswith("test_")]
+    words = [w for expr in FAMILIES.values() for w in expr.split(" or ")]
+    assert len(names) > 10
+    assert [n for n in names if not any(w in n for w in words)] == []
