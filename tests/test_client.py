@@ -266,7 +266,7 @@ def test_generation_helpers(gen_system):
 def test_killed_job_raises_job_failed(gen_system):
     with LLMClient("smollm2-135m", address=gen_system.address,
                    token=gen_system.root_token) as c:
-        proc = c.spawn("Write a long story about a dragon.", max_tokens=2000)
+        proc = c.spawn("Write a long story about a dragon.", max_tokens=2000, ignore_eos=True)
         assert proc.kill("KILL") in ("ZOMBIE", "RUNNING", "READY", "NEW", "BLOCKED")
         with pytest.raises(JobFailed, match="killed"):
             proc.wait().check()
@@ -275,7 +275,8 @@ def test_killed_job_raises_job_failed(gen_system):
 def test_abandoned_stream_kills_the_job(gen_system):
     with LLMClient("smollm2-135m", address=gen_system.address,
                    token=gen_system.root_token) as c:
-        stream = c.stream_text("Write a long story about a dragon.", max_tokens=2000)
+        stream = c.stream_text("Write a long story about a dragon.", max_tokens=2000,
+                               ignore_eos=True)
         next(stream)
         pid = max(p.pid for p in c.ps())
         stream.close()
@@ -284,7 +285,8 @@ def test_abandoned_stream_kills_the_job(gen_system):
 
 def test_ctrl_c_while_waiting_kills_the_job(gen_system):
     code = ("from llmasos import LLMClient\n"
-            "p = LLMClient('smollm2-135m').spawn('Tell me a long story.', max_tokens=4000)\n"
+            "c = LLMClient('smollm2-135m')\n"
+            "p = c.spawn('Tell me a long story.', max_tokens=4000, ignore_eos=True)\n"
             "print(p.pid, flush=True)\n"
             "p.wait()\n")
     env = {**os.environ, "LLMASOS_ADDR": gen_system.address, "LLMASOS_TOKEN": gen_system.root_token}

@@ -243,7 +243,7 @@ def test_run_background_jobs_wait_kill(gen_system):
     out = llmsh("-c", "run -n 6 -t 0 Once upon a time", env=env)
     assert out.returncode == 0 and out.stdout.strip(), out.stderr
     script = ("run -n 6 -t 0 Once upon a time &\n"
-              "run -n 4000 Tell me a very long story &\n"
+              "run -n 4000 --ignore-eos Tell me a very long story &\n"
               "jobs\nkill %2\nwait %1\nwait %2\n")
     out = llmsh(stdin=script, env=env, timeout=300)
     assert out.returncode == 128 + 15 or out.returncode == 137, out.stderr
@@ -258,7 +258,7 @@ def test_run_background_jobs_wait_kill(gen_system):
 def test_user_cannot_kill_anothers_job(gen_system):
     bob = gen_system.adduser("bob-sh")
     with LLMClient(address=gen_system.address, token=gen_system.root_token) as c:
-        proc = c.spawn("Tell me a very long story.", max_tokens=4000)
+        proc = c.spawn("Tell me a very long story.", max_tokens=4000, ignore_eos=True)
         try:
             out = llmsh("-c", f"kill -KILL {proc.pid}", env=_env(gen_system, token=bob))
             assert out.returncode == 1 and f"({proc.pid})" in out.stderr
@@ -272,7 +272,7 @@ def test_ctrl_c_kills_foreground_job_and_chat(gen_system):
     sh = Pty(env=_env(gen_system))
     try:
         sh.expect(PROMPT)
-        sh.send("run -n 4000 Tell me a very long story about dragons\r")
+        sh.send("run -n 4000 --ignore-eos Tell me a very long story about dragons\r")
         time.sleep(3)
         sh.send("\x03")
         sh.expect(r"job \d+ killed \(Ctrl-C\)")

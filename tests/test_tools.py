@@ -201,7 +201,7 @@ def gen_system(model_system: System) -> System:
 
 def test_ps_shows_job_then_kill_delivers(gen_system):
     with LLMClient(address=gen_system.address, token=gen_system.root_token) as c:
-        proc = c.spawn("Tell me a very long story.", max_tokens=4000, name="story")
+        proc = c.spawn("Tell me a very long story.", max_tokens=4000, name="story", ignore_eos=True)
         out = tool("ps", "--json", env=_env(gen_system))
         assert proc.pid in [int(p["pid"]) for p in json.loads(out.stdout)]
         table = tool("ps", "-o", "pid,user,name", env=_env(gen_system)).stdout
@@ -218,7 +218,7 @@ def test_ps_shows_job_then_kill_delivers(gen_system):
 def test_user_killing_anothers_job_gets_an_error(gen_system):
     alice = gen_system.adduser("alice-tools")
     with LLMClient(address=gen_system.address, token=gen_system.root_token) as c:
-        proc = c.spawn("Tell me a very long story.", max_tokens=4000)
+        proc = c.spawn("Tell me a very long story.", max_tokens=4000, ignore_eos=True)
         try:
             out = tool("kill", str(proc.pid), env=_env(gen_system, token=alice))
             assert out.returncode == 1

@@ -75,7 +75,7 @@ class LLMClient:
         try:
             yield
         except (KeyboardInterrupt, GeneratorExit):
-            with contextlib.suppress(LLMError):
+            with contextlib.suppress(LLMError, ValueError):  # ValueError: channel closed
                 self.kill(pid, "KILL")
             raise
 

@@ -44,13 +44,14 @@ def _generation(name: str, description: str) -> ArgParser:
     ap.add_argument("--seed", type=int, help="same seed, same output")
     ap.add_argument("--stop", action="append", help="stop at this string (repeatable)")
     ap.add_argument("--nice", type=int, default=0, help="priority, -20 (high) .. 19 (low)")
+    ap.add_argument("--ignore-eos", action="store_true", help="run to --max-tokens")
     return ap
 
 
 def _spawn_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
             "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed, "stop": args.stop,
-            "priority": args.nice}
+            "priority": args.nice, "ignore_eos": args.ignore_eos or None}
 
 
 def _words(args: list[str], what: str) -> str:
