@@ -1,0 +1,211 @@
+"""The pager's capacity against contiguous max-length KV buffers, for one KV budget.
+
+Requests follow a ShareGPT-like length mix (fixed seed): lognormal prompt and output lengths
+with the means the vLLM paper reports for ShareGPT (161 prompt / 338 output tokens), clipped
+so prompt + output <= max_len. KV geometry is SmolLM2-135M's in fp32 (30 layers, 3 KV heads,
+head dim 64: 45 KiB per token).
+
+1. Static: sequences are admitted in arrival order, each holding its *final* length (prompt +
+   whole output, the most it ever holds), until the pool is full. A contiguous allocator
+   reserves max_len slots per sequence. capacity_ratio = pager / contiguous; waste_fraction
+   = allocated-but-unused slots / allocated slots (only each sequence's last partial block).
+2. Dynamic: a decode loop (all requests waiting at t=0; every step each running sequence
+   appends a token; admit while a prompt fits above a 1% watermark; preempt the newest by
+   recompute on exhaustion), reporting the mean number of sequences running at once over the
+   steps where requests still wait (memory is the limit), against the contiguous slots.
+3. Prefix: a request sharing a 512-token prefix with a resident one is admitted with those
+   512 tokens already cached (its TTFT speedup needs the engine: bench/serve_throughput.py).
+
+Ends with one JSON line: capacity_ratio, waste_fraction, and the other figures.
+"""
+
+import argparse
+import json
+import math
+import random
+import time
+from collections import deque
+
+from llmasos.kernel.pager import OutOfBlocks, Pager
+
+LAYERS, KV_HEADS, HEAD_DIM, DTYPE_BYTES = 30, 3, 64, 4  # SmolLM2-135M, fp32 KV
+TOKEN_BYTES = 2 * LAYERS * KV_HEADS * HEAD_DIM * DTYPE_BYTES  # K and V
+VOCAB = 49152
+PROMPT_MEAN, OUTPUT_MEAN, SIGMA = 161.0, 338.0, 1.0
+
+
+def lognormal(rng: random.Random, mean: float, lo: int, hi: int) -> int:
+    mu = math.log(mean) - SIGMA**2 / 2  # so the unclipped mean is `mean`
+    return max(lo, min(hi, round(rng.lognormvariate(mu, SIGMA))))
+
+
+def length_mix(n: int, max_len: int, seed: int) -> list[tuple[int, int]]:
+    """(prompt, output) lengths, ShareGPT-like, prompt + output <= max_len."""
+    rng = random.Random(seed)
+    mix = []
+    for _ in range(n):
+        prompt = lognormal(rng, PROMPT_MEAN, 4, max_len // 2)
+        mix.append((prompt, lognormal(rng, OUTPUT_MEAN, 1, max_len - prompt)))
+    return mix
+
+
+def tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(VOCAB) for _ in range(n)]
+
+
+def static_capacity(mix: list[tuple[int, int]], num_blocks: int, block_size: int) -> dict:
+    """Admit sequences at their final length until the pool is full."""
+    pager, rng = Pager(num_blocks, block_size), random.Random(1)
+    held = 0
+    t0 = time.perf_counter()
+    for pid, (prompt, output) in enumerate(mix):
+        try:
+            pager.admit(pid, f"user{pid % 8}", tokens(rng, prompt))
+        except OutOfBlocks:
+            break
+        try:
+            pager.append(pid, tokens(rng, output))
+        except OutOfBlocks:
+            pager.free(pid)
+            break
+        pager.mark_computed(pid, prompt + output)
+        held += prompt + output
+    elapsed = time.perf_counter() - t0
+    used = pager.num_blocks - pager.free_blocks
+    return {"seqs": len(pager.seqs), "tokens": held, "used_blocks": used,
+            "waste": 1 - held / (used * block_size), "seconds": elapsed}
+
+
+def dynamic_capacity(mix: list[tuple[int, int]], num_blocks: int, block_size: int) -> dict:
+    """A saturated decode loop; returns mean running sequences and pager op costs."""
+    pager, rng = Pager(num_blocks, block_size), random.Random(2)
+    reserve = num_blocks // 100  # vLLM's 1% watermark: room for running sequences to grow
+    waiting = deque((pid, tokens(rng, p), o) for pid, (p, o) in enumerate(mix))
+    running: list[tuple[int, list[int], int]] = []  # (pid, prompt, output target), oldest first
+    steps = saturated = running_sum = preemptions = appends = 0
+    waste_sum = 0.0
+    t_append = 0.0
+    while waiting or running:
+        for pid, _, _ in running:  # the step computed every pending token
+            pager.mark_computed(pid, pager.num_tokens(pid))
+        still: list[tuple[int, list[int], int]] = []
+        for entry in running:
+            pid, prompt, target = entry
+            if pager.num_tokens(pid) - len(prompt) >= target:
+                pager.free(pid)  # finished
+            else:
+                still.append(entry)
+        running = still
+        i = 0
+        while i < len(running):  # decode: each sequence appends its sampled token
+            pid = running[i][0]
+            t0 = time.perf_counter()
+            try:
+                pager.append(pid, [rng.randrange(VOCAB)])
+            except OutOfBlocks:
+                vpid, vprompt, vtarget = running.pop()  # the newest is preempted by recompute
+                so_far = list(pager.seqs[vpid].tokens)  # it comes back as prompt + output so far
+                pager.free(vpid)
+                waiting.appendleft((vpid, so_far, vtarget - (len(so_far) - len(vprompt))))
+                preemptions += 1
+                continue
+            t_append += time.perf_counter() - t0
+            appends += 1
+            i += 1
+        while waiting and pager.blocks_for(len(waiting[0][1]) + 1) <= pager.free_blocks - reserve:
+            pid, prompt, target = waiting.popleft()
+            pager.admit(pid, "user", prompt)  # random prompts: no prefix hits, full prefill
+            running.append((pid, prompt, target))
+        steps += 1
+        if not waiting:
+            continue  # draining: memory no longer limits how many run
+        saturated += 1
+        running_sum += len(running)
+        held = sum(pager.num_tokens(pid) for pid, _, _ in running)
+        used = pager.num_blocks - pager.free_blocks
+        waste_sum += 1 - held / (used * block_size)
+    return {"mean_running": running_sum / saturated, "steps": steps, "saturated": saturated,
+            "preemptions": preemptions, "mean_waste": waste_sum / saturated,
+            "append_us": 1e6 * t_append / appends}
+
+
+def prefix_hit(block_size: int, prefix_len: int = 512) -> dict:
+    """Admit a request sharing a prefix with a resident one: how much is cached, how fast."""
+    pager, rng = Pager(4096, block_size), random.Random(3)
+    prefix = tokens(rng, prefix_len)
+    pager.admit(1, "alice", prefix + tokens(rng, 40))
+    pager.mark_computed(1, prefix_len + 40)
+    prompt = prefix + tokens(rng, 24)
+    t0 = time.perf_counter()
+    cached = pager.admit(2, "alice", prompt)
+    hit_us = 1e6 * (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    cold = pager.admit(3, "bob", prompt)  # another user: nothing shared
+    cold_us = 1e6 * (time.perf_counter() - t0)
+    return {"cached_tokens": cached, "prompt_tokens": len(prompt), "other_user_cached": cold,
+            "admit_hit_us": hit_us, "admit_cold_us": cold_us}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kv-mib", type=int, default=2048, help="KV budget")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=2048, help="contiguous reservation per seq")
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    bs = args.block_size
+    num_blocks = (args.kv_mib << 20) // (TOKEN_BYTES * bs)
+    pool_tokens = num_blocks * bs
+    mix = length_mix(args.requests, args.max_len, args.seed)
+    mean_p = sum(p for p, _ in mix) / len(mix)
+    mean_o = sum(o for _, o in mix) / len(mix)
+    print(f"KV budget {args.kv_mib} MiB = {num_blocks} blocks x {bs} tokens "
+          f"({TOKEN_BYTES * bs / 1024:.0f} KiB per block), {pool_tokens} token slots")
+    print(f"length mix: {len(mix)} requests, mean prompt {mean_p:.0f}, mean output {mean_o:.0f}"
+          f" tokens (seed {args.seed})")
+
+    contiguous = pool_tokens // args.max_len
+    contig_tokens = sum(p + o for p, o in mix[:contiguous])
+    contig_waste = 1 - contig_tokens / (contiguous * args.max_len)
+    s = static_capacity(mix, num_blocks, bs)
+    ratio = s["seqs"] / contiguous
+    print(f"static:  contiguous max_len={args.max_len}: {contiguous} seqs, "
+          f"{contig_waste:.1%} of reserved KV unused")
+    print(f"         pager: {s['seqs']} seqs at their final length ({s['tokens']} tokens in "
+          f"{s['used_blocks']} blocks), {s['waste']:.2%} wasted -> {ratio:.2f}x")
+
+    t0 = time.perf_counter()
+    d = dynamic_capacity(mix, num_blocks, bs)
+    dyn_ratio = d["mean_running"] / contiguous
+    print(f"dynamic: {d['mean_running']:.1f} seqs running on average over the {d['saturated']} "
+          f"of {d['steps']} steps with requests waiting "
+          f"({d['preemptions']} preemptions, {d['mean_waste']:.2%} wasted) -> {dyn_ratio:.2f}x "
+          f"[{time.perf_counter() - t0:.1f} s, {d['append_us']:.1f} us per append]")
+
+    h = prefix_hit(bs)
+    print(f"prefix:  {h['cached_tokens']} of {h['prompt_tokens']} prompt tokens cached for the "
+          f"same user ({h['other_user_cached']} for another), admit {h['admit_hit_us']:.0f} us "
+          f"(hit) / {h['admit_cold_us']:.0f} us (cold); prefix_ttft_speedup needs the engine")
+
+    print(json.dumps({
+        "bench": "pager",
+        "capacity_ratio": round(ratio, 3),
+        "waste_fraction": round(s["waste"], 4),
+        "pager_seqs": s["seqs"],
+        "contiguous_seqs": contiguous,
+        "contiguous_waste_fraction": round(contig_waste, 4),
+        "dynamic_capacity_ratio": round(dyn_ratio, 3),
+        "dynamic_waste_fraction": round(d["mean_waste"], 4),
+        "dynamic_preemptions": d["preemptions"],
+        "prefix_cached_tokens": h["cached_tokens"],
+        "append_us": round(d["append_us"], 2),
+        "admit_prefix_hit_us": round(h["admit_hit_us"], 1),
+        "kv_mib": args.kv_mib, "block_size": bs, "max_len": args.max_len,
+        "num_blocks": num_blocks, "requests": args.requests, "seed": args.seed,
+    }))
+
+
+if __name__ == "__main__":
+    main()
