@@ -23,7 +23,7 @@ LOG2E = 1.4426950408889634
 MIN_SPLIT_TOKENS = 256  # below this a split's launch cost outweighs its share of bandwidth
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # one compile for any split count
 def _decode_stage1(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, part_ptr, lse_ptr,
     qk_scale, num_splits,
@@ -82,7 +82,7 @@ def _decode_stage1(
     tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=offs_h < GROUP)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_stage2(
     part_ptr, lse_ptr, o_ptr, num_splits,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,

@@ -45,7 +45,7 @@ def _attend_block(acc, m_i, l_i, q, k_ptr, v_ptr, bt_row, n0, pos_q, seq_len, kv
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # one compile per BLOCK_S, not per batch
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, lens_ptr,
     qk_scale, num_seqs,

@@ -80,7 +80,7 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, k0, K, offs_n, stride_wn, stride_sn,
     return w
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "stride_ys"])  # batch sizes vary step to step
 def _qmm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, k_per_split,
     stride_xm, stride_wn, stride_sn, stride_ym, stride_ys,
@@ -115,7 +115,7 @@ def _qmm_kernel(
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n < N)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "stride_ys"])
 def _qgemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, k_per_split,
     stride_xm, stride_wn, stride_sn, stride_ym, stride_ys,
