@@ -3,14 +3,17 @@ shell through a pseudo-terminal (line editing, history, completion, Ctrl-C, chat
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
@@ -122,13 +125,15 @@ def test_no_colour_when_not_a_tty():
 
 # The child makes the pty its controlling terminal, so ^C reaches it as SIGINT.
 CTTY = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
-        "os.execv(sys.executable, [sys.executable, '-m', 'llmasos.shell.main', *sys.argv[1:]])")
+        "os.execv(sys.executable, [sys.executable, '-m', *sys.argv[1:]])")
 
 
 class Pty:
-    def __init__(self, *args: str, env: dict | None = None) -> None:
+    def __init__(self, *args: str, env: dict | None = None,
+                 module: str = "llmasos.shell.main") -> None:
         master, slave = pty.openpty()
-        self.proc = subprocess.Popen([sys.executable, "-c", CTTY, *args], stdin=slave,
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        self.proc = subprocess.Popen([sys.executable, "-c", CTTY, module, *args], stdin=slave,
                                      stdout=slave, stderr=slave, start_new_session=True,
                                      env={**os.environ, "TERM": "xterm", **(env or {})})
         os.close(slave)
@@ -220,6 +225,33 @@ def test_system_commands(bare_system):
     assert any(line.split()[:2] == ["NAME", "ARCH"] for line in lines)
     out = llmsh("-c", "kill 987654", env=_env(bare_system))
     assert out.returncode == 1 and "(987654)" in out.stderr
+
+
+def test_top_live_view_quits_on_q(bare_system):
+    top = Pty("-d", "0.3", env=_env(bare_system), module="llmasos.tools.top")
+    try:
+        top.expect("llm-top - ")
+        top.expect("inference healthy")
+        top.expect("llm-top - ")  # refreshed
+        top.send("q")
+        assert top.close() == 0
+    finally:
+        if top.proc.poll() is None:
+            top.proc.kill()
+    sh = Pty(env=_env(bare_system))  # the shell's `top` is the same view
+    try:
+        sh.expect(PROMPT)
+        sh.send("top -d 0.3\r")
+        sh.expect("scheduler healthy")
+        sh.send("q")
+        sh.expect(PROMPT)
+        sh.send("whoami\r")
+        sh.expect("root")
+        sh.send("exit\r")
+        assert sh.close() == 0
+    finally:
+        if sh.proc.poll() is None:
+            sh.proc.kill()
 
 
 def test_completion_of_models(bare_system):

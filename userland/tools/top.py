@@ -82,8 +82,16 @@ def frames(c: LLMClient, interval: float, iterations: int = 0) -> Iterator[str]:
     while not iterations or n < iterations:
         snap, services, now = c.ps_full(all=True), c.services(), time.time()
         yield frame(snap, services, rates.update(list(snap.processes), now), now,
-                    os.get_terminal_size().columns if sys.stdout.isatty() else 1000)
+                    _columns())
         n += 1
+
+
+def _columns() -> int:
+    """The terminal's width; no truncation when it is unknown (a pipe, or a size of 0)."""
+    try:
+        return os.get_terminal_size().columns or 1000
+    except OSError:
+        return 1000
 
 
 @contextlib.contextmanager
