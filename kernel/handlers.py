@@ -173,14 +173,15 @@ def sys_ps(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.PsRespo
 
 def kv_usage(k: Kernel) -> kernel_pb2.KvUsage:
     usage = kernel_pb2.KvUsage()
-    for pager in list(k.pagers.values()):
-        usage.total_blocks += pager.num_blocks
-        usage.free_blocks += pager.num_free
-        usage.block_size = pager.block_size
     by_user: dict[str, int] = {}
-    for p in k.table.listing():
-        if p.kv_blocks:
-            by_user[p.user] = by_user.get(p.user, 0) + p.kv_blocks
+    for name, pager in list(k.pagers.items()):
+        u = pager.usage()
+        usage.total_blocks += u.total_blocks
+        usage.free_blocks += u.free_blocks
+        usage.block_size = u.block_size
+        usage.block_bytes = k.block_bytes.get(name, 0)
+        for user, blocks in u.blocks_by_user.items():
+            by_user[user] = by_user.get(user, 0) + blocks
     usage.blocks_by_user.update(by_user)
     return usage
 

@@ -39,6 +39,7 @@ class Kernel:
         self.table = ProcessTable(zombie_ttl=cfg.zombie_ttl)
         self.models: dict[str, Deployed] = {}
         self.pagers: dict = {}          # model name → Pager (kernel/pager.py)
+        self.block_bytes: dict[str, int] = {}   # model name → bytes of one KV block
         self.draining = threading.Event()
         self.executor = None            # set by main (kernel/executor.py)
         specs = [
@@ -96,5 +97,6 @@ class Kernel:
         from llmasos.kernel.pager import Pager
         geo = stub.Geometry(inference_pb2.GeometryRequest(model=name), timeout=30)
         self.pagers[name] = Pager(geo.num_blocks, geo.block_size)
+        self.block_bytes[name] = geo.block_bytes
         log.info("pager_attached", model=name, blocks=geo.num_blocks, block_size=geo.block_size,
                  block_bytes=geo.block_bytes)

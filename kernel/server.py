@@ -97,7 +97,8 @@ def _message(descriptor: Any) -> Any:
 def build(k: Kernel, listen: str, workers: int = 32) -> tuple[grpc.Server, int]:
     auth = Authenticator(lambda: k.supervisor.channel("security"))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         interceptors=[AuthInterceptor(auth)])
+                         interceptors=[AuthInterceptor(auth)],
+                         options=[("grpc.so_reuseport", 0)])   # a second llmosd must fail
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
         SERVICE, {c.name: method_handler(k, c) for c in SYSCALLS})])
     health_servicer = health.HealthServicer()
@@ -106,7 +107,10 @@ def build(k: Kernel, listen: str, workers: int = 32) -> tuple[grpc.Server, int]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(listen)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:   # grpc reports a failed bind this way
+        port = 0
     if port == 0:
         raise SystemExit(f"llmosd: cannot listen on {listen}; is another llmosd running? "
                          "Choose another address with --listen or LLMASOS_ADDR")

@@ -63,7 +63,8 @@ def start_server(register: Register, listen: str, workers: int = 8) -> tuple[grp
     bound address."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
-        options=[("grpc.max_receive_message_length", 64 << 20),
+        options=[("grpc.so_reuseport", 0),
+                 ("grpc.max_receive_message_length", 64 << 20),
                  ("grpc.max_send_message_length", 64 << 20)],
     )
     names = register(server)
@@ -73,7 +74,10 @@ def start_server(register: Register, listen: str, workers: int = 8) -> tuple[grp
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME,
                                          reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(listen)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:   # grpc reports a failed bind this way
+        port = 0
     if port == 0:
         raise OSError(f"cannot bind {listen}; choose another --listen address")
     server.start()

@@ -84,7 +84,7 @@ ints = st.integers(min_value=0, max_value=2**64 - 1)
 sints = st.integers(min_value=-(2**31), max_value=2**31 - 1)
 sampling = st.builds(
     common_pb2.SamplingParams,
-    temperature=st.floats(-5, 20, allow_nan=True), top_p=st.floats(-1, 2),
+    temperature=st.floats(-5, 20) | st.just(float("nan")), top_p=st.floats(-1, 2),
     top_k=st.integers(-5, 10**6), max_tokens=st.integers(0, 10**6),
     stop=st.lists(st.text(max_size=300), max_size=20))
 requests = st.one_of(
