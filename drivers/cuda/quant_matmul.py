@@ -22,7 +22,7 @@ from llmasos.drivers.cuda.device import num_sms
 from llmasos.drivers.cuda.quant import QuantWeight
 
 FMT_IDS = {"int8": 0, "int4": 1, "q8_0": 2, "q4_1": 3}
-SMALL_M = 16  # up to here the GEMV-shaped config wins (weights dominate the traffic)
+SMALL_M = 16  # up to here W dominates the traffic: one 16-row tile, split K to fill the SMs
 
 
 @triton.jit
