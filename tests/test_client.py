@@ -297,4 +297,14 @@ def test_ctrl_c_while_waiting_kills_the_job(gen_system):
     child.send_signal(signal.SIGINT)
     assert child.wait(30) != 0 and "KeyboardInterrupt" in child.stderr.read()
     with LLMClient(address=gen_system.address, token=gen_system.root_token) as c:
-        assert c.wait(pid, timeout=60).reason == "killed"
+        # A 4000-token job that ends within seconds was killed; the kernel may let the
+        # interrupted Wait reap it, so it is either a killed zombie or gone.
+        for _ in range(100):
+            procs = {p.pid: p for p in c.ps()}
+            if pid not in procs or procs[pid].state == common_pb2.PROC_ZOMBIE:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"job {pid} still running after Ctrl-C")
+        if pid in procs:
+            assert procs[pid].exit_reason == common_pb2.EXIT_KILLED
