@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -208,7 +209,13 @@ def test_ps_shows_job_then_kill_delivers(gen_system):
         assert any(line.split() == [str(proc.pid), "root", "story"]
                    for line in table.splitlines())
         assert tool("kill", "-STOP", str(proc.pid), env=_env(gen_system)).returncode == 0
-        assert c.stat(proc.pid).state == common_pb2.PROC_STOPPED
+        deadline = time.monotonic() + 30  # STOP acts at the job's next token boundary
+        while c.stat(proc.pid).state != common_pb2.PROC_STOPPED:
+            assert time.monotonic() < deadline, "SIGSTOP never took effect"
+            time.sleep(0.05)
+        stopped_at = c.stat(proc.pid).generated_tokens
+        time.sleep(0.5)
+        assert c.stat(proc.pid).generated_tokens == stopped_at  # really suspended
         assert tool("kill", "-CONT", str(proc.pid), env=_env(gen_system)).returncode == 0
         out = tool("kill", str(proc.pid), "987654", env=_env(gen_system))
         assert out.returncode == 1 and "(987654)" in out.stderr  # one of two failed
