@@ -16,6 +16,7 @@ import sys
 import termios
 import time
 
+import psutil
 import pytest
 
 from llmasos import LLMClient, errors
@@ -24,6 +25,8 @@ from llmasos.shell.jobs import Jobs
 from llmasos.shell.parse import parse
 
 from conftest import System
+
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("LLMASOS_")}
 
 # -- pure parts -----------------------------------------------------------------------------------
 
@@ -81,7 +84,7 @@ def llmsh(*args: str, stdin: str | None = None, env: dict | None = None,
           timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llmasos.shell.main", *args], input=stdin,
                           capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "LLMASOS_ADDR": _dead_address(), **(env or {})})
+                          env={**CLEAN_ENV, "LLMASOS_ADDR": _dead_address(), **(env or {})})
 
 
 @pytest.mark.parametrize("line,status,msg", [
@@ -135,7 +138,7 @@ class Pty:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
         self.proc = subprocess.Popen([sys.executable, "-c", CTTY, module, *args], stdin=slave,
                                      stdout=slave, stderr=slave, start_new_session=True,
-                                     env={**os.environ, "TERM": "xterm", **(env or {})})
+                                     env={**CLEAN_ENV, "TERM": "xterm", **(env or {})})
         os.close(slave)
         self.fd, self.buf = master, ""
 
@@ -333,3 +336,25 @@ def test_chat_from_stdin(gen_system):
     out = llmsh("-c", "chat -n 6 -t 0\nHi there\n/bye\nwhoami", env=_env(gen_system))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("root") and len(out.stdout.strip()) > len("root")
+
+
+def test_boot_opens_the_shell_and_shuts_down_on_exit(tmp_path):
+    """`make run`'s path: boot llmosd, open llmsh on it, stop everything when the shell exits."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sh = Pty("--listen", f"127.0.0.1:{port}", "--home", str(tmp_path), "--no-embedded",
+             module="llmasos.shell.boot")
+    try:
+        sh.expect(PROMPT, timeout=120)
+        sh.send("whoami\r")
+        sh.expect("root")
+        sh.send("exit\r")
+        assert sh.close(timeout=60) == 0
+    finally:
+        if sh.proc.poll() is None:
+            sh.proc.kill()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "llmosd still listening"
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if str(tmp_path) in " ".join(p.info["cmdline"] or [])], "left running"
