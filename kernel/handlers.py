@@ -68,6 +68,7 @@ def sys_spawn(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Spaw
                            f"{req.model} holds at most {tok.context_length - 1}")
     max_tokens = req.sampling.max_tokens if req.sampling.HasField("max_tokens") \
         else DEFAULT_MAX_TOKENS
+    fits_pool(k, req.model, min(len(tok.token_ids) + max_tokens, tok.context_length))
     pids = []
     for _ in range(max(1, req.n)):
         proc = k.table.spawn(user=ident.user, uid=ident.uid, ppid=0, model=req.model,
@@ -77,6 +78,15 @@ def sys_spawn(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Spaw
         pids.append(proc.pid)
     k.executor.wake()
     return kernel_pb2.SpawnResponse(pid=pids[0], pids=pids)
+
+
+def fits_pool(k: Kernel, model: str, tokens: int) -> None:
+    """A job that could never hold its KV, even alone, is refused up front (no livelock)."""
+    pager = k.pagers.get(model)
+    if pager is not None and pager.blocks_for(tokens) > pager.num_blocks:
+        raise SyscallError("RESOURCE_EXHAUSTED", f"this job may need {tokens} tokens of KV "
+                           f"({pager.blocks_for(tokens)} blocks) but the pool holds "
+                           f"{pager.num_blocks}; lower max_tokens or raise --kv-budget-mb")
 
 
 def tokenize(k: Kernel, req: Any) -> inference_pb2.TokenizeResponse:

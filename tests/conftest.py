@@ -19,7 +19,7 @@ import grpc
 import psutil
 import pytest
 
-from llmasos.proto import kernel_pb2, kernel_pb2_grpc
+from llmasos.proto import common_pb2, kernel_pb2, kernel_pb2_grpc
 
 BOOT_TIMEOUT = 300.0
 # Every test system gets its own state dir, but they share the dequantized-weights cache, so
@@ -189,7 +189,7 @@ def assert_no_kv_held(system: System, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ps = system.call("Ps", kernel_pb2.PsRequest(all=True))
-        live = [p for p in ps.processes if p.state not in (kernel_pb2.PROC_STATE_UNSPECIFIED,
+        live = [p for p in ps.processes if p.state not in (common_pb2.PROC_STATE_UNSPECIFIED,
                                                             6)]
         if not live and ps.kv.free_blocks == ps.kv.total_blocks:
             assert not any(ps.kv.blocks_by_user.values()), ps.kv

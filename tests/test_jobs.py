@@ -28,7 +28,7 @@ from conftest import (
     wait,
 )
 
-STOPPED, ZOMBIE = kernel_pb2.PROC_STOPPED, kernel_pb2.PROC_ZOMBIE
+STOPPED, ZOMBIE = common_pb2.PROC_STOPPED, common_pb2.PROC_ZOMBIE
 
 
 @pytest.fixture(autouse=True)
@@ -40,10 +40,10 @@ def no_leaked_blocks(model_system: System) -> Iterator[None]:
 def test_spawn_wait_returns_text_counts_and_timings(model_system: System) -> None:
     pid = spawn(model_system, "The capital of France is", max_tokens=8)
     reply = wait(model_system, pid)
-    assert reply.info.pid == pid and reply.info.state == kernel_pb2.PROC_REAPED
+    assert reply.info.pid == pid and reply.info.state == common_pb2.PROC_REAPED
     assert len(reply.token_ids) == reply.info.generated_tokens <= 8
     assert reply.text.strip(), "generated text must not be empty"
-    assert reply.info.exit_reason in (kernel_pb2.EXIT_LENGTH, kernel_pb2.EXIT_STOP)
+    assert reply.info.exit_reason in (common_pb2.EXIT_LENGTH, common_pb2.EXIT_STOP)
     assert reply.timings.total_ms >= reply.timings.ttft_ms > 0
     assert "Paris" in reply.text
     with pytest.raises(grpc.RpcError) as err:   # reaped: gone from the table
@@ -78,7 +78,7 @@ def test_stop_string_ends_the_job(model_system: System) -> None:
     assert " 6," in full
     pid = spawn(model_system, "1, 2, 3, 4,", max_tokens=24, stop=[" 6,"])
     reply = wait(model_system, pid)
-    assert reply.info.exit_reason == kernel_pb2.EXIT_STOP
+    assert reply.info.exit_reason == common_pb2.EXIT_STOP
     assert reply.text == full[:full.index(" 6,")]
 
 
@@ -105,7 +105,7 @@ def test_other_users_jobs_are_off_limits(model_system: System) -> None:
         model_system.call("Nice", kernel_pb2.NiceRequest(pid=pid, nice=-5), token=alice)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=9), token=alice)
-    assert wait(model_system, pid, token=alice).info.exit_reason == kernel_pb2.EXIT_KILLED
+    assert wait(model_system, pid, token=alice).info.exit_reason == common_pb2.EXIT_KILLED
 
 
 def test_kill_mid_generation_frees_blocks(model_system: System) -> None:
@@ -115,9 +115,9 @@ def test_kill_mid_generation_frees_blocks(model_system: System) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert model_system.call("Stat", kernel_pb2.StatRequest(pid=pid)).kv_blocks > 0
-    model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=kernel_pb2.SIGTERM))
+    model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=common_pb2.SIGTERM))
     reply = wait(model_system, pid)
-    assert reply.info.exit_reason == kernel_pb2.EXIT_KILLED and reply.info.exit_status == -15
+    assert reply.info.exit_reason == common_pb2.EXIT_KILLED and reply.info.exit_status == -15
     assert 3 <= reply.info.generated_tokens < 400
     usage = kv(model_system)
     assert usage.free_blocks == usage.total_blocks
@@ -130,7 +130,7 @@ def test_stop_and_cont_resume_with_identical_output(model_system: System) -> Non
     while model_system.call("Stat", kernel_pb2.StatRequest(pid=pid)).generated_tokens < 4:
         time.sleep(0.02)
     state = model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=19)).state
-    assert state in (STOPPED, kernel_pb2.PROC_RUNNING)
+    assert state in (STOPPED, common_pb2.PROC_RUNNING)
     time.sleep(0.5)
     info = model_system.call("Stat", kernel_pb2.StatRequest(pid=pid))
     assert info.state == STOPPED and info.kv_blocks == 0
@@ -184,7 +184,7 @@ def test_processes_survive_service_crashes(model_system: System) -> None:
         assert all(listed[pid].state == STOPPED for pid in pids), name
     for pid in pids:
         model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=9))
-        assert wait(model_system, pid).info.exit_reason == kernel_pb2.EXIT_KILLED
+        assert wait(model_system, pid).info.exit_reason == common_pb2.EXIT_KILLED
 
 
 def test_inference_crash_mid_load_loses_no_job(model_system: System) -> None:

@@ -39,7 +39,8 @@ def test_priority_orders_by_nice_and_preempts_lower_priority() -> None:
     result = plan("priority", request(jobs, free=0, budget=512))
     assert result.preempt == [1]
     assert result.slots == [(2, 32)]
-    assert plan("fcfs", request(jobs, free=0, budget=512)).preempt == []
+    fcfs = plan("fcfs", request(jobs, free=1, budget=512))   # FCFS never preempts for arrivals
+    assert fcfs.preempt == [] and fcfs.slots == [(1, 1)]
 
 
 def test_fair_share_favours_the_least_served_user() -> None:
@@ -51,3 +52,14 @@ def test_fair_share_favours_the_least_served_user() -> None:
 def test_max_batch_caps_jobs_per_step() -> None:
     jobs = [job(i, pending=1) for i in range(1, 11)]
     assert len(plan("fcfs", request(jobs, max_batch=4)).slots) == 4
+
+
+def test_resident_job_that_cannot_grow_preempts_the_lowest_ranked() -> None:
+    # Both hold full blocks and need one more; one block short: the newer one yields.
+    jobs = [job(1, pending=1, context=32, blocks=2, resident=True),
+            job(2, pending=1, context=32, blocks=2, resident=True)]
+    result = plan("fcfs", request(jobs, free=1))
+    assert result.slots == [(1, 1)] and result.preempt == [2]
+    alone_ = plan("fcfs", request([job(1, pending=1, context=32, blocks=2, resident=True)],
+                                  free=0))
+    assert alone_.slots == [] and alone_.preempt == [1]   # yields its own blocks

@@ -7,6 +7,9 @@ decode first. The policy only orders the jobs and decides preemption; the kernel
   fcfs      arrival order
   priority  nice value, then arrival; a waiting job may preempt a resident one of lower priority
   fair      the user who has been served fewest tokens goes first (equal shares per user)
+
+When a resident job cannot grow, the resident jobs ranked below it are preempted, lowest first
+(vLLM's recompute preemption); if there are none, the job itself yields its blocks.
 """
 
 from __future__ import annotations
@@ -69,10 +72,14 @@ def plan(policy: str, req: scheduler_pb2.PlanRequest) -> Plan:
             need = max(blocks_for(job.context_tokens + n, bs) - job.blocks_held, 0)
         else:              # admission takes blocks for everything it must (re)compute
             need = blocks_for(job.pending_tokens + job.context_tokens, bs)
-        if need > free and policy == "priority":
+        if need > free and (job.resident or policy == "priority"):
             free += _preempt_for(job, resident, need - free, preempt, slots, key, served)
+        if need > free and job.resident:
+            preempt.append(job.pid)   # nothing ranks below it: it yields its own blocks
+            free += job.blocks_held
+            continue
         if need > free:
-            continue       # waits (the kernel may still make room by preemption)
+            continue       # waits for blocks
         free -= need
         budget -= n
         slots.append((job.pid, n))
