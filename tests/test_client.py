@@ -308,3 +308,29 @@ def test_ctrl_c_while_waiting_kills_the_job(gen_system):
             raise AssertionError(f"job {pid} still running after Ctrl-C")
         if pid in procs:
             assert procs[pid].exit_reason == common_pb2.EXIT_KILLED
+
+
+def test_async_generation_and_cancel_kills(gen_system):
+    async def go() -> None:
+        async with AsyncLLMClient("smollm2-135m", address=gen_system.address,
+                                  token=gen_system.root_token) as c:
+            text = await c.generate_text("Once upon a time", max_tokens=6, temperature=0)
+            pieces = [p async for p in c.stream_text("Once upon a time", max_tokens=6,
+                                                     temperature=0)]
+            assert text and "".join(pieces) == text
+            proc = await c.spawn("Tell me a long story.", max_tokens=4000, ignore_eos=True)
+            waiter = asyncio.ensure_future(proc.wait())
+            await asyncio.sleep(0.5)
+            waiter.cancel()  # what Ctrl-C does under asyncio.run
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            for _ in range(100):  # killed: a zombie, or gone (the cancelled Wait reaped it)
+                try:
+                    info = await c.stat(proc.pid)
+                except errors.NotFound:
+                    return
+                if info.state == common_pb2.PROC_ZOMBIE:
+                    break
+                await asyncio.sleep(0.1)
+            assert info.exit_reason == common_pb2.EXIT_KILLED
+    asyncio.run(go())

@@ -260,6 +260,17 @@ def test_top_live_view_quits_on_q(bare_system):
             sh.proc.kill()
 
 
+def test_admin_commands_need_root_and_known_names(bare_system):
+    gguf = os.path.abspath(__file__)  # an existing file: the kernel decides, not the shell
+    alice = bare_system.adduser("alice-sh")
+    out = llmsh("-c", f"deploy {gguf} x", env=_env(bare_system, token=alice))
+    assert out.returncode == 1 and "Traceback" not in out.stderr and out.stderr.strip()
+    out = llmsh("-c", "undeploy no-such-model", env=_env(bare_system))
+    assert out.returncode == 1 and "no-such-model" in out.stderr
+    out = llmsh("-c", "whoami", env=_env(bare_system, token=alice))
+    assert out.stdout.strip() == "alice-sh"
+
+
 def test_completion_of_models(bare_system):
     c = LLMClient(address=bare_system.address, token=bare_system.root_token)
     comp = Completer(c, ["run"])
@@ -298,6 +309,10 @@ def test_user_cannot_kill_anothers_job(gen_system):
     with LLMClient(address=gen_system.address, token=gen_system.root_token) as c:
         proc = c.spawn("Tell me a very long story.", max_tokens=4000, ignore_eos=True)
         try:
+            out = llmsh("-c", f"nice 7 {proc.pid}", env=_env(gen_system))
+            assert out.returncode == 0 and c.stat(proc.pid).nice == 7
+            out = llmsh("-c", f"nice -5 {proc.pid}", env=_env(gen_system, token=bob))
+            assert out.returncode == 1 and "Traceback" not in out.stderr
             out = llmsh("-c", f"kill -KILL {proc.pid}", env=_env(gen_system, token=bob))
             assert out.returncode == 1 and f"({proc.pid})" in out.stderr
             assert "Traceback" not in out.stderr

@@ -232,6 +232,12 @@ def test_user_killing_anothers_job_gets_an_error(gen_system):
             assert f"({proc.pid})" in out.stderr and "Traceback" not in out.stderr
             mine = json.loads(tool("ps", "--json", env=_env(gen_system, token=alice)).stdout)
             assert proc.pid not in [int(p["pid"]) for p in mine]
+            hers = json.loads(tool("ps", "--json", "-a", "-u", "alice-tools",
+                                   env=_env(gen_system)).stdout)
+            assert proc.pid not in [int(p["pid"]) for p in hers]
+            roots = json.loads(tool("ps", "--json", "-a", "-u", "root",
+                                    env=_env(gen_system)).stdout)
+            assert proc.pid in [int(p["pid"]) for p in roots]
         finally:
             c.kill(proc.pid, "KILL")
             c.wait(proc.pid)
