@@ -80,6 +80,14 @@ def paint(text: str, colour: str, stream: TextIO = sys.stdout) -> str:
     return f"\033[{COLOURS[colour]}m{text}\033[0m" if use_colour(stream) else text
 
 
+def prompt(text: str, colour: str) -> str:
+    """A coloured readline prompt: \001..\002 mark the escapes as zero-width, so line
+    editing stays aligned."""
+    if not use_colour():
+        return text
+    return f"\001\033[{COLOURS[colour]}m\002{text}\001\033[0m\002"
+
+
 def error(prog: str, message: str) -> None:
     """An error line on stderr, as Unix tools write them: 'prog: message'."""
     print(f"{prog}: {paint(message, 'red', sys.stderr)}", file=sys.stderr)

@@ -141,7 +141,7 @@ def cmd_chat(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
     history = [{"role": "system", "content": args.system}] if args.system else []
     if sh.interactive:
         sh.say("chatting; /bye to leave, Ctrl-C stops a reply")
-    while (line := sh.read_line(fmt.paint(">>> ", "cyan") if sh.interactive else "")) is not None:
+    while (line := sh.read_line(fmt.prompt(">>> ", "cyan") if sh.interactive else "")) is not None:
         if line.strip() in ("/bye", "/exit", "/quit"):
             break
         if not line.strip():

@@ -15,9 +15,8 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 
-from llmasos import connect
+from llmasos import connect, fmt
 from llmasos.client import LLMClient
-from llmasos.fmt import use_colour
 from llmasos.proto import common_pb2
 from llmasos.shell.commands import COMMANDS
 from llmasos.shell.complete import Completer
@@ -61,11 +60,7 @@ def run_script(sh: Shell, keep_going: bool) -> int:
 
 
 def prompt() -> str:
-    text = "llmsh$ "
-    if not use_colour():
-        return text
-    # \001 \002 tell readline the escapes take no width, so line editing stays aligned.
-    return "\001\033[1;32m\002llmsh\001\033[0m\002$ "
+    return fmt.prompt("llmsh", "green") + "$ "
 
 
 def setup_readline(sh: Shell) -> Callable[[], None]:
