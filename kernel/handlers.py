@@ -114,6 +114,8 @@ def sys_wait(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.WaitR
             k.table.changed.wait(min(left, 1.0))
         if proc.pid not in k.table.procs:   # another Wait reaped it first
             raise SyscallError("NOT_FOUND", f"process {proc.pid} was already reaped")
+        if not ctx.is_active():              # nobody to hand the status to: keep the zombie
+            raise SyscallError("CANCELLED", "the caller went away")
         k.table.reap(proc)
     return kernel_pb2.WaitResponse(info=proc_info(proc), text=proc.text,
                                    token_ids=proc.output_ids, timings=timings(proc))

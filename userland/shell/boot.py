@@ -20,11 +20,21 @@ BOOT_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 60.0
 
 
+def state_dir(argv: list[str]) -> str:
+    return argv[argv.index("--home") + 1] if "--home" in argv else str(connect.home())
+
+
 def start(argv: list[str]) -> tuple[subprocess.Popen, str]:
-    """llmosd in the background (its logs on stderr); returns it and its ready address."""
+    """llmosd in the background, its logs in STATE/llmosd.log (not over the shell's screen);
+    returns it and its ready address."""
+    log_path = os.path.join(state_dir(argv), "llmosd.log")
+    os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
+    print(f"booting llmosd (logs in {log_path}) ...", file=sys.stderr, flush=True)
     # its own session: the terminal's Ctrl-C is for the shell's job, not for the kernel
-    proc = subprocess.Popen([sys.executable, "-m", "llmasos.kernel.main", "run", *argv],
-                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "llmasos.kernel.main", "run", *argv],
+                                stdout=subprocess.PIPE, stderr=log, text=True,
+                                start_new_session=True)
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + BOOT_TIMEOUT_S
@@ -34,7 +44,7 @@ def start(argv: list[str]) -> tuple[subprocess.Popen, str]:
             if line.startswith("llmosd ready"):
                 return proc, line.split()[-1]
     stop(proc)
-    raise RuntimeError("llmosd did not become ready; its log above says why")
+    raise RuntimeError(f"llmosd did not become ready; {log_path} says why")
 
 
 def stop(proc: subprocess.Popen) -> int:
