@@ -62,9 +62,31 @@ class Executor:
             self.signal(proc, sig)
 
     def _suspend(self, proc: Proc) -> None:
-        """STOP: give the blocks back (their prefix stays cached); CONT recomputes what's gone."""
-        self._evict(proc)
+        """STOP: the job's KV moves to host memory in the inference service (swap); if that
+        fails the blocks are simply freed and CONT recomputes them."""
+        pager = self.k.pagers.get(proc.model)
+        if pager is not None and proc.pid in pager and not pager.is_swapped(proc.pid):
+            try:
+                proc.swap_handle = self.k.inference().SwapOut(inference_pb2.SwapOutRequest(
+                    model=proc.model, blocks=pager.block_table(proc.pid)), timeout=60).handle
+                pager.swap_out(proc.pid)
+                log.info("job_swapped_out", pid=proc.pid, blocks=proc.kv_blocks)
+            except (grpc.RpcError, SyscallError):
+                self._evict(proc)
+        proc.kv_blocks = 0
         self.table.set_state(proc, State.STOPPED)
+
+    def _swap_in(self, proc: Proc, pager: Pager, planned: set[int]) -> None:
+        """Bring a continued job's KV back from host memory (or recompute it if that fails)."""
+        need = pager.blocks_for(pager.num_tokens(proc.pid))
+        self._make_room(pager, need, planned, proc)
+        blocks = pager.swap_in(proc.pid)
+        try:
+            self.k.inference().SwapIn(inference_pb2.SwapInRequest(
+                model=proc.model, handle=proc.swap_handle, blocks=blocks), timeout=60)
+            log.info("job_swapped_in", pid=proc.pid, blocks=len(blocks))
+        except (grpc.RpcError, SyscallError):
+            pager.free(proc.pid)   # the copy is gone (service restarted): recompute instead
 
     def _evict(self, proc: Proc) -> None:
         pager = self.k.pagers.get(proc.model)
@@ -182,8 +204,10 @@ class Executor:
                planned: set[int]) -> inference_pb2.StepEntry | None:
         """Blocks for the job's next chunk; None (job stays READY/BLOCKED) when memory is short."""
         tokens = proc.tokens
-        reset = proc.pid not in pager
         try:
+            if proc.pid in pager and pager.is_swapped(proc.pid):
+                self._swap_in(proc, pager, planned)
+            reset = proc.pid not in pager
             if reset:
                 self._make_room(pager, pager.blocks_for(len(tokens)), planned, proc)
                 pager.admit(proc.pid, proc.user, tokens)
@@ -211,7 +235,7 @@ class Executor:
             return
         victims = sorted((p for p in self.table.live()
                           if p.pid in pager and p.pid not in planned and p.model == proc.model
-                          and p.state != State.RUNNING),
+                          and p.state != State.RUNNING and not pager.is_swapped(p.pid)),
                          key=lambda p: (p.nice, p.created), reverse=True)
         for victim in victims:
             if needed <= pager.free_blocks:

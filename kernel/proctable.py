@@ -82,7 +82,7 @@ class Proc:
     cpu_seconds: float = 0.0
     preemptions: int = 0
     pending_signal: int = 0             # delivered at the next token boundary (xv6's p->killed)
-    swapped: bool = False
+    swap_handle: int = 0                # where the inference service keeps its swapped-out KV
 
     @property
     def tokens(self) -> list[int]:

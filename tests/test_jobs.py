@@ -142,6 +142,8 @@ def test_stop_and_cont_resume_with_identical_output(model_system: System) -> Non
     model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=18))
     assert list(wait(model_system, pid).token_ids) == expected
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    log = model_system.log_text()
+    assert "job_swapped_out" in log and "job_swapped_in" in log   # the KV went to host
 
 
 def test_cont_on_a_running_job_is_a_precondition_error(model_system: System) -> None:
@@ -226,3 +228,15 @@ def test_nice_value_changes_the_order(tmp_path) -> None:
         assert_no_kv_held(system)
     finally:
         assert shutdown(system) == 0
+
+
+def test_sigterm_gives_running_jobs_grace_then_kills_them(tmp_path) -> None:
+    system = boot(tmp_path / "home", "--grace", "2")
+    pid = spawn(system, PROMPTS[0], max_tokens=4000, ignore_eos=True)
+    while system.call("Stat", kernel_pb2.StatRequest(pid=pid)).generated_tokens < 2:
+        time.sleep(0.05)
+    start = time.monotonic()
+    assert shutdown(system) == 0          # also asserts no process and no port is left
+    assert time.monotonic() - start < 2 + 20
+    assert '"reason": "SHUTDOWN"' in system.log_text() or \
+        '"reason": "KILLED"' in system.log_text()
