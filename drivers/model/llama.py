@@ -143,9 +143,18 @@ class LlamaModel:
             write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
             x = x + linear(self.attention(q, k_cache, v_cache, batch).reshape(t, -1), layer.o)
             h = self.rms_norm(x, layer.mlp_norm)
-            gate, up = linear(h, layer.gate_up).chunk(2, dim=-1)
+            gate, up = self.gate_up(h, layer.gate_up)
             x = x + linear(F.silu(gate) * up, layer.down)
         return self.logits(self.rms_norm(x[batch.sample_rows], self.norm))
+
+    def gate_up(self, h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One fused matmul for few rows; for many rows two GEMMs over the halves (contiguous
+        row slices of w) are ~5% faster in MKL."""
+        if h.shape[0] <= SMALL_ROWS:
+            gate, up = linear(h, w).chunk(2, dim=-1)
+            return gate, up
+        half = self.cfg.intermediate_size
+        return F.linear(h, w[:half]), F.linear(h, w[half:])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return linear(h, self.lm_head).float()
