@@ -31,6 +31,7 @@ class Executor:
         self.wakeup = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="executor", daemon=True)
+        self.copies: list[tuple[int, int]] = []   # copy-on-write block copies of this step
 
     def start(self) -> None:
         self.thread.start()
@@ -152,7 +153,8 @@ class Executor:
         if pager is None:
             return False
         with self.table.lock:
-            procs = [p for p in self.table.live() if p.model == model and p.state in RUNNABLE]
+            procs = [p for p in self.table.live() if p.model == model and p.state in RUNNABLE
+                     and not self._waits_for_fork(p)]
             for p in procs:
                 if p.state == State.NEW:
                     self.table.set_state(p, State.READY)
@@ -166,9 +168,14 @@ class Executor:
         with self.table.lock:
             for pid in plan.preempt:
                 self._preempt(self.table.get(pid), "scheduler")
+            self.copies = []
             batch = self._prepare(plan, pager)
         if not batch:
             return False
+        if self.copies:
+            src, dst = zip(*self.copies, strict=True)
+            self.k.inference().CopyBlocks(inference_pb2.CopyBlocksRequest(
+                model=model, src=src, dst=dst), timeout=60)
         t0 = time.perf_counter()
         reply = self.k.inference().Step(
             inference_pb2.StepRequest(model=model, entries=[e for _, e in batch]), timeout=300)
@@ -214,8 +221,7 @@ class Executor:
             elif pager.num_tokens(proc.pid) < len(tokens):
                 new = tokens[pager.num_tokens(proc.pid):]
                 self._make_room(pager, pager.blocks_to_append(proc.pid, len(new)), planned, proc)
-                if pager.append(proc.pid, new):
-                    raise RuntimeError("copy-on-write needs fork, which the executor never does")
+                self.copies += pager.append(proc.pid, new)   # copy-on-write of a forked block
         except OutOfBlocks:
             if proc.state != State.BLOCKED:
                 self.table.set_state(proc, State.BLOCKED)
@@ -223,11 +229,42 @@ class Executor:
         proc.kv_blocks = len(pager.block_table(proc.pid))
         start = pager.num_computed(proc.pid)
         n = max(1, min(budget, len(tokens) - start))
+        if proc.forks:   # n > 1: prefill up to the last prompt token, then fork the samples
+            last = len(proc.prompt_ids) - 1
+            if start >= last:
+                self._fork(proc, pager)
+            else:
+                n = min(n, last - start)
         sample = start + n == len(tokens)
         return inference_pb2.StepEntry(
             seq_id=proc.pid, token_ids=tokens[start:start + n], start_pos=start,
             block_table=pager.block_table(proc.pid), sample=sample, sampling=proc.sampling,
             generated_ids=proc.output_ids if reset else [], reset=reset)
+
+    def _fork(self, parent: Proc, pager: Pager) -> None:
+        """The parent's prompt KV (all but its last token) is computed: each sibling sample
+        shares it copy-on-write instead of computing it again."""
+        for pid in parent.forks:
+            child = self.table.get(pid)
+            if child is not None and child.fork_pending and pid not in pager:
+                pager.fork(parent.pid, pid)
+                child.kv_blocks = parent.kv_blocks
+                log.info("job_forked", pid=pid, parent=parent.pid, shared_blocks=child.kv_blocks)
+            if child is not None:
+                child.fork_pending = False
+        parent.forks = []
+        self.wake()
+
+    def _waits_for_fork(self, proc: Proc) -> bool:
+        """A sibling sample waits while its parent still computes the shared prompt."""
+        if not proc.fork_pending:
+            return False
+        parent = self.table.get(proc.ppid)
+        if parent is None or parent.state in (State.ZOMBIE, State.STOPPED) or \
+                parent.output_ids:
+            proc.fork_pending = False   # the parent is gone: compute the prompt itself
+            return False
+        return True
 
     def _make_room(self, pager: Pager, needed: int, planned: set[int], proc: Proc) -> None:
         """Preempt resident jobs outside this step, lowest priority then newest first."""

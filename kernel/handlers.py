@@ -69,15 +69,29 @@ def sys_spawn(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Spaw
     max_tokens = req.sampling.max_tokens if req.sampling.HasField("max_tokens") \
         else DEFAULT_MAX_TOKENS
     fits_pool(k, req.model, min(len(tok.token_ids) + max_tokens, tok.context_length))
-    pids = []
-    for _ in range(max(1, req.n)):
-        proc = k.table.spawn(user=ident.user, uid=ident.uid, ppid=0, model=req.model,
-                             nice=req.nice, name=req.name, prompt_ids=list(tok.token_ids),
-                             sampling=req.sampling, max_tokens=max_tokens,
-                             context_length=tok.context_length)
-        pids.append(proc.pid)
+    pids: list[int] = []
+    with k.table.lock:   # the step loop must see all n samples at once, or none
+        spawn_samples(k, ident, req, tok, max_tokens, pids)
     k.executor.wake()
     return kernel_pb2.SpawnResponse(pid=pids[0], pids=pids)
+
+
+def spawn_samples(k: Kernel, ident: Identity, req: Any, tok: Any, max_tokens: int,
+                  pids: list[int]) -> None:
+    """n jobs for one request; the first is the parent whose prompt KV the others share."""
+    for i in range(max(1, req.n)):
+        sampling = req.sampling
+        if i and sampling.HasField("seed"):   # each sample its own stream, reproducibly
+            sampling = common_pb2.SamplingParams()
+            sampling.CopyFrom(req.sampling)
+            sampling.seed = (req.sampling.seed + i) % 2**64
+        proc = k.table.spawn(user=ident.user, uid=ident.uid, ppid=pids[0] if pids else 0,
+                             model=req.model, nice=req.nice, name=req.name,
+                             prompt_ids=list(tok.token_ids), sampling=sampling,
+                             max_tokens=max_tokens, context_length=tok.context_length,
+                             fork_pending=bool(pids))
+        pids.append(proc.pid)
+    k.table.get(pids[0]).forks = pids[1:]
 
 
 def fits_pool(k: Kernel, model: str, tokens: int) -> None:

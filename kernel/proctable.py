@@ -82,6 +82,8 @@ class Proc:
     cpu_seconds: float = 0.0
     preemptions: int = 0
     pending_signal: int = 0             # delivered at the next token boundary (xv6's p->killed)
+    forks: list[int] = field(default_factory=list)   # sibling samples (n > 1) still to fork
+    fork_pending: bool = False          # a sibling sample waiting to share its parent's KV
     swap_handle: int = 0                # where the inference service keeps its swapped-out KV
 
     @property

@@ -240,3 +240,27 @@ def test_sigterm_gives_running_jobs_grace_then_kills_them(tmp_path) -> None:
     assert time.monotonic() - start < 2 + 20
     assert '"reason": "SHUTDOWN"' in system.log_text() or \
         '"reason": "KILLED"' in system.log_text()
+
+
+def test_n_samples_share_the_prompt_through_fork(model_system: System) -> None:
+    prompt = "Water boils at a temperature of"
+    expected = alone(model_system, prompt, 16)
+    reply = model_system.call("Spawn", kernel_pb2.SpawnRequest(
+        model=MODEL, prompt=prompt, n=3, sampling=greedy(16)))
+    assert len(reply.pids) == 3 and reply.pids[0] == reply.pid
+    results = [wait(model_system, pid) for pid in reply.pids]
+    # Greedy samples computed on forked (shared, copy-on-write) KV equal the job run alone.
+    assert all(list(r.token_ids) == expected for r in results)
+    assert [r.info.ppid for r in results] == [0, reply.pid, reply.pid]
+    assert model_system.log_text().count('"event": "job_forked"') >= 2
+
+
+def test_seeded_n_samples_are_distinct_and_reproducible(model_system: System) -> None:
+    def run() -> list[list[int]]:
+        reply = model_system.call("Spawn", kernel_pb2.SpawnRequest(
+            model=MODEL, prompt="Once upon a time", n=3, sampling=common_pb2.SamplingParams(
+                temperature=1.0, seed=1234, max_tokens=12)))
+        return [list(wait(model_system, pid).token_ids) for pid in reply.pids]
+    first, second = run(), run()
+    assert first == second
+    assert len({tuple(x) for x in first}) > 1, "each sample must draw its own stream"
