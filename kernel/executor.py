@@ -107,7 +107,8 @@ class Executor:
                 proc.kv_blocks = 0
                 if proc.state == State.RUNNING:
                     self.table.set_state(proc, State.READY)
-        log.warning("kv_lost_recomputing", incarnation=incarnation)
+        if incarnation > 1:
+            log.warning("kv_lost_recomputing", incarnation=incarnation)
         self.wake()
 
     def shutdown_jobs(self) -> None:
