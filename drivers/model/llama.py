@@ -4,6 +4,7 @@ plain tensors, one function per block, no Python loop over sequences inside a la
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -53,17 +54,48 @@ def rope_inv_freq(cfg: ModelConfig, rope_freqs: torch.Tensor | None = None) -> t
     return inv
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T. On the CPU, for up to 64 rows, computed as (w @ x.T).T: MKL's fp32 GEMM picks
-    much better kernels for that orientation here (the LM head with 4 rows: ~2.7 ms vs ~13 ms),
-    and a single row is doubled because MKL's GEMV runs on one thread (decode at batch 1:
-    ~21 ms vs ~35 ms per step, measured on the 2-core AVX2 machines)."""
+def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """x @ w.T through MKL. For up to 64 rows, computed as (w @ x.T).T: MKL picks much better
+    kernels for that orientation here (the LM head with 4 rows: ~2.7 ms vs ~13 ms), and a single
+    row is doubled because MKL's GEMV runs on one thread (decode at batch 1: ~21 ms vs ~35 ms
+    per step on the 2-core machines)."""
     rows = x.shape[0]
     if x.device.type != "cpu" or rows > SMALL_ROWS:
         return F.linear(x, w, bias)
     xs = x.repeat(2, 1) if rows == 1 else x
     out = torch.mm(w, xs.t())[:, :rows].t().contiguous()
     return out if bias is None else out + bias
+
+
+def onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """x @ w.T through oneDNN, which uses AVX-512 on AMD CPUs where MKL stays on AVX2."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+def onednn_is_faster(w: torch.Tensor, rows: tuple[int, ...] = (8, 128), reps: int = 3) -> bool:
+    """Probe once at load: is oneDNN faster than MKL for this weight at a few row counts?"""
+    if w.device.type != "cpu" or w.dtype != torch.float32 or not hasattr(
+            torch.ops.mkldnn, "_linear_pointwise") or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        for n in rows:
+            x = torch.randn(n, w.shape[1])
+            best = {}
+            for name, fn in (("mkl", dense_linear), ("onednn", onednn_linear)):
+                fn(x, w)
+                times = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    fn(x, w)
+                    times.append(time.perf_counter() - t0)
+                best[name] = min(times)
+            if best["onednn"] >= best["mkl"]:
+                return False
+    except RuntimeError:  # a build without the op's CPU kernel
+        return False
+    return True
 
 
 SMALL_ROWS = 64
@@ -92,6 +124,8 @@ class LlamaModel:
         freqs = weights.get("model.rope_freqs")
         self.inv_freq = rope_inv_freq(cfg, freqs).to(self.device)
         self.scale = cfg.head_dim ** -0.5
+        # oneDNN or MKL for multi-row matmuls: whichever is faster on this CPU (AVX-512 or not)
+        self.onednn = onednn_is_faster(self.layers[0].gate_up)
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
 
@@ -134,30 +168,37 @@ class LlamaModel:
         qk_heads = cfg.num_heads + cfg.num_kv_heads
         for i, layer in enumerate(self.layers):
             h = self.rms_norm(x, layer.attn_norm)
-            qkv = linear(h, layer.qkv, layer.qkv_bias)
+            qkv = self.linear(h, layer.qkv, layer.qkv_bias)
             qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(t, qk_heads, cfg.head_dim),
                             cos, sin)
             q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads:]
             v = qkv[:, self.q_size + self.kv_size:].view(t, cfg.num_kv_heads, cfg.head_dim)
             k_cache, v_cache = pool.layer(i)
             write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
-            x = x + linear(self.attention(q, k_cache, v_cache, batch).reshape(t, -1), layer.o)
+            x = x + self.linear(self.attention(q, k_cache, v_cache, batch).reshape(t, -1),
+                                layer.o)
             h = self.rms_norm(x, layer.mlp_norm)
             gate, up = self.gate_up(h, layer.gate_up)
-            x = x + linear(F.silu(gate) * up, layer.down)
+            x = x + self.linear(F.silu(gate) * up, layer.down)
         return self.logits(self.rms_norm(x[batch.sample_rows], self.norm))
 
+    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        if self.onednn and x.shape[0] > 1:
+            return onednn_linear(x, w, bias)
+        return dense_linear(x, w, bias)
+
     def gate_up(self, h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One fused matmul for few rows; for many rows two GEMMs over the halves (contiguous
-        row slices of w) are ~5% faster in MKL."""
-        if h.shape[0] <= SMALL_ROWS:
-            gate, up = linear(h, w).chunk(2, dim=-1)
+        """One fused matmul; with MKL and many rows two GEMMs over the halves (contiguous row
+        slices of w) are ~5% faster."""
+        if self.onednn or h.shape[0] <= SMALL_ROWS:
+            gate, up = self.linear(h, w).chunk(2, dim=-1)
             return gate, up
         half = self.cfg.intermediate_size
         return F.linear(h, w[:half]), F.linear(h, w[half:])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return linear(h, self.lm_head).float()
+        return self.linear(h, self.lm_head).float()
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   batch: StepBatch) -> torch.Tensor:
