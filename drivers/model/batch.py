@@ -24,6 +24,19 @@ class SeqSlice:
         return len(self.token_ids)
 
 
+@dataclass(frozen=True)
+class KernelGroup:
+    """One group's arguments in the form of the Triton kernels (drivers/cuda/): its rows are
+    the contiguous flat rows first_row .. first_row + num_rows - 1."""
+
+    decode: bool
+    first_row: int
+    num_rows: int
+    block_tables: torch.Tensor  # [S, max_blocks] int32
+    seq_lens: torch.Tensor  # [S] int32, the new tokens included
+    cu_seqlens_q: torch.Tensor  # [S + 1] int32, relative to first_row
+
+
 @dataclass
 class StepBatch:
     input_ids: torch.Tensor  # [T] int64, in flat (decode-first) order
@@ -33,10 +46,27 @@ class StepBatch:
     groups: list[PagedGroup]  # at most two: decode tokens, prefill chunks
     sample_rows: torch.Tensor  # [R] flat rows whose logits are returned
     sample_seqs: list[int]  # caller's slice index of each sampled row
+    kernel_groups: list[KernelGroup] | None = None  # set when built for the Triton kernels
+
+
+def kernel_group(slices: list[SeqSlice], members: list[int], first_row: int,
+                 device: torch.device | str) -> KernelGroup:
+    width = max(len(slices[i].block_table) for i in members)
+    tables = [slices[i].block_table + [0] * (width - len(slices[i].block_table))
+              for i in members]
+    lens = [slices[i].start_pos + slices[i].num_tokens for i in members]
+    cu = [0]
+    for i in members:
+        cu.append(cu[-1] + slices[i].num_tokens)
+    as_i32 = {"dtype": torch.int32, "device": device}
+    return KernelGroup(decode=cu[-1] == len(members), first_row=first_row, num_rows=cu[-1],
+                       block_tables=torch.tensor(tables, **as_i32),
+                       seq_lens=torch.tensor(lens, **as_i32),
+                       cu_seqlens_q=torch.tensor(cu, **as_i32))
 
 
 def build_batch(slices: list[SeqSlice], block_size: int, gqa: int,
-                device: torch.device | str = "cpu") -> StepBatch:
+                device: torch.device | str = "cpu", for_kernels: bool = False) -> StepBatch:
     """Lay the slices out as one flat batch: decode (1-token) slices first, then chunks."""
     decode = [i for i, s in enumerate(slices) if s.num_tokens == 1]
     chunks = [i for i, s in enumerate(slices) if s.num_tokens > 1]
@@ -55,9 +85,11 @@ def build_batch(slices: list[SeqSlice], block_size: int, gqa: int,
                                  f"position {p}")
             positions.append(p)
             slots.append(s.block_table[p // block_size] * block_size + p % block_size)
-    groups = []
+    groups, kernel_groups = [], []
     for members in (decode, chunks):
-        if members:
+        if members and for_kernels:
+            kernel_groups.append(kernel_group(slices, members, starts[members[0]], device))
+        elif members:
             groups.append(build_group(
                 [starts[i] for i in members], [slices[i].num_tokens for i in members],
                 [slices[i].start_pos + slices[i].num_tokens for i in members],
@@ -72,4 +104,5 @@ def build_batch(slices: list[SeqSlice], block_size: int, gqa: int,
         groups=groups,
         sample_rows=torch.tensor(rows, dtype=torch.int64, device=device),
         sample_seqs=sample_seqs,
+        kernel_groups=kernel_groups if for_kernels else None,
     )

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llmasos.drivers.cuda.backend import Kernels, kernels_for
 from llmasos.drivers.loaders.config import ModelConfig
 from llmasos.drivers.model.attention import group_attention, write_kv
 from llmasos.drivers.model.batch import StepBatch
@@ -126,6 +127,8 @@ class LlamaModel:
         self.scale = cfg.head_dim ** -0.5
         # oneDNN or MKL for multi-row matmuls: whichever is faster on this CPU (AVX-512 or not)
         self.onednn = onednn_is_faster(self.layers[0].gate_up)
+        # Triton attention on CUDA (and on CPU under TRITON_INTERPRET=1); else the PyTorch path
+        self.kernels: Kernels | None = kernels_for(self.device)
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
 
@@ -174,7 +177,8 @@ class LlamaModel:
             q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads:]
             v = qkv[:, self.q_size + self.kv_size:].view(t, cfg.num_kv_heads, cfg.head_dim)
             k_cache, v_cache = pool.layer(i)
-            write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+            (self.kernels.write_kv if self.kernels else write_kv)(
+                k_cache, v_cache, k, v, batch.slot_mapping)
             x = x + self.linear(self.attention(q, k_cache, v_cache, batch).reshape(t, -1),
                                 layer.o)
             h = self.rms_norm(x, layer.mlp_norm)
@@ -202,9 +206,27 @@ class LlamaModel:
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   batch: StepBatch) -> torch.Tensor:
+        if batch.kernel_groups is not None:
+            return self.kernel_attention(q, k_cache, v_cache, batch)
         if len(batch.groups) == 1:  # one group covers rows 0..T-1 in order: no scatter
             return group_attention(q, k_cache, v_cache, batch.groups[0], self.scale)
         out = torch.empty_like(q)
         for group in batch.groups:
             out[group.token_rows] = group_attention(q, k_cache, v_cache, group, self.scale)
+        return out
+
+    def kernel_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         batch: StepBatch) -> torch.Tensor:
+        """The Triton kernels: split-KV decode for the 1-token rows, flash prefill for chunks."""
+        out = torch.empty_like(q)
+        for g in batch.kernel_groups:
+            rows = slice(g.first_row, g.first_row + g.num_rows)
+            if g.decode:
+                out[rows] = self.kernels.decode_attention(
+                    q[rows].contiguous(), k_cache, v_cache, g.block_tables, g.seq_lens,
+                    self.scale)
+            else:
+                out[rows] = self.kernels.prefill_attention(
+                    q[rows].contiguous(), k_cache, v_cache, g.block_tables, g.cu_seqlens_q,
+                    g.seq_lens, self.scale)
         return out

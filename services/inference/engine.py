@@ -178,7 +178,8 @@ class Engine:
             slices = [SeqSlice(list(e.token_ids), e.start_pos, list(e.block_table), e.sample)
                       for e in entries]
             batch = build_batch(slices, self.block_size,
-                                m.model.cfg.num_heads // m.model.cfg.num_kv_heads, self.device)
+                                m.model.cfg.num_heads // m.model.cfg.num_kv_heads, self.device,
+                                for_kernels=m.model.kernels is not None)
             logits = m.model.forward(batch, m.pool)
             results = [StepResult(e.seq_id, 0, 0.0, False, "", False) for e in entries]
             if batch.sample_seqs:
