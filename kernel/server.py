@@ -5,8 +5,9 @@ the call (uid, syscall, pid, status code, latency)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -46,35 +47,34 @@ def _log(call: Syscall, request: Any, code: str, start: float) -> None:
              ms=round((time.perf_counter() - start) * 1000, 3))
 
 
+@contextmanager
+def syscall(call: Syscall, request: Any, context: grpc.ServicerContext) -> Iterator[None]:
+    """Turn a SyscallError into its gRPC status, and log every call with its outcome."""
+    start, code = time.perf_counter(), "OK"
+    try:
+        yield
+    except SyscallError as e:
+        code = e.code
+        context.abort(getattr(grpc.StatusCode, e.code), e.message)
+    finally:
+        _log(call, request, code, start)
+
+
 def unary(k: Kernel, call: Syscall) -> Callable:
     handler = getattr(handlers, call.handler)
 
     def behavior(request: Any, context: grpc.ServicerContext) -> Any:
-        start, code = time.perf_counter(), "OK"
-        try:
-            ident = check(k, call, request)
-            return handler(k, ident, request, context)
-        except SyscallError as e:
-            code = e.code
-            context.abort(getattr(grpc.StatusCode, e.code), e.message)
-        finally:
-            _log(call, request, code, start)
+        with syscall(call, request, context):
+            return handler(k, check(k, call, request), request, context)
     return behavior
 
 
 def streaming(k: Kernel, call: Syscall) -> Callable:
     handler = getattr(handlers, call.handler)
 
-    def behavior(request: Any, context: grpc.ServicerContext) -> Any:
-        start, code = time.perf_counter(), "OK"
-        try:
-            ident = check(k, call, request)
-            yield from handler(k, ident, request, context)
-        except SyscallError as e:
-            code = e.code
-            context.abort(getattr(grpc.StatusCode, e.code), e.message)
-        finally:
-            _log(call, request, code, start)
+    def behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        with syscall(call, request, context):
+            yield from handler(k, check(k, call, request), request, context)
     return behavior
 
 
