@@ -160,7 +160,7 @@ def run_hf(reqs: list[Request], batch: int) -> dict[str, float]:
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, padding_side="left")
     tok.pad_token = tok.pad_token or tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                 torch_dtype=torch.float32).eval()
+                                                 dtype=torch.float32).eval()
     useful = sum(r.output_tokens for r in reqs)
     start = time.perf_counter()
     with torch.inference_mode():
