@@ -6,6 +6,7 @@ delivered here, at token boundaries (xv6: kill sets a flag, the victim acts at i
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -85,6 +86,7 @@ class Executor:
         try:
             self.k.inference().SwapIn(inference_pb2.SwapInRequest(
                 model=proc.model, handle=proc.swap_handle, blocks=blocks), timeout=60)
+            proc.swap_handle = 0
             log.info("job_swapped_in", pid=proc.pid, blocks=len(blocks))
         except (grpc.RpcError, SyscallError):
             pager.free(proc.pid)   # the copy is gone (service restarted): recompute instead
@@ -97,14 +99,22 @@ class Executor:
 
     def _end(self, proc: Proc, reason: Exit, status: int = 0, message: str = "") -> None:
         self._evict(proc)
+        if proc.swap_handle:   # ended while swapped out: drop its host copy
+            self._drop_swap(proc)
         self.table.exit(proc, reason, status, message)
         log.info("job_exit", pid=proc.pid, reason=reason.name, tokens=len(proc.output_ids))
+
+    def _drop_swap(self, proc: Proc) -> None:
+        handle, proc.swap_handle = proc.swap_handle, 0
+        with contextlib.suppress(grpc.RpcError, SyscallError):   # else it died with the service
+            self.k.inference().Release(inference_pb2.ReleaseRequest(
+                model=proc.model, swap_handles=[handle]), timeout=30)
 
     def inference_restarted(self, incarnation: int) -> None:
         """New pagers were attached: every job's KV is gone and will be recomputed."""
         with self.table.lock:
             for proc in self.table.live():
-                proc.kv_blocks = 0
+                proc.kv_blocks, proc.swap_handle = 0, 0
                 if proc.state == State.RUNNING:
                     self.table.set_state(proc, State.READY)
         if incarnation > 1:

@@ -160,7 +160,7 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """Forget per-sequence sampler state (called when a job ends).
+        """Forget per-sequence sampler state and swapped-out copies (called when a job ends).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

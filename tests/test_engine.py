@@ -190,3 +190,7 @@ def test_copy_and_swap_blocks(engine: Engine) -> None:
         engine.swap_in(MODEL, handle, [30, 31])  # a handle is used once
     engine.release(MODEL, [3, 7, 8, 9])
     assert not {3, 7, 8, 9} & set(engine._models[MODEL].seqs)
+    dropped = engine.swap_out(MODEL, [30])
+    engine.release(MODEL, [], swap_handles=[dropped])   # a killed, swapped-out job's copy
+    with pytest.raises(KeyError):
+        engine.swap_in(MODEL, dropped, [31])

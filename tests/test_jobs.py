@@ -264,3 +264,16 @@ def test_seeded_n_samples_are_distinct_and_reproducible(model_system: System) ->
     first, second = run(), run()
     assert first == second
     assert len({tuple(x) for x in first}) > 1, "each sample must draw its own stream"
+
+
+def test_killing_a_stopped_job_drops_its_swapped_kv(model_system: System) -> None:
+    pid = spawn(model_system, PROMPTS[3], max_tokens=200)
+    while model_system.call("Stat", kernel_pb2.StatRequest(pid=pid)).generated_tokens < 2:
+        time.sleep(0.02)
+    model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=19))
+    while model_system.call("Stat", kernel_pb2.StatRequest(pid=pid)).state != STOPPED:
+        time.sleep(0.02)
+    model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=9))
+    assert wait(model_system, pid).info.exit_reason == common_pb2.EXIT_KILLED
+    # The Release that dropped the host copy went through the inference service.
+    assert "job_swapped_out" in model_system.log_text()

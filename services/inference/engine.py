@@ -247,8 +247,10 @@ class Engine:
             m.pool.write_blocks(list(blocks), m.swapped[handle])
             del m.swapped[handle]
 
-    def release(self, name: str, seq_ids: list[int]) -> None:
+    def release(self, name: str, seq_ids: list[int], swap_handles: list[int] = ()) -> None:
         with self._lock:
             m = self._get(name)
             for s in seq_ids:
                 m.seqs.pop(s, None)
+            for h in swap_handles:
+                m.swapped.pop(h, None)

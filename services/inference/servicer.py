@@ -141,7 +141,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     def Release(self, request: inference_pb2.ReleaseRequest,  # noqa: N802
                 context: grpc.ServicerContext) -> inference_pb2.ReleaseResponse:
-        self._call(context, lambda: self.engine.release(request.model, list(request.seq_ids)))
+        self._call(context, lambda: self.engine.release(request.model, list(request.seq_ids),
+                                                        list(request.swap_handles)))
         return inference_pb2.ReleaseResponse()
 
 
