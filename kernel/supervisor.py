@@ -69,9 +69,8 @@ class Supervisor:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        with self.lock:
-            for svc in self.services.values():
-                self._launch(svc)
+        for svc in self.services.values():
+            self._launch(svc)
         self.thread.start()
 
     def wait_healthy(self, timeout: float) -> bool:
@@ -113,32 +112,41 @@ class Supervisor:
     # --- starting --------------------------------------------------------------------------
 
     def _launch(self, svc: Service) -> None:
-        """Start one incarnation and read its address from the report pipe."""
+        """Start one incarnation and read its address from the report pipe. Runs without the
+        lock (a model load can take a while) so the other services stay watched meanwhile."""
         read_fd, write_fd = os.pipe()
         cmd = [sys.executable, "-m", f"llmasos.services.{svc.spec.name}",
                "--listen", "127.0.0.1:0", "--report-fd", str(write_fd),
                "--state-dir", self.state_dir]
         for key, value in svc.spec.options.items():
             cmd += ["--option", f"{key}={value}"]
-        svc.state = "STARTING"
-        svc.incarnation += 1
-        svc.started_at = time.time()
-        svc.popen = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
+        with self.lock:   # stop() signals under the lock: never start a child it cannot see
+            if self.stopping.is_set():
+                os.close(read_fd)
+                os.close(write_fd)
+                svc.state = "STOPPED"
+                return
+            svc.state = "STARTING"
+            svc.incarnation += 1
+            svc.started_at = time.time()
+            svc.popen = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
         os.close(write_fd)
         address = self._read_report(read_fd, svc)
-        if not address:
-            self._died(svc, "no address reported")
-            return
-        svc.address = address
-        svc.channel = grpc.insecure_channel(address)
-        svc.missed = 0
+        with self.lock:
+            if not address:
+                self._died(svc, "no address reported")
+                return
+            svc.address = address
+            svc.channel = grpc.insecure_channel(address)
+            svc.missed = 0
         log.info("service_started", service=svc.spec.name, pid=svc.popen.pid,
                  address=address, incarnation=svc.incarnation)
         try:
             self.on_start(svc)
         except Exception as e:  # a failing hook is a failed start, not a dead supervisor
             log.error("service_start_hook_failed", service=svc.spec.name, error=str(e))
-        self._check(svc)
+        with self.lock:
+            self._check(svc)
 
     def _read_report(self, fd: int, svc: Service) -> str:
         deadline = time.monotonic() + svc.spec.start_timeout
@@ -170,11 +178,13 @@ class Supervisor:
                 last_check = now
 
     def _tick(self, svc: Service, now: float, check_health: bool) -> None:
-        if self.stopping.is_set() or svc.state in ("FAILED", "STOPPED"):
+        if self.stopping.is_set() or svc.state in ("FAILED", "STOPPED", "STARTING"):
             return
         if svc.state == "RESTARTING":
             if now >= svc.next_start:
-                self._launch(svc)
+                svc.state = "STARTING"   # its own thread starts it; the rest stay watched
+                threading.Thread(target=self._launch, args=(svc,), daemon=True,
+                                 name=f"start-{svc.spec.name}").start()
             return
         code = svc.popen.poll() if svc.popen else -1
         if code is not None:
