@@ -207,3 +207,32 @@ def alone(system: System, prompt: str, max_tokens: int = 12) -> list[int]:
     if key not in _ALONE:
         _ALONE[key] = list(wait(system, spawn(system, prompt, max_tokens)).token_ids)
     return _ALONE[key]
+
+
+# --- one service process on its own -----------------------------------------------------------
+
+def start_service(module: str, *args: str) -> tuple[subprocess.Popen, str]:
+    """Start one service process on a free port; it prints its address when given no pipe."""
+    proc = subprocess.Popen([sys.executable, "-m", module, "--listen", "127.0.0.1:0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            cwd=Path(__file__).resolve().parents[1])
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    if not sel.select(timeout=30):
+        proc.kill()
+        proc.wait()
+        raise TimeoutError(f"{module} did not report its address")
+    address = proc.stdout.readline().decode().strip()
+    assert address.startswith("127.0.0.1:"), address
+    return proc, address
+
+
+def stop_service(proc: subprocess.Popen, address: str) -> None:
+    """SIGTERM; it must exit 0, with no children left and its port closed."""
+    assert psutil.Process(proc.pid).children(recursive=True) == []
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    assert not psutil.pid_exists(proc.pid)
+    host, port = address.rsplit(":", 1)
+    with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=2):
+        pass

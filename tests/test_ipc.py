@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import selectors
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
-import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -30,7 +23,7 @@ from llmasos.services.ipc.mailboxes import (
     ReceiveTimeout,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import start_service, stop_service
 
 
 @pytest.fixture
@@ -192,31 +185,6 @@ def test_many_producers_one_consumer_in_order(mb):
 
 
 # -- the service as a process -----------------------------------------------------------------
-
-def start_service(module: str, *args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", module, "--listen", "127.0.0.1:0", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    if not sel.select(timeout=30):
-        proc.kill()
-        proc.wait()
-        raise TimeoutError(f"{module} did not report its address")
-    address = proc.stdout.readline().decode().strip()
-    assert address.startswith("127.0.0.1:"), address
-    return proc, address
-
-
-def stop_service(proc: subprocess.Popen, address: str) -> None:
-    """SIGTERM; it must exit 0, with no children left and its port closed."""
-    assert psutil.Process(proc.pid).children(recursive=True) == []
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=20) == 0
-    assert not psutil.pid_exists(proc.pid)
-    host, port = address.rsplit(":", 1)
-    with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=2):
-        pass
-
 
 @pytest.fixture
 def service():
