@@ -50,13 +50,17 @@ def load_cached_gguf(path: str, state_dir: str,
     return cfg, weights, False
 
 
-def load_weights(path: str, state_dir: str,
-                 progress: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
-    """Load a GGUF file (through the cache) or an HF folder; returns (config, weights, source)."""
+def load_weights(path: str, state_dir: str, progress: bool = True,
+                 keep_quantized: bool = False) -> tuple[ModelConfig, dict, str]:
+    """Load a GGUF file (through the cache) or an HF folder; returns (config, weights, source).
+    keep_quantized: GGUF Q8_0/Q4_1 projections stay quantized (the GPU path; no cache)."""
     if os.path.isdir(path):
         cfg, weights = load_hf(path, progress=progress)
         return cfg, weights, "safetensors"
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such model file or folder: {path}")
+    if keep_quantized:
+        cfg, weights = load_gguf(path, progress=progress, keep_quantized=True)
+        return cfg, weights, "gguf"
     cfg, weights, _ = load_cached_gguf(path, state_dir, progress=progress)
     return cfg, weights, "gguf"

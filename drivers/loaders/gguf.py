@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 from tqdm import tqdm
 
+from llmasos.drivers.cuda.quant import QuantWeight, from_gguf
 from llmasos.drivers.loaders.config import ModelConfig, arch_spec, from_gguf_metadata
+
+# GGUF block formats the Triton matmuls read as they are (drivers/cuda/quant_matmul.py).
+KERNEL_FORMATS = {GGMLQuantizationType.Q8_0: "q8_0", GGMLQuantizationType.Q4_1: "q4_1"}
 
 # GGUF tensor name -> HF name; {i} is the layer index.
 NAMES: dict[str, str] = {
@@ -76,8 +81,18 @@ def to_tensor(t: Any) -> torch.Tensor:
     return torch.from_numpy(data.reshape(shape))
 
 
-def load_gguf(path: str, progress: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Return the config and fp32 weights (HF names, Q/K rows in HF order)."""
+def to_quant(t: Any) -> QuantWeight:
+    """Keep one Q8_0/Q4_1 ReaderTensor's blocks as they are, as a QuantWeight [out, in]."""
+    out_features, in_features = (int(d) for d in reversed(t.shape.tolist()))
+    raw = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True))
+    return from_gguf(raw, KERNEL_FORMATS[t.tensor_type], out_features, in_features)
+
+
+def load_gguf(path: str, progress: bool = True, keep_quantized: bool = False,
+              ) -> tuple[ModelConfig, dict[str, torch.Tensor | QuantWeight]]:
+    """Return the config and fp32 weights (HF names, Q/K rows in HF order). With
+    keep_quantized, Q8_0/Q4_1 projection weights stay in their GGUF blocks (QuantWeight) for
+    the GPU's quantized matmuls instead of being dequantized."""
     reader = GGUFReader(path)
     meta = read_metadata(reader)
     cfg = from_gguf_metadata(meta, {t.name for t in reader.tensors})
@@ -87,10 +102,14 @@ def load_gguf(path: str, progress: bool = True) -> tuple[ModelConfig, dict[str, 
         name = hf_name(t.name)
         if name is None:
             continue
-        w = to_tensor(t)
-        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = unpermute(w, cfg.num_heads)
-        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = unpermute(w, cfg.num_kv_heads)
+        quant = keep_quantized and name.endswith("_proj.weight") and \
+            t.tensor_type in KERNEL_FORMATS
+        w = to_quant(t) if quant else to_tensor(t)
+        heads = cfg.num_heads if name.endswith(("q_proj.weight", "q_proj.bias")) else \
+            cfg.num_kv_heads if name.endswith(("k_proj.weight", "k_proj.bias")) else 0
+        if permuted and heads and quant:   # rows are whole: permute the rows of blocks
+            w = dataclasses.replace(w, qweight=unpermute(w.qweight, heads))
+        elif permuted and heads:
+            w = unpermute(w, heads)
         weights[name] = w
     return cfg, weights

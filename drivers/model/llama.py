@@ -11,21 +11,42 @@ import torch
 import torch.nn.functional as F
 
 from llmasos.drivers.cuda.backend import Kernels, kernels_for
+from llmasos.drivers.cuda.quant import QuantWeight, dequantize
 from llmasos.drivers.loaders.config import ModelConfig
 from llmasos.drivers.model.attention import group_attention, write_kv
 from llmasos.drivers.model.batch import StepBatch
 from llmasos.drivers.model.kv_pool import KVPool
 
+Weight = torch.Tensor | QuantWeight  # QuantWeight only where the Triton kernels run
+
 
 @dataclass
 class Layer:
     attn_norm: torch.Tensor
-    qkv: torch.Tensor  # [(Hq + 2 Hkv) * D, hidden]: Q, K, V projections fused into one matmul
+    qkv: Weight  # [(Hq + 2 Hkv) * D, hidden]: Q, K, V projections fused into one matmul
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor
+    o: Weight
     mlp_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate and up fused
-    down: torch.Tensor
+    gate_up: Weight  # [2 * intermediate, hidden]: gate and up fused
+    down: Weight
+
+
+def cat_rows(ws: list[Weight]) -> Weight:
+    """Fuse projections by stacking their rows; GGUF blocks of one format stack as they are."""
+    if all(isinstance(w, QuantWeight) for w in ws) and len({w.fmt for w in ws}) == 1:
+        return QuantWeight(ws[0].fmt, sum(w.out_features for w in ws), ws[0].in_features,
+                           torch.cat([w.qweight for w in ws]))
+    return torch.cat([dequantize(w) if isinstance(w, QuantWeight) else w for w in ws])
+
+
+def weight_numel(w: Weight) -> int:
+    return w.out_features * w.in_features if isinstance(w, QuantWeight) else w.numel()
+
+
+def weight_bytes(w: Weight) -> int:
+    if isinstance(w, QuantWeight):
+        return sum(t.nbytes for t in (w.qweight, w.scale, w.offset) if t is not None)
+    return w.nbytes
 
 
 def rope_inv_freq(cfg: ModelConfig, rope_freqs: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,11 +133,18 @@ class LlamaModel:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor],
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        # Triton attention and quantized matmuls on CUDA (and on CPU under TRITON_INTERPRET=1);
+        # otherwise the PyTorch path, with any quantized weight dequantized here
+        self.kernels: Kernels | None = kernels_for(self.device)
 
-        def w(name: str) -> torch.Tensor:
-            return weights[name].to(device=self.device, dtype=dtype).contiguous()
+        def w(name: str) -> Weight:
+            t = weights[name]
+            if isinstance(t, QuantWeight) and self.kernels is not None:
+                return t.to(self.device)
+            t = dequantize(t) if isinstance(t, QuantWeight) else t
+            return t.to(device=self.device, dtype=dtype).contiguous()
 
-        self.embed = w("model.embed_tokens.weight")
+        self.embed = w("model.embed_tokens.weight")   # never quantized: a table lookup
         self.norm = w("model.norm.weight")
         head = weights.get("lm_head.weight")
         self.lm_head = self.embed if cfg.tie_word_embeddings or head is None else w(
@@ -126,9 +154,8 @@ class LlamaModel:
         self.inv_freq = rope_inv_freq(cfg, freqs).to(self.device)
         self.scale = cfg.head_dim ** -0.5
         # oneDNN or MKL for multi-row matmuls: whichever is faster on this CPU (AVX-512 or not)
-        self.onednn = onednn_is_faster(self.layers[0].gate_up)
-        # Triton attention on CUDA (and on CPU under TRITON_INTERPRET=1); else the PyTorch path
-        self.kernels: Kernels | None = kernels_for(self.device)
+        gate_up = self.layers[0].gate_up
+        self.onednn = isinstance(gate_up, torch.Tensor) and onednn_is_faster(gate_up)
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
 
@@ -140,21 +167,29 @@ class LlamaModel:
             bias = torch.cat([w(a + f"{x}_proj.bias") for x in "qkv"])
         return Layer(
             attn_norm=w(p + "input_layernorm.weight"),
-            qkv=torch.cat([w(a + f"{x}_proj.weight") for x in "qkv"]),
+            qkv=cat_rows([w(a + f"{x}_proj.weight") for x in "qkv"]),
             qkv_bias=bias,
             o=w(a + "o_proj.weight"),
             mlp_norm=w(p + "post_attention_layernorm.weight"),
-            gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+            gate_up=cat_rows([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
             down=w(p + "mlp.down_proj.weight"),
         )
 
-    @property
-    def num_parameters(self) -> int:
+    def _weights(self) -> list[Weight]:
         tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
         for layer in self.layers:
             tensors += [layer.attn_norm, layer.qkv, layer.o, layer.mlp_norm, layer.gate_up,
                         layer.down] + ([layer.qkv_bias] if layer.qkv_bias is not None else [])
-        return sum(t.numel() for t in tensors)
+        return tensors
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(weight_numel(t) for t in self._weights())
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the weights take on the device (quantized ones in their packed form)."""
+        return sum(weight_bytes(t) for t in self._weights())
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.cfg.rms_norm_eps)
@@ -186,16 +221,19 @@ class LlamaModel:
             x = x + self.linear(F.silu(gate) * up, layer.down)
         return self.logits(self.rms_norm(x[batch.sample_rows], self.norm))
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+    def linear(self, x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None
                ) -> torch.Tensor:
+        if isinstance(w, QuantWeight):   # the GGUF blocks, read as they are by a Triton kernel
+            y = self.kernels.linear(x, w)
+            return y if bias is None else y + bias
         if self.onednn and x.shape[0] > 1:
             return onednn_linear(x, w, bias)
         return dense_linear(x, w, bias)
 
-    def gate_up(self, h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gate_up(self, h: torch.Tensor, w: Weight) -> tuple[torch.Tensor, torch.Tensor]:
         """One fused matmul; with MKL and many rows two GEMMs over the halves (contiguous row
         slices of w) are ~5% faster."""
-        if self.onednn or h.shape[0] <= SMALL_ROWS:
+        if self.onednn or h.shape[0] <= SMALL_ROWS or isinstance(w, QuantWeight):
             gate, up = self.linear(h, w).chunk(2, dim=-1)
             return gate, up
         half = self.cfg.intermediate_size

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import structlog
 import torch
 
+from llmasos.drivers.cuda.backend import kernels_for
 from llmasos.drivers.loaders.cache import load_weights
 from llmasos.drivers.model.batch import SeqSlice, build_batch
 from llmasos.drivers.model.kv_pool import KVPool, PoolGeometry
@@ -110,7 +111,9 @@ class Engine:
             if name in self._models:
                 raise ValueError(f"model name {name!r} is already loaded")
             t0 = time.perf_counter()
-            cfg, weights, kind = load_weights(path, self.state_dir)
+            # where the Triton kernels run, GGUF Q8_0/Q4_1 weights stay in their blocks
+            cfg, weights, kind = load_weights(path, self.state_dir,
+                                              keep_quantized=kernels_for(self.device) is not None)
             tokenizer = Tokenizer.from_hf_dir(path) if kind == "safetensors" \
                 else Tokenizer.from_gguf(path)
             torch_dtype = DTYPES[dtype_name]
@@ -120,11 +123,10 @@ class Engine:
                           kv_budget_bytes or self.kv_budget_bytes, self.block_size, torch_dtype,
                           self.device)
             params = model.num_parameters
-            elem = torch.empty((), dtype=torch_dtype).element_size()
             entry = ModelEntry(
                 name=name, source=os.path.abspath(path), architecture=cfg.architecture,
                 parameters=params, dtype=str(torch_dtype).removeprefix("torch."),
-                memory_bytes=params * elem,
+                memory_bytes=model.weight_bytes,
                 context_length=cfg.max_position_embeddings, device=str(self.device),
                 vocab_size=cfg.vocab_size,
             )
