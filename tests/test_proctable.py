@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from llmasos.kernel.proctable import TRANSITIONS, Exit, IllegalTransition, ProcessTable, State
@@ -68,13 +66,11 @@ def test_listing_filters_by_user_in_pid_order() -> None:
     assert [p.pid for p in table.listing()] == list(range(1, 11))
 
 
-def test_ten_thousand_entries_list_quickly() -> None:
+def test_ten_thousand_entries() -> None:
+    """(Their listing speed is bench/syscall_latency.py's ps_10000_ms.)"""
     table = ProcessTable()
     for _ in range(10_000):
         spawn(table)
-    start = time.perf_counter()
     procs = table.listing()
-    assert len(procs) == 10_000
-    assert table.get(5_000).pid == 5_000
-    # Not a benchmark: a generous bound that only an O(n^2) listing would break.
-    assert time.perf_counter() - start < 1.0
+    assert [p.pid for p in procs] == list(range(1, 10_001))
+    assert table.get(5_000).pid == 5_000 and len(table) == 10_000
