@@ -23,6 +23,7 @@ log = structlog.get_logger()
 SIGKILL, SIGTERM, SIGCONT, SIGSTOP = 9, 15, 18, 19
 RUNNABLE = (State.NEW, State.READY, State.BLOCKED)
 RETRY_PAUSE = 0.2   # after a failed step (a service restarting), before trying again
+SWAP_SPACE = 1.0    # host memory for swapped-out KV, as a multiple of the pool
 
 
 class Executor:
@@ -65,21 +66,37 @@ class Executor:
 
     def _suspend(self, proc: Proc) -> None:
         """STOP: the job's KV moves to host memory in the inference service (swap); if that
-        fails the blocks are simply freed and CONT recomputes them."""
+        cannot be done the blocks are simply freed and CONT recomputes them."""
         pager = self.k.pagers.get(proc.model)
-        if pager is not None and proc.pid in pager and not pager.is_swapped(proc.pid):
-            try:
-                proc.swap_handle = self.k.inference().SwapOut(inference_pb2.SwapOutRequest(
-                    model=proc.model, blocks=pager.block_table(proc.pid)), timeout=60).handle
-                pager.swap_out(proc.pid)
-                log.info("job_swapped_out", pid=proc.pid, blocks=proc.kv_blocks)
-            except (grpc.RpcError, SyscallError):
-                self._evict(proc)
+        if pager is None or not self._swap_out(proc, pager):
+            self._evict(proc)
         proc.kv_blocks = 0
         self.table.set_state(proc, State.STOPPED)
 
+    def _swap_out(self, proc: Proc, pager: Pager) -> bool:
+        """Copy the job's blocks to host memory and free them; False when it cannot (not
+        resident, host swap space full, the service unreachable)."""
+        if proc.pid not in pager or pager.is_swapped(proc.pid):
+            return False
+        blocks = pager.block_table(proc.pid)
+        if self._swapped_blocks(pager) + len(blocks) > pager.num_blocks * SWAP_SPACE:
+            return False
+        try:
+            proc.swap_handle = self.k.inference().SwapOut(inference_pb2.SwapOutRequest(
+                model=proc.model, blocks=blocks), timeout=60).handle
+        except (grpc.RpcError, SyscallError):
+            return False
+        pager.swap_out(proc.pid)
+        log.info("job_swapped_out", pid=proc.pid, blocks=len(blocks))
+        return True
+
+    def _swapped_blocks(self, pager: Pager) -> int:
+        return sum(pager.blocks_for(pager.num_tokens(p.pid)) for p in self.table.live()
+                   if p.pid in pager and pager.is_swapped(p.pid))
+
     def _swap_in(self, proc: Proc, pager: Pager, planned: set[int]) -> None:
-        """Bring a continued job's KV back from host memory (or recompute it if that fails)."""
+        """Bring a continued or preempted job's KV back from host memory (or recompute it if
+        that fails)."""
         need = pager.blocks_for(pager.num_tokens(proc.pid))
         self._make_room(pager, need, planned, proc)
         blocks = pager.swap_in(proc.pid)
@@ -90,17 +107,19 @@ class Executor:
             log.info("job_swapped_in", pid=proc.pid, blocks=len(blocks))
         except (grpc.RpcError, SyscallError):
             pager.free(proc.pid)   # the copy is gone (service restarted): recompute instead
+            proc.swap_handle = 0
 
     def _evict(self, proc: Proc) -> None:
+        """Give back everything the job holds: its blocks and any swapped-out copy."""
         pager = self.k.pagers.get(proc.model)
         if pager is not None:
             pager.free(proc.pid)
+        if proc.swap_handle:
+            self._drop_swap(proc)
         proc.kv_blocks = 0
 
     def _end(self, proc: Proc, reason: Exit, status: int = 0, message: str = "") -> None:
         self._evict(proc)
-        if proc.swap_handle:   # ended while swapped out: drop its host copy
-            self._drop_swap(proc)
         self.table.exit(proc, reason, status, message)
         log.info("job_exit", pid=proc.pid, reason=reason.name, tokens=len(proc.output_ids))
 
@@ -194,8 +213,9 @@ class Executor:
         return True
 
     def _sched_job(self, p: Proc, pager: Pager) -> scheduler_pb2.SchedJob:
-        resident = p.pid in pager
-        computed = pager.num_computed(p.pid) if resident else 0
+        # a swapped-out job holds no blocks: it is admitted again like a waiting one
+        resident = p.pid in pager and not pager.is_swapped(p.pid)
+        computed = pager.num_computed(p.pid) if p.pid in pager else 0
         return scheduler_pb2.SchedJob(
             pid=p.pid, user=p.user, nice=p.nice, arrival=p.created,
             pending_tokens=len(p.prompt_ids) + len(p.output_ids) - computed,
@@ -295,11 +315,18 @@ class Executor:
             raise OutOfBlocks(needed, pager.free_blocks)
 
     def _preempt(self, proc: Proc | None, why: str) -> None:
+        """Take a job's blocks: a decoding job's KV is swapped to host memory (cheaper than
+        recomputing prompt and output); a job still in its prompt is recomputed later."""
         if proc is None or proc.state in (State.ZOMBIE, State.REAPED):
             return
-        self._evict(proc)
+        pager = self.k.pagers.get(proc.model)
+        swapped = bool(proc.output_ids) and pager is not None and self._swap_out(proc, pager)
+        if not swapped:
+            self._evict(proc)
+        proc.kv_blocks = 0
         proc.preemptions += 1
-        log.info("job_preempted", pid=proc.pid, why=why, preemptions=proc.preemptions)
+        log.info("job_preempted", pid=proc.pid, why=why, preemptions=proc.preemptions,
+                 mode="swap" if swapped else "recompute")
 
     # --- committing ----------------------------------------------------------------------
 

@@ -211,6 +211,8 @@ def test_small_kv_pool_completes_every_job_through_preemption(tmp_path) -> None:
         expected = [alone(system, p, 40) for p in prompts]
         assert [list(r.token_ids) for r in replies] == expected
         assert sum(r.info.preemptions for r in replies) > 0, "the load must have preempted"
+        log = system.log_text()
+        assert '"mode": "swap"' in log and "job_swapped_in" in log   # decoding jobs swapped
         assert_no_kv_held(system)
     finally:
         assert shutdown(system) == 0
