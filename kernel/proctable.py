@@ -49,6 +49,10 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 }
 
 
+# Transitions that Wait and Read sleep for (new output is announced by the step loop).
+WAKES = frozenset({S.STOPPED, S.ZOMBIE, S.REAPED})
+
+
 class IllegalTransition(Exception):
     pass
 
@@ -96,7 +100,7 @@ class ProcessTable:
 
     def __init__(self, zombie_ttl: float = 600.0) -> None:
         self.lock = threading.RLock()
-        self.changed = threading.Condition(self.lock)  # notified on every state or output change
+        self.changed = threading.Condition(self.lock)  # notified on exits, stops and new output
         self.procs: dict[int, Proc] = {}
         self.next_pid = 1
         self.zombie_ttl = zombie_ttl
@@ -119,7 +123,8 @@ class ProcessTable:
             proc.state = new
             if new == State.RUNNING and not proc.started:
                 proc.started = time.time()
-            self.changed.notify_all()
+            if new in WAKES:   # the step loop's READY <-> RUNNING moves wake nobody
+                self.changed.notify_all()
 
     def exit(self, proc: Proc, reason: Exit, status: int = 0, message: str = "") -> None:
         """Make a live job a zombie with its exit status."""
