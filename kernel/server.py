@@ -94,9 +94,15 @@ def _message(descriptor: Any) -> Any:
     return message_factory.GetMessageClass(descriptor)
 
 
-def build(k: Kernel, listen: str, workers: int = 32) -> tuple[grpc.Server, int]:
+# A Read or Wait holds a worker thread for the life of its job, so the pool must cover every
+# stream clients keep open at once; past it, calls answer RESOURCE_EXHAUSTED instead of queueing.
+WORKERS = 512
+
+
+def build(k: Kernel, listen: str, workers: int = WORKERS) -> tuple[grpc.Server, int]:
     auth = Authenticator(lambda: k.supervisor.channel("security"))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         maximum_concurrent_rpcs=workers,
                          interceptors=[AuthInterceptor(auth)],
                          options=[("grpc.so_reuseport", 0)])   # a second llmosd must fail
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(

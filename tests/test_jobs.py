@@ -279,3 +279,30 @@ def test_killing_a_stopped_job_drops_its_swapped_kv(model_system: System) -> Non
     assert wait(model_system, pid).info.exit_reason == common_pb2.EXIT_KILLED
     # The Release that dropped the host copy went through the inference service.
     assert "job_swapped_out" in model_system.log_text()
+
+
+def test_many_open_read_streams_do_not_starve_the_kernel(model_system: System) -> None:
+    """Each Read holds a server thread for its job's life; 48 of them (more than a small
+    pool) must leave the kernel answering and each stream must still run to its end."""
+    pids = [spawn(model_system, PROMPTS[i % len(PROMPTS)], max_tokens=4) for i in range(48)]
+    for pid in pids:
+        model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=19))
+    done: dict[int, bool] = {}
+
+    def read(pid: int) -> None:
+        chunks = list(model_system.kernel.Read(kernel_pb2.ReadRequest(pid=pid),
+                                               metadata=model_system.auth(), timeout=300))
+        done[pid] = chunks[-1].done
+
+    threads = [threading.Thread(target=read, args=(pid,)) for pid in pids]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)   # every stream is open and waiting on a stopped job
+    assert model_system.call("Stat", kernel_pb2.StatRequest(pid=pids[0]), timeout=10).pid
+    for pid in pids:
+        model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=18))
+    for t in threads:
+        t.join(300)
+    assert all(done.get(pid) for pid in pids)
+    for pid in pids:
+        wait(model_system, pid)
