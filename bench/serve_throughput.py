@@ -144,7 +144,7 @@ class InProcessRunner:
         self.k = InProcessKernel(Config(home=str(home)))
         info = inference.LoadModel(inference_pb2.LoadModelRequest(name=MODEL,
                                                                   path=embedded_gguf()))
-        self.k.models[MODEL] = Deployed(info, info.source, "")
+        self.k.models[MODEL] = Deployed(info.source, "")
         self.k.attach_pager(MODEL, inference)
         self.k.executor = Executor(self.k)
         self.k.executor.start()

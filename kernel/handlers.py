@@ -250,7 +250,7 @@ def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.Mod
         k.attach_pager(req.name, stub)
     except grpc.RpcError as e:
         raise downstream(e, "deploying failed") from None
-    k.models[req.name] = Deployed(info, path, req.dtype)
+    k.models[req.name] = Deployed(path, req.dtype)
     return info
 
 

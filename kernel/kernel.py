@@ -10,10 +10,10 @@ import grpc
 import structlog
 
 from llmasos.kernel.config import Config
+from llmasos.kernel.pager import Pager
 from llmasos.kernel.proctable import ProcessTable
 from llmasos.kernel.supervisor import Service, ServiceSpec, Supervisor
 from llmasos.proto import (
-    common_pb2,
     inference_pb2,
     inference_pb2_grpc,
     scheduler_pb2_grpc,
@@ -27,7 +27,6 @@ log = structlog.get_logger()
 class Deployed:
     """What the kernel must redeploy if the inference service restarts."""
 
-    info: common_pb2.ModelInfo
     path: str
     dtype: str
     embedded: bool = False
@@ -86,15 +85,13 @@ class Kernel:
                 loaded[name] = stub.LoadModel(inference_pb2.LoadModelRequest(
                     name=name, path=dep.path, dtype=dep.dtype), timeout=600)
         for name, info in loaded.items():
-            old = self.models.get(name)
-            self.models[name] = Deployed(info, info.source, info.dtype,
-                                         embedded=old.embedded if old else True)
+            if name not in self.models:   # loaded by the service itself at start
+                self.models[name] = Deployed(info.source, info.dtype, embedded=True)
             self.attach_pager(name, stub)
         if self.executor is not None:
             self.executor.inference_restarted(svc.incarnation)
 
     def attach_pager(self, name: str, stub: inference_pb2_grpc.InferenceStub) -> None:
-        from llmasos.kernel.pager import Pager
         geo = stub.Geometry(inference_pb2.GeometryRequest(model=name), timeout=30)
         self.pagers[name] = Pager(geo.num_blocks, geo.block_size)
         self.block_bytes[name] = geo.block_bytes

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -80,18 +81,13 @@ def streaming(k: Kernel, call: Syscall) -> Callable:
 
 def method_handler(k: Kernel, call: Syscall) -> grpc.RpcMethodHandler:
     desc = METHODS[call.name]
-    req_cls = getattr(kernel_pb2, desc.input_type.name, None) or _message(desc.input_type)
-    rep_cls = getattr(kernel_pb2, desc.output_type.name, None) or _message(desc.output_type)
+    req_cls = message_factory.GetMessageClass(desc.input_type)
+    rep_cls = message_factory.GetMessageClass(desc.output_type)
     make = grpc.unary_stream_rpc_method_handler if call.stream \
         else grpc.unary_unary_rpc_method_handler
     body = streaming(k, call) if call.stream else unary(k, call)
     return make(body, request_deserializer=req_cls.FromString,
                 response_serializer=rep_cls.SerializeToString)
-
-
-def _message(descriptor: Any) -> Any:
-    from google.protobuf import message_factory
-    return message_factory.GetMessageClass(descriptor)
 
 
 # A Read or Wait holds a worker thread for the life of its job, so the pool must cover every
