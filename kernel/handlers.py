@@ -17,10 +17,10 @@ from llmasos.kernel.kernel import Deployed, Kernel
 from llmasos.kernel.proctable import Proc, State
 from llmasos.proto import common_pb2, inference_pb2, kernel_pb2
 from llmasos.syscalls import SyscallError
+from llmasos.syscalls.limits import DEFAULT_MAX_TOKENS, SIGCONT, SIGSTOP, sampling_errors
 from llmasos.syscalls.table import CAP_ADMIN
 
-SIGKILL, SIGTERM, SIGCONT, SIGSTOP = 9, 15, 18, 19
-DEFAULT_MAX_TOKENS = 256
+ENDED = (State.ZOMBIE, State.REAPED)
 
 
 def is_admin(ident: Identity) -> bool:
@@ -54,6 +54,13 @@ def model_or_404(k: Kernel, name: str) -> Deployed:
     return k.models[name]
 
 
+def usable_model(k: Kernel, name: str) -> Deployed:
+    dep = model_or_404(k, name)
+    if dep.error:
+        raise SyscallError("FAILED_PRECONDITION", dep.error)
+    return dep
+
+
 # --- jobs -------------------------------------------------------------------------------------
 
 def sys_spawn(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.SpawnResponse:
@@ -61,11 +68,14 @@ def sys_spawn(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Spaw
         raise SyscallError("UNAVAILABLE", "llmosd is shutting down; no new jobs")
     if req.nice < 0 and not is_admin(ident):
         raise SyscallError("PERMISSION_DENIED", "only root may spawn with a negative nice")
-    model_or_404(k, req.model)
+    usable_model(k, req.model)
     tok = tokenize(k, req)
     if len(tok.token_ids) >= tok.context_length:
         raise SyscallError("INVALID_ARGUMENT", f"prompt is {len(tok.token_ids)} tokens; "
                            f"{req.model} holds at most {tok.context_length - 1}")
+    errors = sampling_errors(req.sampling, tok.vocab_size or None)   # the model's real bounds
+    if errors:
+        raise SyscallError("INVALID_ARGUMENT", f"{errors[0]} ({req.model})")
     max_tokens = req.sampling.max_tokens if req.sampling.HasField("max_tokens") \
         else DEFAULT_MAX_TOKENS
     fits_pool(k, req.model, min(len(tok.token_ids) + max_tokens, tok.context_length))
@@ -119,14 +129,14 @@ def sys_wait(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.WaitR
     limit = req.timeout_ms / 1000 if req.timeout_ms else None
     deadline = time.monotonic() + limit if limit else None
     with k.table.changed:
-        while proc.state != State.ZOMBIE:
+        while proc.state not in ENDED:
             if not ctx.is_active():
                 raise SyscallError("CANCELLED", "the caller went away")
             left = deadline - time.monotonic() if deadline else 1.0
             if left <= 0:
                 raise SyscallError("DEADLINE_EXCEEDED", f"process {proc.pid} still running")
             k.table.changed.wait(min(left, 1.0))
-        if proc.pid not in k.table.procs:   # another Wait reaped it first
+        if proc.state == State.REAPED:   # another Wait (or the zombie timeout) reaped it
             raise SyscallError("NOT_FOUND", f"process {proc.pid} was already reaped")
         if not ctx.is_active():              # nobody to hand the status to: keep the zombie
             raise SyscallError("CANCELLED", "the caller went away")
@@ -144,16 +154,23 @@ def timings(p: Proc) -> kernel_pb2.Timings:
 
 
 def sys_read(k: Kernel, ident: Identity, req: Any, ctx: Any) -> Iterator[kernel_pb2.ReadChunk]:
+    """Stream output from token `offset` on; the stream ends when the job ends or is reaped
+    by anyone (a concurrent Wait, the zombie timeout), with its exit status."""
     proc = lookup(k, ident, req.pid)
-    sent_chars = sent_tokens = 0
+    with k.table.lock:
+        if req.offset > len(proc.output_ids):
+            raise SyscallError("OUT_OF_RANGE", f"offset {req.offset} is past the "
+                               f"{len(proc.output_ids)} tokens process {proc.pid} has produced")
+        sent_tokens = req.offset
+        sent_chars = proc.text_ends[sent_tokens - 1] if sent_tokens else 0
     while True:
         with k.table.changed:
             while (len(proc.output_ids) == sent_tokens and len(proc.text) == sent_chars
-                   and proc.state != State.ZOMBIE and ctx.is_active()):
+                   and proc.state not in ENDED and ctx.is_active()):
                 k.table.changed.wait(1.0)
             text, ids = proc.text[sent_chars:], proc.output_ids[sent_tokens:]
             lps = proc.output_logprobs[sent_tokens:sent_tokens + len(ids)]
-            done = proc.state in (State.ZOMBIE, State.REAPED)
+            done = proc.state in ENDED
             sent_chars, sent_tokens = sent_chars + len(text), sent_tokens + len(ids)
         if not ctx.is_active():
             return
@@ -166,7 +183,7 @@ def sys_read(k: Kernel, ident: Identity, req: Any, ctx: Any) -> Iterator[kernel_
 def sys_kill(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.KillResponse:
     proc = lookup(k, ident, req.pid)
     with k.table.lock:
-        if proc.state == State.ZOMBIE:
+        if proc.state in ENDED:
             raise SyscallError("FAILED_PRECONDITION", f"process {proc.pid} has already exited")
         if req.signal == SIGCONT and proc.state != State.STOPPED and \
                 proc.pending_signal != SIGSTOP:
@@ -180,7 +197,7 @@ def sys_nice(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.NiceR
     if req.nice < proc.nice and not is_admin(ident):
         raise SyscallError("PERMISSION_DENIED", "only root may raise a job's priority "
                            "(lower its nice value)")
-    if proc.state == State.ZOMBIE:
+    if proc.state in ENDED:
         raise SyscallError("FAILED_PRECONDITION", f"process {proc.pid} has already exited")
     proc.nice = req.nice
     k.executor.wake()
@@ -237,7 +254,7 @@ def sys_models(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Mod
 
 
 def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.ModelInfo:
-    if req.name in k.models:
+    if req.name in k.models and not k.models[req.name].error:
         raise SyscallError("ALREADY_EXISTS", f"a model named {req.name!r} is deployed; "
                            "undeploy it first or choose another name")
     path = os.path.abspath(os.path.expanduser(req.path))
@@ -250,7 +267,7 @@ def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.Mod
         k.attach_pager(req.name, stub)
     except grpc.RpcError as e:
         raise downstream(e, "deploying failed") from None
-    k.models[req.name] = Deployed(path, req.dtype)
+    k.models[req.name] = Deployed(path, req.dtype)   # replaces an unavailable one
     return info
 
 

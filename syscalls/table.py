@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from llmasos.syscalls import limits
 from llmasos.syscalls import validate as v
 
 CAP_PROC = "proc"      # spawn, wait, read, kill, nice, stat, ps on one's own jobs
@@ -56,4 +57,4 @@ BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}
 BY_NUMBER: dict[int, Syscall] = {s.number: s for s in SYSCALLS}
 
 # Signals a job understands (numbers as on Linux; kernel.proto's Signal enum).
-SIGNALS = {"KILL": 9, "TERM": 15, "CONT": 18, "STOP": 19}
+SIGNALS = limits.SIGNALS

@@ -82,10 +82,19 @@ def code_of(call: object) -> tuple[grpc.StatusCode, str]:
 
 def test_error_codes(stub: inference_pb2_grpc.InferenceStub, tmp_path: Path) -> None:
     bad = common_pb2.SamplingParams(temperature=-1.0)
-    code, msg = code_of(lambda: stub.Step(inference_pb2.StepRequest(model=MODEL, entries=[
+    good = common_pb2.SamplingParams(temperature=0.0)
+    reply = stub.Step(inference_pb2.StepRequest(model=MODEL, entries=[   # only its entry fails
         inference_pb2.StepEntry(seq_id=1, token_ids=[1], block_table=[0], sample=True,
-                                sampling=bad)])))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in msg
+                                sampling=bad),
+        inference_pb2.StepEntry(seq_id=2, token_ids=[1], block_table=[1], sample=True,
+                                sampling=good)]))
+    assert "temperature" in reply.results[0].error and not reply.results[0].sampled
+    assert not reply.results[1].error and reply.results[1].sampled
+    stub.Release(inference_pb2.ReleaseRequest(model=MODEL, seq_ids=[2]))
+    code, msg = code_of(lambda: stub.Step(inference_pb2.StepRequest(model=MODEL, entries=[
+        inference_pb2.StepEntry(seq_id=3, token_ids=[1], block_table=[0]),
+        inference_pb2.StepEntry(seq_id=3, token_ids=[1], block_table=[0])])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "twice" in msg   # the kernel's bug
     code, _ = code_of(lambda: stub.Tokenize(inference_pb2.TokenizeRequest(model="nope",
                                                                          text="hi")))
     assert code == grpc.StatusCode.NOT_FOUND
