@@ -1,5 +1,4 @@
-"""The step loop: the kernel's mechanism for running jobs, one model at a time, as nano-vllm's
-step reads:
+"""The step loop: the kernel's mechanism for running jobs, as nano-vllm's step reads:
 
     snapshot   (table lock)  runnable jobs and the pager's exact block needs
     plan       (no lock)     one Plan RPC: the scheduler picks slots and any preemption
@@ -7,6 +6,12 @@ step reads:
     send       (no lock)     swap-outs, swap-ins, copy-on-write copies (kernel/pending_io.py)
     step       (no lock)     one Step RPC for the whole batch
     commit     (table lock)  tokens into the process table, exits, signals; then releases
+
+Overlapped (vLLM's async scheduling, SGLang's overlap scheduler): while step N computes in the
+inference service, the kernel snapshots, plans and admits step N+1, counting each job of step N
+as if its token were already there (a placeholder in the pager). When N answers, N+1's
+placeholders are filled with the sampled tokens (or dropped for jobs that just ended), N+1 is
+launched at once, and only then is N committed. A job's signals wait for its step to finish.
 
 Faults are charged to their cause: a transport failure (UNAVAILABLE, a deadline) is the
 service's and the batch is retried after it comes back, with its sampler state reset so no
@@ -30,7 +35,6 @@ from llmasos.kernel.pager import OutOfBlocks, Pager
 from llmasos.kernel.pending_io import RPC_ERRORS, PendingIo, send_releases, send_swaps
 from llmasos.kernel.proctable import Exit, Proc, State
 from llmasos.proto import inference_pb2, scheduler_pb2
-from llmasos.syscalls import SyscallError
 from llmasos.syscalls.limits import SIGKILL, SIGTERM
 
 log = structlog.get_logger()
@@ -46,13 +50,39 @@ class ServiceFault(Exception):
     """The step could not run because a service is down or restarting."""
 
 
+PLACEHOLDER = 0   # stands for a token still being sampled; replaced before the step is sent
+
+
 @dataclass
 class Work:
-    """One step of one model, as admitted."""
+    """One step of one model, as admitted (and, once launched, in flight)."""
 
     model: str
     pager: Pager
     batch: list[tuple[Proc, inference_pb2.StepEntry]] = field(default_factory=list)
+    follows: set[int] = field(default_factory=set)   # pids whose input is the token the
+                                                      # step before samples
+    io: PendingIo = field(default_factory=PendingIo)
+    future: object = None
+    started: float = 0.0
+
+    def pids(self) -> set[int]:
+        return {p.pid for p, _ in self.batch}
+
+
+class Done:
+    """A finished call, for stubs without futures (the cores composed in one process)."""
+
+    def __init__(self, call: object, request: object, timeout: float) -> None:
+        try:
+            self.value, self.error = call(request, timeout=timeout), None
+        except grpc.RpcError as e:
+            self.value, self.error = None, e
+
+    def result(self) -> object:
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class Executor:
@@ -64,6 +94,7 @@ class Executor:
         self.wakeup = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="executor", daemon=True)
+        self.inflight: Work | None = None   # [loop] the step the inference service computes
 
     def start(self) -> None:
         self.thread.start()
@@ -117,48 +148,109 @@ class Executor:
     # --- the loop ------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        turn = 0
         while not self.stopping.is_set():
             self.wakeup.clear()
-            busy = False
-            for model in list(self.k.models):
-                try:
-                    busy |= self.step(model)
-                except (ServiceFault, *RPC_ERRORS) as e:   # a service is restarting
-                    log.warning("step_failed", model=model, error=str(e))
-                    self._requeue(model)
-                    self.stopping.wait(RETRY_PAUSE)
-                except Exception:
-                    log.exception("step_crashed", model=model)
-                    self._requeue(model)
-                    self.stopping.wait(RETRY_PAUSE)
+            models = list(self.k.models)
+            model = self._next_model(models, turn)
+            turn += 1
+            try:
+                busy = self.step(model) if model else self._finish_inflight()
+            except (ServiceFault, *RPC_ERRORS) as e:   # a service is restarting
+                log.warning("step_failed", model=model, error=str(e))
+                self._fail_inflight()
+                self.stopping.wait(RETRY_PAUSE)
+                busy = True
+            except Exception:
+                log.exception("step_crashed", model=model)
+                self._fail_inflight()
+                self.stopping.wait(RETRY_PAUSE)
+                busy = True
             self._flush_releases()
             self.table.reap_expired()
-            if not busy:
+            if not busy and self.inflight is None:
                 self.wakeup.wait(1.0)   # idle: sleep until a syscall wakes us (no polling)
 
+    def _next_model(self, models: list[str], turn: int) -> str:
+        """The in-flight step's model keeps the pipeline full; others take turns."""
+        if not models:
+            return ""
+        if self.inflight is not None and self.inflight.model in models and turn % 4:
+            return self.inflight.model
+        return models[turn % len(models)]
+
     def step(self, model: str) -> bool:
-        """One step of one model's jobs; False when there was nothing to run."""
+        """Prepare one step of the model's jobs while the previous step computes, then launch
+        it and commit the previous one; False when there was nothing to do."""
         pager = self.k.pagers.get(model)
-        if pager is None:
-            return False
+        try:
+            work = self._prepare(model, pager) if pager is not None else None
+        except RPC_ERRORS:   # the scheduler is restarting: still collect the step in flight
+            self._finish_inflight()
+            raise
+        finished = self._await_inflight(work)
+        if work is not None and work.batch:
+            self._launch(work)
+        if finished is not None:
+            self._commit(*finished)
+        return finished is not None or self.inflight is not None or bool(work and work.io)
+
+    def _finish_inflight(self) -> bool:
+        finished = self._await_inflight(None)
+        if finished is not None:
+            self._commit(*finished)
+        return finished is not None
+
+    def _prepare(self, model: str, pager: Pager) -> Work | None:
         request = self._snapshot(model, pager)
         if request is None:
-            return False
+            return None
         plan = self.k.scheduler().Plan(request, timeout=30)
-        work, io = self._admit(model, pager, plan)
-        failed = send_swaps(io, self.k.inference, self.table.lock, self.jobs.lost)
+        return self._admit(model, pager, plan)
+
+    def _await_inflight(self, work: Work | None) -> tuple | None:
+        """Wait for the step in flight; fill in or drop what the next one took for granted."""
+        done, self.inflight = self.inflight, None
+        if done is None:
+            if work is not None:
+                self._send_io(work)
+            return None
+        try:
+            results = self._results(done)
+        except ServiceFault:
+            if work is not None:
+                self._unprepare(work)
+            self._requeue(done.model)
+            raise
+        if work is not None:
+            with self.table.lock:
+                self._fill(work, done, results)
+            self._send_io(work)
+        return done, results, time.perf_counter() - done.started
+
+    def _send_io(self, work: Work) -> None:
+        failed = send_swaps(work.io, self.k.inference, self.table.lock, self.jobs.lost)
         if failed:
             self._drop(work, failed)
-        if not work.batch:
-            return bool(plan.slots)
-        t0 = time.perf_counter()
-        results = self._run(work)
-        self._commit(work, results, time.perf_counter() - t0)
-        return True
+
+    def _launch(self, work: Work) -> None:
+        step = self.k.inference().Step
+        request = inference_pb2.StepRequest(model=work.model, entries=[e for _, e in work.batch])
+        work.started = time.perf_counter()
+        work.future = step.future(request, timeout=300) if hasattr(step, "future") \
+            else Done(step, request, 300)
+        self.inflight = work
+
+    def _fail_inflight(self) -> None:
+        """A step failed: whatever is in flight is abandoned and its jobs wait again."""
+        done, self.inflight = self.inflight, None
+        if done is not None:
+            self._requeue(done.model)
 
     # --- snapshot: what could run, and what each needs -------------------------------------
 
     def _snapshot(self, model: str, pager: Pager) -> scheduler_pb2.PlanRequest | None:
+        flying = self._flying(model)
         with self.table.lock:
             procs = [p for p in self.table.live() if p.model == model and p.state in RUNNABLE
                      and not waits_for_fork(self.table, p)]
@@ -166,7 +258,9 @@ class Executor:
                 if p.state == State.NEW:
                     self.table.set_state(p, State.READY)
             jobs = [self._sched_job(p, pager) for p in procs]
-            limits = self.k.kv_limits(model, {p.user for p in procs})
+            jobs += [self._sched_next(p, e, pager) for p, e in flying.values()
+                     if self._continues(p, e)]
+            limits = self.k.kv_limits(model, {j.user for j in jobs})
             free = pager.free_blocks
         if not jobs:
             return None
@@ -174,6 +268,24 @@ class Executor:
             jobs=jobs, free_blocks=free, block_size=pager.block_size,
             token_budget=self.k.cfg.token_budget, max_batch=self.k.cfg.max_batch,
             user_block_limit=limits)
+
+    def _flying(self, model: str) -> dict[int, tuple[Proc, inference_pb2.StepEntry]]:
+        """The jobs of the step in flight, if it is this model's."""
+        done = self.inflight
+        if done is None or done.model != model:
+            return {}
+        return {p.pid: (p, e) for p, e in done.batch}
+
+    @staticmethod
+    def _continues(p: Proc, e: inference_pb2.StepEntry) -> bool:
+        """May this job of the step in flight be planned into the next one already?"""
+        if p.state != State.RUNNING or p.pending_signal or p.forks:
+            return False
+        if not e.sample:
+            return True   # mid-prompt: its next chunk follows
+        grown = len(p.tokens) + 1
+        return len(p.output_ids) + 1 < p.max_tokens and not (
+            p.context_length and grown >= p.context_length)
 
     @staticmethod
     def _sched_job(p: Proc, pager: Pager) -> scheduler_pb2.SchedJob:
@@ -187,28 +299,46 @@ class Executor:
             served_tokens=len(p.output_ids),
             need_blocks=pager.blocks_needed(p.pid, p.user, p.tokens))
 
+    @staticmethod
+    def _sched_next(p: Proc, e: inference_pb2.StepEntry, pager: Pager) -> scheduler_pb2.SchedJob:
+        """A job of the step in flight, as it will be once that step is done."""
+        computed = e.start_pos + len(e.token_ids)
+        tokens = len(p.tokens) + (1 if e.sample else 0)
+        return scheduler_pb2.SchedJob(
+            pid=p.pid, user=p.user, nice=p.nice, arrival=p.created,
+            pending_tokens=tokens - computed, context_tokens=computed, blocks_held=p.kv_blocks,
+            resident=True, served_tokens=len(p.output_ids),
+            need_blocks=pager.blocks_to_append(p.pid, tokens - pager.num_tokens(p.pid)))
+
     # --- admit: carry out the plan ---------------------------------------------------------
 
-    def _admit(self, model: str, pager: Pager,
-               plan: scheduler_pb2.StepPlan) -> tuple[Work, PendingIo]:
+    def _admit(self, model: str, pager: Pager, plan: scheduler_pb2.StepPlan) -> Work:
         work = Work(model, pager)
+        flying = self._flying(model)
         with self.table.lock:
             if self.k.pagers.get(model) is pager:   # else the service restarted meanwhile
                 for pid in plan.preempt:
-                    self.jobs.preempt(self.table.get(pid), "scheduler")
+                    if pid not in flying:
+                        self.jobs.preempt(self.table.get(pid), "scheduler")
                 for slot in plan.slots:
                     proc = self.table.get(slot.pid)
-                    if proc is None or proc.state not in RUNNABLE:
+                    if slot.pid in flying:
+                        entry = self._entry_after(work, proc, pager, slot.num_tokens,
+                                                  flying[slot.pid][1])
+                    elif proc is not None and proc.state in RUNNABLE:
+                        entry = self._entry(proc, pager, slot.num_tokens)
+                    else:
                         continue
-                    entry = self._entry(proc, pager, slot.num_tokens)
                     if entry is not None:
-                        self.table.set_state(proc, State.RUNNING)
+                        if proc.state != State.RUNNING:
+                            self.table.set_state(proc, State.RUNNING)
                         work.batch.append((proc, entry))
-            return work, self.io.take()
+            work.io = self.io.take()
+            return work
 
     def _entry(self, proc: Proc, pager: Pager, budget: int) -> inference_pb2.StepEntry | None:
         """Blocks for the job's next chunk; None (job stays READY/BLOCKED) when memory is short,
-        which the plan's exact counts make rare (another model's jobs do not share the pool)."""
+        which the plan's exact counts make rare."""
         tokens = proc.tokens
         try:
             if proc.pid in pager and pager.is_swapped(proc.pid):
@@ -217,9 +347,7 @@ class Executor:
                 pager.admit(proc.pid, proc.user, tokens)
                 proc.needs_reset = True
             elif pager.num_tokens(proc.pid) < len(tokens):
-                copies = pager.append(proc.pid, tokens[pager.num_tokens(proc.pid):])
-                if copies:
-                    self.io.copies.setdefault(proc.model, []).extend(copies)
+                self._append(proc, pager, tokens[pager.num_tokens(proc.pid):])
         except OutOfBlocks:
             if proc.state != State.BLOCKED:
                 self.table.set_state(proc, State.BLOCKED)
@@ -240,30 +368,91 @@ class Executor:
             block_table=pager.block_table(proc.pid), sample=start + n == len(tokens),
             sampling=proc.sampling, generated_ids=proc.output_ids if reset else [], reset=reset)
 
+    def _entry_after(self, work: Work, proc: Proc, pager: Pager, budget: int,
+                     last: inference_pb2.StepEntry) -> inference_pb2.StepEntry | None:
+        """The next entry of a job whose step is still in flight: it starts where that step
+        ends, and its first token is the one that step samples (a placeholder until then)."""
+        tokens = proc.tokens
+        if last.sample:
+            try:
+                self._append(proc, pager, [PLACEHOLDER])
+            except OutOfBlocks:
+                return None   # it waits a step, READY again once its step is committed
+            tokens = [*tokens, PLACEHOLDER]
+            work.follows.add(proc.pid)
+        proc.kv_blocks = len(pager.block_table(proc.pid))
+        start = last.start_pos + len(last.token_ids)
+        n = max(1, min(budget, len(tokens) - start))
+        return inference_pb2.StepEntry(
+            seq_id=proc.pid, token_ids=tokens[start:start + n], start_pos=start,
+            block_table=pager.block_table(proc.pid), sample=start + n == len(tokens),
+            sampling=proc.sampling)
+
+    def _append(self, proc: Proc, pager: Pager, tokens: list[int]) -> None:
+        copies = pager.append(proc.pid, tokens)
+        if copies:
+            self.io.copies.setdefault(proc.model, []).extend(copies)
+
     def _drop(self, work: Work, pids: set[int]) -> None:
         """Leave out of this step the jobs whose KV could not be restored (recomputed later)."""
         with self.table.lock:
             for proc, _ in work.batch:
-                if proc.pid in pids and proc.state == State.RUNNING:
+                if proc.pid in pids and proc.state == State.RUNNING and \
+                        (self.inflight is None or proc.pid not in self.inflight.pids()):
                     self.table.set_state(proc, State.READY)
             work.batch = [(p, e) for p, e in work.batch if p.pid not in pids]
 
+    # --- when the step in flight answers ---------------------------------------------------
+
+    def _fill(self, work: Work, done: Work, results: list) -> None:
+        """Give the next step the tokens the finished one sampled; drop the jobs it ended,
+        refused, or that were signalled meanwhile (under the table lock)."""
+        by_pid = {p.pid: r for (p, _), r in zip(done.batch, results, strict=True)}
+        keep = []
+        for proc, entry in work.batch:
+            result = by_pid.get(proc.pid)
+            if result is not None and not self._carries_on(proc, result):
+                if proc.pid in work.follows:
+                    work.pager.truncate(proc.pid, len(proc.tokens))
+                    proc.kv_blocks = len(work.pager.block_table(proc.pid))
+                continue
+            if proc.pid in work.follows:
+                entry.token_ids[0] = result.token_id
+                work.pager.set_token(proc.pid, len(proc.tokens), result.token_id)
+            keep.append((proc, entry))
+        work.batch = keep
+
+    def _carries_on(self, proc: Proc, result: inference_pb2.StepResult | str) -> bool:
+        if isinstance(result, str) or result.error or proc.pending_signal or \
+                proc.state != State.RUNNING:
+            return False
+        return not result.sampled or (result.finish_reason != Exit.STOP and self._continues(
+            proc, inference_pb2.StepEntry(sample=True)))
+
+    def _unprepare(self, work: Work) -> None:
+        """The step before failed, so this one will not be sent: its jobs wait again and any
+        KV it meant to move or fill is recomputed."""
+        with self.table.lock:
+            moved = [s.proc for s in (*work.io.swap_outs, *work.io.swap_ins)]
+            for proc, _ in work.batch:
+                self.jobs.lost(proc)
+                if proc.state == State.RUNNING:
+                    self.table.set_state(proc, State.READY)
+            for proc in moved:
+                self.jobs.lost(proc)
+
     # --- step: run the batch, charging faults to their cause --------------------------------
 
-    def _run(self, work: Work) -> list[inference_pb2.StepResult | str]:
+    def _results(self, done: Work) -> list[inference_pb2.StepResult | str]:
         """One result per entry: the engine's, or the reason the job must end."""
         try:
-            return list(self._send_step(work.model, [e for _, e in work.batch]))
+            return list(done.future.result().results)
         except grpc.RpcError as e:
             if e.code() in SERVICE_FAULTS:
-                self._requeue(work.model)
                 raise ServiceFault(f"Step: {e.code().name}: {e.details()}") from None
-            log.warning("step_refused_whole", model=work.model, code=e.code().name,
-                        error=e.details(), jobs=len(work.batch))
-            return self._isolate(work)
-        except SyscallError as e:
-            self._requeue(work.model)
-            raise ServiceFault(e.message) from None
+            log.warning("step_refused_whole", model=done.model, code=e.code().name,
+                        error=e.details(), jobs=len(done.batch))
+            return self._isolate(done)
 
     def _send_step(self, model: str, entries: list[inference_pb2.StepEntry]
                    ) -> list[inference_pb2.StepResult]:
@@ -283,7 +472,6 @@ class Executor:
                 out.append(self._send_step(work.model, [alone])[0])
             except grpc.RpcError as e:
                 if e.code() in SERVICE_FAULTS:
-                    self._requeue(work.model)
                     raise ServiceFault(f"Step: {e.code().name}: {e.details()}") from None
                 out.append(f"{e.code().name}: {e.details()}")
         return out
@@ -302,6 +490,7 @@ class Executor:
 
     def _commit(self, work: Work, results: list, seconds: float) -> None:
         total = sum(len(e.token_ids) for _, e in work.batch) or 1
+        nxt = self.inflight.pids() if self.inflight is not None else set()
         with self.table.lock:
             if self.k.pagers.get(work.model) is not work.pager:   # inference restarted
                 return
@@ -309,9 +498,9 @@ class Executor:
                 if proc.state != State.RUNNING:
                     continue
                 proc.cpu_seconds += seconds * len(entry.token_ids) / total
-                self.table.set_state(proc, State.READY)
                 error = result if isinstance(result, str) else result.error
                 if error:
+                    self.table.set_state(proc, State.READY)
                     self.jobs.end(proc, Exit.ERROR, -1, f"the inference service refused this "
                                   f"job: {error}")
                     continue
@@ -319,10 +508,12 @@ class Executor:
                 work.pager.mark_computed(proc.pid, entry.start_pos + len(entry.token_ids))
                 if result.sampled:
                     self._emit(proc, result)
+                if proc.pid in nxt:
+                    continue   # its next step is in flight: signals wait for that one
+                self.table.set_state(proc, State.READY)
                 if not self._finished(proc, result):
                     self.jobs.deliver(proc)
             self.table.changed.notify_all()
-        self._flush_releases()
 
     def _flush_releases(self) -> None:
         with self.table.lock:   # swaps queued meanwhile stay: they go before the next step

@@ -194,6 +194,23 @@ class Pager:
         seq.tokens.extend(token_ids)
         return copies
 
+    def set_token(self, pid: int, position: int, token_id: int) -> None:
+        """Fill in a token appended before it was known (the overlapped step appends the next
+        input while the step that samples it is still running); its KV is not computed yet."""
+        seq = self._resident(pid)
+        if not seq.computed <= position < len(seq.tokens):
+            raise ValueError(f"pid {pid}: position {position} is computed or past the end")
+        seq.tokens[position] = token_id
+
+    def truncate(self, pid: int, num_tokens: int) -> None:
+        """Drop tokens past num_tokens (none computed) and the blocks only they used."""
+        seq = self._resident(pid)
+        if not seq.computed <= num_tokens <= len(seq.tokens):
+            raise ValueError(f"pid {pid}: cannot truncate to {num_tokens}")
+        keep = self.blocks_for(num_tokens)
+        self._release(seq.blocks[keep:])
+        del seq.blocks[keep:], seq.tokens[num_tokens:]
+
     def mark_computed(self, pid: int, num_tokens: int) -> None:
         """The KV of pid's first num_tokens tokens is now written; publish its full blocks."""
         seq = self._resident(pid)

@@ -80,6 +80,7 @@ def send_swaps(io: PendingIo, stub: Stub, lock: object,
             with lock:
                 lost(s.proc)
             continue
+        log.info("job_swapped_out", pid=s.proc.pid, blocks=len(s.blocks))
         with lock:
             s.proc.swap_handle = handle
             if s.proc.state in (State.ZOMBIE, State.REAPED):   # killed meanwhile

@@ -162,32 +162,24 @@ def test_a_step_retried_after_a_timeout_doubles_no_token(loopback: InProcessServ
     sampling = common_pb2.SamplingParams(temperature=0.8, seed=7, max_tokens=12)
     reference = loopback.spawn("My favourite book is", sampling, 12)
     loopback.wait_all([reference])
-    original = ex.Executor._send_step
+    original = ex.Executor._results
     lost = {"n": 0}
 
-    def lose_some_answers(self: ex.Executor, model: str, entries: list) -> list:
-        results = original(self, model, entries)   # the service ran the step ...
+    def lose_some_answers(self: ex.Executor, done: ex.Work) -> list:
+        results = original(self, done)             # the service ran the step ...
         if lost["n"] < 3 and results[0].sampled:
             lost["n"] += 1                          # ... and its answer never arrived
-            raise _Timeout()
+            raise ex.ServiceFault("Step: DEADLINE_EXCEEDED (lost in the test)")
         return results
 
-    ex.Executor._send_step = lose_some_answers
+    ex.Executor._results = lose_some_answers
     try:
         proc = loopback.spawn("My favourite book is", sampling, 12)
         loopback.wait_all([proc])
     finally:
-        ex.Executor._send_step = original
+        ex.Executor._results = original
     assert lost["n"] == 3
     assert proc.output_ids == reference.output_ids
-
-
-class _Timeout(grpc.RpcError):
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-
-    def details(self) -> str:
-        return "Deadline Exceeded (lost in the test)"
 
 
 # --- Deploy runs beside the step loop ------------------------------------------------------
