@@ -23,6 +23,8 @@ REQUESTS = {
     "Undeploy": kernel_pb2.UndeployRequest(name="x"),
     "WhoAmI": kernel_pb2.WhoAmIRequest(),
     "Services": kernel_pb2.ServicesRequest(),
+    "SetQuota": kernel_pb2.SetQuotaRequest(user="root", max_jobs=1),
+    "Audit": kernel_pb2.AuditRequest(),
 }
 
 
@@ -68,6 +70,9 @@ def test_new_user_identity_and_limits(bare_system: System) -> None:
     assert code_of(bare_system, "Ps", kernel_pb2.PsRequest(user="root"), md) == \
         grpc.StatusCode.PERMISSION_DENIED
     assert code_of(bare_system, "Ps", kernel_pb2.PsRequest(all=True), md) == grpc.StatusCode.OK
+    for name in ("SetQuota", "Audit"):
+        assert code_of(bare_system, name, REQUESTS[name], md) == \
+            grpc.StatusCode.PERMISSION_DENIED, name
 
 
 def test_adduser_rejects_taken_and_bad_names(bare_system: System) -> None:

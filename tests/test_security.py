@@ -217,13 +217,13 @@ def test_cli_adduser_in_parallel(state):
 
 @pytest.fixture
 def service(state):
-    proc, address = start_service("llmasos.services.security", "--state-dir", str(state))
+    svc = start_service("llmasos.services.security", "--state-dir", str(state))
     try:
-        yield proc, address
+        yield svc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if svc.proc.poll() is None:
+            svc.proc.kill()
+            svc.proc.wait()
 
 
 def code_of(fn, *args) -> grpc.StatusCode:
@@ -233,8 +233,8 @@ def code_of(fn, *args) -> grpc.StatusCode:
 
 
 def test_service_over_grpc(service, state):
-    proc, address = service
-    with grpc.insecure_channel(address) as ch:
+    proc, address = service.proc, service.address
+    with service.channel() as ch:
         health = health_pb2_grpc.HealthStub(ch)
         for name in ["", "llmasos.v1.Security"]:
             res = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
