@@ -9,11 +9,13 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -113,16 +115,6 @@ def test_protection_internal_services_refuse_every_method_without_the_secret(
     assert model_system.call("WhoAmI", kernel_pb2.WhoAmIRequest()).root
     assert model_system.call("Models", kernel_pb2.ModelsRequest()).models
     assert all(s.state == "HEALTHY" for s in model_system.services().values())
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another OS user")
-def test_protection_run_dir_shuts_out_other_os_users(model_system: System) -> None:
-    path = model_system.home / "run" / "security.sock"
-    probe = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\ntry:\n s.connect(sys.argv[1])\n"
-             " print('CONNECTED')\nexcept PermissionError:\n print('EACCES')\n")
-    out = subprocess.run([sys.executable, "-c", probe, str(path)], user=65534, group=65534,
-                         capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "EACCES", out
 
 
 def test_protection_secret_is_in_no_command_line_or_environment(model_system: System) -> None:
@@ -330,24 +322,49 @@ def self_signed(tmp: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def test_protection_tls_boot_and_call_with_llmasos_ca(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from llmasos import LLMClient
-    cert, key = self_signed(tmp_path)
-    system = boot(tmp_path / "home", "--no-embedded", "--tls-cert", str(cert),
-                  "--tls-key", str(key))
+@pytest.fixture(scope="module")
+def tls_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[System, Path]]:
+    """A bare system serving over TLS, its home in a directory every OS user may traverse (so
+    that only the run dir's own mode keeps others out)."""
+    base = Path(tempfile.mkdtemp(prefix="llmasos-prot-"))
+    os.chmod(base, 0o711)
+    cert, key = self_signed(tmp_path_factory.mktemp("tls"))
+    system = boot(base / "home", "--no-embedded", "--tls-cert", str(cert), "--tls-key", str(key))
     try:
-        monkeypatch.setenv("LLMASOS_CA", str(cert))
-        with LLMClient(address=system.address, token=system.root_token, timeout=30) as c:
-            assert c.whoami().root
-        # clear text finds no kernel there
-        with grpc.insecure_channel(system.address) as plain, \
-                pytest.raises(grpc.RpcError) as err:
-            plain.unary_unary("/llmasos.v1.Kernel/WhoAmI")(b"", metadata=system.auth(),
-                                                           timeout=10)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        yield system, cert
     finally:
         assert shutdown(system) == 0
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_protection_tls_boot_and_call_with_llmasos_ca(tls_system: tuple[System, Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmasos import LLMClient
+    system, cert = tls_system
+    monkeypatch.setenv("LLMASOS_CA", str(cert))
+    with LLMClient(address=system.address, token=system.root_token, timeout=30) as c:
+        assert c.whoami().root
+    # clear text finds no kernel there
+    with grpc.insecure_channel(system.address) as plain, pytest.raises(grpc.RpcError) as err:
+        plain.unary_unary("/llmasos.v1.Kernel/WhoAmI")(b"", metadata=system.auth(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root to act as another OS user, and a system python")
+def test_protection_run_dir_shuts_out_other_os_users(tls_system: tuple[System, Path]) -> None:
+    system, _ = tls_system
+    probe = ("import os,socket,sys\nprint(sorted(os.listdir(sys.argv[1]))[:1] != [])\n"
+             "try:\n os.stat(sys.argv[2])\n print('VISIBLE')\nexcept PermissionError:\n"
+             " print('EACCES')\n"
+             "s=socket.socket(socket.AF_UNIX)\ntry:\n s.connect(sys.argv[2])\n"
+             " print('CONNECTED')\nexcept PermissionError:\n print('EACCES')\n")
+    out = subprocess.run(["/usr/bin/python3", "-c", probe, str(system.home),
+                          str(system.home / "run" / "security.sock")],
+                         user=65534, group=65534, capture_output=True, text=True, timeout=60)
+    # another user can list the state dir, but cannot even see into the run dir (0700), let
+    # alone connect to a socket there
+    assert out.stdout.split() == ["True", "EACCES", "EACCES"], out
 
 
 def test_protection_non_loopback_listen_needs_tls_or_insecure(tmp_path: Path) -> None:
