@@ -3,8 +3,9 @@ kernel makes against them (sys_spawn, the step loop). 0 means "no limit" in ever
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llmasos.syscalls import SyscallError
 
@@ -29,6 +30,17 @@ class Quota:
 
 UNLIMITED = Quota()
 FIX = "ask root to raise it with `llmosd quota {user} {flag} N` (or the SetQuota syscall)"
+
+
+def in_flight(live_procs: Iterable[Any], user: str) -> tuple[int, int]:
+    """(live jobs, tokens in flight) of one user; a job's tokens are its prompt plus the
+    max_tokens it may still produce, the KV it may come to hold."""
+    jobs = tokens = 0
+    for p in live_procs:
+        if p.user == user:
+            jobs += 1
+            tokens += len(p.prompt_ids) + p.max_tokens
+    return jobs, tokens
 
 
 def check_spawn(ident: Identity, live_jobs_of_user: int, tokens_in_flight_of_user: int,

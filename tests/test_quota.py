@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from llmasos.kernel.auth import Identity
-from llmasos.kernel.quota import Quota, check_spawn, kv_limit_blocks
+from llmasos.kernel.proctable import ProcessTable
+from llmasos.kernel.quota import Quota, check_spawn, in_flight, kv_limit_blocks
 from llmasos.services.security.identity import DEFAULT_QUOTA, UnknownUserError
 from llmasos.services.security.security import Security
 from llmasos.syscalls import SyscallError
@@ -49,6 +50,16 @@ def test_kv_limit_is_a_share_of_the_pool_and_at_least_one_block() -> None:
     assert kv_limit_blocks(USER, 3) == 1
     full = Identity("c", 1002, False, frozenset(), Quota(0, 0, 1.0))
     assert kv_limit_blocks(full, 77) == 77
+
+
+def test_in_flight_counts_one_users_live_jobs_and_their_token_reservations() -> None:
+    table = ProcessTable(zombie_ttl=60)
+    for user, prompt, most in [("alice", 5, 10), ("alice", 3, 100), ("bob", 7, 1)]:
+        table.spawn(user=user, uid=1, ppid=0, model="m", nice=0, prompt_ids=list(range(prompt)),
+                    max_tokens=most)
+    assert in_flight(table.live(), "alice") == (2, 118)
+    assert in_flight(table.live(), "bob") == (1, 8)
+    assert in_flight(table.live(), "carol") == (0, 0)
 
 
 def test_store_defaults_overrides_and_reset(tmp_path) -> None:
