@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from llmasos.kernel.auth import bearer
 from llmasos.proto import kernel_pb2
 from llmasos.syscalls import SYSCALLS
 
@@ -36,6 +37,15 @@ def code_of(system: System, name: str, request: object, metadata: list) -> grpc.
     except grpc.RpcError as e:
         return e.code()
     return grpc.StatusCode.OK
+
+
+def test_bearer_scheme_is_case_insensitive_per_rfc_6750() -> None:
+    for value in ("Bearer t0k", "bearer t0k", "BEARER t0k", "  Bearer   t0k  "):
+        assert bearer((("authorization", value),)) == "t0k", value
+    for value in ("Basic t0k", "Bearert0k", "Bearer ", "t0k", ""):
+        assert bearer((("authorization", value),)) == "", value
+    assert bearer((("x-other", "Bearer t0k"),)) == ""
+    assert bearer(None) == ""
 
 
 def test_table_covers_every_rpc() -> None:
