@@ -5,6 +5,7 @@ runs; handlers raise SyscallError for what depends on state (unknown pid, anothe
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import grpc
 from llmasos.kernel.auth import Identity
 from llmasos.kernel.kernel import Deployed, Kernel
 from llmasos.kernel.proctable import Proc, State
-from llmasos.proto import common_pb2, inference_pb2, kernel_pb2
+from llmasos.proto import common_pb2, inference_pb2, kernel_pb2, security_pb2, security_pb2_grpc
 from llmasos.syscalls import SyscallError
 from llmasos.syscalls.limits import DEFAULT_MAX_TOKENS, SIGCONT, SIGSTOP, sampling_errors
 from llmasos.syscalls.table import CAP_ADMIN
@@ -211,10 +212,13 @@ def sys_ps(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.PsRespo
     if user not in (None, ident.user) and not is_admin(ident):
         raise SyscallError("PERMISSION_DENIED", "only root may list another user's jobs")
     procs = k.table.listing(user)
-    return kernel_pb2.PsResponse(processes=[proc_info(p) for p in procs], kv=kv_usage(k))
+    return kernel_pb2.PsResponse(processes=[proc_info(p) for p in procs],
+                                 kv=kv_usage(k, None if is_admin(ident) else ident.user))
 
 
-def kv_usage(k: Kernel) -> kernel_pb2.KvUsage:
+def kv_usage(k: Kernel, only_user: str | None = None) -> kernel_pb2.KvUsage:
+    """Pool occupancy; with only_user, blocks_by_user holds that user's entry alone (a
+    non-admin sees the pool's totals and its own share, not who else uses it)."""
     usage = kernel_pb2.KvUsage()
     by_user: dict[str, int] = {}
     for name, pager in list(k.pagers.items()):
@@ -225,6 +229,8 @@ def kv_usage(k: Kernel) -> kernel_pb2.KvUsage:
         usage.block_bytes = k.block_bytes.get(name, 0)
         for user, blocks in u.blocks_by_user.items():
             by_user[user] = by_user.get(user, 0) + blocks
+    if only_user is not None:
+        by_user = {only_user: by_user[only_user]} if only_user in by_user else {}
     usage.blocks_by_user.update(by_user)
     return usage
 
@@ -290,17 +296,47 @@ def sys_undeploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.U
 
 def sys_whoami(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.WhoAmIResponse:
     return kernel_pb2.WhoAmIResponse(user=ident.user, uid=ident.uid, root=ident.root,
-                                     capabilities=sorted(ident.caps))
+                                     capabilities=sorted(ident.caps),
+                                     quota=common_pb2.Quota(**ident.quota.to_dict()))
 
 
 def sys_services(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.ServicesResponse:
-    now = time.time()
+    """Everyone sees names, pids, states, restarts and uptime; only admins see where the
+    internal services listen."""
+    now, admin = time.time(), is_admin(ident)
     out = []
     for svc in k.supervisor.services.values():
         up = now - svc.started_at if svc.state in ("HEALTHY", "UNHEALTHY") else 0.0
         out.append(kernel_pb2.ServiceInfo(
-            name=svc.spec.name, pid=svc.pid, address=svc.address, state=svc.state,
+            name=svc.spec.name, pid=svc.pid, address=svc.address if admin else "",
+            state=svc.state,
             restarts=svc.restarts, incarnation=svc.incarnation, uptime_s=up,
             last_exit=svc.last_exit))
     return kernel_pb2.ServicesResponse(services=out)
 
+
+
+# --- protection -------------------------------------------------------------------------------
+
+def sys_setquota(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.Quota:
+    """Change a user's quota in the security service's store; it applies at the user's next
+    call (the kernel drops its cached identities of that user)."""
+    sreq = security_pb2.SetUserQuotaRequest(user=req.user, reset=req.reset)
+    for name in ("max_jobs", "max_tokens", "kv_share"):
+        if req.HasField(name):
+            setattr(sreq, name, getattr(req, name))
+    try:
+        reply = security_pb2_grpc.SecurityStub(k.channel("security")).SetQuota(sreq, timeout=30)
+    except grpc.RpcError as e:
+        raise downstream(e, "setting the quota failed") from None
+    k.auth.invalidate(req.user)
+    return reply.quota
+
+
+def sys_audit(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.AuditResponse:
+    entries = k.audit.tail(req.limit or 50, user=req.user, call=req.call)
+    return kernel_pb2.AuditResponse(entries=[kernel_pb2.AuditEntry(
+        time_unix=e.get("time", 0.0), user=e.get("user", ""), uid=e.get("uid", -1),
+        call=e.get("call", ""), args_json=json.dumps(e.get("args", {}), sort_keys=True),
+        code=e.get("code", ""), message=e.get("message", ""), peer=e.get("peer", ""))
+        for e in entries])

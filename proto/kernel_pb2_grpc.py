@@ -95,6 +95,16 @@ class KernelStub:
                 request_serializer=llmasos_dot_proto_dot_kernel__pb2.ServicesRequest.SerializeToString,
                 response_deserializer=llmasos_dot_proto_dot_kernel__pb2.ServicesResponse.FromString,
                 _registered_method=True)
+        self.SetQuota = channel.unary_unary(
+                '/llmasos.v1.Kernel/SetQuota',
+                request_serializer=llmasos_dot_proto_dot_kernel__pb2.SetQuotaRequest.SerializeToString,
+                response_deserializer=llmasos_dot_proto_dot_common__pb2.Quota.FromString,
+                _registered_method=True)
+        self.Audit = channel.unary_unary(
+                '/llmasos.v1.Kernel/Audit',
+                request_serializer=llmasos_dot_proto_dot_kernel__pb2.AuditRequest.SerializeToString,
+                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.AuditResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServicer:
@@ -184,6 +194,20 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetQuota(self, request, context):
+        """Change a user's quota (admin). Fields not given keep their value; 0 means no limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Audit(self, request, context):
+        """The last entries of the audit log (admin), newest last.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -246,6 +270,16 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.Services,
                     request_deserializer=llmasos_dot_proto_dot_kernel__pb2.ServicesRequest.FromString,
                     response_serializer=llmasos_dot_proto_dot_kernel__pb2.ServicesResponse.SerializeToString,
+            ),
+            'SetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQuota,
+                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.SetQuotaRequest.FromString,
+                    response_serializer=llmasos_dot_proto_dot_common__pb2.Quota.SerializeToString,
+            ),
+            'Audit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Audit,
+                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.AuditRequest.FromString,
+                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.AuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -572,6 +606,60 @@ class Kernel:
             '/llmasos.v1.Kernel/Services',
             llmasos_dot_proto_dot_kernel__pb2.ServicesRequest.SerializeToString,
             llmasos_dot_proto_dot_kernel__pb2.ServicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Kernel/SetQuota',
+            llmasos_dot_proto_dot_kernel__pb2.SetQuotaRequest.SerializeToString,
+            llmasos_dot_proto_dot_common__pb2.Quota.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Audit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Kernel/Audit',
+            llmasos_dot_proto_dot_kernel__pb2.AuditRequest.SerializeToString,
+            llmasos_dot_proto_dot_kernel__pb2.AuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

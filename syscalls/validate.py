@@ -99,3 +99,22 @@ def undeploy(req: Any) -> None:
 
 def nothing(req: Any) -> None:
     """Syscalls without arguments."""
+
+
+USER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+MAX_AUDIT_LINES = 10_000
+
+
+def setquota(req: Any) -> None:
+    if not USER_NAME.match(req.user):
+        raise invalid(f"user must be a user name (1..32 chars of [a-z0-9_-]), got {req.user!r}")
+    if req.HasField("kv_share") and not 0.0 <= req.kv_share <= 1.0:
+        raise invalid(f"kv_share must be in [0, 1] (0: no limit), got {req.kv_share}")
+    fields = ("max_jobs", "max_tokens", "kv_share")
+    if not req.reset and not any(req.HasField(f) for f in fields):
+        raise invalid("give at least one of max_jobs, max_tokens, kv_share, or reset")
+
+
+def audit(req: Any) -> None:
+    if req.limit > MAX_AUDIT_LINES:
+        raise invalid(f"limit must be at most {MAX_AUDIT_LINES}, got {req.limit}")

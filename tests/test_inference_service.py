@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +14,8 @@ import pytest
 from llmasos.proto import common_pb2, inference_pb2, inference_pb2_grpc
 from llmasos.services.inference.__main__ import embedded_path
 
+from conftest import start_service
+
 MODEL = "smollm2-135m"
 pytestmark = pytest.mark.slow
 
@@ -23,15 +23,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[inference_pb2_grpc.InferenceStub]:
     state = tmp_path_factory.mktemp("state")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmasos.services.inference", "--state-dir", str(state),
-         "--option", "kv_budget_mb=64", "--option", "embedded=1"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, "LLMASOS_HOME": str(state)})
+    svc = start_service("llmasos.services.inference", "--state-dir", str(state),
+                        "--option", "kv_budget_mb=64", "--option", "embedded=1",
+                        env={**os.environ, "LLMASOS_HOME": str(state)}, timeout=600)
+    proc = svc.proc
     try:
-        address = proc.stdout.readline().strip()  # runtime prints the bound address when ready
-        assert address, "service exited before reporting its address"
-        channel = grpc.insecure_channel(address)
+        channel = svc.channel()
         grpc.channel_ready_future(channel).result(timeout=30)
         yield inference_pb2_grpc.InferenceStub(channel)
         channel.close()

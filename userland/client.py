@@ -202,3 +202,16 @@ class LLMClient:
 
     def services(self) -> list[kernel_pb2.ServiceInfo]:
         return list(self._call("Services", kernel_pb2.ServicesRequest()).services)
+
+    def audit(self, limit: int = 50, user: str = "", call: str = "") -> list[kernel_pb2.AuditEntry]:
+        """The last entries of the audit log (root)."""
+        req = kernel_pb2.AuditRequest(limit=limit, user=user, call=call)
+        return list(self._call("Audit", req).entries)
+
+    def set_quota(self, user: str, max_jobs: int | None = None, max_tokens: int | None = None,
+                  kv_share: float | None = None, reset: bool = False) -> common_pb2.Quota:
+        """Change a user's quota (root); None keeps a field, 0 means no limit."""
+        given = {"max_jobs": max_jobs, "max_tokens": max_tokens, "kv_share": kv_share}
+        req = kernel_pb2.SetQuotaRequest(user=user, reset=reset,
+                                         **{k: v for k, v in given.items() if v is not None})
+        return self._call("SetQuota", req)

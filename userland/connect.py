@@ -59,9 +59,27 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
                    ("grpc.max_send_message_length", 64 << 20)]
 
 
+def tls_credentials() -> grpc.ChannelCredentials | None:
+    """TLS when $LLMASOS_CA names the PEM file of the CA (or self-signed certificate) that
+    signed llmosd's --tls-cert; None (plain text) otherwise."""
+    path = os.environ.get("LLMASOS_CA")
+    if not path:
+        return None
+    try:
+        return grpc.ssl_channel_credentials(root_certificates=Path(path).read_bytes())
+    except OSError as e:
+        raise ValueError(f"LLMASOS_CA={path}: cannot read the CA certificate: {e}") from None
+
+
 def channel(addr: str) -> grpc.Channel:
+    creds = tls_credentials()
+    if creds is not None:
+        return grpc.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
     return grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
 
 
 def aio_channel(addr: str) -> grpc.aio.Channel:
+    creds = tls_credentials()
+    if creds is not None:
+        return grpc.aio.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,10 +312,23 @@ def cmd_undeploy(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
 def cmd_whoami(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
     me = sh.client.whoami()
     if args.verbose:
+        q = me.quota
+        limits = "none" if me.root else (f"jobs={q.max_jobs or '-'} tokens={q.max_tokens or '-'} "
+                                         f"kv_share={q.kv_share or '-'}")
         sh.say(f"{me.user} uid={me.uid}{' root' if me.root else ''} "
-               f"capabilities={','.join(me.capabilities)}")
+               f"capabilities={','.join(me.capabilities)} quota={limits}")
     else:
         sh.say(me.user)
+    return EXIT_OK
+
+
+def cmd_audit(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
+    if args.n <= 0:
+        raise Usage("N must be > 0")
+    entries = sh.client.audit(args.n, user=args.user, call=args.call)
+    rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time_unix)), e.user or "-",
+             e.call, e.code, e.args_json, e.message[:60]] for e in entries]
+    sh.say(fmt.table(["TIME", "USER", "CALL", "CODE", "ARGS", "MESSAGE"], rows, []))
     return EXIT_OK
 
 
@@ -451,6 +465,10 @@ COMMANDS: dict[str, Entry] = {
         "undeploy", "Unload a model (root).", (("name",), {}))),
     "whoami": Entry(cmd_whoami, "who you are to llmosd (-v for details)", _p_simple(
         "whoami", "Your user name.", (("-v", "--verbose"), {"action": "store_true"}))),
+    "audit": Entry(cmd_audit, "the audit log (root): audit [N] [-u USER] [-c CALL]", _p_simple(
+        "audit", "The last N entries of the audit log (root).",
+        (("n",), {"nargs": "?", "type": int, "default": 20}),
+        (("-u", "--user"), {"default": ""}), (("-c", "--call"), {"default": ""}))),
     "help": Entry(cmd_help, "this list, or help CMD", _p_simple(
         "help", "Commands.", (("command",), {"nargs": "?"}))),
     "exit": Entry(cmd_exit, "leave the shell: exit [STATUS]", _p_simple(
