@@ -13,6 +13,7 @@ import time
 import grpc
 import structlog
 
+from llmasos.kernel.ipc_delivery import deliver_output
 from llmasos.kernel.kernel import Kernel
 from llmasos.kernel.pager import OutOfBlocks, Pager
 from llmasos.kernel.proctable import Exit, Proc, State
@@ -121,6 +122,7 @@ class Executor:
     def _end(self, proc: Proc, reason: Exit, status: int = 0, message: str = "") -> None:
         self._evict(proc)
         self.table.exit(proc, reason, status, message)
+        deliver_output(self.k, proc)   # stdout_mailbox: copies fields, sends in the background
         log.info("job_exit", pid=proc.pid, reason=reason.name, tokens=len(proc.output_ids))
 
     def _drop_swap(self, proc: Proc) -> None:

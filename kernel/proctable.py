@@ -89,6 +89,7 @@ class Proc:
     forks: list[int] = field(default_factory=list)   # sibling samples (n > 1) still to fork
     fork_pending: bool = False          # a sibling sample waiting to share its parent's KV
     swap_handle: int = 0                # where the inference service keeps its swapped-out KV
+    stdout_mailbox: str = ""            # where its text goes when it ends (kernel/ipc_delivery.py)
 
     @property
     def tokens(self) -> list[int]:

@@ -187,8 +187,8 @@ def test_many_producers_one_consumer_in_order(mb):
 # -- the service as a process -----------------------------------------------------------------
 
 @pytest.fixture
-def service():
-    proc, address = start_service("llmasos.services.ipc")
+def service(tmp_path):
+    proc, address = start_service("llmasos.services.ipc", "--state-dir", str(tmp_path))
     try:
         yield proc, address
     finally:
@@ -278,8 +278,9 @@ def test_service_over_grpc(service):
             stuck.result(timeout=10)
 
 
-def test_blocked_receivers_cannot_starve_senders():
-    proc, address = start_service("llmasos.services.ipc", "--workers", "6")  # 2 may block
+def test_blocked_receivers_cannot_starve_senders(tmp_path):
+    proc, address = start_service("llmasos.services.ipc", "--workers", "6",  # 2 may block
+                                  "--state-dir", str(tmp_path))
     try:
         with grpc.insecure_channel(address) as ch:
             ipc = ipc_pb2_grpc.IpcStub(ch)

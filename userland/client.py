@@ -16,6 +16,7 @@ import grpc
 
 from llmasos import connect, requests, tasks
 from llmasos.errors import LLMError, ModelNotFound, NotFound, from_rpc
+from llmasos.mailbox import Mailbox
 from llmasos.names import signal_number
 from llmasos.process import Completion, Process
 from llmasos.proto import common_pb2, kernel_pb2, kernel_pb2_grpc
@@ -202,3 +203,7 @@ class LLMClient:
 
     def services(self) -> list[kernel_pb2.ServiceInfo]:
         return list(self._call("Services", kernel_pb2.ServicesRequest()).services)
+
+    def mailbox(self, name: str = "") -> Mailbox:
+        """A named mailbox (see llmasos/mailbox.py): create, send, receive, list, remove."""
+        return Mailbox(self._stub, self._metadata, name, self.timeout, self.address)
