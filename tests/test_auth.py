@@ -23,6 +23,11 @@ REQUESTS = {
     "Undeploy": kernel_pb2.UndeployRequest(name="x"),
     "WhoAmI": kernel_pb2.WhoAmIRequest(),
     "Services": kernel_pb2.ServicesRequest(),
+    "MboxCreate": kernel_pb2.MboxCreateRequest(name="m"),
+    "MboxSend": kernel_pb2.MboxSendRequest(name="m", text="x"),
+    "MboxRecv": kernel_pb2.MboxRecvRequest(name="m"),
+    "MboxList": kernel_pb2.MboxListRequest(),
+    "MboxRemove": kernel_pb2.MboxRemoveRequest(name="m"),
 }
 
 

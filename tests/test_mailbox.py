@@ -301,6 +301,17 @@ def test_stdout_mailbox_delivers_a_jobs_output(model_system, users):
         mbox(s, "MboxRemove", alice, name=name)
 
 
+def test_mailboxes_need_the_proc_capability(model_system):
+    out = subprocess.run([sys.executable, "-m", "llmasos.kernel.main", "adduser", "dave",
+                          "--cap", "models", "--home", str(model_system.home)],
+                         capture_output=True, text=True, check=True)
+    dave = out.stdout.strip().splitlines()[-1]
+    with pytest.raises(grpc.RpcError) as info:
+        mbox(model_system, "MboxList", dave)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "'proc' capability" in info.value.details()
+
+
 def llmsh(system: System, token: str, line: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMASOS_")}
     env.update(LLMASOS_ADDR=system.address, LLMASOS_TOKEN=token)
