@@ -255,6 +255,15 @@ def test_blocked_receive_is_woken_by_a_send(model_system, users):
     assert not waiting.done()
     mbox(s, "MboxSend", users["bob"], name="wake", text="now")
     assert waiting.result(timeout=30).text == "now"
+
+    # a receiver that goes away takes nothing: the kernel cancels its wait in the IPC service
+    gone = s.kernel.MboxRecv.future(kernel_pb2.MboxRecvRequest(name="wake", timeout_ms=60_000),
+                                    metadata=s.auth(alice), timeout=90)
+    time.sleep(0.3)
+    assert gone.cancel()
+    time.sleep(0.3)
+    mbox(s, "MboxSend", alice, name="wake", text="kept")
+    assert mbox(s, "MboxRecv", alice, name="wake", timeout_ms=5000).text == "kept"
     mbox(s, "MboxRemove", alice, name="wake")
 
 
