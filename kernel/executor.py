@@ -29,6 +29,7 @@ import grpc
 import structlog
 
 from llmasos.kernel.fork import fork_siblings, waits_for_fork
+from llmasos.kernel.ipc_delivery import deliver_output
 from llmasos.kernel.jobctl import JobControl
 from llmasos.kernel.kernel import Kernel
 from llmasos.kernel.pager import OutOfBlocks, Pager
@@ -90,7 +91,8 @@ class Executor:
         self.k = k
         self.table = k.table
         self.io = PendingIo()                                  # guarded by table.lock
-        self.jobs = JobControl(k.table, k.pagers, self.io)     # runs under table.lock
+        self.jobs = JobControl(k.table, k.pagers, self.io,     # runs under table.lock
+                               on_exit=lambda proc: deliver_output(k, proc))
         self.wakeup = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="executor", daemon=True)

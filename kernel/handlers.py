@@ -14,9 +14,17 @@ from typing import Any
 import grpc
 
 from llmasos.kernel.auth import Identity
+from llmasos.kernel.ipc_delivery import IPC_TIMEOUT, caller, check_stdout_mailbox, ipc_failed
 from llmasos.kernel.kernel import Deployed, Kernel
 from llmasos.kernel.proctable import Proc, State
-from llmasos.proto import common_pb2, inference_pb2, kernel_pb2, security_pb2, security_pb2_grpc
+from llmasos.proto import (
+    common_pb2,
+    inference_pb2,
+    ipc_pb2,
+    kernel_pb2,
+    security_pb2,
+    security_pb2_grpc,
+)
 from llmasos.syscalls import SyscallError
 from llmasos.syscalls.limits import DEFAULT_MAX_TOKENS, SIGCONT, SIGSTOP, sampling_errors
 from llmasos.syscalls.table import CAP_ADMIN
@@ -80,6 +88,7 @@ def sys_spawn(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Spaw
     max_tokens = req.sampling.max_tokens if req.sampling.HasField("max_tokens") \
         else DEFAULT_MAX_TOKENS
     fits_pool(k, req.model, min(len(tok.token_ids) + max_tokens, tok.context_length))
+    check_stdout_mailbox(k, ident, req.stdout_mailbox)
     pids: list[int] = []
     with k.table.lock:   # the step loop must see all n samples at once, or none
         spawn_samples(k, ident, req, tok, max_tokens, pids)
@@ -100,7 +109,7 @@ def spawn_samples(k: Kernel, ident: Identity, req: Any, tok: Any, max_tokens: in
                              model=req.model, nice=req.nice, name=req.name,
                              prompt_ids=list(tok.token_ids), sampling=sampling,
                              max_tokens=max_tokens, context_length=tok.context_length,
-                             fork_pending=bool(pids))
+                             fork_pending=bool(pids), stdout_mailbox=req.stdout_mailbox)
         pids.append(proc.pid)
     k.table.get(pids[0]).forks = pids[1:]
 
@@ -340,3 +349,79 @@ def sys_audit(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Audi
         call=e.get("call", ""), args_json=json.dumps(e.get("args", {}), sort_keys=True),
         code=e.get("code", ""), message=e.get("message", ""), peer=e.get("peer", ""))
         for e in entries])
+# --- mailboxes (syscalls 20-24): the IPC service keeps them and decides who may use which -----
+
+def mbox_info(m: ipc_pb2.Mailbox) -> kernel_pb2.MboxInfo:
+    return kernel_pb2.MboxInfo(name=m.name, owner=m.owner, mode=m.mode, members=m.members,
+                               messages=m.depth, bytes=m.bytes, max_messages=m.capacity,
+                               max_bytes=m.max_bytes, created_unix=m.created_unix)
+
+
+def sys_mbox_create(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.MboxInfo:
+    try:
+        reply = k.ipc().CreateMailbox(ipc_pb2.CreateMailboxRequest(
+            name=req.name, capacity=req.max_messages, mode=req.mode, members=req.members,
+            max_bytes=req.max_bytes, caller=caller(ident)), timeout=IPC_TIMEOUT)
+    except grpc.RpcError as e:
+        raise ipc_failed(e, "creating the mailbox failed") from None
+    return mbox_info(reply.mailbox)
+
+
+def sys_mbox_send(k: Kernel, ident: Identity, req: Any,
+                  ctx: Any) -> kernel_pb2.MboxSendResponse:
+    try:
+        reply = k.ipc().Send(ipc_pb2.SendRequest(
+            name=req.name, payload=req.text.encode(), sender=ident.user, caller=caller(ident)),
+            timeout=IPC_TIMEOUT)
+    except grpc.RpcError as e:
+        raise ipc_failed(e, "sending failed") from None
+    return kernel_pb2.MboxSendResponse(sequence=reply.sequence)
+
+
+def sys_mbox_recv(k: Kernel, ident: Identity, req: Any,
+                  ctx: Any) -> kernel_pb2.MboxRecvResponse:
+    """Long-poll in the IPC service (no kernel lock held); a caller that goes away cancels it,
+    and a cancelled receive takes no message."""
+    wait_ms = req.timeout_ms
+    left = ctx.time_remaining()
+    if left is not None:   # never wait past the caller's own deadline
+        wait_ms = min(wait_ms, max(int(left * 1000), 0))
+    future = k.ipc().Receive.future(ipc_pb2.ReceiveRequest(
+        name=req.name, timeout_ms=wait_ms, caller=caller(ident)),
+        timeout=wait_ms / 1000 + IPC_TIMEOUT)
+    ctx.add_callback(future.cancel)
+    try:
+        reply = future.result()
+    except grpc.FutureCancelledError:
+        raise SyscallError("CANCELLED", "the caller went away") from None
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.CANCELLED:
+            raise SyscallError("CANCELLED", "the caller went away") from None
+        raise ipc_failed(e, "receiving failed") from None
+    return kernel_pb2.MboxRecvResponse(text=reply.payload.decode(errors="replace"),
+                                       sender=reply.sender, sequence=reply.sequence,
+                                       pid=reply.pid)
+
+
+def sys_mbox_list(k: Kernel, ident: Identity, req: Any,
+                  ctx: Any) -> kernel_pb2.MboxListResponse:
+    try:
+        if req.name:
+            boxes = [k.ipc().StatMailbox(ipc_pb2.StatMailboxRequest(
+                name=req.name, caller=caller(ident)), timeout=IPC_TIMEOUT)]
+        else:
+            boxes = list(k.ipc().ListMailboxes(ipc_pb2.ListMailboxesRequest(
+                caller=caller(ident)), timeout=IPC_TIMEOUT).mailboxes)
+    except grpc.RpcError as e:
+        raise ipc_failed(e, "listing mailboxes failed") from None
+    return kernel_pb2.MboxListResponse(mailboxes=[mbox_info(m) for m in boxes])
+
+
+def sys_mbox_remove(k: Kernel, ident: Identity, req: Any,
+                    ctx: Any) -> kernel_pb2.MboxRemoveResponse:
+    try:
+        reply = k.ipc().RemoveMailbox(ipc_pb2.RemoveMailboxRequest(
+            name=req.name, caller=caller(ident)), timeout=IPC_TIMEOUT)
+    except grpc.RpcError as e:
+        raise ipc_failed(e, "removing the mailbox failed") from None
+    return kernel_pb2.MboxRemoveResponse(discarded=reply.discarded)

@@ -6,6 +6,8 @@ is released (kernel/pending_io.py). Signals reach a RUNNING job at its next toke
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import structlog
 
 from llmasos.kernel.pager import Pager
@@ -20,8 +22,10 @@ SWAP_SPACE = 1.0    # host memory for swapped-out KV, as a multiple of the pool
 class JobControl:
     """The table, the pagers and the queue of RPCs that state changes produce."""
 
-    def __init__(self, table: ProcessTable, pagers: dict[str, Pager], io: PendingIo) -> None:
+    def __init__(self, table: ProcessTable, pagers: dict[str, Pager], io: PendingIo,
+                 on_exit: Callable[[Proc], object] = lambda proc: None) -> None:
         self.table, self.pagers, self.io = table, pagers, io
+        self.on_exit = on_exit   # after the exit is recorded (stdout_mailbox delivery)
 
     # --- signals ---------------------------------------------------------------------------
 
@@ -103,5 +107,6 @@ class JobControl:
         self.evict(proc)
         self.io.release(proc.model, proc.pid)
         self.table.exit(proc, reason, status, message)
+        self.on_exit(proc)
         log.info("job_exit", pid=proc.pid, reason=reason.name, tokens=len(proc.output_ids),
                  message=message or None)

@@ -16,6 +16,7 @@ from llmasos.kernel.supervisor import Service, ServiceSpec, Supervisor
 from llmasos.proto import (
     inference_pb2,
     inference_pb2_grpc,
+    ipc_pb2_grpc,
     scheduler_pb2_grpc,
 )
 from llmasos.syscalls import SyscallError
@@ -82,6 +83,9 @@ class Kernel:
 
     def scheduler(self) -> scheduler_pb2_grpc.SchedulerStub:
         return scheduler_pb2_grpc.SchedulerStub(self.channel("scheduler"))
+
+    def ipc(self) -> ipc_pb2_grpc.IpcStub:
+        return ipc_pb2_grpc.IpcStub(self.channel("ipc"))
 
     # --- service (re)starts --------------------------------------------------------------
 

@@ -56,6 +56,13 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall(12, "Services", CAP_SYSTEM, "sys_services", v.nothing),
     Syscall(13, "SetQuota", CAP_ADMIN, "sys_setquota", v.setquota, ("security",), False, True),
     Syscall(14, "Audit",   CAP_ADMIN,  "sys_audit",    v.audit,    (),              False, True),
+    # Mailboxes: "proc" because they are how jobs and their users talk; who may use *which*
+    # mailbox is the mailbox's owner and mode, decided by the IPC service.
+    Syscall(20, "MboxCreate", CAP_PROC, "sys_mbox_create", v.mbox_create, ("ipc",)),
+    Syscall(21, "MboxSend",  CAP_PROC,  "sys_mbox_send",   v.mbox_send,   ("ipc",)),
+    Syscall(22, "MboxRecv",  CAP_PROC,  "sys_mbox_recv",   v.mbox_recv,   ("ipc",)),
+    Syscall(23, "MboxList",  CAP_PROC,  "sys_mbox_list",   v.mbox_list,   ("ipc",)),
+    Syscall(24, "MboxRemove", CAP_PROC, "sys_mbox_remove", v.mbox_remove, ("ipc",)),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}

@@ -118,3 +118,46 @@ def setquota(req: Any) -> None:
 def audit(req: Any) -> None:
     if req.limit > MAX_AUDIT_LINES:
         raise invalid(f"limit must be at most {MAX_AUDIT_LINES}, got {req.limit}")
+# --- mailboxes (the IPC service re-checks everything; these fail fast with the same words) ---
+
+MBOX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,63}")
+MBOX_MODES = {0, 1, 2}                 # kernel.proto MboxMode: owner, group, all
+MBOX_MAX_MESSAGES = 65536
+MBOX_MAX_TEXT = 1 << 20                # bytes per message
+MBOX_MAX_WAIT_MS = 600_000
+
+
+def mbox_name(name: str) -> None:
+    if MBOX_NAME.fullmatch(name) is None:
+        raise invalid(f"bad mailbox name {name!r}: 1..64 chars of [A-Za-z0-9_.:@/-], "
+                      "starting with a letter or digit")
+
+
+def mbox_create(req: Any) -> None:
+    mbox_name(req.name)
+    if req.mode not in MBOX_MODES:
+        raise invalid(f"mode must be owner (0), group (1) or all (2), got {req.mode}")
+    if req.max_messages > MBOX_MAX_MESSAGES:
+        raise invalid(f"max_messages must be at most {MBOX_MAX_MESSAGES}")
+
+
+def mbox_send(req: Any) -> None:
+    mbox_name(req.name)
+    if len(req.text.encode()) > MBOX_MAX_TEXT:
+        raise invalid(f"text must be at most {MBOX_MAX_TEXT} bytes")
+
+
+def mbox_recv(req: Any) -> None:
+    mbox_name(req.name)
+    if req.timeout_ms > MBOX_MAX_WAIT_MS:
+        raise invalid(f"timeout_ms must be at most {MBOX_MAX_WAIT_MS} (10 minutes); loop "
+                      "for longer waits")
+
+
+def mbox_list(req: Any) -> None:
+    if req.name:
+        mbox_name(req.name)
+
+
+def mbox_remove(req: Any) -> None:
+    mbox_name(req.name)

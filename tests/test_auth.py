@@ -26,6 +26,11 @@ REQUESTS = {
     "Services": kernel_pb2.ServicesRequest(),
     "SetQuota": kernel_pb2.SetQuotaRequest(user="root", max_jobs=1),
     "Audit": kernel_pb2.AuditRequest(),
+    "MboxCreate": kernel_pb2.MboxCreateRequest(name="m"),
+    "MboxSend": kernel_pb2.MboxSendRequest(name="m", text="x"),
+    "MboxRecv": kernel_pb2.MboxRecvRequest(name="m"),
+    "MboxList": kernel_pb2.MboxListRequest(),
+    "MboxRemove": kernel_pb2.MboxRemoveRequest(name="m"),
 }
 
 

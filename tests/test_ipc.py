@@ -187,8 +187,8 @@ def test_many_producers_one_consumer_in_order(mb):
 # -- the service as a process -----------------------------------------------------------------
 
 @pytest.fixture
-def service():
-    svc = start_service("llmasos.services.ipc")
+def service(tmp_path):
+    svc = start_service("llmasos.services.ipc", "--state-dir", str(tmp_path))
     try:
         yield svc
     finally:
@@ -278,8 +278,9 @@ def test_service_over_grpc(service):
             stuck.result(timeout=10)
 
 
-def test_blocked_receivers_cannot_starve_senders():
-    svc = start_service("llmasos.services.ipc", "--workers", "6")  # 2 may block
+def test_blocked_receivers_cannot_starve_senders(tmp_path):
+    svc = start_service("llmasos.services.ipc", "--workers", "6",  # 2 may block
+                        "--state-dir", str(tmp_path))
     proc, address = svc.proc, svc.address
     try:
         with svc.channel() as ch:

@@ -19,6 +19,7 @@ import grpc
 from llmasos import connect, requests, tasks
 from llmasos.client import DEFAULT_JOB_TIMEOUT, DEFAULT_TIMEOUT, NO_MODEL, with_deployed
 from llmasos.errors import LLMError, ModelNotFound, NotFound, from_rpc
+from llmasos.mailbox import AsyncMailbox
 from llmasos.names import signal_number
 from llmasos.process import Completion
 from llmasos.proto import common_pb2, kernel_pb2, kernel_pb2_grpc
@@ -209,3 +210,7 @@ class AsyncLLMClient:
 
     async def services(self) -> list[kernel_pb2.ServiceInfo]:
         return list((await self._call("Services", kernel_pb2.ServicesRequest())).services)
+
+    def mailbox(self, name: str = "") -> AsyncMailbox:
+        """A named mailbox (see llmasos/mailbox.py), awaitable."""
+        return AsyncMailbox(self._stub, self._metadata, name, self.timeout, self.address)

@@ -16,6 +16,7 @@ import grpc
 
 from llmasos import connect, requests, tasks
 from llmasos.errors import LLMError, ModelNotFound, NotFound, from_rpc
+from llmasos.mailbox import Mailbox
 from llmasos.names import signal_number
 from llmasos.process import Completion, Process
 from llmasos.proto import common_pb2, kernel_pb2, kernel_pb2_grpc
@@ -215,3 +216,6 @@ class LLMClient:
         req = kernel_pb2.SetQuotaRequest(user=user, reset=reset,
                                          **{k: v for k, v in given.items() if v is not None})
         return self._call("SetQuota", req)
+    def mailbox(self, name: str = "") -> Mailbox:
+        """A named mailbox (see llmasos/mailbox.py): create, send, receive, list, remove."""
+        return Mailbox(self._stub, self._metadata, name, self.timeout, self.address)
