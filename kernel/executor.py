@@ -281,7 +281,7 @@ class Executor:
     @staticmethod
     def _continues(p: Proc, e: inference_pb2.StepEntry) -> bool:
         """May this job of the step in flight be planned into the next one already?"""
-        if p.state != State.RUNNING or p.pending_signal or p.forks:
+        if p.state != State.RUNNING or p.pending_signal or p.forks or p.preempt_after:
             return False
         if not e.sample:
             return True   # mid-prompt: its next chunk follows
@@ -320,7 +320,9 @@ class Executor:
         with self.table.lock:
             if self.k.pagers.get(model) is pager:   # else the service restarted meanwhile
                 for pid in plan.preempt:
-                    if pid not in flying:
+                    if pid in flying:   # its blocks are in use: it yields once its step ends
+                        flying[pid][0].preempt_after = True
+                    else:
                         self.jobs.preempt(self.table.get(pid), "scheduler")
                 for slot in plan.slots:
                     proc = self.table.get(slot.pid)
@@ -426,7 +428,7 @@ class Executor:
 
     def _carries_on(self, proc: Proc, result: inference_pb2.StepResult | str) -> bool:
         if isinstance(result, str) or result.error or proc.pending_signal or \
-                proc.state != State.RUNNING:
+                proc.preempt_after or proc.state != State.RUNNING:
             return False
         return not result.sampled or (result.finish_reason != Exit.STOP and self._continues(
             proc, inference_pb2.StepEntry(sample=True)))
@@ -515,6 +517,9 @@ class Executor:
                 self.table.set_state(proc, State.READY)
                 if not self._finished(proc, result):
                     self.jobs.deliver(proc)
+                    if proc.preempt_after and proc.state == State.READY:
+                        self.jobs.preempt(proc, "scheduler")
+                proc.preempt_after = False
             self.table.changed.notify_all()
 
     def _flush_releases(self) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from llmasos.kernel import quota
 from llmasos.kernel.auth import Identity
 from llmasos.kernel.ipc_delivery import IPC_TIMEOUT, caller, check_stdout_mailbox, ipc_failed
 from llmasos.kernel.kernel import Deployed, Kernel
@@ -87,10 +88,15 @@ def sys_spawn(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Spaw
         raise SyscallError("INVALID_ARGUMENT", f"{errors[0]} ({req.model})")
     max_tokens = req.sampling.max_tokens if req.sampling.HasField("max_tokens") \
         else DEFAULT_MAX_TOKENS
-    fits_pool(k, req.model, min(len(tok.token_ids) + max_tokens, tok.context_length))
+    need = min(len(tok.token_ids) + max_tokens, tok.context_length)
+    fits_pool(k, req.model, need, ident)
     check_stdout_mailbox(k, ident, req.stdout_mailbox)
     pids: list[int] = []
     with k.table.lock:   # the step loop must see all n samples at once, or none
+        jobs, tokens = quota.in_flight(k.table.live(), ident.user)
+        quota.check_spawn(ident, jobs, tokens, need * max(1, req.n), max(1, req.n))
+        share = ident.quota.kv_share
+        k.kv_share[ident.user] = share if 0 < share < 1 and not ident.root else 1.0
         spawn_samples(k, ident, req, tok, max_tokens, pids)
     k.executor.wake()
     return kernel_pb2.SpawnResponse(pid=pids[0], pids=pids)
@@ -114,13 +120,23 @@ def spawn_samples(k: Kernel, ident: Identity, req: Any, tok: Any, max_tokens: in
     k.table.get(pids[0]).forks = pids[1:]
 
 
-def fits_pool(k: Kernel, model: str, tokens: int) -> None:
-    """A job that could never hold its KV, even alone, is refused up front (no livelock)."""
+def fits_pool(k: Kernel, model: str, tokens: int, ident: Identity) -> None:
+    """A job that could never hold its KV, even alone (or within its owner's KV quota), is
+    refused up front (no livelock)."""
     pager = k.pagers.get(model)
-    if pager is not None and pager.blocks_for(tokens) > pager.num_blocks:
+    if pager is None:
+        return
+    need = pager.blocks_for(tokens)
+    if need > pager.num_blocks:
         raise SyscallError("RESOURCE_EXHAUSTED", f"this job may need {tokens} tokens of KV "
-                           f"({pager.blocks_for(tokens)} blocks) but the pool holds "
+                           f"({need} blocks) but the pool holds "
                            f"{pager.num_blocks}; lower max_tokens or raise --kv-budget-mb")
+    limit = quota.kv_limit_blocks(ident, pager.num_blocks)
+    if need > limit:
+        raise SyscallError("RESOURCE_EXHAUSTED", f"quota: this job may need {need} KV blocks "
+                           f"but {ident.user}'s kv_share allows {limit} of {pager.num_blocks}; "
+                           "lower max_tokens, or " + quota.FIX.format(user=ident.user,
+                                                                       flag="--kv-share"))
 
 
 def tokenize(k: Kernel, req: Any) -> inference_pb2.TokenizeResponse:

@@ -93,6 +93,7 @@ class Proc:
     fork_pending: bool = False          # a sibling sample waiting to share its parent's KV
     swap_handle: int = 0                # where the inference service keeps its swapped-out KV
     needs_reset: bool = False           # [loop] the engine must rebuild its sampler state
+    preempt_after: bool = False         # [loop] the scheduler preempted it while its step flew
     stdout_mailbox: str = ""            # where its text goes when it ends (kernel/ipc_delivery.py)
 
     @property

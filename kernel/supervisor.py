@@ -240,10 +240,14 @@ class Supervisor:
                  address=address, incarnation=svc.incarnation)
         try:
             self.on_start(svc)
-        except Exception as e:  # a failing hook is a failed start, not a dead supervisor
+        except Exception as e:  # a failing hook is a failed start: restart (budget), not HEALTHY
             log.error("service_start_hook_failed", service=svc.spec.name, error=str(e))
-        with self.lock:
-            self._check(svc)
+            with self.lock:
+                if svc.popen is not None and svc.popen.poll() is None:
+                    svc.popen.kill()
+                self._died(svc, f"start hook failed: {e}")
+            return
+        self._check(svc)
 
     def _read_report(self, fd: int, svc: Service) -> str:
         deadline = time.monotonic() + svc.spec.start_timeout
@@ -268,36 +272,48 @@ class Supervisor:
         last_check = 0.0
         while not self.stopping.wait(0.1):
             now = time.monotonic()
+            check = now - last_check >= HEALTH_PERIOD
             with self.lock:
-                for svc in self.services.values():
-                    self._tick(svc, now, now - last_check >= HEALTH_PERIOD)
-            if now - last_check >= HEALTH_PERIOD:
+                due = [svc for svc in self.services.values() if self._tick(svc, now, check)]
+            for svc in due:   # health RPCs run without the lock: a slow answer blocks no one
+                self._check(svc)
+            if check:
                 last_check = now
 
-    def _tick(self, svc: Service, now: float, check_health: bool) -> None:
+    def _tick(self, svc: Service, now: float, check_health: bool) -> bool:
+        """Restart or reap as due (under the lock); True when a health check is due."""
         if self.stopping.is_set() or svc.state in ("FAILED", "STOPPED", "STARTING"):
-            return
+            return False
         if svc.state == "RESTARTING":
             if now >= svc.next_start:
                 svc.state = "STARTING"   # its own thread starts it; the rest stay watched
                 threading.Thread(target=self._launch, args=(svc,), daemon=True,
                                  name=f"start-{svc.spec.name}").start()
-            return
+            return False
         code = svc.popen.poll() if svc.popen else -1
         if code is not None:
             self._died(svc, f"exited with status {code}")
-        elif check_health:
-            self._check(svc)
+            return False
+        return check_health
 
     def _check(self, svc: Service) -> None:
-        if svc.channel is None:
+        """Probe one service (the RPC runs unlocked) and record the answer under the lock."""
+        with self.lock:
+            channel, incarnation = svc.channel, svc.incarnation
+        if channel is None:
             return
         try:
-            stub = health_pb2_grpc.HealthStub(svc.channel)
+            stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=HEALTH_PERIOD)
             serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
+        except (grpc.RpcError, ValueError):   # ValueError: the channel was closed meanwhile
             serving = False
+        with self.lock:
+            if svc.incarnation == incarnation and svc.channel is channel and \
+                    svc.state in ("STARTING", "HEALTHY", "UNHEALTHY"):
+                self._record(svc, serving)
+
+    def _record(self, svc: Service, serving: bool) -> None:
         if serving:
             svc.missed = 0
             if svc.state != "HEALTHY":

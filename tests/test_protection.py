@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -269,6 +270,55 @@ def test_protection_quota_cli_and_setquota_round_trip(model_system: System) -> N
         assert code_of(model_system, "SetQuota", req) == code, req
     out = llmosd("quota", "nobody", "--max-jobs", "1", "--home", str(model_system.home))
     assert out.returncode != 0 and "nobody" in out.stderr
+
+
+def test_protection_quotas_are_enforced_at_spawn_and_in_the_pool(model_system: System) -> None:
+    from conftest import MODEL, greedy
+    dave = token_for(model_system, "dave")
+
+    def spawn_as(max_tokens: int, prompt: str = "Once upon a time") -> int:
+        return model_system.call("Spawn", kernel_pb2.SpawnRequest(
+            model=MODEL, prompt=prompt, sampling=greedy(max_tokens, ignore_eos=True)),
+            token=dave).pid
+
+    model_system.call("SetQuota", kernel_pb2.SetQuotaRequest(user="dave", max_jobs=2))
+    pids = [spawn_as(400), spawn_as(400)]
+    with pytest.raises(grpc.RpcError) as err:
+        spawn_as(8)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "at most 2 live jobs" in err.value.details() and "--max-jobs" in err.value.details()
+    for pid in pids:
+        end(model_system, pid, dave)
+    model_system.call("SetQuota", kernel_pb2.SetQuotaRequest(user="dave", reset=True,
+                                                             max_tokens=100))
+    with pytest.raises(grpc.RpcError) as err:
+        spawn_as(200)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "tokens in flight" in err.value.details()
+    # KV share: a job too big for it is refused; several that fit one by one stay under it
+    model_system.call("SetQuota", kernel_pb2.SetQuotaRequest(user="dave", reset=True,
+                                                             kv_share=0.05))
+    pool = model_system.call("Ps", kernel_pb2.PsRequest(all=True)).kv.total_blocks
+    limit = int(pool * 0.05)
+    with pytest.raises(grpc.RpcError) as err:
+        spawn_as(limit * 16 + 64)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "kv_share" in \
+        err.value.details()
+    per_job = limit * 16 * 2 // 3      # two of these cannot hold their KV at once
+    pids = [spawn_as(per_job, p) for p in ("The quick brown fox", "In 1969, astronauts",
+                                           "My favourite book is")]
+    most = 0
+    while True:
+        ps = model_system.call("Ps", kernel_pb2.PsRequest(), token=dave)
+        most = max(most, ps.kv.blocks_by_user.get("dave", 0))
+        if all(p.state == 6 for p in ps.processes if p.pid in pids):
+            break
+        time.sleep(0.05)
+    assert most <= limit, f"dave held {most} blocks; the quota is {limit}"
+    for pid in pids:
+        reply = model_system.call("Wait", kernel_pb2.WaitRequest(pid=pid), token=dave)
+        assert len(reply.token_ids) == per_job   # every job completed, in turns
+    model_system.call("SetQuota", kernel_pb2.SetQuotaRequest(user="dave", reset=True))
 
 
 # --- audit -----------------------------------------------------------------------------------

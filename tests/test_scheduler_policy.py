@@ -99,3 +99,15 @@ def test_fair_share_remembers_finished_jobs_through_decayed_usage() -> None:
     forgotten = usage.decay(now=60.0 * 30)   # thirty half-lives later it is forgiven
     assert "heavy" not in forgotten
     assert plan("fair", request(jobs, budget=1), forgotten).slots == [(1, 1)]
+
+
+def test_growing_past_a_kv_quota_preempts_the_owners_lowest_job() -> None:
+    jobs = [job(1, user="q", pending=1, context=32, blocks=2, resident=True),
+            job(2, user="q", pending=1, context=32, blocks=2, resident=True),
+            job(3, user="other", pending=1, context=32, blocks=2, resident=True)]
+    for j in jobs:
+        j.need_blocks = 1
+    req = request(jobs, free=100)
+    req.user_block_limit["q"] = 5
+    result = plan("fcfs", req)
+    assert result.preempt == [2] and [pid for pid, _ in result.slots] == [1, 3]

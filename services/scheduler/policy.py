@@ -89,9 +89,19 @@ def plan(policy: str, req: scheduler_pb2.PlanRequest,
             continue
         n = min(job.pending_tokens, budget)
         need = need_blocks(job, n, bs)
-        if not job.resident and job.user in limits and \
-                held.get(job.user, 0) + need > limits[job.user]:
+        over = job.user in limits and held.get(job.user, 0) + need > limits[job.user]
+        if over and not job.resident:
             continue       # waits: its owner's KV quota is full
+        if over:           # grows past its owner's quota: the owner's lowest job yields
+            mine = [j for j in resident if j.user == job.user and j.pid != job.pid]
+            freed = _preempt_for(job, mine, need, preempt, slots, key, served)
+            held[job.user] -= freed
+            free += freed
+            if held.get(job.user, 0) + need > limits[job.user] and mine:
+                preempt.append(job.pid)   # it ranks lowest of its owner's jobs: it yields
+                held[job.user] -= job.blocks_held
+                free += job.blocks_held
+                continue
         if need > free and (job.resident or policy == "priority"):
             free += _preempt_for(job, resident, need - free, preempt, slots, key, served)
         if need > free and job.resident:
