@@ -76,6 +76,11 @@ class BlockPool:
         self.key[block] = key
         self.cached[digest] = block
 
+    def forget(self, block: int) -> None:
+        """Unpublish a block whose contents are about to change."""
+        if self.digest[block] is not None:
+            self._uncache(block)
+
     def num_cached_free(self) -> int:
         """Free blocks whose content is still reusable (O(free blocks); for usage reports)."""
         return sum(1 for b in self.free_queue if self.digest[b] is not None)

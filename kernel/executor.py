@@ -47,6 +47,13 @@ SERVICE_FAULTS = frozenset({
     grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
+def has_work(p: Proc, pager: Pager) -> bool:
+    """Something to compute: a pipe's reader may have to wait for input."""
+    if not p.input_open:
+        return bool(p.tokens)
+    return len(p.tokens) > (pager.num_computed(p.pid) if p.pid in pager else 0)
+
+
 class ServiceFault(Exception):
     """The step could not run because a service is down or restarting."""
 
@@ -92,7 +99,7 @@ class Executor:
         self.table = k.table
         self.io = PendingIo()                                  # guarded by table.lock
         self.jobs = JobControl(k.table, k.pagers, self.io,     # runs under table.lock
-                               on_exit=lambda proc: deliver_output(k, proc))
+                               on_exit=self._exited)
         self.wakeup = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="executor", daemon=True)
@@ -100,6 +107,12 @@ class Executor:
 
     def start(self) -> None:
         self.thread.start()
+
+    def _exited(self, proc: Proc) -> None:
+        """After a job's exit is recorded (under the table lock)."""
+        deliver_output(self.k, proc)
+        if self.k.pipes is not None:
+            self.k.pipes.on_exit(proc)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -255,7 +268,7 @@ class Executor:
         flying = self._flying(model)
         with self.table.lock:
             procs = [p for p in self.table.live() if p.model == model and p.state in RUNNABLE
-                     and not waits_for_fork(self.table, p)]
+                     and not waits_for_fork(self.table, p) and has_work(p, pager)]
             for p in procs:
                 if p.state == State.NEW:
                     self.table.set_state(p, State.READY)
@@ -283,8 +296,8 @@ class Executor:
         """May this job of the step in flight be planned into the next one already?"""
         if p.state != State.RUNNING or p.pending_signal or p.forks or p.preempt_after:
             return False
-        if not e.sample:
-            return True   # mid-prompt: its next chunk follows
+        if not e.sample:   # mid-prompt: its next chunk follows, if it has one
+            return len(p.tokens) > e.start_pos + len(e.token_ids)
         grown = len(p.tokens) + 1
         return len(p.output_ids) + 1 < p.max_tokens and not (
             p.context_length and grown >= p.context_length)
@@ -369,7 +382,8 @@ class Executor:
         reset = proc.needs_reset   # the engine rebuilds its sampler state from the tokens
         return inference_pb2.StepEntry(
             seq_id=proc.pid, token_ids=tokens[start:start + n], start_pos=start,
-            block_table=pager.block_table(proc.pid), sample=start + n == len(tokens),
+            block_table=pager.block_table(proc.pid),
+            sample=start + n == len(tokens) and not proc.input_open,
             sampling=proc.sampling, generated_ids=proc.output_ids if reset else [], reset=reset)
 
     def _entry_after(self, work: Work, proc: Proc, pager: Pager, budget: int,
@@ -389,8 +403,8 @@ class Executor:
         n = max(1, min(budget, len(tokens) - start))
         return inference_pb2.StepEntry(
             seq_id=proc.pid, token_ids=tokens[start:start + n], start_pos=start,
-            block_table=pager.block_table(proc.pid), sample=start + n == len(tokens),
-            sampling=proc.sampling)
+            block_table=pager.block_table(proc.pid),
+            sample=start + n == len(tokens) and not proc.input_open, sampling=proc.sampling)
 
     def _append(self, proc: Proc, pager: Pager, tokens: list[int]) -> None:
         copies = pager.append(proc.pid, tokens)
@@ -512,6 +526,8 @@ class Executor:
                 work.pager.mark_computed(proc.pid, entry.start_pos + len(entry.token_ids))
                 if result.sampled:
                     self._emit(proc, result)
+                    if proc.stdout_pids and self.k.pipes is not None:
+                        self.k.pipes.wrote(proc)
                 if proc.pid in nxt:
                     continue   # its next step is in flight: signals wait for that one
                 self.table.set_state(proc, State.READY)

@@ -17,6 +17,7 @@ from llmasos.kernel import quota
 from llmasos.kernel.auth import Identity
 from llmasos.kernel.ipc_delivery import IPC_TIMEOUT, caller, check_stdout_mailbox, ipc_failed
 from llmasos.kernel.kernel import Deployed, Kernel
+from llmasos.kernel.pipes import Template
 from llmasos.kernel.proctable import Proc, State
 from llmasos.proto import (
     common_pb2,
@@ -79,6 +80,8 @@ def sys_spawn(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Spaw
     if req.nice < 0 and not is_admin(ident):
         raise SyscallError("PERMISSION_DENIED", "only root may spawn with a negative nice")
     usable_model(k, req.model)
+    if req.stdin_pid:
+        return spawn_reader(k, ident, req)
     tok = tokenize(k, req)
     if len(tok.token_ids) >= tok.context_length:
         raise SyscallError("INVALID_ARGUMENT", f"prompt is {len(tok.token_ids)} tokens; "
@@ -102,6 +105,43 @@ def sys_spawn(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Spaw
     return kernel_pb2.SpawnResponse(pid=pids[0], pids=pids)
 
 
+def spawn_reader(k: Kernel, ident: Identity, req: Any) -> kernel_pb2.SpawnResponse:
+    """A pipe's reader: its prompt is a template around another job's output (kernel/pipes.py)."""
+    writer = lookup(k, ident, req.stdin_pid)
+    if req.n > 1:
+        raise SyscallError("INVALID_ARGUMENT", "n > 1 cannot read a pipe; spawn one reader")
+    if k.pipes is None:
+        raise SyscallError("FAILED_PRECONDITION", "this kernel runs without pipes")
+    template = pipe_template(req)
+    tok = tokenize(k, req)   # the template alone: checks the model and gives its limits
+    errors = sampling_errors(req.sampling, tok.vocab_size or None)
+    if errors:
+        raise SyscallError("INVALID_ARGUMENT", f"{errors[0]} ({req.model})")
+    max_tokens = req.sampling.max_tokens if req.sampling.HasField("max_tokens") \
+        else DEFAULT_MAX_TOKENS
+    need = min(len(tok.token_ids) + writer.max_tokens + max_tokens, tok.context_length)
+    fits_pool(k, req.model, need, ident)
+    check_stdout_mailbox(k, ident, req.stdout_mailbox)
+    with k.table.lock:
+        jobs, tokens = quota.in_flight(k.table.live(), ident.user)
+        quota.check_spawn(ident, jobs, tokens, need, 1)
+        proc = k.table.spawn(user=ident.user, uid=ident.uid, ppid=0, model=req.model,
+                             nice=req.nice, name=req.name, prompt_ids=[],
+                             sampling=req.sampling, max_tokens=max_tokens,
+                             context_length=tok.context_length,
+                             stdout_mailbox=req.stdout_mailbox,
+                             ignore_sigpipe=req.ignore_sigpipe)
+        k.pipes.connect(proc, writer, template)
+    k.executor.wake()
+    return kernel_pb2.SpawnResponse(pid=proc.pid, pids=[proc.pid])
+
+
+def pipe_template(req: Any) -> Template:
+    if req.WhichOneof("input") == "prompt":
+        return Template(req.model, prompt=req.prompt)
+    return Template(req.model, messages=[(m.role, m.content) for m in req.messages.messages])
+
+
 def spawn_samples(k: Kernel, ident: Identity, req: Any, tok: Any, max_tokens: int,
                   pids: list[int]) -> None:
     """n jobs for one request; the first is the parent whose prompt KV the others share."""
@@ -115,7 +155,8 @@ def spawn_samples(k: Kernel, ident: Identity, req: Any, tok: Any, max_tokens: in
                              model=req.model, nice=req.nice, name=req.name,
                              prompt_ids=list(tok.token_ids), sampling=sampling,
                              max_tokens=max_tokens, context_length=tok.context_length,
-                             fork_pending=bool(pids), stdout_mailbox=req.stdout_mailbox)
+                             fork_pending=bool(pids), stdout_mailbox=req.stdout_mailbox,
+                             ignore_sigpipe=req.ignore_sigpipe)
         pids.append(proc.pid)
     k.table.get(pids[0]).forks = pids[1:]
 
@@ -271,7 +312,8 @@ def proc_info(p: Proc) -> kernel_pb2.ProcessInfo:
         kv_blocks=p.kv_blocks, created_unix=p.created, started_unix=p.started,
         ended_unix=p.ended, exit_status=p.exit_status, exit_reason=int(p.exit_reason),
         exit_message=p.exit_message, cpu_seconds=p.cpu_seconds, preemptions=p.preemptions,
-        name=p.name)
+        name=p.name, stdin_pid=p.stdin_pid, stdout_pids=p.stdout_pids,
+        stdin_exit_reason=int(p.stdin_exit), shm=p.shm)
 
 
 # --- models -----------------------------------------------------------------------------------

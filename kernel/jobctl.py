@@ -13,7 +13,7 @@ import structlog
 from llmasos.kernel.pager import Pager
 from llmasos.kernel.pending_io import PendingIo, SwapOut
 from llmasos.kernel.proctable import Exit, Proc, ProcessTable, State
-from llmasos.syscalls.limits import SIGCONT, SIGKILL, SIGSTOP, SIGTERM
+from llmasos.syscalls.limits import SIGCONT, SIGKILL, SIGPIPE, SIGSTOP, SIGTERM
 
 log = structlog.get_logger()
 SWAP_SPACE = 1.0    # host memory for swapped-out KV, as a multiple of the pool
@@ -32,8 +32,9 @@ class JobControl:
     def signal(self, proc: Proc, sig: int) -> None:
         if proc.state == State.RUNNING:
             proc.pending_signal = sig if sig != SIGCONT else 0
-        elif sig in (SIGKILL, SIGTERM):
-            self.end(proc, Exit.KILLED, -sig, f"killed by signal {sig}")
+        elif sig in (SIGKILL, SIGTERM, SIGPIPE):
+            why = " (broken pipe: its reader ended)" if sig == SIGPIPE else ""
+            self.end(proc, Exit.KILLED, -sig, f"killed by signal {sig}{why}")
         elif sig == SIGSTOP and proc.state != State.STOPPED:
             self.suspend(proc)
         elif sig == SIGCONT and proc.state == State.STOPPED:

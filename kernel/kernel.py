@@ -56,6 +56,7 @@ class Kernel:
         self.kv_share: dict[str, float] = {}
         self.draining = threading.Event()
         self.executor = None            # set by main (kernel/executor.py)
+        self.pipes = None               # set by main (kernel/pipes.py)
         specs = [
             ServiceSpec("security"),
             ServiceSpec("ipc"),

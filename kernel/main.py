@@ -23,6 +23,7 @@ from llmasos.kernel import config, log
 from llmasos.kernel.audit import AuditLog
 from llmasos.kernel.executor import Executor
 from llmasos.kernel.kernel import Kernel
+from llmasos.kernel.pipes import Pipes
 from llmasos.kernel.server import build
 
 logger = structlog.get_logger()
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(cfg.home, mode=0o700, exist_ok=True)
     k = Kernel(cfg)
     k.executor = Executor(k)
+    k.pipes = Pipes(k)
     server, port = build(k, cfg.listen)
     address = f"{cfg.listen.rsplit(':', 1)[0]}:{port}"
     stop = threading.Event()
@@ -120,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         k.supervisor.stop()
         return 0 if stop.is_set() else 1
     k.executor.start()
+    k.pipes.start()
     server.start()
     print(f"llmosd ready {address}", flush=True)
     logger.info("ready", address=address, models=sorted(k.models))
@@ -136,6 +139,7 @@ def shutdown(k: Kernel, server: object, grace: float) -> None:
     while k.table.live() and time.monotonic() < deadline:
         time.sleep(0.1)
     k.executor.shutdown_jobs()
+    k.pipes.stop()
     k.executor.stop()
     server.stop(grace=1).wait()
     k.supervisor.stop()

@@ -211,6 +211,20 @@ class Pager:
         self._release(seq.blocks[keep:])
         del seq.blocks[keep:], seq.tokens[num_tokens:]
 
+    def rewind(self, pid: int, num_tokens: int) -> None:
+        """Forget everything past num_tokens, computed or not (a pipe's reader whose input
+        tokenized differently at the end): the KV past it is recomputed."""
+        seq = self._resident(pid)
+        if not 0 <= num_tokens <= len(seq.tokens):
+            raise ValueError(f"pid {pid}: cannot rewind to {num_tokens}")
+        seq.computed = min(seq.computed, num_tokens)
+        del seq.digests[seq.computed // self.block_size:]
+        keep = self.blocks_for(num_tokens)
+        if num_tokens % self.block_size and self.pool.ref[seq.blocks[keep - 1]] == 1:
+            self.pool.forget(seq.blocks[keep - 1])   # to be rewritten: no longer that prefix
+        self._release(seq.blocks[keep:])
+        del seq.blocks[keep:], seq.tokens[num_tokens:]
+
     def mark_computed(self, pid: int, num_tokens: int) -> None:
         """The KV of pid's first num_tokens tokens is now written; publish its full blocks."""
         seq = self._resident(pid)

@@ -94,6 +94,13 @@ class Proc:
     swap_handle: int = 0                # where the inference service keeps its swapped-out KV
     needs_reset: bool = False           # [loop] the engine must rebuild its sampler state
     preempt_after: bool = False         # [loop] the scheduler preempted it while its step flew
+    # pipes (kernel/pipes.py)
+    stdin_pid: int = 0                  # the job whose output is its input
+    stdout_pids: list[int] = field(default_factory=list)   # the jobs reading its output
+    input_open: bool = False            # its writer still runs: prefill only, never sample
+    stdin_exit: Exit = Exit.NONE        # how its writer ended
+    ignore_sigpipe: bool = False
+    shm: str = ""                       # the KV segment it attached (kernel/segments.py)
     stdout_mailbox: str = ""            # where its text goes when it ends (kernel/ipc_delivery.py)
 
     @property

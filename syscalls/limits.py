@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 # --- signals (numbers as on Linux; kernel.proto's Signal enum) -------------------------------
-SIGKILL, SIGTERM, SIGCONT, SIGSTOP = 9, 15, 18, 19
+SIGKILL, SIGPIPE, SIGTERM, SIGCONT, SIGSTOP = 9, 13, 15, 18, 19
 SIGNALS: dict[str, int] = {"KILL": SIGKILL, "TERM": SIGTERM, "CONT": SIGCONT, "STOP": SIGSTOP}
+PIPE_INPUT = "{input}"   # where piped text goes in a reader's prompt
 
 # --- requests --------------------------------------------------------------------------------
 DEFAULT_MAX_TOKENS = 256          # a Spawn that names no max_tokens
