@@ -113,6 +113,8 @@ class Executor:
         deliver_output(self.k, proc)
         if self.k.pipes is not None:
             self.k.pipes.on_exit(proc)
+        if proc.shm:
+            self.k.segments.detach(proc)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -302,17 +304,18 @@ class Executor:
         return len(p.output_ids) + 1 < p.max_tokens and not (
             p.context_length and grown >= p.context_length)
 
-    @staticmethod
-    def _sched_job(p: Proc, pager: Pager) -> scheduler_pb2.SchedJob:
+    def _sched_job(self, p: Proc, pager: Pager) -> scheduler_pb2.SchedJob:
         # a swapped-out job holds no blocks: it is admitted again like a waiting one
         resident = p.pid in pager and not pager.is_swapped(p.pid)
         computed = pager.num_computed(p.pid) if p.pid in pager else 0
+        need = self.k.segments.attach_need(p, pager) if p.shm and p.pid not in pager else None
         return scheduler_pb2.SchedJob(
             pid=p.pid, user=p.user, nice=p.nice, arrival=p.created,
             pending_tokens=len(p.prompt_ids) + len(p.output_ids) - computed,
             context_tokens=computed, blocks_held=p.kv_blocks, resident=resident,
             served_tokens=len(p.output_ids),
-            need_blocks=pager.blocks_needed(p.pid, p.user, p.tokens))
+            need_blocks=need if need is not None else pager.blocks_needed(
+                p.pid, p.user, p.tokens))
 
     @staticmethod
     def _sched_next(p: Proc, e: inference_pb2.StepEntry, pager: Pager) -> scheduler_pb2.SchedJob:
@@ -361,9 +364,10 @@ class Executor:
             if proc.pid in pager and pager.is_swapped(proc.pid):
                 self.jobs.swap_in(proc, pager)
             if proc.pid not in pager:
-                pager.admit(proc.pid, proc.user, tokens)
+                if not (proc.shm and self.k.segments.attach(proc)):   # else shares its blocks
+                    pager.admit(proc.pid, proc.user, tokens)
                 proc.needs_reset = True
-            elif pager.num_tokens(proc.pid) < len(tokens):
+            if pager.num_tokens(proc.pid) < len(tokens):
                 self._append(proc, pager, tokens[pager.num_tokens(proc.pid):])
         except OutOfBlocks:
             if proc.state != State.BLOCKED:

@@ -18,7 +18,8 @@ from llmasos.kernel.auth import Identity
 from llmasos.kernel.ipc_delivery import IPC_TIMEOUT, caller, check_stdout_mailbox, ipc_failed
 from llmasos.kernel.kernel import Deployed, Kernel
 from llmasos.kernel.pipes import Template
-from llmasos.kernel.proctable import Proc, State
+from llmasos.kernel.proctable import Exit, Proc, State
+from llmasos.kernel.segments import Segment
 from llmasos.proto import (
     common_pb2,
     inference_pb2,
@@ -82,7 +83,8 @@ def sys_spawn(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Spaw
     usable_model(k, req.model)
     if req.stdin_pid:
         return spawn_reader(k, ident, req)
-    tok = tokenize(k, req)
+    seg = shm_for(k, ident, req)
+    tok = tokenize(k, req, seg.text if seg else "")
     if len(tok.token_ids) >= tok.context_length:
         raise SyscallError("INVALID_ARGUMENT", f"prompt is {len(tok.token_ids)} tokens; "
                            f"{req.model} holds at most {tok.context_length - 1}")
@@ -101,8 +103,24 @@ def sys_spawn(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Spaw
         share = ident.quota.kv_share
         k.kv_share[ident.user] = share if 0 < share < 1 and not ident.root else 1.0
         spawn_samples(k, ident, req, tok, max_tokens, pids)
+        if seg is not None:
+            for pid in pids:
+                k.table.get(pid).shm = seg.name
+                seg.attached.add(pid)
     k.executor.wake()
     return kernel_pb2.SpawnResponse(pid=pids[0], pids=pids)
+
+
+def shm_for(k: Kernel, ident: Identity, req: Any) -> Segment | None:
+    """The KV segment a Spawn attaches (its text goes before the prompt)."""
+    if not req.shm:
+        return None
+    with k.table.lock:
+        seg = k.segments.get(req.shm, ident.user, is_admin(ident))
+    if seg.model != req.model:
+        raise SyscallError("INVALID_ARGUMENT", f"segment {req.shm!r} holds KV of {seg.model}, "
+                           f"not {req.model}")
+    return seg
 
 
 def spawn_reader(k: Kernel, ident: Identity, req: Any) -> kernel_pb2.SpawnResponse:
@@ -180,9 +198,9 @@ def fits_pool(k: Kernel, model: str, tokens: int, ident: Identity) -> None:
                                                                        flag="--kv-share"))
 
 
-def tokenize(k: Kernel, req: Any) -> inference_pb2.TokenizeResponse:
+def tokenize(k: Kernel, req: Any, prefix: str = "") -> inference_pb2.TokenizeResponse:
     if req.WhichOneof("input") == "prompt":
-        treq = inference_pb2.TokenizeRequest(model=req.model, text=req.prompt)
+        treq = inference_pb2.TokenizeRequest(model=req.model, text=prefix + req.prompt)
     else:
         treq = inference_pb2.TokenizeRequest(model=req.model, messages=req.messages)
     try:
@@ -255,6 +273,9 @@ def sys_kill(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.KillR
         if req.signal == SIGCONT and proc.state != State.STOPPED and \
                 proc.pending_signal != SIGSTOP:
             raise SyscallError("FAILED_PRECONDITION", f"process {proc.pid} is not stopped")
+        if proc.segment:
+            raise SyscallError("FAILED_PRECONDITION", f"process {proc.pid} holds KV segment "
+                               f"{proc.segment!r}; remove it with `ipcrm -s {proc.segment}`")
         k.executor.signal(proc, req.signal)
         return kernel_pb2.KillResponse(state=int(proc.state))
 
@@ -483,3 +504,57 @@ def sys_mbox_remove(k: Kernel, ident: Identity, req: Any,
     except grpc.RpcError as e:
         raise ipc_failed(e, "removing the mailbox failed") from None
     return kernel_pb2.MboxRemoveResponse(discarded=reply.discarded)
+
+
+# --- shared KV segments (syscalls 25-27) ------------------------------------------------------
+
+SHM_READY_TIMEOUT = 600.0
+
+
+def sys_shm_create(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.ShmInfo:
+    """Compute the prefix once (a holder job that only prefills), then pin it."""
+    usable_model(k, req.model)
+    tok = tokenize(k, kernel_pb2.SpawnRequest(model=req.model, prompt=req.text))
+    if len(tok.token_ids) >= tok.context_length:
+        raise SyscallError("INVALID_ARGUMENT", f"the segment is {len(tok.token_ids)} tokens; "
+                           f"{req.model} holds at most {tok.context_length - 1}")
+    fits_pool(k, req.model, len(tok.token_ids), ident)
+    with k.table.lock:
+        holder = k.table.spawn(user=ident.user, uid=ident.uid, ppid=0, model=req.model, nice=0,
+                               name=f"shm:{req.name}", prompt_ids=list(tok.token_ids),
+                               sampling=common_pb2.SamplingParams(), max_tokens=1,
+                               context_length=tok.context_length, input_open=True)
+        seg = Segment(req.name, ident.user, req.mode, list(req.members), req.model, req.text,
+                      holder)
+        try:
+            k.segments.create(seg)
+        except SyscallError:
+            k.executor.end(holder, Exit.KILLED, 0, "segment name taken")
+            raise
+    k.executor.wake()
+    deadline = time.monotonic() + SHM_READY_TIMEOUT
+    with k.table.changed:
+        while not k.segments.ready(seg):
+            if holder.state in ENDED or not ctx.is_active() or time.monotonic() > deadline:
+                k.segments.remove(seg)
+                raise SyscallError("UNAVAILABLE", f"segment {req.name!r} was not computed: "
+                                   f"{holder.exit_message or 'gave up'}")
+            k.table.changed.wait(0.5)
+        return k.segments.info(seg)
+
+
+def sys_shm_remove(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.ShmInfo:
+    with k.table.lock:
+        seg = k.segments.get(req.name, ident.user, is_admin(ident))
+        if seg.owner != ident.user and not is_admin(ident):
+            raise SyscallError("PERMISSION_DENIED", f"segment {req.name!r} belongs to "
+                               f"{seg.owner}; only its owner or an admin removes it")
+        k.segments.remove(seg)
+        return k.segments.info(seg)
+
+
+def sys_shm_list(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.ShmListResponse:
+    with k.table.lock:
+        segs = [k.segments.info(s) for s in k.segments.by_name.values()
+                if s.may_attach(ident.user, is_admin(ident))]
+    return kernel_pb2.ShmListResponse(segments=segs)

@@ -12,6 +12,7 @@ import structlog
 from llmasos.kernel.config import Config
 from llmasos.kernel.pager import Pager
 from llmasos.kernel.proctable import ProcessTable
+from llmasos.kernel.segments import Segments
 from llmasos.kernel.supervisor import Service, ServiceSpec, Supervisor
 from llmasos.proto import (
     inference_pb2,
@@ -57,6 +58,7 @@ class Kernel:
         self.draining = threading.Event()
         self.executor = None            # set by main (kernel/executor.py)
         self.pipes = None               # set by main (kernel/pipes.py)
+        self.segments = Segments(self)  # named KV segments (kernel/segments.py)
         specs = [
             ServiceSpec("security"),
             ServiceSpec("ipc"),
@@ -131,8 +133,9 @@ class Kernel:
         pager = self.pagers.get(model)
         if pager is None:
             return {}
-        return {u: int(pager.num_blocks * self.kv_share[u]) for u in users
-                if self.kv_share.get(u, 1.0) < 1.0}
+        return {u: max(0, int(pager.num_blocks * self.kv_share[u])
+                       - self.segments.held_blocks(u, model))   # its segments count too
+                for u in users if self.kv_share.get(u, 1.0) < 1.0}
 
     def attach_pager(self, name: str, stub: inference_pb2_grpc.InferenceStub) -> None:
         geo = stub.Geometry(inference_pb2.GeometryRequest(model=name), timeout=30)

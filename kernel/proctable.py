@@ -101,6 +101,7 @@ class Proc:
     stdin_exit: Exit = Exit.NONE        # how its writer ended
     ignore_sigpipe: bool = False
     shm: str = ""                       # the KV segment it attached (kernel/segments.py)
+    segment: str = ""                   # the KV segment it holds (prefill only, pinned)
     stdout_mailbox: str = ""            # where its text goes when it ends (kernel/ipc_delivery.py)
 
     @property

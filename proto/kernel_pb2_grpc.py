@@ -130,6 +130,21 @@ class KernelStub:
                 request_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxRemoveRequest.SerializeToString,
                 response_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxRemoveResponse.FromString,
                 _registered_method=True)
+        self.ShmCreate = channel.unary_unary(
+                '/llmasos.v1.Kernel/ShmCreate',
+                request_serializer=llmasos_dot_proto_dot_kernel__pb2.ShmCreateRequest.SerializeToString,
+                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.ShmInfo.FromString,
+                _registered_method=True)
+        self.ShmRemove = channel.unary_unary(
+                '/llmasos.v1.Kernel/ShmRemove',
+                request_serializer=llmasos_dot_proto_dot_kernel__pb2.ShmRemoveRequest.SerializeToString,
+                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.ShmInfo.FromString,
+                _registered_method=True)
+        self.ShmList = channel.unary_unary(
+                '/llmasos.v1.Kernel/ShmList',
+                request_serializer=llmasos_dot_proto_dot_kernel__pb2.ShmListRequest.SerializeToString,
+                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.ShmListResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServicer:
@@ -270,6 +285,30 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShmCreate(self, request, context):
+        """Shared memory (syscalls 25-27): named KV segments. A segment is a prefix (a system prompt,
+        a document, few-shot examples) computed once and pinned; a permitted job names it in
+        SpawnRequest.shm and shares its KV blocks copy-on-write instead of computing them.
+        Create one and wait until its KV is computed; ALREADY_EXISTS if the name is taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShmRemove(self, request, context):
+        """Remove it: no new job may attach; its blocks go when the last attached job ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShmList(self, request, context):
+        """The segments the caller may attach (admins: all).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -367,6 +406,21 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.MboxRemove,
                     request_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxRemoveRequest.FromString,
                     response_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxRemoveResponse.SerializeToString,
+            ),
+            'ShmCreate': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShmCreate,
+                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.ShmCreateRequest.FromString,
+                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.ShmInfo.SerializeToString,
+            ),
+            'ShmRemove': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShmRemove,
+                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.ShmRemoveRequest.FromString,
+                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.ShmInfo.SerializeToString,
+            ),
+            'ShmList': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShmList,
+                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.ShmListRequest.FromString,
+                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.ShmListResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -882,6 +936,87 @@ class Kernel:
             '/llmasos.v1.Kernel/MboxRemove',
             llmasos_dot_proto_dot_kernel__pb2.MboxRemoveRequest.SerializeToString,
             llmasos_dot_proto_dot_kernel__pb2.MboxRemoveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShmCreate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Kernel/ShmCreate',
+            llmasos_dot_proto_dot_kernel__pb2.ShmCreateRequest.SerializeToString,
+            llmasos_dot_proto_dot_kernel__pb2.ShmInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShmRemove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Kernel/ShmRemove',
+            llmasos_dot_proto_dot_kernel__pb2.ShmRemoveRequest.SerializeToString,
+            llmasos_dot_proto_dot_kernel__pb2.ShmInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShmList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Kernel/ShmList',
+            llmasos_dot_proto_dot_kernel__pb2.ShmListRequest.SerializeToString,
+            llmasos_dot_proto_dot_kernel__pb2.ShmListResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,10 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall(22, "MboxRecv",  CAP_PROC,  "sys_mbox_recv",   v.mbox_recv,   ("ipc",)),
     Syscall(23, "MboxList",  CAP_PROC,  "sys_mbox_list",   v.mbox_list,   ("ipc",)),
     Syscall(24, "MboxRemove", CAP_PROC, "sys_mbox_remove", v.mbox_remove, ("ipc",)),
+    # Shared KV segments: the pager's blocks are the kernel's; owner and mode decide who attaches.
+    Syscall(25, "ShmCreate", CAP_PROC,  "sys_shm_create",  v.shm_create,  ("inference",)),
+    Syscall(26, "ShmRemove", CAP_PROC,  "sys_shm_remove",  v.shm_name),
+    Syscall(27, "ShmList",   CAP_PROC,  "sys_shm_list",    v.nothing),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}

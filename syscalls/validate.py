@@ -161,3 +161,18 @@ def mbox_list(req: Any) -> None:
 
 def mbox_remove(req: Any) -> None:
     mbox_name(req.name)
+
+
+# --- shared KV segments -----------------------------------------------------------------------
+
+def shm_name(req: Any) -> None:
+    mbox_name(req.name)
+
+
+def shm_create(req: Any) -> None:
+    mbox_name(req.name)
+    model_name(req.model)
+    if not 1 <= len(req.text.encode()) <= MAX_PROMPT_BYTES:
+        raise invalid(f"text must be 1..{MAX_PROMPT_BYTES} bytes")
+    if req.mode not in MBOX_MODES:
+        raise invalid(f"mode must be owner (0), group (1) or all (2), got {req.mode}")
