@@ -181,6 +181,8 @@ class Executor:
             except Exception:
                 log.exception("step_crashed", model=model)
                 self._fail_inflight()
+                if model:
+                    self._requeue(model)
                 self.stopping.wait(RETRY_PAUSE)
                 busy = True
             self._flush_releases()
@@ -350,6 +352,8 @@ class Executor:
                     else:
                         continue
                     if entry is not None:
+                        if proc.state == State.BLOCKED:
+                            self.table.set_state(proc, State.READY)
                         if proc.state != State.RUNNING:
                             self.table.set_state(proc, State.RUNNING)
                         work.batch.append((proc, entry))
@@ -502,9 +506,13 @@ class Executor:
         """The step did not happen: its jobs wait again, and their sampler state is rebuilt
         on the next try (a Step that timed out may still have run: no token is doubled)."""
         with self.table.lock:
+            pager = self.k.pagers.get(model)
             for proc in self.table.live():
                 if proc.model == model and proc.state == State.RUNNING:
                     proc.needs_reset = True
+                    if pager is not None and proc.pid in pager and not pager.is_swapped(
+                            proc.pid) and pager.num_tokens(proc.pid) > len(proc.tokens):
+                        pager.truncate(proc.pid, len(proc.tokens))   # an unfilled placeholder
                     self.table.set_state(proc, State.READY)
                     self.jobs.deliver(proc)
 
