@@ -116,11 +116,11 @@ class LogVariant:
         strings = "\0".join((p.user, p.model, p.name)).encode()
         self.write(self.record(1, head + struct.pack("<I", len(strings)) + strings
                                + p.sampling.SerializeToString()
-                               + array("q", p.prompt_ids).tobytes()))
+                               + array("i", p.prompt_ids).tobytes()))
 
     def step(self, rows: list[Tokens], ended: list[Proc]) -> None:
         recs = [self.record(2, struct.pack("<qqI", r.pid, r.pos, len(r.ids))
-                            + array("q", r.ids).tobytes() + array("d", r.logprobs).tobytes()
+                            + array("i", r.ids).tobytes() + array("f", r.logprobs).tobytes()
                             + r.text.encode()) for r in rows]
         recs += [self.record(3, struct.pack("<qiid", p.pid, int(p.state), int(p.exit_reason),
                                             p.ended)) for p in ended]
