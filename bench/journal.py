@@ -6,6 +6,7 @@ jobs exit (state change in the step's transaction), ~2 zombies are reaped and ~2
 all of it. Variants, run interleaved in chunks so machine load hurts each alike:
 
     sqlite_normal   kernel/journal.py: WAL, synchronous=NORMAL (survives kill -9, not power loss)
+    sqlite_thread   the same behind a writer thread and a queue (callers wait for the commit)
     sqlite_full     the same with synchronous=FULL (an fsync per commit: survives power loss)
     log             append-only file, CRC32 per record, one os.write per step (kill -9 safe)
     log_fsync       the same plus fdatasync per write (power-loss safe)
@@ -22,13 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import random
 import statistics
 import struct
 import tempfile
+import threading
 import time
 import zlib
 from array import array
+from collections.abc import Callable
 from pathlib import Path
 
 from llmasos.kernel.journal import Journal, Tokens
@@ -91,6 +95,36 @@ class SqliteVariant:
 
     def size(self) -> int:
         return self.j.size()
+
+
+class ThreadVariant(SqliteVariant):
+    """The same journal behind a writer thread: callers queue their records and wait for the
+    commit (nothing may be acknowledged before it), so it adds a hand-off to every record."""
+
+    def __init__(self, home: str) -> None:
+        super().__init__(home, "NORMAL")
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self.writer, daemon=True).start()
+
+    def writer(self) -> None:
+        while True:
+            fn, done = self.queue.get()
+            fn()
+            done.set()
+
+    def call(self, fn: Callable[[], None]) -> None:
+        done = threading.Event()
+        self.queue.put((fn, done))
+        done.wait()
+
+    def spawn(self, p: Proc) -> None:
+        self.call(lambda: SqliteVariant.spawn(self, p))
+
+    def step(self, rows: list[Tokens], ended: list[Proc]) -> None:
+        self.call(lambda: SqliteVariant.step(self, rows, ended))
+
+    def reap(self, pid: int) -> None:
+        self.call(lambda: SqliteVariant.reap(self, pid))
 
 
 class LogVariant:
@@ -191,14 +225,15 @@ def main() -> None:
                     help="serving step to compare with (default: measure the engine's)")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
-    names = ("sqlite_normal", "sqlite_full", "log", "log_fsync")
+    names = ("sqlite_normal", "sqlite_thread", "sqlite_full", "log", "log_fsync")
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(dir=os.environ.get("LLMASOS_HOME")) as root:
         variants = {}
         for name in names:
             home = os.path.join(root, name)
             os.mkdir(home)
-            variants[name] = (SqliteVariant(home, "FULL" if name == "sqlite_full" else "NORMAL")
+            variants[name] = (ThreadVariant(home) if name == "sqlite_thread" else
+                              SqliteVariant(home, "FULL" if name == "sqlite_full" else "NORMAL")
                               if name.startswith("sqlite") else
                               LogVariant(home, fsync=name == "log_fsync"))
         works = {name: Workload(seed=1) for name in names}

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import structlog
+from google.protobuf.message import DecodeError
 
 from llmasos.kernel import journal_wal
 from llmasos.kernel.proctable import Exit, Proc, ProcessTable, State
@@ -88,10 +89,11 @@ class Report:
     cut_bytes: int = 0
     corrupt: str = ""               # where a corrupt journal was moved aside ("" if none)
     token_gaps: list[int] = field(default_factory=list)   # pids whose tokens were truncated
+    bad_jobs: list[int] = field(default_factory=list)     # pids whose rows did not decode: lost
 
     @property
     def lost(self) -> bool:
-        return bool(self.cut_bytes or self.corrupt or self.token_gaps)
+        return bool(self.cut_bytes or self.corrupt or self.token_gaps or self.bad_jobs)
 
 
 @dataclass
@@ -122,13 +124,16 @@ class Journal:
         path = home / FILE
         report = Report()
         wal = journal_wal.scan(journal_wal.wal_path(path))
+        db = None
         try:
             db = _connect(path, synchronous)
             mx_frame = _check(db)
         except sqlite3.OperationalError as e:   # locked, unreadable: never a reason to discard
+            _close(db)
             raise JournalError(f"cannot open the journal {path}: {e}; is another llmosd "
                                "using this LLMASOS_HOME?") from e
         except (Corrupt, sqlite3.DatabaseError) as e:
+            _close(db)
             report.corrupt = _move_aside(path, str(e))
             wal = journal_wal.WalScan()
             db = _connect(path, synchronous)
@@ -266,17 +271,19 @@ class Journal:
         with self._lock:
             models = {name: json.loads(fields) for name, fields in
                       self._db.execute("SELECT name, fields FROM models ORDER BY rowid")}
-            procs = {row[0]: _proc(row) for row in self._db.execute(
+            procs, bad = _procs(self._db.execute(
                 "SELECT pid, user, uid, ppid, model, nice, name, prompt, sampling, max_tokens, "
                 "context_length, created, state, pending_signal, exit_reason, exit_status, "
-                "exit_message, ended FROM procs ORDER BY pid")}
+                "exit_message, ended FROM procs ORDER BY pid"))
             gaps = _add_tokens(procs, self._db.execute(
                 "SELECT pid, pos, ids, logprobs, text, t FROM tokens ORDER BY rowid"))
-            next_pid = max([_meta(self._db, "next_pid"), *(p + 1 for p in procs)])
-        self.report.token_gaps = sorted(gaps)
+            next_pid = max([_meta(self._db, "next_pid"), *(p + 1 for p in [*procs, *bad])])
+        self.report.token_gaps, self.report.bad_jobs = sorted(gaps), bad
         if gaps:
             log.error("journal_token_gap", pids=sorted(gaps),
                       lost="output past the gap; those jobs continue from where it starts")
+        if bad:
+            log.error("journal_bad_rows", pids=bad, lost="those jobs (their rows are damaged)")
         rec = Recovered(models, list(procs.values()), next_pid, self.report)
         log.info("journal_replayed", models=list(models), jobs=len(procs), next_pid=next_pid,
                  steps=self.report.steps, zombies=sum(p.state == State.ZOMBIE for p in procs
@@ -299,15 +306,22 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     if not path.exists():   # SQLite gives the WAL and shm files the database file's mode
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.text_factory = lambda b: b.decode(errors="replace")   # a damaged text is not fatal
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={synchronous}")
         db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
         db.executescript(SCHEMA)
-    except sqlite3.DatabaseError:
+    except sqlite3.Error:
         db.close()
         raise
     return db
+
+
+def _close(db: sqlite3.Connection | None) -> None:
+    if db is not None:
+        with contextlib.suppress(sqlite3.Error):
+            db.close()
 
 
 def _check(db: sqlite3.Connection) -> int:
@@ -315,7 +329,6 @@ def _check(db: sqlite3.Connection) -> int:
     (ok,) = db.execute("PRAGMA quick_check").fetchone()
     version = _meta(db, "version")
     if ok != "ok" or version != VERSION:
-        db.close()
         raise Corrupt(f"quick_check: {ok}" if ok != "ok" else
                       f"journal version {version}, this llmosd reads {VERSION}")
     _busy, mx_frame, _done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
@@ -356,6 +369,17 @@ def _unpack(kind: str, blob: bytes) -> list[Any]:
     return a.tolist()
 
 
+def _procs(rows: Iterable[tuple]) -> tuple[dict[int, Proc], list[int]]:
+    """pid -> Proc, and the pids whose rows are damaged (SQLite checks structure, not content)."""
+    procs, bad = {}, []
+    for row in rows:
+        try:
+            procs[row[0]] = _proc(row)
+        except (ValueError, TypeError, DecodeError):
+            bad.append(row[0])
+    return procs, bad
+
+
 def _proc(row: tuple) -> Proc:
     (pid, user, uid, ppid, model, nice, name, prompt, sampling, max_tokens, context_length,
      created, state, pending, reason, status, message, ended) = row
@@ -380,12 +404,16 @@ def _add_tokens(procs: dict[int, Proc], rows: Iterable[tuple]) -> set[int]:
         proc = procs.get(pid)
         if proc is None or pid in gaps:
             continue
-        if pos != len(proc.output_ids):
+        try:
+            new, new_lps = _unpack("i", ids), _unpack("f", lps)
+        except (ValueError, TypeError):
+            new, new_lps = [], [0.0]      # damaged: a gap
+        if pos != len(proc.output_ids) or len(new) != len(new_lps):
             gaps.add(pid)
             continue
         if not proc.first_token:
             proc.first_token = proc.started = t
-        proc.output_ids += _unpack("i", ids)
-        proc.output_logprobs += _unpack("f", lps)
+        proc.output_ids += new
+        proc.output_logprobs += new_lps
         proc.text += text
     return gaps

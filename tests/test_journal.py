@@ -223,16 +223,19 @@ def test_torn_tail_is_cut_and_reported(killed_journal, tmp_path, damage):
     assert Journal.open(torn).replay().report.steps == whole
 
 
-def test_corrupt_file_is_moved_aside(killed_journal, tmp_path):
+@pytest.mark.parametrize("page", [0, 2])
+def test_corrupt_file_is_moved_aside(killed_journal, tmp_path, page):
     home = copy_home(killed_journal[0], tmp_path / "bad")
-    (home / (FILE + "-wal")).unlink()
-    with open(home / FILE, "r+b") as f:
-        f.write(b"this is not an sqlite file at all")
+    Journal.open(home).close()               # checkpointed into the file, the WAL gone
+    junk = b"this is not an sqlite file at all" * 200
+    with open(home / FILE, "r+b") as f:      # the header, or a whole b-tree page
+        f.seek(4096 * page)
+        f.write(junk[:4096])
     with capture_logs() as logs:
         j = Journal.open(home)
     rec = j.replay()
     assert rec.procs == [] and rec.report.corrupt and rec.report.lost
-    assert Path(rec.report.corrupt).read_bytes().startswith(b"this is not")
+    assert junk[:4096] in Path(rec.report.corrupt).read_bytes()
     assert [e for e in logs if e["event"] == "journal_corrupt"]
     j.record_spawn(make_proc(1))
     assert [p.pid for p in Journal.open(home).replay().procs] == [1]
@@ -323,3 +326,23 @@ def test_stale_wal_frames_are_not_reported_as_cut(tmp_path):
     assert rec.report.steps == n + 1 and not rec.report.lost
     assert not [e for e in logs if e["event"] == "journal_tail_cut"]
     assert {p.pid: p.output_ids for p in rec.procs} == {p.pid: p.output_ids for p in procs}
+
+
+def test_damaged_rows_lose_only_their_jobs(tmp_path):
+    """SQLite checks a file's structure, not its contents: a row that does not decode costs
+    its own job (or the output after a damaged chunk), named in the report."""
+    j = Journal.open(tmp_path)
+    procs = [make_proc(pid) for pid in range(1, 5)]
+    for p in procs:
+        j.record_spawn(p)
+    for n in range(3):
+        step(j, procs, n)
+    j._db.execute("UPDATE procs SET state = 99 WHERE pid = 2")
+    j._db.execute("UPDATE tokens SET ids = x'010203' WHERE pid = 3 AND pos = 1")
+    with capture_logs() as logs:
+        rec = j.replay()
+    got = {p.pid: p.output_ids for p in rec.procs}
+    assert got == {1: procs[0].output_ids, 3: procs[2].output_ids[:1], 4: procs[3].output_ids}
+    assert rec.report.bad_jobs == [2] and rec.report.token_gaps == [3] and rec.report.lost
+    assert rec.next_pid == 5
+    assert {e["event"] for e in logs} >= {"journal_bad_rows", "journal_token_gap"}
