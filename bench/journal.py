@@ -25,6 +25,7 @@ import json
 import os
 import queue
 import random
+import shutil
 import statistics
 import struct
 import tempfile
@@ -40,6 +41,7 @@ from llmasos.kernel.proctable import Exit, Proc, State
 from llmasos.proto import common_pb2
 
 BATCH, PROMPT, CHUNK = 64, 300, 100
+REFERENCE_MS = 100.0   # the issue's budget: < 5% of a serving step of ~100-300 ms
 
 
 class Workload:
@@ -167,24 +169,27 @@ class LogVariant:
         return os.fstat(self.fd).st_size
 
 
-def run_chunk(variant: object, work: Workload, steps: int, times: list[float],
-              step_times: list[float]) -> None:
+def run_chunk(variant: object, work: Workload, steps: int, t: dict[str, list[float]]) -> None:
+    """Time each step's journaling: wall clock (what the step loop waits) and CPU (what the
+    process spends, writer threads included)."""
     for _ in range(steps):
         rows, ended, born, reaped = work.step()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for pid in reaped:                 # syscall threads: Wait reaps, Spawn records
             variant.reap(pid)
         for p in born:
             variant.spawn(p)
         t1 = time.perf_counter()
         variant.step(rows, ended)          # the step loop: one transaction
-        t2 = time.perf_counter()
-        times.append(t2 - t0)
-        step_times.append(t2 - t1)
+        t2, c2 = time.perf_counter(), time.process_time()
+        t["wall"].append(t2 - t0)
+        t["txn"].append(t2 - t1)
+        t["cpu"].append(c2 - c0)
 
 
-def serving_step_ms(reps: int) -> float:
-    """The real engine's decode step: 64 sequences with ~128 tokens of context."""
+def serving_step(reps: int) -> tuple[float, float]:
+    """The real engine's decode step of 64 sequences (32 tokens of context: a decode step's
+    cost is its batch's matmuls); (wall ms, CPU ms), medians."""
     import importlib.util
 
     from llmasos.services.inference.engine import Engine, StepEntry
@@ -193,25 +198,25 @@ def serving_step_ms(reps: int) -> float:
     assert spec is not None and spec.submodule_search_locations
     path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     greedy = SamplingParams(max_tokens=1 << 16, ignore_eos=True)
+    ctx, per_seq = 32, 32 // 16 + 2
     with tempfile.TemporaryDirectory() as state:
-        engine = Engine(state, kv_budget_bytes=512 << 20)
+        engine = Engine(state, kv_budget_bytes=256 << 20)
         engine.load("m", path)
-    per_seq = 128 // 16 + 2
-    entries = [StepEntry(s + 1, [100 + (s * 7 + i) % 30000 for i in range(128)], 0,
+    entries = [StepEntry(s + 1, [100 + (s * 7 + i) % 30000 for i in range(ctx)], 0,
                          list(range(s * per_seq, (s + 1) * per_seq)), True, greedy, reset=True)
                for s in range(BATCH)]
-    for lo in range(0, BATCH, 16):        # prefill in slices (bounded memory)
-        results = engine.step("m", entries[lo:lo + 16])
-        for e, r in zip(entries[lo:lo + 16], results, strict=True):
-            e.token_ids, e.start_pos, e.reset = [r.token_id], 128, False
-    times = []
+    results = engine.step("m", entries)     # prefill
+    for e, r in zip(entries, results, strict=True):
+        e.token_ids, e.start_pos, e.reset = [r.token_id], ctx, False
+    wall, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         results = engine.step("m", entries)
-        times.append(time.perf_counter() - t0)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         for e, r in zip(entries, results, strict=True):
             e.token_ids, e.start_pos = [r.token_id], e.start_pos + 1
-    return statistics.median(times) * 1000
+    return statistics.median(wall) * 1000, statistics.median(cpu) * 1000
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -240,40 +245,63 @@ def main() -> None:
         for name in names:
             for p in works[name].live:
                 variants[name].spawn(p)
-        times = {name: ([], []) for name in names}
+        times = {name: {"wall": [], "txn": [], "cpu": []} for name in names}
         for _ in range(0, args.steps, CHUNK):          # interleaved chunks
             for name in names:
-                run_chunk(variants[name], works[name], CHUNK, *times[name])
+                run_chunk(variants[name], works[name], CHUNK, times[name])
+        crashed = os.path.join(root, "crashed")          # as kill -9 leaves it: WAL and all
+        shutil.copytree(os.path.join(root, "sqlite_normal"), crashed)
+        t0 = time.perf_counter()
+        rec = Journal.open(crashed).replay()
+        replay_ms = (time.perf_counter() - t0) * 1000
+        replayed = (len(rec.procs), sum(len(p.output_ids) for p in rec.procs))
         for name in names:
-            total, steponly = times[name]
-            results[name] = {"mean_us": statistics.mean(total) * 1e6,
-                             "p50_us": pct(total, 0.5) * 1e6, "p99_us": pct(total, 0.99) * 1e6,
-                             "max_us": max(total) * 1e6,
-                             "step_txn_mean_us": statistics.mean(steponly) * 1e6,
+            t = times[name]
+            results[name] = {"mean_us": statistics.mean(t["wall"]) * 1e6,
+                             "p50_us": pct(t["wall"], 0.5) * 1e6,
+                             "p99_us": pct(t["wall"], 0.99) * 1e6,
+                             "txn_us": statistics.mean(t["txn"]) * 1e6,
+                             "cpu_us": statistics.mean(t["cpu"]) * 1e6,
                              "bytes": variants[name].size()}
-    step_ms = args.step_ms if args.step_ms is not None else serving_step_ms(args.reps)
+    if args.step_ms is not None:
+        step_wall = step_cpu = args.step_ms
+    else:
+        step_wall, step_cpu = serving_step(args.reps)
     base = results["log"]["mean_us"]
     print(f"{args.steps} steps of {BATCH} tokens + ~2 exits, ~2 reaps, ~2 spawns "
-          f"({PROMPT}-token prompts) each; serving step {step_ms:.0f} ms "
-          f"({'given' if args.step_ms is not None else 'engine decode, batch 64, measured'})")
-    print(f"{'variant':14} {'mean us':>9} {'p50 us':>8} {'p99 us':>9} {'max us':>9} "
-          f"{'step txn':>9} {'% of step':>9} {'x log':>6} {'MiB':>6}")
+          f"({PROMPT}-token prompts) each, interleaved in chunks of {CHUNK}")
+    print(f"serving step: {step_wall:.0f} ms wall, {step_cpu:.0f} ms CPU "
+          f"({'given' if args.step_ms is not None else 'engine decode of 64, measured now'}); "
+          f"reference {REFERENCE_MS:.0f} ms (the fastest step the budget is set against)")
+    print(f"{'variant':14} {'mean us':>8} {'p50 us':>7} {'p99 us':>8} {'txn us':>7} "
+          f"{'CPU us':>7} {'%wall':>6} {'%CPU':>6} {'%100ms':>7} {'x log':>6} {'MiB':>5}")
     for name, r in results.items():
-        r["pct_of_step"] = 100 * r["mean_us"] / (step_ms * 1000)
-        print(f"{name:14} {r['mean_us']:9.0f} {r['p50_us']:8.0f} {r['p99_us']:9.0f} "
-              f"{r['max_us']:9.0f} {r['step_txn_mean_us']:9.0f} {r['pct_of_step']:8.2f}% "
-              f"{r['mean_us'] / base:6.2f} {r['bytes'] / 2**20:6.1f}")
+        r["pct_wall"] = 100 * r["mean_us"] / (step_wall * 1000)
+        r["pct_cpu"] = 100 * r["cpu_us"] / (step_cpu * 1000)
+        r["pct_ref"] = 100 * r["mean_us"] / (REFERENCE_MS * 1000)
+        r["pct"] = max(r["pct_wall"], r["pct_cpu"], r["pct_ref"])
+        print(f"{name:14} {r['mean_us']:8.0f} {r['p50_us']:7.0f} {r['p99_us']:8.0f} "
+              f"{r['txn_us']:7.0f} {r['cpu_us']:7.0f} {r['pct_wall']:5.2f}% {r['pct_cpu']:5.2f}% "
+              f"{r['pct_ref']:6.2f}% {r['mean_us'] / base:6.2f} {r['bytes'] / 2**20:5.1f}")
+    print(f"boot after kill -9: open + replay {replay_ms:.0f} ms ({replayed[0]} jobs, "
+          f"{replayed[1]} output tokens)")
     chosen = results["sqlite_normal"]
     print(json.dumps({
         "bench": "journal", "chosen": "sqlite_normal", "steps": args.steps, "batch": BATCH,
-        "serving_step_ms": round(step_ms, 1),
+        "serving_step_wall_ms": round(step_wall, 1), "serving_step_cpu_ms": round(step_cpu, 1),
         "journal_us_per_step": round(chosen["mean_us"], 1),
+        "journal_p50_us": round(chosen["p50_us"], 1),
         "journal_p99_us": round(chosen["p99_us"], 1),
-        "step_txn_us": round(chosen["step_txn_mean_us"], 1),
-        "throughput_cost_pct": round(chosen["pct_of_step"], 3),
+        "journal_cpu_us_per_step": round(chosen["cpu_us"], 1),
+        "step_txn_us": round(chosen["txn_us"], 1),
+        "throughput_cost_pct": round(chosen["pct"], 3),
+        "cost_pct_vs_measured_step": round(chosen["pct_wall"], 3),
+        "cost_pct_cpu": round(chosen["pct_cpu"], 3),
+        "cost_pct_vs_100ms_step": round(chosen["pct_ref"], 3),
         "vs_log_ratio": round(chosen["mean_us"] / base, 2),
+        "replay_ms": round(replay_ms, 1), "replayed_jobs": replayed[0],
         **{f"{n}_us_per_step": round(r["mean_us"], 1) for n, r in results.items()},
-        **{f"{n}_cost_pct": round(r["pct_of_step"], 3) for n, r in results.items()},
+        **{f"{n}_cost_pct": round(r["pct"], 3) for n, r in results.items()},
     }))
 
 
