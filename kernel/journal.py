@@ -19,11 +19,13 @@ out of the journal while it is held), shared by the step loop and the syscall th
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import sqlite3
 import threading
 import time
+import weakref
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from llmasos.proto import common_pb2
 
 log = structlog.get_logger()
 
-FILE = "journal.sqlite"
+FILE, LOCK_FILE = "journal.sqlite", "journal.lock"
 VERSION = 1
 CHECKPOINT_PAGES = 1000   # SQLite's auto-checkpoint: the WAL is copied back every ~4 MiB
 SWEEP_EVERY = 64          # reaps between sweeps of their token rows (tokens has no pid index:
@@ -107,10 +109,11 @@ class Recovered:
 
 
 class Journal:
-    def __init__(self, path: Path, db: sqlite3.Connection, report: Report) -> None:
+    def __init__(self, path: Path, db: sqlite3.Connection, report: Report, lock_fd: int) -> None:
         self.path = path
         self.report = report
         self._db = db
+        self._unlock = weakref.finalize(self, os.close, lock_fd)   # HOME/journal.lock's flock
         self._lock = threading.RLock()
         self._depth = 0             # nesting of batch()
         self._reaped = 0            # reaps since the last sweep
@@ -121,7 +124,15 @@ class Journal:
         file aside. Both are logged loudly and described in .report."""
         home = Path(home)
         home.mkdir(parents=True, exist_ok=True)
-        path = home / FILE
+        lock_fd = _lock_home(home)
+        try:
+            return cls._open(home / FILE, synchronous, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    @classmethod
+    def _open(cls, path: Path, synchronous: str, lock_fd: int) -> Journal:
         report = Report()
         wal = journal_wal.scan(journal_wal.wal_path(path))
         db = None
@@ -144,11 +155,12 @@ class Journal:
             log.error("journal_tail_cut", path=str(path), frames=report.cut_frames,
                       bytes=report.cut_bytes, steps_recovered=report.steps,
                       lost=f"the unacknowledged step(s) after step {report.steps}")
-        return cls(path, db, report)
+        return cls(path, db, report, lock_fd)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._unlock()
 
     # --- transactions ----------------------------------------------------------------------
 
@@ -301,6 +313,21 @@ def restore(table: ProcessTable, rec: Recovered) -> None:
 
 
 # --- opening -----------------------------------------------------------------------------------
+
+def _lock_home(home: Path) -> int:
+    """Hold HOME/journal.lock while open; the OS drops it when the process dies (kill -9)."""
+    fd = os.open(home / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise JournalError(f"another llmosd (pid {holder}) uses {home}; stop it or give this "
+                           "one another LLMASOS_HOME") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
 
 def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     if not path.exists():   # SQLite gives the WAL and shm files the database file's mode

@@ -3,6 +3,7 @@ tails, the PID high-water mark, compaction, concurrent writers."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from llmasos.kernel import journal_wal
-from llmasos.kernel.journal import FILE, Journal, Tokens, restore
+from llmasos.kernel.journal import FILE, LOCK_FILE, Journal, JournalError, Tokens, restore
 from llmasos.kernel.proctable import Exit, Proc, ProcessTable, State
 from llmasos.proto import common_pb2
 
@@ -98,6 +99,7 @@ def test_restore_into_table(tmp_path):
     j.record_spawn(live)
     j.record_spawn(zombie)
     j.record_state(zombie)
+    j.close()
     table = ProcessTable()
     restore(table, Journal.open(tmp_path).replay())
     assert [p.pid for p in table.live()] == [1]
@@ -194,12 +196,26 @@ def test_replay_after_kill9(killed_journal, tmp_path):
     assert {p.pid: p.output_ids for p in rec.procs} == expected_outputs(steps)
     assert not rec.report.corrupt and not rec.report.token_gaps and rec.next_pid == 9
     assert rec.procs[(steps // 10) % 8].nice == steps // 10 * 10
+    fd = os.open(home / LOCK_FILE, os.O_RDWR)   # the dead writer's lock went with it
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)
+
+
+def test_one_llmosd_per_home(tmp_path):
+    j = Journal.open(tmp_path)
+    with pytest.raises(JournalError, match=f"another llmosd \\(pid {os.getpid()}\\)"):
+        Journal.open(tmp_path)
+    j.record_spawn(make_proc(1))               # the refused open changed nothing
+    j.close()
+    assert [p.pid for p in Journal.open(tmp_path).replay().procs] == [1]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_torn_tail_is_cut_and_reported(killed_journal, tmp_path, damage):
     home, _ = killed_journal
-    whole = Journal.open(copy_home(home, tmp_path / "whole")).replay().report.steps
+    whole_j = Journal.open(copy_home(home, tmp_path / "whole"))
+    whole = whole_j.replay().report.steps
+    whole_j.close()
     torn = copy_home(home, tmp_path / "torn")
     wal = torn / (FILE + "-wal")
     at = last_commit_end(wal) - 100  # inside the last committed step's commit frame
@@ -220,6 +236,7 @@ def test_torn_tail_is_cut_and_reported(killed_journal, tmp_path, damage):
     cut = [e for e in logs if e["event"] == "journal_tail_cut"]
     assert cut and cut[0]["steps_recovered"] == whole - 1 and cut[0]["log_level"] == "error"
     step(j, rec.procs, 0)                     # and the journal goes on from there
+    j.close()
     assert Journal.open(torn).replay().report.steps == whole
 
 
@@ -238,6 +255,7 @@ def test_corrupt_file_is_moved_aside(killed_journal, tmp_path, page):
     assert junk[:4096] in Path(rec.report.corrupt).read_bytes()
     assert [e for e in logs if e["event"] == "journal_corrupt"]
     j.record_spawn(make_proc(1))
+    j.close()
     assert [p.pid for p in Journal.open(home).replay().procs] == [1]
 
 
@@ -299,6 +317,7 @@ def test_concurrent_writers(tmp_path):
         step(j, base, n)
     for t in threads:
         t.join()
+    j.close()
     rec = Journal.open(tmp_path).replay()
     assert len(rec.procs) == 204 and rec.next_pid == 300 and rec.report.steps == 100
     assert [p.output_ids for p in rec.procs[:4]] == [p.output_ids for p in base]
