@@ -26,18 +26,23 @@ import sqlite3
 import threading
 import time
 import weakref
-from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import structlog
-from google.protobuf.message import DecodeError
 
 from llmasos.kernel import journal_wal
-from llmasos.kernel.proctable import Exit, Proc, ProcessTable, State
-from llmasos.proto import common_pb2
+from llmasos.kernel.journal_rows import (
+    PROC_COLUMNS,
+    TOKEN_COLUMNS,
+    add_tokens,
+    floats,
+    ints,
+    procs_from,
+)
+from llmasos.kernel.proctable import Proc, ProcessTable, State
 
 log = structlog.get_logger()
 
@@ -207,7 +212,7 @@ class Journal:
                       "prompt, sampling, max_tokens, context_length, created, state) "
                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                       (proc.pid, proc.user, proc.uid, proc.ppid, proc.model, proc.nice,
-                       proc.name, _ints(proc.prompt_ids), sampling, proc.max_tokens,
+                       proc.name, ints(proc.prompt_ids), sampling, proc.max_tokens,
                        proc.context_length, proc.created, int(proc.state)))
             self._run("UPDATE meta SET value = max(value, ?) WHERE key = 'next_pid'",
                       (proc.pid + 1,))
@@ -217,7 +222,7 @@ class Journal:
         now = time.time()
         with self.batch():
             self._many("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
-                       ((r.pid, r.pos, _ints(r.ids), _floats(r.logprobs), r.text, now)
+                       ((r.pid, r.pos, ints(r.ids), floats(r.logprobs), r.text, now)
                         for r in rows))
             self._run("UPDATE meta SET value = value + 1 WHERE key = 'steps'")
 
@@ -283,12 +288,10 @@ class Journal:
         with self._lock:
             models = {name: json.loads(fields) for name, fields in
                       self._db.execute("SELECT name, fields FROM models ORDER BY rowid")}
-            procs, bad = _procs(self._db.execute(
-                "SELECT pid, user, uid, ppid, model, nice, name, prompt, sampling, max_tokens, "
-                "context_length, created, state, pending_signal, exit_reason, exit_status, "
-                "exit_message, ended FROM procs ORDER BY pid"))
-            gaps = _add_tokens(procs, self._db.execute(
-                "SELECT pid, pos, ids, logprobs, text, t FROM tokens ORDER BY rowid"))
+            procs, bad = procs_from(self._db.execute(
+                f"SELECT {PROC_COLUMNS} FROM procs ORDER BY pid"))
+            gaps = add_tokens(procs, self._db.execute(
+                f"SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY rowid"))
             next_pid = max([_meta(self._db, "next_pid"), *(p + 1 for p in [*procs, *bad])])
         self.report.token_gaps, self.report.bad_jobs = sorted(gaps), bad
         if gaps:
@@ -378,69 +381,3 @@ def _move_aside(path: Path, why: str) -> str:
 def _meta(db: sqlite3.Connection, key: str) -> int:
     row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return int(row[0]) if row else 0
-
-
-# --- rows <-> Procs ----------------------------------------------------------------------------
-
-def _ints(xs: Sequence[int]) -> bytes:
-    return array("i", xs).tobytes()       # token ids < 2**31
-
-
-def _floats(xs: Sequence[float]) -> bytes:
-    return array("f", xs).tobytes()       # logprobs are proto floats (32 bits): exact
-
-
-def _unpack(kind: str, blob: bytes) -> list[Any]:
-    a = array(kind)
-    a.frombytes(blob)
-    return a.tolist()
-
-
-def _procs(rows: Iterable[tuple]) -> tuple[dict[int, Proc], list[int]]:
-    """pid -> Proc, and the pids whose rows are damaged (SQLite checks structure, not content)."""
-    procs, bad = {}, []
-    for row in rows:
-        try:
-            procs[row[0]] = _proc(row)
-        except (ValueError, TypeError, DecodeError):
-            bad.append(row[0])
-    return procs, bad
-
-
-def _proc(row: tuple) -> Proc:
-    (pid, user, uid, ppid, model, nice, name, prompt, sampling, max_tokens, context_length,
-     created, state, pending, reason, status, message, ended) = row
-    state = State(state)
-    if state not in (State.STOPPED, State.ZOMBIE):
-        state = State.READY          # its KV is gone: it is computed again from its tokens
-    return Proc(pid=pid, user=user, uid=uid, ppid=ppid, model=model, nice=nice, name=name,
-                state=state, prompt_ids=_unpack("i", prompt),
-                sampling=None if sampling is None else
-                common_pb2.SamplingParams.FromString(sampling),
-                max_tokens=max_tokens, context_length=context_length, created=created,
-                pending_signal=pending if state != State.ZOMBIE else 0,
-                exit_reason=Exit(reason), exit_status=status, exit_message=message,
-                ended=ended)
-
-
-def _add_tokens(procs: dict[int, Proc], rows: Iterable[tuple]) -> set[int]:
-    """Append each step's chunk to its job; a chunk that does not join (a gap) ends that job's
-    output there. Rows of reaped jobs are skipped."""
-    gaps: set[int] = set()
-    for pid, pos, ids, lps, text, t in rows:
-        proc = procs.get(pid)
-        if proc is None or pid in gaps:
-            continue
-        try:
-            new, new_lps = _unpack("i", ids), _unpack("f", lps)
-        except (ValueError, TypeError):
-            new, new_lps = [], [0.0]      # damaged: a gap
-        if pos != len(proc.output_ids) or len(new) != len(new_lps):
-            gaps.add(pid)
-            continue
-        if not proc.first_token:
-            proc.first_token = proc.started = t
-        proc.output_ids += new
-        proc.output_logprobs += new_lps
-        proc.text += text
-    return gaps
