@@ -6,8 +6,11 @@ What is recorded, before it is acknowledged:
     tokens       one tokens row per job per step, the step's ONE transaction (see batch())
     state        STOPPED, CONT (READY) and exit (ZOMBIE + status); READY/RUNNING/BLOCKED moves
                  inside the step loop are not recorded: after a reboot every live job is READY
-    signal       a signal left pending on a RUNNING job (delivered at its next token boundary)
+    state also   a signal left pending on a RUNNING job (delivered at its next token boundary)
     nice, reap (deletes the job's rows: compaction), deploy, undeploy
+Why SQLite and not an append-only log: both cost well under the 5% budget per step
+(bench/journal.py); the log is cheaper to write but must be rewritten to compact and parsed
+whole at boot, while SQLite deletes reaped rows in place and makes a step one transaction.
 Durability: synchronous=NORMAL in WAL mode: a committed transaction survives the death of the
 process (kill -9: the OS holds the written pages) but not a power loss or an OS crash, where the
 last transactions may roll back (the file stays consistent). synchronous=FULL survives those
