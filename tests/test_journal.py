@@ -365,3 +365,16 @@ def test_damaged_rows_lose_only_their_jobs(tmp_path):
     assert rec.report.bad_jobs == [2] and rec.report.token_gaps == [3] and rec.report.lost
     assert rec.next_pid == 5
     assert {e["event"] for e in logs} >= {"journal_bad_rows", "journal_token_gap"}
+
+
+def test_full_disk_is_a_clear_error_and_rolls_back(tmp_path):
+    j = Journal.open(tmp_path)
+    j.record_spawn(make_proc(1))
+    (pages,) = j._db.execute("PRAGMA page_count").fetchone()
+    j._db.execute(f"PRAGMA max_page_count = {pages}")     # as if the disk were full
+    with pytest.raises(JournalError, match="full.*free disk space"), j.batch():
+        j.record_spawn(make_proc(2, prompt_ids=list(range(100_000))))
+    assert not j._db.in_transaction
+    j._db.execute("PRAGMA max_page_count = 1073741823")
+    j.record_spawn(make_proc(3))
+    assert [p.pid for p in j.replay().procs] == [1, 3]
