@@ -31,6 +31,7 @@ import structlog
 from llmasos.kernel.fork import fork_siblings, waits_for_fork
 from llmasos.kernel.ipc_delivery import deliver_output
 from llmasos.kernel.jobctl import JobControl
+from llmasos.kernel.journal import Tokens
 from llmasos.kernel.kernel import Kernel
 from llmasos.kernel.pager import OutOfBlocks, Pager
 from llmasos.kernel.pending_io import RPC_ERRORS, PendingIo, send_releases, send_swaps
@@ -99,7 +100,7 @@ class Executor:
         self.table = k.table
         self.io = PendingIo()                                  # guarded by table.lock
         self.jobs = JobControl(k.table, k.pagers, self.io,     # runs under table.lock
-                               on_exit=self._exited)
+                               on_exit=self._exited, journal=k.journal)
         self.wakeup = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="executor", daemon=True)
@@ -186,8 +187,10 @@ class Executor:
                 self.stopping.wait(RETRY_PAUSE)
                 busy = True
             self._flush_releases()
-            self.table.reap_expired()
+            for pid in self.table.reap_expired():
+                self.k.journal.record_reap(pid)
             if not busy and self.inflight is None:
+                self.k.journal.checkpoint()
                 self.wakeup.wait(1.0)   # idle: sleep until a syscall wakes us (no polling)
 
     def _next_model(self, models: list[str], turn: int) -> str:
@@ -521,9 +524,10 @@ class Executor:
     def _commit(self, work: Work, results: list, seconds: float) -> None:
         total = sum(len(e.token_ids) for _, e in work.batch) or 1
         nxt = self.inflight.pids() if self.inflight is not None else set()
-        with self.table.lock:
+        with self.table.lock, self.k.journal.batch():   # one transaction: tokens and exits
             if self.k.pagers.get(work.model) is not work.pager:   # inference restarted
                 return
+            rows: list[Tokens] = []
             for (proc, entry), result in zip(work.batch, results, strict=True):
                 if proc.state != State.RUNNING:
                     continue
@@ -537,6 +541,8 @@ class Executor:
                 proc.needs_reset = False
                 work.pager.mark_computed(proc.pid, entry.start_pos + len(entry.token_ids))
                 if result.sampled:
+                    rows.append(Tokens(proc.pid, len(proc.output_ids), [result.token_id],
+                                       [result.logprob], result.text))
                     self._emit(proc, result)
                     if proc.stdout_pids and self.k.pipes is not None:
                         self.k.pipes.wrote(proc)
@@ -548,6 +554,7 @@ class Executor:
                     if proc.preempt_after and proc.state == State.READY:
                         self.jobs.preempt(proc, "scheduler")
                 proc.preempt_after = False
+            self.k.journal.record_tokens(rows)   # durable before any reader sees them
             self.table.changed.notify_all()
 
     def _flush_releases(self) -> None:

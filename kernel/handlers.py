@@ -5,6 +5,7 @@ runs; handlers raise SyscallError for what depends on state (unknown pid, anothe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -97,7 +98,7 @@ def sys_spawn(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Spaw
     fits_pool(k, req.model, need, ident)
     check_stdout_mailbox(k, ident, req.stdout_mailbox)
     pids: list[int] = []
-    with k.table.lock:   # the step loop must see all n samples at once, or none
+    with k.table.lock, k.journal.batch():   # all n samples at once, journaled, or none
         jobs, tokens = quota.in_flight(k.table.live(), ident.user)
         quota.check_spawn(ident, jobs, tokens, need * max(1, req.n), max(1, req.n))
         share = ident.quota.kv_share
@@ -107,6 +108,8 @@ def sys_spawn(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Spaw
             for pid in pids:
                 k.table.get(pid).shm = seg.name
                 seg.attached.add(pid)
+        for pid in pids:
+            k.journal.record_spawn(k.table.get(pid))
     k.executor.wake()
     return kernel_pb2.SpawnResponse(pid=pids[0], pids=pids)
 
@@ -150,6 +153,7 @@ def spawn_reader(k: Kernel, ident: Identity, req: Any) -> kernel_pb2.SpawnRespon
                              stdout_mailbox=req.stdout_mailbox,
                              ignore_sigpipe=req.ignore_sigpipe)
         k.pipes.connect(proc, writer, template)
+        k.journal.record_spawn(proc)
     k.executor.wake()
     return kernel_pb2.SpawnResponse(pid=proc.pid, pids=[proc.pid])
 
@@ -226,6 +230,7 @@ def sys_wait(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.WaitR
         if not ctx.is_active():              # nobody to hand the status to: keep the zombie
             raise SyscallError("CANCELLED", "the caller went away")
         k.table.reap(proc)
+        k.journal.record_reap(proc.pid)
     return kernel_pb2.WaitResponse(info=proc_info(proc), text=proc.text,
                                    token_ids=proc.output_ids, timings=timings(proc))
 
@@ -288,6 +293,7 @@ def sys_nice(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.NiceR
     if proc.state in ENDED:
         raise SyscallError("FAILED_PRECONDITION", f"process {proc.pid} has already exited")
     proc.nice = req.nice
+    k.journal.record_nice(proc.pid, proc.nice)
     k.executor.wake()
     return kernel_pb2.NiceResponse(nice=proc.nice)
 
@@ -362,6 +368,7 @@ def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.Mod
     except grpc.RpcError as e:
         raise downstream(e, "deploying failed") from None
     k.models[req.name] = Deployed(path, req.dtype)   # replaces an unavailable one
+    k.journal.record_deploy(req.name, dataclasses.asdict(k.models[req.name]))
     return info
 
 
@@ -377,6 +384,7 @@ def sys_undeploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.U
         raise downstream(e, "undeploying failed") from None
     k.models.pop(req.name, None)
     k.pagers.pop(req.name, None)
+    k.journal.record_undeploy(req.name)
     return kernel_pb2.UndeployResponse()
 
 

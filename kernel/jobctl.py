@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import structlog
 
+from llmasos.kernel.journal import NoJournal
 from llmasos.kernel.pager import Pager
 from llmasos.kernel.pending_io import PendingIo, SwapOut
 from llmasos.kernel.proctable import Exit, Proc, ProcessTable, State
@@ -23,13 +24,20 @@ class JobControl:
     """The table, the pagers and the queue of RPCs that state changes produce."""
 
     def __init__(self, table: ProcessTable, pagers: dict[str, Pager], io: PendingIo,
-                 on_exit: Callable[[Proc], object] = lambda proc: None) -> None:
+                 on_exit: Callable[[Proc], object] = lambda proc: None,
+                 journal: object = None) -> None:
         self.table, self.pagers, self.io = table, pagers, io
         self.on_exit = on_exit   # after the exit is recorded (stdout_mailbox delivery)
+        self.journal = journal if journal is not None else NoJournal()
 
     # --- signals ---------------------------------------------------------------------------
 
     def signal(self, proc: Proc, sig: int) -> None:
+        """Act on a signal; what it changed is journaled before the caller is answered."""
+        self._signal(proc, sig)
+        self.journal.record_state(proc)
+
+    def _signal(self, proc: Proc, sig: int) -> None:
         if proc.state == State.RUNNING:
             proc.pending_signal = sig if sig != SIGCONT else 0
         elif sig in (SIGKILL, SIGTERM, SIGPIPE):
@@ -108,6 +116,7 @@ class JobControl:
         self.evict(proc)
         self.io.release(proc.model, proc.pid)
         self.table.exit(proc, reason, status, message)
+        self.journal.record_state(proc)
         self.on_exit(proc)
         log.info("job_exit", pid=proc.pid, reason=reason.name, tokens=len(proc.output_ids),
                  message=message or None)

@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,6 +41,7 @@ from llmasos.kernel.journal_rows import (
     PROC_COLUMNS,
     TOKEN_COLUMNS,
     add_tokens,
+    extra_of,
     floats,
     ints,
     procs_from,
@@ -64,7 +65,8 @@ CREATE TABLE IF NOT EXISTS procs (
     sampling BLOB, max_tokens INTEGER NOT NULL, context_length INTEGER NOT NULL,
     created REAL NOT NULL, state INTEGER NOT NULL, pending_signal INTEGER NOT NULL DEFAULT 0,
     exit_reason INTEGER NOT NULL DEFAULT 0, exit_status INTEGER NOT NULL DEFAULT 0,
-    exit_message TEXT NOT NULL DEFAULT '', ended REAL NOT NULL DEFAULT 0);
+    exit_message TEXT NOT NULL DEFAULT '', ended REAL NOT NULL DEFAULT 0,
+    extra TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS tokens (
     pid INTEGER NOT NULL, pos INTEGER NOT NULL, ids BLOB NOT NULL, logprobs BLOB NOT NULL,
     text TEXT NOT NULL, t REAL NOT NULL);
@@ -212,11 +214,11 @@ class Journal:
         sampling = proc.sampling.SerializeToString() if proc.sampling is not None else None
         with self.batch():
             self._run("INSERT OR REPLACE INTO procs (pid, user, uid, ppid, model, nice, name, "
-                      "prompt, sampling, max_tokens, context_length, created, state) "
-                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      "prompt, sampling, max_tokens, context_length, created, state, extra) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                       (proc.pid, proc.user, proc.uid, proc.ppid, proc.model, proc.nice,
                        proc.name, ints(proc.prompt_ids), sampling, proc.max_tokens,
-                       proc.context_length, proc.created, int(proc.state)))
+                       proc.context_length, proc.created, int(proc.state), extra_of(proc)))
             self._run("UPDATE meta SET value = max(value, ?) WHERE key = 'next_pid'",
                       (proc.pid + 1,))
 
@@ -384,3 +386,14 @@ def _move_aside(path: Path, why: str) -> str:
 def _meta(db: sqlite3.Connection, key: str) -> int:
     row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return int(row[0]) if row else 0
+
+
+class NoJournal:
+    """The kernel composed without a journal (benchmarks, in-process tests): records nothing."""
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        yield
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None

@@ -7,6 +7,7 @@ not decode costs its own job (or the output after a damaged chunk), never the wh
 
 from __future__ import annotations
 
+import json
 from array import array
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -18,7 +19,12 @@ from llmasos.proto import common_pb2
 
 PROC_COLUMNS = ("pid, user, uid, ppid, model, nice, name, prompt, sampling, max_tokens, "
                 "context_length, created, state, pending_signal, exit_reason, exit_status, "
-                "exit_message, ended")
+                "exit_message, ended, extra")
+EXTRA = ("stdout_mailbox", "ignore_sigpipe", "stdin_pid", "input_open", "shm")   # as JSON
+
+
+def extra_of(proc: Proc) -> str:
+    return json.dumps({name: getattr(proc, name) for name in EXTRA})
 TOKEN_COLUMNS = "pid, pos, ids, logprobs, text, t"
 
 
@@ -49,7 +55,7 @@ def procs_from(rows: Iterable[tuple]) -> tuple[dict[int, Proc], list[int]]:
 
 def proc_from(row: tuple) -> Proc:
     (pid, user, uid, ppid, model, nice, name, prompt, sampling, max_tokens, context_length,
-     created, state, pending, reason, status, message, ended) = row
+     created, state, pending, reason, status, message, ended, extra) = row
     state = State(state)
     if state not in (State.STOPPED, State.ZOMBIE):
         state = State.READY          # its KV is gone: it is computed again from its tokens
@@ -60,7 +66,7 @@ def proc_from(row: tuple) -> Proc:
                 max_tokens=max_tokens, context_length=context_length, created=created,
                 pending_signal=pending if state != State.ZOMBIE else 0,
                 exit_reason=Exit(reason), exit_status=status, exit_message=message,
-                ended=ended)
+                ended=ended, **{k: v for k, v in json.loads(extra).items() if k in EXTRA})
 
 
 def add_tokens(procs: dict[int, Proc], rows: Iterable[tuple]) -> set[int]:
@@ -83,4 +89,5 @@ def add_tokens(procs: dict[int, Proc], rows: Iterable[tuple]) -> set[int]:
         proc.output_ids += new
         proc.output_logprobs += new_lps
         proc.text += text
+        proc.text_ends += [len(proc.text)] * len(new)   # a row is one step: one token each
     return gaps

@@ -10,6 +10,7 @@ import grpc
 import structlog
 
 from llmasos.kernel.config import Config
+from llmasos.kernel.journal import Journal, NoJournal
 from llmasos.kernel.pager import Pager
 from llmasos.kernel.proctable import ProcessTable
 from llmasos.kernel.segments import Segments
@@ -59,6 +60,7 @@ class Kernel:
         self.executor = None            # set by main (kernel/executor.py)
         self.pipes = None               # set by main (kernel/pipes.py)
         self.segments = Segments(self)  # named KV segments (kernel/segments.py)
+        self.journal: Journal | NoJournal = NoJournal()   # set by main (kernel/journal.py)
         specs = [
             ServiceSpec("security"),
             ServiceSpec("ipc"),

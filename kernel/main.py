@@ -19,7 +19,7 @@ import time
 
 import structlog
 
-from llmasos.kernel import config, log
+from llmasos.kernel import config, log, recovery
 from llmasos.kernel.audit import AuditLog
 from llmasos.kernel.executor import Executor
 from llmasos.kernel.kernel import Kernel
@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config.load(args)
     os.makedirs(cfg.home, mode=0o700, exist_ok=True)
     k = Kernel(cfg)
+    recovery.recover(k)   # the journal: models, jobs and pids as the last step left them
     k.executor = Executor(k)
     k.pipes = Pipes(k)
     server, port = build(k, cfg.listen)
@@ -121,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
                                                   k.supervisor.services.items()})
         k.supervisor.stop()
         return 0 if stop.is_set() else 1
+    recovery.resume(k)
     k.executor.start()
     k.pipes.start()
     server.start()
