@@ -57,15 +57,17 @@ class Booted:
         return self.proc.wait(120)
 
 
-def boot(home: Path, *flags: str, timeout: float = 600) -> Booted:
-    """Start llmosd in a subprocess and wait for its ready line."""
+def boot(home: Path, *flags: str, timeout: float = 600, address: str = "") -> Booted:
+    """Start llmosd in a subprocess and wait for its ready line (on `address`, or a free
+    loopback port)."""
     home.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+    if not address:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            address = f"127.0.0.1:{s.getsockname()[1]}"
     proc = subprocess.Popen([sys.executable, "-m", "llmasos.kernel.main", "run", "--listen",
                              address, "--home", str(home), *flags], stdout=subprocess.PIPE,
-                            stderr=(home / "llmosd.log").open("w"), text=True)
+                            stderr=(home / "llmosd.log").open("a"), text=True)
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
