@@ -287,3 +287,10 @@ def sys_services(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.S
             last_exit=svc.last_exit))
     return kernel_pb2.ServicesResponse(services=out)
 
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+def sys_metrics(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.MetricsResponse:
+    from llmasos.kernel import metrics  # prometheus_client loads only when first scraped
+    return kernel_pb2.MetricsResponse(text=metrics.exposition(k))

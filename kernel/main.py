@@ -1,6 +1,7 @@
 """llmosd: the LLMasOS kernel daemon.
 
   llmosd run [--listen ADDR] [--home DIR] [--config FILE] [--policy P] [--no-embedded] ...
+             [--http ADDR | --no-http] [--log-level LEVEL]
   llmosd adduser NAME [--cap CAP ...]      prints the new user's token once
 """
 
@@ -18,14 +19,18 @@ import structlog
 
 from llmasos.kernel import config, log
 from llmasos.kernel.executor import Executor
+from llmasos.kernel.gateway import Gateway
 from llmasos.kernel.kernel import Kernel
 from llmasos.kernel.server import build
+from llmasos.version import version_string
 
 logger = structlog.get_logger()
+DEFAULT_HTTP = "127.0.0.1:8080"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="llmosd", description="the LLMasOS kernel daemon")
+    ap.add_argument("--version", action="version", version=version_string("llmosd"))
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="boot the kernel and its services in the foreground")
     run.add_argument("--listen", help="address to serve syscalls on (default 127.0.0.1:7070)")
@@ -44,6 +49,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--token-budget", dest="token_budget", type=int,
                      help="most tokens in one step")
     run.add_argument("--max-batch", dest="max_batch", type=int, help="most jobs in one step")
+    run.add_argument("--http", metavar="ADDR", default=os.environ.get("LLMASOS_HTTP_ADDR")
+                     or DEFAULT_HTTP, help="serve the OpenAI-compatible API and /metrics here "
+                     f"(default $LLMASOS_HTTP_ADDR or {DEFAULT_HTTP})")
+    run.add_argument("--no-http", dest="http", action="store_const", const="",
+                     help="do not start the HTTP gateway")
+    run.add_argument("--log-level", dest="log_level", default=None,
+                     help="debug, info (default), warning or error; also $LLMASOS_LOG_LEVEL")
     add = sub.add_parser("adduser", help="create a user and print its token once")
     add.add_argument("name")
     add.add_argument("--home")
@@ -60,7 +72,7 @@ def adduser(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    log.configure()
+    log.configure(args.log_level)
     cfg = config.load(args)
     os.makedirs(cfg.home, mode=0o700, exist_ok=True)
     k = Kernel(cfg)
@@ -86,9 +98,14 @@ def run(args: argparse.Namespace) -> int:
         return 0 if stop.is_set() else 1
     k.executor.start()
     server.start()
+    gateway = Gateway(args.http, address, cfg.home) if args.http else None
+    if gateway is not None:
+        gateway.start()
     print(f"llmosd ready {address}", flush=True)
-    logger.info("ready", address=address, models=sorted(k.models))
+    logger.info("ready", address=address, models=sorted(k.models), http=args.http or None)
     stop.wait()
+    if gateway is not None:
+        gateway.stop()
     shutdown(k, server, cfg.grace)
     return 0
 

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from llmasos.kernel import handlers
 from llmasos.kernel.auth import Authenticator, AuthInterceptor, current_identity
+from llmasos.kernel.health import watch as health_watch
 from llmasos.kernel.kernel import Kernel
 from llmasos.proto import kernel_pb2
 from llmasos.syscalls import SYSCALLS, Syscall, SyscallError
@@ -57,6 +58,13 @@ def syscall(call: Syscall, request: Any, context: grpc.ServicerContext) -> Itera
     except SyscallError as e:
         code = e.code
         context.abort(getattr(grpc.StatusCode, e.code), e.message)
+    except Exception as e:   # a bug, not the caller's move: INTERNAL with a trace in the log
+        if context.code() is not None:   # context.abort() raises too; its status stands
+            raise
+        code = "INTERNAL"
+        log.exception("syscall_crashed", call=call.name)
+        context.abort(grpc.StatusCode.INTERNAL, f"{call.name} failed inside llmosd "
+                      f"({type(e).__name__}: {e}); this is a bug, see llmosd's log")
     finally:
         _log(call, request, code, start)
 
@@ -107,6 +115,7 @@ def build(k: Kernel, listen: str, workers: int = WORKERS) -> tuple[grpc.Server, 
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (SERVICE, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_watch(k, health_servicer)
     reflection.enable_server_reflection(
         [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     try:

@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from llmasos.proto import common_pb2 as llmasos_dot_proto_dot_common__pb2
-from llmasos.proto import kernel_pb2 as llmasos_dot_proto_dot_kernel__pb2
+from llmasos.proto import common_pb2 as common__pb2
+from llmasos.proto import kernel_pb2 as kernel__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in llmasos/proto/kernel_pb2_grpc.py depends on'
+        + ' but the generated code in kernel_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,63 +37,68 @@ class KernelStub:
         """
         self.Spawn = channel.unary_unary(
                 '/llmasos.v1.Kernel/Spawn',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.SpawnRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.SpawnResponse.FromString,
+                request_serializer=kernel__pb2.SpawnRequest.SerializeToString,
+                response_deserializer=kernel__pb2.SpawnResponse.FromString,
                 _registered_method=True)
         self.Wait = channel.unary_unary(
                 '/llmasos.v1.Kernel/Wait',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.WaitRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.WaitResponse.FromString,
+                request_serializer=kernel__pb2.WaitRequest.SerializeToString,
+                response_deserializer=kernel__pb2.WaitResponse.FromString,
                 _registered_method=True)
         self.Read = channel.unary_stream(
                 '/llmasos.v1.Kernel/Read',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.ReadRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.ReadChunk.FromString,
+                request_serializer=kernel__pb2.ReadRequest.SerializeToString,
+                response_deserializer=kernel__pb2.ReadChunk.FromString,
                 _registered_method=True)
         self.Kill = channel.unary_unary(
                 '/llmasos.v1.Kernel/Kill',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.KillRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.KillResponse.FromString,
+                request_serializer=kernel__pb2.KillRequest.SerializeToString,
+                response_deserializer=kernel__pb2.KillResponse.FromString,
                 _registered_method=True)
         self.Nice = channel.unary_unary(
                 '/llmasos.v1.Kernel/Nice',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.NiceRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.NiceResponse.FromString,
+                request_serializer=kernel__pb2.NiceRequest.SerializeToString,
+                response_deserializer=kernel__pb2.NiceResponse.FromString,
                 _registered_method=True)
         self.Ps = channel.unary_unary(
                 '/llmasos.v1.Kernel/Ps',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.PsRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.PsResponse.FromString,
+                request_serializer=kernel__pb2.PsRequest.SerializeToString,
+                response_deserializer=kernel__pb2.PsResponse.FromString,
                 _registered_method=True)
         self.Stat = channel.unary_unary(
                 '/llmasos.v1.Kernel/Stat',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.StatRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.ProcessInfo.FromString,
+                request_serializer=kernel__pb2.StatRequest.SerializeToString,
+                response_deserializer=kernel__pb2.ProcessInfo.FromString,
                 _registered_method=True)
         self.Models = channel.unary_unary(
                 '/llmasos.v1.Kernel/Models',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.ModelsRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.ModelsResponse.FromString,
+                request_serializer=kernel__pb2.ModelsRequest.SerializeToString,
+                response_deserializer=kernel__pb2.ModelsResponse.FromString,
                 _registered_method=True)
         self.Deploy = channel.unary_unary(
                 '/llmasos.v1.Kernel/Deploy',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.DeployRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_common__pb2.ModelInfo.FromString,
+                request_serializer=kernel__pb2.DeployRequest.SerializeToString,
+                response_deserializer=common__pb2.ModelInfo.FromString,
                 _registered_method=True)
         self.Undeploy = channel.unary_unary(
                 '/llmasos.v1.Kernel/Undeploy',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.UndeployRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.UndeployResponse.FromString,
+                request_serializer=kernel__pb2.UndeployRequest.SerializeToString,
+                response_deserializer=kernel__pb2.UndeployResponse.FromString,
                 _registered_method=True)
         self.WhoAmI = channel.unary_unary(
                 '/llmasos.v1.Kernel/WhoAmI',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.WhoAmIRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.WhoAmIResponse.FromString,
+                request_serializer=kernel__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=kernel__pb2.WhoAmIResponse.FromString,
                 _registered_method=True)
         self.Services = channel.unary_unary(
                 '/llmasos.v1.Kernel/Services',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.ServicesRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.ServicesResponse.FromString,
+                request_serializer=kernel__pb2.ServicesRequest.SerializeToString,
+                response_deserializer=kernel__pb2.ServicesResponse.FromString,
+                _registered_method=True)
+        self.Metrics = channel.unary_unary(
+                '/llmasos.v1.Kernel/Metrics',
+                request_serializer=kernel__pb2.MetricsRequest.SerializeToString,
+                response_deserializer=kernel__pb2.MetricsResponse.FromString,
                 _registered_method=True)
 
 
@@ -184,68 +189,80 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Metrics(self, request, context):
+        """The kernel's metrics in Prometheus' text format (the HTTP gateway serves them at /metrics).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Spawn': grpc.unary_unary_rpc_method_handler(
                     servicer.Spawn,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.SpawnRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.SpawnResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.SpawnRequest.FromString,
+                    response_serializer=kernel__pb2.SpawnResponse.SerializeToString,
             ),
             'Wait': grpc.unary_unary_rpc_method_handler(
                     servicer.Wait,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.WaitRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.WaitResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.WaitRequest.FromString,
+                    response_serializer=kernel__pb2.WaitResponse.SerializeToString,
             ),
             'Read': grpc.unary_stream_rpc_method_handler(
                     servicer.Read,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.ReadRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.ReadChunk.SerializeToString,
+                    request_deserializer=kernel__pb2.ReadRequest.FromString,
+                    response_serializer=kernel__pb2.ReadChunk.SerializeToString,
             ),
             'Kill': grpc.unary_unary_rpc_method_handler(
                     servicer.Kill,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.KillRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.KillResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.KillRequest.FromString,
+                    response_serializer=kernel__pb2.KillResponse.SerializeToString,
             ),
             'Nice': grpc.unary_unary_rpc_method_handler(
                     servicer.Nice,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.NiceRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.NiceResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.NiceRequest.FromString,
+                    response_serializer=kernel__pb2.NiceResponse.SerializeToString,
             ),
             'Ps': grpc.unary_unary_rpc_method_handler(
                     servicer.Ps,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.PsRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.PsResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.PsRequest.FromString,
+                    response_serializer=kernel__pb2.PsResponse.SerializeToString,
             ),
             'Stat': grpc.unary_unary_rpc_method_handler(
                     servicer.Stat,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.StatRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.ProcessInfo.SerializeToString,
+                    request_deserializer=kernel__pb2.StatRequest.FromString,
+                    response_serializer=kernel__pb2.ProcessInfo.SerializeToString,
             ),
             'Models': grpc.unary_unary_rpc_method_handler(
                     servicer.Models,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.ModelsRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.ModelsResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.ModelsRequest.FromString,
+                    response_serializer=kernel__pb2.ModelsResponse.SerializeToString,
             ),
             'Deploy': grpc.unary_unary_rpc_method_handler(
                     servicer.Deploy,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.DeployRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_common__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=kernel__pb2.DeployRequest.FromString,
+                    response_serializer=common__pb2.ModelInfo.SerializeToString,
             ),
             'Undeploy': grpc.unary_unary_rpc_method_handler(
                     servicer.Undeploy,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.UndeployRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.UndeployResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.UndeployRequest.FromString,
+                    response_serializer=kernel__pb2.UndeployResponse.SerializeToString,
             ),
             'WhoAmI': grpc.unary_unary_rpc_method_handler(
                     servicer.WhoAmI,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.WhoAmIRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.WhoAmIResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.WhoAmIRequest.FromString,
+                    response_serializer=kernel__pb2.WhoAmIResponse.SerializeToString,
             ),
             'Services': grpc.unary_unary_rpc_method_handler(
                     servicer.Services,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.ServicesRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.ServicesResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.ServicesRequest.FromString,
+                    response_serializer=kernel__pb2.ServicesResponse.SerializeToString,
+            ),
+            'Metrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.Metrics,
+                    request_deserializer=kernel__pb2.MetricsRequest.FromString,
+                    response_serializer=kernel__pb2.MetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -273,8 +290,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Spawn',
-            llmasos_dot_proto_dot_kernel__pb2.SpawnRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.SpawnResponse.FromString,
+            kernel__pb2.SpawnRequest.SerializeToString,
+            kernel__pb2.SpawnResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -300,8 +317,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Wait',
-            llmasos_dot_proto_dot_kernel__pb2.WaitRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.WaitResponse.FromString,
+            kernel__pb2.WaitRequest.SerializeToString,
+            kernel__pb2.WaitResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -327,8 +344,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Read',
-            llmasos_dot_proto_dot_kernel__pb2.ReadRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.ReadChunk.FromString,
+            kernel__pb2.ReadRequest.SerializeToString,
+            kernel__pb2.ReadChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -354,8 +371,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Kill',
-            llmasos_dot_proto_dot_kernel__pb2.KillRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.KillResponse.FromString,
+            kernel__pb2.KillRequest.SerializeToString,
+            kernel__pb2.KillResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -381,8 +398,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Nice',
-            llmasos_dot_proto_dot_kernel__pb2.NiceRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.NiceResponse.FromString,
+            kernel__pb2.NiceRequest.SerializeToString,
+            kernel__pb2.NiceResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -408,8 +425,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Ps',
-            llmasos_dot_proto_dot_kernel__pb2.PsRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.PsResponse.FromString,
+            kernel__pb2.PsRequest.SerializeToString,
+            kernel__pb2.PsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -435,8 +452,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Stat',
-            llmasos_dot_proto_dot_kernel__pb2.StatRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.ProcessInfo.FromString,
+            kernel__pb2.StatRequest.SerializeToString,
+            kernel__pb2.ProcessInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -462,8 +479,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Models',
-            llmasos_dot_proto_dot_kernel__pb2.ModelsRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.ModelsResponse.FromString,
+            kernel__pb2.ModelsRequest.SerializeToString,
+            kernel__pb2.ModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -489,8 +506,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Deploy',
-            llmasos_dot_proto_dot_kernel__pb2.DeployRequest.SerializeToString,
-            llmasos_dot_proto_dot_common__pb2.ModelInfo.FromString,
+            kernel__pb2.DeployRequest.SerializeToString,
+            common__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -516,8 +533,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Undeploy',
-            llmasos_dot_proto_dot_kernel__pb2.UndeployRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.UndeployResponse.FromString,
+            kernel__pb2.UndeployRequest.SerializeToString,
+            kernel__pb2.UndeployResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -543,8 +560,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/WhoAmI',
-            llmasos_dot_proto_dot_kernel__pb2.WhoAmIRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.WhoAmIResponse.FromString,
+            kernel__pb2.WhoAmIRequest.SerializeToString,
+            kernel__pb2.WhoAmIResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -570,8 +587,35 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Services',
-            llmasos_dot_proto_dot_kernel__pb2.ServicesRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.ServicesResponse.FromString,
+            kernel__pb2.ServicesRequest.SerializeToString,
+            kernel__pb2.ServicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Metrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Kernel/Metrics',
+            kernel__pb2.MetricsRequest.SerializeToString,
+            kernel__pb2.MetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,
