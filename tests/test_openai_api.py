@@ -205,7 +205,8 @@ def test_disconnect_kills_the_job(http: HTTP) -> None:
             client.stream("POST", f"{http.base}/v1/completions", json=body,
                           headers=headers) as r:
         assert r.status_code == 200
-        for line in r.iter_lines():
+        lines = r.iter_lines()   # held: a closed line iterator would close the connection
+        for line in lines:
             if '"text": "' in line and '"text": ""' not in line:
                 break   # generation has begun
         live = jobs_named(http, f"http:{agent}")
