@@ -27,11 +27,10 @@ $(TORCH_STAMP):
 	        2>/dev/null; then \
 	       echo "torch $(TORCH_VERSION), CPU build, from $(CPU_INDEX)"; \
 	       $(PIP) torch==$(TORCH_VERSION) --index-url $(CPU_INDEX) \
-	           --extra-index-url https://pypi.org/simple; \
-	     else \
-	       echo "$(CPU_INDEX) unreachable: torch==$(TORCH_VERSION)+cpu (PyPI, PIP_FIND_LINKS)"; \
-	       $(PIP) torch==$(TORCH_VERSION)+cpu || $(PIP) torch==$(TORCH_VERSION); \
-	     fi ;; \
+	           --extra-index-url https://pypi.org/simple && exit 0; \
+	     fi; \
+	     echo "torch==$(TORCH_VERSION)+cpu from PyPI or PIP_FIND_LINKS, else PyPI's default build"; \
+	     $(PIP) torch==$(TORCH_VERSION)+cpu || $(PIP) torch==$(TORCH_VERSION) ;; \
 	cuda) echo "torch $(TORCH_VERSION), CUDA build, from PyPI (it brings its Triton)"; \
 	      $(PIP) torch==$(TORCH_VERSION) ;; \
 	*) echo "TORCH must be cpu or cuda, not $(TORCH)"; exit 2 ;; \

@@ -275,3 +275,11 @@ def test_token_counters_move_when_jobs_run(http: HTTP) -> None:
         sample(before, "llmasos:generation_tokens") >= 5
     assert sample(after, "llmasos:prompt_tokens") > sample(before, "llmasos:prompt_tokens")
     assert sample(after, "llmasos:request_success") > sample(before, "llmasos:request_success")
+
+
+def test_a_job_that_cannot_fit_the_kv_pool_is_429(http: HTTP) -> None:
+    """The pool (--kv-budget-mb 256) cannot hold a full 8192-token context: RESOURCE_EXHAUSTED."""
+    with pytest.raises(openai.RateLimitError) as err:
+        http.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=65536)
+    assert err.value.status_code == 429
+    assert "kv-budget-mb" in err.value.message
