@@ -1,8 +1,9 @@
 """What the OpenAI-compatible HTTP gateway costs: the serve-throughput workload (prompts of 8–96
 words, outputs of 16–96 tokens, greedy, ignore_eos) sent as streamed /v1/completions requests
 through the gateway, against the same requests through the Kernel's gRPC API (Spawn, Read,
-Wait), on one booted llmosd, in interleaved rounds (gRPC, HTTP, gRPC, HTTP, ...) so that machine
-noise hits both alike.
+Wait), on one booted llmosd, in interleaved rounds (gRPC then HTTP, then HTTP then gRPC, ...) so
+that machine noise hits both alike; each side's prompts carry their own one-digit prefix so
+that neither reuses the other's KV through the prefix cache.
 
     .venv/bin/python bench/http_overhead.py [--requests 64] [--rounds 2]
 
@@ -86,6 +87,12 @@ async def http_round(base: str, token: str, reqs: list[Request]) -> Round:
     return out
 
 
+def salted(reqs: list[Request], salt: int) -> list[Request]:
+    """The same requests under a prefix of their own (same length), so that neither side
+    reuses the other's prompt KV through the prefix cache."""
+    return [Request(f"{salt % 10}: {r.prompt}", r.output_tokens) for r in reqs]
+
+
 def free_address() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,12 +122,15 @@ def main() -> int:
         wait_http(base)
         token = (booted.home / "root.token").read_text().strip()
         asyncio.run(grpc_round(booted.address, booted.metadata, requests(4, seed=99)))  # warm
+        asyncio.run(http_round(base, token, requests(4, seed=98)))
         g, h = [], []
         for seed in range(args.rounds):
             reqs = requests(args.requests, seed=seed)
             expect = sum(r.output_tokens for r in reqs)
-            g.append(asyncio.run(grpc_round(booted.address, booted.metadata, reqs)))
-            h.append(asyncio.run(http_round(base, token, reqs)))
+            sides = [("grpc", lambda rs: grpc_round(booted.address, booted.metadata, rs), g),
+                     ("http", lambda rs: http_round(base, token, rs), h)]
+            for i, (_, run, out) in enumerate(sides if seed % 2 == 0 else sides[::-1]):
+                out.append(asyncio.run(run(salted(reqs, 2 * seed + i))))
             assert g[-1].tokens == h[-1].tokens == expect, "every request must finish"
             print(f"round {seed}: grpc {g[-1].tokens / g[-1].seconds:.1f} tok/s, "
                   f"http {h[-1].tokens / h[-1].seconds:.1f} tok/s", flush=True)
