@@ -283,3 +283,13 @@ def test_a_job_that_cannot_fit_the_kv_pool_is_429(http: HTTP) -> None:
         http.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=65536)
     assert err.value.status_code == 429
     assert "kv-budget-mb" in err.value.message
+
+
+def test_a_list_of_prompts_gives_a_choice_each_in_order(http: HTTP) -> None:
+    second = "Water boils at a temperature of"
+    reply = http.client().completions.create(model=MODEL, prompt=[PROMPT, second],
+                                             temperature=0, max_tokens=6)
+    with http.llm() as llm:
+        expected = [llm.generate_text(p, max_tokens=6, temperature=0) for p in (PROMPT, second)]
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert [c.text for c in reply.choices] == expected
