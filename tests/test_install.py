@@ -33,7 +33,10 @@ def test_client_only_install_has_no_torch(tmp_path: Path) -> None:
     out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, env=env,
                          cwd=tmp_path, check=True)
     assert out.stdout.strip() == "[]", out.stdout
-    for tool in ("llm-ps", "llm-kill", "llm-top", "llmsh"):
+    daemon = subprocess.run([str(env_dir / "bin" / "llmosd"), "run"], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=60)
+    assert daemon.returncode == 1 and "llmasos[server]" in daemon.stderr, daemon.stderr
+    for tool in ("llm-ps", "llm-kill", "llm-top", "llmsh", "llmosd"):
         version = subprocess.run([str(env_dir / "bin" / tool), "--version"],
                                  capture_output=True, text=True, env=env, cwd=tmp_path)
         assert version.returncode == 0, version.stderr
