@@ -29,8 +29,10 @@ class Gateway:
     def _spawn(self) -> subprocess.Popen:
         env = {**os.environ, "LLMASOS_ADDR": self.kernel, "LLMASOS_HOME": self.home}
         cmd = [sys.executable, "-m", "llmasos.http", "--listen", self.listen,
-               "--kernel", self.kernel]
-        return subprocess.Popen(cmd, env=env, stdout=sys.stderr, stdin=subprocess.DEVNULL)
+               "--kernel", self.kernel, "--parent", str(os.getpid())]
+        # its own session: a terminal's Ctrl-C reaches llmosd, which stops it in order
+        return subprocess.Popen(cmd, env=env, stdout=sys.stderr, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
 
     def _run(self) -> None:
         delay = BACKOFF_S

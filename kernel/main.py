@@ -104,14 +104,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"llmosd ready {address}", flush=True)
     logger.info("ready", address=address, models=sorted(k.models), http=args.http or None)
     stop.wait()
-    if gateway is not None:
-        gateway.stop()
-    shutdown(k, server, cfg.grace)
+    shutdown(k, server, cfg.grace, gateway)
     return 0
 
 
-def shutdown(k: Kernel, server: object, grace: float) -> None:
-    """Refuse new jobs, give running ones `grace` seconds, kill the rest, stop everything."""
+def shutdown(k: Kernel, server: object, grace: float, gateway: Gateway | None = None) -> None:
+    """Refuse new jobs, give running ones `grace` seconds, kill the rest, stop everything.
+    The HTTP gateway stops once the jobs have ended, so its streams end as the jobs do."""
     logger.info("shutting_down", live=len(k.table.live()), grace_s=grace)
     k.draining.set()
     deadline = time.monotonic() + grace
@@ -119,6 +118,8 @@ def shutdown(k: Kernel, server: object, grace: float) -> None:
         time.sleep(0.1)
     k.executor.shutdown_jobs()
     k.executor.stop()
+    if gateway is not None:
+        gateway.stop()
     server.stop(grace=1).wait()
     k.supervisor.stop()
     logger.info("stopped")

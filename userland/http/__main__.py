@@ -7,6 +7,10 @@ Exits 2 when it cannot listen (llmosd then leaves it stopped instead of restarti
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import os
+import signal
 import socket
 import sys
 
@@ -17,6 +21,7 @@ from llmasos.version import version_string
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 EXIT_CANNOT_LISTEN = 2
+PR_SET_PDEATHSIG = 1
 
 
 def listen_socket(addr: str) -> socket.socket:
@@ -34,14 +39,25 @@ def listen_socket(addr: str) -> socket.socket:
     return sock
 
 
+def follow_parent(pid: int) -> None:
+    """Die with llmosd even if it is killed outright (Linux: PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != pid:   # it died before we asked
+        raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="llmasos-http", description=__doc__.splitlines()[0])
     ap.add_argument("--listen", default=DEFAULT_LISTEN, help=f"default {DEFAULT_LISTEN}")
     ap.add_argument("--kernel", default=None, help="llmosd's address (default $LLMASOS_ADDR "
                     f"or {connect.DEFAULT_ADDR})")
     ap.add_argument("--log-level", default="warning")
+    ap.add_argument("--parent", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--version", action="version", version=version_string("llmasos-http"))
     args = ap.parse_args(argv)
+    if args.parent:
+        follow_parent(args.parent)
     try:
         sock = listen_socket(args.listen)
     except SystemExit as e:
