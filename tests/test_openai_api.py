@@ -293,3 +293,19 @@ def test_a_list_of_prompts_gives_a_choice_each_in_order(http: HTTP) -> None:
         expected = [llm.generate_text(p, max_tokens=6, temperature=0) for p in (PROMPT, second)]
     assert [c.index for c in reply.choices] == [0, 1]
     assert [c.text for c in reply.choices] == expected
+
+
+def test_disconnect_kills_a_job_that_was_not_streamed(http: HTTP) -> None:
+    agent = "disconnect-whole/1.0"
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4000, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {http.system.root_token}", "User-Agent": agent}
+    with pytest.raises(httpx.ReadTimeout):   # the client gives up and closes the connection
+        httpx.post(f"{http.base}/v1/completions", json=body, headers=headers, timeout=3)
+    deadline = time.monotonic() + 120
+    while True:
+        jobs = jobs_named(http, f"http:{agent}")
+        if jobs and jobs[0].state == common_pb2.PROC_ZOMBIE:
+            break
+        assert time.monotonic() < deadline, f"the job outlived its client: {jobs}"
+        time.sleep(0.2)
+    assert jobs[0].exit_reason == common_pb2.EXIT_KILLED

@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from llmasos import connect
 from llmasos.http import params
@@ -85,18 +86,34 @@ async def complete(request: Request, chat: bool) -> Response:
     shape = Shape(chat, parsed.spawn.model, f"{'chatcmpl' if chat else 'cmpl'}-{jobs.pids[0]}",
                   parsed.logprobs)
     if parsed.stream:
-        return StreamingResponse(stream(jobs, shape, parsed.include_usage, request),
-                                 media_type="text/event-stream")
+        return JobStream(jobs, stream(jobs, shape, parsed.include_usage, request))
     choices = [Choice() for _ in jobs.pids]
     try:
         async for piece in jobs.pieces(disconnected(request)):
             choices[piece.index].add(piece)
+        usage, error = await jobs.reap()
     except Disconnected:   # nobody to answer; the jobs are being killed
         return Response(status_code=499)
-    usage, error = await jobs.reap()
+    finally:
+        jobs.kill()   # whatever was not reaped (a no-op after a normal end)
     if error:
         raise failed(error)
     return JSONResponse(shape.reply(choices, usage))
+
+
+class JobStream(StreamingResponse):
+    """Server-sent events whose jobs die with the response, however it ends (even when the
+    client leaves before the first event)."""
+
+    def __init__(self, jobs: Jobs, events: AsyncIterator[str]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self.jobs = jobs
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.jobs.kill()
 
 
 async def stream(jobs: Jobs, shape: Shape, include_usage: bool,
