@@ -309,3 +309,14 @@ def test_disconnect_kills_a_job_that_was_not_streamed(http: HTTP) -> None:
         assert time.monotonic() < deadline, f"the job outlived its client: {jobs}"
         time.sleep(0.2)
     assert jobs[0].exit_reason == common_pb2.EXIT_KILLED
+
+
+def test_streamed_logprobs_and_max_completion_tokens(http: HTTP) -> None:
+    chunks = list(http.client().chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, max_completion_tokens=5, logprobs=True,
+        top_logprobs=2, stream=True, stream_options={"include_usage": True}))
+    entries = [t for c in chunks if c.choices and c.choices[0].logprobs
+               for t in c.choices[0].logprobs.content]
+    assert chunks[-1].usage.completion_tokens == len(entries) <= 5
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "".join(t.token for t in entries) == text
