@@ -3,8 +3,11 @@ any other exception (a bug) is INTERNAL, never UNAVAILABLE "retry shortly" or UN
 
 from __future__ import annotations
 
+import inspect
+import tempfile
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import AbstractContextManager
 
 import grpc
 import pytest
@@ -14,17 +17,29 @@ from llmasos.proto import kernel_pb2
 from llmasos.syscalls import BY_NAME, SyscallError
 
 CALL = BY_NAME["WhoAmI"]
+_kernel: list = []
+
+
+def guarded(request: object, context: grpc.ServicerContext) -> AbstractContextManager:
+    """server.syscall() around a body, given a real (unstarted) Kernel where it takes one."""
+    if len(inspect.signature(server.syscall).parameters) == 3:
+        return server.syscall(CALL, request, context)
+    if not _kernel:
+        from llmasos.kernel.config import Config
+        from llmasos.kernel.kernel import Kernel
+        _kernel.append(Kernel(Config(home=tempfile.mkdtemp(prefix="llmasos-internal-"))))
+    return server.syscall(_kernel[0], CALL, request, context)
 
 
 def raising(exc: Exception) -> Callable:
     def behavior(request: object, context: grpc.ServicerContext) -> object:
-        with server.syscall(CALL, request, context):
+        with guarded(request, context):
             raise exc
     return behavior
 
 
 def aborting(request: object, context: grpc.ServicerContext) -> object:
-    with server.syscall(CALL, request, context):
+    with guarded(request, context):
         context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
 
 
