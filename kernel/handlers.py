@@ -566,3 +566,8 @@ def sys_shm_list(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.S
         segs = [k.segments.info(s) for s in k.segments.by_name.values()
                 if s.may_attach(ident.user, is_admin(ident))]
     return kernel_pb2.ShmListResponse(segments=segs)
+# --- metrics ----------------------------------------------------------------------------------
+
+def sys_metrics(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.MetricsResponse:
+    from llmasos.kernel import metrics  # prometheus_client loads only when first scraped
+    return kernel_pb2.MetricsResponse(text=metrics.exposition(k))

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
 
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR}
 
-def configure(level: int = logging.INFO) -> None:
+
+def level_of(name: str | None) -> int:
+    """--log-level, else $LLMASOS_LOG_LEVEL, else info; an unknown name is refused."""
+    name = (name or os.environ.get("LLMASOS_LOG_LEVEL") or "info").lower()
+    if name not in LEVELS:
+        raise SystemExit(f"unknown log level {name!r}; use one of {', '.join(LEVELS)}")
+    return LEVELS[name]
+
+
+def configure(level: str | None = None) -> None:
+    """The kernel's logging; the level is exported so that the services it starts inherit it."""
+    os.environ["LLMASOS_LOG_LEVEL"] = logging.getLevelName(level_of(level)).lower()
     tty = sys.stderr.isatty()
     structlog.configure(
         processors=[
@@ -17,7 +31,7 @@ def configure(level: int = logging.INFO) -> None:
             structlog.processors.format_exc_info,
             structlog.dev.ConsoleRenderer() if tty else structlog.processors.JSONRenderer(),
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
+        wrapper_class=structlog.make_filtering_bound_logger(level_of(level)),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )

@@ -2,6 +2,7 @@
 
   llmosd run [--listen ADDR] [--home DIR] [--config FILE] [--policy P] [--no-embedded] ...
            [--tls-cert FILE --tls-key FILE] [--insecure]
+             [--http ADDR | --no-http] [--log-level LEVEL]
   llmosd adduser NAME [--cap CAP ...]      prints the new user's token once
   llmosd quota USER [--max-jobs N] [--max-tokens N] [--kv-share F] [--reset]
 """
@@ -22,15 +23,19 @@ import structlog
 from llmasos.kernel import config, log, recovery
 from llmasos.kernel.audit import AuditLog
 from llmasos.kernel.executor import Executor
+from llmasos.kernel.gateway import Gateway
 from llmasos.kernel.kernel import Kernel
 from llmasos.kernel.pipes import Pipes
 from llmasos.kernel.server import build
+from llmasos.version import version_string
 
 logger = structlog.get_logger()
+DEFAULT_HTTP = "127.0.0.1:8080"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="llmosd", description="the LLMasOS kernel daemon")
+    ap.add_argument("--version", action="version", version=version_string("llmosd"))
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="boot the kernel and its services in the foreground")
     run.add_argument("--listen", help="address to serve syscalls on (default 127.0.0.1:7070)")
@@ -53,6 +58,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
     run.add_argument("--insecure", action="store_true", default=None,
                      help="allow plain text on a non-loopback address (trusted networks only)")
+    run.add_argument("--http", metavar="ADDR", default=os.environ.get("LLMASOS_HTTP_ADDR")
+                     or DEFAULT_HTTP, help="serve the OpenAI-compatible API and /metrics here "
+                     f"(default $LLMASOS_HTTP_ADDR or {DEFAULT_HTTP})")
+    run.add_argument("--no-http", dest="http", action="store_const", const="",
+                     help="do not start the HTTP gateway")
+    run.add_argument("--log-level", dest="log_level", default=None,
+                     help="debug, info (default), warning or error; also $LLMASOS_LOG_LEVEL")
     add = sub.add_parser("adduser", help="create a user and print its token once")
     add.add_argument("name")
     add.add_argument("--home")
@@ -96,7 +108,7 @@ def set_quota(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    log.configure()
+    log.configure(args.log_level)
     cfg = config.load(args)
     os.makedirs(cfg.home, mode=0o700, exist_ok=True)
     k = Kernel(cfg)
@@ -126,15 +138,19 @@ def run(args: argparse.Namespace) -> int:
     k.executor.start()
     k.pipes.start()
     server.start()
+    gateway = Gateway(args.http, address, cfg.home) if args.http else None
+    if gateway is not None:
+        gateway.start()
     print(f"llmosd ready {address}", flush=True)
-    logger.info("ready", address=address, models=sorted(k.models))
+    logger.info("ready", address=address, models=sorted(k.models), http=args.http or None)
     stop.wait()
-    shutdown(k, server, cfg.grace)
+    shutdown(k, server, cfg.grace, gateway)
     return 0
 
 
-def shutdown(k: Kernel, server: object, grace: float) -> None:
-    """Refuse new jobs, give running ones `grace` seconds, kill the rest, stop everything."""
+def shutdown(k: Kernel, server: object, grace: float, gateway: Gateway | None = None) -> None:
+    """Refuse new jobs, give running ones `grace` seconds, kill the rest, stop everything.
+    The HTTP gateway stops once the jobs have ended, so its streams end as the jobs do."""
     logger.info("shutting_down", live=len(k.table.live()), grace_s=grace)
     k.draining.set()
     deadline = time.monotonic() + grace
@@ -143,6 +159,8 @@ def shutdown(k: Kernel, server: object, grace: float) -> None:
     k.executor.shutdown_jobs()
     k.pipes.stop()
     k.executor.stop()
+    if gateway is not None:
+        gateway.stop()
     server.stop(grace=1).wait()
     k.supervisor.stop()
     logger.info("stopped")

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from llmasos.kernel import handlers
 from llmasos.kernel.audit import AuditLog, scalar_args
 from llmasos.kernel.auth import Authenticator, AuthInterceptor, current_identity
+from llmasos.kernel.health import watch as health_watch
 from llmasos.kernel.kernel import Kernel
 from llmasos.proto import kernel_pb2
 from llmasos.syscalls import SYSCALLS, Syscall, SyscallError
@@ -79,6 +80,13 @@ def syscall(k: Kernel, call: Syscall, request: Any,
     except SyscallError as e:
         code, message = e.code, e.message
         context.abort(getattr(grpc.StatusCode, e.code), e.message)
+    except Exception as e:   # a bug, not the caller's move: INTERNAL with a trace in the log
+        if context.code() is not None:   # context.abort() raises too; its status stands
+            raise
+        code = "INTERNAL"
+        log.exception("syscall_crashed", call=call.name)
+        context.abort(grpc.StatusCode.INTERNAL, f"{call.name} failed inside llmosd "
+                      f"({type(e).__name__}: {e}); this is a bug, see llmosd's log")
     finally:
         _log(call, request, code, start)
         if audited or code in REFUSALS:
@@ -175,6 +183,7 @@ def build(k: Kernel, listen: str, workers: int = WORKERS) -> tuple[grpc.Server, 
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (SERVICE, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_watch(k, health_servicer)
     reflection.enable_server_reflection(
         [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     cfg = k.cfg

@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from llmasos.proto import common_pb2 as llmasos_dot_proto_dot_common__pb2
-from llmasos.proto import inference_pb2 as llmasos_dot_proto_dot_inference__pb2
+from llmasos.proto import common_pb2 as common__pb2
+from llmasos.proto import inference_pb2 as inference__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in llmasos/proto/inference_pb2_grpc.py depends on'
+        + ' but the generated code in inference_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,58 +37,58 @@ class InferenceStub:
         """
         self.LoadModel = channel.unary_unary(
                 '/llmasos.v1.Inference/LoadModel',
-                request_serializer=llmasos_dot_proto_dot_inference__pb2.LoadModelRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_common__pb2.ModelInfo.FromString,
+                request_serializer=inference__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=common__pb2.ModelInfo.FromString,
                 _registered_method=True)
         self.UnloadModel = channel.unary_unary(
                 '/llmasos.v1.Inference/UnloadModel',
-                request_serializer=llmasos_dot_proto_dot_inference__pb2.UnloadModelRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_inference__pb2.UnloadModelResponse.FromString,
+                request_serializer=inference__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=inference__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/llmasos.v1.Inference/ListModels',
-                request_serializer=llmasos_dot_proto_dot_inference__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_inference__pb2.ListModelsResponse.FromString,
+                request_serializer=inference__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/llmasos.v1.Inference/Tokenize',
-                request_serializer=llmasos_dot_proto_dot_inference__pb2.TokenizeRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_inference__pb2.TokenizeResponse.FromString,
+                request_serializer=inference__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=inference__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
         self.Detokenize = channel.unary_unary(
                 '/llmasos.v1.Inference/Detokenize',
-                request_serializer=llmasos_dot_proto_dot_inference__pb2.DetokenizeRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_inference__pb2.DetokenizeResponse.FromString,
+                request_serializer=inference__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=inference__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
         self.Geometry = channel.unary_unary(
                 '/llmasos.v1.Inference/Geometry',
-                request_serializer=llmasos_dot_proto_dot_inference__pb2.GeometryRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_common__pb2.PoolGeometry.FromString,
+                request_serializer=inference__pb2.GeometryRequest.SerializeToString,
+                response_deserializer=common__pb2.PoolGeometry.FromString,
                 _registered_method=True)
         self.Step = channel.unary_unary(
                 '/llmasos.v1.Inference/Step',
-                request_serializer=llmasos_dot_proto_dot_inference__pb2.StepRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_inference__pb2.StepResponse.FromString,
+                request_serializer=inference__pb2.StepRequest.SerializeToString,
+                response_deserializer=inference__pb2.StepResponse.FromString,
                 _registered_method=True)
         self.CopyBlocks = channel.unary_unary(
                 '/llmasos.v1.Inference/CopyBlocks',
-                request_serializer=llmasos_dot_proto_dot_inference__pb2.CopyBlocksRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_inference__pb2.CopyBlocksResponse.FromString,
+                request_serializer=inference__pb2.CopyBlocksRequest.SerializeToString,
+                response_deserializer=inference__pb2.CopyBlocksResponse.FromString,
                 _registered_method=True)
         self.SwapOut = channel.unary_unary(
                 '/llmasos.v1.Inference/SwapOut',
-                request_serializer=llmasos_dot_proto_dot_inference__pb2.SwapOutRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_inference__pb2.SwapOutResponse.FromString,
+                request_serializer=inference__pb2.SwapOutRequest.SerializeToString,
+                response_deserializer=inference__pb2.SwapOutResponse.FromString,
                 _registered_method=True)
         self.SwapIn = channel.unary_unary(
                 '/llmasos.v1.Inference/SwapIn',
-                request_serializer=llmasos_dot_proto_dot_inference__pb2.SwapInRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_inference__pb2.SwapInResponse.FromString,
+                request_serializer=inference__pb2.SwapInRequest.SerializeToString,
+                response_deserializer=inference__pb2.SwapInResponse.FromString,
                 _registered_method=True)
         self.Release = channel.unary_unary(
                 '/llmasos.v1.Inference/Release',
-                request_serializer=llmasos_dot_proto_dot_inference__pb2.ReleaseRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_inference__pb2.ReleaseResponse.FromString,
+                request_serializer=inference__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=inference__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
 
 
@@ -171,58 +171,58 @@ def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'LoadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadModel,
-                    request_deserializer=llmasos_dot_proto_dot_inference__pb2.LoadModelRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_common__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=inference__pb2.LoadModelRequest.FromString,
+                    response_serializer=common__pb2.ModelInfo.SerializeToString,
             ),
             'UnloadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.UnloadModel,
-                    request_deserializer=llmasos_dot_proto_dot_inference__pb2.UnloadModelRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_inference__pb2.UnloadModelResponse.SerializeToString,
+                    request_deserializer=inference__pb2.UnloadModelRequest.FromString,
+                    response_serializer=inference__pb2.UnloadModelResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=llmasos_dot_proto_dot_inference__pb2.ListModelsRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_inference__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=inference__pb2.ListModelsRequest.FromString,
+                    response_serializer=inference__pb2.ListModelsResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
-                    request_deserializer=llmasos_dot_proto_dot_inference__pb2.TokenizeRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_inference__pb2.TokenizeResponse.SerializeToString,
+                    request_deserializer=inference__pb2.TokenizeRequest.FromString,
+                    response_serializer=inference__pb2.TokenizeResponse.SerializeToString,
             ),
             'Detokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Detokenize,
-                    request_deserializer=llmasos_dot_proto_dot_inference__pb2.DetokenizeRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_inference__pb2.DetokenizeResponse.SerializeToString,
+                    request_deserializer=inference__pb2.DetokenizeRequest.FromString,
+                    response_serializer=inference__pb2.DetokenizeResponse.SerializeToString,
             ),
             'Geometry': grpc.unary_unary_rpc_method_handler(
                     servicer.Geometry,
-                    request_deserializer=llmasos_dot_proto_dot_inference__pb2.GeometryRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_common__pb2.PoolGeometry.SerializeToString,
+                    request_deserializer=inference__pb2.GeometryRequest.FromString,
+                    response_serializer=common__pb2.PoolGeometry.SerializeToString,
             ),
             'Step': grpc.unary_unary_rpc_method_handler(
                     servicer.Step,
-                    request_deserializer=llmasos_dot_proto_dot_inference__pb2.StepRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_inference__pb2.StepResponse.SerializeToString,
+                    request_deserializer=inference__pb2.StepRequest.FromString,
+                    response_serializer=inference__pb2.StepResponse.SerializeToString,
             ),
             'CopyBlocks': grpc.unary_unary_rpc_method_handler(
                     servicer.CopyBlocks,
-                    request_deserializer=llmasos_dot_proto_dot_inference__pb2.CopyBlocksRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_inference__pb2.CopyBlocksResponse.SerializeToString,
+                    request_deserializer=inference__pb2.CopyBlocksRequest.FromString,
+                    response_serializer=inference__pb2.CopyBlocksResponse.SerializeToString,
             ),
             'SwapOut': grpc.unary_unary_rpc_method_handler(
                     servicer.SwapOut,
-                    request_deserializer=llmasos_dot_proto_dot_inference__pb2.SwapOutRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_inference__pb2.SwapOutResponse.SerializeToString,
+                    request_deserializer=inference__pb2.SwapOutRequest.FromString,
+                    response_serializer=inference__pb2.SwapOutResponse.SerializeToString,
             ),
             'SwapIn': grpc.unary_unary_rpc_method_handler(
                     servicer.SwapIn,
-                    request_deserializer=llmasos_dot_proto_dot_inference__pb2.SwapInRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_inference__pb2.SwapInResponse.SerializeToString,
+                    request_deserializer=inference__pb2.SwapInRequest.FromString,
+                    response_serializer=inference__pb2.SwapInResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
-                    request_deserializer=llmasos_dot_proto_dot_inference__pb2.ReleaseRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_inference__pb2.ReleaseResponse.SerializeToString,
+                    request_deserializer=inference__pb2.ReleaseRequest.FromString,
+                    response_serializer=inference__pb2.ReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -250,8 +250,8 @@ class Inference:
             request,
             target,
             '/llmasos.v1.Inference/LoadModel',
-            llmasos_dot_proto_dot_inference__pb2.LoadModelRequest.SerializeToString,
-            llmasos_dot_proto_dot_common__pb2.ModelInfo.FromString,
+            inference__pb2.LoadModelRequest.SerializeToString,
+            common__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -277,8 +277,8 @@ class Inference:
             request,
             target,
             '/llmasos.v1.Inference/UnloadModel',
-            llmasos_dot_proto_dot_inference__pb2.UnloadModelRequest.SerializeToString,
-            llmasos_dot_proto_dot_inference__pb2.UnloadModelResponse.FromString,
+            inference__pb2.UnloadModelRequest.SerializeToString,
+            inference__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -304,8 +304,8 @@ class Inference:
             request,
             target,
             '/llmasos.v1.Inference/ListModels',
-            llmasos_dot_proto_dot_inference__pb2.ListModelsRequest.SerializeToString,
-            llmasos_dot_proto_dot_inference__pb2.ListModelsResponse.FromString,
+            inference__pb2.ListModelsRequest.SerializeToString,
+            inference__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -331,8 +331,8 @@ class Inference:
             request,
             target,
             '/llmasos.v1.Inference/Tokenize',
-            llmasos_dot_proto_dot_inference__pb2.TokenizeRequest.SerializeToString,
-            llmasos_dot_proto_dot_inference__pb2.TokenizeResponse.FromString,
+            inference__pb2.TokenizeRequest.SerializeToString,
+            inference__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -358,8 +358,8 @@ class Inference:
             request,
             target,
             '/llmasos.v1.Inference/Detokenize',
-            llmasos_dot_proto_dot_inference__pb2.DetokenizeRequest.SerializeToString,
-            llmasos_dot_proto_dot_inference__pb2.DetokenizeResponse.FromString,
+            inference__pb2.DetokenizeRequest.SerializeToString,
+            inference__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -385,8 +385,8 @@ class Inference:
             request,
             target,
             '/llmasos.v1.Inference/Geometry',
-            llmasos_dot_proto_dot_inference__pb2.GeometryRequest.SerializeToString,
-            llmasos_dot_proto_dot_common__pb2.PoolGeometry.FromString,
+            inference__pb2.GeometryRequest.SerializeToString,
+            common__pb2.PoolGeometry.FromString,
             options,
             channel_credentials,
             insecure,
@@ -412,8 +412,8 @@ class Inference:
             request,
             target,
             '/llmasos.v1.Inference/Step',
-            llmasos_dot_proto_dot_inference__pb2.StepRequest.SerializeToString,
-            llmasos_dot_proto_dot_inference__pb2.StepResponse.FromString,
+            inference__pb2.StepRequest.SerializeToString,
+            inference__pb2.StepResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -439,8 +439,8 @@ class Inference:
             request,
             target,
             '/llmasos.v1.Inference/CopyBlocks',
-            llmasos_dot_proto_dot_inference__pb2.CopyBlocksRequest.SerializeToString,
-            llmasos_dot_proto_dot_inference__pb2.CopyBlocksResponse.FromString,
+            inference__pb2.CopyBlocksRequest.SerializeToString,
+            inference__pb2.CopyBlocksResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -466,8 +466,8 @@ class Inference:
             request,
             target,
             '/llmasos.v1.Inference/SwapOut',
-            llmasos_dot_proto_dot_inference__pb2.SwapOutRequest.SerializeToString,
-            llmasos_dot_proto_dot_inference__pb2.SwapOutResponse.FromString,
+            inference__pb2.SwapOutRequest.SerializeToString,
+            inference__pb2.SwapOutResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -493,8 +493,8 @@ class Inference:
             request,
             target,
             '/llmasos.v1.Inference/SwapIn',
-            llmasos_dot_proto_dot_inference__pb2.SwapInRequest.SerializeToString,
-            llmasos_dot_proto_dot_inference__pb2.SwapInResponse.FromString,
+            inference__pb2.SwapInRequest.SerializeToString,
+            inference__pb2.SwapInResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -520,8 +520,8 @@ class Inference:
             request,
             target,
             '/llmasos.v1.Inference/Release',
-            llmasos_dot_proto_dot_inference__pb2.ReleaseRequest.SerializeToString,
-            llmasos_dot_proto_dot_inference__pb2.ReleaseResponse.FromString,
+            inference__pb2.ReleaseRequest.SerializeToString,
+            inference__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

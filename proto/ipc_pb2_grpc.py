@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from llmasos.proto import ipc_pb2 as llmasos_dot_proto_dot_ipc__pb2
+from llmasos.proto import ipc_pb2 as ipc__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in llmasos/proto/ipc_pb2_grpc.py depends on'
+        + ' but the generated code in ipc_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,33 +36,33 @@ class IpcStub:
         """
         self.CreateMailbox = channel.unary_unary(
                 '/llmasos.v1.Ipc/CreateMailbox',
-                request_serializer=llmasos_dot_proto_dot_ipc__pb2.CreateMailboxRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_ipc__pb2.CreateMailboxResponse.FromString,
+                request_serializer=ipc__pb2.CreateMailboxRequest.SerializeToString,
+                response_deserializer=ipc__pb2.CreateMailboxResponse.FromString,
                 _registered_method=True)
         self.Send = channel.unary_unary(
                 '/llmasos.v1.Ipc/Send',
-                request_serializer=llmasos_dot_proto_dot_ipc__pb2.SendRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_ipc__pb2.SendResponse.FromString,
+                request_serializer=ipc__pb2.SendRequest.SerializeToString,
+                response_deserializer=ipc__pb2.SendResponse.FromString,
                 _registered_method=True)
         self.Receive = channel.unary_unary(
                 '/llmasos.v1.Ipc/Receive',
-                request_serializer=llmasos_dot_proto_dot_ipc__pb2.ReceiveRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_ipc__pb2.ReceiveResponse.FromString,
+                request_serializer=ipc__pb2.ReceiveRequest.SerializeToString,
+                response_deserializer=ipc__pb2.ReceiveResponse.FromString,
                 _registered_method=True)
         self.ListMailboxes = channel.unary_unary(
                 '/llmasos.v1.Ipc/ListMailboxes',
-                request_serializer=llmasos_dot_proto_dot_ipc__pb2.ListMailboxesRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_ipc__pb2.ListMailboxesResponse.FromString,
+                request_serializer=ipc__pb2.ListMailboxesRequest.SerializeToString,
+                response_deserializer=ipc__pb2.ListMailboxesResponse.FromString,
                 _registered_method=True)
         self.RemoveMailbox = channel.unary_unary(
                 '/llmasos.v1.Ipc/RemoveMailbox',
-                request_serializer=llmasos_dot_proto_dot_ipc__pb2.RemoveMailboxRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_ipc__pb2.RemoveMailboxResponse.FromString,
+                request_serializer=ipc__pb2.RemoveMailboxRequest.SerializeToString,
+                response_deserializer=ipc__pb2.RemoveMailboxResponse.FromString,
                 _registered_method=True)
         self.StatMailbox = channel.unary_unary(
                 '/llmasos.v1.Ipc/StatMailbox',
-                request_serializer=llmasos_dot_proto_dot_ipc__pb2.StatMailboxRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_ipc__pb2.Mailbox.FromString,
+                request_serializer=ipc__pb2.StatMailboxRequest.SerializeToString,
+                response_deserializer=ipc__pb2.Mailbox.FromString,
                 _registered_method=True)
 
 
@@ -115,33 +115,33 @@ def add_IpcServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateMailbox': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateMailbox,
-                    request_deserializer=llmasos_dot_proto_dot_ipc__pb2.CreateMailboxRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_ipc__pb2.CreateMailboxResponse.SerializeToString,
+                    request_deserializer=ipc__pb2.CreateMailboxRequest.FromString,
+                    response_serializer=ipc__pb2.CreateMailboxResponse.SerializeToString,
             ),
             'Send': grpc.unary_unary_rpc_method_handler(
                     servicer.Send,
-                    request_deserializer=llmasos_dot_proto_dot_ipc__pb2.SendRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_ipc__pb2.SendResponse.SerializeToString,
+                    request_deserializer=ipc__pb2.SendRequest.FromString,
+                    response_serializer=ipc__pb2.SendResponse.SerializeToString,
             ),
             'Receive': grpc.unary_unary_rpc_method_handler(
                     servicer.Receive,
-                    request_deserializer=llmasos_dot_proto_dot_ipc__pb2.ReceiveRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_ipc__pb2.ReceiveResponse.SerializeToString,
+                    request_deserializer=ipc__pb2.ReceiveRequest.FromString,
+                    response_serializer=ipc__pb2.ReceiveResponse.SerializeToString,
             ),
             'ListMailboxes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListMailboxes,
-                    request_deserializer=llmasos_dot_proto_dot_ipc__pb2.ListMailboxesRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_ipc__pb2.ListMailboxesResponse.SerializeToString,
+                    request_deserializer=ipc__pb2.ListMailboxesRequest.FromString,
+                    response_serializer=ipc__pb2.ListMailboxesResponse.SerializeToString,
             ),
             'RemoveMailbox': grpc.unary_unary_rpc_method_handler(
                     servicer.RemoveMailbox,
-                    request_deserializer=llmasos_dot_proto_dot_ipc__pb2.RemoveMailboxRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_ipc__pb2.RemoveMailboxResponse.SerializeToString,
+                    request_deserializer=ipc__pb2.RemoveMailboxRequest.FromString,
+                    response_serializer=ipc__pb2.RemoveMailboxResponse.SerializeToString,
             ),
             'StatMailbox': grpc.unary_unary_rpc_method_handler(
                     servicer.StatMailbox,
-                    request_deserializer=llmasos_dot_proto_dot_ipc__pb2.StatMailboxRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_ipc__pb2.Mailbox.SerializeToString,
+                    request_deserializer=ipc__pb2.StatMailboxRequest.FromString,
+                    response_serializer=ipc__pb2.Mailbox.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -169,8 +169,8 @@ class Ipc:
             request,
             target,
             '/llmasos.v1.Ipc/CreateMailbox',
-            llmasos_dot_proto_dot_ipc__pb2.CreateMailboxRequest.SerializeToString,
-            llmasos_dot_proto_dot_ipc__pb2.CreateMailboxResponse.FromString,
+            ipc__pb2.CreateMailboxRequest.SerializeToString,
+            ipc__pb2.CreateMailboxResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -196,8 +196,8 @@ class Ipc:
             request,
             target,
             '/llmasos.v1.Ipc/Send',
-            llmasos_dot_proto_dot_ipc__pb2.SendRequest.SerializeToString,
-            llmasos_dot_proto_dot_ipc__pb2.SendResponse.FromString,
+            ipc__pb2.SendRequest.SerializeToString,
+            ipc__pb2.SendResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -223,8 +223,8 @@ class Ipc:
             request,
             target,
             '/llmasos.v1.Ipc/Receive',
-            llmasos_dot_proto_dot_ipc__pb2.ReceiveRequest.SerializeToString,
-            llmasos_dot_proto_dot_ipc__pb2.ReceiveResponse.FromString,
+            ipc__pb2.ReceiveRequest.SerializeToString,
+            ipc__pb2.ReceiveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -250,8 +250,8 @@ class Ipc:
             request,
             target,
             '/llmasos.v1.Ipc/ListMailboxes',
-            llmasos_dot_proto_dot_ipc__pb2.ListMailboxesRequest.SerializeToString,
-            llmasos_dot_proto_dot_ipc__pb2.ListMailboxesResponse.FromString,
+            ipc__pb2.ListMailboxesRequest.SerializeToString,
+            ipc__pb2.ListMailboxesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -277,8 +277,8 @@ class Ipc:
             request,
             target,
             '/llmasos.v1.Ipc/RemoveMailbox',
-            llmasos_dot_proto_dot_ipc__pb2.RemoveMailboxRequest.SerializeToString,
-            llmasos_dot_proto_dot_ipc__pb2.RemoveMailboxResponse.FromString,
+            ipc__pb2.RemoveMailboxRequest.SerializeToString,
+            ipc__pb2.RemoveMailboxResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -304,8 +304,8 @@ class Ipc:
             request,
             target,
             '/llmasos.v1.Ipc/StatMailbox',
-            llmasos_dot_proto_dot_ipc__pb2.StatMailboxRequest.SerializeToString,
-            llmasos_dot_proto_dot_ipc__pb2.Mailbox.FromString,
+            ipc__pb2.StatMailboxRequest.SerializeToString,
+            ipc__pb2.Mailbox.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from llmasos.proto import common_pb2 as llmasos_dot_proto_dot_common__pb2
-from llmasos.proto import kernel_pb2 as llmasos_dot_proto_dot_kernel__pb2
+from llmasos.proto import common_pb2 as common__pb2
+from llmasos.proto import kernel_pb2 as kernel__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in llmasos/proto/kernel_pb2_grpc.py depends on'
+        + ' but the generated code in kernel_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,113 +37,118 @@ class KernelStub:
         """
         self.Spawn = channel.unary_unary(
                 '/llmasos.v1.Kernel/Spawn',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.SpawnRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.SpawnResponse.FromString,
+                request_serializer=kernel__pb2.SpawnRequest.SerializeToString,
+                response_deserializer=kernel__pb2.SpawnResponse.FromString,
                 _registered_method=True)
         self.Wait = channel.unary_unary(
                 '/llmasos.v1.Kernel/Wait',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.WaitRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.WaitResponse.FromString,
+                request_serializer=kernel__pb2.WaitRequest.SerializeToString,
+                response_deserializer=kernel__pb2.WaitResponse.FromString,
                 _registered_method=True)
         self.Read = channel.unary_stream(
                 '/llmasos.v1.Kernel/Read',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.ReadRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.ReadChunk.FromString,
+                request_serializer=kernel__pb2.ReadRequest.SerializeToString,
+                response_deserializer=kernel__pb2.ReadChunk.FromString,
                 _registered_method=True)
         self.Kill = channel.unary_unary(
                 '/llmasos.v1.Kernel/Kill',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.KillRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.KillResponse.FromString,
+                request_serializer=kernel__pb2.KillRequest.SerializeToString,
+                response_deserializer=kernel__pb2.KillResponse.FromString,
                 _registered_method=True)
         self.Nice = channel.unary_unary(
                 '/llmasos.v1.Kernel/Nice',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.NiceRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.NiceResponse.FromString,
+                request_serializer=kernel__pb2.NiceRequest.SerializeToString,
+                response_deserializer=kernel__pb2.NiceResponse.FromString,
                 _registered_method=True)
         self.Ps = channel.unary_unary(
                 '/llmasos.v1.Kernel/Ps',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.PsRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.PsResponse.FromString,
+                request_serializer=kernel__pb2.PsRequest.SerializeToString,
+                response_deserializer=kernel__pb2.PsResponse.FromString,
                 _registered_method=True)
         self.Stat = channel.unary_unary(
                 '/llmasos.v1.Kernel/Stat',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.StatRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.ProcessInfo.FromString,
+                request_serializer=kernel__pb2.StatRequest.SerializeToString,
+                response_deserializer=kernel__pb2.ProcessInfo.FromString,
                 _registered_method=True)
         self.Models = channel.unary_unary(
                 '/llmasos.v1.Kernel/Models',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.ModelsRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.ModelsResponse.FromString,
+                request_serializer=kernel__pb2.ModelsRequest.SerializeToString,
+                response_deserializer=kernel__pb2.ModelsResponse.FromString,
                 _registered_method=True)
         self.Deploy = channel.unary_unary(
                 '/llmasos.v1.Kernel/Deploy',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.DeployRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_common__pb2.ModelInfo.FromString,
+                request_serializer=kernel__pb2.DeployRequest.SerializeToString,
+                response_deserializer=common__pb2.ModelInfo.FromString,
                 _registered_method=True)
         self.Undeploy = channel.unary_unary(
                 '/llmasos.v1.Kernel/Undeploy',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.UndeployRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.UndeployResponse.FromString,
+                request_serializer=kernel__pb2.UndeployRequest.SerializeToString,
+                response_deserializer=kernel__pb2.UndeployResponse.FromString,
                 _registered_method=True)
         self.WhoAmI = channel.unary_unary(
                 '/llmasos.v1.Kernel/WhoAmI',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.WhoAmIRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.WhoAmIResponse.FromString,
+                request_serializer=kernel__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=kernel__pb2.WhoAmIResponse.FromString,
                 _registered_method=True)
         self.Services = channel.unary_unary(
                 '/llmasos.v1.Kernel/Services',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.ServicesRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.ServicesResponse.FromString,
+                request_serializer=kernel__pb2.ServicesRequest.SerializeToString,
+                response_deserializer=kernel__pb2.ServicesResponse.FromString,
                 _registered_method=True)
         self.SetQuota = channel.unary_unary(
                 '/llmasos.v1.Kernel/SetQuota',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.SetQuotaRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_common__pb2.Quota.FromString,
+                request_serializer=kernel__pb2.SetQuotaRequest.SerializeToString,
+                response_deserializer=common__pb2.Quota.FromString,
                 _registered_method=True)
         self.Audit = channel.unary_unary(
                 '/llmasos.v1.Kernel/Audit',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.AuditRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.AuditResponse.FromString,
+                request_serializer=kernel__pb2.AuditRequest.SerializeToString,
+                response_deserializer=kernel__pb2.AuditResponse.FromString,
                 _registered_method=True)
         self.MboxCreate = channel.unary_unary(
                 '/llmasos.v1.Kernel/MboxCreate',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxCreateRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxInfo.FromString,
+                request_serializer=kernel__pb2.MboxCreateRequest.SerializeToString,
+                response_deserializer=kernel__pb2.MboxInfo.FromString,
                 _registered_method=True)
         self.MboxSend = channel.unary_unary(
                 '/llmasos.v1.Kernel/MboxSend',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxSendRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxSendResponse.FromString,
+                request_serializer=kernel__pb2.MboxSendRequest.SerializeToString,
+                response_deserializer=kernel__pb2.MboxSendResponse.FromString,
                 _registered_method=True)
         self.MboxRecv = channel.unary_unary(
                 '/llmasos.v1.Kernel/MboxRecv',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxRecvRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxRecvResponse.FromString,
+                request_serializer=kernel__pb2.MboxRecvRequest.SerializeToString,
+                response_deserializer=kernel__pb2.MboxRecvResponse.FromString,
                 _registered_method=True)
         self.MboxList = channel.unary_unary(
                 '/llmasos.v1.Kernel/MboxList',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxListRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxListResponse.FromString,
+                request_serializer=kernel__pb2.MboxListRequest.SerializeToString,
+                response_deserializer=kernel__pb2.MboxListResponse.FromString,
                 _registered_method=True)
         self.MboxRemove = channel.unary_unary(
                 '/llmasos.v1.Kernel/MboxRemove',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxRemoveRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxRemoveResponse.FromString,
+                request_serializer=kernel__pb2.MboxRemoveRequest.SerializeToString,
+                response_deserializer=kernel__pb2.MboxRemoveResponse.FromString,
                 _registered_method=True)
         self.ShmCreate = channel.unary_unary(
                 '/llmasos.v1.Kernel/ShmCreate',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.ShmCreateRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.ShmInfo.FromString,
+                request_serializer=kernel__pb2.ShmCreateRequest.SerializeToString,
+                response_deserializer=kernel__pb2.ShmInfo.FromString,
                 _registered_method=True)
         self.ShmRemove = channel.unary_unary(
                 '/llmasos.v1.Kernel/ShmRemove',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.ShmRemoveRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.ShmInfo.FromString,
+                request_serializer=kernel__pb2.ShmRemoveRequest.SerializeToString,
+                response_deserializer=kernel__pb2.ShmInfo.FromString,
                 _registered_method=True)
         self.ShmList = channel.unary_unary(
                 '/llmasos.v1.Kernel/ShmList',
-                request_serializer=llmasos_dot_proto_dot_kernel__pb2.ShmListRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.ShmListResponse.FromString,
+                request_serializer=kernel__pb2.ShmListRequest.SerializeToString,
+                response_deserializer=kernel__pb2.ShmListResponse.FromString,
+                _registered_method=True)
+        self.Metrics = channel.unary_unary(
+                '/llmasos.v1.Kernel/Metrics',
+                request_serializer=kernel__pb2.MetricsRequest.SerializeToString,
+                response_deserializer=kernel__pb2.MetricsResponse.FromString,
                 _registered_method=True)
 
 
@@ -309,118 +314,130 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Metrics(self, request, context):
+        """The kernel's metrics in Prometheus' text format (the HTTP gateway serves them at /metrics).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Spawn': grpc.unary_unary_rpc_method_handler(
                     servicer.Spawn,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.SpawnRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.SpawnResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.SpawnRequest.FromString,
+                    response_serializer=kernel__pb2.SpawnResponse.SerializeToString,
             ),
             'Wait': grpc.unary_unary_rpc_method_handler(
                     servicer.Wait,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.WaitRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.WaitResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.WaitRequest.FromString,
+                    response_serializer=kernel__pb2.WaitResponse.SerializeToString,
             ),
             'Read': grpc.unary_stream_rpc_method_handler(
                     servicer.Read,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.ReadRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.ReadChunk.SerializeToString,
+                    request_deserializer=kernel__pb2.ReadRequest.FromString,
+                    response_serializer=kernel__pb2.ReadChunk.SerializeToString,
             ),
             'Kill': grpc.unary_unary_rpc_method_handler(
                     servicer.Kill,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.KillRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.KillResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.KillRequest.FromString,
+                    response_serializer=kernel__pb2.KillResponse.SerializeToString,
             ),
             'Nice': grpc.unary_unary_rpc_method_handler(
                     servicer.Nice,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.NiceRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.NiceResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.NiceRequest.FromString,
+                    response_serializer=kernel__pb2.NiceResponse.SerializeToString,
             ),
             'Ps': grpc.unary_unary_rpc_method_handler(
                     servicer.Ps,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.PsRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.PsResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.PsRequest.FromString,
+                    response_serializer=kernel__pb2.PsResponse.SerializeToString,
             ),
             'Stat': grpc.unary_unary_rpc_method_handler(
                     servicer.Stat,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.StatRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.ProcessInfo.SerializeToString,
+                    request_deserializer=kernel__pb2.StatRequest.FromString,
+                    response_serializer=kernel__pb2.ProcessInfo.SerializeToString,
             ),
             'Models': grpc.unary_unary_rpc_method_handler(
                     servicer.Models,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.ModelsRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.ModelsResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.ModelsRequest.FromString,
+                    response_serializer=kernel__pb2.ModelsResponse.SerializeToString,
             ),
             'Deploy': grpc.unary_unary_rpc_method_handler(
                     servicer.Deploy,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.DeployRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_common__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=kernel__pb2.DeployRequest.FromString,
+                    response_serializer=common__pb2.ModelInfo.SerializeToString,
             ),
             'Undeploy': grpc.unary_unary_rpc_method_handler(
                     servicer.Undeploy,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.UndeployRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.UndeployResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.UndeployRequest.FromString,
+                    response_serializer=kernel__pb2.UndeployResponse.SerializeToString,
             ),
             'WhoAmI': grpc.unary_unary_rpc_method_handler(
                     servicer.WhoAmI,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.WhoAmIRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.WhoAmIResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.WhoAmIRequest.FromString,
+                    response_serializer=kernel__pb2.WhoAmIResponse.SerializeToString,
             ),
             'Services': grpc.unary_unary_rpc_method_handler(
                     servicer.Services,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.ServicesRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.ServicesResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.ServicesRequest.FromString,
+                    response_serializer=kernel__pb2.ServicesResponse.SerializeToString,
             ),
             'SetQuota': grpc.unary_unary_rpc_method_handler(
                     servicer.SetQuota,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.SetQuotaRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_common__pb2.Quota.SerializeToString,
+                    request_deserializer=kernel__pb2.SetQuotaRequest.FromString,
+                    response_serializer=common__pb2.Quota.SerializeToString,
             ),
             'Audit': grpc.unary_unary_rpc_method_handler(
                     servicer.Audit,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.AuditRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.AuditResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.AuditRequest.FromString,
+                    response_serializer=kernel__pb2.AuditResponse.SerializeToString,
             ),
             'MboxCreate': grpc.unary_unary_rpc_method_handler(
                     servicer.MboxCreate,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxCreateRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxInfo.SerializeToString,
+                    request_deserializer=kernel__pb2.MboxCreateRequest.FromString,
+                    response_serializer=kernel__pb2.MboxInfo.SerializeToString,
             ),
             'MboxSend': grpc.unary_unary_rpc_method_handler(
                     servicer.MboxSend,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxSendRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxSendResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.MboxSendRequest.FromString,
+                    response_serializer=kernel__pb2.MboxSendResponse.SerializeToString,
             ),
             'MboxRecv': grpc.unary_unary_rpc_method_handler(
                     servicer.MboxRecv,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxRecvRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxRecvResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.MboxRecvRequest.FromString,
+                    response_serializer=kernel__pb2.MboxRecvResponse.SerializeToString,
             ),
             'MboxList': grpc.unary_unary_rpc_method_handler(
                     servicer.MboxList,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxListRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxListResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.MboxListRequest.FromString,
+                    response_serializer=kernel__pb2.MboxListResponse.SerializeToString,
             ),
             'MboxRemove': grpc.unary_unary_rpc_method_handler(
                     servicer.MboxRemove,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxRemoveRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxRemoveResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.MboxRemoveRequest.FromString,
+                    response_serializer=kernel__pb2.MboxRemoveResponse.SerializeToString,
             ),
             'ShmCreate': grpc.unary_unary_rpc_method_handler(
                     servicer.ShmCreate,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.ShmCreateRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.ShmInfo.SerializeToString,
+                    request_deserializer=kernel__pb2.ShmCreateRequest.FromString,
+                    response_serializer=kernel__pb2.ShmInfo.SerializeToString,
             ),
             'ShmRemove': grpc.unary_unary_rpc_method_handler(
                     servicer.ShmRemove,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.ShmRemoveRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.ShmInfo.SerializeToString,
+                    request_deserializer=kernel__pb2.ShmRemoveRequest.FromString,
+                    response_serializer=kernel__pb2.ShmInfo.SerializeToString,
             ),
             'ShmList': grpc.unary_unary_rpc_method_handler(
                     servicer.ShmList,
-                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.ShmListRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.ShmListResponse.SerializeToString,
+                    request_deserializer=kernel__pb2.ShmListRequest.FromString,
+                    response_serializer=kernel__pb2.ShmListResponse.SerializeToString,
+            ),
+            'Metrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.Metrics,
+                    request_deserializer=kernel__pb2.MetricsRequest.FromString,
+                    response_serializer=kernel__pb2.MetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -448,8 +465,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Spawn',
-            llmasos_dot_proto_dot_kernel__pb2.SpawnRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.SpawnResponse.FromString,
+            kernel__pb2.SpawnRequest.SerializeToString,
+            kernel__pb2.SpawnResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -475,8 +492,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Wait',
-            llmasos_dot_proto_dot_kernel__pb2.WaitRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.WaitResponse.FromString,
+            kernel__pb2.WaitRequest.SerializeToString,
+            kernel__pb2.WaitResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -502,8 +519,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Read',
-            llmasos_dot_proto_dot_kernel__pb2.ReadRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.ReadChunk.FromString,
+            kernel__pb2.ReadRequest.SerializeToString,
+            kernel__pb2.ReadChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -529,8 +546,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Kill',
-            llmasos_dot_proto_dot_kernel__pb2.KillRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.KillResponse.FromString,
+            kernel__pb2.KillRequest.SerializeToString,
+            kernel__pb2.KillResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -556,8 +573,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Nice',
-            llmasos_dot_proto_dot_kernel__pb2.NiceRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.NiceResponse.FromString,
+            kernel__pb2.NiceRequest.SerializeToString,
+            kernel__pb2.NiceResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -583,8 +600,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Ps',
-            llmasos_dot_proto_dot_kernel__pb2.PsRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.PsResponse.FromString,
+            kernel__pb2.PsRequest.SerializeToString,
+            kernel__pb2.PsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -610,8 +627,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Stat',
-            llmasos_dot_proto_dot_kernel__pb2.StatRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.ProcessInfo.FromString,
+            kernel__pb2.StatRequest.SerializeToString,
+            kernel__pb2.ProcessInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -637,8 +654,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Models',
-            llmasos_dot_proto_dot_kernel__pb2.ModelsRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.ModelsResponse.FromString,
+            kernel__pb2.ModelsRequest.SerializeToString,
+            kernel__pb2.ModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -664,8 +681,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Deploy',
-            llmasos_dot_proto_dot_kernel__pb2.DeployRequest.SerializeToString,
-            llmasos_dot_proto_dot_common__pb2.ModelInfo.FromString,
+            kernel__pb2.DeployRequest.SerializeToString,
+            common__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -691,8 +708,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Undeploy',
-            llmasos_dot_proto_dot_kernel__pb2.UndeployRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.UndeployResponse.FromString,
+            kernel__pb2.UndeployRequest.SerializeToString,
+            kernel__pb2.UndeployResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -718,8 +735,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/WhoAmI',
-            llmasos_dot_proto_dot_kernel__pb2.WhoAmIRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.WhoAmIResponse.FromString,
+            kernel__pb2.WhoAmIRequest.SerializeToString,
+            kernel__pb2.WhoAmIResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -745,8 +762,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Services',
-            llmasos_dot_proto_dot_kernel__pb2.ServicesRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.ServicesResponse.FromString,
+            kernel__pb2.ServicesRequest.SerializeToString,
+            kernel__pb2.ServicesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -772,8 +789,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/SetQuota',
-            llmasos_dot_proto_dot_kernel__pb2.SetQuotaRequest.SerializeToString,
-            llmasos_dot_proto_dot_common__pb2.Quota.FromString,
+            kernel__pb2.SetQuotaRequest.SerializeToString,
+            common__pb2.Quota.FromString,
             options,
             channel_credentials,
             insecure,
@@ -799,8 +816,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/Audit',
-            llmasos_dot_proto_dot_kernel__pb2.AuditRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.AuditResponse.FromString,
+            kernel__pb2.AuditRequest.SerializeToString,
+            kernel__pb2.AuditResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -826,8 +843,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/MboxCreate',
-            llmasos_dot_proto_dot_kernel__pb2.MboxCreateRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.MboxInfo.FromString,
+            kernel__pb2.MboxCreateRequest.SerializeToString,
+            kernel__pb2.MboxInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -853,8 +870,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/MboxSend',
-            llmasos_dot_proto_dot_kernel__pb2.MboxSendRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.MboxSendResponse.FromString,
+            kernel__pb2.MboxSendRequest.SerializeToString,
+            kernel__pb2.MboxSendResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -880,8 +897,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/MboxRecv',
-            llmasos_dot_proto_dot_kernel__pb2.MboxRecvRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.MboxRecvResponse.FromString,
+            kernel__pb2.MboxRecvRequest.SerializeToString,
+            kernel__pb2.MboxRecvResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -907,8 +924,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/MboxList',
-            llmasos_dot_proto_dot_kernel__pb2.MboxListRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.MboxListResponse.FromString,
+            kernel__pb2.MboxListRequest.SerializeToString,
+            kernel__pb2.MboxListResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -934,8 +951,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/MboxRemove',
-            llmasos_dot_proto_dot_kernel__pb2.MboxRemoveRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.MboxRemoveResponse.FromString,
+            kernel__pb2.MboxRemoveRequest.SerializeToString,
+            kernel__pb2.MboxRemoveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -961,8 +978,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/ShmCreate',
-            llmasos_dot_proto_dot_kernel__pb2.ShmCreateRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.ShmInfo.FromString,
+            kernel__pb2.ShmCreateRequest.SerializeToString,
+            kernel__pb2.ShmInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -988,8 +1005,8 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/ShmRemove',
-            llmasos_dot_proto_dot_kernel__pb2.ShmRemoveRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.ShmInfo.FromString,
+            kernel__pb2.ShmRemoveRequest.SerializeToString,
+            kernel__pb2.ShmInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1015,8 +1032,35 @@ class Kernel:
             request,
             target,
             '/llmasos.v1.Kernel/ShmList',
-            llmasos_dot_proto_dot_kernel__pb2.ShmListRequest.SerializeToString,
-            llmasos_dot_proto_dot_kernel__pb2.ShmListResponse.FromString,
+            kernel__pb2.ShmListRequest.SerializeToString,
+            kernel__pb2.ShmListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Metrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Kernel/Metrics',
+            kernel__pb2.MetricsRequest.SerializeToString,
+            kernel__pb2.MetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from llmasos.proto import scheduler_pb2 as llmasos_dot_proto_dot_scheduler__pb2
+from llmasos.proto import scheduler_pb2 as scheduler__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in llmasos/proto/scheduler_pb2_grpc.py depends on'
+        + ' but the generated code in scheduler_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class SchedulerStub:
         """
         self.Plan = channel.unary_unary(
                 '/llmasos.v1.Scheduler/Plan',
-                request_serializer=llmasos_dot_proto_dot_scheduler__pb2.PlanRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_scheduler__pb2.StepPlan.FromString,
+                request_serializer=scheduler__pb2.PlanRequest.SerializeToString,
+                response_deserializer=scheduler__pb2.StepPlan.FromString,
                 _registered_method=True)
         self.Policy = channel.unary_unary(
                 '/llmasos.v1.Scheduler/Policy',
-                request_serializer=llmasos_dot_proto_dot_scheduler__pb2.PolicyRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_scheduler__pb2.PolicyResponse.FromString,
+                request_serializer=scheduler__pb2.PolicyRequest.SerializeToString,
+                response_deserializer=scheduler__pb2.PolicyResponse.FromString,
                 _registered_method=True)
 
 
@@ -66,13 +66,13 @@ def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Plan': grpc.unary_unary_rpc_method_handler(
                     servicer.Plan,
-                    request_deserializer=llmasos_dot_proto_dot_scheduler__pb2.PlanRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_scheduler__pb2.StepPlan.SerializeToString,
+                    request_deserializer=scheduler__pb2.PlanRequest.FromString,
+                    response_serializer=scheduler__pb2.StepPlan.SerializeToString,
             ),
             'Policy': grpc.unary_unary_rpc_method_handler(
                     servicer.Policy,
-                    request_deserializer=llmasos_dot_proto_dot_scheduler__pb2.PolicyRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_scheduler__pb2.PolicyResponse.SerializeToString,
+                    request_deserializer=scheduler__pb2.PolicyRequest.FromString,
+                    response_serializer=scheduler__pb2.PolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -100,8 +100,8 @@ class Scheduler:
             request,
             target,
             '/llmasos.v1.Scheduler/Plan',
-            llmasos_dot_proto_dot_scheduler__pb2.PlanRequest.SerializeToString,
-            llmasos_dot_proto_dot_scheduler__pb2.StepPlan.FromString,
+            scheduler__pb2.PlanRequest.SerializeToString,
+            scheduler__pb2.StepPlan.FromString,
             options,
             channel_credentials,
             insecure,
@@ -127,8 +127,8 @@ class Scheduler:
             request,
             target,
             '/llmasos.v1.Scheduler/Policy',
-            llmasos_dot_proto_dot_scheduler__pb2.PolicyRequest.SerializeToString,
-            llmasos_dot_proto_dot_scheduler__pb2.PolicyResponse.FromString,
+            scheduler__pb2.PolicyRequest.SerializeToString,
+            scheduler__pb2.PolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

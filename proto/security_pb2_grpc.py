@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from llmasos.proto import security_pb2 as llmasos_dot_proto_dot_security__pb2
+from llmasos.proto import security_pb2 as security__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in llmasos/proto/security_pb2_grpc.py depends on'
+        + ' but the generated code in security_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class SecurityStub:
         """
         self.Authenticate = channel.unary_unary(
                 '/llmasos.v1.Security/Authenticate',
-                request_serializer=llmasos_dot_proto_dot_security__pb2.AuthenticateRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_security__pb2.Identity.FromString,
+                request_serializer=security__pb2.AuthenticateRequest.SerializeToString,
+                response_deserializer=security__pb2.Identity.FromString,
                 _registered_method=True)
         self.AddUser = channel.unary_unary(
                 '/llmasos.v1.Security/AddUser',
-                request_serializer=llmasos_dot_proto_dot_security__pb2.AddUserRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_security__pb2.AddUserResponse.FromString,
+                request_serializer=security__pb2.AddUserRequest.SerializeToString,
+                response_deserializer=security__pb2.AddUserResponse.FromString,
                 _registered_method=True)
         self.ListUsers = channel.unary_unary(
                 '/llmasos.v1.Security/ListUsers',
-                request_serializer=llmasos_dot_proto_dot_security__pb2.ListUsersRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_security__pb2.ListUsersResponse.FromString,
+                request_serializer=security__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=security__pb2.ListUsersResponse.FromString,
                 _registered_method=True)
         self.SetQuota = channel.unary_unary(
                 '/llmasos.v1.Security/SetQuota',
-                request_serializer=llmasos_dot_proto_dot_security__pb2.SetUserQuotaRequest.SerializeToString,
-                response_deserializer=llmasos_dot_proto_dot_security__pb2.Identity.FromString,
+                request_serializer=security__pb2.SetUserQuotaRequest.SerializeToString,
+                response_deserializer=security__pb2.Identity.FromString,
                 _registered_method=True)
 
 
@@ -92,23 +92,23 @@ def add_SecurityServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Authenticate': grpc.unary_unary_rpc_method_handler(
                     servicer.Authenticate,
-                    request_deserializer=llmasos_dot_proto_dot_security__pb2.AuthenticateRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_security__pb2.Identity.SerializeToString,
+                    request_deserializer=security__pb2.AuthenticateRequest.FromString,
+                    response_serializer=security__pb2.Identity.SerializeToString,
             ),
             'AddUser': grpc.unary_unary_rpc_method_handler(
                     servicer.AddUser,
-                    request_deserializer=llmasos_dot_proto_dot_security__pb2.AddUserRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_security__pb2.AddUserResponse.SerializeToString,
+                    request_deserializer=security__pb2.AddUserRequest.FromString,
+                    response_serializer=security__pb2.AddUserResponse.SerializeToString,
             ),
             'ListUsers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListUsers,
-                    request_deserializer=llmasos_dot_proto_dot_security__pb2.ListUsersRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_security__pb2.ListUsersResponse.SerializeToString,
+                    request_deserializer=security__pb2.ListUsersRequest.FromString,
+                    response_serializer=security__pb2.ListUsersResponse.SerializeToString,
             ),
             'SetQuota': grpc.unary_unary_rpc_method_handler(
                     servicer.SetQuota,
-                    request_deserializer=llmasos_dot_proto_dot_security__pb2.SetUserQuotaRequest.FromString,
-                    response_serializer=llmasos_dot_proto_dot_security__pb2.Identity.SerializeToString,
+                    request_deserializer=security__pb2.SetUserQuotaRequest.FromString,
+                    response_serializer=security__pb2.Identity.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,8 +136,8 @@ class Security:
             request,
             target,
             '/llmasos.v1.Security/Authenticate',
-            llmasos_dot_proto_dot_security__pb2.AuthenticateRequest.SerializeToString,
-            llmasos_dot_proto_dot_security__pb2.Identity.FromString,
+            security__pb2.AuthenticateRequest.SerializeToString,
+            security__pb2.Identity.FromString,
             options,
             channel_credentials,
             insecure,
@@ -163,8 +163,8 @@ class Security:
             request,
             target,
             '/llmasos.v1.Security/AddUser',
-            llmasos_dot_proto_dot_security__pb2.AddUserRequest.SerializeToString,
-            llmasos_dot_proto_dot_security__pb2.AddUserResponse.FromString,
+            security__pb2.AddUserRequest.SerializeToString,
+            security__pb2.AddUserResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -190,8 +190,8 @@ class Security:
             request,
             target,
             '/llmasos.v1.Security/ListUsers',
-            llmasos_dot_proto_dot_security__pb2.ListUsersRequest.SerializeToString,
-            llmasos_dot_proto_dot_security__pb2.ListUsersResponse.FromString,
+            security__pb2.ListUsersRequest.SerializeToString,
+            security__pb2.ListUsersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -217,8 +217,8 @@ class Security:
             request,
             target,
             '/llmasos.v1.Security/SetQuota',
-            llmasos_dot_proto_dot_security__pb2.SetUserQuotaRequest.SerializeToString,
-            llmasos_dot_proto_dot_security__pb2.Identity.FromString,
+            security__pb2.SetUserQuotaRequest.SerializeToString,
+            security__pb2.Identity.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,9 +42,12 @@ def configure_logging(service: str) -> structlog.stdlib.BoundLogger:
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        # llmosd exports its --log-level as LLMASOS_LOG_LEVEL to the services it starts
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping().get(
+            os.environ.get("LLMASOS_LOG_LEVEL", "info").upper(), logging.INFO)),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
     )
     return structlog.get_logger().bind(service=service, pid=os.getpid())

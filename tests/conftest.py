@@ -91,6 +91,8 @@ def boot(home: Path, *flags: str) -> System:
     address = f"127.0.0.1:{free_port()}"
     log = home / "llmosd.log"
     env = {**os.environ, "LLMASOS_HOME": str(home)}
+    if "--http" not in flags:   # parallel test systems must not all claim 127.0.0.1:8080
+        flags = (*flags, "--no-http")
     proc = subprocess.Popen([sys.executable, "-m", "llmasos.kernel.main", "run",
                              "--listen", address, "--home", str(home), *flags],
                             stdout=subprocess.PIPE, stderr=log.open("w"), env=env, text=True)

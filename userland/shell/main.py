@@ -21,6 +21,7 @@ from llmasos.proto import common_pb2
 from llmasos.shell.commands import COMMANDS
 from llmasos.shell.complete import Completer
 from llmasos.shell.session import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Shell, ShellExit
+from llmasos.version import version_string
 
 HISTORY_FILE = "llmsh_history"
 HISTORY_LENGTH = 2000
@@ -28,6 +29,7 @@ HISTORY_LENGTH = 2000
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llmsh", description="The LLMasOS shell.")
+    ap.add_argument("--version", action="version", version=version_string("llmsh"))
     ap.add_argument("-c", dest="command", metavar="COMMANDS", help="run these commands and exit")
     ap.add_argument("file", nargs="?", help="a script to run")
     ap.add_argument("-m", "--model", help="default model for jobs (default: the first deployed)")

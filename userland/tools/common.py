@@ -11,12 +11,14 @@ from collections.abc import Callable
 from llmasos.client import LLMClient
 from llmasos.errors import LLMError
 from llmasos.fmt import error
+from llmasos.version import version_string
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--version", action="version", version=version_string(prog))
     ap.add_argument("--addr", help="llmosd's address (default $LLMASOS_ADDR or 127.0.0.1:7070)")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
     return ap

@@ -15,6 +15,7 @@ from llmasos.errors import LLMError
 from llmasos.fmt import error
 from llmasos.names import SIGNAL_NAMES, signal_number
 from llmasos.tools import common
+from llmasos.version import version_string
 
 USAGE = "llm-kill [-s SIGNAL | -SIGNAL] PID...   or   llm-kill -l"
 
@@ -43,6 +44,9 @@ def parse(argv: list[str]) -> tuple[int, list[int], argparse.Namespace]:
                 opts.timeout = float(value)
         elif a in ("-h", "--help"):
             raise Usage("")
+        elif a == "--version":
+            print(version_string("llm-kill"))
+            raise SystemExit(0)
         else:
             sig = _signal(a[1:])
     if args and args[0] == "--":
