@@ -1,0 +1,236 @@
+"""Clients ride over restarts: gRPC's retry policy on UNAVAILABLE for the idempotent calls
+only, a client that waits for a restarted llmosd, and a Read that resumes where it broke.
+Against a tiny fake Kernel: a real grpc.server on loopback, in this process or (to be killed
+with SIGKILL, as a crashed llmosd is) in a child process running this file."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from llmasos import AsyncLLMClient, LLMClient, calls, connect, errors
+from llmasos.aio import AsyncProcess
+from llmasos.proto import kernel_pb2, kernel_pb2_grpc
+
+# The fake job's output: one chunk per token, with a multi-byte character to count.
+PIECES = [f"w{i}é " for i in range(12)]
+FULL = "".join(PIECES)
+
+
+class FakeKernel(kernel_pb2_grpc.KernelServicer):
+    """WhoAmI and Spawn fail UNAVAILABLE `fail` times first; Read streams PIECES from the
+    request's offset, checks text_offset against it, and (break_at) aborts once mid-stream."""
+
+    def __init__(self, fail: int = 0, break_at: int = -1, delay: float = 0.0) -> None:
+        self.fail, self.break_at, self.delay = fail, break_at, delay
+        self.calls: dict[str, int] = {}
+        self.reads: list[tuple[int, int]] = []  # (offset, text_offset) of each Read
+        self.lock = threading.Lock()
+
+    def _count(self, name: str, ctx: grpc.ServicerContext) -> None:
+        with self.lock:
+            n = self.calls[name] = self.calls.get(name, 0) + 1
+        if n <= self.fail:
+            ctx.abort(grpc.StatusCode.UNAVAILABLE, f"{name} attempt {n}: not yet")
+
+    def WhoAmI(self, req: kernel_pb2.WhoAmIRequest,  # noqa: N802
+               ctx: grpc.ServicerContext) -> kernel_pb2.WhoAmIResponse:
+        self._count("WhoAmI", ctx)
+        return kernel_pb2.WhoAmIResponse(user="root", root=True)
+
+    def Spawn(self, req: kernel_pb2.SpawnRequest,  # noqa: N802
+              ctx: grpc.ServicerContext) -> kernel_pb2.SpawnResponse:
+        self._count("Spawn", ctx)
+        return kernel_pb2.SpawnResponse(pid=7)
+
+    def Read(self, req: kernel_pb2.ReadRequest,  # noqa: N802
+             ctx: grpc.ServicerContext) -> Iterator[kernel_pb2.ReadChunk]:
+        self.reads.append((req.offset, req.text_offset))
+        if req.text_offset != len("".join(PIECES[:req.offset])):
+            ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "text_offset does not match offset")
+        for i in range(req.offset, len(PIECES)):
+            if i == self.break_at and len(self.reads) == 1:
+                ctx.abort(grpc.StatusCode.UNAVAILABLE, "the kernel went away")
+            time.sleep(self.delay)
+            done = i == len(PIECES) - 1
+            yield kernel_pb2.ReadChunk(text=PIECES[i], token_ids=[i], done=done)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(kernel: FakeKernel, port: int = 0) -> tuple[grpc.Server, str]:
+    server = grpc.server(futures.ThreadPoolExecutor(8))
+    kernel_pb2_grpc.add_KernelServicer_to_server(kernel, server)
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def fake() -> Iterator[tuple[FakeKernel, str]]:
+    kernel = FakeKernel(fail=2, break_at=4)
+    server, addr = serve(kernel)
+    yield kernel, addr
+    server.stop(None)
+
+
+# -- the retry policy -----------------------------------------------------------------------------
+
+
+def test_only_idempotent_calls_are_retried():
+    assert "Spawn" not in calls.RETRIED and "Deploy" not in calls.RETRIED
+    assert {"Wait", "Read", "Ps", "Stat", "Models", "WhoAmI", "Services", "Kill",
+            "Nice"} <= set(calls.RETRIED)
+
+
+def test_unavailable_twice_then_ok_is_retried_by_the_channel(fake):
+    kernel, addr = fake
+    with LLMClient(address=addr, token="t") as c:
+        assert c.whoami().user == "root"
+    assert kernel.calls["WhoAmI"] == 3
+
+
+def test_retry_off_gives_the_first_unavailable(fake):
+    kernel, addr = fake
+    with LLMClient(address=addr, token="t", retry_s=0) as c, \
+            pytest.raises(errors.Unavailable, match="attempt 1"):
+        c.whoami()
+    assert kernel.calls["WhoAmI"] == 1
+
+
+def test_spawn_that_reached_the_kernel_is_not_sent_again(fake):
+    kernel, addr = fake
+    with LLMClient("m", address=addr, token="t") as c, \
+            pytest.raises(errors.Unavailable, match="Spawn attempt 1"):
+        c.spawn("hi")
+    assert kernel.calls["Spawn"] == 1
+
+
+def test_retry_seconds_from_argument_or_environment(monkeypatch):
+    monkeypatch.delenv("LLMASOS_RETRY_S", raising=False)
+    assert connect.retry_seconds() == connect.DEFAULT_RETRY_S
+    monkeypatch.setenv("LLMASOS_RETRY_S", "4.5")
+    assert connect.retry_seconds() == 4.5
+    assert connect.retry_seconds(0) == 0.0
+
+
+def test_async_client_is_retried_the_same(fake):
+    kernel, addr = fake
+
+    async def go() -> str:
+        async with AsyncLLMClient(address=addr, token="t") as c:
+            return (await c.whoami()).user
+    assert asyncio.run(go()) == "root" and kernel.calls["WhoAmI"] == 3
+
+
+# -- Read resumes where it broke ------------------------------------------------------------------
+
+
+def test_broken_read_resumes_without_gap_or_repeat(fake):
+    kernel, addr = fake
+    with LLMClient(address=addr, token="t") as c:
+        chunks = list(c.read(7))
+    assert "".join(ch.text for ch in chunks) == FULL
+    assert [t for ch in chunks for t in ch.token_ids] == list(range(len(PIECES)))
+    assert kernel.reads == [(0, 0), (4, len("".join(PIECES[:4])))]
+
+
+def test_async_broken_read_resumes_without_gap_or_repeat(fake):
+    kernel, addr = fake
+
+    async def go() -> list[str]:
+        async with AsyncLLMClient(address=addr, token="t") as c:
+            return [p async for p in AsyncProcess(c, 7).read()]
+    assert "".join(asyncio.run(go())) == FULL
+    assert kernel.reads == [(0, 0), (4, len("".join(PIECES[:4])))]
+
+
+def test_read_without_retry_stops_at_the_break(fake):
+    kernel, addr = fake
+    with LLMClient(address=addr, token="t", retry_s=0) as c:
+        got = []
+        with pytest.raises(errors.Unavailable, match="went away"):
+            got.extend(ch.text for ch in c.read(7))
+    assert "".join(got) == "".join(PIECES[:4]) and len(kernel.reads) == 1
+
+
+# -- a kernel killed with SIGKILL and started again on the same address ---------------------------
+
+
+def start_child(port: int) -> subprocess.Popen:
+    """This file as a fake kernel in a child process; returns once it listens."""
+    child = subprocess.Popen([sys.executable, str(Path(__file__)), str(port)],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    return child
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen]]:
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def restart_later(children: list[subprocess.Popen], port: int, after: float) -> threading.Thread:
+    """SIGKILL the running child now, and start a fresh one on the same port `after` s later."""
+    children[-1].kill()
+    children[-1].wait()
+    def later() -> None:
+        time.sleep(after)  # the client must wait, not fail: llmosd is rebooting
+        children.append(start_child(port))
+    thread = threading.Thread(target=later)
+    thread.start()
+    return thread
+
+
+def test_client_waits_for_a_restarted_kernel(children):
+    port = free_port()
+    children.append(start_child(port))
+    with LLMClient(address=f"127.0.0.1:{port}", token="t", retry_s=30) as c:
+        assert c.whoami().root
+        thread = restart_later(children, port, after=1.0)
+        assert c.whoami().root  # waited for the new kernel instead of failing
+        thread.join()
+
+
+def test_read_rides_over_a_killed_kernel(children):
+    port = free_port()
+    children.append(start_child(port))
+    with LLMClient(address=f"127.0.0.1:{port}", token="t", retry_s=30) as c:
+        text, thread = "", None
+        for chunk in c.read(7):
+            text += chunk.text
+            if thread is None and chunk.token_ids[0] == 3:
+                thread = restart_later(children, port, after=1.0)
+        assert thread is not None
+        thread.join()
+    assert text == FULL
+
+
+def test_fresh_client_still_fails_at_once_when_no_kernel_runs():
+    with LLMClient(address=f"127.0.0.1:{free_port()}", token="t", retry_s=30, timeout=60) as c, \
+            pytest.raises(errors.Unavailable, match="is it running"):
+        c.whoami()
+
+
+if __name__ == "__main__":  # the child kernel: streams slowly so a test can kill it mid-Read
+    server, _ = serve(FakeKernel(delay=0.2), int(sys.argv[1]))
+    print("ready", flush=True)
+    server.wait_for_termination()
