@@ -50,8 +50,14 @@ class FakeKernel(kernel_pb2_grpc.KernelServicer):
 
     def Spawn(self, req: kernel_pb2.SpawnRequest,  # noqa: N802
               ctx: grpc.ServicerContext) -> kernel_pb2.SpawnResponse:
+        if req.model == "gone":
+            ctx.abort(grpc.StatusCode.NOT_FOUND, "model 'gone' is not deployed")
         self._count("Spawn", ctx)
         return kernel_pb2.SpawnResponse(pid=7)
+
+    def Models(self, req: kernel_pb2.ModelsRequest,  # noqa: N802
+               ctx: grpc.ServicerContext) -> kernel_pb2.ModelsResponse:
+        ctx.abort(grpc.StatusCode.INTERNAL, "listing models failed")
 
     def Read(self, req: kernel_pb2.ReadRequest,  # noqa: N802
              ctx: grpc.ServicerContext) -> Iterator[kernel_pb2.ReadChunk]:
@@ -118,6 +124,30 @@ def test_spawn_that_reached_the_kernel_is_not_sent_again(fake):
             pytest.raises(errors.Unavailable, match="Spawn attempt 1"):
         c.spawn("hi")
     assert kernel.calls["Spawn"] == 1
+
+
+def test_unknown_model_with_unlistable_models_is_the_same_error_in_both_clients(fake):
+    """The clients used to differ here: one suppressed the failed Models call, one raised it."""
+    _, addr = fake
+
+    async def go() -> None:
+        async with AsyncLLMClient(address=addr, token="t") as c:
+            await c.spawn("hi", model="gone")
+    with LLMClient(address=addr, token="t") as c, \
+            pytest.raises(errors.NotFound, match="'gone' is not deployed") as sync_err:
+        c.spawn("hi", model="gone")
+    with pytest.raises(errors.NotFound, match="'gone' is not deployed") as async_err:
+        asyncio.run(go())
+    assert type(sync_err.value) is type(async_err.value) is errors.NotFound
+
+
+def test_model_not_found_names_the_deployed_models():
+    err = errors.NotFound("unknown model 'x'")
+    named = calls.model_not_found(err, "x", ["a", "b"])
+    assert isinstance(named, errors.ModelNotFound) and named.deployed == ["a", "b"]
+    assert str(named).endswith("deployed models: a, b")
+    assert calls.model_not_found(err, "x", None) is err  # listing failed: the kernel's word
+    assert calls.model_not_found(err, "a", ["a"]) is err  # deployed: NOT_FOUND is about else
 
 
 def test_retry_seconds_from_argument_or_environment(monkeypatch):
@@ -208,6 +238,30 @@ def test_client_waits_for_a_restarted_kernel(children):
         thread = restart_later(children, port, after=1.0)
         assert c.whoami().root  # waited for the new kernel instead of failing
         thread.join()
+
+
+def test_async_client_waits_for_a_restarted_kernel(children):
+    port = free_port()
+    children.append(start_child(port))
+
+    async def go() -> None:
+        async with AsyncLLMClient(address=f"127.0.0.1:{port}", token="t", retry_s=30) as c:
+            assert (await c.whoami()).root
+            thread = restart_later(children, port, after=1.0)
+            assert (await c.whoami()).root
+            await asyncio.to_thread(thread.join)
+    asyncio.run(go())
+
+
+def test_kernel_that_does_not_come_back_is_named(children):
+    port = free_port()
+    children.append(start_child(port))
+    with LLMClient(address=f"127.0.0.1:{port}", token="t", retry_s=1, timeout=1) as c:
+        assert c.whoami().root
+        children[-1].kill()
+        children[-1].wait()
+        with pytest.raises(errors.DeadlineExceeded, match="is it down"):
+            c.whoami()
 
 
 def test_read_rides_over_a_killed_kernel(children):

@@ -48,12 +48,11 @@ class AsyncLLMClient(ClientBase):
 
     async def _call(self, call: Call, *args: Any, timeout: float | None = None,
                     patient: bool = True) -> Any:
-        request = call.build(*args)
+        options = self._options(call, timeout, patient)
         try:
-            reply = await getattr(self._stub, call.name)(request,
-                                                         **self._options(call, timeout, patient))
+            reply = await getattr(self._stub, call.name)(call.build(*args), **options)
         except grpc.RpcError as err:
-            raise self._error(err) from None
+            raise self._error(err, options["wait_for_ready"]) from None
         self._reached = True
         return call.read(reply)
 
@@ -137,8 +136,8 @@ class AsyncLLMClient(ClientBase):
                    timeout: float | None = None) -> AsyncIterator[kernel_pb2.ReadChunk]:
         cursor = self._read_cursor(pid, timeout)
         while True:
-            stream = self._stub.Read(cursor.request(),
-                                     **self._options(calls.READ, cursor.left()))
+            options = self._options(calls.READ, cursor.left())
+            stream = self._stub.Read(cursor.request(), **options)
             try:
                 async for chunk in stream:
                     self._reached = True
@@ -147,7 +146,7 @@ class AsyncLLMClient(ClientBase):
                 return
             except grpc.RpcError as err:
                 if not cursor.resumes(err):
-                    raise self._error(err) from None
+                    raise self._error(err, options["wait_for_ready"]) from None
             finally:
                 stream.cancel()
 

@@ -17,7 +17,7 @@ import grpc
 
 from llmasos import calls, connect, requests, tasks
 from llmasos.calls import Call
-from llmasos.errors import LLMError, NotFound, from_rpc
+from llmasos.errors import DeadlineExceeded, LLMError, NotFound, from_rpc
 from llmasos.process import Completion, Process
 from llmasos.proto import common_pb2, kernel_pb2, kernel_pb2_grpc
 
@@ -54,8 +54,13 @@ class ClientBase:
         return {"timeout": deadline + (self.retry_s if wait else 0.0),
                 "metadata": self._metadata, "wait_for_ready": wait}
 
-    def _error(self, err: grpc.RpcError) -> LLMError:
+    def _error(self, err: grpc.RpcError, waited: bool = False) -> LLMError:
         self._reached = self._reached or calls.answered(err)
+        if waited and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded(
+                f"no answer from llmosd at {self.address} in time, waiting up to "
+                f"{self.retry_s:g} s for it to come back: is it down? (or raise the timeout, "
+                f"or retry_s / $LLMASOS_RETRY_S)")
         return from_rpc(err, self.address, "" if self.token else connect.token_hint())
 
     def _read_cursor(self, pid: int, timeout: float | None) -> calls.ReadCursor:
@@ -87,12 +92,11 @@ class LLMClient(ClientBase):
 
     def _call(self, call: Call, *args: Any, timeout: float | None = None,
               patient: bool = True) -> Any:
-        request = call.build(*args)
+        options = self._options(call, timeout, patient)
         try:
-            reply = getattr(self._stub, call.name)(request,
-                                                   **self._options(call, timeout, patient))
+            reply = getattr(self._stub, call.name)(call.build(*args), **options)
         except grpc.RpcError as err:
-            raise self._error(err) from None
+            raise self._error(err, options["wait_for_ready"]) from None
         self._reached = True
         return call.read(reply)
 
@@ -181,8 +185,8 @@ class LLMClient(ClientBase):
         re-opened where it broke (no gap, no repeat)."""
         cursor = self._read_cursor(pid, timeout)
         while True:
-            stream = self._stub.Read(cursor.request(),
-                                     **self._options(calls.READ, cursor.left()))
+            options = self._options(calls.READ, cursor.left())
+            stream = self._stub.Read(cursor.request(), **options)
             try:
                 for chunk in stream:
                     self._reached = True
@@ -191,7 +195,7 @@ class LLMClient(ClientBase):
                 return
             except grpc.RpcError as err:
                 if not cursor.resumes(err):
-                    raise self._error(err) from None
+                    raise self._error(err, options["wait_for_ready"]) from None
             finally:
                 stream.cancel()
 
