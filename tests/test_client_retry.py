@@ -6,6 +6,7 @@ with SIGKILL, as a crashed llmosd is) in a child process running this file."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -59,6 +60,12 @@ class FakeKernel(kernel_pb2_grpc.KernelServicer):
                ctx: grpc.ServicerContext) -> kernel_pb2.ModelsResponse:
         ctx.abort(grpc.StatusCode.INTERNAL, "listing models failed")
 
+    def Wait(self, req: kernel_pb2.WaitRequest,  # noqa: N802
+             ctx: grpc.ServicerContext) -> kernel_pb2.WaitResponse:
+        time.sleep(self.delay * len(PIECES))  # the job runs a while
+        info = kernel_pb2.ProcessInfo(pid=req.pid, exit_message=f"answered by {os.getpid()}")
+        return kernel_pb2.WaitResponse(info=info, text=FULL)
+
     def Read(self, req: kernel_pb2.ReadRequest,  # noqa: N802
              ctx: grpc.ServicerContext) -> Iterator[kernel_pb2.ReadChunk]:
         self.reads.append((req.offset, req.text_offset))
@@ -70,6 +77,9 @@ class FakeKernel(kernel_pb2_grpc.KernelServicer):
             time.sleep(self.delay)
             done = i == len(PIECES) - 1
             yield kernel_pb2.ReadChunk(text=PIECES[i], token_ids=[i], done=done)
+
+
+RETRY = float(os.environ.get("TEST_RETRY_S", "30"))  # 0: see the tests fail without retry
 
 
 def free_port() -> int:
@@ -201,81 +211,98 @@ def test_read_without_retry_stops_at_the_break(fake):
 # -- a kernel killed with SIGKILL and started again on the same address ---------------------------
 
 
-def start_child(port: int) -> subprocess.Popen:
-    """This file as a fake kernel in a child process; returns once it listens."""
-    child = subprocess.Popen([sys.executable, str(Path(__file__)), str(port)],
-                             stdout=subprocess.PIPE, text=True)
-    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
-    return child
+class Kernels:
+    """Fake kernels in child processes (this file run as a script), one at a time on one port,
+    killed with SIGKILL as a crashed llmosd is, and started again."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.procs: list[subprocess.Popen] = []
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        child = subprocess.Popen([sys.executable, str(Path(__file__)), str(self.port)],
+                                 stdout=subprocess.PIPE, text=True)
+        self.procs.append(child)
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+
+    def kill(self) -> None:
+        self.procs[-1].kill()
+        self.procs[-1].wait()
+
+    def restart(self, after: float = 1.0, delay: float = 0.0) -> None:
+        """In the background: `delay` s from now SIGKILL the kernel, `after` s later start a
+        fresh one (clients must wait meanwhile: llmosd is rebooting)."""
+        def crash() -> None:
+            time.sleep(delay)
+            self.kill()
+            time.sleep(after)
+            self.start()
+        self.threads.append(threading.Thread(target=crash))
+        self.threads[-1].start()
+
+    def settle(self) -> None:
+        for t in self.threads:
+            t.join()
 
 
 @pytest.fixture
-def children() -> Iterator[list[subprocess.Popen]]:
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for p in procs:
+def kernels() -> Iterator[Kernels]:
+    k = Kernels()
+    k.start()
+    yield k
+    k.settle()
+    for p in k.procs:
         p.kill()
         p.wait()
 
 
-def restart_later(children: list[subprocess.Popen], port: int, after: float) -> threading.Thread:
-    """SIGKILL the running child now, and start a fresh one on the same port `after` s later."""
-    children[-1].kill()
-    children[-1].wait()
-    def later() -> None:
-        time.sleep(after)  # the client must wait, not fail: llmosd is rebooting
-        children.append(start_child(port))
-    thread = threading.Thread(target=later)
-    thread.start()
-    return thread
-
-
-def test_client_waits_for_a_restarted_kernel(children):
-    port = free_port()
-    children.append(start_child(port))
-    with LLMClient(address=f"127.0.0.1:{port}", token="t", retry_s=30) as c:
+def test_client_waits_for_a_restarted_kernel(kernels):
+    with LLMClient(address=kernels.address, token="t", retry_s=RETRY) as c:
         assert c.whoami().root
-        thread = restart_later(children, port, after=1.0)
+        kernels.kill()
+        kernels.restart()
         assert c.whoami().root  # waited for the new kernel instead of failing
-        thread.join()
 
 
-def test_async_client_waits_for_a_restarted_kernel(children):
-    port = free_port()
-    children.append(start_child(port))
-
+def test_async_client_waits_for_a_restarted_kernel(kernels):
     async def go() -> None:
-        async with AsyncLLMClient(address=f"127.0.0.1:{port}", token="t", retry_s=30) as c:
+        async with AsyncLLMClient(address=kernels.address, token="t", retry_s=RETRY) as c:
             assert (await c.whoami()).root
-            thread = restart_later(children, port, after=1.0)
+            kernels.kill()
+            kernels.restart()
             assert (await c.whoami()).root
-            await asyncio.to_thread(thread.join)
     asyncio.run(go())
 
 
-def test_kernel_that_does_not_come_back_is_named(children):
-    port = free_port()
-    children.append(start_child(port))
-    with LLMClient(address=f"127.0.0.1:{port}", token="t", retry_s=1, timeout=1) as c:
+def test_wait_in_flight_when_the_kernel_dies_returns_the_full_output(kernels):
+    with LLMClient(address=kernels.address, token="t", retry_s=RETRY) as c:
         assert c.whoami().root
-        children[-1].kill()
-        children[-1].wait()
+        kernels.restart(delay=0.5)  # while the Wait below is in flight
+        done = c.wait(7)  # resent by the retry policy to the rebooted kernel
+    kernels.settle()
+    assert done.text == FULL and done.pid == 7
+    assert done.info.exit_message == f"answered by {kernels.procs[-1].pid}"  # the second one
+
+
+def test_kernel_that_does_not_come_back_is_named(kernels):
+    with LLMClient(address=kernels.address, token="t", retry_s=1, timeout=1) as c:
+        assert c.whoami().root
+        kernels.kill()
         with pytest.raises(errors.DeadlineExceeded, match="is it down"):
             c.whoami()
 
 
-def test_read_rides_over_a_killed_kernel(children):
-    port = free_port()
-    children.append(start_child(port))
-    with LLMClient(address=f"127.0.0.1:{port}", token="t", retry_s=30) as c:
-        text, thread = "", None
+def test_read_rides_over_a_killed_kernel(kernels):
+    with LLMClient(address=kernels.address, token="t", retry_s=RETRY) as c:
+        text = ""
         for chunk in c.read(7):
             text += chunk.text
-            if thread is None and chunk.token_ids[0] == 3:
-                thread = restart_later(children, port, after=1.0)
-        assert thread is not None
-        thread.join()
-    assert text == FULL
+            if chunk.token_ids[0] == 3:
+                kernels.restart()
+    kernels.settle()
+    assert text == FULL and len(kernels.procs) == 2
 
 
 def test_fresh_client_still_fails_at_once_when_no_kernel_runs():
