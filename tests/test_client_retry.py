@@ -23,6 +23,8 @@ from llmasos import AsyncLLMClient, LLMClient, calls, connect, errors
 from llmasos.aio import AsyncProcess
 from llmasos.proto import kernel_pb2, kernel_pb2_grpc
 
+from conftest import System, boot, shutdown
+
 # The fake job's output: one chunk per token, with a multi-byte character to count.
 PIECES = [f"w{i}é " for i in range(12)]
 FULL = "".join(PIECES)
@@ -303,6 +305,37 @@ def test_read_rides_over_a_killed_kernel(kernels):
                 kernels.restart()
     kernels.settle()
     assert text == FULL and len(kernels.procs) == 2
+
+
+def boot_on(system: System) -> subprocess.Popen:
+    """llmosd again, on the address and home of a system that was shut down."""
+    proc = subprocess.Popen([sys.executable, "-m", "llmasos.kernel.main", "run", "--no-embedded",
+                             "--listen", system.address, "--home", str(system.home)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "LLMASOS_HOME": str(system.home)})
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("llmosd ready"):
+            return proc
+    raise AssertionError(f"llmosd did not boot again: exit {proc.wait()}")
+
+
+def test_client_rides_over_a_real_llmosd_restart(tmp_path):
+    system = boot(tmp_path / "home", "--no-embedded")
+    pool, again = futures.ThreadPoolExecutor(1), None
+    try:
+        with LLMClient(address=system.address, token=system.root_token, retry_s=RETRY) as c:
+            assert c.whoami().root
+            assert shutdown(system) == 0
+            again = pool.submit(boot_on, system)
+            assert c.whoami().root  # waited for the second llmosd; the same token still works
+            assert {s.name for s in c.services()} >= {"security", "scheduler", "inference",
+                                                        "ipc"}
+    finally:
+        if again is not None:
+            system.proc = again.result()
+        pool.shutdown()
+        assert shutdown(system) == 0
 
 
 def test_fresh_client_still_fails_at_once_when_no_kernel_runs():
