@@ -168,6 +168,9 @@ def test_retry_seconds_from_argument_or_environment(monkeypatch):
     monkeypatch.setenv("LLMASOS_RETRY_S", "4.5")
     assert connect.retry_seconds() == 4.5
     assert connect.retry_seconds(0) == 0.0
+    monkeypatch.setenv("LLMASOS_RETRY_S", "soon")
+    with pytest.raises(errors.InvalidArgument, match="not a number of seconds"):
+        LLMClient(address="127.0.0.1:1")
 
 
 def test_async_client_is_retried_the_same(fake):

@@ -11,6 +11,8 @@ from typing import Any
 
 import grpc
 
+from llmasos.errors import InvalidArgument
+
 DEFAULT_ADDR = "127.0.0.1:7070"
 TOKEN_FILE_NAME = "root.token"
 
@@ -72,7 +74,12 @@ def retry_seconds(explicit: float | None = None) -> float:
     else 30 s; 0 turns retrying off."""
     if explicit is not None:
         return max(float(explicit), 0.0)
-    return max(float(os.environ.get("LLMASOS_RETRY_S") or DEFAULT_RETRY_S), 0.0)
+    text = os.environ.get("LLMASOS_RETRY_S") or str(DEFAULT_RETRY_S)
+    try:
+        return max(float(text), 0.0)
+    except ValueError:
+        raise InvalidArgument(f"LLMASOS_RETRY_S={text!r} is not a number of seconds; "
+                              f"set it to e.g. 30, or 0 to turn retrying off") from None
 
 
 def service_config(retried: Iterable[str]) -> str:
