@@ -47,8 +47,8 @@ def _deploy(path: str, name: str, dtype: str = "") -> kernel_pb2.DeployRequest:
 SPAWN = Call("Spawn", requests.spawn, lambda r: r.pid, idempotent=False)
 WAIT = Call("Wait", lambda pid: kernel_pb2.WaitRequest(pid=pid), Completion.from_wait,
             idempotent=True, job=True)
-READ = Call("Read", lambda pid, offset=0, text_offset=0: kernel_pb2.ReadRequest(
-    pid=pid, offset=offset, text_offset=text_offset), _same, idempotent=True, job=True)
+READ = Call("Read", lambda pid, offset=0: kernel_pb2.ReadRequest(pid=pid, offset=offset),
+            _same, idempotent=True, job=True)
 KILL = Call("Kill", _kill, lambda r: r.state, idempotent=True)
 NICE = Call("Nice", lambda pid, value: kernel_pb2.NiceRequest(pid=pid, nice=value),
             lambda r: r.nice, idempotent=True)
@@ -89,24 +89,23 @@ def model_not_found(err: NotFound, model: str, deployed: list[str] | None) -> No
 @dataclass
 class ReadCursor:
     """How far a Read stream got, so a broken one is re-opened where it broke: no gap, no
-    repeat. A stream that keeps breaking without progress for `patience` seconds fails."""
+    repeat (the kernel resumes the text at the end of the `offset`th token's text). A stream
+    that keeps breaking without progress for `patience` seconds fails."""
 
     pid: int
     patience: float
     deadline: float            # time.monotonic() past which the read is over
     tokens: int = 0            # output tokens received
-    chars: int = 0             # characters of text received
     broken_since: float | None = field(default=None)
 
     def request(self) -> kernel_pb2.ReadRequest:
-        return READ.build(self.pid, self.tokens, self.chars)
+        return READ.build(self.pid, self.tokens)
 
     def left(self) -> float:
         return max(self.deadline - time.monotonic(), 0.001)
 
     def advance(self, chunk: kernel_pb2.ReadChunk) -> None:
         self.tokens += len(chunk.token_ids)
-        self.chars += len(chunk.text)
         self.broken_since = None
 
     def resumes(self, err: grpc.RpcError) -> bool:
