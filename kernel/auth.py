@@ -1,6 +1,8 @@
 """Authentication: every Kernel call passes this interceptor. The bearer token in the call's
 metadata is resolved by the security service; answers are cached briefly so the hot path costs
-no extra round trip. Health and reflection stay open so generic tools can probe the kernel."""
+no extra round trip (SetQuota drops a user's entries at once; a change made by the CLI shows
+within CACHE_TTL). Health and reflection stay open so generic tools can probe the kernel.
+Every refused authentication is written to the audit log."""
 
 from __future__ import annotations
 
@@ -8,13 +10,15 @@ import contextvars
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
+from llmasos.kernel.audit import AuditLog
+from llmasos.kernel.quota import UNLIMITED, Quota
 from llmasos.proto import security_pb2, security_pb2_grpc
 
-CACHE_TTL = 30.0
+CACHE_TTL = 5.0
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 current_identity: contextvars.ContextVar[Identity] = contextvars.ContextVar("identity")
@@ -26,6 +30,7 @@ class Identity:
     uid: int
     root: bool
     caps: frozenset[str]
+    quota: Quota = field(default=UNLIMITED)   # as the security service keeps it
 
 
 class Authenticator:
@@ -45,6 +50,8 @@ class Authenticator:
             return hit[1]
         chan = self.channel()
         if chan is None:
+            if hit:   # a restarting security service does not lock out known callers
+                return hit[1]
             raise AuthError(grpc.StatusCode.UNAVAILABLE,
                             "the security service is not running; retry shortly")
         try:
@@ -54,12 +61,21 @@ class Authenticator:
             if e.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise AuthError(e.code(), "unknown token; check LLMASOS_TOKEN or "
                                 "ask root for one with `llmosd adduser NAME`") from None
+            if hit:
+                return hit[1]
             raise AuthError(grpc.StatusCode.UNAVAILABLE,
                             f"the security service did not answer: {e.details()}") from None
-        ident = Identity(reply.user, reply.uid, reply.root, frozenset(reply.capabilities))
+        ident = Identity(reply.user, reply.uid, reply.root, frozenset(reply.capabilities),
+                         Quota.from_pb(reply.quota))
         with self.lock:
             self.cache[token] = (now, ident)
         return ident
+
+    def invalidate(self, user: str) -> None:
+        """Forget the cached identities of one user (its quota or capabilities changed)."""
+        with self.lock:
+            for token in [t for t, (_, i) in self.cache.items() if i.user == user]:
+                del self.cache[token]
 
 
 class AuthError(Exception):
@@ -69,17 +85,23 @@ class AuthError(Exception):
 
 
 def bearer(metadata: tuple) -> str:
+    """The token of an `authorization: Bearer <token>` entry; the scheme is case-insensitive
+    (RFC 6750 section 2.1, RFC 7235)."""
     for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer "):].strip()
+        if key != "authorization" or not isinstance(value, str):
+            continue
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
     return ""
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
     """Wraps each Kernel handler so it runs with the caller's Identity in current_identity."""
 
-    def __init__(self, auth: Authenticator) -> None:
+    def __init__(self, auth: Authenticator, audit: AuditLog | None = None) -> None:
         self.auth = auth
+        self.audit = audit
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):  # noqa: ANN201
         handler = continuation(details)
@@ -88,25 +110,33 @@ class AuthInterceptor(grpc.ServerInterceptor):
         token = bearer(details.invocation_metadata)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap(handler.unary_unary, token),
+                self._wrap(handler.unary_unary, token, details.method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap(handler.unary_stream, token),
+                self._wrap(handler.unary_stream, token, details.method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         return handler
 
-    def _wrap(self, behavior: Callable, token: str) -> Callable:
+    def _wrap(self, behavior: Callable, token: str, method: str) -> Callable:
+        call = method.rsplit("/", 1)[-1]
+
         def authenticated(request, context):  # noqa: ANN001, ANN202
             if not token:
-                context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                              "no token: send metadata 'authorization: Bearer <token>'")
+                self._refuse(context, call, grpc.StatusCode.UNAUTHENTICATED,
+                             "no token: send metadata 'authorization: Bearer <token>'")
             try:
                 ident = self.auth.resolve(token)
             except AuthError as e:
-                context.abort(e.code, e.message)
+                self._refuse(context, call, e.code, e.message)
             current_identity.set(ident)
             return behavior(request, context)
         return authenticated
+
+    def _refuse(self, context: grpc.ServicerContext, call: str, code: grpc.StatusCode,
+                message: str) -> None:
+        if self.audit is not None and code == grpc.StatusCode.UNAUTHENTICATED:
+            self.audit.record(call=call, code=code.name, message=message, peer=context.peer())
+        context.abort(code, message)

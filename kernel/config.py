@@ -28,6 +28,9 @@ class Config:
     restart_max: int = 5             # restart budget: this many restarts ...
     restart_window: float = 60.0     # ... within this many seconds
     boot_timeout: float = 600.0
+    tls_cert: str = ""               # PEM certificate and key: serve the Kernel over TLS
+    tls_key: str = ""
+    insecure: bool = False           # allow plain text on a non-loopback address
 
 # Environment variables that override the file (flags override both).
 ENV = {"listen": "LLMASOS_ADDR", "home": "LLMASOS_HOME", "policy": "LLMASOS_POLICY",

@@ -1,39 +1,102 @@
-"""The step loop: the kernel's mechanism for running jobs. Each step it asks the scheduler
-service for a plan (one RPC), gives the planned jobs KV blocks through the pager, runs the batch
-on the inference service (one RPC) and commits the tokens to the process table. Signals are
-delivered here, at token boundaries (xv6: kill sets a flag, the victim acts at its next crossing).
+"""The step loop: the kernel's mechanism for running jobs, as nano-vllm's step reads:
+
+    snapshot   (table lock)  runnable jobs and the pager's exact block needs
+    plan       (no lock)     one Plan RPC: the scheduler picks slots and any preemption
+    admit      (table lock)  preempt as planned, give blocks, build the step's entries
+    send       (no lock)     swap-outs, swap-ins, copy-on-write copies (kernel/pending_io.py)
+    step       (no lock)     one Step RPC for the whole batch
+    commit     (table lock)  tokens into the process table, exits, signals; then releases
+
+Overlapped (vLLM's async scheduling, SGLang's overlap scheduler): while step N computes in the
+inference service, the kernel snapshots, plans and admits step N+1, counting each job of step N
+as if its token were already there (a placeholder in the pager). When N answers, N+1's
+placeholders are filled with the sampled tokens (or dropped for jobs that just ended), N+1 is
+launched at once, and only then is N committed. A job's signals wait for its step to finish.
+
+Faults are charged to their cause: a transport failure (UNAVAILABLE, a deadline) is the
+service's and the batch is retried after it comes back, with its sampler state reset so no
+token is doubled; an entry the engine refuses ends that job with EXIT_ERROR and the rest of the
+batch runs on; a batch that fails as a whole is split to find the job that broke it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
+from dataclasses import dataclass, field
 
 import grpc
 import structlog
 
+from llmasos.kernel.fork import fork_siblings, waits_for_fork
+from llmasos.kernel.ipc_delivery import deliver_output
+from llmasos.kernel.jobctl import JobControl
 from llmasos.kernel.kernel import Kernel
 from llmasos.kernel.pager import OutOfBlocks, Pager
+from llmasos.kernel.pending_io import RPC_ERRORS, PendingIo, send_releases, send_swaps
 from llmasos.kernel.proctable import Exit, Proc, State
 from llmasos.proto import inference_pb2, scheduler_pb2
-from llmasos.syscalls import SyscallError
+from llmasos.syscalls.limits import SIGKILL, SIGTERM
 
 log = structlog.get_logger()
-SIGKILL, SIGTERM, SIGCONT, SIGSTOP = 9, 15, 18, 19
 RUNNABLE = (State.NEW, State.READY, State.BLOCKED)
 RETRY_PAUSE = 0.2   # after a failed step (a service restarting), before trying again
-SWAP_SPACE = 1.0    # host memory for swapped-out KV, as a multiple of the pool
+# Codes that say the service (or the way to it) failed, not the request: retry the batch.
+SERVICE_FAULTS = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+class ServiceFault(Exception):
+    """The step could not run because a service is down or restarting."""
+
+
+PLACEHOLDER = 0   # stands for a token still being sampled; replaced before the step is sent
+
+
+@dataclass
+class Work:
+    """One step of one model, as admitted (and, once launched, in flight)."""
+
+    model: str
+    pager: Pager
+    batch: list[tuple[Proc, inference_pb2.StepEntry]] = field(default_factory=list)
+    follows: set[int] = field(default_factory=set)   # pids whose input is the token the
+                                                      # step before samples
+    io: PendingIo = field(default_factory=PendingIo)
+    future: object = None
+    started: float = 0.0
+
+    def pids(self) -> set[int]:
+        return {p.pid for p, _ in self.batch}
+
+
+class Done:
+    """A finished call, for stubs without futures (the cores composed in one process)."""
+
+    def __init__(self, call: object, request: object, timeout: float) -> None:
+        try:
+            self.value, self.error = call(request, timeout=timeout), None
+        except grpc.RpcError as e:
+            self.value, self.error = None, e
+
+    def result(self) -> object:
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class Executor:
     def __init__(self, k: Kernel) -> None:
         self.k = k
         self.table = k.table
+        self.io = PendingIo()                                  # guarded by table.lock
+        self.jobs = JobControl(k.table, k.pagers, self.io,     # runs under table.lock
+                               on_exit=lambda proc: deliver_output(k, proc))
         self.wakeup = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="executor", daemon=True)
-        self.copies: list[tuple[int, int]] = []   # copy-on-write block copies of this step
+        self.inflight: Work | None = None   # [loop] the step the inference service computes
 
     def start(self) -> None:
         self.thread.start()
@@ -46,99 +109,35 @@ class Executor:
     def wake(self) -> None:
         self.wakeup.set()
 
-    # --- signals (called with the table lock held) ---------------------------------------
+    # --- called by syscall handlers, under the table lock ------------------------------------
 
     def signal(self, proc: Proc, sig: int) -> None:
-        if proc.state == State.RUNNING:
-            proc.pending_signal = sig if sig != SIGCONT else 0
-        elif sig in (SIGKILL, SIGTERM):
-            self._end(proc, Exit.KILLED, -sig, f"killed by signal {sig}")
-        elif sig == SIGSTOP and proc.state != State.STOPPED:
-            self._suspend(proc)
-        elif sig == SIGCONT and proc.state == State.STOPPED:
-            self.table.set_state(proc, State.READY)
+        self.jobs.signal(proc, sig)
         self.wake()
 
-    def _deliver(self, proc: Proc) -> None:
-        sig, proc.pending_signal = proc.pending_signal, 0
-        if sig:
-            self.signal(proc, sig)
-
-    def _suspend(self, proc: Proc) -> None:
-        """STOP: the job's KV moves to host memory in the inference service (swap); if that
-        cannot be done the blocks are simply freed and CONT recomputes them."""
-        pager = self.k.pagers.get(proc.model)
-        if pager is None or not self._swap_out(proc, pager):
-            self._evict(proc)
-        proc.kv_blocks = 0
-        self.table.set_state(proc, State.STOPPED)
-
-    def _swap_out(self, proc: Proc, pager: Pager) -> bool:
-        """Copy the job's blocks to host memory and free them; False when it cannot (not
-        resident, host swap space full, the service unreachable)."""
-        if proc.pid not in pager or pager.is_swapped(proc.pid):
-            return False
-        blocks = pager.block_table(proc.pid)
-        if self._swapped_blocks(pager) + len(blocks) > pager.num_blocks * SWAP_SPACE:
-            return False
-        try:
-            proc.swap_handle = self.k.inference().SwapOut(inference_pb2.SwapOutRequest(
-                model=proc.model, blocks=blocks), timeout=60).handle
-        except (grpc.RpcError, SyscallError):
-            return False
-        pager.swap_out(proc.pid)
-        log.info("job_swapped_out", pid=proc.pid, blocks=len(blocks))
-        return True
-
-    def _swapped_blocks(self, pager: Pager) -> int:
-        return sum(pager.blocks_for(pager.num_tokens(p.pid)) for p in self.table.live()
-                   if p.pid in pager and pager.is_swapped(p.pid))
-
-    def _swap_in(self, proc: Proc, pager: Pager, planned: set[int]) -> None:
-        """Bring a continued or preempted job's KV back from host memory (or recompute it if
-        that fails)."""
-        need = pager.blocks_for(pager.num_tokens(proc.pid))
-        self._make_room(pager, need, planned, proc)
-        blocks = pager.swap_in(proc.pid)
-        try:
-            self.k.inference().SwapIn(inference_pb2.SwapInRequest(
-                model=proc.model, handle=proc.swap_handle, blocks=blocks), timeout=60)
-            proc.swap_handle = 0
-            log.info("job_swapped_in", pid=proc.pid, blocks=len(blocks))
-        except (grpc.RpcError, SyscallError):
-            pager.free(proc.pid)   # the copy is gone (service restarted): recompute instead
-            proc.swap_handle = 0
-
-    def _evict(self, proc: Proc) -> None:
-        """Give back everything the job holds: its blocks and any swapped-out copy."""
-        pager = self.k.pagers.get(proc.model)
-        if pager is not None:
-            pager.free(proc.pid)
-        if proc.swap_handle:
-            self._drop_swap(proc)
-        proc.kv_blocks = 0
-
-    def _end(self, proc: Proc, reason: Exit, status: int = 0, message: str = "") -> None:
-        self._evict(proc)
-        self.table.exit(proc, reason, status, message)
-        log.info("job_exit", pid=proc.pid, reason=reason.name, tokens=len(proc.output_ids))
-
-    def _drop_swap(self, proc: Proc) -> None:
-        handle, proc.swap_handle = proc.swap_handle, 0
-        with contextlib.suppress(grpc.RpcError, SyscallError):   # else it died with the service
-            self.k.inference().Release(inference_pb2.ReleaseRequest(
-                model=proc.model, swap_handles=[handle]), timeout=30)
+    def end(self, proc: Proc, reason: Exit, status: int = 0, message: str = "") -> None:
+        self.jobs.end(proc, reason, status, message)
+        self.wake()
 
     def inference_restarted(self, incarnation: int) -> None:
         """New pagers were attached: every job's KV is gone and will be recomputed."""
         with self.table.lock:
             for proc in self.table.live():
-                proc.kv_blocks, proc.swap_handle = 0, 0
+                proc.kv_blocks, proc.swap_handle, proc.needs_reset = 0, 0, True
                 if proc.state == State.RUNNING:
                     self.table.set_state(proc, State.READY)
+            self.io.take()   # descriptors of the dead incarnation mean nothing now
         if incarnation > 1:
             log.warning("kv_lost_recomputing", incarnation=incarnation)
         self.wake()
+
+    def model_lost(self, model: str, why: str) -> None:
+        """The model cannot be served (its redeploy failed): its jobs end with the reason."""
+        with self.table.lock:
+            for proc in self.table.live():
+                if proc.model == model:
+                    self.jobs.end(proc, Exit.ERROR, -1, why)
+            self.table.changed.notify_all()
 
     def shutdown_jobs(self) -> None:
         with self.table.lock:
@@ -146,73 +145,152 @@ class Executor:
                 if proc.state == State.RUNNING:
                     proc.pending_signal = SIGKILL
                 else:
-                    self._end(proc, Exit.SHUTDOWN, -SIGTERM, "llmosd shut down")
+                    self.jobs.end(proc, Exit.SHUTDOWN, -SIGTERM, "llmosd shut down")
 
     # --- the loop ------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        turn = 0
         while not self.stopping.is_set():
             self.wakeup.clear()
-            busy = False
-            for model in list(self.k.models):
-                try:
-                    busy |= self.step(model)
-                except (grpc.RpcError, SyscallError) as e:   # a service is restarting
-                    log.warning("step_failed", model=model, error=str(e.details() if
-                                isinstance(e, grpc.RpcError) else e.message))
-                    self._requeue(model)
-                    self.stopping.wait(RETRY_PAUSE)
-                except Exception:
-                    log.exception("step_crashed", model=model)
-                    self._requeue(model)
-                    self.stopping.wait(RETRY_PAUSE)
+            models = list(self.k.models)
+            model = self._next_model(models, turn)
+            turn += 1
+            try:
+                busy = self.step(model) if model else self._finish_inflight()
+            except (ServiceFault, *RPC_ERRORS) as e:   # a service is restarting
+                log.warning("step_failed", model=model, error=str(e))
+                self._fail_inflight()
+                self.stopping.wait(RETRY_PAUSE)
+                busy = True
+            except Exception:
+                log.exception("step_crashed", model=model)
+                self._fail_inflight()
+                self.stopping.wait(RETRY_PAUSE)
+                busy = True
+            self._flush_releases()
             self.table.reap_expired()
-            if not busy:
+            if not busy and self.inflight is None:
                 self.wakeup.wait(1.0)   # idle: sleep until a syscall wakes us (no polling)
 
-    def _requeue(self, model: str) -> None:
-        with self.table.lock:
-            for proc in self.table.live():
-                if proc.model == model and proc.state == State.RUNNING:
-                    self.table.set_state(proc, State.READY)
-                    self._deliver(proc)
+    def _next_model(self, models: list[str], turn: int) -> str:
+        """The in-flight step's model keeps the pipeline full; others take turns."""
+        if not models:
+            return ""
+        if self.inflight is not None and self.inflight.model in models and turn % 4:
+            return self.inflight.model
+        return models[turn % len(models)]
 
     def step(self, model: str) -> bool:
-        """One step of one model's jobs; False when there was nothing to run."""
+        """Prepare one step of the model's jobs while the previous step computes, then launch
+        it and commit the previous one; False when there was nothing to do."""
         pager = self.k.pagers.get(model)
-        if pager is None:
-            return False
+        try:
+            work = self._prepare(model, pager) if pager is not None else None
+        except RPC_ERRORS:   # the scheduler is restarting: still collect the step in flight
+            self._finish_inflight()
+            raise
+        finished = self._await_inflight(work)
+        if work is not None and work.batch:
+            self._launch(work)
+        if finished is not None:
+            self._commit(*finished)
+        return finished is not None or self.inflight is not None or bool(work and work.io)
+
+    def _finish_inflight(self) -> bool:
+        finished = self._await_inflight(None)
+        if finished is not None:
+            self._commit(*finished)
+        return finished is not None
+
+    def _prepare(self, model: str, pager: Pager) -> Work | None:
+        request = self._snapshot(model, pager)
+        if request is None:
+            return None
+        plan = self.k.scheduler().Plan(request, timeout=30)
+        return self._admit(model, pager, plan)
+
+    def _await_inflight(self, work: Work | None) -> tuple | None:
+        """Wait for the step in flight; fill in or drop what the next one took for granted."""
+        done, self.inflight = self.inflight, None
+        if done is None:
+            if work is not None:
+                self._send_io(work)
+            return None
+        try:
+            results = self._results(done)
+        except ServiceFault:
+            if work is not None:
+                self._unprepare(work)
+            self._requeue(done.model)
+            raise
+        if work is not None:
+            with self.table.lock:
+                self._fill(work, done, results)
+            self._send_io(work)
+        return done, results, time.perf_counter() - done.started
+
+    def _send_io(self, work: Work) -> None:
+        failed = send_swaps(work.io, self.k.inference, self.table.lock, self.jobs.lost)
+        if failed:
+            self._drop(work, failed)
+
+    def _launch(self, work: Work) -> None:
+        step = self.k.inference().Step
+        request = inference_pb2.StepRequest(model=work.model, entries=[e for _, e in work.batch])
+        work.started = time.perf_counter()
+        work.future = step.future(request, timeout=300) if hasattr(step, "future") \
+            else Done(step, request, 300)
+        self.inflight = work
+
+    def _fail_inflight(self) -> None:
+        """A step failed: whatever is in flight is abandoned and its jobs wait again."""
+        done, self.inflight = self.inflight, None
+        if done is not None:
+            self._requeue(done.model)
+
+    # --- snapshot: what could run, and what each needs -------------------------------------
+
+    def _snapshot(self, model: str, pager: Pager) -> scheduler_pb2.PlanRequest | None:
+        flying = self._flying(model)
         with self.table.lock:
             procs = [p for p in self.table.live() if p.model == model and p.state in RUNNABLE
-                     and not self._waits_for_fork(p)]
+                     and not waits_for_fork(self.table, p)]
             for p in procs:
                 if p.state == State.NEW:
                     self.table.set_state(p, State.READY)
             jobs = [self._sched_job(p, pager) for p in procs]
+            jobs += [self._sched_next(p, e, pager) for p, e in flying.values()
+                     if self._continues(p, e)]
+            limits = self.k.kv_limits(model, {j.user for j in jobs})
             free = pager.free_blocks
         if not jobs:
-            return False
-        plan = self.k.scheduler().Plan(scheduler_pb2.PlanRequest(
+            return None
+        return scheduler_pb2.PlanRequest(
             jobs=jobs, free_blocks=free, block_size=pager.block_size,
-            token_budget=self.k.cfg.token_budget, max_batch=self.k.cfg.max_batch), timeout=30)
-        with self.table.lock:
-            for pid in plan.preempt:
-                self._preempt(self.table.get(pid), "scheduler")
-            self.copies = []
-            batch = self._prepare(plan, pager)
-        if not batch:
-            return False
-        if self.copies:
-            src, dst = zip(*self.copies, strict=True)
-            self.k.inference().CopyBlocks(inference_pb2.CopyBlocksRequest(
-                model=model, src=src, dst=dst), timeout=60)
-        t0 = time.perf_counter()
-        reply = self.k.inference().Step(
-            inference_pb2.StepRequest(model=model, entries=[e for _, e in batch]), timeout=300)
-        self._commit(model, pager, batch, reply, time.perf_counter() - t0)
-        return True
+            token_budget=self.k.cfg.token_budget, max_batch=self.k.cfg.max_batch,
+            user_block_limit=limits)
 
-    def _sched_job(self, p: Proc, pager: Pager) -> scheduler_pb2.SchedJob:
+    def _flying(self, model: str) -> dict[int, tuple[Proc, inference_pb2.StepEntry]]:
+        """The jobs of the step in flight, if it is this model's."""
+        done = self.inflight
+        if done is None or done.model != model:
+            return {}
+        return {p.pid: (p, e) for p, e in done.batch}
+
+    @staticmethod
+    def _continues(p: Proc, e: inference_pb2.StepEntry) -> bool:
+        """May this job of the step in flight be planned into the next one already?"""
+        if p.state != State.RUNNING or p.pending_signal or p.forks or p.preempt_after:
+            return False
+        if not e.sample:
+            return True   # mid-prompt: its next chunk follows
+        grown = len(p.tokens) + 1
+        return len(p.output_ids) + 1 < p.max_tokens and not (
+            p.context_length and grown >= p.context_length)
+
+    @staticmethod
+    def _sched_job(p: Proc, pager: Pager) -> scheduler_pb2.SchedJob:
         # a swapped-out job holds no blocks: it is admitted again like a waiting one
         resident = p.pid in pager and not pager.is_swapped(p.pid)
         computed = pager.num_computed(p.pid) if p.pid in pager else 0
@@ -220,39 +298,60 @@ class Executor:
             pid=p.pid, user=p.user, nice=p.nice, arrival=p.created,
             pending_tokens=len(p.prompt_ids) + len(p.output_ids) - computed,
             context_tokens=computed, blocks_held=p.kv_blocks, resident=resident,
-            served_tokens=len(p.output_ids))
+            served_tokens=len(p.output_ids),
+            need_blocks=pager.blocks_needed(p.pid, p.user, p.tokens))
 
-    # --- building the batch --------------------------------------------------------------
+    @staticmethod
+    def _sched_next(p: Proc, e: inference_pb2.StepEntry, pager: Pager) -> scheduler_pb2.SchedJob:
+        """A job of the step in flight, as it will be once that step is done."""
+        computed = e.start_pos + len(e.token_ids)
+        tokens = len(p.tokens) + (1 if e.sample else 0)
+        return scheduler_pb2.SchedJob(
+            pid=p.pid, user=p.user, nice=p.nice, arrival=p.created,
+            pending_tokens=tokens - computed, context_tokens=computed, blocks_held=p.kv_blocks,
+            resident=True, served_tokens=len(p.output_ids),
+            need_blocks=pager.blocks_to_append(p.pid, tokens - pager.num_tokens(p.pid)))
 
-    def _prepare(self, plan: scheduler_pb2.StepPlan,
-                 pager: Pager) -> list[tuple[Proc, inference_pb2.StepEntry]]:
-        batch = []
-        planned = {s.pid for s in plan.slots}
-        for slot in plan.slots:
-            proc = self.table.get(slot.pid)
-            if proc is None or proc.state not in RUNNABLE:
-                continue
-            entry = self._entry(proc, pager, slot.num_tokens, planned)
-            if entry is not None:
-                self.table.set_state(proc, State.RUNNING)
-                batch.append((proc, entry))
-        return batch
+    # --- admit: carry out the plan ---------------------------------------------------------
 
-    def _entry(self, proc: Proc, pager: Pager, budget: int,
-               planned: set[int]) -> inference_pb2.StepEntry | None:
-        """Blocks for the job's next chunk; None (job stays READY/BLOCKED) when memory is short."""
+    def _admit(self, model: str, pager: Pager, plan: scheduler_pb2.StepPlan) -> Work:
+        work = Work(model, pager)
+        flying = self._flying(model)
+        with self.table.lock:
+            if self.k.pagers.get(model) is pager:   # else the service restarted meanwhile
+                for pid in plan.preempt:
+                    if pid in flying:   # its blocks are in use: it yields once its step ends
+                        flying[pid][0].preempt_after = True
+                    else:
+                        self.jobs.preempt(self.table.get(pid), "scheduler")
+                for slot in plan.slots:
+                    proc = self.table.get(slot.pid)
+                    if slot.pid in flying:
+                        entry = self._entry_after(work, proc, pager, slot.num_tokens,
+                                                  flying[slot.pid][1])
+                    elif proc is not None and proc.state in RUNNABLE:
+                        entry = self._entry(proc, pager, slot.num_tokens)
+                    else:
+                        continue
+                    if entry is not None:
+                        if proc.state != State.RUNNING:
+                            self.table.set_state(proc, State.RUNNING)
+                        work.batch.append((proc, entry))
+            work.io = self.io.take()
+            return work
+
+    def _entry(self, proc: Proc, pager: Pager, budget: int) -> inference_pb2.StepEntry | None:
+        """Blocks for the job's next chunk; None (job stays READY/BLOCKED) when memory is short,
+        which the plan's exact counts make rare."""
         tokens = proc.tokens
         try:
             if proc.pid in pager and pager.is_swapped(proc.pid):
-                self._swap_in(proc, pager, planned)
-            reset = proc.pid not in pager
-            if reset:
-                self._make_room(pager, pager.blocks_for(len(tokens)), planned, proc)
+                self.jobs.swap_in(proc, pager)
+            if proc.pid not in pager:
                 pager.admit(proc.pid, proc.user, tokens)
+                proc.needs_reset = True
             elif pager.num_tokens(proc.pid) < len(tokens):
-                new = tokens[pager.num_tokens(proc.pid):]
-                self._make_room(pager, pager.blocks_to_append(proc.pid, len(new)), planned, proc)
-                self.copies += pager.append(proc.pid, new)   # copy-on-write of a forked block
+                self._append(proc, pager, tokens[pager.num_tokens(proc.pid):])
         except OutOfBlocks:
             if proc.state != State.BLOCKED:
                 self.table.set_state(proc, State.BLOCKED)
@@ -263,112 +362,188 @@ class Executor:
         if proc.forks:   # n > 1: prefill up to the last prompt token, then fork the samples
             last = len(proc.prompt_ids) - 1
             if start >= last:
-                self._fork(proc, pager)
+                fork_siblings(self.table, proc, pager)
+                self.wake()
             else:
                 n = min(n, last - start)
-        sample = start + n == len(tokens)
+        reset = proc.needs_reset   # the engine rebuilds its sampler state from the tokens
         return inference_pb2.StepEntry(
             seq_id=proc.pid, token_ids=tokens[start:start + n], start_pos=start,
-            block_table=pager.block_table(proc.pid), sample=sample, sampling=proc.sampling,
-            generated_ids=proc.output_ids if reset else [], reset=reset)
+            block_table=pager.block_table(proc.pid), sample=start + n == len(tokens),
+            sampling=proc.sampling, generated_ids=proc.output_ids if reset else [], reset=reset)
 
-    def _fork(self, parent: Proc, pager: Pager) -> None:
-        """The parent's prompt KV (all but its last token) is computed: each sibling sample
-        shares it copy-on-write instead of computing it again."""
-        for pid in parent.forks:
-            child = self.table.get(pid)
-            if child is not None and child.fork_pending and pid not in pager:
-                pager.fork(parent.pid, pid)
-                child.kv_blocks = parent.kv_blocks
-                log.info("job_forked", pid=pid, parent=parent.pid, shared_blocks=child.kv_blocks)
-            if child is not None:
-                child.fork_pending = False
-        parent.forks = []
-        self.wake()
+    def _entry_after(self, work: Work, proc: Proc, pager: Pager, budget: int,
+                     last: inference_pb2.StepEntry) -> inference_pb2.StepEntry | None:
+        """The next entry of a job whose step is still in flight: it starts where that step
+        ends, and its first token is the one that step samples (a placeholder until then)."""
+        tokens = proc.tokens
+        if last.sample:
+            try:
+                self._append(proc, pager, [PLACEHOLDER])
+            except OutOfBlocks:
+                return None   # it waits a step, READY again once its step is committed
+            tokens = [*tokens, PLACEHOLDER]
+            work.follows.add(proc.pid)
+        proc.kv_blocks = len(pager.block_table(proc.pid))
+        start = last.start_pos + len(last.token_ids)
+        n = max(1, min(budget, len(tokens) - start))
+        return inference_pb2.StepEntry(
+            seq_id=proc.pid, token_ids=tokens[start:start + n], start_pos=start,
+            block_table=pager.block_table(proc.pid), sample=start + n == len(tokens),
+            sampling=proc.sampling)
 
-    def _waits_for_fork(self, proc: Proc) -> bool:
-        """A sibling sample waits while its parent still computes the shared prompt."""
-        if not proc.fork_pending:
-            return False
-        parent = self.table.get(proc.ppid)
-        if parent is None or parent.state in (State.ZOMBIE, State.STOPPED) or \
-                parent.output_ids:
-            proc.fork_pending = False   # the parent is gone: compute the prompt itself
-            return False
-        return True
+    def _append(self, proc: Proc, pager: Pager, tokens: list[int]) -> None:
+        copies = pager.append(proc.pid, tokens)
+        if copies:
+            self.io.copies.setdefault(proc.model, []).extend(copies)
 
-    def _make_room(self, pager: Pager, needed: int, planned: set[int], proc: Proc) -> None:
-        """Preempt resident jobs outside this step, lowest priority then newest first."""
-        if needed <= pager.free_blocks:
-            return
-        victims = sorted((p for p in self.table.live()
-                          if p.pid in pager and p.pid not in planned and p.model == proc.model
-                          and p.state != State.RUNNING and not pager.is_swapped(p.pid)),
-                         key=lambda p: (p.nice, p.created), reverse=True)
-        for victim in victims:
-            if needed <= pager.free_blocks:
-                return
-            if (victim.nice, victim.created) <= (proc.nice, proc.created):
-                break   # never evict a job that outranks the one asking
-            self._preempt(victim, "memory")
-        if needed > pager.free_blocks:
-            raise OutOfBlocks(needed, pager.free_blocks)
-
-    def _preempt(self, proc: Proc | None, why: str) -> None:
-        """Take a job's blocks: a decoding job's KV is swapped to host memory (cheaper than
-        recomputing prompt and output); a job still in its prompt is recomputed later."""
-        if proc is None or proc.state in (State.ZOMBIE, State.REAPED):
-            return
-        pager = self.k.pagers.get(proc.model)
-        swapped = bool(proc.output_ids) and pager is not None and self._swap_out(proc, pager)
-        if not swapped:
-            self._evict(proc)
-        proc.kv_blocks = 0
-        proc.preemptions += 1
-        log.info("job_preempted", pid=proc.pid, why=why, preemptions=proc.preemptions,
-                 mode="swap" if swapped else "recompute")
-
-    # --- committing ----------------------------------------------------------------------
-
-    def _commit(self, model: str, pager: Pager, batch: list, reply: inference_pb2.StepResponse,
-                seconds: float) -> None:
-        ended = []
-        total = sum(len(e.token_ids) for _, e in batch) or 1
+    def _drop(self, work: Work, pids: set[int]) -> None:
+        """Leave out of this step the jobs whose KV could not be restored (recomputed later)."""
         with self.table.lock:
-            if self.k.pagers.get(model) is not pager:   # inference restarted mid-step
-                self._requeue(model)
+            for proc, _ in work.batch:
+                if proc.pid in pids and proc.state == State.RUNNING and \
+                        (self.inflight is None or proc.pid not in self.inflight.pids()):
+                    self.table.set_state(proc, State.READY)
+            work.batch = [(p, e) for p, e in work.batch if p.pid not in pids]
+
+    # --- when the step in flight answers ---------------------------------------------------
+
+    def _fill(self, work: Work, done: Work, results: list) -> None:
+        """Give the next step the tokens the finished one sampled; drop the jobs it ended,
+        refused, or that were signalled meanwhile (under the table lock)."""
+        by_pid = {p.pid: r for (p, _), r in zip(done.batch, results, strict=True)}
+        keep = []
+        for proc, entry in work.batch:
+            result = by_pid.get(proc.pid)
+            if result is not None and not self._carries_on(proc, result):
+                if proc.pid in work.follows:
+                    work.pager.truncate(proc.pid, len(proc.tokens))
+                    proc.kv_blocks = len(work.pager.block_table(proc.pid))
+                continue
+            if proc.pid in work.follows:
+                entry.token_ids[0] = result.token_id
+                work.pager.set_token(proc.pid, len(proc.tokens), result.token_id)
+            keep.append((proc, entry))
+        work.batch = keep
+
+    def _carries_on(self, proc: Proc, result: inference_pb2.StepResult | str) -> bool:
+        if isinstance(result, str) or result.error or proc.pending_signal or \
+                proc.preempt_after or proc.state != State.RUNNING:
+            return False
+        return not result.sampled or (result.finish_reason != Exit.STOP and self._continues(
+            proc, inference_pb2.StepEntry(sample=True)))
+
+    def _unprepare(self, work: Work) -> None:
+        """The step before failed, so this one will not be sent: its jobs wait again and any
+        KV it meant to move or fill is recomputed."""
+        with self.table.lock:
+            moved = [s.proc for s in (*work.io.swap_outs, *work.io.swap_ins)]
+            for proc, _ in work.batch:
+                self.jobs.lost(proc)
+                if proc.state == State.RUNNING:
+                    self.table.set_state(proc, State.READY)
+            for proc in moved:
+                self.jobs.lost(proc)
+
+    # --- step: run the batch, charging faults to their cause --------------------------------
+
+    def _results(self, done: Work) -> list[inference_pb2.StepResult | str]:
+        """One result per entry: the engine's, or the reason the job must end."""
+        try:
+            return list(done.future.result().results)
+        except grpc.RpcError as e:
+            if e.code() in SERVICE_FAULTS:
+                raise ServiceFault(f"Step: {e.code().name}: {e.details()}") from None
+            log.warning("step_refused_whole", model=done.model, code=e.code().name,
+                        error=e.details(), jobs=len(done.batch))
+            return self._isolate(done)
+
+    def _send_step(self, model: str, entries: list[inference_pb2.StepEntry]
+                   ) -> list[inference_pb2.StepResult]:
+        reply = self.k.inference().Step(
+            inference_pb2.StepRequest(model=model, entries=entries), timeout=300)
+        return list(reply.results)
+
+    def _isolate(self, work: Work) -> list[inference_pb2.StepResult | str]:
+        """The batch failed as a whole: run each entry alone (from a reset sampler state) to
+        find the job that broke it; only that job ends."""
+        out: list[inference_pb2.StepResult | str] = []
+        for proc, entry in work.batch:
+            alone = inference_pb2.StepEntry()
+            alone.CopyFrom(entry)
+            alone.reset, alone.generated_ids[:] = True, proc.output_ids
+            try:
+                out.append(self._send_step(work.model, [alone])[0])
+            except grpc.RpcError as e:
+                if e.code() in SERVICE_FAULTS:
+                    raise ServiceFault(f"Step: {e.code().name}: {e.details()}") from None
+                out.append(f"{e.code().name}: {e.details()}")
+        return out
+
+    def _requeue(self, model: str) -> None:
+        """The step did not happen: its jobs wait again, and their sampler state is rebuilt
+        on the next try (a Step that timed out may still have run: no token is doubled)."""
+        with self.table.lock:
+            for proc in self.table.live():
+                if proc.model == model and proc.state == State.RUNNING:
+                    proc.needs_reset = True
+                    self.table.set_state(proc, State.READY)
+                    self.jobs.deliver(proc)
+
+    # --- commit ----------------------------------------------------------------------------
+
+    def _commit(self, work: Work, results: list, seconds: float) -> None:
+        total = sum(len(e.token_ids) for _, e in work.batch) or 1
+        nxt = self.inflight.pids() if self.inflight is not None else set()
+        with self.table.lock:
+            if self.k.pagers.get(work.model) is not work.pager:   # inference restarted
                 return
-            for (proc, entry), result in zip(batch, reply.results, strict=True):
+            for (proc, entry), result in zip(work.batch, results, strict=True):
+                if proc.state != State.RUNNING:
+                    continue
                 proc.cpu_seconds += seconds * len(entry.token_ids) / total
-                pager.mark_computed(proc.pid, entry.start_pos + len(entry.token_ids))
+                error = result if isinstance(result, str) else result.error
+                if error:
+                    self.table.set_state(proc, State.READY)
+                    self.jobs.end(proc, Exit.ERROR, -1, f"the inference service refused this "
+                                  f"job: {error}")
+                    continue
+                proc.needs_reset = False
+                work.pager.mark_computed(proc.pid, entry.start_pos + len(entry.token_ids))
                 if result.sampled:
                     self._emit(proc, result)
+                if proc.pid in nxt:
+                    continue   # its next step is in flight: signals wait for that one
                 self.table.set_state(proc, State.READY)
-                if self._finished(proc, result):
-                    ended.append(proc.pid)
-                else:
-                    self._deliver(proc)
-                    if proc.state == State.ZOMBIE:
-                        ended.append(proc.pid)
+                if not self._finished(proc, result):
+                    self.jobs.deliver(proc)
+                    if proc.preempt_after and proc.state == State.READY:
+                        self.jobs.preempt(proc, "scheduler")
+                proc.preempt_after = False
             self.table.changed.notify_all()
-        if ended:
-            self.k.inference().Release(inference_pb2.ReleaseRequest(model=model, seq_ids=ended),
-                                       timeout=30)
 
-    def _emit(self, proc: Proc, result: inference_pb2.StepResult) -> None:
+    def _flush_releases(self) -> None:
+        with self.table.lock:   # swaps queued meanwhile stay: they go before the next step
+            io = self.io.take_releases()
+        if io:
+            send_releases(io, self.k.inference)
+
+    @staticmethod
+    def _emit(proc: Proc, result: inference_pb2.StepResult) -> None:
         if not proc.first_token:
             proc.first_token = time.time()
         proc.output_ids.append(result.token_id)
         proc.output_logprobs.append(result.logprob)
         proc.text += result.text
+        proc.text_ends.append(len(proc.text))
 
     def _finished(self, proc: Proc, result: inference_pb2.StepResult) -> bool:
         if result.finish_reason == Exit.STOP:
-            self._end(proc, Exit.STOP)
+            self.jobs.end(proc, Exit.STOP)
         elif len(proc.output_ids) >= proc.max_tokens:
-            self._end(proc, Exit.LENGTH)
+            self.jobs.end(proc, Exit.LENGTH)
         elif proc.context_length and len(proc.tokens) >= proc.context_length:
-            self._end(proc, Exit.LENGTH, 0, "reached the model's context length")
+            self.jobs.end(proc, Exit.LENGTH, 0, "reached the model's context length")
         else:
             return False
         return True

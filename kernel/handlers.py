@@ -5,6 +5,7 @@ runs; handlers raise SyscallError for what depends on state (unknown pid, anothe
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -12,15 +13,24 @@ from typing import Any
 
 import grpc
 
+from llmasos.kernel import quota
 from llmasos.kernel.auth import Identity
+from llmasos.kernel.ipc_delivery import IPC_TIMEOUT, caller, check_stdout_mailbox, ipc_failed
 from llmasos.kernel.kernel import Deployed, Kernel
 from llmasos.kernel.proctable import Proc, State
-from llmasos.proto import common_pb2, inference_pb2, kernel_pb2
+from llmasos.proto import (
+    common_pb2,
+    inference_pb2,
+    ipc_pb2,
+    kernel_pb2,
+    security_pb2,
+    security_pb2_grpc,
+)
 from llmasos.syscalls import SyscallError
+from llmasos.syscalls.limits import DEFAULT_MAX_TOKENS, SIGCONT, SIGSTOP, sampling_errors
 from llmasos.syscalls.table import CAP_ADMIN
 
-SIGKILL, SIGTERM, SIGCONT, SIGSTOP = 9, 15, 18, 19
-DEFAULT_MAX_TOKENS = 256
+ENDED = (State.ZOMBIE, State.REAPED)
 
 
 def is_admin(ident: Identity) -> bool:
@@ -54,6 +64,13 @@ def model_or_404(k: Kernel, name: str) -> Deployed:
     return k.models[name]
 
 
+def usable_model(k: Kernel, name: str) -> Deployed:
+    dep = model_or_404(k, name)
+    if dep.error:
+        raise SyscallError("FAILED_PRECONDITION", dep.error)
+    return dep
+
+
 # --- jobs -------------------------------------------------------------------------------------
 
 def sys_spawn(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.SpawnResponse:
@@ -61,16 +78,25 @@ def sys_spawn(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Spaw
         raise SyscallError("UNAVAILABLE", "llmosd is shutting down; no new jobs")
     if req.nice < 0 and not is_admin(ident):
         raise SyscallError("PERMISSION_DENIED", "only root may spawn with a negative nice")
-    model_or_404(k, req.model)
+    usable_model(k, req.model)
     tok = tokenize(k, req)
     if len(tok.token_ids) >= tok.context_length:
         raise SyscallError("INVALID_ARGUMENT", f"prompt is {len(tok.token_ids)} tokens; "
                            f"{req.model} holds at most {tok.context_length - 1}")
+    errors = sampling_errors(req.sampling, tok.vocab_size or None)   # the model's real bounds
+    if errors:
+        raise SyscallError("INVALID_ARGUMENT", f"{errors[0]} ({req.model})")
     max_tokens = req.sampling.max_tokens if req.sampling.HasField("max_tokens") \
         else DEFAULT_MAX_TOKENS
-    fits_pool(k, req.model, min(len(tok.token_ids) + max_tokens, tok.context_length))
+    need = min(len(tok.token_ids) + max_tokens, tok.context_length)
+    fits_pool(k, req.model, need, ident)
+    check_stdout_mailbox(k, ident, req.stdout_mailbox)
     pids: list[int] = []
     with k.table.lock:   # the step loop must see all n samples at once, or none
+        jobs, tokens = quota.in_flight(k.table.live(), ident.user)
+        quota.check_spawn(ident, jobs, tokens, need * max(1, req.n), max(1, req.n))
+        share = ident.quota.kv_share
+        k.kv_share[ident.user] = share if 0 < share < 1 and not ident.root else 1.0
         spawn_samples(k, ident, req, tok, max_tokens, pids)
     k.executor.wake()
     return kernel_pb2.SpawnResponse(pid=pids[0], pids=pids)
@@ -89,18 +115,28 @@ def spawn_samples(k: Kernel, ident: Identity, req: Any, tok: Any, max_tokens: in
                              model=req.model, nice=req.nice, name=req.name,
                              prompt_ids=list(tok.token_ids), sampling=sampling,
                              max_tokens=max_tokens, context_length=tok.context_length,
-                             fork_pending=bool(pids))
+                             fork_pending=bool(pids), stdout_mailbox=req.stdout_mailbox)
         pids.append(proc.pid)
     k.table.get(pids[0]).forks = pids[1:]
 
 
-def fits_pool(k: Kernel, model: str, tokens: int) -> None:
-    """A job that could never hold its KV, even alone, is refused up front (no livelock)."""
+def fits_pool(k: Kernel, model: str, tokens: int, ident: Identity) -> None:
+    """A job that could never hold its KV, even alone (or within its owner's KV quota), is
+    refused up front (no livelock)."""
     pager = k.pagers.get(model)
-    if pager is not None and pager.blocks_for(tokens) > pager.num_blocks:
+    if pager is None:
+        return
+    need = pager.blocks_for(tokens)
+    if need > pager.num_blocks:
         raise SyscallError("RESOURCE_EXHAUSTED", f"this job may need {tokens} tokens of KV "
-                           f"({pager.blocks_for(tokens)} blocks) but the pool holds "
+                           f"({need} blocks) but the pool holds "
                            f"{pager.num_blocks}; lower max_tokens or raise --kv-budget-mb")
+    limit = quota.kv_limit_blocks(ident, pager.num_blocks)
+    if need > limit:
+        raise SyscallError("RESOURCE_EXHAUSTED", f"quota: this job may need {need} KV blocks "
+                           f"but {ident.user}'s kv_share allows {limit} of {pager.num_blocks}; "
+                           "lower max_tokens, or " + quota.FIX.format(user=ident.user,
+                                                                       flag="--kv-share"))
 
 
 def tokenize(k: Kernel, req: Any) -> inference_pb2.TokenizeResponse:
@@ -119,14 +155,14 @@ def sys_wait(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.WaitR
     limit = req.timeout_ms / 1000 if req.timeout_ms else None
     deadline = time.monotonic() + limit if limit else None
     with k.table.changed:
-        while proc.state != State.ZOMBIE:
+        while proc.state not in ENDED:
             if not ctx.is_active():
                 raise SyscallError("CANCELLED", "the caller went away")
             left = deadline - time.monotonic() if deadline else 1.0
             if left <= 0:
                 raise SyscallError("DEADLINE_EXCEEDED", f"process {proc.pid} still running")
             k.table.changed.wait(min(left, 1.0))
-        if proc.pid not in k.table.procs:   # another Wait reaped it first
+        if proc.state == State.REAPED:   # another Wait (or the zombie timeout) reaped it
             raise SyscallError("NOT_FOUND", f"process {proc.pid} was already reaped")
         if not ctx.is_active():              # nobody to hand the status to: keep the zombie
             raise SyscallError("CANCELLED", "the caller went away")
@@ -144,16 +180,23 @@ def timings(p: Proc) -> kernel_pb2.Timings:
 
 
 def sys_read(k: Kernel, ident: Identity, req: Any, ctx: Any) -> Iterator[kernel_pb2.ReadChunk]:
+    """Stream output from token `offset` on; the stream ends when the job ends or is reaped
+    by anyone (a concurrent Wait, the zombie timeout), with its exit status."""
     proc = lookup(k, ident, req.pid)
-    sent_chars = sent_tokens = 0
+    with k.table.lock:
+        if req.offset > len(proc.output_ids):
+            raise SyscallError("OUT_OF_RANGE", f"offset {req.offset} is past the "
+                               f"{len(proc.output_ids)} tokens process {proc.pid} has produced")
+        sent_tokens = req.offset
+        sent_chars = proc.text_ends[sent_tokens - 1] if sent_tokens else 0
     while True:
         with k.table.changed:
             while (len(proc.output_ids) == sent_tokens and len(proc.text) == sent_chars
-                   and proc.state != State.ZOMBIE and ctx.is_active()):
+                   and proc.state not in ENDED and ctx.is_active()):
                 k.table.changed.wait(1.0)
             text, ids = proc.text[sent_chars:], proc.output_ids[sent_tokens:]
             lps = proc.output_logprobs[sent_tokens:sent_tokens + len(ids)]
-            done = proc.state in (State.ZOMBIE, State.REAPED)
+            done = proc.state in ENDED
             sent_chars, sent_tokens = sent_chars + len(text), sent_tokens + len(ids)
         if not ctx.is_active():
             return
@@ -166,7 +209,7 @@ def sys_read(k: Kernel, ident: Identity, req: Any, ctx: Any) -> Iterator[kernel_
 def sys_kill(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.KillResponse:
     proc = lookup(k, ident, req.pid)
     with k.table.lock:
-        if proc.state == State.ZOMBIE:
+        if proc.state in ENDED:
             raise SyscallError("FAILED_PRECONDITION", f"process {proc.pid} has already exited")
         if req.signal == SIGCONT and proc.state != State.STOPPED and \
                 proc.pending_signal != SIGSTOP:
@@ -180,7 +223,7 @@ def sys_nice(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.NiceR
     if req.nice < proc.nice and not is_admin(ident):
         raise SyscallError("PERMISSION_DENIED", "only root may raise a job's priority "
                            "(lower its nice value)")
-    if proc.state == State.ZOMBIE:
+    if proc.state in ENDED:
         raise SyscallError("FAILED_PRECONDITION", f"process {proc.pid} has already exited")
     proc.nice = req.nice
     k.executor.wake()
@@ -194,10 +237,13 @@ def sys_ps(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.PsRespo
     if user not in (None, ident.user) and not is_admin(ident):
         raise SyscallError("PERMISSION_DENIED", "only root may list another user's jobs")
     procs = k.table.listing(user)
-    return kernel_pb2.PsResponse(processes=[proc_info(p) for p in procs], kv=kv_usage(k))
+    return kernel_pb2.PsResponse(processes=[proc_info(p) for p in procs],
+                                 kv=kv_usage(k, None if is_admin(ident) else ident.user))
 
 
-def kv_usage(k: Kernel) -> kernel_pb2.KvUsage:
+def kv_usage(k: Kernel, only_user: str | None = None) -> kernel_pb2.KvUsage:
+    """Pool occupancy; with only_user, blocks_by_user holds that user's entry alone (a
+    non-admin sees the pool's totals and its own share, not who else uses it)."""
     usage = kernel_pb2.KvUsage()
     by_user: dict[str, int] = {}
     for name, pager in list(k.pagers.items()):
@@ -208,6 +254,8 @@ def kv_usage(k: Kernel) -> kernel_pb2.KvUsage:
         usage.block_bytes = k.block_bytes.get(name, 0)
         for user, blocks in u.blocks_by_user.items():
             by_user[user] = by_user.get(user, 0) + blocks
+    if only_user is not None:
+        by_user = {only_user: by_user[only_user]} if only_user in by_user else {}
     usage.blocks_by_user.update(by_user)
     return usage
 
@@ -237,7 +285,7 @@ def sys_models(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Mod
 
 
 def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.ModelInfo:
-    if req.name in k.models:
+    if req.name in k.models and not k.models[req.name].error:
         raise SyscallError("ALREADY_EXISTS", f"a model named {req.name!r} is deployed; "
                            "undeploy it first or choose another name")
     path = os.path.abspath(os.path.expanduser(req.path))
@@ -250,7 +298,7 @@ def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.Mod
         k.attach_pager(req.name, stub)
     except grpc.RpcError as e:
         raise downstream(e, "deploying failed") from None
-    k.models[req.name] = Deployed(path, req.dtype)
+    k.models[req.name] = Deployed(path, req.dtype)   # replaces an unavailable one
     return info
 
 
@@ -273,17 +321,123 @@ def sys_undeploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.U
 
 def sys_whoami(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.WhoAmIResponse:
     return kernel_pb2.WhoAmIResponse(user=ident.user, uid=ident.uid, root=ident.root,
-                                     capabilities=sorted(ident.caps))
+                                     capabilities=sorted(ident.caps),
+                                     quota=common_pb2.Quota(**ident.quota.to_dict()))
 
 
 def sys_services(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.ServicesResponse:
-    now = time.time()
+    """Everyone sees names, pids, states, restarts and uptime; only admins see where the
+    internal services listen."""
+    now, admin = time.time(), is_admin(ident)
     out = []
     for svc in k.supervisor.services.values():
         up = now - svc.started_at if svc.state in ("HEALTHY", "UNHEALTHY") else 0.0
         out.append(kernel_pb2.ServiceInfo(
-            name=svc.spec.name, pid=svc.pid, address=svc.address, state=svc.state,
+            name=svc.spec.name, pid=svc.pid, address=svc.address if admin else "",
+            state=svc.state,
             restarts=svc.restarts, incarnation=svc.incarnation, uptime_s=up,
             last_exit=svc.last_exit))
     return kernel_pb2.ServicesResponse(services=out)
 
+
+
+# --- protection -------------------------------------------------------------------------------
+
+def sys_setquota(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.Quota:
+    """Change a user's quota in the security service's store; it applies at the user's next
+    call (the kernel drops its cached identities of that user)."""
+    sreq = security_pb2.SetUserQuotaRequest(user=req.user, reset=req.reset)
+    for name in ("max_jobs", "max_tokens", "kv_share"):
+        if req.HasField(name):
+            setattr(sreq, name, getattr(req, name))
+    try:
+        reply = security_pb2_grpc.SecurityStub(k.channel("security")).SetQuota(sreq, timeout=30)
+    except grpc.RpcError as e:
+        raise downstream(e, "setting the quota failed") from None
+    k.auth.invalidate(req.user)
+    return reply.quota
+
+
+def sys_audit(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.AuditResponse:
+    entries = k.audit.tail(req.limit or 50, user=req.user, call=req.call)
+    return kernel_pb2.AuditResponse(entries=[kernel_pb2.AuditEntry(
+        time_unix=e.get("time", 0.0), user=e.get("user", ""), uid=e.get("uid", -1),
+        call=e.get("call", ""), args_json=json.dumps(e.get("args", {}), sort_keys=True),
+        code=e.get("code", ""), message=e.get("message", ""), peer=e.get("peer", ""))
+        for e in entries])
+# --- mailboxes (syscalls 20-24): the IPC service keeps them and decides who may use which -----
+
+def mbox_info(m: ipc_pb2.Mailbox) -> kernel_pb2.MboxInfo:
+    return kernel_pb2.MboxInfo(name=m.name, owner=m.owner, mode=m.mode, members=m.members,
+                               messages=m.depth, bytes=m.bytes, max_messages=m.capacity,
+                               max_bytes=m.max_bytes, created_unix=m.created_unix)
+
+
+def sys_mbox_create(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.MboxInfo:
+    try:
+        reply = k.ipc().CreateMailbox(ipc_pb2.CreateMailboxRequest(
+            name=req.name, capacity=req.max_messages, mode=req.mode, members=req.members,
+            max_bytes=req.max_bytes, caller=caller(ident)), timeout=IPC_TIMEOUT)
+    except grpc.RpcError as e:
+        raise ipc_failed(e, "creating the mailbox failed") from None
+    return mbox_info(reply.mailbox)
+
+
+def sys_mbox_send(k: Kernel, ident: Identity, req: Any,
+                  ctx: Any) -> kernel_pb2.MboxSendResponse:
+    try:
+        reply = k.ipc().Send(ipc_pb2.SendRequest(
+            name=req.name, payload=req.text.encode(), sender=ident.user, caller=caller(ident)),
+            timeout=IPC_TIMEOUT)
+    except grpc.RpcError as e:
+        raise ipc_failed(e, "sending failed") from None
+    return kernel_pb2.MboxSendResponse(sequence=reply.sequence)
+
+
+def sys_mbox_recv(k: Kernel, ident: Identity, req: Any,
+                  ctx: Any) -> kernel_pb2.MboxRecvResponse:
+    """Long-poll in the IPC service (no kernel lock held); a caller that goes away cancels it,
+    and a cancelled receive takes no message."""
+    wait_ms = req.timeout_ms
+    left = ctx.time_remaining()
+    if left is not None:   # never wait past the caller's own deadline
+        wait_ms = min(wait_ms, max(int(left * 1000), 0))
+    future = k.ipc().Receive.future(ipc_pb2.ReceiveRequest(
+        name=req.name, timeout_ms=wait_ms, caller=caller(ident)),
+        timeout=wait_ms / 1000 + IPC_TIMEOUT)
+    ctx.add_callback(future.cancel)
+    try:
+        reply = future.result()
+    except grpc.FutureCancelledError:
+        raise SyscallError("CANCELLED", "the caller went away") from None
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.CANCELLED:
+            raise SyscallError("CANCELLED", "the caller went away") from None
+        raise ipc_failed(e, "receiving failed") from None
+    return kernel_pb2.MboxRecvResponse(text=reply.payload.decode(errors="replace"),
+                                       sender=reply.sender, sequence=reply.sequence,
+                                       pid=reply.pid)
+
+
+def sys_mbox_list(k: Kernel, ident: Identity, req: Any,
+                  ctx: Any) -> kernel_pb2.MboxListResponse:
+    try:
+        if req.name:
+            boxes = [k.ipc().StatMailbox(ipc_pb2.StatMailboxRequest(
+                name=req.name, caller=caller(ident)), timeout=IPC_TIMEOUT)]
+        else:
+            boxes = list(k.ipc().ListMailboxes(ipc_pb2.ListMailboxesRequest(
+                caller=caller(ident)), timeout=IPC_TIMEOUT).mailboxes)
+    except grpc.RpcError as e:
+        raise ipc_failed(e, "listing mailboxes failed") from None
+    return kernel_pb2.MboxListResponse(mailboxes=[mbox_info(m) for m in boxes])
+
+
+def sys_mbox_remove(k: Kernel, ident: Identity, req: Any,
+                    ctx: Any) -> kernel_pb2.MboxRemoveResponse:
+    try:
+        reply = k.ipc().RemoveMailbox(ipc_pb2.RemoveMailboxRequest(
+            name=req.name, caller=caller(ident)), timeout=IPC_TIMEOUT)
+    except grpc.RpcError as e:
+        raise ipc_failed(e, "removing the mailbox failed") from None
+    return kernel_pb2.MboxRemoveResponse(discarded=reply.discarded)

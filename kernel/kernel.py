@@ -16,6 +16,7 @@ from llmasos.kernel.supervisor import Service, ServiceSpec, Supervisor
 from llmasos.proto import (
     inference_pb2,
     inference_pb2_grpc,
+    ipc_pb2_grpc,
     scheduler_pb2_grpc,
 )
 from llmasos.syscalls import SyscallError
@@ -30,15 +31,29 @@ class Deployed:
     path: str
     dtype: str
     embedded: bool = False
+    error: str = ""          # set when a redeploy failed: the model is unavailable until
+                             # it is deployed again
 
 
 class Kernel:
+    """Shared state, and what guards it (no lock is ever held across an RPC):
+
+    table        ProcessTable; its own lock guards the table, every Proc and the pagers'
+                 contents (the step loop and handlers take it to decide and record only)
+    pagers       model → Pager; the dict is replaced entry-wise (atomic under the GIL) by
+                 deploys and inference restarts; a Pager is used under table.lock
+    models       model → Deployed; written by Deploy/Undeploy and inference (re)starts
+    kv_share     user → fraction of each model's pool its jobs may hold (quota), under
+                 table.lock
+    """
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.table = ProcessTable(zombie_ttl=cfg.zombie_ttl)
         self.models: dict[str, Deployed] = {}
         self.pagers: dict = {}          # model name → Pager (kernel/pager.py)
         self.block_bytes: dict[str, int] = {}   # model name → bytes of one KV block
+        self.kv_share: dict[str, float] = {}
         self.draining = threading.Event()
         self.executor = None            # set by main (kernel/executor.py)
         specs = [
@@ -69,6 +84,9 @@ class Kernel:
     def scheduler(self) -> scheduler_pb2_grpc.SchedulerStub:
         return scheduler_pb2_grpc.SchedulerStub(self.channel("scheduler"))
 
+    def ipc(self) -> ipc_pb2_grpc.IpcStub:
+        return ipc_pb2_grpc.IpcStub(self.channel("ipc"))
+
     # --- service (re)starts --------------------------------------------------------------
 
     def _service_started(self, svc: Service) -> None:
@@ -76,20 +94,44 @@ class Kernel:
             self._inference_started(svc)
 
     def _inference_started(self, svc: Service) -> None:
-        """A new incarnation has empty KV memory: reset the pagers, redeploy, recompute."""
+        """A new incarnation has empty KV memory: reset the pagers, redeploy, recompute. A
+        model that cannot be redeployed (its file moved) ends its jobs with the reason and is
+        unavailable until deployed again; the service itself is healthy."""
         stub = inference_pb2_grpc.InferenceStub(svc.channel)
         loaded = {m.name: m for m in stub.ListModels(inference_pb2.ListModelsRequest(),
                                                      timeout=60).models}
+        lost: dict[str, str] = {}
         for name, dep in list(self.models.items()):
-            if name not in loaded and not dep.embedded:
+            if name in loaded or dep.embedded or dep.error:
+                continue
+            try:
                 loaded[name] = stub.LoadModel(inference_pb2.LoadModelRequest(
                     name=name, path=dep.path, dtype=dep.dtype), timeout=600)
+            except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise   # the service died again: a failed start, retried by the supervisor
+                lost[name] = (f"model {name!r} could not be redeployed after the inference "
+                              f"service restarted: {e.details()}; deploy it again")
         for name, info in loaded.items():
             if name not in self.models:   # loaded by the service itself at start
                 self.models[name] = Deployed(info.source, info.dtype, embedded=True)
             self.attach_pager(name, stub)
+        for name, why in lost.items():
+            self.models[name].error = why
+            self.pagers.pop(name, None)
+            log.error("model_unavailable", model=name, reason=why)
         if self.executor is not None:
             self.executor.inference_restarted(svc.incarnation)
+            for name, why in lost.items():
+                self.executor.model_lost(name, why)
+
+    def kv_limits(self, model: str, users: set[str]) -> dict[str, int]:
+        """Blocks of this model's pool each user's jobs may hold (users under a quota only)."""
+        pager = self.pagers.get(model)
+        if pager is None:
+            return {}
+        return {u: int(pager.num_blocks * self.kv_share[u]) for u in users
+                if self.kv_share.get(u, 1.0) < 1.0}
 
     def attach_pager(self, name: str, stub: inference_pb2_grpc.InferenceStub) -> None:
         geo = stub.Geometry(inference_pb2.GeometryRequest(model=name), timeout=30)

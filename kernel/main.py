@@ -1,12 +1,15 @@
 """llmosd: the LLMasOS kernel daemon.
 
   llmosd run [--listen ADDR] [--home DIR] [--config FILE] [--policy P] [--no-embedded] ...
+           [--tls-cert FILE --tls-key FILE] [--insecure]
   llmosd adduser NAME [--cap CAP ...]      prints the new user's token once
+  llmosd quota USER [--max-jobs N] [--max-tokens N] [--kv-share F] [--reset]
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import signal
 import subprocess
@@ -17,6 +20,7 @@ import time
 import structlog
 
 from llmasos.kernel import config, log
+from llmasos.kernel.audit import AuditLog
 from llmasos.kernel.executor import Executor
 from llmasos.kernel.kernel import Kernel
 from llmasos.kernel.server import build
@@ -44,19 +48,50 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--token-budget", dest="token_budget", type=int,
                      help="most tokens in one step")
     run.add_argument("--max-batch", dest="max_batch", type=int, help="most jobs in one step")
+    run.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate: serve over TLS")
+    run.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
+    run.add_argument("--insecure", action="store_true", default=None,
+                     help="allow plain text on a non-loopback address (trusted networks only)")
     add = sub.add_parser("adduser", help="create a user and print its token once")
     add.add_argument("name")
     add.add_argument("--home")
     add.add_argument("--cap", action="append", default=[], help="capability (repeatable)")
+    quota = sub.add_parser("quota", help="show or change a user's quota (0: no limit)")
+    quota.add_argument("name")
+    quota.add_argument("--home")
+    quota.add_argument("--max-jobs", dest="max_jobs", type=int, help="most live jobs")
+    quota.add_argument("--max-tokens", dest="max_tokens", type=int,
+                       help="most tokens in flight (prompt + max_tokens of every live job)")
+    quota.add_argument("--kv-share", dest="kv_share", type=float,
+                       help="most KV blocks as a share 0..1 of each model's pool")
+    quota.add_argument("--reset", action="store_true", help="back to the defaults first")
     return ap.parse_args(argv)
 
 
-def adduser(args: argparse.Namespace) -> int:
-    """The security service owns the user store; its CLI edits it under a file lock."""
+def admin_command(args: argparse.Namespace, cmd: list[str], audit_args: dict) -> int:
+    """The security service owns the user store; its CLI edits it under a file lock. The
+    change is audited here, as the OS user who ran it."""
     home = args.home or config.default_home()
-    cmd = [sys.executable, "-m", "llmasos.services.security", "adduser", args.name,
-           "--state-dir", home] + [x for c in args.cap for x in ("--cap", c)]
-    return subprocess.call(cmd)
+    code = subprocess.call([sys.executable, "-m", "llmasos.services.security", *cmd,
+                            "--state-dir", home])
+    AuditLog(os.path.join(home, "audit.log")).record(
+        call=f"cli:{args.command}", code="OK" if code == 0 else "FAILED", user=getpass.getuser(),
+        uid=os.getuid(), args=audit_args, peer="local")
+    return code
+
+
+def adduser(args: argparse.Namespace) -> int:
+    caps = [x for c in args.cap for x in ("--cap", c)]
+    return admin_command(args, ["adduser", args.name, *caps],
+                         {"name": args.name, "capabilities": ",".join(args.cap)})
+
+
+def set_quota(args: argparse.Namespace) -> int:
+    changes = {f: getattr(args, f) for f in ("max_jobs", "max_tokens", "kv_share")
+               if getattr(args, f) is not None}
+    flags = [x for f, v in changes.items() for x in (f"--{f.replace('_', '-')}", str(v))]
+    return admin_command(args, ["quota", args.name, *flags, *(["--reset"] if args.reset else [])],
+                         {"user": args.name, **changes, "reset": args.reset})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,7 +144,8 @@ def shutdown(k: Kernel, server: object, grace: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    return adduser(args) if args.command == "adduser" else run(args)
+    commands = {"adduser": adduser, "quota": set_quota, "run": run}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

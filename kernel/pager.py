@@ -93,6 +93,24 @@ class Pager:
         grow = self.blocks_for(len(seq.tokens) + num_tokens) - len(seq.blocks)
         return grow + (num_tokens > 0 and self._last_shared(seq))
 
+    def blocks_to_admit(self, user: str, token_ids: Sequence[int]) -> int:
+        """Free blocks that admit(pid, user, token_ids) would take: fresh ones plus cached
+        prefix blocks it would revive from the free list (hits still in use cost nothing)."""
+        bs = self.block_size
+        hits, _ = match_prefix(self.pool, user, token_ids, bs, (len(token_ids) - 1) // bs)
+        revived = sum(1 for b in hits if self.pool.ref[b] == 0)
+        return self.blocks_for(len(token_ids)) - len(hits) + revived
+
+    def blocks_needed(self, pid: int, user: str, token_ids: Sequence[int]) -> int:
+        """Exact free blocks pid needs to run up to len(token_ids): admission (prefix hits
+        counted), swap-in, or growth plus copy-on-write."""
+        seq = self.seqs.get(pid)
+        if seq is None:
+            return self.blocks_to_admit(user, token_ids)
+        if seq.swapped:
+            return self.blocks_for(len(seq.tokens))
+        return self.blocks_to_append(pid, max(0, len(token_ids) - len(seq.tokens)))
+
     def __contains__(self, pid: int) -> bool:
         return pid in self.seqs
 
@@ -175,6 +193,23 @@ class Pager:
         seq.blocks.extend(self.pool.allocate() for _ in range(grow))
         seq.tokens.extend(token_ids)
         return copies
+
+    def set_token(self, pid: int, position: int, token_id: int) -> None:
+        """Fill in a token appended before it was known (the overlapped step appends the next
+        input while the step that samples it is still running); its KV is not computed yet."""
+        seq = self._resident(pid)
+        if not seq.computed <= position < len(seq.tokens):
+            raise ValueError(f"pid {pid}: position {position} is computed or past the end")
+        seq.tokens[position] = token_id
+
+    def truncate(self, pid: int, num_tokens: int) -> None:
+        """Drop tokens past num_tokens (none computed) and the blocks only they used."""
+        seq = self._resident(pid)
+        if not seq.computed <= num_tokens <= len(seq.tokens):
+            raise ValueError(f"pid {pid}: cannot truncate to {num_tokens}")
+        keep = self.blocks_for(num_tokens)
+        self._release(seq.blocks[keep:])
+        del seq.blocks[keep:], seq.tokens[num_tokens:]
 
     def mark_computed(self, pid: int, num_tokens: int) -> None:
         """The KV of pid's first num_tokens tokens is now written; publish its full blocks."""

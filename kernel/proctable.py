@@ -2,7 +2,9 @@
 
 PIDs are allocated monotonically and never reused. A job's state moves only along TRANSITIONS
 (illegal moves raise). Zombies keep their exit status until Wait reaps them or their TTL expires.
-The table's lock guards every field of every Proc that the step loop and syscalls share.
+Locking (xv6's proc.h style): `ProcessTable.lock` guards the table and every field of every
+Proc; the step loop and syscall handlers take it only to decide and record, never across an
+RPC. Fields marked [loop] are written only by the step loop (under the lock).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Proc:
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     text: str = ""                      # emitted output text
+    text_ends: list[int] = field(default_factory=list)   # len(text) after each output token
     sampling: Any = None                # the SamplingParams proto message
     max_tokens: int = 256
     context_length: int = 0             # the model's longest sequence
@@ -89,6 +92,9 @@ class Proc:
     forks: list[int] = field(default_factory=list)   # sibling samples (n > 1) still to fork
     fork_pending: bool = False          # a sibling sample waiting to share its parent's KV
     swap_handle: int = 0                # where the inference service keeps its swapped-out KV
+    needs_reset: bool = False           # [loop] the engine must rebuild its sampler state
+    preempt_after: bool = False         # [loop] the scheduler preempted it while its step flew
+    stdout_mailbox: str = ""            # where its text goes when it ends (kernel/ipc_delivery.py)
 
     @property
     def tokens(self) -> list[int]:

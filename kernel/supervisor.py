@@ -1,19 +1,27 @@
 """The supervisor (MINIX 3's reincarnation server): starts each service as its own OS process,
 learns its address through a pipe, watches it through its exit and grpc.health.v1, and restarts
-it with exponential backoff within a restart budget. Past the budget the service is FAILED."""
+it with exponential backoff within a restart budget. Past the budget the service is FAILED.
+
+Protection: each service listens on `unix:<home>/run/<name>.sock`; the run directory is 0700 and
+locked for the life of this llmosd. A per-boot secret, made here and kept only in memory, goes to
+each service through a pipe at start; every call on the channels made here carries it."""
 
 from __future__ import annotations
 
 import collections
+import fcntl
 import os
+import secrets
 import select
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import structlog
@@ -24,6 +32,51 @@ log = structlog.get_logger()
 BACKOFF_START, BACKOFF_CAP = 0.5, 30.0
 HEALTH_PERIOD = 1.0          # seconds between health checks
 MISSED_CHECKS_TO_KILL = 2    # a service that misses two periods is killed and restarted
+SECRET_KEY = "x-llmasos-secret"   # services/runtime.py checks it on every call
+MAX_SOCKET_PATH = 107            # sun_path holds 108 bytes with its NUL on Linux
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
+                   ("grpc.max_send_message_length", 64 << 20)]
+
+
+class SecretInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                        grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the per-boot secret to every call, so callers of the channel need not know it."""
+
+    def __init__(self, secret: str) -> None:
+        self.entry = (SECRET_KEY, secret)
+
+    def _with_secret(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(details.method, details.timeout,
+                            [*(details.metadata or ()), self.entry], details.credentials,
+                            details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):  # noqa: ANN001, ANN201
+        return continuation(self._with_secret(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # noqa: ANN001, ANN201
+        return continuation(self._with_secret(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):  # noqa: ANN001, ANN201
+        return continuation(self._with_secret(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):  # noqa: ANN001, ANN201
+        return continuation(self._with_secret(details), requests)
+
+
+@dataclass(frozen=True)
+class _CallDetails(grpc.ClientCallDetails):
+    method: str
+    timeout: float | None
+    metadata: list | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
+def secret_channel(address: str, secret: str) -> grpc.Channel:
+    """A channel to a service whose every call carries the secret."""
+    return grpc.intercept_channel(grpc.insecure_channel(address, options=CHANNEL_OPTIONS),
+                                  SecretInterceptor(secret))
 
 
 @dataclass
@@ -59,6 +112,9 @@ class Supervisor:
                  on_start: Callable[[Service], None] | None = None) -> None:
         self.services = {s.name: Service(s) for s in specs}
         self.state_dir = state_dir
+        self.run_dir = Path(state_dir) / "run"
+        self.secret = secrets.token_hex(32)   # per boot; only in memory and the services' pipes
+        self.run_lock: int = -1
         self.max_restarts, self.window = max_restarts, window
         self.on_start = on_start or (lambda svc: None)
         self.lock = threading.RLock()
@@ -69,9 +125,38 @@ class Supervisor:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._prepare_run_dir()
         for svc in self.services.values():
             self._launch(svc)
         self.thread.start()
+
+    def _prepare_run_dir(self) -> None:
+        """The run dir: ours alone (0700), one llmosd at a time, no sockets left from before."""
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        st = os.lstat(self.run_dir)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise SystemExit(f"llmosd: {self.run_dir} is not a directory owned by this user; "
+                             "remove it and start again")
+        os.chmod(self.run_dir, 0o700)
+        longest = max(len(self.socket_path(n)) for n in self.services)
+        if longest > MAX_SOCKET_PATH:
+            raise SystemExit(f"llmosd: the state directory {self.state_dir} is too long for a "
+                             f"Unix socket path ({longest} > {MAX_SOCKET_PATH} bytes); choose a "
+                             "shorter --home or LLMASOS_HOME")
+        self.run_lock = os.open(self.run_dir / "llmosd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.run_lock)
+            self.run_lock = -1
+            raise SystemExit(f"llmosd: another llmosd runs with the state directory "
+                             f"{self.state_dir}; stop it or choose another --home") from None
+        for entry in self.run_dir.iterdir():
+            if entry.name.endswith(".sock"):
+                entry.unlink(missing_ok=True)
+
+    def socket_path(self, name: str) -> str:
+        return str(self.run_dir / f"{name}.sock")
 
     def wait_healthy(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -96,8 +181,12 @@ class Supervisor:
                 if svc.channel:
                     svc.channel.close()
                     svc.channel = None
+                Path(self.socket_path(svc.spec.name)).unlink(missing_ok=True)
         if self.thread.is_alive():
             self.thread.join(timeout=5)
+        if self.run_lock >= 0:
+            os.close(self.run_lock)   # releases the flock
+            self.run_lock = -1
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -115,21 +204,29 @@ class Supervisor:
         """Start one incarnation and read its address from the report pipe. Runs without the
         lock (a model load can take a while) so the other services stay watched meanwhile."""
         read_fd, write_fd = os.pipe()
+        secret_r, secret_w = os.pipe()
+        os.write(secret_w, self.secret.encode() + b"\n")   # 65 bytes: fits the pipe buffer
+        os.close(secret_w)
         cmd = [sys.executable, "-m", f"llmasos.services.{svc.spec.name}",
-               "--listen", "127.0.0.1:0", "--report-fd", str(write_fd),
+               "--listen", f"unix:{self.socket_path(svc.spec.name)}",
+               "--report-fd", str(write_fd), "--secret-fd", str(secret_r),
                "--state-dir", self.state_dir]
         for key, value in svc.spec.options.items():
             cmd += ["--option", f"{key}={value}"]
         with self.lock:   # stop() signals under the lock: never start a child it cannot see
             if self.stopping.is_set():
-                os.close(read_fd)
-                os.close(write_fd)
+                for fd in (read_fd, write_fd, secret_r):
+                    os.close(fd)
                 svc.state = "STOPPED"
                 return
             svc.state = "STARTING"
             svc.incarnation += 1
             svc.started_at = time.time()
-            svc.popen = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
+            try:
+                svc.popen = subprocess.Popen(cmd, pass_fds=(write_fd, secret_r),
+                                             stdin=subprocess.DEVNULL)
+            finally:
+                os.close(secret_r)
         os.close(write_fd)
         address = self._read_report(read_fd, svc)
         with self.lock:
@@ -137,16 +234,20 @@ class Supervisor:
                 self._died(svc, "no address reported")
                 return
             svc.address = address
-            svc.channel = grpc.insecure_channel(address)
+            svc.channel = secret_channel(address, self.secret)
             svc.missed = 0
         log.info("service_started", service=svc.spec.name, pid=svc.popen.pid,
                  address=address, incarnation=svc.incarnation)
         try:
             self.on_start(svc)
-        except Exception as e:  # a failing hook is a failed start, not a dead supervisor
+        except Exception as e:  # a failing hook is a failed start: restart (budget), not HEALTHY
             log.error("service_start_hook_failed", service=svc.spec.name, error=str(e))
-        with self.lock:
-            self._check(svc)
+            with self.lock:
+                if svc.popen is not None and svc.popen.poll() is None:
+                    svc.popen.kill()
+                self._died(svc, f"start hook failed: {e}")
+            return
+        self._check(svc)
 
     def _read_report(self, fd: int, svc: Service) -> str:
         deadline = time.monotonic() + svc.spec.start_timeout
@@ -171,36 +272,48 @@ class Supervisor:
         last_check = 0.0
         while not self.stopping.wait(0.1):
             now = time.monotonic()
+            check = now - last_check >= HEALTH_PERIOD
             with self.lock:
-                for svc in self.services.values():
-                    self._tick(svc, now, now - last_check >= HEALTH_PERIOD)
-            if now - last_check >= HEALTH_PERIOD:
+                due = [svc for svc in self.services.values() if self._tick(svc, now, check)]
+            for svc in due:   # health RPCs run without the lock: a slow answer blocks no one
+                self._check(svc)
+            if check:
                 last_check = now
 
-    def _tick(self, svc: Service, now: float, check_health: bool) -> None:
+    def _tick(self, svc: Service, now: float, check_health: bool) -> bool:
+        """Restart or reap as due (under the lock); True when a health check is due."""
         if self.stopping.is_set() or svc.state in ("FAILED", "STOPPED", "STARTING"):
-            return
+            return False
         if svc.state == "RESTARTING":
             if now >= svc.next_start:
                 svc.state = "STARTING"   # its own thread starts it; the rest stay watched
                 threading.Thread(target=self._launch, args=(svc,), daemon=True,
                                  name=f"start-{svc.spec.name}").start()
-            return
+            return False
         code = svc.popen.poll() if svc.popen else -1
         if code is not None:
             self._died(svc, f"exited with status {code}")
-        elif check_health:
-            self._check(svc)
+            return False
+        return check_health
 
     def _check(self, svc: Service) -> None:
-        if svc.channel is None:
+        """Probe one service (the RPC runs unlocked) and record the answer under the lock."""
+        with self.lock:
+            channel, incarnation = svc.channel, svc.incarnation
+        if channel is None:
             return
         try:
-            stub = health_pb2_grpc.HealthStub(svc.channel)
+            stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=HEALTH_PERIOD)
             serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
+        except (grpc.RpcError, ValueError):   # ValueError: the channel was closed meanwhile
             serving = False
+        with self.lock:
+            if svc.incarnation == incarnation and svc.channel is channel and \
+                    svc.state in ("STARTING", "HEALTHY", "UNHEALTHY"):
+                self._record(svc, serving)
+
+    def _record(self, svc: Service, serving: bool) -> None:
         if serving:
             svc.missed = 0
             if svc.state != "HEALTHY":

@@ -24,31 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmasos/proto/ipc.proto\x12\nllmasos.v1\"E\n\x14\x43reateMailboxRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\"\x17\n\x15\x43reateMailboxResponse\"<\n\x0bSendRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0e\n\x06sender\x18\x03 \x01(\t\" \n\x0cSendResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"2\n\x0eReceiveRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"D\n\x0fReceiveResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\"\x16\n\x14ListMailboxesRequest\"G\n\x07Mailbox\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\r\"?\n\x15ListMailboxesResponse\x12&\n\tmailboxes\x18\x01 \x03(\x0b\x32\x13.llmasos.v1.Mailbox2\xb0\x02\n\x03Ipc\x12T\n\rCreateMailbox\x12 .llmasos.v1.CreateMailboxRequest\x1a!.llmasos.v1.CreateMailboxResponse\x12\x39\n\x04Send\x12\x17.llmasos.v1.SendRequest\x1a\x18.llmasos.v1.SendResponse\x12\x42\n\x07Receive\x12\x1a.llmasos.v1.ReceiveRequest\x1a\x1b.llmasos.v1.ReceiveResponse\x12T\n\rListMailboxes\x12 .llmasos.v1.ListMailboxesRequest\x1a!.llmasos.v1.ListMailboxesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmasos/proto/ipc.proto\x12\nllmasos.v1\"%\n\x06\x43\x61ller\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\r\n\x05\x61\x64min\x18\x02 \x01(\x08\"\xb4\x01\n\x14\x43reateMailboxRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r\x12%\n\x04mode\x18\x04 \x01(\x0e\x32\x17.llmasos.v1.MailboxMode\x12\x0f\n\x07members\x18\x05 \x03(\t\x12\x11\n\tmax_bytes\x18\x06 \x01(\x04\x12\"\n\x06\x63\x61ller\x18\x07 \x01(\x0b\x32\x12.llmasos.v1.Caller\"=\n\x15\x43reateMailboxResponse\x12$\n\x07mailbox\x18\x01 \x01(\x0b\x32\x13.llmasos.v1.Mailbox\"m\n\x0bSendRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\"\n\x06\x63\x61ller\x18\x04 \x01(\x0b\x32\x12.llmasos.v1.Caller\x12\x0b\n\x03pid\x18\x05 \x01(\r\" \n\x0cSendResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"V\n\x0eReceiveRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12\"\n\x06\x63\x61ller\x18\x03 \x01(\x0b\x32\x12.llmasos.v1.Caller\"Q\n\x0fReceiveResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x0b\n\x03pid\x18\x04 \x01(\r\":\n\x14ListMailboxesRequest\x12\"\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x12.llmasos.v1.Caller\"\xb7\x01\n\x07Mailbox\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\r\x12%\n\x04mode\x18\x05 \x01(\x0e\x32\x17.llmasos.v1.MailboxMode\x12\x0f\n\x07members\x18\x06 \x03(\t\x12\r\n\x05\x62ytes\x18\x07 \x01(\x04\x12\x11\n\tmax_bytes\x18\x08 \x01(\x04\x12\x14\n\x0c\x63reated_unix\x18\t \x01(\x01\"?\n\x15ListMailboxesResponse\x12&\n\tmailboxes\x18\x01 \x03(\x0b\x32\x13.llmasos.v1.Mailbox\"H\n\x14RemoveMailboxRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x06\x63\x61ller\x18\x02 \x01(\x0b\x32\x12.llmasos.v1.Caller\"*\n\x15RemoveMailboxResponse\x12\x11\n\tdiscarded\x18\x01 \x01(\r\"F\n\x12StatMailboxRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x06\x63\x61ller\x18\x02 \x01(\x0b\x32\x12.llmasos.v1.Caller*S\n\x0bMailboxMode\x12\x16\n\x12MAILBOX_MODE_OWNER\x10\x00\x12\x16\n\x12MAILBOX_MODE_GROUP\x10\x01\x12\x14\n\x10MAILBOX_MODE_ALL\x10\x02\x32\xca\x03\n\x03Ipc\x12T\n\rCreateMailbox\x12 .llmasos.v1.CreateMailboxRequest\x1a!.llmasos.v1.CreateMailboxResponse\x12\x39\n\x04Send\x12\x17.llmasos.v1.SendRequest\x1a\x18.llmasos.v1.SendResponse\x12\x42\n\x07Receive\x12\x1a.llmasos.v1.ReceiveRequest\x1a\x1b.llmasos.v1.ReceiveResponse\x12T\n\rListMailboxes\x12 .llmasos.v1.ListMailboxesRequest\x1a!.llmasos.v1.ListMailboxesResponse\x12T\n\rRemoveMailbox\x12 .llmasos.v1.RemoveMailboxRequest\x1a!.llmasos.v1.RemoveMailboxResponse\x12\x42\n\x0bStatMailbox\x12\x1e.llmasos.v1.StatMailboxRequest\x1a\x13.llmasos.v1.Mailboxb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmasos.proto.ipc_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEMAILBOXREQUEST']._serialized_start=39
-  _globals['_CREATEMAILBOXREQUEST']._serialized_end=108
-  _globals['_CREATEMAILBOXRESPONSE']._serialized_start=110
-  _globals['_CREATEMAILBOXRESPONSE']._serialized_end=133
-  _globals['_SENDREQUEST']._serialized_start=135
-  _globals['_SENDREQUEST']._serialized_end=195
-  _globals['_SENDRESPONSE']._serialized_start=197
-  _globals['_SENDRESPONSE']._serialized_end=229
-  _globals['_RECEIVEREQUEST']._serialized_start=231
-  _globals['_RECEIVEREQUEST']._serialized_end=281
-  _globals['_RECEIVERESPONSE']._serialized_start=283
-  _globals['_RECEIVERESPONSE']._serialized_end=351
-  _globals['_LISTMAILBOXESREQUEST']._serialized_start=353
-  _globals['_LISTMAILBOXESREQUEST']._serialized_end=375
-  _globals['_MAILBOX']._serialized_start=377
-  _globals['_MAILBOX']._serialized_end=448
-  _globals['_LISTMAILBOXESRESPONSE']._serialized_start=450
-  _globals['_LISTMAILBOXESRESPONSE']._serialized_end=513
-  _globals['_IPC']._serialized_start=516
-  _globals['_IPC']._serialized_end=820
+  _globals['_MAILBOXMODE']._serialized_start=1141
+  _globals['_MAILBOXMODE']._serialized_end=1224
+  _globals['_CALLER']._serialized_start=39
+  _globals['_CALLER']._serialized_end=76
+  _globals['_CREATEMAILBOXREQUEST']._serialized_start=79
+  _globals['_CREATEMAILBOXREQUEST']._serialized_end=259
+  _globals['_CREATEMAILBOXRESPONSE']._serialized_start=261
+  _globals['_CREATEMAILBOXRESPONSE']._serialized_end=322
+  _globals['_SENDREQUEST']._serialized_start=324
+  _globals['_SENDREQUEST']._serialized_end=433
+  _globals['_SENDRESPONSE']._serialized_start=435
+  _globals['_SENDRESPONSE']._serialized_end=467
+  _globals['_RECEIVEREQUEST']._serialized_start=469
+  _globals['_RECEIVEREQUEST']._serialized_end=555
+  _globals['_RECEIVERESPONSE']._serialized_start=557
+  _globals['_RECEIVERESPONSE']._serialized_end=638
+  _globals['_LISTMAILBOXESREQUEST']._serialized_start=640
+  _globals['_LISTMAILBOXESREQUEST']._serialized_end=698
+  _globals['_MAILBOX']._serialized_start=701
+  _globals['_MAILBOX']._serialized_end=884
+  _globals['_LISTMAILBOXESRESPONSE']._serialized_start=886
+  _globals['_LISTMAILBOXESRESPONSE']._serialized_end=949
+  _globals['_REMOVEMAILBOXREQUEST']._serialized_start=951
+  _globals['_REMOVEMAILBOXREQUEST']._serialized_end=1023
+  _globals['_REMOVEMAILBOXRESPONSE']._serialized_start=1025
+  _globals['_REMOVEMAILBOXRESPONSE']._serialized_end=1067
+  _globals['_STATMAILBOXREQUEST']._serialized_start=1069
+  _globals['_STATMAILBOXREQUEST']._serialized_end=1139
+  _globals['_IPC']._serialized_start=1227
+  _globals['_IPC']._serialized_end=1685
 # @@protoc_insertion_point(module_scope)

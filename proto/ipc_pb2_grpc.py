@@ -54,6 +54,16 @@ class IpcStub:
                 request_serializer=llmasos_dot_proto_dot_ipc__pb2.ListMailboxesRequest.SerializeToString,
                 response_deserializer=llmasos_dot_proto_dot_ipc__pb2.ListMailboxesResponse.FromString,
                 _registered_method=True)
+        self.RemoveMailbox = channel.unary_unary(
+                '/llmasos.v1.Ipc/RemoveMailbox',
+                request_serializer=llmasos_dot_proto_dot_ipc__pb2.RemoveMailboxRequest.SerializeToString,
+                response_deserializer=llmasos_dot_proto_dot_ipc__pb2.RemoveMailboxResponse.FromString,
+                _registered_method=True)
+        self.StatMailbox = channel.unary_unary(
+                '/llmasos.v1.Ipc/StatMailbox',
+                request_serializer=llmasos_dot_proto_dot_ipc__pb2.StatMailboxRequest.SerializeToString,
+                response_deserializer=llmasos_dot_proto_dot_ipc__pb2.Mailbox.FromString,
+                _registered_method=True)
 
 
 class IpcServicer:
@@ -86,6 +96,20 @@ class IpcServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveMailbox(self, request, context):
+        """owner or admin
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatMailbox(self, request, context):
+        """PERMISSION_DENIED if no access
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IpcServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +132,16 @@ def add_IpcServicer_to_server(servicer, server):
                     servicer.ListMailboxes,
                     request_deserializer=llmasos_dot_proto_dot_ipc__pb2.ListMailboxesRequest.FromString,
                     response_serializer=llmasos_dot_proto_dot_ipc__pb2.ListMailboxesResponse.SerializeToString,
+            ),
+            'RemoveMailbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveMailbox,
+                    request_deserializer=llmasos_dot_proto_dot_ipc__pb2.RemoveMailboxRequest.FromString,
+                    response_serializer=llmasos_dot_proto_dot_ipc__pb2.RemoveMailboxResponse.SerializeToString,
+            ),
+            'StatMailbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatMailbox,
+                    request_deserializer=llmasos_dot_proto_dot_ipc__pb2.StatMailboxRequest.FromString,
+                    response_serializer=llmasos_dot_proto_dot_ipc__pb2.Mailbox.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +252,60 @@ class Ipc:
             '/llmasos.v1.Ipc/ListMailboxes',
             llmasos_dot_proto_dot_ipc__pb2.ListMailboxesRequest.SerializeToString,
             llmasos_dot_proto_dot_ipc__pb2.ListMailboxesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveMailbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Ipc/RemoveMailbox',
+            llmasos_dot_proto_dot_ipc__pb2.RemoveMailboxRequest.SerializeToString,
+            llmasos_dot_proto_dot_ipc__pb2.RemoveMailboxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatMailbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Ipc/StatMailbox',
+            llmasos_dot_proto_dot_ipc__pb2.StatMailboxRequest.SerializeToString,
+            llmasos_dot_proto_dot_ipc__pb2.Mailbox.FromString,
             options,
             channel_credentials,
             insecure,

@@ -95,6 +95,41 @@ class KernelStub:
                 request_serializer=llmasos_dot_proto_dot_kernel__pb2.ServicesRequest.SerializeToString,
                 response_deserializer=llmasos_dot_proto_dot_kernel__pb2.ServicesResponse.FromString,
                 _registered_method=True)
+        self.SetQuota = channel.unary_unary(
+                '/llmasos.v1.Kernel/SetQuota',
+                request_serializer=llmasos_dot_proto_dot_kernel__pb2.SetQuotaRequest.SerializeToString,
+                response_deserializer=llmasos_dot_proto_dot_common__pb2.Quota.FromString,
+                _registered_method=True)
+        self.Audit = channel.unary_unary(
+                '/llmasos.v1.Kernel/Audit',
+                request_serializer=llmasos_dot_proto_dot_kernel__pb2.AuditRequest.SerializeToString,
+                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.AuditResponse.FromString,
+                _registered_method=True)
+        self.MboxCreate = channel.unary_unary(
+                '/llmasos.v1.Kernel/MboxCreate',
+                request_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxCreateRequest.SerializeToString,
+                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxInfo.FromString,
+                _registered_method=True)
+        self.MboxSend = channel.unary_unary(
+                '/llmasos.v1.Kernel/MboxSend',
+                request_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxSendRequest.SerializeToString,
+                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxSendResponse.FromString,
+                _registered_method=True)
+        self.MboxRecv = channel.unary_unary(
+                '/llmasos.v1.Kernel/MboxRecv',
+                request_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxRecvRequest.SerializeToString,
+                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxRecvResponse.FromString,
+                _registered_method=True)
+        self.MboxList = channel.unary_unary(
+                '/llmasos.v1.Kernel/MboxList',
+                request_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxListRequest.SerializeToString,
+                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxListResponse.FromString,
+                _registered_method=True)
+        self.MboxRemove = channel.unary_unary(
+                '/llmasos.v1.Kernel/MboxRemove',
+                request_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxRemoveRequest.SerializeToString,
+                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxRemoveResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServicer:
@@ -184,6 +219,57 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetQuota(self, request, context):
+        """Change a user's quota (admin). Fields not given keep their value; 0 means no limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Audit(self, request, context):
+        """The last entries of the audit log (admin), newest last.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MboxCreate(self, request, context):
+        """Mailboxes (syscalls 20-24): named, durable, bounded message queues between users and jobs,
+        kept by the IPC service. Each has an owner and a mode (who else may send and receive).
+        Create one; ALREADY_EXISTS if the name is taken, RESOURCE_EXHAUSTED past the limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MboxSend(self, request, context):
+        """Append a message; RESOURCE_EXHAUSTED when the mailbox is full (never blocks).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MboxRecv(self, request, context):
+        """Take the oldest message, waiting up to timeout_ms; DEADLINE_EXCEEDED if none came.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MboxList(self, request, context):
+        """The mailboxes the caller may use (admins: all), or one by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MboxRemove(self, request, context):
+        """Delete a mailbox and its messages (its owner or an admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -246,6 +332,41 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.Services,
                     request_deserializer=llmasos_dot_proto_dot_kernel__pb2.ServicesRequest.FromString,
                     response_serializer=llmasos_dot_proto_dot_kernel__pb2.ServicesResponse.SerializeToString,
+            ),
+            'SetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQuota,
+                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.SetQuotaRequest.FromString,
+                    response_serializer=llmasos_dot_proto_dot_common__pb2.Quota.SerializeToString,
+            ),
+            'Audit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Audit,
+                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.AuditRequest.FromString,
+                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.AuditResponse.SerializeToString,
+            ),
+            'MboxCreate': grpc.unary_unary_rpc_method_handler(
+                    servicer.MboxCreate,
+                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxCreateRequest.FromString,
+                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxInfo.SerializeToString,
+            ),
+            'MboxSend': grpc.unary_unary_rpc_method_handler(
+                    servicer.MboxSend,
+                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxSendRequest.FromString,
+                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxSendResponse.SerializeToString,
+            ),
+            'MboxRecv': grpc.unary_unary_rpc_method_handler(
+                    servicer.MboxRecv,
+                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxRecvRequest.FromString,
+                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxRecvResponse.SerializeToString,
+            ),
+            'MboxList': grpc.unary_unary_rpc_method_handler(
+                    servicer.MboxList,
+                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxListRequest.FromString,
+                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxListResponse.SerializeToString,
+            ),
+            'MboxRemove': grpc.unary_unary_rpc_method_handler(
+                    servicer.MboxRemove,
+                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.MboxRemoveRequest.FromString,
+                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.MboxRemoveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -572,6 +693,195 @@ class Kernel:
             '/llmasos.v1.Kernel/Services',
             llmasos_dot_proto_dot_kernel__pb2.ServicesRequest.SerializeToString,
             llmasos_dot_proto_dot_kernel__pb2.ServicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Kernel/SetQuota',
+            llmasos_dot_proto_dot_kernel__pb2.SetQuotaRequest.SerializeToString,
+            llmasos_dot_proto_dot_common__pb2.Quota.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Audit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Kernel/Audit',
+            llmasos_dot_proto_dot_kernel__pb2.AuditRequest.SerializeToString,
+            llmasos_dot_proto_dot_kernel__pb2.AuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MboxCreate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Kernel/MboxCreate',
+            llmasos_dot_proto_dot_kernel__pb2.MboxCreateRequest.SerializeToString,
+            llmasos_dot_proto_dot_kernel__pb2.MboxInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MboxSend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Kernel/MboxSend',
+            llmasos_dot_proto_dot_kernel__pb2.MboxSendRequest.SerializeToString,
+            llmasos_dot_proto_dot_kernel__pb2.MboxSendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MboxRecv(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Kernel/MboxRecv',
+            llmasos_dot_proto_dot_kernel__pb2.MboxRecvRequest.SerializeToString,
+            llmasos_dot_proto_dot_kernel__pb2.MboxRecvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MboxList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Kernel/MboxList',
+            llmasos_dot_proto_dot_kernel__pb2.MboxListRequest.SerializeToString,
+            llmasos_dot_proto_dot_kernel__pb2.MboxListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MboxRemove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Kernel/MboxRemove',
+            llmasos_dot_proto_dot_kernel__pb2.MboxRemoveRequest.SerializeToString,
+            llmasos_dot_proto_dot_kernel__pb2.MboxRemoveResponse.FromString,
             options,
             channel_credentials,
             insecure,

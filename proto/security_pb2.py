@@ -22,27 +22,30 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from llmasos.proto import common_pb2 as llmasos_dot_proto_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllmasos/proto/security.proto\x12\nllmasos.v1\"$\n\x13\x41uthenticateRequest\x12\r\n\x05token\x18\x01 \x01(\t\"I\n\x08Identity\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0c\n\x04root\x18\x03 \x01(\x08\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\"4\n\x0e\x41\x64\x64UserRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\"H\n\x0f\x41\x64\x64UserResponse\x12&\n\x08identity\x18\x01 \x01(\x0b\x32\x14.llmasos.v1.Identity\x12\r\n\x05token\x18\x02 \x01(\t\"\x12\n\x10ListUsersRequest\"8\n\x11ListUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\x14.llmasos.v1.Identity2\xdf\x01\n\x08Security\x12\x45\n\x0c\x41uthenticate\x12\x1f.llmasos.v1.AuthenticateRequest\x1a\x14.llmasos.v1.Identity\x12\x42\n\x07\x41\x64\x64User\x12\x1a.llmasos.v1.AddUserRequest\x1a\x1b.llmasos.v1.AddUserResponse\x12H\n\tListUsers\x12\x1c.llmasos.v1.ListUsersRequest\x1a\x1d.llmasos.v1.ListUsersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllmasos/proto/security.proto\x12\nllmasos.v1\x1a\x1allmasos/proto/common.proto\"$\n\x13\x41uthenticateRequest\x12\r\n\x05token\x18\x01 \x01(\t\"k\n\x08Identity\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0c\n\x04root\x18\x03 \x01(\x08\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12 \n\x05quota\x18\x14 \x01(\x0b\x32\x11.llmasos.v1.Quota\"4\n\x0e\x41\x64\x64UserRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\"H\n\x0f\x41\x64\x64UserResponse\x12&\n\x08identity\x18\x01 \x01(\x0b\x32\x14.llmasos.v1.Identity\x12\r\n\x05token\x18\x02 \x01(\t\"\x12\n\x10ListUsersRequest\"8\n\x11ListUsersResponse\x12#\n\x05users\x18\x01 \x03(\x0b\x32\x14.llmasos.v1.Identity\"\xa2\x01\n\x13SetUserQuotaRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x15\n\x08max_jobs\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\x04H\x01\x88\x01\x01\x12\x15\n\x08kv_share\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05reset\x18\x05 \x01(\x08\x42\x0b\n\t_max_jobsB\r\n\x0b_max_tokensB\x0b\n\t_kv_share2\xa2\x02\n\x08Security\x12\x45\n\x0c\x41uthenticate\x12\x1f.llmasos.v1.AuthenticateRequest\x1a\x14.llmasos.v1.Identity\x12\x42\n\x07\x41\x64\x64User\x12\x1a.llmasos.v1.AddUserRequest\x1a\x1b.llmasos.v1.AddUserResponse\x12H\n\tListUsers\x12\x1c.llmasos.v1.ListUsersRequest\x1a\x1d.llmasos.v1.ListUsersResponse\x12\x41\n\x08SetQuota\x12\x1f.llmasos.v1.SetUserQuotaRequest\x1a\x14.llmasos.v1.Identityb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmasos.proto.security_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUTHENTICATEREQUEST']._serialized_start=44
-  _globals['_AUTHENTICATEREQUEST']._serialized_end=80
-  _globals['_IDENTITY']._serialized_start=82
-  _globals['_IDENTITY']._serialized_end=155
-  _globals['_ADDUSERREQUEST']._serialized_start=157
-  _globals['_ADDUSERREQUEST']._serialized_end=209
-  _globals['_ADDUSERRESPONSE']._serialized_start=211
-  _globals['_ADDUSERRESPONSE']._serialized_end=283
-  _globals['_LISTUSERSREQUEST']._serialized_start=285
-  _globals['_LISTUSERSREQUEST']._serialized_end=303
-  _globals['_LISTUSERSRESPONSE']._serialized_start=305
-  _globals['_LISTUSERSRESPONSE']._serialized_end=361
-  _globals['_SECURITY']._serialized_start=364
-  _globals['_SECURITY']._serialized_end=587
+  _globals['_AUTHENTICATEREQUEST']._serialized_start=72
+  _globals['_AUTHENTICATEREQUEST']._serialized_end=108
+  _globals['_IDENTITY']._serialized_start=110
+  _globals['_IDENTITY']._serialized_end=217
+  _globals['_ADDUSERREQUEST']._serialized_start=219
+  _globals['_ADDUSERREQUEST']._serialized_end=271
+  _globals['_ADDUSERRESPONSE']._serialized_start=273
+  _globals['_ADDUSERRESPONSE']._serialized_end=345
+  _globals['_LISTUSERSREQUEST']._serialized_start=347
+  _globals['_LISTUSERSREQUEST']._serialized_end=365
+  _globals['_LISTUSERSRESPONSE']._serialized_start=367
+  _globals['_LISTUSERSRESPONSE']._serialized_end=423
+  _globals['_SETUSERQUOTAREQUEST']._serialized_start=426
+  _globals['_SETUSERQUOTAREQUEST']._serialized_end=588
+  _globals['_SECURITY']._serialized_start=591
+  _globals['_SECURITY']._serialized_end=881
 # @@protoc_insertion_point(module_scope)

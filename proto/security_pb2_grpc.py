@@ -49,6 +49,11 @@ class SecurityStub:
                 request_serializer=llmasos_dot_proto_dot_security__pb2.ListUsersRequest.SerializeToString,
                 response_deserializer=llmasos_dot_proto_dot_security__pb2.ListUsersResponse.FromString,
                 _registered_method=True)
+        self.SetQuota = channel.unary_unary(
+                '/llmasos.v1.Security/SetQuota',
+                request_serializer=llmasos_dot_proto_dot_security__pb2.SetUserQuotaRequest.SerializeToString,
+                response_deserializer=llmasos_dot_proto_dot_security__pb2.Identity.FromString,
+                _registered_method=True)
 
 
 class SecurityServicer:
@@ -75,6 +80,13 @@ class SecurityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetQuota(self, request, context):
+        """Change a user's quota (fields not given keep their value); NOT_FOUND for an unknown user.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SecurityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +104,11 @@ def add_SecurityServicer_to_server(servicer, server):
                     servicer.ListUsers,
                     request_deserializer=llmasos_dot_proto_dot_security__pb2.ListUsersRequest.FromString,
                     response_serializer=llmasos_dot_proto_dot_security__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'SetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQuota,
+                    request_deserializer=llmasos_dot_proto_dot_security__pb2.SetUserQuotaRequest.FromString,
+                    response_serializer=llmasos_dot_proto_dot_security__pb2.Identity.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +192,33 @@ class Security:
             '/llmasos.v1.Security/ListUsers',
             llmasos_dot_proto_dot_security__pb2.ListUsersRequest.SerializeToString,
             llmasos_dot_proto_dot_security__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Security/SetQuota',
+            llmasos_dot_proto_dot_security__pb2.SetUserQuotaRequest.SerializeToString,
+            llmasos_dot_proto_dot_security__pb2.Identity.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,16 +1,23 @@
-"""What every service process shares: logging, a gRPC server with health and reflection,
-reporting its address to the supervising kernel, and a clean exit on SIGTERM.
+"""What every service process shares: logging, a gRPC server with health, the per-boot secret
+check, reporting its address to the supervising kernel, and a clean exit on SIGTERM.
 
 A service's __main__ calls `serve(name, register)`, where register(server) adds its servicers
-and returns their full service names (for health and reflection).
+and returns their full service names (for health).
+
+Protection: a service answers only the kernel. It listens on a Unix socket in llmosd's 0700 run
+directory, and every call (health included) must carry the secret the kernel handed it at start
+through a pipe (`--secret-fd`), never on the command line or in the environment. Reflection is
+off: only the public Kernel service describes itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import hmac
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -19,8 +26,8 @@ from concurrent import futures
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+SECRET_KEY = "x-llmasos-secret"   # the call metadata that carries the per-boot secret
 Register = Callable[[grpc.Server], list[str]]
 
 
@@ -47,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--listen", default="127.0.0.1:0", help="address to serve on")
     ap.add_argument("--report-fd", type=int, default=-1, help="fd to write the bound address to")
+    ap.add_argument("--secret-fd", type=int, default=-1,
+                    help="fd to read the kernel's per-boot secret from (required)")
     ap.add_argument("--state-dir", default=os.environ.get("LLMASOS_HOME", ""))
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--option", action="append", default=[], help="service option KEY=VALUE")
@@ -58,11 +67,66 @@ def options(args: argparse.Namespace) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in args.option)
 
 
-def start_server(register: Register, listen: str, workers: int = 8) -> tuple[grpc.Server, str]:
-    """Start a server with the service's servicers, health and reflection; return it and its
-    bound address."""
+def read_secret(fd: int) -> str:
+    """The secret the kernel wrote on our pipe (then closed); refuse to serve without one."""
+    if fd < 0:
+        raise SystemExit("a service answers only its kernel: start it with --secret-fd FD, a pipe "
+                         "carrying the per-boot secret (llmosd does this for you)")
+    with os.fdopen(fd, "rb") as pipe:
+        secret = pipe.read(4096).decode().strip()
+    if len(secret) < 32:
+        raise SystemExit("the secret on --secret-fd is missing or shorter than 32 characters")
+    return secret
+
+
+class SecretInterceptor(grpc.ServerInterceptor):
+    """Refuse every call whose metadata lacks the per-boot secret: UNAUTHENTICATED. Unknown
+    methods are refused the same way, so a stranger learns nothing about what we serve."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret.encode()
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):  # noqa: ANN201
+        for key, value in details.invocation_metadata or ():
+            if key == SECRET_KEY and isinstance(value, str) and \
+                    hmac.compare_digest(value.encode(), self.secret):
+                return continuation(details)
+        return refusal(continuation(details))
+
+
+def refusal(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind as `handler` that answers UNAUTHENTICATED."""
+    def deny(request_or_iterator: object, context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                      "internal service: only llmosd may call it; use the Kernel syscalls")
+    if handler is None or not (handler.request_streaming or handler.response_streaming):
+        return grpc.unary_unary_rpc_method_handler(deny)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(deny)
+    return grpc.unary_stream_rpc_method_handler(deny)
+
+
+def remove_stale_socket(listen: str) -> None:
+    """A previous incarnation killed with SIGKILL leaves its socket file behind."""
+    if not listen.startswith("unix:"):
+        return
+    path = listen[len("unix:"):]
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def start_server(register: Register, listen: str, secret: str,
+                 workers: int = 8) -> tuple[grpc.Server, str]:
+    """Start a server with the service's servicers and health behind the secret check; return
+    it and its bound address."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
+        interceptors=[SecretInterceptor(secret)],
         options=[("grpc.so_reuseport", 0),
                  ("grpc.max_receive_message_length", 64 << 20),
                  ("grpc.max_send_message_length", 64 << 20)],
@@ -72,8 +136,7 @@ def start_server(register: Register, listen: str, workers: int = 8) -> tuple[grp
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in [*names, ""]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME,
-                                         reflection.SERVICE_NAME], server)
+    remove_stale_socket(listen)
     try:
         port = server.add_insecure_port(listen)
     except RuntimeError:   # grpc reports a failed bind this way
@@ -99,7 +162,9 @@ def serve(name: str, register: Callable[[grpc.Server, argparse.Namespace], list[
     """Run a service until SIGTERM/SIGINT; the standard main of every service process."""
     args = parse_args(argv)
     log = configure_logging(name)
-    server, address = start_server(lambda s: register(s, args), args.listen, args.workers)
+    secret = read_secret(args.secret_fd)
+    server, address = start_server(lambda s: register(s, args), args.listen, secret,
+                                   args.workers)
     report_address(args.report_fd, address)
     log.info("service_started", address=address)
     stopped = threading.Event()

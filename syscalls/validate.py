@@ -7,16 +7,17 @@ import re
 from typing import Any
 
 from llmasos.syscalls.errors import invalid
+from llmasos.syscalls.limits import (
+    MAX_N,
+    MAX_NAME_BYTES,
+    MAX_PROMPT_BYTES,
+    NICE_MAX,
+    NICE_MIN,
+    SIGNALS,
+    sampling_errors,
+)
 
-MAX_PROMPT_BYTES = 1_000_000
-MAX_N = 16
-MAX_STOP_STRINGS = 16
-MAX_STOP_BYTES = 256
-MAX_NAME_BYTES = 64
-MAX_TOKENS = 65536
-NICE_MIN, NICE_MAX = -20, 19
 MODEL_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-SIGNALS = {9, 15, 18, 19}
 ROLES = {"system", "user", "assistant"}
 DTYPES = {"", "float32", "float16", "bfloat16"}
 
@@ -36,35 +37,12 @@ def model_name(name: str) -> None:
         raise invalid(f"model name must be 1..64 chars of [A-Za-z0-9._:-], got {name!r}")
 
 
-def _range(name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> None:
-    if value != value or value < lo or value > hi or (lo_open and value == lo):
-        bracket = "(" if lo_open else "["
-        raise invalid(f"sampling.{name} must be in {bracket}{lo}, {hi}], got {value}")
-
-
 def sampling(s: Any) -> None:
-    """Ranges as documented in common.proto; vocab-dependent checks are the engine's."""
-    if s.HasField("temperature"):
-        _range("temperature", s.temperature, 0.0, 10.0)
-    if s.HasField("top_k"):
-        _range("top_k", s.top_k, 0, 1 << 20)
-    if s.HasField("top_p"):
-        _range("top_p", s.top_p, 0.0, 1.0, lo_open=True)
-    if s.HasField("min_p"):
-        _range("min_p", s.min_p, 0.0, 0.999999)
-    if s.HasField("repetition_penalty"):
-        _range("repetition_penalty", s.repetition_penalty, 0.0, 10.0, lo_open=True)
-    if s.HasField("presence_penalty"):
-        _range("presence_penalty", s.presence_penalty, -2.0, 2.0)
-    if s.HasField("frequency_penalty"):
-        _range("frequency_penalty", s.frequency_penalty, -2.0, 2.0)
-    if s.HasField("max_tokens"):
-        _range("max_tokens", s.max_tokens, 1, MAX_TOKENS)
-    if len(s.stop) > MAX_STOP_STRINGS:
-        raise invalid(f"at most {MAX_STOP_STRINGS} stop strings, got {len(s.stop)}")
-    for stop in s.stop:
-        if not stop or len(stop.encode()) > MAX_STOP_BYTES:
-            raise invalid(f"each stop string must be 1..{MAX_STOP_BYTES} bytes")
+    """Ranges of limits.SAMPLING; vocabulary-dependent bounds are checked at Spawn against the
+    model (kernel/handlers.py) and again by the engine."""
+    errors = sampling_errors(s)
+    if errors:
+        raise invalid(errors[0])
 
 
 def spawn(req: Any) -> None:
@@ -93,7 +71,7 @@ def spawn(req: Any) -> None:
 
 def kill(req: Any) -> None:
     pid(req)
-    if req.signal not in SIGNALS:
+    if req.signal not in SIGNALS.values():
         raise invalid(f"unknown signal {req.signal}; use SIGTERM, SIGKILL, SIGSTOP or SIGCONT")
 
 
@@ -121,3 +99,65 @@ def undeploy(req: Any) -> None:
 
 def nothing(req: Any) -> None:
     """Syscalls without arguments."""
+
+
+USER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+MAX_AUDIT_LINES = 10_000
+
+
+def setquota(req: Any) -> None:
+    if not USER_NAME.match(req.user):
+        raise invalid(f"user must be a user name (1..32 chars of [a-z0-9_-]), got {req.user!r}")
+    if req.HasField("kv_share") and not 0.0 <= req.kv_share <= 1.0:
+        raise invalid(f"kv_share must be in [0, 1] (0: no limit), got {req.kv_share}")
+    fields = ("max_jobs", "max_tokens", "kv_share")
+    if not req.reset and not any(req.HasField(f) for f in fields):
+        raise invalid("give at least one of max_jobs, max_tokens, kv_share, or reset")
+
+
+def audit(req: Any) -> None:
+    if req.limit > MAX_AUDIT_LINES:
+        raise invalid(f"limit must be at most {MAX_AUDIT_LINES}, got {req.limit}")
+# --- mailboxes (the IPC service re-checks everything; these fail fast with the same words) ---
+
+MBOX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,63}")
+MBOX_MODES = {0, 1, 2}                 # kernel.proto MboxMode: owner, group, all
+MBOX_MAX_MESSAGES = 65536
+MBOX_MAX_TEXT = 1 << 20                # bytes per message
+MBOX_MAX_WAIT_MS = 600_000
+
+
+def mbox_name(name: str) -> None:
+    if MBOX_NAME.fullmatch(name) is None:
+        raise invalid(f"bad mailbox name {name!r}: 1..64 chars of [A-Za-z0-9_.:@/-], "
+                      "starting with a letter or digit")
+
+
+def mbox_create(req: Any) -> None:
+    mbox_name(req.name)
+    if req.mode not in MBOX_MODES:
+        raise invalid(f"mode must be owner (0), group (1) or all (2), got {req.mode}")
+    if req.max_messages > MBOX_MAX_MESSAGES:
+        raise invalid(f"max_messages must be at most {MBOX_MAX_MESSAGES}")
+
+
+def mbox_send(req: Any) -> None:
+    mbox_name(req.name)
+    if len(req.text.encode()) > MBOX_MAX_TEXT:
+        raise invalid(f"text must be at most {MBOX_MAX_TEXT} bytes")
+
+
+def mbox_recv(req: Any) -> None:
+    mbox_name(req.name)
+    if req.timeout_ms > MBOX_MAX_WAIT_MS:
+        raise invalid(f"timeout_ms must be at most {MBOX_MAX_WAIT_MS} (10 minutes); loop "
+                      "for longer waits")
+
+
+def mbox_list(req: Any) -> None:
+    if req.name:
+        mbox_name(req.name)
+
+
+def mbox_remove(req: Any) -> None:
+    mbox_name(req.name)

@@ -211,20 +211,46 @@ def alone(system: System, prompt: str, max_tokens: int = 12) -> list[int]:
 
 # --- one service process on its own -----------------------------------------------------------
 
-def start_service(module: str, *args: str) -> tuple[subprocess.Popen, str]:
-    """Start one service process on a free port; it prints its address when given no pipe."""
-    proc = subprocess.Popen([sys.executable, "-m", module, "--listen", "127.0.0.1:0", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            cwd=Path(__file__).resolve().parents[1])
+@dataclass
+class StartedService:
+    """A service process started by a test the way llmosd starts one: with a secret on a pipe."""
+
+    proc: subprocess.Popen
+    address: str
+    secret: str
+
+    def channel(self, secret: str | None = None) -> grpc.Channel:
+        """A channel whose calls carry the secret (another secret when given)."""
+        from llmasos.kernel.supervisor import secret_channel
+        return secret_channel(self.address, self.secret if secret is None else secret)
+
+
+def start_service(module: str, *args: str, env: dict[str, str] | None = None,
+                  timeout: float = 30.0) -> StartedService:
+    """Start one service process on a free loopback port with a fresh secret on a pipe; it
+    prints its address when given no report pipe."""
+    import secrets as _secrets
+    secret = _secrets.token_hex(32)
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, secret.encode() + b"\n")
+    os.close(write_fd)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", module, "--listen", "127.0.0.1:0",
+                                 "--secret-fd", str(read_fd), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                pass_fds=(read_fd,), env=env,
+                                cwd=Path(__file__).resolve().parents[1])
+    finally:
+        os.close(read_fd)
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
-    if not sel.select(timeout=30):
+    if not sel.select(timeout=timeout):
         proc.kill()
         proc.wait()
         raise TimeoutError(f"{module} did not report its address")
     address = proc.stdout.readline().decode().strip()
     assert address.startswith("127.0.0.1:"), address
-    return proc, address
+    return StartedService(proc, address, secret)
 
 
 def stop_service(proc: subprocess.Popen, address: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from llmasos.kernel.auth import bearer
 from llmasos.proto import kernel_pb2
 from llmasos.syscalls import SYSCALLS
 
@@ -23,6 +24,13 @@ REQUESTS = {
     "Undeploy": kernel_pb2.UndeployRequest(name="x"),
     "WhoAmI": kernel_pb2.WhoAmIRequest(),
     "Services": kernel_pb2.ServicesRequest(),
+    "SetQuota": kernel_pb2.SetQuotaRequest(user="root", max_jobs=1),
+    "Audit": kernel_pb2.AuditRequest(),
+    "MboxCreate": kernel_pb2.MboxCreateRequest(name="m"),
+    "MboxSend": kernel_pb2.MboxSendRequest(name="m", text="x"),
+    "MboxRecv": kernel_pb2.MboxRecvRequest(name="m"),
+    "MboxList": kernel_pb2.MboxListRequest(),
+    "MboxRemove": kernel_pb2.MboxRemoveRequest(name="m"),
 }
 
 
@@ -34,6 +42,15 @@ def code_of(system: System, name: str, request: object, metadata: list) -> grpc.
     except grpc.RpcError as e:
         return e.code()
     return grpc.StatusCode.OK
+
+
+def test_bearer_scheme_is_case_insensitive_per_rfc_6750() -> None:
+    for value in ("Bearer t0k", "bearer t0k", "BEARER t0k", "  Bearer   t0k  "):
+        assert bearer((("authorization", value),)) == "t0k", value
+    for value in ("Basic t0k", "Bearert0k", "Bearer ", "t0k", ""):
+        assert bearer((("authorization", value),)) == "", value
+    assert bearer((("x-other", "Bearer t0k"),)) == ""
+    assert bearer(None) == ""
 
 
 def test_table_covers_every_rpc() -> None:
@@ -68,6 +85,9 @@ def test_new_user_identity_and_limits(bare_system: System) -> None:
     assert code_of(bare_system, "Ps", kernel_pb2.PsRequest(user="root"), md) == \
         grpc.StatusCode.PERMISSION_DENIED
     assert code_of(bare_system, "Ps", kernel_pb2.PsRequest(all=True), md) == grpc.StatusCode.OK
+    for name in ("SetQuota", "Audit"):
+        assert code_of(bare_system, name, REQUESTS[name], md) == \
+            grpc.StatusCode.PERMISSION_DENIED, name
 
 
 def test_adduser_rejects_taken_and_bad_names(bare_system: System) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +14,8 @@ import pytest
 from llmasos.proto import common_pb2, inference_pb2, inference_pb2_grpc
 from llmasos.services.inference.__main__ import embedded_path
 
+from conftest import start_service
+
 MODEL = "smollm2-135m"
 pytestmark = pytest.mark.slow
 
@@ -23,15 +23,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[inference_pb2_grpc.InferenceStub]:
     state = tmp_path_factory.mktemp("state")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmasos.services.inference", "--state-dir", str(state),
-         "--option", "kv_budget_mb=64", "--option", "embedded=1"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, "LLMASOS_HOME": str(state)})
+    svc = start_service("llmasos.services.inference", "--state-dir", str(state),
+                        "--option", "kv_budget_mb=64", "--option", "embedded=1",
+                        env={**os.environ, "LLMASOS_HOME": str(state)}, timeout=600)
+    proc = svc.proc
     try:
-        address = proc.stdout.readline().strip()  # runtime prints the bound address when ready
-        assert address, "service exited before reporting its address"
-        channel = grpc.insecure_channel(address)
+        channel = svc.channel()
         grpc.channel_ready_future(channel).result(timeout=30)
         yield inference_pb2_grpc.InferenceStub(channel)
         channel.close()
@@ -82,10 +79,19 @@ def code_of(call: object) -> tuple[grpc.StatusCode, str]:
 
 def test_error_codes(stub: inference_pb2_grpc.InferenceStub, tmp_path: Path) -> None:
     bad = common_pb2.SamplingParams(temperature=-1.0)
-    code, msg = code_of(lambda: stub.Step(inference_pb2.StepRequest(model=MODEL, entries=[
+    good = common_pb2.SamplingParams(temperature=0.0)
+    reply = stub.Step(inference_pb2.StepRequest(model=MODEL, entries=[   # only its entry fails
         inference_pb2.StepEntry(seq_id=1, token_ids=[1], block_table=[0], sample=True,
-                                sampling=bad)])))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in msg
+                                sampling=bad),
+        inference_pb2.StepEntry(seq_id=2, token_ids=[1], block_table=[1], sample=True,
+                                sampling=good)]))
+    assert "temperature" in reply.results[0].error and not reply.results[0].sampled
+    assert not reply.results[1].error and reply.results[1].sampled
+    stub.Release(inference_pb2.ReleaseRequest(model=MODEL, seq_ids=[2]))
+    code, msg = code_of(lambda: stub.Step(inference_pb2.StepRequest(model=MODEL, entries=[
+        inference_pb2.StepEntry(seq_id=3, token_ids=[1], block_table=[0]),
+        inference_pb2.StepEntry(seq_id=3, token_ids=[1], block_table=[0])])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "twice" in msg   # the kernel's bug
     code, _ = code_of(lambda: stub.Tokenize(inference_pb2.TokenizeRequest(model="nope",
                                                                          text="hi")))
     assert code == grpc.StatusCode.NOT_FOUND

@@ -187,14 +187,14 @@ def test_many_producers_one_consumer_in_order(mb):
 # -- the service as a process -----------------------------------------------------------------
 
 @pytest.fixture
-def service():
-    proc, address = start_service("llmasos.services.ipc")
+def service(tmp_path):
+    svc = start_service("llmasos.services.ipc", "--state-dir", str(tmp_path))
     try:
-        yield proc, address
+        yield svc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if svc.proc.poll() is None:
+            svc.proc.kill()
+            svc.proc.wait()
 
 
 def code_of(fn, req, timeout: float = 10) -> grpc.StatusCode:
@@ -204,8 +204,8 @@ def code_of(fn, req, timeout: float = 10) -> grpc.StatusCode:
 
 
 def test_service_over_grpc(service):
-    proc, address = service
-    with grpc.insecure_channel(address) as ch:
+    proc, address = service.proc, service.address
+    with service.channel() as ch:
         health = health_pb2_grpc.HealthStub(ch)
         for name in ["", "llmasos.v1.Ipc"]:
             res = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
@@ -278,10 +278,12 @@ def test_service_over_grpc(service):
             stuck.result(timeout=10)
 
 
-def test_blocked_receivers_cannot_starve_senders():
-    proc, address = start_service("llmasos.services.ipc", "--workers", "6")  # 2 may block
+def test_blocked_receivers_cannot_starve_senders(tmp_path):
+    svc = start_service("llmasos.services.ipc", "--workers", "6",  # 2 may block
+                        "--state-dir", str(tmp_path))
+    proc, address = svc.proc, svc.address
     try:
-        with grpc.insecure_channel(address) as ch:
+        with svc.channel() as ch:
             ipc = ipc_pb2_grpc.IpcStub(ch)
             ipc.CreateMailbox(ipc_pb2.CreateMailboxRequest(name="q"), timeout=10)
             waiting = [ipc.Receive.future(ipc_pb2.ReceiveRequest(name="q", timeout_ms=30_000),

@@ -537,3 +537,26 @@ PagerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_pager_machine = PagerMachine.TestCase
+
+
+def test_a_token_appended_before_it_is_known_is_filled_in_or_rolled_back() -> None:
+    """The overlapped step: the next input is appended while the step that samples it runs."""
+    pager = Pager(num_blocks=8, block_size=4)
+    pager.admit(1, "u", [1, 2, 3, 4])
+    pager.mark_computed(1, 4)
+    pager.append(1, [0])                       # placeholder for the token being sampled
+    assert pager.free_blocks == 6
+    pager.set_token(1, 4, 42)
+    pager.mark_computed(1, 5)
+    assert pager.seqs[1].tokens == [1, 2, 3, 4, 42]
+    pager.append(1, [0])
+    pager.truncate(1, 5)                       # the job ended: roll the placeholder back
+    assert pager.seqs[1].tokens == [1, 2, 3, 4, 42] and pager.free_blocks == 6
+    pager.append(1, [0, 0, 0, 0])              # a new block, then dropped with its tokens
+    assert pager.free_blocks == 5
+    pager.truncate(1, 5)
+    assert pager.free_blocks == 6 and len(pager.block_table(1)) == 2
+    with pytest.raises(ValueError):
+        pager.set_token(1, 2, 7)               # computed tokens never change
+    with pytest.raises(ValueError):
+        pager.truncate(1, 3)

@@ -63,3 +63,51 @@ def test_resident_job_that_cannot_grow_preempts_the_lowest_ranked() -> None:
     alone_ = plan("fcfs", request([job(1, pending=1, context=32, blocks=2, resident=True)],
                                   free=0))
     assert alone_.slots == [] and alone_.preempt == [1]   # yields its own blocks
+
+
+def test_exact_need_from_the_pager_decides_admission() -> None:
+    # a 64-token prompt whose first 48 tokens hit the prefix cache needs 1 block, not 4
+    jobs = [job(1, pending=64), job(2, pending=64)]
+    jobs[0].need_blocks, jobs[1].need_blocks = 1, 4
+    result = plan("fcfs", request(jobs, free=2, budget=512))
+    assert result.slots == [(1, 64)]
+
+
+def test_copy_on_write_counts_in_a_resident_jobs_need() -> None:
+    grow = job(1, pending=1, context=20, blocks=2, resident=True)   # fits its last block ...
+    grow.need_blocks = 1                                            # ... but it is shared
+    assert plan("fcfs", request([grow], free=0)).preempt == [1]
+    assert plan("fcfs", request([grow], free=1)).slots == [(1, 1)]
+
+
+def test_a_users_kv_quota_holds_back_its_new_jobs_only() -> None:
+    jobs = [job(1, user="greedy", pending=1, context=64, blocks=4, resident=True),
+            job(2, user="greedy", pending=64), job(3, user="other", pending=64)]
+    jobs[1].need_blocks = jobs[2].need_blocks = 4
+    req = request(jobs, free=100, budget=512)
+    req.user_block_limit["greedy"] = 6
+    assert [pid for pid, _ in plan("fcfs", req).slots] == [1, 3]
+
+
+def test_fair_share_remembers_finished_jobs_through_decayed_usage() -> None:
+    from llmasos.services.scheduler.usage import Usage
+    usage = Usage(half_life=60.0, last=0.0)
+    usage.charge("heavy", 10_000)   # served long jobs that have ended
+    jobs = [job(1, user="heavy"), job(2, user="light")]
+    first = plan("fair", request(jobs, budget=1), usage.decay(now=1.0))
+    assert first.slots == [(2, 1)]
+    forgotten = usage.decay(now=60.0 * 30)   # thirty half-lives later it is forgiven
+    assert "heavy" not in forgotten
+    assert plan("fair", request(jobs, budget=1), forgotten).slots == [(1, 1)]
+
+
+def test_growing_past_a_kv_quota_preempts_the_owners_lowest_job() -> None:
+    jobs = [job(1, user="q", pending=1, context=32, blocks=2, resident=True),
+            job(2, user="q", pending=1, context=32, blocks=2, resident=True),
+            job(3, user="other", pending=1, context=32, blocks=2, resident=True)]
+    for j in jobs:
+        j.need_blocks = 1
+    req = request(jobs, free=100)
+    req.user_block_limit["q"] = 5
+    result = plan("fcfs", req)
+    assert result.preempt == [2] and [pid for pid, _ in result.slots] == [1, 3]

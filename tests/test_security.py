@@ -217,13 +217,13 @@ def test_cli_adduser_in_parallel(state):
 
 @pytest.fixture
 def service(state):
-    proc, address = start_service("llmasos.services.security", "--state-dir", str(state))
+    svc = start_service("llmasos.services.security", "--state-dir", str(state))
     try:
-        yield proc, address
+        yield svc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if svc.proc.poll() is None:
+            svc.proc.kill()
+            svc.proc.wait()
 
 
 def code_of(fn, *args) -> grpc.StatusCode:
@@ -233,8 +233,8 @@ def code_of(fn, *args) -> grpc.StatusCode:
 
 
 def test_service_over_grpc(service, state):
-    proc, address = service
-    with grpc.insecure_channel(address) as ch:
+    proc, address = service.proc, service.address
+    with service.channel() as ch:
         health = health_pb2_grpc.HealthStub(ch)
         for name in ["", "llmasos.v1.Security"]:
             res = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
@@ -274,4 +274,24 @@ def test_service_over_grpc(service, state):
 
         users = stub.ListUsers(security_pb2.ListUsersRequest(), timeout=10).users
         assert [(u.user, u.uid) for u in users] == [("root", 0), ("frank", 1000), ("hank", 1001)]
+
+        # quotas: the defaults in Authenticate's reply, SetQuota changes them, bad input refused
+        assert (who.quota.max_jobs, who.quota.max_tokens, who.quota.kv_share) == (64, 65536, 0.5)
+        assert (root.quota.max_jobs, root.quota.max_tokens) == (0, 0)
+        got = stub.SetQuota(security_pb2.SetUserQuotaRequest(user="hank", max_jobs=2), timeout=10)
+        assert (got.user, got.quota.max_jobs, got.quota.max_tokens) == ("hank", 2, 65536)
+        assert code_of(stub.SetQuota, security_pb2.SetUserQuotaRequest(user="nope", max_jobs=1)) \
+            == grpc.StatusCode.NOT_FOUND
+        assert code_of(stub.SetQuota, security_pb2.SetUserQuotaRequest(user="hank", kv_share=2)) \
+            == grpc.StatusCode.INVALID_ARGUMENT
+
+    # without the secret, or with another, every call is refused
+    for secret in ("", "0" * 64):
+        with service.channel(secret=secret) as ch:
+            stub = security_pb2_grpc.SecurityStub(ch)
+            assert code_of(stub.AddUser, security_pb2.AddUserRequest(name="mallory")) \
+                == grpc.StatusCode.UNAUTHENTICATED
+            assert code_of(health_pb2_grpc.HealthStub(ch).Check,
+                           health_pb2.HealthCheckRequest()) == grpc.StatusCode.UNAUTHENTICATED
+    assert "mallory" not in {i.user for i in Security(state).list_users()}
     stop_service(proc, address)

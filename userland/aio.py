@@ -20,6 +20,7 @@ from llmasos import calls, requests, tasks
 from llmasos.calls import Call
 from llmasos.client import DEFAULT_JOB_TIMEOUT, DEFAULT_TIMEOUT, NO_MODEL, ClientBase
 from llmasos.errors import LLMError, NotFound
+from llmasos.mailbox import AsyncMailbox
 from llmasos.process import AsyncProcess, Completion
 from llmasos.proto import common_pb2, kernel_pb2
 
@@ -180,3 +181,16 @@ class AsyncLLMClient(ClientBase):
 
     async def services(self) -> list[kernel_pb2.ServiceInfo]:
         return await self._call(calls.SERVICES)
+
+    async def audit(self, limit: int = 50, user: str = "",
+                    call: str = "") -> list[kernel_pb2.AuditEntry]:
+        return await self._call(calls.AUDIT, limit, user, call)
+
+    async def set_quota(self, user: str, max_jobs: int | None = None,
+                        max_tokens: int | None = None, kv_share: float | None = None,
+                        reset: bool = False) -> common_pb2.Quota:
+        return await self._call(calls.SET_QUOTA, user, max_jobs, max_tokens, kv_share, reset)
+
+    def mailbox(self, name: str = "") -> AsyncMailbox:
+        """A named mailbox (see llmasos/mailbox.py), awaitable."""
+        return AsyncMailbox(self._stub, self._metadata, name, self.timeout, self.address)

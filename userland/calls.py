@@ -41,6 +41,13 @@ def _deploy(path: str, name: str, dtype: str = "") -> kernel_pb2.DeployRequest:
     return kernel_pb2.DeployRequest(path=os.path.abspath(path), name=name, dtype=dtype)
 
 
+def _set_quota(user: str, max_jobs: int | None = None, max_tokens: int | None = None,
+               kv_share: float | None = None, reset: bool = False) -> kernel_pb2.SetQuotaRequest:
+    given = {"max_jobs": max_jobs, "max_tokens": max_tokens, "kv_share": kv_share}
+    return kernel_pb2.SetQuotaRequest(user=user, reset=reset,
+                                      **{k: v for k, v in given.items() if v is not None})
+
+
 # Spawn, Deploy and Undeploy are not idempotent: a retry after the kernel took the first
 # request would start a second job (or fail on the first's effect), so they are only sent
 # again when gRPC knows the first never reached the kernel (see connect.py).
@@ -62,8 +69,12 @@ UNDEPLOY = Call("Undeploy", lambda name: kernel_pb2.UndeployRequest(name=name),
 WHOAMI = Call("WhoAmI", kernel_pb2.WhoAmIRequest, _same, idempotent=True)
 SERVICES = Call("Services", kernel_pb2.ServicesRequest, lambda r: list(r.services),
                 idempotent=True)
+AUDIT = Call("Audit", lambda limit=50, user="", call="": kernel_pb2.AuditRequest(
+    limit=limit, user=user, call=call), lambda r: list(r.entries), idempotent=True)
+SET_QUOTA = Call("SetQuota", _set_quota, _same, idempotent=True)  # sets, never adds
 
-CALLS = (SPAWN, WAIT, READ, KILL, NICE, STAT, PS, MODELS, DEPLOY, UNDEPLOY, WHOAMI, SERVICES)
+CALLS = (SPAWN, WAIT, READ, KILL, NICE, STAT, PS, MODELS, DEPLOY, UNDEPLOY, WHOAMI, SERVICES,
+         AUDIT, SET_QUOTA)
 RETRIED = tuple(c.name for c in CALLS if c.idempotent)
 
 # Codes that may come from the client's side of the wire; any other means llmosd answered.

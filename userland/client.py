@@ -18,6 +18,7 @@ import grpc
 from llmasos import calls, connect, requests, tasks
 from llmasos.calls import Call
 from llmasos.errors import DeadlineExceeded, LLMError, NotFound, from_rpc
+from llmasos.mailbox import Mailbox
 from llmasos.process import Completion, Process
 from llmasos.proto import common_pb2, kernel_pb2, kernel_pb2_grpc
 
@@ -232,3 +233,16 @@ class LLMClient(ClientBase):
 
     def services(self) -> list[kernel_pb2.ServiceInfo]:
         return self._call(calls.SERVICES)
+
+    def audit(self, limit: int = 50, user: str = "", call: str = "") -> list[kernel_pb2.AuditEntry]:
+        """The last entries of the audit log (root)."""
+        return self._call(calls.AUDIT, limit, user, call)
+
+    def set_quota(self, user: str, max_jobs: int | None = None, max_tokens: int | None = None,
+                  kv_share: float | None = None, reset: bool = False) -> common_pb2.Quota:
+        """Change a user's quota (root); None keeps a field, 0 means no limit."""
+        return self._call(calls.SET_QUOTA, user, max_jobs, max_tokens, kv_share, reset)
+
+    def mailbox(self, name: str = "") -> Mailbox:
+        """A named mailbox (see llmasos/mailbox.py): create, send, receive, list, remove."""
+        return Mailbox(self._stub, self._metadata, name, self.timeout, self.address)

@@ -92,16 +92,32 @@ def service_config(retried: Iterable[str]) -> str:
     return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
 
 
+def tls_credentials() -> grpc.ChannelCredentials | None:
+    """TLS when $LLMASOS_CA names the PEM file of the CA (or self-signed certificate) that
+    signed llmosd's --tls-cert; None (plain text) otherwise."""
+    path = os.environ.get("LLMASOS_CA")
+    if not path:
+        return None
+    try:
+        return grpc.ssl_channel_credentials(root_certificates=Path(path).read_bytes())
+    except OSError as e:
+        raise ValueError(f"LLMASOS_CA={path}: cannot read the CA certificate: {e}") from None
+
+
 def channel(addr: str, retried: Iterable[str] = (), aio: bool = False) -> Any:
     """The one way userland opens a channel to llmosd (grpc.Channel, or grpc.aio.Channel when
-    aio); `retried` names the methods the channel retries on UNAVAILABLE."""
+    aio): TLS when $LLMASOS_CA is set; `retried` names the methods the channel retries on
+    UNAVAILABLE."""
     options = CHANNEL_OPTIONS + RECONNECT_OPTIONS
     retried = list(retried)
     if retried:
         options = options + [("grpc.enable_retries", 1),
                              ("grpc.service_config", service_config(retried))]
-    make = grpc.aio.insecure_channel if aio else grpc.insecure_channel
-    return make(addr, options=options)
+    grpc_ = grpc.aio if aio else grpc
+    creds = tls_credentials()
+    if creds is not None:
+        return grpc_.secure_channel(addr, creds, options=options)
+    return grpc_.insecure_channel(addr, options=options)
 
 
 def aio_channel(addr: str, retried: Iterable[str] = ()) -> grpc.aio.Channel:

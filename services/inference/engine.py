@@ -65,6 +65,7 @@ class StepResult:
     sampled: bool
     text: str
     stopped: bool  # a stop token or stop string ended the sequence
+    error: str = ""  # this entry alone was refused (its job's fault); nothing ran for it
 
 
 @dataclass
@@ -93,6 +94,7 @@ class Engine:
         self._models: dict[str, Loaded] = {}
         self._handles = itertools.count(1)
         self._lock = threading.RLock()  # one step at a time per process: the pool is shared
+        self._loading: set[str] = set()  # names being loaded, outside the lock (steps go on)
         self.last_compute_ms = 0.0
 
     # ---- models ----
@@ -107,33 +109,42 @@ class Engine:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such model file or folder: {path}")
-        with self._lock:
-            if name in self._models:
+        with self._lock:   # reserve the name; the load itself runs beside the steps
+            if name in self._models or name in self._loading:
                 raise ValueError(f"model name {name!r} is already loaded")
-            t0 = time.perf_counter()
-            # where the Triton kernels run, GGUF Q8_0/Q4_1 weights stay in their blocks
-            cfg, weights, kind = load_weights(path, self.state_dir,
-                                              keep_quantized=kernels_for(self.device) is not None)
-            tokenizer = Tokenizer.from_hf_dir(path) if kind == "safetensors" \
-                else Tokenizer.from_gguf(path)
-            torch_dtype = DTYPES[dtype_name]
-            model = LlamaModel(cfg, weights, torch_dtype, self.device)
-            del weights
-            pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                          kv_budget_bytes or self.kv_budget_bytes, self.block_size, torch_dtype,
-                          self.device)
-            params = model.num_parameters
-            entry = ModelEntry(
-                name=name, source=os.path.abspath(path), architecture=cfg.architecture,
-                parameters=params, dtype=str(torch_dtype).removeprefix("torch."),
-                memory_bytes=model.weight_bytes,
-                context_length=cfg.max_position_embeddings, device=str(self.device),
-                vocab_size=cfg.vocab_size,
-            )
-            self._models[name] = Loaded(entry, model, tokenizer, pool)
-            log.info("model_loaded", name=name, path=path, seconds=time.perf_counter() - t0,
-                     blocks=pool.geometry.num_blocks, block_bytes=pool.geometry.block_bytes)
-            return entry
+            self._loading.add(name)
+        try:
+            loaded = self._load(name, path, dtype_name, kv_budget_bytes)
+            with self._lock:
+                self._models[name] = loaded
+            return loaded.entry
+        finally:
+            with self._lock:
+                self._loading.discard(name)
+
+    def _load(self, name: str, path: str, dtype_name: str, kv_budget_bytes: int) -> Loaded:
+        t0 = time.perf_counter()
+        # where the Triton kernels run, GGUF Q8_0/Q4_1 weights stay in their blocks
+        cfg, weights, kind = load_weights(path, self.state_dir,
+                                          keep_quantized=kernels_for(self.device) is not None)
+        tokenizer = Tokenizer.from_hf_dir(path) if kind == "safetensors" \
+            else Tokenizer.from_gguf(path)
+        torch_dtype = DTYPES[dtype_name]
+        model = LlamaModel(cfg, weights, torch_dtype, self.device)
+        del weights
+        pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                      kv_budget_bytes or self.kv_budget_bytes, self.block_size, torch_dtype,
+                      self.device)
+        entry = ModelEntry(
+            name=name, source=os.path.abspath(path), architecture=cfg.architecture,
+            parameters=model.num_parameters, dtype=str(torch_dtype).removeprefix("torch."),
+            memory_bytes=model.weight_bytes,
+            context_length=cfg.max_position_embeddings, device=str(self.device),
+            vocab_size=cfg.vocab_size,
+        )
+        log.info("model_loaded", name=name, path=path, seconds=time.perf_counter() - t0,
+                 blocks=pool.geometry.num_blocks, block_bytes=pool.geometry.block_bytes)
+        return Loaded(entry, model, tokenizer, pool)
 
     def unload(self, name: str) -> None:
         with self._lock:
@@ -170,42 +181,58 @@ class Engine:
     # ---- the step ----
 
     def step(self, name: str, entries: list[StepEntry]) -> list[StepResult]:
-        """Run one batch; one result per entry, in order."""
+        """Run one batch; one result per entry, in order. An entry the model cannot run gets
+        a result with `error` set and the others run on (a bad request fails only its job)."""
         with self._lock:
             m = self._get(name)
-            self._check(m, entries)
-            if not entries:
-                return []
+            self._check_batch(entries)
+            results = [StepResult(e.seq_id, 0, 0.0, False, "", False, self._refusal(m, e))
+                       for e in entries]
+            run = [i for i, r in enumerate(results) if not r.error]
+            if not run:
+                return results
             t0 = time.perf_counter()
+            good = [entries[i] for i in run]
             slices = [SeqSlice(list(e.token_ids), e.start_pos, list(e.block_table), e.sample)
-                      for e in entries]
+                      for e in good]
             batch = build_batch(slices, self.block_size,
                                 m.model.cfg.num_heads // m.model.cfg.num_kv_heads, self.device,
                                 for_kernels=m.model.kernels is not None)
             logits = m.model.forward(batch, m.pool)
-            results = [StepResult(e.seq_id, 0, 0.0, False, "", False) for e in entries]
             if batch.sample_seqs:
-                results = self._sample(m, entries, batch.sample_seqs, logits, results)
+                sampled = self._sample(m, good, batch.sample_seqs, logits,
+                                       [results[i] for i in run])
+                for i, r in zip(run, sampled, strict=True):
+                    results[i] = r
             self.last_compute_ms = (time.perf_counter() - t0) * 1000
             return results
 
-    def _check(self, m: Loaded, entries: list[StepEntry]) -> None:
-        vocab = m.entry.vocab_size
+    @staticmethod
+    def _check_batch(entries: list[StepEntry]) -> None:
+        """What only the kernel can get wrong refuses the whole step."""
         seen: set[int] = set()
         for e in entries:
             if e.seq_id in seen:
                 raise ValueError(f"seq_id {e.seq_id} appears twice in one step")
             seen.add(e.seq_id)
-            if not e.token_ids:
-                raise ValueError(f"token_ids of seq_id {e.seq_id} is empty")
-            if e.start_pos + len(e.token_ids) > m.entry.context_length:
-                raise ValueError(f"start_pos: seq_id {e.seq_id} runs past the context length "
-                                 f"{m.entry.context_length}")
-            if any(not 0 <= t < vocab for t in e.token_ids):
-                raise ValueError(f"token_ids: seq_id {e.seq_id} holds ids outside [0, {vocab})")
+
+    def _refusal(self, m: Loaded, e: StepEntry) -> str:
+        """Why this entry cannot run ("" when it can)."""
+        vocab = m.entry.vocab_size
+        if not e.token_ids:
+            return f"token_ids of seq_id {e.seq_id} is empty"
+        if e.start_pos + len(e.token_ids) > m.entry.context_length:
+            return (f"seq_id {e.seq_id} runs past the model's context length "
+                    f"{m.entry.context_length}")
+        if any(not 0 <= t < vocab for t in e.token_ids):
+            return f"token_ids: seq_id {e.seq_id} holds ids outside [0, {vocab})"
+        try:
             m.pool.check(e.block_table)
             if e.sample:
                 e.params.validate(vocab)
+        except ValueError as err:
+            return str(err)
+        return ""
 
     def _state(self, m: Loaded, e: StepEntry) -> SeqState:
         state = m.seqs.get(e.seq_id)

@@ -15,11 +15,15 @@ from dataclasses import dataclass, field
 import torch
 
 from llmasos.proto import common_pb2
+from llmasos.syscalls.limits import (  # the ABI's one table of limits and defaults
+    DEFAULT_MAX_TOKENS,
+    MAX_STOP_BYTES,
+    MAX_STOP_STRINGS,
+    SAMPLING,
+    UINT64_MAX,
+    bound_for,
+)
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_BYTES = 256
-MAX_TOKENS = 65536
-UINT64_MAX = 2**64 - 1
 TOP_P_WINDOWS = (256, 4096)  # prefix widths tried before a full sort of the vocabulary
 
 
@@ -33,7 +37,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None  # None = fresh randomness
-    max_tokens: int = 256
+    max_tokens: int = DEFAULT_MAX_TOKENS
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False  # keep going past end-of-sequence ids (fixed-length benchmarks)
@@ -50,16 +54,11 @@ class SamplingParams:
 
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the first parameter out of its range (proto/common.proto)."""
-        _check_range("temperature", self.temperature, 0.0, 10.0)
-        _check_range("top_k", self.top_k, 0, vocab_size)
-        _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        _check_range("min_p", self.min_p, 0.0, 1.0, high_open=True)
-        _check_range("repetition_penalty", self.repetition_penalty, 0.0, 10.0, low_open=True)
-        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
-        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        for name in SAMPLING:
+            b = bound_for(name, vocab_size)
+            _check_range(name, getattr(self, name), b.lo, b.hi, b.lo_open, b.hi_open)
         if self.seed is not None:
             _check_range("seed", self.seed, 0, UINT64_MAX)
-        _check_range("max_tokens", self.max_tokens, 1, MAX_TOKENS)
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         for s in self.stop:

@@ -88,7 +88,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             info = next(e for e in self.engine.models() if e.name == request.model)
             return inference_pb2.TokenizeResponse(
                 token_ids=ids, eos_token_ids=self.engine.eos_token_ids(request.model),
-                context_length=info.context_length)
+                context_length=info.context_length, vocab_size=info.vocab_size)
         return self._call(context, run)
 
     def Detokenize(self, request: inference_pb2.DetokenizeRequest,  # noqa: N802
@@ -116,7 +116,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             return inference_pb2.StepResponse(compute_ms=compute_ms, results=[
                 inference_pb2.StepResult(
                     seq_id=r.seq_id, token_id=r.token_id, logprob=r.logprob, sampled=r.sampled,
-                    text=r.text,
+                    text=r.text, error=r.error,
                     finish_reason=common_pb2.EXIT_STOP if r.stopped
                     else common_pb2.EXIT_REASON_UNSPECIFIED)
                 for r in results])

@@ -6,10 +6,14 @@ decode first. The policy only orders the jobs and decides preemption; the kernel
 
   fcfs      arrival order
   priority  nice value, then arrival; a waiting job may preempt a resident one of lower priority
-  fair      the user who has been served fewest tokens goes first (equal shares per user)
+  fair      the user with the least decayed service goes first, counting tokens given to
+            finished jobs too (usage.py: CFS-like, with a half-life)
 
-When a resident job cannot grow, the resident jobs ranked below it are preempted, lowest first
-(vLLM's recompute preemption); if there are none, the job itself yields its blocks.
+Every block count is the pager's exact need (SchedJob.need_blocks: admission net of prefix
+hits, swap-in, growth plus copy-on-write); this is the only place preemption is decided. When a
+resident job cannot grow, the resident jobs ranked below it are preempted, lowest first (vLLM's
+preemption); if there are none, the job itself yields its blocks. A user's resident KV stays
+within its quota (PlanRequest.user_block_limit): a job that would pass it waits.
 """
 
 from __future__ import annotations
@@ -52,11 +56,27 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
-def plan(policy: str, req: scheduler_pb2.PlanRequest) -> Plan:
+def need_blocks(job: Job, n: int, bs: int) -> int:
+    """The pager's exact count when the kernel gave one, else an estimate from the job's sizes."""
+    if job.HasField("need_blocks"):
+        return job.need_blocks
+    if job.resident:   # grows by the blocks its next tokens need
+        return max(blocks_for(job.context_tokens + n, bs) - job.blocks_held, 0)
+    return blocks_for(job.pending_tokens + job.context_tokens, bs)
+
+
+def plan(policy: str, req: scheduler_pb2.PlanRequest,
+         history: dict[str, float] | None = None) -> Plan:
+    """history: decayed past service per user (fair policy); live jobs' tokens are added."""
     key = POLICIES[policy]
-    served: dict[str, int] = {}
+    served: dict[str, float] = dict(history or {})
+    held: dict[str, int] = {}
     for job in req.jobs:
-        served[job.user] = served.get(job.user, 0) + job.served_tokens
+        live = 0 if history is not None else job.served_tokens   # history counts them already
+        served[job.user] = served.get(job.user, 0) + live
+        if job.resident:
+            held[job.user] = held.get(job.user, 0) + job.blocks_held
+    limits = req.user_block_limit
     order = sorted(req.jobs, key=lambda j: key(j, served))
     resident = [j for j in order if j.resident]
     budget, free, bs = req.token_budget, req.free_blocks, req.block_size
@@ -68,10 +88,20 @@ def plan(policy: str, req: scheduler_pb2.PlanRequest) -> Plan:
         if job.pid in preempt:
             continue
         n = min(job.pending_tokens, budget)
-        if job.resident:   # grows by the blocks its next tokens need
-            need = max(blocks_for(job.context_tokens + n, bs) - job.blocks_held, 0)
-        else:              # admission takes blocks for everything it must (re)compute
-            need = blocks_for(job.pending_tokens + job.context_tokens, bs)
+        need = need_blocks(job, n, bs)
+        over = job.user in limits and held.get(job.user, 0) + need > limits[job.user]
+        if over and not job.resident:
+            continue       # waits: its owner's KV quota is full
+        if over:           # grows past its owner's quota: the owner's lowest job yields
+            mine = [j for j in resident if j.user == job.user and j.pid != job.pid]
+            freed = _preempt_for(job, mine, need, preempt, slots, key, served)
+            held[job.user] -= freed
+            free += freed
+            if held.get(job.user, 0) + need > limits[job.user] and mine:
+                preempt.append(job.pid)   # it ranks lowest of its owner's jobs: it yields
+                held[job.user] -= job.blocks_held
+                free += job.blocks_held
+                continue
         if need > free and (job.resident or policy == "priority"):
             free += _preempt_for(job, resident, need - free, preempt, slots, key, served)
         if need > free and job.resident:
@@ -82,6 +112,7 @@ def plan(policy: str, req: scheduler_pb2.PlanRequest) -> Plan:
             continue       # waits for blocks
         free -= need
         budget -= n
+        held[job.user] = held.get(job.user, 0) + need
         slots.append((job.pid, n))
     return Plan(slots, preempt)
 

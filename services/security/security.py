@@ -15,11 +15,15 @@ import threading
 import structlog
 
 from llmasos.services.security.identity import (
+    DEFAULT_QUOTA,
     FIRST_USER_UID,
     ROOT_CAPABILITIES,
     ROOT_NAME,
+    ROOT_QUOTA,
     ROOT_UID,
     Identity,
+    Quota,
+    UnknownUserError,
     UserExistsError,
     check_capabilities,
     check_name,
@@ -43,8 +47,16 @@ def default_state_dir() -> str:
     return os.environ.get("LLMASOS_HOME") or os.path.expanduser("~/.local/state/llmasos")
 
 
+def quota_of(rec: UserRecord) -> Quota:
+    """The quota in force: root's is unlimited, everyone else's the default, then root's
+    overrides for this user."""
+    base = ROOT_QUOTA if rec.uid == ROOT_UID else DEFAULT_QUOTA
+    return base.updated(rec.quota)
+
+
 def to_identity(rec: UserRecord) -> Identity:
-    return Identity(user=rec.name, uid=rec.uid, capabilities=tuple(rec.capabilities))
+    return Identity(user=rec.name, uid=rec.uid, capabilities=tuple(rec.capabilities),
+                    quota=quota_of(rec))
 
 
 class Security:
@@ -136,6 +148,24 @@ class Security:
             self._load(data, sig)
         log.info("user_added", user=name, uid=rec.uid, capabilities=list(caps))
         return to_identity(rec), token
+
+    def set_quota(self, name: str, changes: dict[str, float], reset: bool = False) -> Identity:
+        """Change a user's quota overrides (reset: drop them first); return the new identity.
+        UnknownUserError for an unknown user, ValueError for a bad value."""
+        DEFAULT_QUOTA.updated(changes)   # validate before taking the lock
+        with self.store.lock():
+            data, _ = self.store.read()
+            rec = data.find(name)
+            if rec is None:
+                raise UnknownUserError(f"no user {name!r}; add one with `llmosd adduser {name}`")
+            rec.quota = {**({} if reset else rec.quota), **changes}
+            self.store.write(data)
+            data, sig = self.store.read()
+        with self._mu:
+            self._load(data, sig)
+        ident = to_identity(data.find(name))
+        log.info("quota_set", user=name, quota=vars(ident.quota))
+        return ident
 
     def list_users(self) -> list[Identity]:
         with self._mu:

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import grpc
 
-from llmasos.proto import security_pb2, security_pb2_grpc
-from llmasos.services.security.identity import Identity, UserExistsError
+from llmasos.proto import common_pb2, security_pb2, security_pb2_grpc
+from llmasos.services.security.identity import Identity, UnknownUserError, UserExistsError
 from llmasos.services.security.security import Security
 
 SERVICE_NAME = security_pb2.DESCRIPTOR.services_by_name["Security"].full_name
 
 
 def identity_pb(ident: Identity) -> security_pb2.Identity:
+    q = ident.quota
     return security_pb2.Identity(user=ident.user, uid=ident.uid, root=ident.root,
-                                 capabilities=list(ident.capabilities))
+                                 capabilities=list(ident.capabilities),
+                                 quota=common_pb2.Quota(max_jobs=q.max_jobs,
+                                                        max_tokens=q.max_tokens,
+                                                        kv_share=q.kv_share))
 
 
 class SecurityServicer(security_pb2_grpc.SecurityServicer):
@@ -41,6 +45,19 @@ class SecurityServicer(security_pb2_grpc.SecurityServicer):
                   context: grpc.ServicerContext) -> security_pb2.ListUsersResponse:
         return security_pb2.ListUsersResponse(
             users=[identity_pb(i) for i in self.security.list_users()])
+
+
+    def SetQuota(self, request: security_pb2.SetUserQuotaRequest,  # noqa: N802
+                 context: grpc.ServicerContext) -> security_pb2.Identity:
+        changes = {f: getattr(request, f) for f in ("max_jobs", "max_tokens", "kv_share")
+                   if request.HasField(f)}
+        try:
+            ident = self.security.set_quota(request.user, changes, reset=request.reset)
+        except UnknownUserError as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return identity_pb(ident)
 
 
 def register(server: grpc.Server, security: Security) -> list[str]:

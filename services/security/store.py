@@ -54,6 +54,7 @@ class UserRecord:
     hash: str        # hex, scrypt(token, salt)
     kdf: dict = field(default_factory=lambda: dict(KDF))
     created: float = 0.0
+    quota: dict = field(default_factory=dict)   # overrides of the default quota set by root
 
     @classmethod
     def create(cls, name: str, uid: int, capabilities: list[str], token: str) -> UserRecord:

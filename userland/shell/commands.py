@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 from llmasos import fmt, tasks
 from llmasos.errors import LLMError
+from llmasos.mailbox import mode_text, parse_mode
 from llmasos.names import exit_code, state_name
 from llmasos.shell.parse import Command
 from llmasos.shell.session import (
@@ -311,11 +313,83 @@ def cmd_undeploy(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
 def cmd_whoami(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
     me = sh.client.whoami()
     if args.verbose:
+        q = me.quota
+        limits = "none" if me.root else (f"jobs={q.max_jobs or '-'} tokens={q.max_tokens or '-'} "
+                                         f"kv_share={q.kv_share or '-'}")
         sh.say(f"{me.user} uid={me.uid}{' root' if me.root else ''} "
-               f"capabilities={','.join(me.capabilities)}")
+               f"capabilities={','.join(me.capabilities)} quota={limits}")
     else:
         sh.say(me.user)
     return EXIT_OK
+
+
+def cmd_audit(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
+    if args.n <= 0:
+        raise Usage("N must be > 0")
+    entries = sh.client.audit(args.n, user=args.user, call=args.call)
+    rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time_unix)), e.user or "-",
+             e.call, e.code, e.args_json, e.message[:60]] for e in entries]
+    sh.say(fmt.table(["TIME", "USER", "CALL", "CODE", "ARGS", "MESSAGE"], rows, []))
+    return EXIT_OK
+
+
+# -- mailboxes (IPC) --------------------------------------------------------------------------
+
+
+def cmd_mkmbox(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
+    try:
+        parse_mode(args.mode)
+    except ValueError as err:
+        raise Usage(str(err)) from None
+    sh.client.mailbox(args.name).create(args.mode, max_messages=args.size,
+                                        max_bytes=args.bytes)
+    if sh.interactive:
+        sh.say(f"created mailbox {args.name} ({args.mode})")
+    return EXIT_OK
+
+
+def cmd_send(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
+    seq = sh.client.mailbox(args.name).send(_words(args.text, "text to send"))
+    if sh.interactive:
+        sh.say(f"{args.name}: message {seq}")
+    return EXIT_OK
+
+
+def cmd_recv(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
+    """Print the oldest message (waiting up to --timeout); exit 1 if none came."""
+    if args.timeout < 0:
+        raise Usage("--timeout must be >= 0")
+    msg = sh.client.mailbox(args.name).receive(args.timeout)
+    if args.verbose:
+        sh.say(f"# {msg.sequence} from {msg.sender}" + (f" (pid {msg.pid})" if msg.pid else ""))
+    sh.say(msg.text, end="" if msg.text.endswith("\n") else "\n")
+    return EXIT_OK
+
+
+def cmd_ipcs(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
+    boxes = sh.client.mailbox().list()
+    if args.json:
+        sh.say(json.dumps([fmt.as_dict(b) for b in boxes], indent=1))
+        return EXIT_OK
+    rows = [[b.name, b.owner, mode_text(b), b.messages, fmt.size(b.bytes), b.max_messages,
+             fmt.size(b.max_bytes)] for b in boxes]
+    sh.say(fmt.table(["MAILBOX", "OWNER", "MODE", "MESSAGES", "BYTES", "MAX", "MAXBYTES"],
+                     rows, ["MESSAGES", "BYTES", "MAX", "MAXBYTES"]))
+    return EXIT_OK
+
+
+def cmd_ipcrm(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    for name in args.names:
+        try:
+            dropped = sh.client.mailbox(name).remove()
+        except LLMError as err:  # reported per name, and on to the next, as ipcrm(1) does
+            sh.warn(f"ipcrm: {name}: {err}")
+            status = 1
+            continue
+        if sh.interactive:
+            sh.say(f"removed {name} ({dropped} messages dropped)")
+    return status
 
 
 def cmd_help(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
@@ -451,6 +525,30 @@ COMMANDS: dict[str, Entry] = {
         "undeploy", "Unload a model (root).", (("name",), {}))),
     "whoami": Entry(cmd_whoami, "who you are to llmosd (-v for details)", _p_simple(
         "whoami", "Your user name.", (("-v", "--verbose"), {"action": "store_true"}))),
+    "audit": Entry(cmd_audit, "the audit log (root): audit [N] [-u USER] [-c CALL]", _p_simple(
+        "audit", "The last N entries of the audit log (root).",
+        (("n",), {"nargs": "?", "type": int, "default": 20}),
+        (("-u", "--user"), {"default": ""}), (("-c", "--call"), {"default": ""}))),
+    "mkmbox": Entry(cmd_mkmbox, "make a mailbox: mkmbox NAME [--mode owner|group:U,..|all] "
+                    "[--size N]", _p_simple(
+        "mkmbox", "Create a mailbox you own. Mode says who else may send and receive: owner "
+        "(nobody), group:alice,bob (those users), all (everyone).", (("name",), {}),
+        (("--mode",), {"default": "owner"}),
+        (("--size",), {"type": int, "default": 0, "help": "most messages held (default 1024)"}),
+        (("--bytes",), {"type": int, "default": 0, "help": "most bytes held (default 16M)"}))),
+    "send": Entry(cmd_send, "send a message: send NAME TEXT", _p_simple(
+        "send", "Append a message to a mailbox (fails when it is full).", (("name",), {}),
+        (("text",), {"nargs": argparse.REMAINDER}))),
+    "recv": Entry(cmd_recv, "take a message: recv NAME [--timeout S] [-v]", _p_simple(
+        "recv", "Print the oldest message of a mailbox, waiting up to --timeout seconds.",
+        (("name",), {}), (("--timeout",), {"type": float, "default": 0.0}),
+        (("-v", "--verbose"), {"action": "store_true", "help": "say who sent it"}))),
+    "ipcs": Entry(cmd_ipcs, "list the mailboxes you may use", _p_simple(
+        "ipcs", "Mailboxes: name, owner, mode, messages and bytes held, bounds.",
+        (("--json",), {"action": "store_true"}))),
+    "ipcrm": Entry(cmd_ipcrm, "remove mailboxes: ipcrm NAME...", _p_simple(
+        "ipcrm", "Remove mailboxes and their messages (owner or root).",
+        (("names",), {"nargs": "+"}))),
     "help": Entry(cmd_help, "this list, or help CMD", _p_simple(
         "help", "Commands.", (("command",), {"nargs": "?"}))),
     "exit": Entry(cmd_exit, "leave the shell: exit [STATUS]", _p_simple(
