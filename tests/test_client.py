@@ -4,6 +4,7 @@ issue's snippet against a real booted llmosd."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import pytest
 from llmasos import AsyncLLMClient, Completion, JobFailed, LLMClient, LLMError, connect, errors
 from llmasos import requests as rq
 from llmasos.names import exit_code, reason_name, signal_number, state_name
+from llmasos.process import AsyncProcess, Process
 from llmasos.proto import common_pb2, kernel_pb2
 
 from conftest import System
@@ -120,6 +122,22 @@ def test_completion_check():
         c.check()
     info.exit_reason = common_pb2.EXIT_STOP
     assert Completion.from_wait(kernel_pb2.WaitResponse(info=info, text="ok")).check() == "ok"
+
+
+def _params(fn: object) -> list[tuple[str, object, object]]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+@pytest.mark.parametrize("sync,aio", [(LLMClient, AsyncLLMClient), (Process, AsyncProcess)])
+def test_sync_and_async_twins_have_the_same_methods(sync, aio):
+    """Both run calls.py's table; their public methods must not drift apart."""
+    def public(cls: type) -> set[str]:
+        return {n for n in vars(cls) if not n.startswith("_") and
+                inspect.isfunction(vars(cls)[n])} - {"killing_on_interrupt", "killing_on_cancel"}
+    assert public(sync) - {"model"} == public(aio) - {"model"}
+    for name in public(sync) - {"model"}:
+        assert _params(getattr(sync, name)) == _params(getattr(aio, name)), name
+    assert _params(sync.__init__) == _params(aio.__init__)
 
 
 # -- no kernel there ----------------------------------------------------------------------------

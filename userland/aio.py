@@ -1,4 +1,5 @@
-"""AsyncLLMClient: LLMClient's twin on grpc.aio, for asyncio programs.
+"""AsyncLLMClient: LLMClient's twin on grpc.aio, for asyncio programs. Both run the table of
+calls in calls.py; this file differs from client.py only in awaiting the stub.
 
     async with AsyncLLMClient(model_name="smollm2-135m") as client:
         print(await client.generate_text("The quick brown fox"))
@@ -10,66 +11,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
 
-from llmasos import connect, requests, tasks
-from llmasos.client import DEFAULT_JOB_TIMEOUT, DEFAULT_TIMEOUT, NO_MODEL, with_deployed
-from llmasos.errors import LLMError, ModelNotFound, NotFound, from_rpc
+from llmasos import calls, requests, tasks
+from llmasos.calls import Call
+from llmasos.client import DEFAULT_JOB_TIMEOUT, DEFAULT_TIMEOUT, NO_MODEL, ClientBase
+from llmasos.errors import LLMError, NotFound
 from llmasos.mailbox import AsyncMailbox
-from llmasos.names import signal_number
-from llmasos.process import Completion
-from llmasos.proto import common_pb2, kernel_pb2, kernel_pb2_grpc
+from llmasos.process import AsyncProcess, Completion
+from llmasos.proto import common_pb2, kernel_pb2
+
+__all__ = ["AsyncLLMClient", "AsyncProcess"]
 
 
-class AsyncProcess:
-    """A job spawned through AsyncLLMClient; cancelling a wait or read on it kills it."""
-
-    def __init__(self, client: AsyncLLMClient, pid: int) -> None:
-        self.client = client
-        self.pid = pid
-
-    def __repr__(self) -> str:
-        return f"AsyncProcess(pid={self.pid})"
-
-    async def wait(self, timeout: float | None = None) -> Completion:
-        async with self.client.killing_on_cancel(self.pid):
-            return await self.client.wait(self.pid, timeout)
-
-    async def read(self) -> AsyncIterator[str]:
-        async with self.client.killing_on_cancel(self.pid):
-            async for chunk in self.client.read(self.pid):
-                if chunk.text:
-                    yield chunk.text
-
-    async def kill(self, signal: str | int = "TERM") -> int:
-        return await self.client.kill(self.pid, signal)
-
-    async def stat(self) -> kernel_pb2.ProcessInfo:
-        return await self.client.stat(self.pid)
-
-    async def nice(self, value: int) -> int:
-        return await self.client.nice(self.pid, value)
-
-
-class AsyncLLMClient:
+class AsyncLLMClient(ClientBase):
     """See LLMClient; the same methods, awaitable. Ctrl-C under asyncio.run cancels the
     waiting task, which kills the job it waits on."""
 
     def __init__(self, model_name: str | None = None, address: str | None = None,
                  token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 job_timeout: float = DEFAULT_JOB_TIMEOUT) -> None:
-        self.address = connect.address(address)
-        self.token = connect.find_token(token)
-        self.timeout = timeout
-        self.job_timeout = job_timeout
-        self._model = model_name or os.environ.get("LLMASOS_MODEL") or None
-        self._metadata = connect.metadata(self.token)
-        self._channel = connect.aio_channel(self.address)
-        self._stub = kernel_pb2_grpc.KernelStub(self._channel)
+                 job_timeout: float = DEFAULT_JOB_TIMEOUT, retry_s: float | None = None) -> None:
+        super().__init__(model_name, address, token, timeout, job_timeout, retry_s, aio=True)
+
+    # -- plumbing -----------------------------------------------------------------------------
 
     async def __aenter__(self) -> AsyncLLMClient:
         return self
@@ -80,15 +47,15 @@ class AsyncLLMClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    def _error(self, err: grpc.RpcError) -> LLMError:
-        return from_rpc(err, self.address, "" if self.token else connect.token_hint())
-
-    async def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+    async def _call(self, call: Call, *args: Any, timeout: float | None = None,
+                    patient: bool = True) -> Any:
+        options = self._options(call, timeout, patient)
         try:
-            return await getattr(self._stub, method)(request, timeout=timeout or self.timeout,
-                                                     metadata=self._metadata)
+            reply = await getattr(self._stub, call.name)(call.build(*args), **options)
         except grpc.RpcError as err:
-            raise self._error(err) from None
+            raise self._error(err, options["wait_for_ready"]) from None
+        self._reached = True
+        return call.read(reply)
 
     @contextlib.asynccontextmanager
     async def killing_on_cancel(self, pid: int) -> AsyncIterator[None]:
@@ -96,7 +63,7 @@ class AsyncLLMClient:
             yield
         except (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit):
             with contextlib.suppress(LLMError, asyncio.CancelledError):
-                await asyncio.shield(self.kill(pid, "KILL"))
+                await asyncio.shield(self._call(calls.KILL, pid, "KILL", patient=False))
             raise
 
     async def model(self) -> str:
@@ -107,6 +74,14 @@ class AsyncLLMClient:
             self._model = names[0]
         return self._model
 
+    async def _deployed(self) -> list[str] | None:
+        try:
+            return [m.name for m in await self.models()]
+        except LLMError:
+            return None
+
+    # -- jobs ---------------------------------------------------------------------------------
+
     async def spawn(self, prompt: str | None = None, *,
                     messages: Iterable[requests.Message] | None = None, model: str | None = None,
                     max_tokens: int | None = None, temperature: float | None = None,
@@ -115,16 +90,13 @@ class AsyncLLMClient:
                     priority: int = 0, n: int = 1, name: str = "",
                     **sampling: float) -> AsyncProcess:
         params = requests.sampling(max_tokens, temperature, top_p, top_k, stop, seed, **sampling)
-        req = requests.spawn(model or await self.model(), prompt, messages, params, priority, n,
-                             name)
+        model = model or await self.model()
         try:
-            resp = await self._call("Spawn", req)
+            pid = await self._call(calls.SPAWN, model, prompt, messages, params, priority, n,
+                                   name)
         except NotFound as err:
-            deployed = [m.name for m in await self.models()]
-            if req.model in deployed:
-                raise
-            raise ModelNotFound(with_deployed(err.message, deployed), deployed) from None
-        return AsyncProcess(self, resp.pid)
+            raise calls.model_not_found(err, model, await self._deployed()) from None
+        return AsyncProcess(self, pid)
 
     async def generate_text(self, prompt: str, max_tokens: int | None = None,
                             temperature: float | None = None, top_p: float | None = None,
@@ -145,71 +117,79 @@ class AsyncLLMClient:
         return (await (await self.spawn(messages=messages, **kw)).wait()).check()
 
     async def translate(self, text: str, target_language: str = "English", **kw: Any) -> str:
-        return await self.chat(tasks.messages("translate", text=text,
-                                              target_language=target_language), **kw)
+        return await self.chat(tasks.translate(text, target_language), **kw)
 
     async def summarize(self, text: str, **kw: Any) -> str:
-        return await self.chat(tasks.messages("summarize", text=text), **kw)
+        return await self.chat(tasks.summarize(text), **kw)
 
     async def answer(self, question: str, context: str | None = None, **kw: Any) -> str:
-        if context:
-            return await self.chat(tasks.messages("answer_in_context", question=question,
-                                                  context=context), **kw)
-        return await self.chat(tasks.messages("answer", question=question), **kw)
+        return await self.chat(tasks.answer(question, context), **kw)
 
     async def generate_code(self, description: str, language: str = "Python", **kw: Any) -> str:
-        return await self.chat(tasks.messages("generate_code", description=description,
-                                              language=language), **kw)
+        return await self.chat(tasks.generate_code(description, language), **kw)
+
+    # -- syscalls, one each (calls.py says how each is built and read) ------------------------
 
     async def wait(self, pid: int, timeout: float | None = None) -> Completion:
-        resp = await self._call("Wait", kernel_pb2.WaitRequest(pid=pid),
-                                timeout or self.job_timeout)
-        return Completion.from_wait(resp)
+        return await self._call(calls.WAIT, pid, timeout=timeout)
 
     async def read(self, pid: int,
                    timeout: float | None = None) -> AsyncIterator[kernel_pb2.ReadChunk]:
-        call = self._stub.Read(kernel_pb2.ReadRequest(pid=pid),
-                               timeout=timeout or self.job_timeout, metadata=self._metadata)
-        try:
-            async for chunk in call:
-                yield chunk
-        except grpc.RpcError as err:
-            raise self._error(err) from None
-        finally:
-            call.cancel()
+        cursor = self._read_cursor(pid, timeout)
+        while True:
+            options = self._options(calls.READ, cursor.left())
+            stream = self._stub.Read(cursor.request(), **options)
+            try:
+                async for chunk in stream:
+                    self._reached = True
+                    cursor.advance(chunk)
+                    yield chunk
+                return
+            except grpc.RpcError as err:
+                if not cursor.resumes(err):
+                    raise self._error(err, options["wait_for_ready"]) from None
+            finally:
+                stream.cancel()
 
     async def kill(self, pid: int, signal: str | int = "TERM") -> int:
-        req = kernel_pb2.KillRequest(pid=pid, signal=signal_number(signal))
-        return (await self._call("Kill", req)).state
+        return await self._call(calls.KILL, pid, signal)
 
     async def nice(self, pid: int, value: int) -> int:
-        return (await self._call("Nice", kernel_pb2.NiceRequest(pid=pid, nice=value))).nice
+        return await self._call(calls.NICE, pid, value)
 
     async def stat(self, pid: int) -> kernel_pb2.ProcessInfo:
-        return await self._call("Stat", kernel_pb2.StatRequest(pid=pid))
+        return await self._call(calls.STAT, pid)
 
     async def ps(self, all: bool = False, user: str = "") -> list[kernel_pb2.ProcessInfo]:  # noqa: A002
         return list((await self.ps_full(all, user)).processes)
 
     async def ps_full(self, all: bool = False, user: str = "") -> kernel_pb2.PsResponse:  # noqa: A002
-        return await self._call("Ps", kernel_pb2.PsRequest(all=all, user=user))
+        return await self._call(calls.PS, all, user)
 
     async def models(self) -> list[common_pb2.ModelInfo]:
-        return list((await self._call("Models", kernel_pb2.ModelsRequest())).models)
+        return await self._call(calls.MODELS)
 
     async def deploy(self, path: str, name: str, dtype: str = "",
                      timeout: float | None = None) -> common_pb2.ModelInfo:
-        req = kernel_pb2.DeployRequest(path=os.path.abspath(path), name=name, dtype=dtype)
-        return await self._call("Deploy", req, timeout or self.job_timeout)
+        return await self._call(calls.DEPLOY, path, name, dtype, timeout=timeout)
 
     async def undeploy(self, name: str) -> None:
-        await self._call("Undeploy", kernel_pb2.UndeployRequest(name=name))
+        await self._call(calls.UNDEPLOY, name)
 
     async def whoami(self) -> kernel_pb2.WhoAmIResponse:
-        return await self._call("WhoAmI", kernel_pb2.WhoAmIRequest())
+        return await self._call(calls.WHOAMI)
 
     async def services(self) -> list[kernel_pb2.ServiceInfo]:
-        return list((await self._call("Services", kernel_pb2.ServicesRequest())).services)
+        return await self._call(calls.SERVICES)
+
+    async def audit(self, limit: int = 50, user: str = "",
+                    call: str = "") -> list[kernel_pb2.AuditEntry]:
+        return await self._call(calls.AUDIT, limit, user, call)
+
+    async def set_quota(self, user: str, max_jobs: int | None = None,
+                        max_tokens: int | None = None, kv_share: float | None = None,
+                        reset: bool = False) -> common_pb2.Quota:
+        return await self._call(calls.SET_QUOTA, user, max_jobs, max_tokens, kv_share, reset)
 
     def mailbox(self, name: str = "") -> AsyncMailbox:
         """A named mailbox (see llmasos/mailbox.py), awaitable."""

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grpc
 
-from llmasos import connect, requests, tasks
-from llmasos.errors import LLMError, ModelNotFound, NotFound, from_rpc
+from llmasos import calls, connect, requests, tasks
+from llmasos.calls import Call
+from llmasos.errors import DeadlineExceeded, LLMError, NotFound, from_rpc
 from llmasos.mailbox import Mailbox
-from llmasos.names import signal_number
 from llmasos.process import Completion, Process
 from llmasos.proto import common_pb2, kernel_pb2, kernel_pb2_grpc
 
@@ -26,28 +27,58 @@ DEFAULT_JOB_TIMEOUT = 600.0  # seconds, for calls that wait on a job (Wait, Read
 NO_MODEL = "no model is deployed; deploy one with `llmsh -c 'deploy PATH NAME'`"
 
 
-def with_deployed(message: str, deployed: list[str]) -> str:
-    """The kernel's NOT_FOUND message, naming the deployed models if it does not already."""
-    if "deployed" in message:
-        return message
-    return f"{message}; deployed models: {', '.join(deployed) or 'none'}"
+class ClientBase:
+    """What LLMClient and AsyncLLMClient share: where llmosd is, who we are, the deadlines,
+    and how long to wait for llmosd to come back (retry_s)."""
 
-
-class LLMClient:
-    """A connection to llmosd. Every call has a deadline: `timeout` for calls that answer at
-    once, `job_timeout` for those that wait on a job. Use it as a context manager to close it."""
-
-    def __init__(self, model_name: str | None = None, address: str | None = None,
-                 token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 job_timeout: float = DEFAULT_JOB_TIMEOUT) -> None:
+    def __init__(self, model_name: str | None, address: str | None, token: str | None,
+                 timeout: float, job_timeout: float, retry_s: float | None, aio: bool) -> None:
         self.address = connect.address(address)
         self.token = connect.find_token(token)
         self.timeout = timeout
         self.job_timeout = job_timeout
+        self.retry_s = connect.retry_seconds(retry_s)
         self._model = model_name or os.environ.get("LLMASOS_MODEL") or None
         self._metadata = connect.metadata(self.token)
-        self._channel = connect.channel(self.address)
+        self._reached = False  # llmosd has answered us once
+        self._channel = connect.channel(self.address, calls.RETRIED if self.retry_s else (),
+                                        aio=aio)
         self._stub = kernel_pb2_grpc.KernelStub(self._channel)
+
+    def _options(self, call: Call, timeout: float | None = None,
+                 patient: bool = True) -> dict[str, Any]:
+        """Deadline, identity, and whether to wait for llmosd: a client that has reached it
+        waits up to retry_s more for it to come back (a restart); one that never has fails
+        at once with `is it running?` (a kernel that is not there is not restarting)."""
+        wait = patient and self._reached and self.retry_s > 0
+        deadline = (timeout or (self.job_timeout if call.job else self.timeout))
+        return {"timeout": deadline + (self.retry_s if wait else 0.0),
+                "metadata": self._metadata, "wait_for_ready": wait}
+
+    def _error(self, err: grpc.RpcError, waited: bool = False) -> LLMError:
+        self._reached = self._reached or calls.answered(err)
+        if waited and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceeded(
+                f"no answer from llmosd at {self.address} in time, waiting up to "
+                f"{self.retry_s:g} s for it to come back: is it down? (or raise the timeout, "
+                f"or retry_s / $LLMASOS_RETRY_S)")
+        return from_rpc(err, self.address, "" if self.token else connect.token_hint())
+
+    def _read_cursor(self, pid: int, timeout: float | None) -> calls.ReadCursor:
+        return calls.ReadCursor(pid, self.retry_s, time.monotonic() + self.retry_s +
+                                (timeout or self.job_timeout))
+
+
+class LLMClient(ClientBase):
+    """A connection to llmosd. Every call has a deadline: `timeout` for calls that answer at
+    once, `job_timeout` for those that wait on a job; once llmosd has answered, calls also wait
+    up to `retry_s` (default $LLMASOS_RETRY_S or 30 s) for it to come back from a restart.
+    Use it as a context manager to close it."""
+
+    def __init__(self, model_name: str | None = None, address: str | None = None,
+                 token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 job_timeout: float = DEFAULT_JOB_TIMEOUT, retry_s: float | None = None) -> None:
+        super().__init__(model_name, address, token, timeout, job_timeout, retry_s, aio=False)
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -60,15 +91,15 @@ class LLMClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _error(self, err: grpc.RpcError) -> LLMError:
-        return from_rpc(err, self.address, "" if self.token else connect.token_hint())
-
-    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+    def _call(self, call: Call, *args: Any, timeout: float | None = None,
+              patient: bool = True) -> Any:
+        options = self._options(call, timeout, patient)
         try:
-            return getattr(self._stub, method)(request, timeout=timeout or self.timeout,
-                                               metadata=self._metadata)
+            reply = getattr(self._stub, call.name)(call.build(*args), **options)
         except grpc.RpcError as err:
-            raise self._error(err) from None
+            raise self._error(err, options["wait_for_ready"]) from None
+        self._reached = True
+        return call.read(reply)
 
     @contextlib.contextmanager
     def killing_on_interrupt(self, pid: int) -> Iterator[None]:
@@ -77,7 +108,7 @@ class LLMClient:
             yield
         except (KeyboardInterrupt, GeneratorExit):
             with contextlib.suppress(LLMError, ValueError):  # ValueError: channel closed
-                self.kill(pid, "KILL")
+                self._call(calls.KILL, pid, "KILL", patient=False)
             raise
 
     @property
@@ -90,6 +121,12 @@ class LLMClient:
             self._model = names[0]
         return self._model
 
+    def _deployed(self) -> list[str] | None:
+        try:
+            return [m.name for m in self.models()]
+        except LLMError:
+            return None
+
     # -- jobs ---------------------------------------------------------------------------------
 
     def spawn(self, prompt: str | None = None, *,
@@ -101,20 +138,12 @@ class LLMClient:
               **sampling: float) -> Process:
         """Start a job on a raw prompt or on chat messages; returns at once with its handle."""
         params = requests.sampling(max_tokens, temperature, top_p, top_k, stop, seed, **sampling)
-        req = requests.spawn(model or self.model, prompt, messages, params, priority, n, name)
+        model = model or self.model
         try:
-            resp = self._call("Spawn", req)
+            pid = self._call(calls.SPAWN, model, prompt, messages, params, priority, n, name)
         except NotFound as err:
-            raise self._model_not_found(err, req.model) from None
-        return Process(self, resp.pid)
-
-    def _model_not_found(self, err: NotFound, model: str) -> NotFound:
-        """Say which models exist when the one asked for does not."""
-        with contextlib.suppress(LLMError):
-            deployed = [m.name for m in self.models()]
-            if model not in deployed:
-                return ModelNotFound(with_deployed(err.message, deployed), deployed)
-        return err
+            raise calls.model_not_found(err, model, self._deployed()) from None
+        return Process(self, pid)
 
     def generate_text(self, prompt: str, max_tokens: int | None = None,
                       temperature: float | None = None, top_p: float | None = None,
@@ -136,86 +165,84 @@ class LLMClient:
         return self.spawn(messages=messages, **kw).wait().check()
 
     def translate(self, text: str, target_language: str = "English", **kw: Any) -> str:
-        return self.chat(tasks.messages("translate", text=text,
-                                        target_language=target_language), **kw)
+        return self.chat(tasks.translate(text, target_language), **kw)
 
     def summarize(self, text: str, **kw: Any) -> str:
-        return self.chat(tasks.messages("summarize", text=text), **kw)
+        return self.chat(tasks.summarize(text), **kw)
 
     def answer(self, question: str, context: str | None = None, **kw: Any) -> str:
-        if context:
-            return self.chat(tasks.messages("answer_in_context", question=question,
-                                            context=context), **kw)
-        return self.chat(tasks.messages("answer", question=question), **kw)
+        return self.chat(tasks.answer(question, context), **kw)
 
     def generate_code(self, description: str, language: str = "Python", **kw: Any) -> str:
-        return self.chat(tasks.messages("generate_code", description=description,
-                                        language=language), **kw)
+        return self.chat(tasks.generate_code(description, language), **kw)
 
-    # -- syscalls, one each -------------------------------------------------------------------
+    # -- syscalls, one each (calls.py says how each is built and read) ------------------------
 
     def wait(self, pid: int, timeout: float | None = None) -> Completion:
-        resp = self._call("Wait", kernel_pb2.WaitRequest(pid=pid), timeout or self.job_timeout)
-        return Completion.from_wait(resp)
+        return self._call(calls.WAIT, pid, timeout=timeout)
 
     def read(self, pid: int, timeout: float | None = None) -> Iterator[kernel_pb2.ReadChunk]:
-        stream = self._stub.Read(kernel_pb2.ReadRequest(pid=pid),
-                                 timeout=timeout or self.job_timeout, metadata=self._metadata)
-        try:
-            yield from stream
-        except grpc.RpcError as err:
-            raise self._error(err) from None
-        finally:
-            stream.cancel()
+        """The job's output chunks from its start; a stream broken by a restart of llmosd is
+        re-opened where it broke (no gap, no repeat)."""
+        cursor = self._read_cursor(pid, timeout)
+        while True:
+            options = self._options(calls.READ, cursor.left())
+            stream = self._stub.Read(cursor.request(), **options)
+            try:
+                for chunk in stream:
+                    self._reached = True
+                    cursor.advance(chunk)
+                    yield chunk
+                return
+            except grpc.RpcError as err:
+                if not cursor.resumes(err):
+                    raise self._error(err, options["wait_for_ready"]) from None
+            finally:
+                stream.cancel()
 
     def kill(self, pid: int, signal: str | int = "TERM") -> int:
         """Deliver a signal; returns the job's ProcState right after delivery."""
-        req = kernel_pb2.KillRequest(pid=pid, signal=signal_number(signal))
-        return self._call("Kill", req).state
+        return self._call(calls.KILL, pid, signal)
 
     def nice(self, pid: int, value: int) -> int:
-        return self._call("Nice", kernel_pb2.NiceRequest(pid=pid, nice=value)).nice
+        return self._call(calls.NICE, pid, value)
 
     def stat(self, pid: int) -> kernel_pb2.ProcessInfo:
-        return self._call("Stat", kernel_pb2.StatRequest(pid=pid))
+        return self._call(calls.STAT, pid)
 
     def ps(self, all: bool = False, user: str = "") -> list[kernel_pb2.ProcessInfo]:  # noqa: A002
         return list(self.ps_full(all, user).processes)
 
     def ps_full(self, all: bool = False, user: str = "") -> kernel_pb2.PsResponse:  # noqa: A002
         """Ps with the KV pool's occupancy."""
-        return self._call("Ps", kernel_pb2.PsRequest(all=all, user=user))
+        return self._call(calls.PS, all, user)
 
     def models(self) -> list[common_pb2.ModelInfo]:
-        return list(self._call("Models", kernel_pb2.ModelsRequest()).models)
+        return self._call(calls.MODELS)
 
     def deploy(self, path: str, name: str, dtype: str = "",
                timeout: float | None = None) -> common_pb2.ModelInfo:
         """Load a model (root only); loading takes a while, hence the job deadline."""
-        req = kernel_pb2.DeployRequest(path=os.path.abspath(path), name=name, dtype=dtype)
-        return self._call("Deploy", req, timeout or self.job_timeout)
+        return self._call(calls.DEPLOY, path, name, dtype, timeout=timeout)
 
     def undeploy(self, name: str) -> None:
-        self._call("Undeploy", kernel_pb2.UndeployRequest(name=name))
+        self._call(calls.UNDEPLOY, name)
 
     def whoami(self) -> kernel_pb2.WhoAmIResponse:
-        return self._call("WhoAmI", kernel_pb2.WhoAmIRequest())
+        return self._call(calls.WHOAMI)
 
     def services(self) -> list[kernel_pb2.ServiceInfo]:
-        return list(self._call("Services", kernel_pb2.ServicesRequest()).services)
+        return self._call(calls.SERVICES)
 
     def audit(self, limit: int = 50, user: str = "", call: str = "") -> list[kernel_pb2.AuditEntry]:
         """The last entries of the audit log (root)."""
-        req = kernel_pb2.AuditRequest(limit=limit, user=user, call=call)
-        return list(self._call("Audit", req).entries)
+        return self._call(calls.AUDIT, limit, user, call)
 
     def set_quota(self, user: str, max_jobs: int | None = None, max_tokens: int | None = None,
                   kv_share: float | None = None, reset: bool = False) -> common_pb2.Quota:
         """Change a user's quota (root); None keeps a field, 0 means no limit."""
-        given = {"max_jobs": max_jobs, "max_tokens": max_tokens, "kv_share": kv_share}
-        req = kernel_pb2.SetQuotaRequest(user=user, reset=reset,
-                                         **{k: v for k, v in given.items() if v is not None})
-        return self._call("SetQuota", req)
+        return self._call(calls.SET_QUOTA, user, max_jobs, max_tokens, kv_share, reset)
+
     def mailbox(self, name: str = "") -> Mailbox:
         """A named mailbox (see llmasos/mailbox.py): create, send, receive, list, remove."""
         return Mailbox(self._stub, self._metadata, name, self.timeout, self.address)

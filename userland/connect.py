@@ -3,10 +3,15 @@ every userland program (client, shell, tools)."""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import grpc
+
+from llmasos.errors import InvalidArgument
 
 DEFAULT_ADDR = "127.0.0.1:7070"
 TOKEN_FILE_NAME = "root.token"
@@ -55,8 +60,36 @@ def metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+DEFAULT_RETRY_S = 30.0
+KERNEL_SERVICE = "llmasos.v1.Kernel"
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
                    ("grpc.max_send_message_length", 64 << 20)]
+# Reconnect to a restarted llmosd within a second, not gRPC's default of up to 2 minutes.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
+def retry_seconds(explicit: float | None = None) -> float:
+    """How long a call waits for llmosd to come back: the argument, else $LLMASOS_RETRY_S,
+    else 30 s; 0 turns retrying off."""
+    if explicit is not None:
+        return max(float(explicit), 0.0)
+    text = os.environ.get("LLMASOS_RETRY_S") or str(DEFAULT_RETRY_S)
+    try:
+        return max(float(text), 0.0)
+    except ValueError:
+        raise InvalidArgument(f"LLMASOS_RETRY_S={text!r} is not a number of seconds; "
+                              f"set it to e.g. 30, or 0 to turn retrying off") from None
+
+
+def service_config(retried: Iterable[str]) -> str:
+    """gRPC's retry policy for the idempotent calls: UNAVAILABLE (llmosd gone or restarting)
+    is tried again with backoff, by the channel itself. The other calls get gRPC's
+    transparent retry only, which resends a call solely when it never reached the server."""
+    policy = {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "1s",
+              "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+    names = [{"service": KERNEL_SERVICE, "method": m} for m in retried]
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
 
 
 def tls_credentials() -> grpc.ChannelCredentials | None:
@@ -71,15 +104,21 @@ def tls_credentials() -> grpc.ChannelCredentials | None:
         raise ValueError(f"LLMASOS_CA={path}: cannot read the CA certificate: {e}") from None
 
 
-def channel(addr: str) -> grpc.Channel:
+def channel(addr: str, retried: Iterable[str] = (), aio: bool = False) -> Any:
+    """The one way userland opens a channel to llmosd (grpc.Channel, or grpc.aio.Channel when
+    aio): TLS when $LLMASOS_CA is set; `retried` names the methods the channel retries on
+    UNAVAILABLE."""
+    options = CHANNEL_OPTIONS + RECONNECT_OPTIONS
+    retried = list(retried)
+    if retried:
+        options = options + [("grpc.enable_retries", 1),
+                             ("grpc.service_config", service_config(retried))]
+    grpc_ = grpc.aio if aio else grpc
     creds = tls_credentials()
     if creds is not None:
-        return grpc.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
-    return grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
+        return grpc_.secure_channel(addr, creds, options=options)
+    return grpc_.insecure_channel(addr, options=options)
 
 
-def aio_channel(addr: str) -> grpc.aio.Channel:
-    creds = tls_credentials()
-    if creds is not None:
-        return grpc.aio.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
-    return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+def aio_channel(addr: str, retried: Iterable[str] = ()) -> grpc.aio.Channel:
+    return channel(addr, retried, aio=True)

@@ -1,8 +1,9 @@
-"""What a finished job gave back, and the handle of a running one."""
+"""What a finished job gave back, and the handle of a running one (Process for LLMClient,
+AsyncProcess for AsyncLLMClient: the same methods, awaitable)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,7 @@ from llmasos.names import reason_name, state_name
 from llmasos.proto import kernel_pb2
 
 if TYPE_CHECKING:
+    from llmasos.aio import AsyncLLMClient
     from llmasos.client import LLMClient
 
 FAILED_REASONS = ("killed", "error", "shutdown")
@@ -77,3 +79,33 @@ class Process:
 
     def nice(self, value: int) -> int:
         return self.client.nice(self.pid, value)
+
+
+class AsyncProcess:
+    """A job spawned through AsyncLLMClient; cancelling a wait or read on it kills it."""
+
+    def __init__(self, client: AsyncLLMClient, pid: int) -> None:
+        self.client = client
+        self.pid = pid
+
+    def __repr__(self) -> str:
+        return f"AsyncProcess(pid={self.pid})"
+
+    async def wait(self, timeout: float | None = None) -> Completion:
+        async with self.client.killing_on_cancel(self.pid):
+            return await self.client.wait(self.pid, timeout)
+
+    async def read(self) -> AsyncIterator[str]:
+        async with self.client.killing_on_cancel(self.pid):
+            async for chunk in self.client.read(self.pid):
+                if chunk.text:
+                    yield chunk.text
+
+    async def kill(self, signal: str | int = "TERM") -> str:
+        return state_name(await self.client.kill(self.pid, signal))
+
+    async def stat(self) -> kernel_pb2.ProcessInfo:
+        return await self.client.stat(self.pid)
+
+    async def nice(self, value: int) -> int:
+        return await self.client.nice(self.pid, value)

@@ -37,3 +37,22 @@ def messages(task: str, **args: str) -> list[dict[str, str]]:
     t = TASKS[task]
     return [{"role": "system", "content": t.system.format(**args)},
             {"role": "user", "content": t.user.format(**args)}]
+
+
+# One function per client helper, so LLMClient and AsyncLLMClient build the same turns.
+def translate(text: str, target_language: str = "English") -> list[dict[str, str]]:
+    return messages("translate", text=text, target_language=target_language)
+
+
+def summarize(text: str) -> list[dict[str, str]]:
+    return messages("summarize", text=text)
+
+
+def answer(question: str, context: str | None = None) -> list[dict[str, str]]:
+    if context:
+        return messages("answer_in_context", question=question, context=context)
+    return messages("answer", question=question)
+
+
+def generate_code(description: str, language: str = "Python") -> list[dict[str, str]]:
+    return messages("generate_code", description=description, language=language)

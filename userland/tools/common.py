@@ -21,11 +21,16 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=version_string(prog))
     ap.add_argument("--addr", help="llmosd's address (default $LLMASOS_ADDR or 127.0.0.1:7070)")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
+    ap.add_argument("--retry", type=float, default=None, metavar="SECONDS",
+                    help="how long a call waits for a restarting llmosd "
+                         "(default $LLMASOS_RETRY_S or 30; 0: not at all)")
     return ap
 
 
 def client(args: argparse.Namespace) -> LLMClient:
-    return LLMClient(address=args.addr, timeout=args.timeout)
+    """The tool's connection: it rides over a restart of llmosd like every LLMClient."""
+    return LLMClient(address=args.addr, timeout=args.timeout,
+                     retry_s=getattr(args, "retry", None))  # llm-kill parses its own flags
 
 
 def run(prog: str, body: Callable[[], int]) -> int:
