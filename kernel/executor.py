@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 
+from llmasos.kernel import metrics
 from llmasos.kernel.fork import fork_siblings, waits_for_fork
 from llmasos.kernel.ipc_delivery import deliver_output
 from llmasos.kernel.jobctl import JobControl
@@ -372,7 +373,8 @@ class Executor:
                 self.jobs.swap_in(proc, pager)
             if proc.pid not in pager:
                 if not (proc.shm and self.k.segments.attach(proc)):   # else shares its blocks
-                    pager.admit(proc.pid, proc.user, tokens)
+                    cached = pager.admit(proc.pid, proc.user, tokens)
+                    metrics.on_prefix(proc.model, len(tokens), cached)
                 proc.needs_reset = True
             if pager.num_tokens(proc.pid) < len(tokens):
                 self._append(proc, pager, tokens[pager.num_tokens(proc.pid):])
@@ -556,6 +558,10 @@ class Executor:
                 proc.preempt_after = False
             self.k.journal.record_tokens(rows)   # durable before any reader sees them
             self.table.changed.notify_all()
+        prompt = sum(max(0, min(e.start_pos + len(e.token_ids), len(p.prompt_ids)) - e.start_pos)
+                     for p, e in work.batch)
+        metrics.on_step(work.model, seconds, len(work.batch), prompt, len(rows),
+                        [r.pid for r in rows])
 
     def _flush_releases(self) -> None:
         with self.table.lock:   # swaps queued meanwhile stay: they go before the next step

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import structlog
 
+from llmasos.kernel import metrics
 from llmasos.kernel.journal import NoJournal
 from llmasos.kernel.pager import Pager
 from llmasos.kernel.pending_io import PendingIo, SwapOut
@@ -71,6 +72,7 @@ class JobControl:
         if not swapped:
             self.evict(proc)
         proc.preemptions += 1
+        metrics.on_preempt(proc.model)
         log.info("job_preempted", pid=proc.pid, why=why, preemptions=proc.preemptions,
                  mode="swap" if swapped else "recompute")
 
@@ -83,13 +85,17 @@ class JobControl:
         need = len(pager.block_table(proc.pid))
         if self.swapped_blocks(pager) + need > pager.num_blocks * SWAP_SPACE:
             return False
-        self.io.swap_outs.append(SwapOut(proc, proc.model, pager.swap_out(proc.pid)))
+        blocks = pager.swap_out(proc.pid)
+        self.io.swap_outs.append(SwapOut(proc, proc.model, blocks))
+        metrics.on_swap(proc.model, "out", len(blocks))
         proc.kv_blocks = 0
         return True
 
     def swap_in(self, proc: Proc, pager: Pager) -> None:
         """Blocks for a swapped-out job (raises OutOfBlocks); its contents follow by RPC."""
-        self.io.swap_ins.append(SwapOut(proc, proc.model, pager.swap_in(proc.pid)))
+        blocks = pager.swap_in(proc.pid)
+        self.io.swap_ins.append(SwapOut(proc, proc.model, blocks))
+        metrics.on_swap(proc.model, "in", len(blocks))
 
     def swapped_blocks(self, pager: Pager) -> int:
         return sum(pager.blocks_for(pager.num_tokens(p.pid)) for p in self.table.live()
@@ -117,6 +123,7 @@ class JobControl:
         self.io.release(proc.model, proc.pid)
         self.table.exit(proc, reason, status, message)
         self.journal.record_state(proc)
+        metrics.on_exit(proc)
         self.on_exit(proc)
         log.info("job_exit", pid=proc.pid, reason=reason.name, tokens=len(proc.output_ids),
                  message=message or None)

@@ -265,8 +265,6 @@ def sample(families: dict, name: str) -> float:
                and not s.name.endswith("_created"))
 
 
-@pytest.mark.xfail(strict=True, reason="needs the step loop (kernel/executor.py) to call "
-                   "kernel.metrics.on_step after each step's commit and on_exit on job exit")
 def test_token_counters_move_when_jobs_run(http: HTTP) -> None:
     before = http.scrape()
     http.client().completions.create(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=5)
