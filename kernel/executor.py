@@ -283,7 +283,7 @@ class Executor:
             jobs = [self._sched_job(p, pager) for p in procs]
             jobs += [self._sched_next(p, e, pager) for p, e in flying.values()
                      if self._continues(p, e)]
-            limits = self.k.kv_limits(model, {j.user for j in jobs})
+            limits = self._kv_limits(model, pager, jobs)
             free = pager.free_blocks
         if not jobs:
             return None
@@ -291,6 +291,18 @@ class Executor:
             jobs=jobs, free_blocks=free, block_size=pager.block_size,
             token_budget=self.k.cfg.token_budget, max_batch=self.k.cfg.max_batch,
             user_block_limit=limits)
+
+    def _kv_limits(self, model: str, pager: Pager,
+                   jobs: list[scheduler_pb2.SchedJob]) -> dict[str, int]:
+        """Each quota'd user's KV limit, less the blocks its resident jobs outside this plan
+        hold (a job whose preemption waits for its step to land, one about to end, ...)."""
+        limits = self.k.kv_limits(model, {j.user for j in jobs})
+        planned = {j.pid for j in jobs}
+        for p in self.table.live():
+            if p.user in limits and p.model == model and p.pid not in planned and \
+                    p.pid in pager and not pager.is_swapped(p.pid) and not p.segment:
+                limits[p.user] = max(0, limits[p.user] - len(pager.block_table(p.pid)))
+        return limits
 
     def _flying(self, model: str) -> dict[int, tuple[Proc, inference_pb2.StepEntry]]:
         """The jobs of the step in flight, if it is this model's."""
@@ -341,13 +353,18 @@ class Executor:
         flying = self._flying(model)
         with self.table.lock:
             if self.k.pagers.get(model) is pager:   # else the service restarted meanwhile
+                waiting: set[str] = set()   # owners whose freed blocks come a step late
                 for pid in plan.preempt:
                     if pid in flying:   # its blocks are in use: it yields once its step ends
                         flying[pid][0].preempt_after = True
+                        waiting.add(flying[pid][0].user)
                     else:
                         self.jobs.preempt(self.table.get(pid), "scheduler")
                 for slot in plan.slots:
                     proc = self.table.get(slot.pid)
+                    if proc is not None and proc.user in waiting and \
+                            self._grows(proc, pager, slot.pid in flying):
+                        continue   # it was planned on blocks not yet free: next step
                     if slot.pid in flying:
                         entry = self._entry_after(work, proc, pager, slot.num_tokens,
                                                   flying[slot.pid][1])
@@ -363,6 +380,14 @@ class Executor:
                         work.batch.append((proc, entry))
             work.io = self.io.take()
             return work
+
+    @staticmethod
+    def _grows(proc: Proc, pager: Pager, flying: bool) -> bool:
+        """Would running this job now take a free block?"""
+        if proc.pid not in pager or pager.is_swapped(proc.pid):
+            return True
+        more = len(proc.tokens) + (1 if flying else 0) - pager.num_tokens(proc.pid)
+        return pager.blocks_to_append(proc.pid, max(more, 0)) > 0
 
     def _entry(self, proc: Proc, pager: Pager, budget: int) -> inference_pb2.StepEntry | None:
         """Blocks for the job's next chunk; None (job stays READY/BLOCKED) when memory is short,

@@ -56,6 +56,9 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
+QUOTA_HEADROOM = 1   # a job admitted under a KV quota has a block to grow into (less thrash)
+
+
 def need_blocks(job: Job, n: int, bs: int) -> int:
     """The pager's exact count when the kernel gave one, else an estimate from the job's sizes."""
     if job.HasField("need_blocks"):
@@ -90,11 +93,13 @@ def plan(policy: str, req: scheduler_pb2.PlanRequest,
         n = min(job.pending_tokens, budget)
         need = need_blocks(job, n, bs)
         over = job.user in limits and held.get(job.user, 0) + need > limits[job.user]
-        if over and not job.resident:
-            continue       # waits: its owner's KV quota is full
+        if job.user in limits and not job.resident and \
+                held.get(job.user, 0) + need + QUOTA_HEADROOM > limits[job.user]:
+            continue       # waits: its owner's KV quota is full (with room to grow a little)
         if over:           # grows past its owner's quota: the owner's lowest job yields
             mine = [j for j in resident if j.user == job.user and j.pid != job.pid]
-            freed = _preempt_for(job, mine, need, preempt, slots, key, served)
+            short = held.get(job.user, 0) + need - limits[job.user]
+            freed = _preempt_for(job, mine, short, preempt, slots, key, served)
             held[job.user] -= freed
             free += freed
             if held.get(job.user, 0) + need > limits[job.user] and mine:
