@@ -3,6 +3,9 @@ hand, readers prefill while writers run, and killing a stage behaves as Unix doe
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -110,3 +113,38 @@ def test_reading_another_users_job_is_refused(model_system: System) -> None:
 def spawn_reader_as(system: System, writer: int, token: str) -> int:
     return system.call("Spawn", kernel_pb2.SpawnRequest(
         model=MODEL, prompt="{input}", stdin_pid=writer, sampling=greedy(4)), token=token).pid
+
+
+# --- userland: LLMClient.pipe and llmsh's `|`, `<`, `>` ----------------------------------------
+
+def llmsh(system: System, line: str, cwd: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMASOS_")}
+    env.update(LLMASOS_ADDR=system.address, LLMASOS_TOKEN=system.root_token)
+    return subprocess.run([sys.executable, "-m", "llmasos.shell.main", "-c", line], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_client_pipe_and_llmsh_pipeline_equal_the_stages_by_hand(model_system: System,
+                                                                  tmp_path) -> None:
+    from llmasos import LLMClient
+    client = LLMClient(model_name=MODEL, address=model_system.address,
+                       token=model_system.root_token)
+    first = client.generate_text(STAGES[0][0], max_tokens=STAGES[0][1], temperature=0.0)
+    second = client.generate_text(STAGES[1][0].replace("{input}", first),
+                                  max_tokens=STAGES[1][1], temperature=0.0)
+    procs = client.pipe(STAGES[0][0], STAGES[1][0], max_tokens=STAGES[1][1], temperature=0.0)
+    assert procs[0].pid and procs[1].stat().stdin_pid == procs[0].pid
+    assert procs[1].wait().text == client.generate_text(
+        STAGES[1][0].replace("{input}", procs[0].wait().text), max_tokens=STAGES[1][1],
+        temperature=0.0)
+    (tmp_path / "facts.txt").write_text(first)
+    reader = "Summarize in one sentence: {input} Summary:"   # one line: typed in a shell
+    second = client.generate_text(reader.replace("{input}", first), max_tokens=12,
+                                  temperature=0.0)
+    line = (f"run --max-tokens {STAGES[0][1]} -t 0 '{STAGES[0][0]}' | "
+            f"run --max-tokens 12 -t 0 '{reader}' > out.txt; "
+            f"run --max-tokens 12 -t 0 '{reader}' < facts.txt >> out.txt")
+    out = llmsh(model_system, line, str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    shown = second if second.endswith("\n") else second + "\n"
+    assert (tmp_path / "out.txt").read_text() == shown * 2

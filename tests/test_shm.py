@@ -112,3 +112,27 @@ def test_removal_waits_for_the_last_attached_job(model_system: System) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=9))
     wait(model_system, pid)   # the last one gone: the holder ends, its blocks are freed
+
+
+def test_client_and_llmsh_segments(model_system: System) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from llmasos import LLMClient
+    client = LLMClient(model_name=MODEL, address=model_system.address,
+                       token=model_system.root_token)
+    info = client.shm_create("notes", DOC, mode="all")
+    assert info.tokens > 100 and [s.name for s in client.shm_list()] == ["notes"]
+    question = "\nQuestion: who designed the tower?\nAnswer:"
+    assert client.generate_text(question, max_tokens=8, temperature=0.0, shm="notes") == \
+        client.generate_text(DOC + question, max_tokens=8, temperature=0.0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMASOS_")}
+    env.update(LLMASOS_ADDR=model_system.address, LLMASOS_TOKEN=model_system.root_token)
+    out = subprocess.run([sys.executable, "-m", "llmasos.shell.main", "-c",
+                          "shm tips --mode owner Always answer briefly.; ipcs; ipcrm -s tips"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "segment tips:" in out.stdout and "SEGMENT" in out.stdout and "notes" in out.stdout
+    assert [s.name for s in client.shm_list() if not s.removed] == ["notes"]
+    client.shm_remove("notes")

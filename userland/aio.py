@@ -87,13 +87,16 @@ class AsyncLLMClient(ClientBase):
                     max_tokens: int | None = None, temperature: float | None = None,
                     top_p: float | None = None, top_k: int | None = None,
                     stop: str | list[str] | None = None, seed: int | None = None,
-                    priority: int = 0, n: int = 1, name: str = "",
+                    priority: int = 0, n: int = 1, name: str = "", stdin_pid: int = 0,
+                    shm: str = "", stdout_mailbox: str = "", ignore_sigpipe: bool = False,
                     **sampling: float) -> AsyncProcess:
         params = requests.sampling(max_tokens, temperature, top_p, top_k, stop, seed, **sampling)
         model = model or await self.model()
         try:
+            ipc = {"stdin_pid": stdin_pid, "shm": shm, "stdout_mailbox": stdout_mailbox,
+                   "ignore_sigpipe": ignore_sigpipe}
             pid = await self._call(calls.SPAWN, model, prompt, messages, params, priority, n,
-                                   name)
+                                   name, ipc)
         except NotFound as err:
             raise calls.model_not_found(err, model, await self._deployed()) from None
         return AsyncProcess(self, pid)
@@ -190,6 +193,30 @@ class AsyncLLMClient(ClientBase):
                         max_tokens: int | None = None, kv_share: float | None = None,
                         reset: bool = False) -> common_pb2.Quota:
         return await self._call(calls.SET_QUOTA, user, max_jobs, max_tokens, kv_share, reset)
+
+    async def pipe(self, *steps: str | dict[str, Any], **common: Any) -> list[AsyncProcess]:
+        """Jobs joined by pipes, `a | b | c`: each step is a prompt template ("{input}" marks
+        where the previous step's output goes) or spawn()'s keyword arguments; `common`
+        applies to every step. Returns the jobs; the last one's wait() gives the result."""
+        procs: list[AsyncProcess] = []
+        for step in steps:
+            kw = {**common, **requests.pipe_step(step)}
+            if procs:
+                kw["stdin_pid"] = procs[-1].pid
+            procs.append(await self.spawn(kw.pop("prompt", None), **kw))
+        return procs
+
+    async def shm_create(self, name: str, text: str, mode: str = "owner",
+                   model: str | None = None) -> kernel_pb2.ShmInfo:
+        """Compute `text` once as a named KV segment that jobs attach with shm=name."""
+        model = model or await self.model()
+        return await self._call(calls.SHM_CREATE, name, model, text, mode)
+
+    async def shm_remove(self, name: str) -> kernel_pb2.ShmInfo:
+        return await self._call(calls.SHM_REMOVE, name)
+
+    async def shm_list(self) -> list[kernel_pb2.ShmInfo]:
+        return await self._call(calls.SHM_LIST)
 
     def mailbox(self, name: str = "") -> AsyncMailbox:
         """A named mailbox (see llmasos/mailbox.py), awaitable."""

@@ -73,8 +73,14 @@ AUDIT = Call("Audit", lambda limit=50, user="", call="": kernel_pb2.AuditRequest
     limit=limit, user=user, call=call), lambda r: list(r.entries), idempotent=True)
 SET_QUOTA = Call("SetQuota", _set_quota, _same, idempotent=True)  # sets, never adds
 
+SHM_CREATE = Call("ShmCreate", requests.shm_create, _same, idempotent=False, job=True)
+SHM_REMOVE = Call("ShmRemove", lambda name: kernel_pb2.ShmRemoveRequest(name=name), _same,
+                  idempotent=True)
+SHM_LIST = Call("ShmList", kernel_pb2.ShmListRequest, lambda r: list(r.segments),
+                idempotent=True)
+
 CALLS = (SPAWN, WAIT, READ, KILL, NICE, STAT, PS, MODELS, DEPLOY, UNDEPLOY, WHOAMI, SERVICES,
-         AUDIT, SET_QUOTA)
+         AUDIT, SET_QUOTA, SHM_CREATE, SHM_REMOVE, SHM_LIST)
 RETRIED = tuple(c.name for c in CALLS if c.idempotent)
 
 # Codes that may come from the client's side of the wire; any other means llmosd answered.

@@ -135,12 +135,15 @@ class LLMClient(ClientBase):
               temperature: float | None = None, top_p: float | None = None,
               top_k: int | None = None, stop: str | list[str] | None = None,
               seed: int | None = None, priority: int = 0, n: int = 1, name: str = "",
-              **sampling: float) -> Process:
+              stdin_pid: int = 0, shm: str = "", stdout_mailbox: str = "",
+              ignore_sigpipe: bool = False, **sampling: float) -> Process:
         """Start a job on a raw prompt or on chat messages; returns at once with its handle."""
         params = requests.sampling(max_tokens, temperature, top_p, top_k, stop, seed, **sampling)
         model = model or self.model
         try:
-            pid = self._call(calls.SPAWN, model, prompt, messages, params, priority, n, name)
+            ipc = {"stdin_pid": stdin_pid, "shm": shm, "stdout_mailbox": stdout_mailbox,
+                   "ignore_sigpipe": ignore_sigpipe}
+            pid = self._call(calls.SPAWN, model, prompt, messages, params, priority, n, name, ipc)
         except NotFound as err:
             raise calls.model_not_found(err, model, self._deployed()) from None
         return Process(self, pid)
@@ -242,6 +245,30 @@ class LLMClient(ClientBase):
                   kv_share: float | None = None, reset: bool = False) -> common_pb2.Quota:
         """Change a user's quota (root); None keeps a field, 0 means no limit."""
         return self._call(calls.SET_QUOTA, user, max_jobs, max_tokens, kv_share, reset)
+
+    def pipe(self, *steps: str | dict[str, Any], **common: Any) -> list[Process]:
+        """Jobs joined by pipes, `a | b | c`: each step is a prompt template ("{input}" marks
+        where the previous step's output goes) or spawn()'s keyword arguments; `common`
+        applies to every step. Returns the jobs; the last one's wait() gives the result."""
+        procs: list[Process] = []
+        for step in steps:
+            kw = {**common, **requests.pipe_step(step)}
+            if procs:
+                kw["stdin_pid"] = procs[-1].pid
+            procs.append(self.spawn(kw.pop("prompt", None), **kw))
+        return procs
+
+    def shm_create(self, name: str, text: str, mode: str = "owner",
+                   model: str | None = None) -> kernel_pb2.ShmInfo:
+        """Compute `text` once as a named KV segment that jobs attach with shm=name."""
+        model = model or self.model
+        return self._call(calls.SHM_CREATE, name, model, text, mode)
+
+    def shm_remove(self, name: str) -> kernel_pb2.ShmInfo:
+        return self._call(calls.SHM_REMOVE, name)
+
+    def shm_list(self) -> list[kernel_pb2.ShmInfo]:
+        return self._call(calls.SHM_LIST)
 
     def mailbox(self, name: str = "") -> Mailbox:
         """A named mailbox (see llmasos/mailbox.py): create, send, receive, list, remove."""

@@ -43,13 +43,37 @@ def chat_messages(messages: Iterable[Message]) -> common_pb2.ChatMessages:
 
 def spawn(model: str, prompt: str | None = None, messages: Iterable[Message] | None = None,
           params: common_pb2.SamplingParams | None = None, priority: int = 0, n: int = 1,
-          name: str = "") -> kernel_pb2.SpawnRequest:
-    """A SpawnRequest for a raw prompt or for chat turns (exactly one of the two)."""
+          name: str = "", ipc: Mapping[str, object] | None = None) -> kernel_pb2.SpawnRequest:
+    """A SpawnRequest for a raw prompt or for chat turns (exactly one of the two); ipc holds
+    stdin_pid, shm, stdout_mailbox, ignore_sigpipe (see IPC_OPTIONS)."""
     if (prompt is None) == (messages is None):
         raise InvalidArgument("give either a prompt or chat messages")
-    req = kernel_pb2.SpawnRequest(model=model, sampling=params, nice=priority, n=n, name=name)
+    req = kernel_pb2.SpawnRequest(model=model, sampling=params, nice=priority, n=n, name=name,
+                                  **{k: v for k, v in (ipc or {}).items() if v})
     if prompt is not None:
         req.prompt = prompt
     else:
         req.messages.CopyFrom(chat_messages(messages))
     return req
+
+
+# Spawn's IPC options: a pipe's writer (its output is this job's {input}), a named KV segment to
+# attach, a mailbox for the output, and whether a writer outlives its reader.
+IPC_OPTIONS = ("stdin_pid", "shm", "stdout_mailbox", "ignore_sigpipe")
+
+
+def pipe_step(step: str | Mapping[str, object]) -> dict[str, object]:
+    """One stage of client.pipe(): a prompt template, or the keyword arguments of spawn()."""
+    return {"prompt": step} if isinstance(step, str) else dict(step)
+
+
+def shm_create(name: str, model: str, text: str, mode: str = "owner"
+               ) -> kernel_pb2.ShmCreateRequest:
+    """mode: owner, all, or group:alice,bob (as mailboxes)."""
+    kind, _, members = mode.partition(":")
+    modes = {"owner": kernel_pb2.MBOX_MODE_OWNER, "group": kernel_pb2.MBOX_MODE_GROUP,
+             "all": kernel_pb2.MBOX_MODE_ALL}
+    if kind not in modes:
+        raise InvalidArgument(f"mode must be owner, all or group:USER,..., got {mode!r}")
+    return kernel_pb2.ShmCreateRequest(name=name, model=model, text=text, mode=modes[kind],
+                                       members=[m for m in members.split(",") if m])

@@ -47,6 +47,8 @@ def _generation(name: str, description: str) -> ArgParser:
     ap.add_argument("--stop", action="append", help="stop at this string (repeatable)")
     ap.add_argument("--nice", type=int, default=0, help="priority, -20 (high) .. 19 (low)")
     ap.add_argument("--ignore-eos", action="store_true", help="run to --max-tokens")
+    ap.add_argument("--shm", default="", help="attach this named KV segment (its text comes "
+                    "before the prompt; see `shm`)")
     return ap
 
 
@@ -68,13 +70,31 @@ def _words(args: list[str], what: str) -> str:
 
 def generate(sh: Shell, cmd: Command, args: argparse.Namespace, prompt: str | None = None,
              messages: list[dict[str, str]] | None = None) -> int:
-    """Spawn a job; stream it in the foreground, or leave it running with `&`."""
-    proc = sh.client.spawn(prompt, messages=messages, name=cmd.argv[0], **_spawn_kwargs(args))
+    """Spawn a job; stream it in the foreground, or leave it running with `&`. In a pipeline
+    it reads the stage before it (kernel pipes); `< file` makes the file its {input}."""
+    if cmd.stdin is not None:
+        text = Path(cmd.stdin).read_text(encoding="utf-8")
+        prompt, messages = _with_input(prompt, text), messages and [
+            *messages[:-1], {**messages[-1], "content": _with_input(messages[-1]["content"],
+                                                                     text)}]
+    proc = sh.client.spawn(prompt, messages=messages, name=cmd.argv[0],
+                           stdin_pid=cmd.stdin_pid, shm=getattr(args, "shm", "") or "",
+                           **_spawn_kwargs(args))
+    if cmd.piped:   # the next stage reads it; only the last stage is shown
+        cmd.pid = proc.pid
+        return EXIT_OK
     if cmd.background:
         job = sh.jobs.add(proc.pid, cmd.text)
         sh.say(f"[{job.number}] {proc.pid}")
         return EXIT_OK
     return foreground(sh, proc.pid)
+
+
+def _with_input(template: str | None, text: str) -> str | None:
+    if template is None:
+        return None
+    return template.replace("{input}", text, 1) if "{input}" in template else \
+        f"{template}\n{text}"
 
 
 def foreground(sh: Shell, pid: int) -> int:
@@ -367,14 +387,31 @@ def cmd_recv(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
 
 
 def cmd_ipcs(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
-    boxes = sh.client.mailbox().list()
+    boxes, segs = sh.client.mailbox().list(), sh.client.shm_list()
     if args.json:
-        sh.say(json.dumps([fmt.as_dict(b) for b in boxes], indent=1))
+        sh.say(json.dumps({"mailboxes": [fmt.as_dict(b) for b in boxes],
+                           "segments": [fmt.as_dict(s) for s in segs]}, indent=1))
         return EXIT_OK
     rows = [[b.name, b.owner, mode_text(b), b.messages, fmt.size(b.bytes), b.max_messages,
              fmt.size(b.max_bytes)] for b in boxes]
     sh.say(fmt.table(["MAILBOX", "OWNER", "MODE", "MESSAGES", "BYTES", "MAX", "MAXBYTES"],
                      rows, ["MESSAGES", "BYTES", "MAX", "MAXBYTES"]))
+    if segs:
+        rows = [[s.name, s.owner, mode_text(s), s.model, s.tokens, s.blocks,
+                 ",".join(map(str, s.attached)) or "-", "removed" if s.removed else ""]
+                for s in segs]
+        sh.say(fmt.table(["SEGMENT", "OWNER", "MODE", "MODEL", "TOKENS", "BLOCKS", "ATTACHED",
+                          ""], rows, ["TOKENS", "BLOCKS"]))
+    return EXIT_OK
+
+
+def cmd_shm(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
+    """shm NAME [--mode M] TEXT...: compute TEXT once as a named KV segment (-f FILE too)."""
+    text = Path(args.file).read_text(encoding="utf-8") if args.file else \
+        _words(args.text, "text or -f FILE")
+    info = sh.client.shm_create(args.name, text, args.mode, model=args.model)
+    sh.say(f"segment {info.name}: {info.tokens} tokens in {info.blocks} KV blocks on "
+           f"{info.model}; attach with --shm {info.name}")
     return EXIT_OK
 
 
@@ -382,6 +419,9 @@ def cmd_ipcrm(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
     status = EXIT_OK
     for name in args.names:
         try:
+            if args.segment:
+                sh.client.shm_remove(name)
+                continue
             dropped = sh.client.mailbox(name).remove()
         except LLMError as err:  # reported per name, and on to the next, as ipcrm(1) does
             sh.warn(f"ipcrm: {name}: {err}")
@@ -543,12 +583,21 @@ COMMANDS: dict[str, Entry] = {
         "recv", "Print the oldest message of a mailbox, waiting up to --timeout seconds.",
         (("name",), {}), (("--timeout",), {"type": float, "default": 0.0}),
         (("-v", "--verbose"), {"action": "store_true", "help": "say who sent it"}))),
-    "ipcs": Entry(cmd_ipcs, "list the mailboxes you may use", _p_simple(
-        "ipcs", "Mailboxes: name, owner, mode, messages and bytes held, bounds.",
+    "ipcs": Entry(cmd_ipcs, "list the mailboxes and KV segments you may use", _p_simple(
+        "ipcs", "Mailboxes (name, owner, mode, messages and bytes held, bounds) and KV "
+        "segments (name, owner, mode, model, tokens, blocks, attached jobs).",
         (("--json",), {"action": "store_true"}))),
-    "ipcrm": Entry(cmd_ipcrm, "remove mailboxes: ipcrm NAME...", _p_simple(
-        "ipcrm", "Remove mailboxes and their messages (owner or root).",
-        (("names",), {"nargs": "+"}))),
+    "ipcrm": Entry(cmd_ipcrm, "remove mailboxes (or -s KV segments): ipcrm [-s] NAME...",
+                   _p_simple(
+        "ipcrm", "Remove mailboxes and their messages, or with -s KV segments (owner or root).",
+        (("names",), {"nargs": "+"}),
+        (("-s", "--segment"), {"action": "store_true", "help": "remove KV segments"}))),
+    "shm": Entry(cmd_shm, "make a named KV segment: shm NAME [--mode M] TEXT... | -f FILE",
+                 _p_simple(
+        "shm", "Compute a prefix once and pin it; jobs attach it with --shm NAME and share its "
+        "KV blocks. Mode: owner, group:alice,bob or all.", (("name",), {}),
+        (("text",), {"nargs": argparse.REMAINDER}), (("--mode",), {"default": "owner"}),
+        (("-f", "--file"), {"default": ""}), (("--model",), {"default": None}))),
     "help": Entry(cmd_help, "this list, or help CMD", _p_simple(
         "help", "Commands.", (("command",), {"nargs": "?"}))),
     "exit": Entry(cmd_exit, "leave the shell: exit [STATUS]", _p_simple(

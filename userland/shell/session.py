@@ -81,8 +81,11 @@ class Shell:
             self.warn(f"syntax error: {err}")
             self.status = EXIT_USAGE
             return self.status
+        upstream = 0
         for cmd in commands:
+            cmd.stdin_pid = upstream
             self.status = self.run(cmd)
+            upstream = cmd.pid if cmd.piped and not self.status else 0
             if errexit and self.status:
                 break
         return self.status
@@ -98,8 +101,24 @@ class Shell:
             self.warn(f"{cmd.argv[0]}: cannot run in the background (only jobs: run, translate, "
                       "summarize, ask, code)")
             return EXIT_USAGE
-        return guarded(self, cmd.argv[0], lambda: entry.fn(self, cmd,
-                                                           entry.parser().parse_args(cmd.argv[1:])))
+        if (cmd.piped or cmd.stdin_pid) and not entry.background:
+            self.warn(f"{cmd.argv[0]}: only jobs (run, translate, summarize, ask, code) can "
+                      "be joined by '|'")
+            return EXIT_USAGE
+        return guarded(self, cmd.argv[0], lambda: self._redirected(
+            cmd, lambda: entry.fn(self, cmd, entry.parser().parse_args(cmd.argv[1:]))))
+
+    def _redirected(self, cmd: Command, body: Callable[[], int]) -> int:
+        """`> file` / `>> file`: the command's output goes to the file."""
+        if not cmd.stdout:
+            return body()
+        saved = self.out
+        with open(cmd.stdout, "a" if cmd.append else "w", encoding="utf-8") as f:
+            self.out = f
+            try:
+                return body()
+            finally:
+                self.out = saved
 
 
 def guarded(sh: Shell, name: str, body: Callable[[], int]) -> int:
