@@ -94,16 +94,18 @@ def blocks_used(c: Client) -> int:
     return kv.total_blocks - kv.free_blocks
 
 
-def held_by_16(c: Client, shm: str, prefix: str) -> int:
-    """KV blocks in use once 16 jobs (prefix + a short question each) are all resident."""
-    pids = [c.Spawn(kernel_pb2.SpawnRequest(
+def held_by_16(root: Client, clients: list[Client], shm: str, prefix: str) -> int:
+    """KV blocks in use once 16 jobs (prefix + a short question each), one per user, are all
+    resident. Without a segment each user computes its own copy: the prefix cache is per user."""
+    jobs = [(c, c.Spawn(kernel_pb2.SpawnRequest(
         model=MODEL, prompt=("" if shm else prefix) + f"\nQuestion {i}:", shm=shm,
-        sampling=greedy(60))).pid for i in range(16)]
-    while not all(p.generated_tokens for p in c.Ps(kernel_pb2.PsRequest(all=True)).processes
+        sampling=greedy(60))).pid) for i, c in enumerate(clients)]
+    pids = [pid for _, pid in jobs]
+    while not all(p.generated_tokens for p in root.Ps(kernel_pb2.PsRequest(all=True)).processes
                   if p.pid in pids):
         time.sleep(0.01)
-    used = blocks_used(c)
-    for pid in pids:
+    used = blocks_used(root)
+    for c, pid in jobs:
         c.Kill(kernel_pb2.KillRequest(pid=pid, signal=9))
         c.Wait(kernel_pb2.WaitRequest(pid=pid))
     return used
@@ -119,7 +121,7 @@ def main() -> None:
         root = Client(system.address, (home / "root.token").read_text().strip())
         users = [subprocess.run([sys.executable, "-m", "llmasos.kernel.main", "adduser", f"u{i}",
                                  "--home", str(home)], capture_output=True, text=True,
-                                check=True).stdout.split()[-1] for i in range(args.rounds)]
+                                check=True).stdout.split()[-1] for i in range(16 + args.rounds)]
         pipe_round(root, 99, True)   # warm-up, both paths
         pipe_round(root, 99, False)
         seq, piped = [], []
@@ -137,13 +139,15 @@ def main() -> None:
                 model=MODEL, prompt=prefix + question, sampling=greedy(4))))
             attached.append(ttft(user, kernel_pb2.SpawnRequest(
                 model=MODEL, prompt=question, shm="bench", sampling=greedy(4))))
-        shared = held_by_16(root, "bench", prefix)
+        sixteen = [Client(system.address, t) for t in users[args.rounds:]]
+        shared = held_by_16(root, sixteen, "bench", prefix)
         root.ShmRemove(kernel_pb2.ShmRemoveRequest(name="bench"))
-        private = held_by_16(Client(system.address, users[0]), "", prefix)
+        private = held_by_16(root, sixteen, "", prefix)
     finally:
         system.stop()
     out = {
-        "cpu": os.popen("grep -m1 -o 'avx512[a-z]*\\|avx2' /proc/cpuinfo").read().strip(),
+        "cpu": " ".join(sorted(set(os.popen("grep -m1 -o 'avx512[a-z]*\\|avx2' /proc/cpuinfo")
+                                   .read().split()))),
         "pipe_sequential_s": statistics.median(seq), "pipe_piped_s": statistics.median(piped),
         "pipe_latency_ratio": statistics.median(piped) / statistics.median(seq),
         "shm_tokens": info.tokens, "shm_cold_ttft_ms": statistics.median(cold) * 1000,
