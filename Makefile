@@ -27,7 +27,7 @@ $(TORCH_STAMP):
 	        2>/dev/null; then \
 	       echo "torch $(TORCH_VERSION), CPU build, from $(CPU_INDEX)"; \
 	       $(PIP) torch==$(TORCH_VERSION) --index-url $(CPU_INDEX) \
-	           --extra-index-url https://pypi.org/simple && exit 0; \
+	           && exit 0; \
 	     fi; \
 	     echo "torch==$(TORCH_VERSION)+cpu from PyPI or PIP_FIND_LINKS, else PyPI's default build"; \
 	     $(PIP) torch==$(TORCH_VERSION)+cpu || $(PIP) torch==$(TORCH_VERSION) ;; \
