@@ -94,12 +94,14 @@ def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
                                                       GGMLQuantizationType.F32)})
     with pytest.raises(UnsupportedArchitecture, match="falcon"):
         load_gguf(str(path), progress=False)
-    with pytest.raises(UnsupportedArchitecture, match="gpt_neox"):
+    with pytest.raises(UnsupportedArchitecture, match="mamba"):
+        from_hf_config({"model_type": "mamba", "hidden_size": 8})
+    with pytest.raises(ValueError, match="num_attention_heads"):
         from_hf_config({"model_type": "gpt_neox", "hidden_size": 8})
     folder = tmp_path / "hf"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "phi3"}))
-    with pytest.raises(UnsupportedArchitecture, match="phi3"):
+    (folder / "config.json").write_text(json.dumps({"model_type": "rwkv"}))
+    with pytest.raises(UnsupportedArchitecture, match="rwkv"):
         load_weights(str(folder), str(tmp_path))
 
 
