@@ -143,7 +143,7 @@ def from_hf_config(cfg: dict[str, Any]) -> ModelConfig:
     try:
         return _from_hf_config(cfg)
     except KeyError as e:
-        raise ValueError(f"config.json lacks {e.args[0]!r}") from None
+        raise ValueError(f"{cfg.get('model_type')} config.json lacks {e.args[0]!r}") from None
 
 
 def _from_hf_config(cfg: dict[str, Any]) -> ModelConfig:
