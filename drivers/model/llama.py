@@ -309,7 +309,8 @@ class LlamaModel:
         if layer.q_norm is not None:  # per-head norms before RoPE (Qwen3, Gemma 3)
             qk = torch.cat((self.rms_norm(qk[:, : cfg.num_heads], layer.q_norm),
                             self.rms_norm(qk[:, cfg.num_heads:], layer.k_norm)), dim=1)
-        qk = apply_rope(qk, cos, sin)
+        if self.family.positions == "rope":
+            qk = apply_rope(qk, cos, sin)
         q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].view(t, cfg.num_kv_heads, cfg.head_dim)
         k_cache, v_cache = pool.layer(i)
