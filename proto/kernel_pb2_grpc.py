@@ -95,6 +95,11 @@ class KernelStub:
                 request_serializer=llmasos_dot_proto_dot_kernel__pb2.ServicesRequest.SerializeToString,
                 response_deserializer=llmasos_dot_proto_dot_kernel__pb2.ServicesResponse.FromString,
                 _registered_method=True)
+        self.Alias = channel.unary_unary(
+                '/llmasos.v1.Kernel/Alias',
+                request_serializer=llmasos_dot_proto_dot_kernel__pb2.AliasRequest.SerializeToString,
+                response_deserializer=llmasos_dot_proto_dot_kernel__pb2.AliasResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServicer:
@@ -184,6 +189,13 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Alias(self, request, context):
+        """Point a model name at a deployed model (root only); an empty target removes the alias.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -246,6 +258,11 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.Services,
                     request_deserializer=llmasos_dot_proto_dot_kernel__pb2.ServicesRequest.FromString,
                     response_serializer=llmasos_dot_proto_dot_kernel__pb2.ServicesResponse.SerializeToString,
+            ),
+            'Alias': grpc.unary_unary_rpc_method_handler(
+                    servicer.Alias,
+                    request_deserializer=llmasos_dot_proto_dot_kernel__pb2.AliasRequest.FromString,
+                    response_serializer=llmasos_dot_proto_dot_kernel__pb2.AliasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -572,6 +589,33 @@ class Kernel:
             '/llmasos.v1.Kernel/Services',
             llmasos_dot_proto_dot_kernel__pb2.ServicesRequest.SerializeToString,
             llmasos_dot_proto_dot_kernel__pb2.ServicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Alias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Kernel/Alias',
+            llmasos_dot_proto_dot_kernel__pb2.AliasRequest.SerializeToString,
+            llmasos_dot_proto_dot_kernel__pb2.AliasResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,7 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall(10, "Undeploy", CAP_ADMIN, "sys_undeploy", v.undeploy, ("inference",)),
     Syscall(11, "WhoAmI",  CAP_SYSTEM, "sys_whoami",   v.nothing),
     Syscall(12, "Services", CAP_SYSTEM, "sys_services", v.nothing),
+    Syscall(17, "Alias",   CAP_ADMIN,  "sys_alias",    v.alias),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}

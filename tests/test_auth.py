@@ -23,6 +23,7 @@ REQUESTS = {
     "Undeploy": kernel_pb2.UndeployRequest(name="x"),
     "WhoAmI": kernel_pb2.WhoAmIRequest(),
     "Services": kernel_pb2.ServicesRequest(),
+    "Alias": kernel_pb2.AliasRequest(name="x", target="y"),
 }
 
 
