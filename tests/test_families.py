@@ -168,3 +168,41 @@ def test_family_configs_read_from_hf(pair: tuple[str, LlamaModel, torch.nn.Modul
     if family.startswith("gpt_neox"):
         assert cfg.rotary_dim == HIDDEN // HEADS * (0.25 if family == "gpt_neox" else 0.5)
         assert model.parallel == (family == "gpt_neox")
+
+
+def test_deploy_through_the_kernel(bare_system: object, tmp_path: Path) -> None:
+    """`deploy` of a GPT-2 HF folder and of a Llama-2-style SentencePiece GGUF through a real
+    llmosd; jobs on them give HF's greedy ids."""
+    from test_loaders import tiny_byte_level_tokenizer, write_llama2_gguf
+
+    from llmasos.proto import kernel_pb2
+
+    from conftest import greedy, wait
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=128,
+        initializer_range=0.1, bos_token_id=0, eos_token_id=0)).eval()
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    tiny_byte_level_tokenizer(tmp_path / "gpt2")
+    (tmp_path / "llama2").mkdir()
+    write_llama2_gguf(tmp_path / "llama2" / "tiny.gguf")
+    llama2 = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "llama2", gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    for name, path, hf, tok_kw in (
+            ("gpt2-tiny", tmp_path / "gpt2", gpt2, {}),
+            ("llama2-tiny", tmp_path / "llama2" / "tiny.gguf", llama2, {"gguf_file": "tiny.gguf"})):
+        info = bare_system.call("Deploy", kernel_pb2.DeployRequest(path=str(path), name=name),
+                                timeout=600)
+        assert info.name == name
+        pid = bare_system.call("Spawn", kernel_pb2.SpawnRequest(
+            model=name, prompt="The quick brown fox", sampling=greedy(6, ignore_eos=True))).pid
+        got = list(wait(bare_system, pid).token_ids)
+        folder = path if path.is_dir() else path.parent
+        ids = transformers.AutoTokenizer.from_pretrained(folder, **tok_kw)(
+            "The quick brown fox")["input_ids"]
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                              attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              pad_token_id=0, eos_token_id=None)[0, len(ids):].tolist()
+        assert got == ref, name
