@@ -194,6 +194,14 @@ def _from_hf_config(cfg: dict[str, Any]) -> ModelConfig:
 
 def from_gguf_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
     """Build from GGUF key/value metadata (already decoded to Python values)."""
+    try:
+        return _from_gguf_metadata(meta, tensor_names)
+    except (TypeError, KeyError) as e:  # a required key is missing (int(None))
+        arch = meta.get("general.architecture")
+        raise ValueError(f"GGUF metadata of {arch!r} lacks a required key ({e})") from None
+
+
+def _from_gguf_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
     arch = str(meta.get("general.architecture", ""))
     spec = arch_spec(arch)
 
