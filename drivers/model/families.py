@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Family:
-    norm: str = "rms"  # "rms" (RMSNorm, weight), "rms1p" (Gemma: x * (1 + weight)), "layer"
+    norm: str = "rms"  # "rms", "rms1p" (Gemma: x * (1 + w), folded into w at load), "layer"
     activation: str = "silu"  # the MLP's nonlinearity (torch name, see ACTIVATIONS)
     gated: bool = True  # act(gate) * up (Llama) or act(up) (GPT-2, NeoX, GPT-J)
     positions: str = "rope"  # "rope" (rotary) or "learned" (GPT-2's position table)
