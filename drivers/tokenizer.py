@@ -1,10 +1,8 @@
-"""The tokenizer: byte-level BPE on the `tokenizers` library, from GGUF metadata or a HF folder.
+"""The tokenizer on the `tokenizers` library, from GGUF metadata or a HF folder.
 
-Built to give the same ids as HF transformers' tokenizer for the same file. For a GGUF that means
-doing what transformers/integrations/gguf/gguf_tokenizer_mapping.py does: the vocabulary spelled in
-GPT-2's byte alphabet, the file's merges, control tokens added as special tokens, user-defined ones
-as plain added tokens, and the split regex picked by `tokenizer.ggml.pre` (GPT-2's own when the
-type is not in the table, which is the case for SmolLM2's "smollm").
+Built to give the same ids as HF transformers' tokenizer for the same file; drivers/gguf_vocab.py
+builds a GGUF's vocabulary (byte-level BPE or SentencePiece BPE with byte fallback). Prompts get
+BOS/EOS as the file says (`add_bos_token`), chat prompts never a second BOS.
 """
 
 from __future__ import annotations
@@ -14,77 +12,31 @@ import json
 import mmap
 import os
 import struct
-from functools import cache
 from pathlib import Path
 
 import structlog
 import tokenizers
 from gguf import GGUF_MAGIC, GGUFValueType
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import decoders, processors
 
 from llmasos.drivers.chat_template import ChatTemplate
+from llmasos.drivers.gguf_vocab import (
+    UnsupportedTokenizer,
+    build_vocab,
+    byte_alphabet,
+    byte_decoder,
+    check_vocab,
+)
+
+__all__ = ["IncrementalDetokenizer", "Tokenizer", "UnsupportedTokenizer", "byte_alphabet",
+           "check_vocab", "read_gguf_metadata"]
 
 log = structlog.get_logger()
-
-# GGUF token types (llama.cpp's llama_token_type)
-TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
-
-# Split regexes by `tokenizer.ggml.pre`, as HF's GGUF converter has them. A type not listed keeps
-# GPT-2's ByteLevel regex. "smollm": llama.cpp splits digits one by one first, HF does not; the
-# ids only differ for a space before a non-ASCII numeral (" ²"), and we follow HF.
-_LLAMA3 = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2 = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GPT4O = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-SPLIT_REGEX: dict[str, str] = {
-    "llama3": _LLAMA3, "llama-v3": _LLAMA3, "llama-bpe": _LLAMA3, "falcon3": _LLAMA3,
-    "smaug-bpe": _LLAMA3, "dbrx": _LLAMA3, "pixtral": _LLAMA3,
-    "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2, "megrez": _QWEN2,
-    "gpt-4o": _GPT4O, "llama4": _GPT4O,
-}  # fmt: skip
 
 # Tokens that end a chat turn (counted as end-of-sequence when the template uses them) and tokens
 # that end a document (always counted when the vocabulary has them as special tokens).
 TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>")
 DOCUMENT_END_TOKENS = ("<|endoftext|>", "<|end_of_text|>")
-
-
-@cache
-def byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte → printable character table (bytes_to_unicode)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
-
-
-@cache
-def byte_decoder() -> dict[str, int]:
-    return {c: b for b, c in byte_alphabet().items()}
-
-
-def _spell_bytes(token: str) -> str:
-    """A vocabulary entry in the byte alphabet (GGUFs store a few entries as raw text)."""
-    alphabet = byte_decoder()
-    if all(c in alphabet for c in token):
-        return token
-    return "".join(byte_alphabet()[b] for b in token.encode("utf-8"))
 
 
 # struct formats of GGUF's scalar value types
@@ -143,7 +95,8 @@ def _gguf_value(buf: mmap.mmap, offset: int, kind: GGUFValueType) -> tuple[objec
 
 def _reader_metadata(reader: object) -> dict[str, object]:
     fields = reader.fields  # type: ignore[attr-defined]
-    return {k: f.contents() for k, f in fields.items() if k.startswith("tokenizer.")}
+    return {k: f.contents() for k, f in fields.items()
+            if k.startswith("tokenizer.") or k == "general.architecture"}
 
 
 class Tokenizer:
@@ -177,44 +130,15 @@ class Tokenizer:
     def from_gguf(cls, path: str | os.PathLike, reader: object | None = None) -> Tokenizer:
         """Build from a GGUF's tokenizer metadata; pass `reader` to reuse an open GGUFReader."""
         meta = read_gguf_metadata(path) if reader is None else _reader_metadata(reader)
-        kind = meta.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise ValueError(
-                f"GGUF tokenizer model {kind!r} is not supported: only byte-level BPE ('gpt2')"
-            )
-        tokens: list[str] = meta.get("tokenizer.ggml.tokens")  # type: ignore[assignment]
-        merges: list[str] = meta.get("tokenizer.ggml.merges") or []  # type: ignore[assignment]
-        types: list[int] = meta.get("tokenizer.ggml.token_type")  # type: ignore[assignment]
-        types = types or [TOKEN_NORMAL] * len(tokens)
-        pre: str | None = meta.get("tokenizer.ggml.pre")  # type: ignore[assignment]
+        log.debug("tokenizer.gguf", path=str(path))
+        return cls.from_gguf_metadata(meta)
 
-        vocab = {_spell_bytes(t): i for i, t in enumerate(tokens)}
-        pairs = [tuple(m.split(" ")) for m in merges]
-        backend = tokenizers.Tokenizer(
-            models.BPE(vocab=vocab, merges=pairs, continuing_subword_prefix="",
-                       end_of_word_suffix="", fuse_unk=False)
-        )  # fmt: skip
-        backend.decoder = decoders.ByteLevel()
-        split = SPLIT_REGEX.get(pre or "")
-        if split is None:
-            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        else:
-            backend.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ])  # fmt: skip
-
-        alphabet = set(byte_decoder())
-        backend.add_special_tokens([
-            AddedToken(t, normalized=False, special=True)
-            for t, kind_ in zip(tokens, types, strict=True)
-            if kind_ == TOKEN_CONTROL and set(t) <= alphabet  # others are llama.cpp mislabels
-        ])  # fmt: skip
-        backend.add_tokens([
-            AddedToken(t, normalized=False, special=False)
-            for t, kind_ in zip(tokens, types, strict=True)
-            if kind_ == TOKEN_USER_DEFINED and t in vocab
-        ])  # fmt: skip
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, object]) -> Tokenizer:
+        """Build from GGUF metadata already read (read_gguf_metadata)."""
+        backend = build_vocab(meta)
+        tokens: list[str] = meta["tokenizer.ggml.tokens"]  # type: ignore[assignment]
+        pre = meta.get("tokenizer.ggml.pre")
 
         def token_id(key: str) -> int | None:
             value = meta.get(f"tokenizer.ggml.{key}")
@@ -222,14 +146,15 @@ class Tokenizer:
 
         bos, eos = token_id("bos_token_id"), token_id("eos_token_id")
         unk, pad = token_id("unknown_token_id"), token_id("padding_token_id")
-        _set_post_processor(
-            backend, tokens, bos if meta.get("tokenizer.ggml.add_bos_token") else None,
-            eos if meta.get("tokenizer.ggml.add_eos_token") else None,
-        )  # fmt: skip
+        # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise
+        add_bos = meta.get("tokenizer.ggml.add_bos_token",
+                           meta["tokenizer.ggml.model"] == "llama")
+        _set_post_processor(backend, tokens, bos if add_bos else None,
+                            eos if meta.get("tokenizer.ggml.add_eos_token") else None)
         names = {"bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": pad}
         special = {k: tokens[v] for k, v in names.items() if v is not None and v < len(tokens)}
         template: str | None = meta.get("tokenizer.chat_template")  # type: ignore[assignment]
-        log.debug("tokenizer.gguf", path=str(path), vocab=len(tokens), pre=pre)
+        log.debug("tokenizer.gguf", vocab=len(tokens), pre=pre)
         return cls(backend, bos, eos, template, special)
 
     @classmethod
@@ -249,6 +174,11 @@ class Tokenizer:
         extra_ids = tuple(int(i) for i in extra if i is not None)
         if eos is None and extra_ids:
             eos = extra_ids[0]
+        if "add_bos_token" in config or "add_eos_token" in config:  # as HF's update_post_processor
+            vocab = {i: t for t, i in backend.get_vocab(with_added_tokens=True).items()}
+            _set_post_processor(
+                backend, vocab, bos if config.get("add_bos_token") else None,
+                eos if config.get("add_eos_token") else None, keep_if_none=False)
         log.debug("tokenizer.hf", path=str(folder), vocab=backend.get_vocab_size())
         return cls(backend, bos, eos, _hf_chat_template(folder, config), special, extra_ids)
 
@@ -267,6 +197,25 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A plain prompt as HF's tokenizer(text) and llama.cpp give it: BOS/EOS as the file
+        says."""
+        return self.encode(text, add_special_tokens=True)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation through the chat template; BOS added as for a plain prompt unless the
+        template already wrote it (never twice)."""
+        ids = self.encode(self.apply_chat_template(messages, add_generation_prompt=True))
+        if self.adds_bos and ids[:1] != [self.bos_token_id]:
+            ids.insert(0, self.bos_token_id)  # type: ignore[arg-type]
+        return ids
+
+    @property
+    def adds_bos(self) -> bool:
+        """Does a plain prompt get BOS (the file's add_bos_token)?"""
+        return self.bos_token_id is not None and \
+            self.encode("", add_special_tokens=True)[:1] == [self.bos_token_id]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -301,10 +250,13 @@ class Tokenizer:
 
 
 def _set_post_processor(
-    backend: tokenizers.Tokenizer, tokens: list[str], bos: int | None, eos: int | None
+    backend: tokenizers.Tokenizer, tokens: list[str] | dict[int, str], bos: int | None,
+    eos: int | None, keep_if_none: bool = True,
 ) -> None:
-    """encode(add_special_tokens=True) adds BOS/EOS only where the GGUF says to."""
+    """encode(add_special_tokens=True) adds BOS/EOS only where the file says to."""
     if bos is None and eos is None:
+        if not keep_if_none:
+            backend.post_processor = None
         return
     pieces = ([f"{tokens[bos]}"] if bos is not None else []) + ["$A"]
     pieces += [f"{tokens[eos]}"] if eos is not None else []

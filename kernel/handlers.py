@@ -5,6 +5,7 @@ runs; handlers raise SyscallError for what depends on state (unknown pid, anothe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -81,6 +82,7 @@ def sys_spawn(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Spaw
         raise SyscallError("UNAVAILABLE", "llmosd is shutting down; no new jobs")
     if req.nice < 0 and not is_admin(ident):
         raise SyscallError("PERMISSION_DENIED", "only root may spawn with a negative nice")
+    resolve_model(k, req)
     usable_model(k, req.model)
     if req.stdin_pid:
         return spawn_reader(k, ident, req)
@@ -350,7 +352,8 @@ def sys_models(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Mod
         reply = k.inference().ListModels(inference_pb2.ListModelsRequest(), timeout=30)
     except grpc.RpcError as e:
         raise downstream(e, "listing models failed") from None
-    return kernel_pb2.ModelsResponse(models=reply.models)
+    return kernel_pb2.ModelsResponse(models=reply.models, aliases=[
+        kernel_pb2.ModelAlias(name=n, target=t) for n, t in sorted(aliases(k).items())])
 
 
 def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.ModelInfo:
@@ -571,3 +574,50 @@ def sys_shm_list(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.S
 def sys_metrics(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.MetricsResponse:
     from llmasos.kernel import metrics  # prometheus_client loads only when first scraped
     return kernel_pb2.MetricsResponse(text=metrics.exposition(k))
+# --- model aliases ----------------------------------------------------------------------------
+# A name that stands for a deployed model (`alias gpt3 smollm2-135m`), resolved at Spawn, so it
+# can be repointed without touching clients. Kept in <home>/aliases.json across restarts.
+
+def aliases_path(k: Kernel) -> str:
+    return os.path.join(k.cfg.home, "aliases.json")
+
+
+def aliases(k: Kernel) -> dict[str, str]:
+    """name -> target, read from disk on first use."""
+    table = getattr(k, "model_aliases", None)  # not in Kernel.__init__: kernel.py is the lead's
+    if table is None:
+        table = {}
+        with contextlib.suppress(FileNotFoundError, ValueError), \
+                open(aliases_path(k), encoding="utf-8") as f:
+            table = {str(n): str(t) for n, t in json.load(f).items()}
+        k.model_aliases = table
+    return table
+
+
+def resolve_model(k: Kernel, req: Any) -> None:
+    """Replace an aliased req.model by its target; a deployed model's own name always wins."""
+    target = aliases(k).get(req.model)
+    if target is None or req.model in k.models:
+        return
+    if target not in k.models:
+        raise SyscallError("NOT_FOUND", f"{req.model!r} is an alias of {target!r}, which is not "
+                           f"deployed; repoint it with `alias {req.model} MODEL`")
+    req.model = target
+
+
+def sys_alias(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.AliasResponse:
+    table = aliases(k)
+    if not req.target:
+        if table.pop(req.name, None) is None:
+            raise SyscallError("NOT_FOUND", f"no alias {req.name!r}")
+    else:
+        if req.name in k.models:
+            raise SyscallError("ALREADY_EXISTS", f"{req.name!r} is a deployed model's name; "
+                               "choose another alias name")
+        model_or_404(k, req.target)
+        table[req.name] = req.target
+    tmp = aliases_path(k) + f".tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(table, f)
+    os.replace(tmp, aliases_path(k))  # atomic: a crash never leaves half a file
+    return kernel_pb2.AliasResponse()

@@ -150,6 +150,11 @@ class KernelStub:
                 request_serializer=kernel__pb2.MetricsRequest.SerializeToString,
                 response_deserializer=kernel__pb2.MetricsResponse.FromString,
                 _registered_method=True)
+        self.Alias = channel.unary_unary(
+                '/llmasos.v1.Kernel/Alias',
+                request_serializer=kernel__pb2.AliasRequest.SerializeToString,
+                response_deserializer=kernel__pb2.AliasResponse.FromString,
+                _registered_method=True)
 
 
 class KernelServicer:
@@ -321,6 +326,13 @@ class KernelServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Alias(self, request, context):
+        """Point a model name at a deployed model (root only); an empty target removes the alias.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -438,6 +450,11 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.Metrics,
                     request_deserializer=kernel__pb2.MetricsRequest.FromString,
                     response_serializer=kernel__pb2.MetricsResponse.SerializeToString,
+            ),
+            'Alias': grpc.unary_unary_rpc_method_handler(
+                    servicer.Alias,
+                    request_deserializer=kernel__pb2.AliasRequest.FromString,
+                    response_serializer=kernel__pb2.AliasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1061,6 +1078,33 @@ class Kernel:
             '/llmasos.v1.Kernel/Metrics',
             kernel__pb2.MetricsRequest.SerializeToString,
             kernel__pb2.MetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Alias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Kernel/Alias',
+            kernel__pb2.AliasRequest.SerializeToString,
+            kernel__pb2.AliasResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,6 +68,7 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall(26, "ShmRemove", CAP_PROC,  "sys_shm_remove",  v.shm_name),
     Syscall(27, "ShmList",   CAP_PROC,  "sys_shm_list",    v.nothing),
     Syscall(15, "Metrics", CAP_SYSTEM, "sys_metrics",  v.nothing),
+    Syscall(17, "Alias",   CAP_ADMIN,  "sys_alias",    v.alias),
 )
 
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}

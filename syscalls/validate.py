@@ -97,6 +97,12 @@ def undeploy(req: Any) -> None:
     model_name(req.name)
 
 
+def alias(req: Any) -> None:
+    model_name(req.name)
+    if req.target:
+        model_name(req.target)
+
+
 def nothing(req: Any) -> None:
     """Syscalls without arguments."""
 

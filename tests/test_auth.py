@@ -31,6 +31,7 @@ REQUESTS = {
     "MboxRecv": kernel_pb2.MboxRecvRequest(name="m"),
     "MboxList": kernel_pb2.MboxListRequest(),
     "MboxRemove": kernel_pb2.MboxRemoveRequest(name="m"),
+    "Alias": kernel_pb2.AliasRequest(name="x", target="y"),
 }
 
 

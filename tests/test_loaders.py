@@ -94,12 +94,14 @@ def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
                                                       GGMLQuantizationType.F32)})
     with pytest.raises(UnsupportedArchitecture, match="falcon"):
         load_gguf(str(path), progress=False)
-    with pytest.raises(UnsupportedArchitecture, match="gpt_neox"):
+    with pytest.raises(UnsupportedArchitecture, match="mamba"):
+        from_hf_config({"model_type": "mamba", "hidden_size": 8})
+    with pytest.raises(ValueError, match="num_attention_heads"):
         from_hf_config({"model_type": "gpt_neox", "hidden_size": 8})
     folder = tmp_path / "hf"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "phi3"}))
-    with pytest.raises(UnsupportedArchitecture, match="phi3"):
+    (folder / "config.json").write_text(json.dumps({"model_type": "rwkv"}))
+    with pytest.raises(UnsupportedArchitecture, match="rwkv"):
         load_weights(str(folder), str(tmp_path))
 
 
@@ -136,3 +138,198 @@ def test_cache_hit_on_embedded_model(tmp_path: Path) -> None:
     assert set(weights2) == set(weights)
     name = "model.layers.7.self_attn.q_proj.weight"
     assert torch.equal(weights2[name], weights[name])
+
+
+# ---- deploy end to end: a Llama-2-style SentencePiece GGUF, a GPT-2 folder, a refused file ----
+
+
+def spm_model() -> bytes:
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    from test_tokenizer import SPM_TRAIN
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SPM_TRAIN), model_writer=buf, model_type="bpe", vocab_size=360,
+        byte_fallback=True, character_coverage=1.0, split_digits=True,
+        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+    return buf.getvalue()
+
+
+def write_llama2_gguf(path: Path, tokenizer_model: str = "llama") -> None:
+    """What llama.cpp's converter writes for a (tiny, random) Llama 2: SentencePiece vocabulary
+    with scores and no merges, Q/K rows permuted, F32 tensors."""
+    import sentencepiece as spm
+    transformers = pytest.importorskip("transformers")
+
+    sp = spm.SentencePieceProcessor(model_proto=spm_model())
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=sp.get_piece_size(), hidden_size=HIDDEN, intermediate_size=FFN,
+        num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+        initializer_range=0.1, tie_word_embeddings=False))
+    sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_context_length(256)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_dimension_count(HEAD_DIM)
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_tokenizer_pre("default")
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    w.add_token_list(pieces)
+    w.add_token_scores([sp.get_score(i) for i in range(len(pieces))])
+    w.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else
+                       6 if sp.is_byte(i) else 1 for i in range(len(pieces))])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
+             "output_norm.weight", "lm_head.weight": "output.weight"}
+    for i in range(2):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        names |= {p + "input_layernorm.weight": b + "attn_norm.weight",
+                  p + "post_attention_layernorm.weight": b + "ffn_norm.weight",
+                  p + "self_attn.q_proj.weight": b + "attn_q.weight",
+                  p + "self_attn.k_proj.weight": b + "attn_k.weight",
+                  p + "self_attn.v_proj.weight": b + "attn_v.weight",
+                  p + "self_attn.o_proj.weight": b + "attn_output.weight",
+                  p + "mlp.gate_proj.weight": b + "ffn_gate.weight",
+                  p + "mlp.up_proj.weight": b + "ffn_up.weight",
+                  p + "mlp.down_proj.weight": b + "ffn_down.weight"}
+    for hf_name, gguf_name in names.items():
+        data = sd[hf_name]
+        if gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+            data = llama_cpp_permute(data, HEADS if "attn_q" in gguf_name else KV_HEADS)
+        w.add_tensor(gguf_name, np.ascontiguousarray(data, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def engine_greedy(engine: object, name: str, prompt: str, n: int) -> list[int]:
+    from llmasos.services.inference.engine import StepEntry
+
+    ids = engine.tokenize(name, text=prompt)
+    out: list[int] = []
+    entry = StepEntry(seq_id=1, token_ids=ids, start_pos=0, block_table=list(range(8)),
+                      sample=True)
+    for _ in range(n):
+        (result,) = engine.step(name, [entry])
+        out.append(result.token_id)
+        entry = StepEntry(seq_id=1, token_ids=[result.token_id],
+                          start_pos=entry.start_pos + len(entry.token_ids),
+                          block_table=list(range(8)), sample=True)
+    return ids + out
+
+
+def test_deploy_llama2_sentencepiece_gguf(tmp_path: Path) -> None:
+    """The engine loads a Llama-2-style GGUF and continues a prompt exactly as HF does."""
+    from llmasos.services.inference.engine import Engine
+
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "m").mkdir()
+    path = tmp_path / "m" / "llama2.gguf"
+    write_llama2_gguf(path)
+    engine = Engine(str(tmp_path / "state"), kv_budget_bytes=1 << 20)
+    entry = engine.load("llama2-tiny", str(path))
+    assert entry.architecture == "llama" and entry.vocab_size == 360
+    got = engine_greedy(engine, "llama2-tiny", "Hello world", 6)
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    ids = tok("Hello world")["input_ids"]
+    assert got[:len(ids)] == ids and ids[0] == 1  # BOS, as the file says
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                          attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          pad_token_id=0, eos_token_id=None)[0].tolist()
+    assert got == ref
+    assert engine.detokenize("llama2-tiny", got[:len(ids)]) == "<s> Hello world"
+
+
+def tiny_byte_level_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer.json (GPT-2 style) with a few merges, saved as HF does."""
+    import tokenizers
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=290, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog"] * 20, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                                eos_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+
+
+def test_deploy_gpt2_hf_folder(tmp_path: Path) -> None:
+    from llmasos.services.inference.engine import Engine
+
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=300, n_embd=HIDDEN, n_layer=2, n_head=HEADS, n_positions=128,
+        initializer_range=0.1, bos_token_id=0, eos_token_id=0)).eval()
+    hf.save_pretrained(folder)
+    tiny_byte_level_tokenizer(folder)
+    engine = Engine(str(tmp_path / "state"), kv_budget_bytes=1 << 20)
+    entry = engine.load("gpt2-tiny", str(folder))
+    assert entry.architecture == "gpt2" and entry.parameters == sum(
+        p.numel() for p in hf.parameters())
+    got = engine_greedy(engine, "gpt2-tiny", "The quick brown fox", 6)
+    ids = transformers.AutoTokenizer.from_pretrained(folder)("The quick brown fox")["input_ids"]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                          attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          pad_token_id=0, eos_token_id=None)[0].tolist()
+    assert got == ref
+
+
+def test_unsupported_gguf_fails_before_weights_and_writes_nothing(tmp_path: Path) -> None:
+    """Over gRPC: INVALID_ARGUMENT naming the problem, no cache written. The tensor data is cut
+    off, so reaching the weights at all would fail differently."""
+    from concurrent import futures
+
+    import grpc
+
+    from llmasos.proto import inference_pb2, inference_pb2_grpc
+    from llmasos.services.inference.engine import Engine
+    from llmasos.services.inference.servicer import InferenceServicer
+
+    bad = tmp_path / "bert-vocab.gguf"
+    write_llama2_gguf(bad, tokenizer_model="bert")
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    falcon = tmp_path / "falcon.gguf"
+    write_gguf(falcon, "falcon", {"token_embd.weight": (np.zeros((VOCAB, HIDDEN), np.float32),
+                                                        GGMLQuantizationType.F32)})
+    state = tmp_path / "state"
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(Engine(str(state))),
+                                                       server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            for path, word in ((bad, "'bert'"), (falcon, "falcon")):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.LoadModel(inference_pb2.LoadModelRequest(name="x", path=str(path)))
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert word in info.value.details()
+    finally:
+        server.stop(None)
+    assert not (state / "cache").exists()

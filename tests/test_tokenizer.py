@@ -229,3 +229,140 @@ def test_streaming_without_a_byte_table() -> None:
     detok = IncrementalDetokenizer(tok)
     assert stream(detok, [256, 0xE6]) == ["hello", ""]
     assert detok.flush() == "\ufffd" and tok.decode([256, 0xE6]) == "hello\ufffd"
+
+
+# ---- SentencePiece GGUFs (Llama 2, Mistral, TinyLlama, CodeLlama) ----
+
+SPM_TRAIN = [
+    "The quick brown fox jumps over the lazy dog.", "Hello world, hello there!",
+    "12345 67890 numbers 3.14 and 2024-11-29", "  leading spaces and\nnewlines\n\nhere",
+    "def f(x):\n    return x * 2", "a b c d e f g", "Ça va très bien, merci.",
+] * 20
+SPM_TRICKY = [
+    "Hello world", "The quick brown fox", "x\ny", "a  b\n\n c", "tabs\tand\ttabs",
+    "😀 emoji 👍🏽 and 日本語", "12345 3.14159 1,000,000", "hé ß Ça", "  two leading spaces",
+    " one leading space", "trailing spaces   ", "\n\nstarts with newlines", "", " ", "   ",
+    "def f(x):\n    return x ** 2\n", "ÿ\x00\x7f control bytes", "don't I'll",
+]
+LLAMA2_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+
+def write_spm_gguf(path: Path, model: bytes, pre: str | None = "default",
+                   kind: str = "llama", template: str | None = None) -> None:
+    """The GGUF llama.cpp's converter writes for a SentencePiece vocabulary (no merges)."""
+    import numpy as np
+    import sentencepiece as spm
+    from gguf import GGUFWriter
+
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    tokens, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else
+                     6 if sp.is_byte(i) else 1)
+    w = GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model(kind)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    if template:
+        w.add_chat_template(template)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def spm_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny SentencePiece BPE model with byte fallback, trained here, and its GGUF."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    folder = tmp_path_factory.mktemp("spm")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SPM_TRAIN), model_writer=buf, model_type="bpe", vocab_size=360,
+        byte_fallback=True, character_coverage=1.0, split_digits=True,
+        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    (folder / "gguf").mkdir()  # alone in its folder: HF would pick up tokenizer.model too
+    write_spm_gguf(folder / "gguf" / "tiny.gguf", buf.getvalue(), template=LLAMA2_TEMPLATE)
+    return folder / "tokenizer.model", folder / "gguf" / "tiny.gguf"
+
+
+def test_sentencepiece_gguf_matches_sentencepiece(spm_files: tuple[Path, Path]) -> None:
+    """sentencepiece itself (what Llama 2 was trained with and llama.cpp reproduces)."""
+    import sentencepiece as spm
+
+    model_file, gguf_file = spm_files
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    ours = Tokenizer.from_gguf(gguf_file)
+    assert ours.adds_bos and ours.bos_token_id == 1 and ours.eos_token_ids == [2]
+    for text in SPM_TRICKY:
+        ids = ours.encode_prompt(text)
+        assert ids == [1, *sp.encode(text)], text
+        assert ours.decode(ids, skip_special_tokens=True) == sp.decode(ids) == text, text
+    assert any(sp.id_to_piece(i).startswith("<0x") for i in ours.encode("😀"))  # byte fallback
+    detok = IncrementalDetokenizer(ours)
+    ids = ours.encode("😀 emoji 👍🏽 and 日本語\n  x")
+    assert "".join(detok.push(i) for i in ids) + detok.flush() == ours.decode(ids)
+
+
+def test_sentencepiece_gguf_matches_hf(spm_files: tuple[Path, Path]) -> None:
+    """transformers' own GGUF loading of the same file. Its v5 converter uses Metaspace
+    (prepend_scheme="first"), which drops one space of a leading run ("  two" -> "▁▁two",
+    sentencepiece and llama.cpp: "▁▁▁two") and gives text after a special token no "▁"
+    (llama.cpp gives it one); we follow sentencepiece and llama.cpp, so those are left out."""
+    transformers = pytest.importorskip("transformers")
+    _, gguf_file = spm_files
+    hf = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent),
+                                                    gguf_file=gguf_file.name)
+    ours = Tokenizer.from_gguf(gguf_file)
+    for text in [t for t in SPM_TRICKY if not t.startswith(" ")]:
+        ids = ours.encode_prompt(text)
+        assert ids == hf(text)["input_ids"], text
+        assert ours.decode(ids) == hf.decode(ids), text
+
+
+def test_bos_once_in_prompts_and_chats(spm_files: tuple[Path, Path]) -> None:
+    ours = Tokenizer.from_gguf(spm_files[1])
+    assert ours.encode_prompt("hi")[:1] == [1] and ours.encode("hi")[:1] != [1]
+    chat = ours.encode_chat([{"role": "user", "content": "hi"}])
+    assert chat[0] == 1 and chat[1] != 1  # the template writes <s>: not a second one
+    rendered = ours.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert rendered.startswith("<s>[INST] hi")
+    # SmolLM2's file says add_bos_token = false: prompts and chats stay as they were
+    # llama.cpp: text after a special token gets the space prefix too
+    assert ours.encode("</s>x") == [2, *ours.encode("x")]
+    smol = Tokenizer.from_gguf(GGUF)
+    assert not smol.adds_bos and smol.encode_prompt("hi") == smol.encode("hi")
+
+
+def test_unknown_tokenizers_are_refused_by_name(tmp_path: Path,
+                                                spm_files: tuple[Path, Path]) -> None:
+    from llmasos.drivers.tokenizer import UnsupportedTokenizer
+
+    model = spm_files[0].read_bytes()
+    write_spm_gguf(tmp_path / "bert.gguf", model, kind="bert")
+    with pytest.raises(UnsupportedTokenizer, match="'bert'"):
+        Tokenizer.from_gguf(tmp_path / "bert.gguf")
+    meta = read_gguf_metadata(GGUF)
+    assert meta["tokenizer.ggml.pre"] == "smollm"  # the embedded file's own: supported
+    meta["tokenizer.ggml.pre"] = "chatglm-bpe"
+    with pytest.raises(UnsupportedTokenizer, match="chatglm-bpe"):
+        Tokenizer.from_gguf_metadata(meta)

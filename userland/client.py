@@ -231,6 +231,14 @@ class LLMClient(ClientBase):
     def undeploy(self, name: str) -> None:
         self._call(calls.UNDEPLOY, name)
 
+    def alias(self, name: str, target: str = "") -> None:
+        """Point the model name `name` at the deployed model `target` (root only); an empty
+        target removes the alias."""
+        self._call("Alias", kernel_pb2.AliasRequest(name=name, target=target))
+
+    def aliases(self) -> dict[str, str]:
+        return {a.name: a.target for a in self._call("Models", kernel_pb2.ModelsRequest()).aliases}
+
     def whoami(self) -> kernel_pb2.WhoAmIResponse:
         return self._call(calls.WHOAMI)
 

@@ -13,7 +13,12 @@ from gguf.quants import dequantize
 from tqdm import tqdm
 
 from llmasos.drivers.cuda.quant import QuantWeight, from_gguf
-from llmasos.drivers.loaders.config import ModelConfig, arch_spec, from_gguf_metadata
+from llmasos.drivers.loaders.config import (
+    ModelConfig,
+    UnsupportedArchitecture,
+    arch_spec,
+    from_gguf_metadata,
+)
 
 # GGUF block formats the Triton matmuls read as they are (drivers/cuda/quant_matmul.py).
 KERNEL_FORMATS = {GGMLQuantizationType.Q8_0: "q8_0", GGMLQuantizationType.Q4_1: "q4_1"}
@@ -36,7 +41,19 @@ NAMES: dict[str, str] = {
     "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
 }
+# Architectures whose GGUF tensors the table above covers; the others load from HF folders.
+GGUF_ARCHITECTURES = ("llama", "mistral", "smollm", "qwen2", "qwen3")
+
+
+def check_gguf_arch(architecture: str) -> None:
+    arch_spec(architecture)  # refuses unknown families by name
+    if architecture.lower() not in GGUF_ARCHITECTURES:
+        raise UnsupportedArchitecture(
+            f"GGUF files of architecture {architecture!r} are not supported (GGUF: "
+            f"{', '.join(GGUF_ARCHITECTURES)}); deploy its Hugging Face folder instead")
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
@@ -95,6 +112,7 @@ def load_gguf(path: str, progress: bool = True, keep_quantized: bool = False,
     the GPU's quantized matmuls instead of being dequantized."""
     reader = GGUFReader(path)
     meta = read_metadata(reader)
+    check_gguf_arch(str(meta.get("general.architecture", "")))
     cfg = from_gguf_metadata(meta, {t.name for t in reader.tensors})
     permuted = arch_spec(cfg.architecture).permuted_qk
     weights: dict[str, torch.Tensor] = {}

@@ -10,7 +10,7 @@ mask. The model builds the groups once per step and reuses them in every layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,15 @@ class PagedGroup:
     max_q: int
     identity: bool  # query_rows == token_rows: no padding, no scatter (decode-only groups)
     first_row: int  # token_rows[0]
+    q_pos: torch.Tensor | None = None  # [S, 1, gqa * max_q, 1] position of each padded query
+    window_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # built on first use
+
+    def window_mask(self, window: int) -> torch.Tensor:
+        """mask, keeping only keys within `window` positions of the query (HF: q - k < window)."""
+        if window not in self.window_masks:
+            pos_k = torch.arange(self.mask.shape[-1], device=self.mask.device)
+            self.window_masks[window] = self.mask & (pos_k > self.q_pos - window)
+        return self.window_masks[window]
 
 
 def build_group(token_starts: list[int], q_lens: list[int], seq_lens: list[int],
@@ -54,6 +63,8 @@ def build_group(token_starts: list[int], q_lens: list[int], seq_lens: list[int],
     mask = mask[:, None, None].expand(num_seqs, 1, gqa, max_q, max_k)
     mask = mask.reshape(num_seqs, 1, gqa * max_q, max_k)
 
+    q_pos_folded = q_pos[:, None, None, :, None].expand(num_seqs, 1, gqa, max_q, 1).reshape(
+        num_seqs, 1, gqa * max_q, 1)
     rows = torch.where(real, start_t[:, None] + i[None], 0)
     flat_real = real.reshape(-1)
     token_rows = rows.reshape(-1)[flat_real]
@@ -64,12 +75,15 @@ def build_group(token_starts: list[int], q_lens: list[int], seq_lens: list[int],
         token_rows=token_rows.to(device), query_rows=rows.reshape(-1).to(device),
         padded_pos=padded_pos.to(device), kv_blocks=table.to(device), mask=mask.to(device),
         num_seqs=num_seqs, max_q=max_q, identity=identity, first_row=int(token_starts[0]),
+        q_pos=q_pos_folded.to(device),
     )
 
 
 def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    group: PagedGroup, scale: float) -> torch.Tensor:
-    """q: [T, Hq, D] (the whole flat batch); returns [n, Hq, D] for group.token_rows."""
+                    group: PagedGroup, scale: float, window: int = 0,
+                    softcap: float = 0.0) -> torch.Tensor:
+    """q: [T, Hq, D] (the whole flat batch); returns [n, Hq, D] for group.token_rows.
+    window > 0: a sliding-window layer; softcap > 0: scores = c * tanh(scores / c) (Gemma 2)."""
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     num_heads = q.shape[1]
     gqa = num_heads // kv_heads
@@ -83,7 +97,13 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     # [S*mq, Hq, D] -> [S, Hkv, gqa*mq, D]: the query heads of one KV head become extra rows
     qp = qp.view(s, mq, kv_heads, gqa, head_dim).permute(0, 2, 3, 1, 4)
     qp = qp.reshape(s, kv_heads, gqa * mq, head_dim)
-    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=group.mask, scale=scale)
+    mask = group.window_mask(window) if window else group.mask
+    if softcap:  # SDPA cannot cap the scores: the same computation spelled out
+        scores = torch.tanh(qp @ k.transpose(-1, -2) * (scale / softcap)) * softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out = torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
+    else:
+        out = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=scale)
     out = out.view(s, kv_heads, gqa, mq, head_dim).permute(0, 3, 1, 2, 4)
     out = out.reshape(s * mq, num_heads, head_dim)
     return out if group.identity else out[group.padded_pos]

@@ -1,5 +1,7 @@
-"""The Llama family (Llama 2/3, SmolLM, Mistral, Qwen2) over the paged KV pool, gpt-fast style:
-plain tensors, one function per block, no Python loop over sequences inside a layer."""
+"""The decoder over the paged KV pool, gpt-fast style: plain tensors, one function per block, no
+Python loop over sequences inside a layer. Llama is the base; every other family (Mistral, Qwen2/3,
+Phi-3, Gemma 2/3, GPT-2, GPT-NeoX, GPT-J) is a row of drivers/model/families.py that switches a
+few steps on or off, and drivers/model/weights.py renames its checkpoint into Llama's names."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from llmasos.drivers.cuda.quant import QuantWeight, dequantize
 from llmasos.drivers.loaders.config import ModelConfig
 from llmasos.drivers.model.attention import group_attention, write_kv
 from llmasos.drivers.model.batch import StepBatch
+from llmasos.drivers.model.families import family
 from llmasos.drivers.model.kv_pool import KVPool
+from llmasos.drivers.model.weights import to_llama_names
 
 Weight = torch.Tensor | QuantWeight  # QuantWeight only where the Triton kernels run
 
@@ -27,8 +31,26 @@ class Layer:
     qkv_bias: torch.Tensor | None
     o: Weight
     mlp_norm: torch.Tensor
-    gate_up: Weight  # [2 * intermediate, hidden]: gate and up fused
+    gate_up: Weight  # [2 * intermediate, hidden]: gate and up fused (just up when not gated)
     down: Weight
+    # other families' extras (None for Llama)
+    attn_norm_bias: torch.Tensor | None = None  # LayerNorm's bias
+    mlp_norm_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # [head_dim], Qwen3 / Gemma 3
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None  # Gemma's sandwich norms
+    post_mlp_norm: torch.Tensor | None = None
+    sliding: bool = False  # attends to the last cfg.sliding_window positions only
+
+    def tensors(self) -> list[Weight]:
+        return [t for t in (self.attn_norm, self.qkv, self.qkv_bias, self.o, self.mlp_norm,
+                            self.gate_up, self.down, self.attn_norm_bias, self.mlp_norm_bias,
+                            self.o_bias, self.gate_up_bias, self.down_bias, self.q_norm,
+                            self.k_norm, self.post_attn_norm, self.post_mlp_norm)
+                if t is not None]
 
 
 def cat_rows(ws: list[Weight]) -> Weight:
@@ -49,11 +71,13 @@ def weight_bytes(w: Weight) -> int:
     return w.nbytes
 
 
-def rope_inv_freq(cfg: ModelConfig, rope_freqs: torch.Tensor | None = None) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2] with the config's scaling applied (HF semantics)."""
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    scaling = cfg.rope_scaling or {}
+def rope_inv_freq(cfg: ModelConfig, rope_freqs: torch.Tensor | None = None,
+                  theta: float = 0.0, scaled: bool = True) -> torch.Tensor:
+    """Inverse frequencies [rotary_dim / 2] with the config's scaling applied (HF semantics)."""
+    d = cfg.rotary_dim or cfg.head_dim
+    base = theta or cfg.rope_theta
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = (cfg.rope_scaling or {}) if scaled else {}
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         inv = inv / float(scaling["factor"])
@@ -124,18 +148,32 @@ SMALL_ROWS = 64
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [T, H, D] with cos, sin [T, 1, D/2]."""
+    """Rotate-half RoPE on x [T, H, D] with cos, sin [T, 1, D/2]; with cos of R/2 < D/2 columns
+    only the first R dims rotate (partial rotary, NeoX) and the rest pass through."""
+    rot = 2 * cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+ACTIVATIONS = {
+    "silu": F.silu, "relu": F.relu, "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}  # fmt: skip
 
 
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor],
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.family = fam = family(cfg.architecture)
+        weights = to_llama_names(cfg, weights)
         # Triton attention and quantized matmuls on CUDA (and on CPU under TRITON_INTERPRET=1);
-        # otherwise the PyTorch path, with any quantized weight dequantized here
-        self.kernels: Kernels | None = kernels_for(self.device)
+        # otherwise the PyTorch path, with any quantized weight dequantized here. The kernels
+        # know neither sliding windows nor soft-capping: those families take the PyTorch path.
+        plain = cfg.sliding_window or cfg.attn_softcap
+        self.kernels: Kernels | None = None if plain else kernels_for(self.device)
 
         def w(name: str) -> Weight:
             t = weights[name]
@@ -144,42 +182,69 @@ class LlamaModel:
             t = dequantize(t) if isinstance(t, QuantWeight) else t
             return t.to(device=self.device, dtype=dtype).contiguous()
 
+        def opt(name: str) -> torch.Tensor | None:
+            return w(name) if name in weights else None
+
         self.embed = w("model.embed_tokens.weight")   # never quantized: a table lookup
+        self.embed_positions = opt("model.embed_positions.weight")  # GPT-2's learned positions
+        self.embed_scale = cfg.hidden_size ** 0.5 if fam.embed_scale else 0.0
         self.norm = w("model.norm.weight")
+        self.norm_bias = opt("model.norm.bias")
         head = weights.get("lm_head.weight")
         self.lm_head = self.embed if cfg.tie_word_embeddings or head is None else w(
             "lm_head.weight")
-        self.layers = [self._layer(weights, i, w) for i in range(cfg.num_layers)]
+        self.lm_head_bias = opt("lm_head.bias")
+        self.act = ACTIVATIONS[cfg.activation or fam.activation]
+        self.parallel = fam.parallel_residual if cfg.parallel_residual is None \
+            else cfg.parallel_residual
+        self.layers = [self._layer(weights, i, w, opt) for i in range(cfg.num_layers)]
         freqs = weights.get("model.rope_freqs")
         self.inv_freq = rope_inv_freq(cfg, freqs).to(self.device)
-        self.scale = cfg.head_dim ** -0.5
+        # Gemma 3's sliding layers rotate with their own base and no scaling
+        self.local_inv_freq = rope_inv_freq(cfg, None, cfg.rope_local_theta, scaled=False).to(
+            self.device) if cfg.rope_local_theta else None
+        self.scale = cfg.attn_scale or cfg.head_dim ** -0.5
         # oneDNN or MKL for multi-row matmuls: whichever is faster on this CPU (AVX-512 or not)
         gate_up = self.layers[0].gate_up
         self.onednn = isinstance(gate_up, torch.Tensor) and onednn_is_faster(gate_up)
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
 
-    def _layer(self, weights: dict[str, torch.Tensor], i: int, w: object) -> Layer:
+    def _layer(self, weights: dict[str, torch.Tensor], i: int, w: object, opt: object) -> Layer:
         p = f"model.layers.{i}."
         a = p + "self_attn."
         bias = None
-        if self.cfg.attention_bias:
+        if self.cfg.attention_bias or a + "q_proj.bias" in weights:
             bias = torch.cat([w(a + f"{x}_proj.bias") for x in "qkv"])
+        gated = self.family.gated
         return Layer(
             attn_norm=w(p + "input_layernorm.weight"),
             qkv=cat_rows([w(a + f"{x}_proj.weight") for x in "qkv"]),
             qkv_bias=bias,
             o=w(a + "o_proj.weight"),
-            mlp_norm=w(p + "post_attention_layernorm.weight"),
-            gate_up=cat_rows([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+            mlp_norm=opt(p + "post_attention_layernorm.weight"),
+            gate_up=cat_rows([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])
+            if gated else w(p + "mlp.up_proj.weight"),
             down=w(p + "mlp.down_proj.weight"),
+            attn_norm_bias=opt(p + "input_layernorm.bias"),
+            mlp_norm_bias=opt(p + "post_attention_layernorm.bias"),
+            o_bias=opt(a + "o_proj.bias"),
+            gate_up_bias=opt(p + "mlp.up_proj.bias"),
+            down_bias=opt(p + "mlp.down_proj.bias"),
+            q_norm=opt(a + "q_norm.weight"),
+            k_norm=opt(a + "k_norm.weight"),
+            post_attn_norm=opt(p + "post_attn_norm.weight"),
+            post_mlp_norm=opt(p + "post_mlp_norm.weight"),
+            sliding=bool(self.cfg.sliding_window) and (
+                not self.cfg.sliding_layers or i in self.cfg.sliding_layers),
         )
 
     def _weights(self) -> list[Weight]:
         tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        tensors += [t for t in (self.embed_positions, self.norm_bias, self.lm_head_bias)
+                    if t is not None]
         for layer in self.layers:
-            tensors += [layer.attn_norm, layer.qkv, layer.o, layer.mlp_norm, layer.gate_up,
-                        layer.down] + ([layer.qkv_bias] if layer.qkv_bias is not None else [])
+            tensors += layer.tensors()
         return tensors
 
     @property
@@ -191,35 +256,76 @@ class LlamaModel:
         """Bytes the weights take on the device (quantized ones in their packed form)."""
         return sum(weight_bytes(t) for t in self._weights())
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The family's norm: RMSNorm, or LayerNorm (GPT-2, NeoX, GPT-J)."""
+        if self.family.norm == "layer":
+            return F.layer_norm(x, (x.shape[-1],), weight, bias, self.cfg.rms_norm_eps)
         return F.rms_norm(x, (x.shape[-1],), weight, self.cfg.rms_norm_eps)
+
+    def rope(self, positions: torch.Tensor, inv_freq: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * inv_freq[None]
+        return freqs.cos()[:, None].to(self.dtype), freqs.sin()[:, None].to(self.dtype)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, pool: KVPool) -> torch.Tensor:
         """Run the flat batch, writing its K/V into the pool; logits [R, vocab] (fp32) for
         batch.sample_rows."""
-        cfg = self.cfg
-        t = batch.input_ids.shape[0]
-        freqs = batch.positions[:, None].float() * self.inv_freq[None]
-        cos, sin = freqs.cos()[:, None].to(self.dtype), freqs.sin()[:, None].to(self.dtype)
         x = F.embedding(batch.input_ids, self.embed)
-        qk_heads = cfg.num_heads + cfg.num_kv_heads
+        if self.embed_scale:
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        if self.embed_positions is not None:
+            x = x + F.embedding(batch.positions, self.embed_positions)
+        rope = self.rope(batch.positions, self.inv_freq)
+        local = rope if self.local_inv_freq is None else self.rope(batch.positions,
+                                                                   self.local_inv_freq)
         for i, layer in enumerate(self.layers):
-            h = self.rms_norm(x, layer.attn_norm)
-            qkv = self.linear(h, layer.qkv, layer.qkv_bias)
-            qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(t, qk_heads, cfg.head_dim),
-                            cos, sin)
-            q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads:]
-            v = qkv[:, self.q_size + self.kv_size:].view(t, cfg.num_kv_heads, cfg.head_dim)
-            k_cache, v_cache = pool.layer(i)
-            (self.kernels.write_kv if self.kernels else write_kv)(
-                k_cache, v_cache, k, v, batch.slot_mapping)
-            x = x + self.linear(self.attention(q, k_cache, v_cache, batch).reshape(t, -1),
-                                layer.o)
-            h = self.rms_norm(x, layer.mlp_norm)
+            h = self.rms_norm(x, layer.attn_norm, layer.attn_norm_bias)
+            attn = self.attention_block(i, layer, h, batch, pool, local if layer.sliding
+                                        else rope)
+            if self.parallel:  # x + attn(norm x) + mlp(norm' x)
+                h2 = h if layer.mlp_norm is None else self.rms_norm(x, layer.mlp_norm,
+                                                                    layer.mlp_norm_bias)
+                x = x + attn + self.mlp(layer, h2)
+                continue
+            if layer.post_attn_norm is not None:
+                attn = self.rms_norm(attn, layer.post_attn_norm)
+            x = x + attn
+            out = self.mlp(layer, self.rms_norm(x, layer.mlp_norm, layer.mlp_norm_bias))
+            if layer.post_mlp_norm is not None:
+                out = self.rms_norm(out, layer.post_mlp_norm)
+            x = x + out
+        return self.logits(self.rms_norm(x[batch.sample_rows], self.norm, self.norm_bias))
+
+    def attention_block(self, i: int, layer: Layer, h: torch.Tensor, batch: StepBatch,
+                        pool: KVPool, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cfg = self.cfg
+        t = h.shape[0]
+        cos, sin = rope
+        qkv = self.linear(h, layer.qkv, layer.qkv_bias)
+        qk_heads = cfg.num_heads + cfg.num_kv_heads
+        qk = qkv[:, : self.q_size + self.kv_size].view(t, qk_heads, cfg.head_dim)
+        if layer.q_norm is not None:  # per-head norms before RoPE (Qwen3, Gemma 3)
+            qk = torch.cat((self.rms_norm(qk[:, : cfg.num_heads], layer.q_norm),
+                            self.rms_norm(qk[:, cfg.num_heads:], layer.k_norm)), dim=1)
+        if self.family.positions == "rope":
+            qk = apply_rope(qk, cos, sin)
+        q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads:]
+        v = qkv[:, self.q_size + self.kv_size:].view(t, cfg.num_kv_heads, cfg.head_dim)
+        k_cache, v_cache = pool.layer(i)
+        (self.kernels.write_kv if self.kernels else write_kv)(
+            k_cache, v_cache, k, v, batch.slot_mapping)
+        window = cfg.sliding_window if layer.sliding else 0
+        out = self.attention(q, k_cache, v_cache, batch, window).reshape(t, -1)
+        return self.linear(out, layer.o, layer.o_bias)
+
+    def mlp(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
+        if self.family.gated:
             gate, up = self.gate_up(h, layer.gate_up)
-            x = x + self.linear(F.silu(gate) * up, layer.down)
-        return self.logits(self.rms_norm(x[batch.sample_rows], self.norm))
+            return self.linear(self.act(gate) * up, layer.down, layer.down_bias)
+        up = self.linear(h, layer.gate_up, layer.gate_up_bias)
+        return self.linear(self.act(up), layer.down, layer.down_bias)
 
     def linear(self, x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None
                ) -> torch.Tensor:
@@ -240,17 +346,21 @@ class LlamaModel:
         return F.linear(h, w[:half]), F.linear(h, w[half:])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.linear(h, self.lm_head).float()
+        logits = self.linear(h, self.lm_head, self.lm_head_bias).float()
+        cap = self.cfg.final_softcap
+        return logits if not cap else torch.tanh(logits / cap) * cap
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  batch: StepBatch) -> torch.Tensor:
+                  batch: StepBatch, window: int = 0) -> torch.Tensor:
         if batch.kernel_groups is not None:
             return self.kernel_attention(q, k_cache, v_cache, batch)
+        extra = {"window": window, "softcap": self.cfg.attn_softcap}
         if len(batch.groups) == 1:  # one group covers rows 0..T-1 in order: no scatter
-            return group_attention(q, k_cache, v_cache, batch.groups[0], self.scale)
+            return group_attention(q, k_cache, v_cache, batch.groups[0], self.scale, **extra)
         out = torch.empty_like(q)
         for group in batch.groups:
-            out[group.token_rows] = group_attention(q, k_cache, v_cache, group, self.scale)
+            out[group.token_rows] = group_attention(q, k_cache, v_cache, group, self.scale,
+                                                    **extra)
         return out
 
     def kernel_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -15,6 +15,7 @@ import torch
 
 from llmasos.drivers.cuda.backend import kernels_for
 from llmasos.drivers.loaders.cache import load_weights
+from llmasos.drivers.loaders.probe import probe
 from llmasos.drivers.model.batch import SeqSlice, build_batch
 from llmasos.drivers.model.kv_pool import KVPool, PoolGeometry
 from llmasos.drivers.model.llama import LlamaModel
@@ -124,11 +125,12 @@ class Engine:
 
     def _load(self, name: str, path: str, dtype_name: str, kv_budget_bytes: int) -> Loaded:
         t0 = time.perf_counter()
+        # config and tokenizer checked before any weight is read: a file we cannot run
+        # fails here in a fraction of a second, with nothing (no weights cache) written
+        _, tokenizer = probe(path)
         # where the Triton kernels run, GGUF Q8_0/Q4_1 weights stay in their blocks
         cfg, weights, kind = load_weights(path, self.state_dir,
                                           keep_quantized=kernels_for(self.device) is not None)
-        tokenizer = Tokenizer.from_hf_dir(path) if kind == "safetensors" \
-            else Tokenizer.from_gguf(path)
         torch_dtype = DTYPES[dtype_name]
         model = LlamaModel(cfg, weights, torch_dtype, self.device)
         del weights
@@ -166,8 +168,8 @@ class Engine:
                  messages: list[dict[str, str]] | None = None) -> list[int]:
         tok = self._get(name).tokenizer
         if messages is not None:
-            return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
-        return tok.encode(text or "")
+            return tok.encode_chat(messages)
+        return tok.encode_prompt(text or "")
 
     def detokenize(self, name: str, ids: list[int]) -> str:
         return self._get(name).tokenizer.decode(list(ids))

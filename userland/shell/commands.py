@@ -311,6 +311,8 @@ def cmd_models(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
              fmt.size(m.memory_bytes), m.context_length, m.source] for m in models]
     sh.say(fmt.table(["NAME", "ARCH", "PARAMS", "DTYPE", "DEVICE", "SIZE", "CONTEXT", "SOURCE"],
                      rows, ["PARAMS", "SIZE", "CONTEXT"]))
+    for name, target in sorted(sh.client.aliases().items()):
+        sh.say(f"{name} -> {target} (alias)")
     return EXIT_OK
 
 
@@ -320,6 +322,22 @@ def cmd_deploy(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
     m = sh.client.deploy(args.path, args.name, args.dtype)
     sh.say(f"deployed {m.name}: {m.architecture}, {fmt.count(m.parameters)} parameters, "
            f"{m.dtype} on {m.device}, {fmt.size(m.memory_bytes)}")
+    return EXIT_OK
+
+
+def cmd_alias(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
+    if args.name is None:  # list them
+        for name, target in sorted(sh.client.aliases().items()):
+            sh.say(f"{name} -> {target}")
+        return EXIT_OK
+    if args.delete:
+        sh.client.alias(args.name, "")
+    elif args.target is None:
+        raise Usage("alias NAME TARGET, alias -d NAME, or alias to list them")
+    else:
+        sh.client.alias(args.name, args.target)
+    if sh.interactive:
+        sh.say(f"removed alias {args.name}" if args.delete else f"{args.name} -> {args.target}")
     return EXIT_OK
 
 
@@ -563,6 +581,10 @@ COMMANDS: dict[str, Entry] = {
         (("path",), {}), (("name",), {}), (("--dtype",), {"default": ""}))),
     "undeploy": Entry(cmd_undeploy, "unload a model: undeploy NAME", _p_simple(
         "undeploy", "Unload a model (root).", (("name",), {}))),
+    "alias": Entry(cmd_alias, "name a model: alias NAME TARGET, alias -d NAME, alias", _p_simple(
+        "alias", "Point a model name at a deployed model (root); no arguments: list them.",
+        (("name",), {"nargs": "?"}), (("target",), {"nargs": "?"}),
+        (("-d", "--delete"), {"action": "store_true"}))),
     "whoami": Entry(cmd_whoami, "who you are to llmosd (-v for details)", _p_simple(
         "whoami", "Your user name.", (("-v", "--verbose"), {"action": "store_true"}))),
     "audit": Entry(cmd_audit, "the audit log (root): audit [N] [-u USER] [-c CALL]", _p_simple(

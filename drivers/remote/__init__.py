@@ -1,0 +1,1 @@
+"""Hosted models as drivers: OpenAI-compatible endpoints (drivers/remote/client.py)."""
