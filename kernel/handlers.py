@@ -48,7 +48,9 @@ def downstream(e: grpc.RpcError, what: str) -> SyscallError:
               grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.DEADLINE_EXCEEDED}
     if code in passed:
         return SyscallError(code.name, e.details())
-    return SyscallError("UNAVAILABLE", f"{what}: {e.details()}; retry shortly")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return SyscallError("UNAVAILABLE", f"{what}: {e.details()}; retry shortly")
+    return SyscallError("INTERNAL", f"{what}: {e.details()}")   # a bug, not a restart
 
 
 def lookup(k: Kernel, ident: Identity, pid: int) -> Proc:
@@ -361,9 +363,11 @@ def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.Mod
     if not os.path.exists(path):
         raise SyscallError("NOT_FOUND", f"{path} does not exist")
     stub = k.inference()
+    left = ctx.time_remaining()   # the caller's deadline bounds the load (600 s without one)
     try:
         info = stub.LoadModel(inference_pb2.LoadModelRequest(
-            name=req.name, path=path, dtype=req.dtype), timeout=600)
+            name=req.name, path=path, dtype=req.dtype),
+            timeout=min(600.0, left) if left is not None else 600.0)
         k.attach_pager(req.name, stub)
     except grpc.RpcError as e:
         raise downstream(e, "deploying failed") from None
