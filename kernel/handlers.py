@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -370,10 +371,26 @@ def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.Mod
             timeout=min(600.0, left) if left is not None else 600.0)
         k.attach_pager(req.name, stub)
     except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            unload_when_loaded(k, req.name)   # the caller gave up: do not keep it half-known
         raise downstream(e, "deploying failed") from None
     k.models[req.name] = Deployed(path, req.dtype)   # replaces an unavailable one
     k.journal.record_deploy(req.name, dataclasses.asdict(k.models[req.name]))
     return info
+
+
+def unload_when_loaded(k: Kernel, name: str, patience: float = 900.0) -> None:
+    """A load the caller stopped waiting for still finishes in the service: unload it then."""
+    def run() -> None:
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            try:
+                k.inference().UnloadModel(inference_pb2.UnloadModelRequest(name=name),
+                                          timeout=60)
+                return
+            except (grpc.RpcError, SyscallError):
+                time.sleep(2.0)
+    threading.Thread(target=run, name=f"unload-{name}", daemon=True).start()
 
 
 def sys_undeploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.UndeployResponse:
