@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -49,7 +50,9 @@ def downstream(e: grpc.RpcError, what: str) -> SyscallError:
               grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.DEADLINE_EXCEEDED}
     if code in passed:
         return SyscallError(code.name, e.details())
-    return SyscallError("UNAVAILABLE", f"{what}: {e.details()}; retry shortly")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return SyscallError("UNAVAILABLE", f"{what}: {e.details()}; retry shortly")
+    return SyscallError("INTERNAL", f"{what}: {e.details()}")   # a bug, not a restart
 
 
 def lookup(k: Kernel, ident: Identity, pid: int) -> Proc:
@@ -364,15 +367,33 @@ def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.Mod
     if not os.path.exists(path):
         raise SyscallError("NOT_FOUND", f"{path} does not exist")
     stub = k.inference()
+    left = ctx.time_remaining()   # the caller's deadline bounds the load (600 s without one)
     try:
         info = stub.LoadModel(inference_pb2.LoadModelRequest(
-            name=req.name, path=path, dtype=req.dtype), timeout=600)
+            name=req.name, path=path, dtype=req.dtype),
+            timeout=min(600.0, left) if left is not None else 600.0)
         k.attach_pager(req.name, stub)
     except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            unload_when_loaded(k, req.name)   # the caller gave up: do not keep it half-known
         raise downstream(e, "deploying failed") from None
     k.models[req.name] = Deployed(path, req.dtype)   # replaces an unavailable one
     k.journal.record_deploy(req.name, dataclasses.asdict(k.models[req.name]))
     return info
+
+
+def unload_when_loaded(k: Kernel, name: str, patience: float = 900.0) -> None:
+    """A load the caller stopped waiting for still finishes in the service: unload it then."""
+    def run() -> None:
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            try:
+                k.inference().UnloadModel(inference_pb2.UnloadModelRequest(name=name),
+                                          timeout=60)
+                return
+            except (grpc.RpcError, SyscallError):
+                time.sleep(2.0)
+    threading.Thread(target=run, name=f"unload-{name}", daemon=True).start()
 
 
 def sys_undeploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.UndeployResponse:
