@@ -86,7 +86,8 @@ def sys_spawn(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Spaw
     if req.nice < 0 and not is_admin(ident):
         raise SyscallError("PERMISSION_DENIED", "only root may spawn with a negative nice")
     resolve_model(k, req)
-    usable_model(k, req.model)
+    if usable_model(k, req.model).remote_url:
+        return spawn_remote(k, ident, req)
     if req.stdin_pid:
         return spawn_reader(k, ident, req)
     seg = shm_for(k, ident, req)
@@ -355,7 +356,7 @@ def sys_models(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Mod
         reply = k.inference().ListModels(inference_pb2.ListModelsRequest(), timeout=30)
     except grpc.RpcError as e:
         raise downstream(e, "listing models failed") from None
-    return kernel_pb2.ModelsResponse(models=reply.models, aliases=[
+    return kernel_pb2.ModelsResponse(models=[*reply.models, *remote_infos(k)], aliases=[
         kernel_pb2.ModelAlias(name=n, target=t) for n, t in sorted(aliases(k).items())])
 
 
@@ -363,6 +364,8 @@ def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.Mod
     if req.name in k.models and not k.models[req.name].error:
         raise SyscallError("ALREADY_EXISTS", f"a model named {req.name!r} is deployed; "
                            "undeploy it first or choose another name")
+    if req.remote_url:
+        return deploy_remote(k, req)
     path = os.path.abspath(os.path.expanduser(req.path))
     if not os.path.exists(path):
         raise SyscallError("NOT_FOUND", f"{path} does not exist")
@@ -402,6 +405,8 @@ def sys_undeploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.U
     if users:
         raise SyscallError("FAILED_PRECONDITION", f"{req.name} is used by running processes "
                            f"{users[:10]}; kill them or wait for them first")
+    if k.models[req.name].remote_url:   # nothing was loaded in the inference service
+        return undeploy_remote(k, req.name)
     try:
         k.inference().UnloadModel(inference_pb2.UnloadModelRequest(name=req.name), timeout=60)
     except grpc.RpcError as e:
@@ -642,3 +647,87 @@ def sys_alias(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Alia
         json.dump(table, f)
     os.replace(tmp, aliases_path(k))  # atomic: a crash never leaves half a file
     return kernel_pb2.AliasResponse()
+
+
+# --- hosted models (kernel/remote_jobs.py) ----------------------------------------------------
+# A deployment that names an OpenAI-compatible endpoint: nothing is loaded, no pager; its jobs
+# are streamed by RemoteJobs. Only where the key is read from is kept, never the key.
+
+def deploy_remote(k: Kernel, req: Any) -> common_pb2.ModelInfo:
+    key_file = os.path.abspath(os.path.expanduser(req.api_key_file)) if req.api_key_file else ""
+    check_key_source(req.api_key_env, key_file)
+    dep = Deployed("", "", remote_url=req.remote_url, api_key_env=req.api_key_env,
+                   api_key_file=key_file, remote_model=req.remote_model or req.name)
+    k.models[req.name] = dep   # replaces an unavailable one
+    k.pagers.pop(req.name, None)
+    k.journal.record_deploy(req.name, dataclasses.asdict(dep))
+    return remote_info(req.name, dep)
+
+
+def check_key_source(env_var: str, key_file: str) -> None:
+    """The key must be readable by llmosd now; it is read again at each request."""
+    from llmasos.drivers.remote.client import RemoteError, load_api_key
+    if env_var and not os.environ.get(env_var):
+        raise SyscallError("FAILED_PRECONDITION", f"{env_var} is not set in llmosd's "
+                           f"environment; restart llmosd with {env_var}=KEY, or deploy with "
+                           "--api-key-file FILE (mode 0600)")
+    if key_file and not os.path.isfile(key_file):
+        raise SyscallError("FAILED_PRECONDITION", f"{key_file} does not exist; write the key "
+                           "there (chmod 600) or deploy with --api-key-env VAR")
+    try:
+        load_api_key(env_var, key_file)   # checks the file's mode; the value is dropped
+    except RemoteError as e:
+        raise SyscallError("FAILED_PRECONDITION", str(e)) from None
+    except OSError as e:
+        raise SyscallError("FAILED_PRECONDITION", f"cannot read {key_file}: {e.strerror}; "
+                           "make it readable by llmosd's user (mode 0600)") from None
+
+
+def remote_info(name: str, dep: Deployed) -> common_pb2.ModelInfo:
+    return common_pb2.ModelInfo(name=name, source=dep.remote_url, architecture="remote",
+                                device="remote")
+
+
+def remote_infos(k: Kernel) -> list[common_pb2.ModelInfo]:
+    return [remote_info(n, d) for n, d in list(k.models.items()) if d.remote_url]
+
+
+def undeploy_remote(k: Kernel, name: str) -> kernel_pb2.UndeployResponse:
+    k.models.pop(name, None)
+    k.journal.record_undeploy(name)
+    return kernel_pb2.UndeployResponse()
+
+
+def spawn_remote(k: Kernel, ident: Identity, req: Any) -> kernel_pb2.SpawnResponse:
+    """A job of a hosted model: no tokenizing, no KV; the prompt is kept as text."""
+    if req.stdin_pid or req.shm or req.n > 1:
+        raise SyscallError("INVALID_ARGUMENT", f"{req.model} is a hosted model: its jobs take "
+                           "a prompt or messages alone (no pipe input, KV segment or n > 1)")
+    errors = sampling_errors(req.sampling, None)
+    if errors:
+        raise SyscallError("INVALID_ARGUMENT", f"{errors[0]} ({req.model})")
+    max_tokens = req.sampling.max_tokens if req.sampling.HasField("max_tokens") \
+        else DEFAULT_MAX_TOKENS
+    check_stdout_mailbox(k, ident, req.stdout_mailbox)
+    with k.table.lock, k.journal.batch():
+        jobs, tokens = quota.in_flight(k.table.live(), ident.user)
+        quota.check_spawn(ident, jobs, tokens, max_tokens, 1)
+        proc = k.table.spawn(user=ident.user, uid=ident.uid, ppid=0, model=req.model,
+                             nice=req.nice, name=req.name, prompt_ids=[],
+                             prompt_text=remote_prompt(req), sampling=req.sampling,
+                             max_tokens=max_tokens, context_length=0,
+                             stdout_mailbox=req.stdout_mailbox,
+                             ignore_sigpipe=req.ignore_sigpipe)
+        k.table.set_state(proc, State.READY)
+        k.journal.record_spawn(proc)
+        k.remote.start(proc)
+    return kernel_pb2.SpawnResponse(pid=proc.pid, pids=[proc.pid])
+
+
+def remote_prompt(req: Any) -> str:
+    """A prompt as is; chat messages as "role: content" lines and an open assistant turn (the
+    endpoint's /v1/completions has no chat template)."""
+    if req.WhichOneof("input") == "prompt":
+        return req.prompt
+    lines = [f"{m.role}: {m.content}" for m in req.messages.messages]
+    return "\n".join([*lines, "assistant:"])

@@ -30,6 +30,7 @@ class JobControl:
         self.table, self.pagers, self.io = table, pagers, io
         self.on_exit = on_exit   # after the exit is recorded (stdout_mailbox delivery)
         self.journal = journal if journal is not None else NoJournal()
+        self.on_signal: Callable[[Proc, int], object] = lambda proc, sig: None   # remote jobs
 
     # --- signals ---------------------------------------------------------------------------
 
@@ -37,6 +38,7 @@ class JobControl:
         """Act on a signal; what it changed is journaled before the caller is answered."""
         self._signal(proc, sig)
         self.journal.record_state(proc)
+        self.on_signal(proc, sig)   # a hosted model's job: cancel or restart its stream
 
     def _signal(self, proc: Proc, sig: int) -> None:
         if proc.state == State.RUNNING:

@@ -20,7 +20,8 @@ from llmasos.proto import common_pb2
 PROC_COLUMNS = ("pid, user, uid, ppid, model, nice, name, prompt, sampling, max_tokens, "
                 "context_length, created, state, pending_signal, exit_reason, exit_status, "
                 "exit_message, ended, extra")
-EXTRA = ("stdout_mailbox", "ignore_sigpipe", "stdin_pid", "input_open", "shm")   # as JSON
+EXTRA = ("stdout_mailbox", "ignore_sigpipe", "stdin_pid", "input_open", "shm",
+         "prompt_text")   # as JSON
 
 
 def extra_of(proc: Proc) -> str:

@@ -35,6 +35,10 @@ class Deployed:
     embedded: bool = False
     error: str = ""          # set when a redeploy failed: the model is unavailable until
                              # it is deployed again
+    remote_url: str = ""     # a hosted model (kernel/remote_jobs.py): no weights, no pager
+    api_key_env: str = ""    # where its key is read at request time; never the key itself
+    api_key_file: str = ""
+    remote_model: str = ""   # the name the endpoint knows it by
 
 
 class Kernel:
@@ -61,6 +65,7 @@ class Kernel:
         self.pipes = None               # set by main (kernel/pipes.py)
         self.segments = Segments(self)  # named KV segments (kernel/segments.py)
         self.journal: Journal | NoJournal = NoJournal()   # set by main (kernel/journal.py)
+        self.remote = None              # set by main (kernel/remote_jobs.py)
         specs = [
             ServiceSpec("security"),
             ServiceSpec("ipc"),
@@ -107,7 +112,7 @@ class Kernel:
                                                      timeout=60).models}
         lost: dict[str, str] = {}
         for name, dep in list(self.models.items()):
-            if name in loaded or dep.embedded or dep.error:
+            if name in loaded or dep.embedded or dep.error or dep.remote_url:
                 continue
             try:
                 loaded[name] = stub.LoadModel(inference_pb2.LoadModelRequest(

@@ -26,6 +26,7 @@ from llmasos.kernel.executor import Executor
 from llmasos.kernel.gateway import Gateway
 from llmasos.kernel.kernel import Kernel
 from llmasos.kernel.pipes import Pipes
+from llmasos.kernel.remote_jobs import RemoteJobs
 from llmasos.kernel.server import build
 from llmasos.version import version_string
 
@@ -114,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     k = Kernel(cfg)
     recovery.recover(k)   # the journal: models, jobs and pids as the last step left them
     k.executor = Executor(k)
+    k.remote = RemoteJobs(k)
+    k.executor.jobs.on_signal = k.remote.on_signal
     k.pipes = Pipes(k)
     server, port = build(k, cfg.listen)
     address = f"{cfg.listen.rsplit(':', 1)[0]}:{port}"

@@ -103,6 +103,7 @@ class Proc:
     shm: str = ""                       # the KV segment it attached (kernel/segments.py)
     segment: str = ""                   # the KV segment it holds (prefill only, pinned)
     stdout_mailbox: str = ""            # where its text goes when it ends (kernel/ipc_delivery.py)
+    prompt_text: str = ""               # a hosted model's prompt (kernel/remote_jobs.py): no ids
 
     @property
     def tokens(self) -> list[int]:

@@ -43,4 +43,6 @@ def resume(k: Kernel) -> None:
                                "restarted while the writer ran; run the pipeline again")
             elif proc.pending_signal:
                 k.executor.jobs.deliver(proc)
+    if k.remote is not None:
+        k.remote.resume_all()   # hosted models' jobs stream again from their text so far
     k.executor.wake()

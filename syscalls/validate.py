@@ -87,6 +87,9 @@ def ps(req: Any) -> None:
 
 def deploy(req: Any) -> None:
     model_name(req.name)
+    if req.remote_url:
+        remote_deploy(req)
+        return
     if not req.path:
         raise invalid("path must name a GGUF file or a Hugging Face folder")
     if req.dtype not in DTYPES:
@@ -182,3 +185,15 @@ def shm_create(req: Any) -> None:
         raise invalid(f"text must be 1..{MAX_PROMPT_BYTES} bytes")
     if req.mode not in MBOX_MODES:
         raise invalid(f"mode must be owner (0), group (1) or all (2), got {req.mode}")
+
+
+def remote_deploy(req: Any) -> None:
+    """A hosted model: an http(s) URL and at most one key source."""
+    if not req.remote_url.startswith(("http://", "https://")) or len(req.remote_url) > 2048:
+        raise invalid("remote_url must be an http:// or https:// URL like https://host/v1")
+    if req.path:
+        raise invalid("a remote model has no path; give either path or remote_url")
+    if req.api_key_env and req.api_key_file:
+        raise invalid("give api_key_env or api_key_file, not both")
+    if req.remote_model and len(req.remote_model) > 256:
+        raise invalid("remote_model must be at most 256 chars")
