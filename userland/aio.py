@@ -173,8 +173,10 @@ class AsyncLLMClient(ClientBase):
         return await self._call(calls.MODELS)
 
     async def deploy(self, path: str, name: str, dtype: str = "",
-                     timeout: float | None = None) -> common_pb2.ModelInfo:
-        return await self._call(calls.DEPLOY, path, name, dtype, timeout=timeout)
+                     timeout: float | None = None, remote_url: str = "", api_key_env: str = "",
+                     api_key_file: str = "", remote_model: str = "") -> common_pb2.ModelInfo:
+        return await self._call(calls.DEPLOY, path, name, dtype, remote_url, api_key_env,
+                                api_key_file, remote_model, timeout=timeout)
 
     async def undeploy(self, name: str) -> None:
         await self._call(calls.UNDEPLOY, name)

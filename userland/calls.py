@@ -37,7 +37,12 @@ def _kill(pid: int, signal: str | int = "TERM") -> kernel_pb2.KillRequest:
     return kernel_pb2.KillRequest(pid=pid, signal=signal_number(signal))
 
 
-def _deploy(path: str, name: str, dtype: str = "") -> kernel_pb2.DeployRequest:
+def _deploy(path: str, name: str, dtype: str = "", remote_url: str = "", api_key_env: str = "",
+            api_key_file: str = "", remote_model: str = "") -> kernel_pb2.DeployRequest:
+    """A model file or folder; or, with remote_url, a hosted model (path is then unused)."""
+    if remote_url:
+        return kernel_pb2.DeployRequest(name=name, remote_url=remote_url, api_key_env=api_key_env,
+                                        api_key_file=api_key_file, remote_model=remote_model)
     return kernel_pb2.DeployRequest(path=os.path.abspath(path), name=name, dtype=dtype)
 
 

@@ -224,9 +224,13 @@ class LLMClient(ClientBase):
         return self._call(calls.MODELS)
 
     def deploy(self, path: str, name: str, dtype: str = "",
-               timeout: float | None = None) -> common_pb2.ModelInfo:
-        """Load a model (root only); loading takes a while, hence the job deadline."""
-        return self._call(calls.DEPLOY, path, name, dtype, timeout=timeout)
+               timeout: float | None = None, remote_url: str = "", api_key_env: str = "",
+               api_key_file: str = "", remote_model: str = "") -> common_pb2.ModelInfo:
+        """Load a model (root only); loading takes a while, hence the job deadline. With
+        remote_url, NAME is a hosted model: an OpenAI-compatible endpoint (path unused), its
+        key read by llmosd from the env var api_key_env or the 0600 file api_key_file."""
+        return self._call(calls.DEPLOY, path, name, dtype, remote_url, api_key_env,
+                          api_key_file, remote_model, timeout=timeout)
 
     def undeploy(self, name: str) -> None:
         self._call(calls.UNDEPLOY, name)

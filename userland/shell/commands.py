@@ -317,11 +317,26 @@ def cmd_models(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
+    if args.remote:
+        return deploy_remote(sh, args)
+    if args.path is None or args.name is None:
+        raise Usage("deploy PATH NAME, or deploy --remote URL [--api-key-env VAR] NAME")
     if not Path(args.path).exists():
         raise Usage(f"{args.path}: no such file or folder")
     m = sh.client.deploy(args.path, args.name, args.dtype)
     sh.say(f"deployed {m.name}: {m.architecture}, {fmt.count(m.parameters)} parameters, "
            f"{m.dtype} on {m.device}, {fmt.size(m.memory_bytes)}")
+    return EXIT_OK
+
+
+def deploy_remote(sh: Shell, args: argparse.Namespace) -> int:
+    """deploy --remote URL [--api-key-env VAR | --api-key-file FILE] [--remote-model M] NAME"""
+    name = args.name or args.path
+    if name is None or (args.name and args.path):
+        raise Usage("deploy --remote URL [--api-key-env VAR] NAME: one NAME, no PATH")
+    m = sh.client.deploy("", name, remote_url=args.remote, api_key_env=args.api_key_env,
+                         api_key_file=args.api_key_file, remote_model=args.remote_model)
+    sh.say(f"deployed {m.name}: hosted at {m.source}")
     return EXIT_OK
 
 
@@ -576,9 +591,20 @@ COMMANDS: dict[str, Entry] = {
                       _p_simple("services", "The supervised services.")),
     "models": Entry(cmd_models, "the deployed models", _p_simple(
         "models", "The deployed models.", (("--json",), {"action": "store_true"}))),
-    "deploy": Entry(cmd_deploy, "load a model: deploy PATH NAME [--dtype D]", _p_simple(
-        "deploy", "Load a model from a GGUF file or a Hugging Face folder (root).",
-        (("path",), {}), (("name",), {}), (("--dtype",), {"default": ""}))),
+    "deploy": Entry(cmd_deploy, "load a model: deploy PATH NAME [--dtype D]; "
+                    "deploy --remote URL --api-key-env VAR NAME", _p_simple(
+        "deploy", "Load a model from a GGUF file or a Hugging Face folder, or name a hosted "
+        "model at an OpenAI-compatible endpoint (root).",
+        (("path",), {"nargs": "?"}), (("name",), {"nargs": "?"}),
+        (("--dtype",), {"default": ""}),
+        (("--remote",), {"default": "", "metavar": "URL",
+                         "help": "an OpenAI-compatible endpoint, e.g. https://host/v1"}),
+        (("--api-key-env",), {"default": "", "metavar": "VAR",
+                              "help": "llmosd reads the key from this variable"}),
+        (("--api-key-file",), {"default": "", "metavar": "FILE",
+                               "help": "... or from this 0600 file"}),
+        (("--remote-model",), {"default": "", "metavar": "M",
+                               "help": "the endpoint's name for it (default NAME)"}))),
     "undeploy": Entry(cmd_undeploy, "unload a model: undeploy NAME", _p_simple(
         "undeploy", "Unload a model (root).", (("name",), {}))),
     "alias": Entry(cmd_alias, "name a model: alias NAME TARGET, alias -d NAME, alias", _p_simple(
