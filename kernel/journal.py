@@ -263,6 +263,12 @@ class Journal:
             self._run("DELETE FROM models WHERE name = ?", (name,))   # a new rowid: new order
             self._run("INSERT INTO models VALUES (?, ?)", (name, json.dumps(fields)))
 
+    def token_rows(self, pid: int) -> int:
+        """How many token rows a job has: a hosted model's job counts its chunks so (no ids)."""
+        with self._lock:
+            return int(self._run("SELECT count(*) FROM tokens WHERE pid = ?",
+                                 (pid,)).fetchone()[0])
+
     def record_undeploy(self, name: str) -> None:
         with self.batch():
             self._run("DELETE FROM models WHERE name = ?", (name,))

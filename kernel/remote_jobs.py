@@ -52,11 +52,12 @@ class RemoteJobs:
 
     # --- called under k.table.lock -------------------------------------------------------------
 
-    def start(self, proc: Proc) -> None:
-        """Stream a READY job (a new one, a continued one, one recovered at boot)."""
+    def start(self, proc: Proc, chunks: int = 0) -> None:
+        """Stream a READY job (a new one, a continued one, one recovered at boot) that has
+        received `chunks` chunks so far."""
         if proc.pid in self.jobs:
             return
-        job = Job(proc, threading.Event(), self.chunks.pop(proc.pid, 0))
+        job = Job(proc, threading.Event(), chunks)
         self.jobs[proc.pid] = job
         threading.Thread(target=self._run, args=(job,), name=f"remote-{proc.pid}",
                          daemon=True).start()
@@ -69,14 +70,20 @@ class RemoteJobs:
         if job is not None and (proc.pending_signal or proc.state in (State.STOPPED, *ENDED)):
             job.cancel.set()
         elif job is None and proc.state == State.READY:   # CONT
-            self.start(proc)
+            self.start(proc, self._journaled_chunks(proc))
+
+    def _journaled_chunks(self, proc: Proc) -> int:
+        """Chunks received so far: counted when it stopped, or (after a reboot) journaled."""
+        if proc.pid in self.chunks:
+            return self.chunks.pop(proc.pid)
+        return self.k.journal.token_rows(proc.pid) or 0
 
     def resume_all(self) -> None:
         """At boot: the journal brought remote jobs back READY with their text so far."""
         with self.k.table.lock:
             for proc in self.k.table.live():
                 if proc.state == State.READY and self.deployment(proc) is not None:
-                    self.start(proc)
+                    self.start(proc, self._journaled_chunks(proc))
 
     # --- the job's thread ----------------------------------------------------------------------
 

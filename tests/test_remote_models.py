@@ -159,7 +159,7 @@ def test_ps_shows_a_running_remote_job_and_kill_closes_the_stream(
     read_until(system, pid, 12)
     ps = system.call("Ps", kernel_pb2.PsRequest(all=True))
     (job,) = [p for p in ps.processes if p.pid == pid]
-    assert job.model == "gpt" and job.state == kernel_pb2.RUNNING
+    assert job.model == "gpt" and job.state == common_pb2.PROC_RUNNING
     assert KEY not in str(ps)
     system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=9))
     reply = system.call("Wait", kernel_pb2.WaitRequest(pid=pid))
@@ -175,7 +175,7 @@ def test_stop_then_cont_resumes_with_the_text_so_far(system: System,
     read_until(system, pid, 12)
     n = len(endpoint.requests)
     system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=19))
-    state_of(system, pid, kernel_pb2.STOPPED)
+    state_of(system, pid, common_pb2.PROC_STOPPED)
     endpoint.delay = 0.0
     system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=18))
     reply = system.call("Wait", kernel_pb2.WaitRequest(pid=pid))
