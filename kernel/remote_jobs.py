@@ -67,6 +67,8 @@ class RemoteJobs:
         if self.deployment(proc) is None:
             return
         job = self.jobs.get(proc.pid)
+        if proc.state in ENDED:
+            self.chunks.pop(proc.pid, None)
         if job is not None and (proc.pending_signal or proc.state in (State.STOPPED, *ENDED)):
             job.cancel.set()
         elif job is None and proc.state == State.READY:   # CONT

@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
-from test_kernel_crash import crash
 
 from llmasos import LLMClient
 from llmasos.proto import common_pb2, kernel_pb2
@@ -250,7 +250,12 @@ def test_a_restart_resumes_remote_jobs_and_the_key_is_nowhere(
     endpoint.delay = 0.05
     pid = spawn(system, 80)
     read_until(system, pid, 12)
-    crash(system)   # kill -9: the journal holds the job and its text so far
+    children = psutil.Process(system.proc.pid).children(recursive=True)
+    system.proc.kill()   # kill -9: the journal holds the job and its text so far
+    system.proc.wait(30)
+    system.channel.close()
+    _, alive = psutil.wait_procs(children, timeout=120)   # its services exit by themselves
+    assert not alive, f"services outlived the kernel: {[p.pid for p in alive]}"
     endpoint.delay = 0.0
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(KEY_ENV, KEY)
