@@ -7,6 +7,9 @@ environment, never shows in ps, the logs, the audit log or the journal."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -221,6 +224,25 @@ def test_chat_messages_are_sent_as_role_lines(system: System, endpoint: Endpoint
     assert "INVALID_ARGUMENT" in reply.info.exit_message     # its reason is the job's
 
 
+def test_llmsh_deploys_a_hosted_model_and_runs_it(system: System, endpoint: Endpoint) -> None:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LLMASOS_")},
+           "LLMASOS_ADDR": system.address,
+           "LLMASOS_HOME": str(system.home), "LLMASOS_TOKEN": system.root_token}
+
+    def llmsh(line: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "llmasos.shell.main", "-c", line],
+                              capture_output=True, text=True, env=env, timeout=120)
+
+    out = llmsh(f"deploy --remote {endpoint.url} --api-key-env {KEY_ENV} "
+                "--remote-model gpt-3.5-turbo-instruct hosted")
+    assert out.returncode == 0 and f"hosted at {endpoint.url}" in out.stdout, out.stderr
+    assert "hosted" in llmsh("models").stdout
+    endpoint.delay = 0.0
+    out = llmsh(f"run -m hosted -n 4 '{PROMPT}'")
+    assert out.returncode == 0 and "".join(WORDS[:4]) in out.stdout, out.stderr
+    assert llmsh("undeploy hosted").returncode == 0
+
+
 def test_key_sources_are_checked_at_deploy(system: System, endpoint: Endpoint,
                                            tmp_path: Path) -> None:
     with pytest.raises(grpc.RpcError) as e:
@@ -245,7 +267,7 @@ def test_key_sources_are_checked_at_deploy(system: System, endpoint: Endpoint,
 
 
 def test_a_restart_resumes_remote_jobs_and_the_key_is_nowhere(
-        system: System, endpoint: Endpoint, tmp_path_factory: pytest.TempPathFactory) -> None:
+        system: System, endpoint: Endpoint) -> None:
     """Last in this module: the system is stopped and booted again from its journal."""
     endpoint.delay = 0.05
     pid = spawn(system, 80)
