@@ -139,9 +139,13 @@ class RemoteJobs:
                         self._append(job, chunk.text)
                     if chunk.finish_reason or job.chunks >= proc.max_tokens:
                         return chunk.finish_reason or "length"
+                    if proc.pending_signal:   # set without the hook too (llmosd shutting down)
+                        return None
                 if job.cancel.is_set():
                     return None
-        return None if job.cancel.is_set() else "stop"   # ended without a reason: done
+        with table.lock:
+            cancelled = job.cancel.is_set() or bool(proc.pending_signal)
+        return None if cancelled else "stop"   # ended without a finish_reason: done
 
     def _append(self, job: Job, text: str) -> None:
         proc = job.proc
