@@ -218,6 +218,14 @@ class AsyncLLMClient(ClientBase):
     async def shm_list(self) -> list[kernel_pb2.ShmInfo]:
         return await self._call(calls.SHM_LIST)
 
+    async def alias(self, name: str, target: str = "") -> None:
+        """Point the model name `name` at the deployed model `target` (root only); an empty
+        target removes the alias."""
+        await self._call(calls.ALIAS, name, target)
+
+    async def aliases(self) -> dict[str, str]:
+        return await self._call(calls.ALIASES)
+
     def mailbox(self, name: str = "") -> AsyncMailbox:
         """A named mailbox (see llmasos/mailbox.py), awaitable."""
         return AsyncMailbox(self._stub, self._metadata, name, self.timeout, self.address)

@@ -73,6 +73,10 @@ AUDIT = Call("Audit", lambda limit=50, user="", call="": kernel_pb2.AuditRequest
     limit=limit, user=user, call=call), lambda r: list(r.entries), idempotent=True)
 SET_QUOTA = Call("SetQuota", _set_quota, _same, idempotent=True)  # sets, never adds
 
+ALIAS = Call("Alias", lambda name, target="": kernel_pb2.AliasRequest(name=name, target=target),
+              lambda r: None, idempotent=True)   # sets (or removes) the same alias again
+ALIASES = Call("Models", kernel_pb2.ModelsRequest,
+               lambda r: {a.name: a.target for a in r.aliases}, idempotent=True)
 SHM_CREATE = Call("ShmCreate", requests.shm_create, _same, idempotent=False, job=True)
 SHM_REMOVE = Call("ShmRemove", lambda name: kernel_pb2.ShmRemoveRequest(name=name), _same,
                   idempotent=True)
@@ -80,7 +84,7 @@ SHM_LIST = Call("ShmList", kernel_pb2.ShmListRequest, lambda r: list(r.segments)
                 idempotent=True)
 
 CALLS = (SPAWN, WAIT, READ, KILL, NICE, STAT, PS, MODELS, DEPLOY, UNDEPLOY, WHOAMI, SERVICES,
-         AUDIT, SET_QUOTA, SHM_CREATE, SHM_REMOVE, SHM_LIST)
+         AUDIT, SET_QUOTA, ALIAS, SHM_CREATE, SHM_REMOVE, SHM_LIST)
 RETRIED = tuple(c.name for c in CALLS if c.idempotent)
 
 # Codes that may come from the client's side of the wire; any other means llmosd answered.

@@ -234,10 +234,10 @@ class LLMClient(ClientBase):
     def alias(self, name: str, target: str = "") -> None:
         """Point the model name `name` at the deployed model `target` (root only); an empty
         target removes the alias."""
-        self._call("Alias", kernel_pb2.AliasRequest(name=name, target=target))
+        self._call(calls.ALIAS, name, target)
 
     def aliases(self) -> dict[str, str]:
-        return {a.name: a.target for a in self._call("Models", kernel_pb2.ModelsRequest()).aliases}
+        return self._call(calls.ALIASES)
 
     def whoami(self) -> kernel_pb2.WhoAmIResponse:
         return self._call(calls.WHOAMI)
