@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/*.proto)
 
-.PHONY: setup run test proto lint bench clean
+.PHONY: setup run test test-avx2 proto lint bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The same suite as a CPU without AVX-512 runs it: numerics differ by instruction set.
+AVX2 := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+test-avx2: setup
+	$(AVX2) $(PY) -m pytest -q tests
 
 proto: setup
 	$(PY) -m llmasos.proto.generate

@@ -224,6 +224,7 @@ def main() -> int:
     unknown = [n for n in hf_names if n not in CONFIGS]
     if unknown:
         ap.error(f"unknown HF configuration(s) {unknown}; pick from {list(CONFIGS)}")
+    hf_names = [n for n in hf_names if CONFIGS[n].distinct(args.requests)]
     home = Path(tempfile.mkdtemp(prefix="llmasos-serve-"))
     system = SystemRunner(home / "system")
     (home / "inproc").mkdir()
