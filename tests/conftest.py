@@ -141,9 +141,10 @@ def bare_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     assert shutdown(system) == 0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    """A system with the embedded SmolLM2 deployed as smollm2-135m."""
+    """A system with the embedded SmolLM2 deployed as smollm2-135m, booted once per run for the
+    modules that only run jobs on it (a module that changes it overrides this fixture)."""
     with converting_once():
         system = boot(tmp_path_factory.mktemp("home"))
     yield system
@@ -181,6 +182,18 @@ def converting_once() -> Iterator[None]:
         if (SHARED_CACHE / cache_path(embedded_gguf(), "/").name).is_file():
             fcntl.flock(lock, fcntl.LOCK_UN)   # already converted: nothing to wait for
         yield
+
+
+@pytest.fixture(scope="session")
+def hf_embedded() -> object:
+    """HF transformers' model of the embedded GGUF in fp32, loaded once per run for every test
+    that only reads it (transformers dequantizes a GGUF slowly, in numpy)."""
+    import torch
+    import transformers
+    path = embedded_gguf()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    return model.eval()
 
 
 # --- jobs -------------------------------------------------------------------------------------

@@ -53,10 +53,8 @@ def ours(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaModel, Tokenize
 
 
 @pytest.fixture(scope="module")
-def hf() -> torch.nn.Module:
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf_dir(), gguf_file=GGUF_NAME, dtype=torch.float32)
-    return model.eval()
+def hf(hf_embedded: torch.nn.Module) -> torch.nn.Module:
+    return hf_embedded
 
 
 def new_pool(model: LlamaModel) -> KVPool:
