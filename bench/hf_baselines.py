@@ -10,8 +10,10 @@
 
 Every configuration is warmed up once before it is measured. A run that does not finish by its
 deadline, or finishes with fewer tokens than asked, is reported with a status and its token count
-(never as a figure): the worker is killed and restarted so a stalled thread cannot steal the CPU
-from the next measurement.
+(never as a figure): stalled (continuous: no request finished in the last 30 s), too_slow (still
+progressing), timed_out (the worker did not answer at all: one static batch outran the
+deadline), dropped, crashed. The worker is then killed and restarted, so a stalled thread cannot
+steal the CPU from the next measurement.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ CONFIGS = {c.name: c for c in (
 
 @dataclass
 class Outcome:
-    status: str             # ok | stalled | too_slow | dropped | crashed
+    status: str             # ok | stalled | too_slow | timed_out | dropped | crashed
     tokens: int
     expected: int
     seconds: float
@@ -196,8 +198,8 @@ class HFWorker:
                 pass
         self._kill()
         expected = sum(r.output_tokens for r in workload(n, seed))
-        return Outcome("stalled", 0, expected, time.perf_counter() - start,
-                       "the worker did not answer; killed")
+        return Outcome("timed_out", 0, expected, time.perf_counter() - start,
+                       f"no answer in {allowed + 60:.0f} s; worker killed")
 
     def _kill(self) -> None:
         if self.proc is not None:
