@@ -141,14 +141,18 @@ def bare_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     assert shutdown(system) == 0
 
 
-@pytest.fixture(scope="session")
-def model_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    """A system with the embedded SmolLM2 deployed as smollm2-135m, booted once per run for the
-    modules that only run jobs on it (a module that changes it overrides this fixture)."""
+def booted_model_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    """A system with the embedded SmolLM2 deployed as smollm2-135m."""
     with converting_once():
         system = boot(tmp_path_factory.mktemp("home"))
     yield system
     assert shutdown(system) == 0
+
+
+# Booted once per run for the modules that only run jobs on it; a module that changes the system
+# or audits all of it takes its own: model_system = pytest.fixture(scope="module",
+# name="model_system")(booted_model_system)
+model_system = pytest.fixture(scope="session", name="model_system")(booted_model_system)
 
 
 # --- the embedded model's weights, dequantized once per machine ------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -14,7 +13,7 @@ import pytest
 
 from llmasos.proto import kernel_pb2
 
-from conftest import MODEL, System, alone, boot, converting_once, greedy, shutdown, wait
+from conftest import MODEL, System, alone, booted_model_system, greedy, wait
 
 
 def embedded_gguf() -> str:
@@ -23,13 +22,8 @@ def embedded_gguf() -> str:
     return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-@pytest.fixture(scope="module")
-def model_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    """Its own system, not the shared one: these tests deploy, undeploy and crash inference."""
-    with converting_once():
-        system = boot(tmp_path_factory.mktemp("home"))
-    yield system
-    assert shutdown(system) == 0
+# its own system, not the shared one: these tests deploy, undeploy and crash inference
+model_system = pytest.fixture(scope="module", name="model_system")(booted_model_system)
 
 
 @pytest.fixture(scope="module")
