@@ -71,6 +71,30 @@ class SystemRunner:
     def run(self, reqs: list[Request]) -> Round:
         return asyncio.run(self._run(reqs))
 
+    def step_costs(self) -> dict[str, float]:
+        """Per step, from the kernel's metrics: the forward (as the engine timed it), the rest
+        of the Step round trip, and the gap the engine waited between steps (the kernel's work
+        on the critical path; with the overlapped step, planning is off it)."""
+        from prometheus_client.parser import text_string_to_metric_families
+        stub = kernel_pb2_grpc.KernelStub(grpc.insecure_channel(self.booted.address))
+        text = stub.Metrics(kernel_pb2.MetricsRequest(), metadata=self.booted.metadata).text
+        sums: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name.endswith(("_sum", "_count")) and "step_" in s.name:
+                    sums[s.name] = sums.get(s.name, 0.0) + s.value
+
+        def mean(name: str) -> float:
+            n = sums.get(f"llmasos:{name}_count", 0.0)
+            return sums.get(f"llmasos:{name}_sum", 0.0) / n * 1000 if n else 0.0
+        step, compute, gap = (mean("step_duration_seconds"), mean("step_compute_seconds"),
+                              mean("step_gap_seconds"))
+        return {"step_ms": round(step, 2), "forward_ms": round(compute, 2),
+                "step_rpc_overhead_ms": round(step - compute, 2),
+                "gap_between_steps_ms": round(gap, 3),
+                "outside_forward_fraction": round((step - compute + gap) / (step + gap), 4)
+                if step else 0.0}
+
     async def _run(self, reqs: list[Request]) -> Round:
         md = self.booted.metadata
         out = Round(0, 0.0, [])
@@ -260,6 +284,7 @@ def main() -> int:
             rate = f"{o.tokens / o.seconds:6.1f} tok/s" if o.ok else f"{o.status.upper()}"
             print(f"seed {seed} HF {name:<19} {o.tokens} of {o.expected} tokens in "
                   f"{o.seconds:6.2f} s: {rate} {o.detail}", flush=True)
+    step_costs = system.step_costs()
     system.stop()
     inproc.stop()
     hf.stop()
@@ -268,6 +293,7 @@ def main() -> int:
     for name, rs in rounds.items():
         result |= {f"{name}_{k}": round(v, 3) for k, v in summary(rs).items()}
     result["ratio_vs_in_process"] = round(result["system_tok_s"] / result["in_process_tok_s"], 3)
+    result |= step_costs
     entries = {name: hf_entry(name, outs) for name, outs in hf_out.items()}
     result |= {f"hf_{name}": e for name, e in entries.items()}
     done = {name: e["tok_s"] for name, e in entries.items() if "tok_s" in e}
