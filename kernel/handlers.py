@@ -233,7 +233,8 @@ def sys_models(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Mod
         reply = k.inference().ListModels(inference_pb2.ListModelsRequest(), timeout=30)
     except grpc.RpcError as e:
         raise downstream(e, "listing models failed") from None
-    return kernel_pb2.ModelsResponse(models=reply.models)
+    return kernel_pb2.ModelsResponse(models=reply.models, quant_formats=reply.quant_formats,
+                                     default_quant=reply.default_quant, device=reply.device)
 
 
 def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.ModelInfo:
@@ -246,11 +247,11 @@ def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.Mod
     stub = k.inference()
     try:
         info = stub.LoadModel(inference_pb2.LoadModelRequest(
-            name=req.name, path=path, dtype=req.dtype), timeout=600)
+            name=req.name, path=path, dtype=req.dtype, quant=req.quant), timeout=600)
         k.attach_pager(req.name, stub)
     except grpc.RpcError as e:
         raise downstream(e, "deploying failed") from None
-    k.models[req.name] = Deployed(path, req.dtype)
+    k.models[req.name] = Deployed(path, req.dtype, quant=req.quant)
     return info
 
 

@@ -30,6 +30,7 @@ class Deployed:
     path: str
     dtype: str
     embedded: bool = False
+    quant: str = ""  # the recipe asked for at deploy ("" = the inference service's default)
 
 
 class Kernel:
@@ -47,7 +48,7 @@ class Kernel:
             ServiceSpec("scheduler", {"policy": cfg.policy}),
             ServiceSpec("inference", {"embedded": "1" if cfg.embedded else "0",
                                       "kv_budget_mb": str(cfg.kv_budget_mb),
-                                      "device": cfg.device}),
+                                      "device": cfg.device, "quant": cfg.quant}),
         ]
         self.supervisor = Supervisor(specs, cfg.home, cfg.restart_max, cfg.restart_window,
                                      on_start=self._service_started)
@@ -83,7 +84,7 @@ class Kernel:
         for name, dep in list(self.models.items()):
             if name not in loaded and not dep.embedded:
                 loaded[name] = stub.LoadModel(inference_pb2.LoadModelRequest(
-                    name=name, path=dep.path, dtype=dep.dtype), timeout=600)
+                    name=name, path=dep.path, dtype=dep.dtype, quant=dep.quant), timeout=600)
         for name, info in loaded.items():
             if name not in self.models:   # loaded by the service itself at start
                 self.models[name] = Deployed(info.source, info.dtype, embedded=True)

@@ -188,10 +188,16 @@ class LLMClient:
     def models(self) -> list[common_pb2.ModelInfo]:
         return list(self._call("Models", kernel_pb2.ModelsRequest()).models)
 
+    def formats(self) -> kernel_pb2.ModelsResponse:
+        """The Models reply whole: quant_formats, default_quant and device with the models."""
+        return self._call("Models", kernel_pb2.ModelsRequest())
+
     def deploy(self, path: str, name: str, dtype: str = "",
-               timeout: float | None = None) -> common_pb2.ModelInfo:
-        """Load a model (root only); loading takes a while, hence the job deadline."""
-        req = kernel_pb2.DeployRequest(path=os.path.abspath(path), name=name, dtype=dtype)
+               timeout: float | None = None, quant: str = "") -> common_pb2.ModelInfo:
+        """Load a model (root only); loading takes a while, hence the job deadline.
+        quant: "" (the service default), "none", "int8" or a recipe from formats()."""
+        req = kernel_pb2.DeployRequest(path=os.path.abspath(path), name=name, dtype=dtype,
+                                       quant=quant)
         return self._call("Deploy", req, timeout or self.job_timeout)
 
     def undeploy(self, name: str) -> None:

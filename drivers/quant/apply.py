@@ -1,7 +1,8 @@
 """Post-load pass: replace a loaded model's linear weights by packed quantized ones.
 
 Walks model.layers[i].{qkv, o, gate_up, down} and model.lm_head; the model calls
-w.matmul(x, bias) for any weight that is not a plain tensor. The embedding stays a tensor."""
+w.matmul(x, bias) for any weight that is not a plain tensor; the embedding table becomes an
+Int8Embedding, which F.embedding reads through __torch_function__."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from llmasos.drivers.model.batch import SeqSlice, build_batch
 from llmasos.drivers.model.kv_pool import KVPool
 from llmasos.drivers.quant.cpu_int8 import CpuInt8
+from llmasos.drivers.quant.embedding import Int8Embedding
 from llmasos.drivers.quant.interface import QuantDriver
 from llmasos.drivers.quant.recipe import Recipe
 from llmasos.drivers.quant.triton import TritonQuant
@@ -87,4 +89,6 @@ def quantize_model(model: Any, recipe: Recipe, calib_ids: list[int] | None = Non
         w = getattr(owner, attr)
         s = smooth_factor(amax[id(w)], w, recipe.smooth_alpha) if id(w) in amax else None
         setattr(owner, attr, driver.quantize(w, recipe.fmt, s))
+    if recipe.embed and isinstance(model.embed, torch.Tensor):
+        model.embed = Int8Embedding.quantize(model.embed)
     return len(todo)

@@ -18,6 +18,7 @@ class Recipe:
     fp32_kinds: tuple[str, ...] = ()   # kinds kept in fp32 in every layer
     fp32_edge_layers: int = 0          # this many first and last layers stay fp32
     lm_head: bool = True               # quantize the LM head too
+    embed: bool = True                 # int8 embedding table (per-row scale; lookups only)
 
     @property
     def quantized(self) -> bool:
