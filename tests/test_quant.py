@@ -5,10 +5,13 @@ fp32, no fp32 cache for a quantized deploy, and reported weight memory against w
 
 from __future__ import annotations
 
+import copy
 import gc
 import importlib.util
 import os
+import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -26,8 +29,8 @@ from llmasos.services.inference.sampler import SamplingParams
 
 warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHARED_CACHE = Path(tempfile.gettempdir()) / "llmasos-test-weights-cache"  # as conftest's
 GREEDY = SamplingParams(max_tokens=1 << 16, ignore_eos=True)
-SHARED_CACHE = Path(__file__).parent  # placeholder, replaced below
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was",
            "The three primary colors are", "To make a cup of tea, first", "Water boils at",
            "The largest planet in the solar system is", "import numpy as np\n"]
@@ -136,3 +139,94 @@ def test_recipes_by_device() -> None:
         quantize.resolve("int4", cpu)
     with pytest.raises(ValueError, match="is not one of"):
         recipe("int7")
+
+
+# ---- the embedded model, in-process engines (one fp32, one int8) -------------------------------
+
+@pytest.fixture(scope="module")
+def fp32() -> Engine:
+    engine = Engine(str(SHARED_CACHE), kv_budget_bytes=32 << 20)
+    engine.load("m", gguf_path(), quant="none")
+    return engine
+
+
+@pytest.fixture(scope="module")
+def int8_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("int8-home")
+
+
+@pytest.fixture(scope="module")
+def int8(int8_home: Path) -> Iterator[Engine]:
+    engine = Engine(str(int8_home), kv_budget_bytes=32 << 20)
+    engine.load("m", gguf_path(), quant="int8")
+    yield engine
+
+
+def greedy(engine: Engine, prompts: list[str], batched: bool,
+           forced: list[list[int]] | None = None) -> list[list[int]]:
+    """NEW_TOKENS greedy tokens per prompt: each alone, or all in one batch per step. With
+    forced, each step's input is forced[prompt][step] (teacher forcing) instead of the token
+    just chosen, so one early flip does not derail the rest of the comparison."""
+    outs: list[list[int]] = [[] for _ in prompts]
+    entries = [StepEntry(i + 1, engine.tokenize("m", p), 0, list(range(4 * i, 4 * i + 4)), True,
+                         GREEDY, reset=True) for i, p in enumerate(prompts)]
+    for group in [entries] if batched else [[e] for e in entries]:
+        for _ in range(NEW_TOKENS):
+            results = engine.step("m", group)
+            for e, r in zip(group, results, strict=True):
+                outs[e.seq_id - 1].append(r.token_id)
+            group = [StepEntry(e.seq_id, [forced[e.seq_id - 1][len(outs[e.seq_id - 1]) - 1]
+                                          if forced else r.token_id],
+                               e.start_pos + len(e.token_ids), e.block_table, True, GREEDY)
+                     for e, r in zip(group, results, strict=True)]
+        engine.release("m", [e.seq_id for e in group])
+    return outs
+
+
+def test_int8_greedy_matches_fp32_on_most_prompts(fp32: Engine, int8: Engine) -> None:
+    """Free-running greedy texts part at the first near-tie (then differ wholesale), so: the
+    first greedy tokens agree on most prompts, and along fp32's greedy path int8 picks fp32's
+    token at most positions."""
+    ref = greedy(fp32, PROMPTS, False)
+    free = greedy(int8, PROMPTS, False)
+    forced = greedy(int8, PROMPTS, False, forced=ref)
+    assert sum(a[:1] == b[:1] for a, b in zip(ref, free, strict=True)) >= 6, free
+    agree = sum(x == y for a, b in zip(ref, forced, strict=True) for x, y in zip(a, b, strict=True))
+    assert agree >= 0.8 * len(PROMPTS) * NEW_TOKENS, agree
+    assert int8.models()[0].quant == recipe("int8").name
+
+
+def test_int8_batched_equals_alone(int8: Engine) -> None:
+    assert greedy(int8, PROMPTS, True) == greedy(int8, PROMPTS, False)
+
+
+def test_no_fp32_cache_for_int8_deploy(fp32: Engine, int8: Engine, int8_home: Path) -> None:
+    from llmasos.drivers.loaders.cache import cache_path
+    assert cache_path(gguf_path(), str(SHARED_CACHE)).is_file()  # an fp32 deploy writes one
+    assert not any(int8_home.rglob("*.safetensors"))
+
+
+def test_int8_memory(fp32: Engine, int8: Engine) -> None:
+    full, small = fp32.models()[0], int8.models()[0]
+    assert small.parameters == full.parameters
+    assert small.memory_bytes < 0.5 * full.memory_bytes
+
+
+def rss() -> int:
+    gc.collect()
+    return psutil.Process().memory_info().rss
+
+
+def test_reported_memory_matches_resident(fp32: Engine) -> None:
+    """Pack a copy of the fp32 model (its fp32 tensors stay alive in the original), so the
+    growth of the resident set is exactly what the packed weights hold."""
+    model = copy.copy(fp32._get("m").model)
+    model.layers = [copy.copy(layer) for layer in model.layers]
+    before_bytes, before_rss = model.weight_bytes, rss()
+    quantize_model(model, recipe("int8-plain"))
+    grown = rss() - before_rss
+    fp32_kept = [model.norm] + [t for layer in model.layers
+                                for t in (layer.attn_norm, layer.mlp_norm)]
+    packed = model.weight_bytes - sum(t.nbytes for t in fp32_kept)
+    assert abs(grown - packed) <= 0.1 * packed, (grown, packed)
+    assert model.weight_bytes < 0.35 * before_bytes
