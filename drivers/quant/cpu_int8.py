@@ -14,6 +14,7 @@ PyTorch marks its quantized-tensor constructors deprecated: this file is the onl
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import structlog
@@ -35,7 +36,9 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def prepack(q: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
     zero = torch.zeros(q.shape[0], dtype=torch.int64)
-    qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+    with warnings.catch_warnings():  # the deprecation notice: this is the one place we use it
+        warnings.simplefilter("ignore", UserWarning)
+        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
     return torch.ops.quantized.linear_prepack(qw, None)
 
 
