@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import psutil
 import pytest
 import torch
@@ -24,9 +25,13 @@ from llmasos.drivers.quant.apply import quantize_model, smooth_factor
 from llmasos.drivers.quant.cpu_int8 import pack_int8
 from llmasos.drivers.quant.embedding import Int8Embedding
 from llmasos.drivers.quant.recipe import recipe
+from llmasos.proto import kernel_pb2
 from llmasos.services.inference import quantize
 from llmasos.services.inference.engine import Engine, StepEntry
 from llmasos.services.inference.sampler import SamplingParams
+
+from conftest import System, wait
+from conftest import greedy as greedy_params
 
 warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -233,3 +238,25 @@ def test_reported_memory_matches_resident(fp32: Engine) -> None:
     packed = model.weight_bytes - sum(t.nbytes for t in fp32_kept)
     assert abs(grown - packed) <= 0.1 * packed, (grown, packed)
     assert model.weight_bytes < 0.35 * before_bytes
+
+
+# ---- through the syscall ABI -------------------------------------------------------------------
+
+def test_deploy_quant_through_the_kernel(bare_system: System) -> None:
+    reply = bare_system.call("Models", kernel_pb2.ModelsRequest())
+    assert "int8" in reply.quant_formats and reply.default_quant == "none"
+    assert reply.device == "cpu"
+    with pytest.raises(grpc.RpcError) as err:
+        bare_system.call("Deploy", kernel_pb2.DeployRequest(path=gguf_path(), name="q4",
+                                                            quant="int4"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "models --formats" in err.value.details()
+    info = bare_system.call("Deploy", kernel_pb2.DeployRequest(path=gguf_path(), name="q8",
+                                                               quant="int8"), timeout=900)
+    assert info.quant == recipe("int8").name and 0 < info.memory_bytes < 300 << 20
+    assert [m.quant for m in bare_system.call("Models", kernel_pb2.ModelsRequest()).models] == [
+        info.quant]
+    pid = bare_system.call("Spawn", kernel_pb2.SpawnRequest(
+        model="q8", prompt="The capital of France is", sampling=greedy_params(4))).pid
+    assert len(wait(bare_system, pid).token_ids) == 4
+    assert not any((bare_system.home / "cache").rglob("*.safetensors"))
