@@ -34,6 +34,7 @@ from conftest import System, wait
 from conftest import greedy as greedy_params
 
 warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
+SLOW = pytest.mark.timeout(1800)  # loading + quantizing the model, on shared cores
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHARED_CACHE = Path(tempfile.gettempdir()) / "llmasos-test-weights-cache"  # as conftest's
 GREEDY = SamplingParams(max_tokens=1 << 16, ignore_eos=True)
@@ -189,6 +190,7 @@ def greedy(engine: Engine, prompts: list[str], batched: bool,
     return outs
 
 
+@SLOW
 def test_int8_greedy_matches_fp32_on_most_prompts(fp32: Engine, int8: Engine) -> None:
     """Free-running greedy texts part at the first near-tie (then differ wholesale), so: the
     first greedy tokens agree on most prompts, and along fp32's greedy path int8 picks fp32's
@@ -202,16 +204,19 @@ def test_int8_greedy_matches_fp32_on_most_prompts(fp32: Engine, int8: Engine) ->
     assert int8.models()[0].quant == recipe("int8").name
 
 
+@SLOW
 def test_int8_batched_equals_alone(int8: Engine) -> None:
     assert greedy(int8, PROMPTS, True) == greedy(int8, PROMPTS, False)
 
 
+@SLOW
 def test_no_fp32_cache_for_int8_deploy(fp32: Engine, int8: Engine, int8_home: Path) -> None:
     from llmasos.drivers.loaders.cache import cache_path
     assert cache_path(gguf_path(), str(SHARED_CACHE)).is_file()  # an fp32 deploy writes one
     assert not any(int8_home.rglob("*.safetensors"))
 
 
+@SLOW
 def test_int8_memory(fp32: Engine, int8: Engine) -> None:
     full, small = fp32.models()[0], int8.models()[0]
     assert small.parameters == full.parameters
@@ -225,6 +230,7 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+@SLOW
 def test_reported_memory_matches_resident(fp32: Engine) -> None:
     """Pack a copy of the fp32 model (its fp32 tensors stay alive in the original), so the
     growth of the resident set is exactly what the packed weights hold."""
@@ -242,6 +248,7 @@ def test_reported_memory_matches_resident(fp32: Engine) -> None:
 
 # ---- through the syscall ABI -------------------------------------------------------------------
 
+@SLOW
 def test_deploy_quant_through_the_kernel(bare_system: System) -> None:
     reply = bare_system.call("Models", kernel_pb2.ModelsRequest())
     assert "int8" in reply.quant_formats and reply.default_quant == "none"

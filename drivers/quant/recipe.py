@@ -40,7 +40,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("int8-smooth-qkv32-edge2", smooth_alpha=0.5, fp32_kinds=("qkv",), fp32_edge_layers=2),
     Recipe("int4", fmt="int4"), Recipe("q8_0", fmt="q8_0"), Recipe("q4_1", fmt="q4_1"),
 )}
-ALIASES = {"": "none", "fp32": "none", "int8": "int8-smooth-qkv32"}  # int8: the CPU default
+ALIASES = {"": "none", "fp32": "none", "int8": "int8-smooth"}  # int8: the CPU default mix
 CPU_RECIPES = tuple(n for n, r in RECIPES.items() if r.fmt in ("none", "int8"))
 
 
