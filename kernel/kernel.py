@@ -35,6 +35,7 @@ class Deployed:
     embedded: bool = False
     error: str = ""          # set when a redeploy failed: the model is unavailable until
                              # it is deployed again
+    quant: str = ""  # the recipe asked for at deploy ("" = the inference service's default)
 
 
 class Kernel:
@@ -67,7 +68,7 @@ class Kernel:
             ServiceSpec("scheduler", {"policy": cfg.policy}),
             ServiceSpec("inference", {"embedded": "1" if cfg.embedded else "0",
                                       "kv_budget_mb": str(cfg.kv_budget_mb),
-                                      "device": cfg.device}),
+                                      "device": cfg.device, "quant": cfg.quant}),
         ]
         self.supervisor = Supervisor(specs, cfg.home, cfg.restart_max, cfg.restart_window,
                                      on_start=self._service_started)
@@ -111,7 +112,7 @@ class Kernel:
                 continue
             try:
                 loaded[name] = stub.LoadModel(inference_pb2.LoadModelRequest(
-                    name=name, path=dep.path, dtype=dep.dtype), timeout=600)
+                    name=name, path=dep.path, dtype=dep.dtype, quant=dep.quant), timeout=600)
             except grpc.RpcError as e:
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise   # the service died again: a failed start, retried by the supervisor

@@ -172,9 +172,14 @@ class AsyncLLMClient(ClientBase):
     async def models(self) -> list[common_pb2.ModelInfo]:
         return await self._call(calls.MODELS)
 
+    async def formats(self) -> kernel_pb2.ModelsResponse:
+        """The Models reply whole: quant_formats, default_quant and device with the models."""
+        return await self._call(calls.FORMATS)
+
     async def deploy(self, path: str, name: str, dtype: str = "",
-                     timeout: float | None = None) -> common_pb2.ModelInfo:
-        return await self._call(calls.DEPLOY, path, name, dtype, timeout=timeout)
+                     timeout: float | None = None, quant: str = "") -> common_pb2.ModelInfo:
+        """Load a model (root only). quant: "" (the service default), "none", "int8"..."""
+        return await self._call(calls.DEPLOY, path, name, dtype, quant, timeout=timeout)
 
     async def undeploy(self, name: str) -> None:
         await self._call(calls.UNDEPLOY, name)

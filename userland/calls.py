@@ -37,8 +37,9 @@ def _kill(pid: int, signal: str | int = "TERM") -> kernel_pb2.KillRequest:
     return kernel_pb2.KillRequest(pid=pid, signal=signal_number(signal))
 
 
-def _deploy(path: str, name: str, dtype: str = "") -> kernel_pb2.DeployRequest:
-    return kernel_pb2.DeployRequest(path=os.path.abspath(path), name=name, dtype=dtype)
+def _deploy(path: str, name: str, dtype: str = "", quant: str = "") -> kernel_pb2.DeployRequest:
+    return kernel_pb2.DeployRequest(path=os.path.abspath(path), name=name, dtype=dtype,
+                                    quant=quant)
 
 
 def _set_quota(user: str, max_jobs: int | None = None, max_tokens: int | None = None,
@@ -75,6 +76,7 @@ SET_QUOTA = Call("SetQuota", _set_quota, _same, idempotent=True)  # sets, never 
 
 ALIAS = Call("Alias", lambda name, target="": kernel_pb2.AliasRequest(name=name, target=target),
               lambda r: None, idempotent=True)   # sets (or removes) the same alias again
+FORMATS = Call("Models", kernel_pb2.ModelsRequest, _same, idempotent=True)   # the reply whole
 ALIASES = Call("Models", kernel_pb2.ModelsRequest,
                lambda r: {a.name: a.target for a in r.aliases}, idempotent=True)
 SHM_CREATE = Call("ShmCreate", requests.shm_create, _same, idempotent=False, job=True)

@@ -223,10 +223,15 @@ class LLMClient(ClientBase):
     def models(self) -> list[common_pb2.ModelInfo]:
         return self._call(calls.MODELS)
 
+    def formats(self) -> kernel_pb2.ModelsResponse:
+        """The Models reply whole: quant_formats, default_quant and device with the models."""
+        return self._call(calls.FORMATS)
+
     def deploy(self, path: str, name: str, dtype: str = "",
-               timeout: float | None = None) -> common_pb2.ModelInfo:
-        """Load a model (root only); loading takes a while, hence the job deadline."""
-        return self._call(calls.DEPLOY, path, name, dtype, timeout=timeout)
+               timeout: float | None = None, quant: str = "") -> common_pb2.ModelInfo:
+        """Load a model (root only); loading takes a while, hence the job deadline.
+        quant: "" (the service default), "none", "int8" or a recipe from formats()."""
+        return self._call(calls.DEPLOY, path, name, dtype, quant, timeout=timeout)
 
     def undeploy(self, name: str) -> None:
         self._call(calls.UNDEPLOY, name)
