@@ -214,7 +214,13 @@ class Executor:
             raise
         finished = self._await_inflight(work)
         if work is not None and work.batch:
-            self._launch(work)
+            try:
+                self._launch(work)
+            except RPC_ERRORS as e:   # the service went away between two steps
+                if finished is not None:
+                    self._commit(*finished)   # what the last step made is real
+                self._requeue(model)
+                raise ServiceFault(f"Step not sent: {e}") from None
             if finished is not None and finished[0].answered:   # the engine waited on us
                 metrics.on_gap(model, work.started - finished[0].answered)
         if finished is not None:
