@@ -190,9 +190,11 @@ class LLMClient:
         return list(self._call("Models", kernel_pb2.ModelsRequest()).models)
 
     def deploy(self, path: str, name: str, dtype: str = "",
-               timeout: float | None = None) -> common_pb2.ModelInfo:
-        """Load a model (root only); loading takes a while, hence the job deadline."""
-        req = kernel_pb2.DeployRequest(path=os.path.abspath(path), name=name, dtype=dtype)
+               timeout: float | None = None, tp: int = 0) -> common_pb2.ModelInfo:
+        """Load a model (root only); loading takes a while, hence the job deadline. tp > 1
+        runs it as that many tensor-parallel ranks."""
+        req = kernel_pb2.DeployRequest(path=os.path.abspath(path), name=name, dtype=dtype,
+                                       tp=tp)
         return self._call("Deploy", req, timeout or self.job_timeout)
 
     def undeploy(self, name: str) -> None:

@@ -20,6 +20,7 @@ from llmasos.drivers.model.kv_pool import KVPool, PoolGeometry
 from llmasos.drivers.model.llama import LlamaModel
 from llmasos.drivers.tokenizer import Tokenizer
 from llmasos.services.inference.output import SequenceOutput
+from llmasos.services.inference.parallel import RankArgs, TPModel, TPPool, load_tp
 from llmasos.services.inference.sampler import SamplingParams, sample
 
 log = structlog.get_logger()
@@ -43,6 +44,7 @@ class ModelEntry:
     context_length: int
     device: str
     vocab_size: int
+    tp: int = 1  # tensor-parallel ranks (parallel.py)
 
 
 @dataclass
@@ -77,9 +79,9 @@ class SeqState:
 @dataclass
 class Loaded:
     entry: ModelEntry
-    model: LlamaModel
+    model: LlamaModel | TPModel
     tokenizer: Tokenizer
-    pool: KVPool
+    pool: KVPool | TPPool
     seqs: dict[int, SeqState] = field(default_factory=dict)
     swapped: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -99,7 +101,8 @@ class Engine:
 
     # ---- models ----
 
-    def load(self, name: str, path: str, dtype: str = "", kv_budget_bytes: int = 0) -> ModelEntry:
+    def load(self, name: str, path: str, dtype: str = "", kv_budget_bytes: int = 0,
+             tp: int = 0) -> ModelEntry:
         """Load a GGUF file or HF folder under name; raises FileNotFoundError, ValueError
         (bad dtype, unsupported architecture, name taken) or KVBudgetError."""
         if not name:
@@ -114,7 +117,7 @@ class Engine:
                 raise ValueError(f"model name {name!r} is already loaded")
             self._loading.add(name)
         try:
-            loaded = self._load(name, path, dtype_name, kv_budget_bytes)
+            loaded = self._load(name, path, dtype_name, kv_budget_bytes, max(tp, 1))
             with self._lock:
                 self._models[name] = loaded
             return loaded.entry
@@ -122,25 +125,33 @@ class Engine:
             with self._lock:
                 self._loading.discard(name)
 
-    def _load(self, name: str, path: str, dtype_name: str, kv_budget_bytes: int) -> Loaded:
+    def _load(self, name: str, path: str, dtype_name: str, kv_budget_bytes: int,
+              tp: int) -> Loaded:
         t0 = time.perf_counter()
         # where the Triton kernels run, GGUF Q8_0/Q4_1 weights stay in their blocks
-        cfg, weights, kind = load_weights(path, self.state_dir,
-                                          keep_quantized=kernels_for(self.device) is not None)
+        cfg, weights, kind = load_weights(
+            path, self.state_dir, keep_quantized=kernels_for(self.device) is not None and tp == 1)
         tokenizer = Tokenizer.from_hf_dir(path) if kind == "safetensors" \
             else Tokenizer.from_gguf(path)
         torch_dtype = DTYPES[dtype_name]
-        model = LlamaModel(cfg, weights, torch_dtype, self.device)
+        budget = kv_budget_bytes or self.kv_budget_bytes
+        if tp > 1:   # the budget is the whole model's: each rank holds 1/tp of every block
+            args = RankArgs(os.path.abspath(path), self.state_dir, dtype_name, str(self.device),
+                            self.block_size, budget // tp)
+            model, pool, memory = load_tp(name, tp, cfg, weights, torch_dtype, args)
+            parameters = sum(t.numel() for t in weights.values())
+        else:
+            model = LlamaModel(cfg, weights, torch_dtype, self.device)
+            pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, budget,
+                          self.block_size, torch_dtype, self.device)
+            parameters, memory = model.num_parameters, model.weight_bytes
         del weights
-        pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                      kv_budget_bytes or self.kv_budget_bytes, self.block_size, torch_dtype,
-                      self.device)
         entry = ModelEntry(
             name=name, source=os.path.abspath(path), architecture=cfg.architecture,
-            parameters=model.num_parameters, dtype=str(torch_dtype).removeprefix("torch."),
-            memory_bytes=model.weight_bytes,
+            parameters=parameters, dtype=str(torch_dtype).removeprefix("torch."),
+            memory_bytes=memory,
             context_length=cfg.max_position_embeddings, device=str(self.device),
-            vocab_size=cfg.vocab_size,
+            vocab_size=cfg.vocab_size, tp=tp,
         )
         log.info("model_loaded", name=name, path=path, seconds=time.perf_counter() - t0,
                  blocks=pool.geometry.num_blocks, block_bytes=pool.geometry.block_bytes)
@@ -148,8 +159,10 @@ class Engine:
 
     def unload(self, name: str) -> None:
         with self._lock:
-            self._get(name)
+            m = self._get(name)
             del self._models[name]
+            if isinstance(m.model, TPModel):
+                m.model.close()
 
     def models(self) -> list[ModelEntry]:
         return [m.entry for m in self._models.values()]
