@@ -56,3 +56,13 @@ class Comm:
         """True when every rank reports ok (a load that failed on one rank fails on all)."""
         flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=self.device)
         return int(self.all_reduce(flag).item()) == 0
+
+
+def step_collectives(comm: Comm, rows: int, sampled: int, hidden: int, vocab_part: int,
+                     layers: int) -> None:
+    """One forward step's collectives without its compute (2 all-reduces of [rows, hidden]
+    per layer, one all-gather of the sampled rows' logits): what tensor parallelism adds to a
+    step, measured alone."""
+    for _ in range(2 * layers):
+        comm.all_reduce(torch.zeros(rows, hidden, device=comm.device))
+    comm.all_gather(torch.zeros(sampled, vocab_part, device=comm.device))

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from llmasos.drivers.loaders.config import ModelConfig
 from llmasos.drivers.model.batch import StepBatch
 from llmasos.drivers.model.kv_pool import KVPool, PoolGeometry
-from llmasos.drivers.parallel.comm import Comm
+from llmasos.drivers.parallel.comm import Comm, step_collectives
 from llmasos.drivers.parallel.model import ShardedLlama
 from llmasos.drivers.parallel.shard import check_degree
 
@@ -147,6 +147,14 @@ class RankGroup:
             finally:
                 self.last_op = time.monotonic()
         return None
+
+    def probe(self, rows: int, sampled: int, hidden: int, vocab_part: int, layers: int
+              ) -> float:
+        """Seconds one step's collectives take on their own (bench/parallel.py)."""
+        shape = (rows, sampled, hidden, vocab_part, layers)
+        t0 = time.perf_counter()
+        self.collective("probe", shape, lambda: step_collectives(self.comm, *shape))
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         with self.lock:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from llmasos.drivers.loaders.cache import load_weights
 from llmasos.drivers.model.kv_pool import KVPool
-from llmasos.drivers.parallel.comm import Comm
+from llmasos.drivers.parallel.comm import Comm, step_collectives
 from llmasos.drivers.parallel.model import ShardedLlama
 from llmasos.services.inference.engine import DTYPES
 from llmasos.services.inference.parallel import (
@@ -69,6 +69,8 @@ def serve(comm: Comm, model: ShardedLlama | None, pool: KVPool | None) -> int:
             pool.copy_blocks(*args)
         elif op == "read_blocks":
             comm.all_gather(pool.read_blocks(args[0]))
+        elif op == "probe":   # bench/parallel.py: the collectives of a step, alone
+            step_collectives(comm, *args)
         elif op == "write_blocks":
             blocks = args[0]
             shape = (comm.world, *pool.kv[:, :, blocks].shape)
