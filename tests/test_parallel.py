@@ -11,6 +11,8 @@ import importlib.util
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -178,6 +180,14 @@ def test_tp2_tiny_random_model_equals_tp1(tmp_path: Path, kind: str) -> None:
 
 # --- through the daemon ---------------------------------------------------------------------
 
+def llmsh(system: System, line: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMASOS_")}
+    env.update(LLMASOS_ADDR=system.address, LLMASOS_HOME=str(system.home),
+               LLMASOS_TOKEN=system.root_token)
+    return subprocess.run([sys.executable, "-m", "llmasos.shell.main", "-c", line],
+                          capture_output=True, text=True, timeout=900, env=env)
+
+
 def run(system: System, model: str, prompt: str, max_tokens: int = 12) -> int:
     return system.call("Spawn", kernel_pb2.SpawnRequest(
         model=model, prompt=prompt, sampling=greedy(max_tokens))).pid
@@ -190,9 +200,11 @@ def test_deploy_tp3_serves_the_same_tokens_and_survives_a_killed_rank(
             path=embedded_gguf(), name="smol-tp2", tp=2), timeout=600)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "valid tp: [1, 3]" in err.value.details()
-    info = model_system.call("Deploy", kernel_pb2.DeployRequest(
-        path=embedded_gguf(), name="smol-tp3", tp=3), timeout=600)
-    assert (info.name, info.tp) == ("smol-tp3", 3)
+    out = llmsh(model_system, f"deploy {embedded_gguf()} smol-tp3 --tp 3")
+    assert out.returncode == 0 and "on 3 tensor-parallel ranks" in out.stdout, out.stderr
+    info = next(m for m in model_system.call("Models", kernel_pb2.ModelsRequest()).models
+                if m.name == "smol-tp3")
+    assert info.tp == 3
     want = {p: alone(model_system, p) for p in PROMPTS[:4]}
     assert list(wait(model_system, run(model_system, "smol-tp3", PROMPTS[0])).token_ids) \
         == want[PROMPTS[0]]
