@@ -294,11 +294,13 @@ def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.Mod
     stub = k.inference()
     try:
         info = stub.LoadModel(inference_pb2.LoadModelRequest(
-            name=req.name, path=path, dtype=req.dtype, tp=req.tp), timeout=600)
+            name=req.name, path=path, dtype=req.dtype, tp=req.tp,
+            pp=req.pp), timeout=600)
         k.attach_pager(req.name, stub)
     except grpc.RpcError as e:
         raise downstream(e, "deploying failed") from None
-    k.models[req.name] = Deployed(path, req.dtype, tp=req.tp)   # replaces an unavailable one
+    # replaces an unavailable one
+    k.models[req.name] = Deployed(path, req.dtype, tp=req.tp, pp=req.pp)
     return info
 
 

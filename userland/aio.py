@@ -198,9 +198,10 @@ class AsyncLLMClient:
         return list((await self._call("Models", kernel_pb2.ModelsRequest())).models)
 
     async def deploy(self, path: str, name: str, dtype: str = "",
-                     timeout: float | None = None, tp: int = 0) -> common_pb2.ModelInfo:
+                     timeout: float | None = None, tp: int = 0, pp: int = 0
+                     ) -> common_pb2.ModelInfo:
         req = kernel_pb2.DeployRequest(path=os.path.abspath(path), name=name, dtype=dtype,
-                                       tp=tp)
+                                       tp=tp, pp=pp)
         return await self._call("Deploy", req, timeout or self.job_timeout)
 
     async def undeploy(self, name: str) -> None:

@@ -190,11 +190,12 @@ class LLMClient:
         return list(self._call("Models", kernel_pb2.ModelsRequest()).models)
 
     def deploy(self, path: str, name: str, dtype: str = "",
-               timeout: float | None = None, tp: int = 0) -> common_pb2.ModelInfo:
+               timeout: float | None = None, tp: int = 0, pp: int = 0
+               ) -> common_pb2.ModelInfo:
         """Load a model (root only); loading takes a while, hence the job deadline. tp > 1
-        runs it as that many tensor-parallel ranks."""
+        runs it as that many tensor-parallel ranks, pp > 1 as that many pipeline stages."""
         req = kernel_pb2.DeployRequest(path=os.path.abspath(path), name=name, dtype=dtype,
-                                       tp=tp)
+                                       tp=tp, pp=pp)
         return self._call("Deploy", req, timeout or self.job_timeout)
 
     def undeploy(self, name: str) -> None:

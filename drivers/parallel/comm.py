@@ -40,6 +40,13 @@ class Comm:
         self.pg.broadcast([t], opts).wait()
         return t
 
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        self.pg.send([t], dst, 0).wait()
+
+    def recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        self.pg.recv([t], src, 0).wait()
+        return t
+
     def broadcast_object(self, obj: object = None, root: int = 0) -> object:
         """Rank root's obj on every rank: its pickled length, then its bytes, as two
         broadcasts (the step descriptor: small, and the same size on every rank after)."""

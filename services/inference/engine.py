@@ -20,7 +20,7 @@ from llmasos.drivers.model.kv_pool import KVPool, PoolGeometry
 from llmasos.drivers.model.llama import LlamaModel
 from llmasos.drivers.tokenizer import Tokenizer
 from llmasos.services.inference.output import SequenceOutput
-from llmasos.services.inference.parallel import RankArgs, TPModel, TPPool, load_tp
+from llmasos.services.inference.parallel import RankArgs, TPModel, TPPool, load_parallel
 from llmasos.services.inference.sampler import SamplingParams, sample
 
 log = structlog.get_logger()
@@ -45,6 +45,7 @@ class ModelEntry:
     device: str
     vocab_size: int
     tp: int = 1  # tensor-parallel ranks (parallel.py)
+    pp: int = 1  # pipeline stages (parallel.py)
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Engine:
     # ---- models ----
 
     def load(self, name: str, path: str, dtype: str = "", kv_budget_bytes: int = 0,
-             tp: int = 0) -> ModelEntry:
+             tp: int = 0, pp: int = 0) -> ModelEntry:
         """Load a GGUF file or HF folder under name; raises FileNotFoundError, ValueError
         (bad dtype, unsupported architecture, name taken) or KVBudgetError."""
         if not name:
@@ -117,7 +118,8 @@ class Engine:
                 raise ValueError(f"model name {name!r} is already loaded")
             self._loading.add(name)
         try:
-            loaded = self._load(name, path, dtype_name, kv_budget_bytes, max(tp, 1))
+            loaded = self._load(name, path, dtype_name, kv_budget_bytes, max(tp, 1),
+                                max(pp, 1))
             with self._lock:
                 self._models[name] = loaded
             return loaded.entry
@@ -126,19 +128,20 @@ class Engine:
                 self._loading.discard(name)
 
     def _load(self, name: str, path: str, dtype_name: str, kv_budget_bytes: int,
-              tp: int) -> Loaded:
+              tp: int, pp: int) -> Loaded:
         t0 = time.perf_counter()
         # where the Triton kernels run, GGUF Q8_0/Q4_1 weights stay in their blocks
         cfg, weights, kind = load_weights(
-            path, self.state_dir, keep_quantized=kernels_for(self.device) is not None and tp == 1)
+            path, self.state_dir,
+            keep_quantized=kernels_for(self.device) is not None and tp == pp == 1)
         tokenizer = Tokenizer.from_hf_dir(path) if kind == "safetensors" \
             else Tokenizer.from_gguf(path)
         torch_dtype = DTYPES[dtype_name]
         budget = kv_budget_bytes or self.kv_budget_bytes
-        if tp > 1:   # the budget is the whole model's: each rank holds 1/tp of every block
+        if tp > 1 or pp > 1:   # the budget is the whole model's: each rank holds 1/N of a block
             args = RankArgs(os.path.abspath(path), self.state_dir, dtype_name, str(self.device),
-                            self.block_size, budget // tp)
-            model, pool, memory = load_tp(name, tp, cfg, weights, torch_dtype, args)
+                            self.block_size, budget // max(tp, pp))
+            model, pool, memory = load_parallel(name, tp, pp, cfg, weights, torch_dtype, args)
             parameters = sum(t.numel() for t in weights.values())
         else:
             model = LlamaModel(cfg, weights, torch_dtype, self.device)
@@ -151,7 +154,7 @@ class Engine:
             parameters=parameters, dtype=str(torch_dtype).removeprefix("torch."),
             memory_bytes=memory,
             context_length=cfg.max_position_embeddings, device=str(self.device),
-            vocab_size=cfg.vocab_size, tp=tp,
+            vocab_size=cfg.vocab_size, tp=tp, pp=pp,
         )
         log.info("model_loaded", name=name, path=path, seconds=time.perf_counter() - t0,
                  blocks=pool.geometry.num_blocks, block_bytes=pool.geometry.block_bytes)

@@ -1,5 +1,6 @@
-"""Tensor parallelism, rank 0's side. A model loaded with tp=N runs as N ranks: this process
-(rank 0, the one the kernel talks to) and N-1 worker processes (rank.py) it starts and owns.
+"""Tensor and pipeline parallelism, rank 0's side. A model loaded with tp=N (or pp=N) runs as
+N ranks: this process (rank 0, the one the kernel talks to) and N-1 worker processes (rank.py)
+it starts and owns.
 Every operation on the model's KV pool or forward pass is first broadcast to the workers as a
 small descriptor, then run by every rank on its shard, with the collectives inside the forward.
 
@@ -29,6 +30,7 @@ from llmasos.drivers.model.kv_pool import KVPool, PoolGeometry
 from llmasos.drivers.parallel.comm import Comm, step_collectives
 from llmasos.drivers.parallel.model import ShardedLlama
 from llmasos.drivers.parallel.shard import check_degree
+from llmasos.drivers.parallel.stage import StageLlama, check_stages
 
 log = structlog.get_logger()
 
@@ -48,6 +50,7 @@ class RankArgs:
     device: str
     block_size: int
     kv_budget_bytes: int  # this rank's share
+    mode: str = "tp"  # "tp": heads split across ranks; "pp": layers split into stages
 
     def argv(self) -> list[str]:
         return [f"--{f.name.replace('_', '-')}={getattr(self, f.name)}"
@@ -58,6 +61,13 @@ def rank_pool(cfg: ModelConfig, a: RankArgs, dtype: torch.dtype) -> KVPool:
     """One rank's KV pool: its KV heads' share of every block (cfg is the rank's)."""
     return KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, a.kv_budget_bytes,
                   a.block_size, dtype, a.device)
+
+
+def rank_model(args: RankArgs, cfg: ModelConfig, weights: dict, comm: Comm,
+               dtype: torch.dtype) -> ShardedLlama | StageLlama:
+    """This rank's part of the model: its heads' shard (tp) or its stage's layers (pp)."""
+    kind = StageLlama if args.mode == "pp" else ShardedLlama
+    return kind(cfg, weights, comm, dtype, args.device)
 
 
 def broken(what: str, err: BaseException | None = None) -> None:
@@ -178,7 +188,7 @@ class RankGroup:
 class TPModel:
     """Rank 0's model as the engine sees it: each forward is broadcast first."""
 
-    def __init__(self, local: ShardedLlama, group: RankGroup) -> None:
+    def __init__(self, local: ShardedLlama | StageLlama, group: RankGroup) -> None:
         self.local, self.group = local, group
         self.cfg, self.kernels = local.cfg, local.kernels
 
@@ -192,13 +202,15 @@ class TPModel:
 
 class TPPool:
     """Rank 0's KV pool as the engine sees it: the whole model's geometry (every rank holds
-    its heads' share of each block); copies and swaps run on every rank."""
+    its heads' or its layers' share of each block); copies and swaps run on every rank."""
 
     def __init__(self, local: KVPool, group: RankGroup) -> None:
         self.local, self.group = local, group
-        g = local.geometry
-        self.geometry: PoolGeometry = dataclasses.replace(
-            g, kv_heads=g.kv_heads * group.tp, block_bytes=g.block_bytes * group.tp)
+        g, n = local.geometry, group.tp
+        split = {"kv_heads": g.kv_heads * n} if group.args.mode == "tp" else {
+            "num_layers": g.num_layers * n}
+        self.geometry: PoolGeometry = dataclasses.replace(g, block_bytes=g.block_bytes * n,
+                                                          **split)
 
     def check(self, blocks: list[int]) -> None:
         self.local.check(blocks)
@@ -229,15 +241,22 @@ class TPPool:
         self.group.collective("write_blocks", (blocks,), local)
 
 
-def load_tp(name: str, tp: int, cfg: ModelConfig, weights: dict, dtype: torch.dtype,
-            args: RankArgs) -> tuple[TPModel, TPPool, int]:
-    """Start the workers, build rank 0's shard and pool; (model, pool, weight bytes over all
-    ranks). ValueError when tp does not split the model; RuntimeError when a rank fails."""
+def load_parallel(name: str, tp: int, pp: int, cfg: ModelConfig, weights: dict,
+                  dtype: torch.dtype, args: RankArgs) -> tuple[TPModel, TPPool, int]:
+    """Start the workers, build rank 0's part and pool; (model, pool, weight bytes over all
+    ranks). ValueError when the degree does not split the model; RuntimeError when a rank
+    fails to load."""
+    if tp > 1 and pp > 1:
+        raise ValueError(f"tp={tp} with pp={pp}: tensor and pipeline parallelism do not "
+                         "combine yet; deploy with one of them")
     check_degree(cfg, tp)
-    group = RankGroup(name, tp, args)
+    check_stages(cfg, pp)
+    world = max(tp, pp)
+    args = dataclasses.replace(args, mode="pp" if pp > 1 else "tp")
+    group = RankGroup(name, world, args)
     ok, model, pool = True, None, None
     try:
-        model = ShardedLlama(cfg, weights, group.comm, dtype, args.device)
+        model = rank_model(args, cfg, weights, group.comm, dtype)
         pool = rank_pool(model.cfg, args, dtype)
     except Exception as err:  # noqa: BLE001 - every rank must reach the check below
         ok, failure = False, err
@@ -252,5 +271,5 @@ def load_tp(name: str, tp: int, cfg: ModelConfig, weights: dict, dtype: torch.dt
     with group.lock:
         group.comm.all_reduce(total)
     group.last_op, group.ready = time.monotonic(), True
-    log.info("tp_loaded", name=name, tp=tp, pids=[p.pid for p in group.procs])
+    log.info("parallel_loaded", name=name, tp=tp, pp=pp, pids=[p.pid for p in group.procs])
     return TPModel(model, group), TPPool(pool, group), int(total.item())

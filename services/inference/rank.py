@@ -1,7 +1,7 @@
 """python -m llmasos.services.inference.rank --rank R --world N --port P ...: one worker rank
-of a tensor-parallel model, started by rank 0 (parallel.py). It joins the group, loads its
-shard and KV pool, then runs every operation rank 0 broadcasts until told to exit. It exits
-when rank 0 goes away (its parent changes) or any collective fails."""
+of a tensor- or pipeline-parallel model, started by rank 0 (parallel.py). It joins the group,
+loads its shard (or stage) and KV pool, then runs every operation rank 0 broadcasts until told
+to exit. It exits when rank 0 goes away (its parent changes) or any collective fails."""
 
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ import torch.distributed as dist
 
 from llmasos.drivers.loaders.cache import load_weights
 from llmasos.drivers.model.kv_pool import KVPool
+from llmasos.drivers.model.llama import LlamaModel
 from llmasos.drivers.parallel.comm import Comm, step_collectives
-from llmasos.drivers.parallel.model import ShardedLlama
 from llmasos.services.inference.engine import DTYPES
 from llmasos.services.inference.parallel import (
     COLLECTIVE_TIMEOUT,
     RENDEZVOUS_TIMEOUT,
     RankArgs,
+    rank_model,
     rank_pool,
 )
 
@@ -41,21 +42,21 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, RankArgs]:
     ap = argparse.ArgumentParser(prog="llmasos.services.inference.rank")
     for flag in ("rank", "world", "port", "block-size", "kv-budget-bytes"):
         ap.add_argument(f"--{flag}", type=int, required=True)
-    for flag in ("model", "path", "state-dir", "dtype", "device"):
+    for flag in ("model", "path", "state-dir", "dtype", "device", "mode"):
         ap.add_argument(f"--{flag}", required=True)
     a = ap.parse_args(argv)
     return a, RankArgs(a.path, a.state_dir, a.dtype, a.device, a.block_size,
-                       a.kv_budget_bytes)
+                       a.kv_budget_bytes, a.mode)
 
 
-def load(comm: Comm, args: RankArgs) -> tuple[ShardedLlama, KVPool]:
+def load(comm: Comm, args: RankArgs) -> tuple[LlamaModel, KVPool]:
     cfg, weights, _ = load_weights(args.path, args.state_dir, progress=False)
     dtype = DTYPES[args.dtype]
-    model = ShardedLlama(cfg, weights, comm, dtype, args.device)
+    model = rank_model(args, cfg, weights, comm, dtype)
     return model, rank_pool(model.cfg, args, dtype)
 
 
-def serve(comm: Comm, model: ShardedLlama | None, pool: KVPool | None) -> int:
+def serve(comm: Comm, model: LlamaModel | None, pool: KVPool | None) -> int:
     """Run rank 0's operations until "exit" (model is None after a failed load)."""
     while True:
         op, args = comm.broadcast_object()

@@ -297,8 +297,9 @@ def cmd_models(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
 def cmd_deploy(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
     if not Path(args.path).exists():
         raise Usage(f"{args.path}: no such file or folder")
-    m = sh.client.deploy(args.path, args.name, args.dtype, tp=args.tp)
-    ranks = f" on {m.tp} tensor-parallel ranks" if m.tp > 1 else ""
+    m = sh.client.deploy(args.path, args.name, args.dtype, tp=args.tp, pp=args.pp)
+    ranks = (f" on {m.tp} tensor-parallel ranks" if m.tp > 1 else "") + (
+        f" in {m.pp} pipeline stages" if m.pp > 1 else "")
     sh.say(f"deployed {m.name}: {m.architecture}, {fmt.count(m.parameters)} parameters, "
            f"{m.dtype} on {m.device}{ranks}, {fmt.size(m.memory_bytes)}")
     return EXIT_OK
@@ -519,12 +520,14 @@ COMMANDS: dict[str, Entry] = {
                       _p_simple("services", "The supervised services.")),
     "models": Entry(cmd_models, "the deployed models", _p_simple(
         "models", "The deployed models.", (("--json",), {"action": "store_true"}))),
-    "deploy": Entry(cmd_deploy, "load a model: deploy PATH NAME [--dtype D] [--tp N]",
+    "deploy": Entry(cmd_deploy, "load a model: deploy PATH NAME [--dtype D] [--tp N|--pp M]",
                     _p_simple(
         "deploy", "Load a model from a GGUF file or a Hugging Face folder (root).",
         (("path",), {}), (("name",), {}), (("--dtype",), {"default": ""}),
         (("--tp",), {"type": int, "default": 0,
-                     "help": "tensor-parallel ranks (must divide the head counts)"}))),
+                     "help": "tensor-parallel ranks (must divide the head counts)"}),
+        (("--pp",), {"type": int, "default": 0,
+                     "help": "pipeline stages (must divide the layers)"}))),
     "undeploy": Entry(cmd_undeploy, "unload a model: undeploy NAME", _p_simple(
         "undeploy", "Unload a model (root).", (("name",), {}))),
     "whoami": Entry(cmd_whoami, "who you are to llmosd (-v for details)", _p_simple(
