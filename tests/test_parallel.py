@@ -1,9 +1,10 @@
-"""Tensor parallelism: a model loaded with tp=N runs as N rank processes (rank 0 in the engine,
-N-1 real worker processes joined by torch.distributed/gloo). Greedy output with tp=3 on the
-embedded SmolLM2 and tp=2 on tiny random Llama/Qwen2 folders equals tp=1, alone and batched;
-copies and swaps reach every rank's share; a degree that does not split the heads is refused
-naming the valid ones; through the daemon, Deploy(tp=3) serves the same tokens, and kill -9 of
-one rank mid-load restarts the service and loses no job."""
+"""Tensor and pipeline parallelism: a model loaded with tp=N or pp=N runs as N rank processes
+(rank 0 in the engine, N-1 real worker processes joined by torch.distributed/gloo). Greedy
+output with tp=3 and pp=2 on the embedded SmolLM2, and tp=2 / pp=2 on tiny random Llama/Qwen2
+folders, equals tp=1, alone and batched; copies and swaps reach every rank's share; a degree
+that does not split the model is refused naming the valid ones; through the daemon,
+Deploy(tp=3) serves the same tokens, and kill -9 of one rank mid-load restarts the service and
+loses no job."""
 
 from __future__ import annotations
 
@@ -72,60 +73,69 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     eng = Engine(str(tmp_path_factory.mktemp("state")), kv_budget_bytes=24 << 20)
     eng.load("one", embedded_gguf())
     eng.load("three", embedded_gguf(), tp=3)
+    eng.load("stages", embedded_gguf(), pp=2)
     yield eng
     eng.unload("three")
+    eng.unload("stages")
 
 
 def test_embedded_model_splits_into_1_or_3(engine: Engine) -> None:
     cfg = engine._get("one").model.cfg
     assert (cfg.num_heads, cfg.num_kv_heads) == (9, 3)
     assert valid_degrees(cfg) == [1, 3]
-    assert len(ranks_of(os.getpid())) == 2
-    one, three = (next(m for m in engine.models() if m.name == n) for n in ("one", "three"))
-    assert (one.tp, three.tp) == (1, 3)
-    assert three.parameters == one.parameters
+    assert len(ranks_of(os.getpid())) == 3
+    one, three, stages = (next(m for m in engine.models() if m.name == n)
+                          for n in ("one", "three", "stages"))
+    assert (one.tp, three.tp, stages.tp, stages.pp) == (1, 3, 1, 2)
+    assert three.parameters == one.parameters == stages.parameters
     # the pager's view is the whole model's: same blocks, same bytes per block
-    assert engine.geometry("three") == engine.geometry("one")
+    assert engine.geometry("three") == engine.geometry("one") == engine.geometry("stages")
 
 
-def test_tp3_greedy_equals_tp1_alone_and_batched(engine: Engine) -> None:
+@pytest.mark.parametrize("name", ["three", "stages"])
+def test_tp3_and_pp2_greedy_equal_tp1_alone_and_batched(engine: Engine, name: str) -> None:
     prompts = [engine.tokenize("one", p) for p in PROMPTS[:4]]
     alone_one = [generate(engine, "one", [p], 10)[0] for p in prompts[:2]]
-    alone_three = [generate(engine, "three", [p], 10)[0] for p in prompts[:2]]
-    assert alone_three == alone_one
+    alone_par = [generate(engine, name, [p], 10)[0] for p in prompts[:2]]
+    assert alone_par == alone_one
     batched_one = generate(engine, "one", prompts, 10)
-    assert generate(engine, "three", prompts, 10) == batched_one
+    assert generate(engine, name, prompts, 10) == batched_one
     assert batched_one[:2] == alone_one
 
 
-def test_tp3_copy_and_swap_reach_every_ranks_share(engine: Engine) -> None:
+@pytest.mark.parametrize("name", ["three", "stages"])
+def test_copy_and_swap_reach_every_ranks_share(engine: Engine, name: str) -> None:
     """A sequence whose blocks are copied (and swapped out and back in) elsewhere decodes on
     from the new blocks exactly as from the old: every rank moved its heads' share."""
-    ids = engine.tokenize("three", PROMPTS[0])
-    want = generate(engine, "three", [ids], 6)[0]
+    ids = engine.tokenize(name, PROMPTS[0])
+    want = generate(engine, name, [ids], 6)[0]
     prefix = ids + want[:3]
     for move in ("copy", "swap"):
-        engine.step("three", [StepEntry(7, prefix, 0, [0, 1], False, GREEDY, reset=True)])
+        engine.step(name, [StepEntry(7, prefix, 0, [0, 1], False, GREEDY, reset=True)])
         if move == "copy":
-            engine.copy_blocks("three", [0, 1], [5, 6])
+            engine.copy_blocks(name, [0, 1], [5, 6])
         else:
-            handle = engine.swap_out("three", [0, 1])
-            engine.swap_in("three", handle, [5, 6])
-        engine.copy_blocks("three", [9, 9], [0, 1])  # wipe the originals (block 9 is unused)
+            handle = engine.swap_out(name, [0, 1])
+            engine.swap_in(name, handle, [5, 6])
+        engine.copy_blocks(name, [9, 9], [0, 1])  # wipe the originals (block 9 is unused)
         got = []
         feed, pos = [want[2]], len(prefix) - 1
         for _ in range(3):
-            r = engine.step("three", [StepEntry(7, feed, pos, [5, 6], True, GREEDY)])[0]
+            r = engine.step(name, [StepEntry(7, feed, pos, [5, 6], True, GREEDY)])[0]
             got.append(r.token_id)
             feed, pos = [r.token_id], pos + 1
-        engine.release("three", [7])
+        engine.release(name, [7])
         assert got == want[3:], move
 
 
 def test_a_degree_that_does_not_split_the_heads_is_refused(engine: Engine) -> None:
     with pytest.raises(ValueError, match=r"valid tp: \[1, 3\]"):
         engine.load("two", embedded_gguf(), tp=2)
-    assert len(ranks_of(os.getpid())) == 2   # no worker started for it
+    with pytest.raises(ValueError, match=r"30 layers evenly; valid pp: \[1, 2, 3, 5, 6, 10"):
+        engine.load("two", embedded_gguf(), pp=4)
+    with pytest.raises(ValueError, match="do not combine yet"):
+        engine.load("two", embedded_gguf(), tp=3, pp=2)
+    assert len(ranks_of(os.getpid())) == 3   # no worker started for them
     assert "two" not in [m.name for m in engine.models()]
 
 
@@ -159,13 +169,14 @@ def tiny_folder(root: Path, kind: str) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_tp2_tiny_random_model_equals_tp1(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize("kind,split", [("llama", "tp"), ("qwen2", "tp"), ("llama", "pp")])
+def test_tiny_random_model_split_in_two_equals_one(tmp_path: Path, kind: str,
+                                                   split: str) -> None:
     folder = str(tiny_folder(tmp_path, kind))
     eng = Engine(str(tmp_path / "state"), kv_budget_bytes=1 << 20)
     eng.load("one", folder)
     others = {p.pid for p in ranks_of(os.getpid())}   # other tests' models' ranks
-    eng.load("two", folder, tp=2)
+    eng.load("two", folder, **{split: 2})
     try:
         assert len({p.pid for p in ranks_of(os.getpid())} - others) == 1
         gen = torch.Generator().manual_seed(3)
