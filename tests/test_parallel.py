@@ -3,8 +3,8 @@
 output with tp=3 and pp=2 on the embedded SmolLM2, and tp=2 / pp=2 on tiny random Llama/Qwen2
 folders, equals tp=1, alone and batched; copies and swaps reach every rank's share; a degree
 that does not split the model is refused naming the valid ones; through the daemon,
-Deploy(tp=3) serves the same tokens, and kill -9 of one rank mid-load restarts the service and
-loses no job."""
+Deploy(tp=3) and Deploy(pp=2) serve the same tokens, and kill -9 of one rank mid-load
+restarts the service and loses no job."""
 
 from __future__ import annotations
 
@@ -240,3 +240,14 @@ def test_deploy_tp3_serves_the_same_tokens_and_survives_a_killed_rank(
     assert after.restarts == before.restarts + 1 and after.pid != before.pid
     assert not psutil.pid_exists(ranks[1].pid) or ranks[1].status() == psutil.STATUS_ZOMBIE
     assert len(ranks_of(after.pid)) == 2   # redeployed with tp=3
+
+
+def test_deploy_pp2_through_llmsh_serves_the_same_tokens(model_system: System) -> None:
+    out = llmsh(model_system, f"deploy {embedded_gguf()} smol-pp2 --pp 2")
+    assert out.returncode == 0 and "in 2 pipeline stages" in out.stdout, out.stderr
+    pids = [run(model_system, "smol-pp2", p) for p in PROMPTS[4:7]]
+    for pid, p in zip(pids, PROMPTS[4:7], strict=True):
+        assert list(wait(model_system, pid).token_ids) == alone(model_system, p), p
+    model_system.call("Undeploy", kernel_pb2.UndeployRequest(name="smol-pp2"))
+    inference = model_system.services()["inference"].pid
+    assert all("smol-pp2" not in " ".join(r.cmdline()) for r in ranks_of(inference))
