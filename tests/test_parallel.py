@@ -1,8 +1,9 @@
 """Tensor and pipeline parallelism: a model loaded with tp=N or pp=N runs as N rank processes
 (rank 0 in the engine, N-1 real worker processes joined by torch.distributed/gloo). Greedy
-output with tp=3 and pp=2 on the embedded SmolLM2, and tp=2 / pp=2 on tiny random Llama/Qwen2
-folders, equals tp=1, alone and batched; copies and swaps reach every rank's share; a degree
-that does not split the model is refused naming the valid ones; through the daemon,
+output with tp=3, pp=2 and tp=3·pp=2 on the embedded SmolLM2, and tp=2 / pp=2 / tp=2·pp=2 on
+tiny random Llama/Qwen2 folders, equals tp=1, alone and batched; copies and swaps reach every
+rank's share; a degree that does not split the model is refused naming the valid ones; through
+the daemon,
 Deploy(tp=3) and Deploy(pp=2) serve the same tokens, and kill -9 of one rank mid-load
 restarts the service and loses no job."""
 
@@ -74,26 +75,28 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     eng.load("one", embedded_gguf())
     eng.load("three", embedded_gguf(), tp=3)
     eng.load("stages", embedded_gguf(), pp=2)
+    eng.load("grid", embedded_gguf(), tp=3, pp=2)
     yield eng
-    eng.unload("three")
-    eng.unload("stages")
+    for name in ("three", "stages", "grid"):
+        eng.unload(name)
 
 
 def test_embedded_model_splits_into_1_or_3(engine: Engine) -> None:
     cfg = engine._get("one").model.cfg
     assert (cfg.num_heads, cfg.num_kv_heads) == (9, 3)
     assert valid_degrees(cfg) == [1, 3]
-    assert len(ranks_of(os.getpid())) == 3
-    one, three, stages = (next(m for m in engine.models() if m.name == n)
-                          for n in ("one", "three", "stages"))
-    assert (one.tp, three.tp, stages.tp, stages.pp) == (1, 3, 1, 2)
-    assert three.parameters == one.parameters == stages.parameters
+    assert len(ranks_of(os.getpid())) == 2 + 1 + 5
+    one, three, stages, grid = (next(m for m in engine.models() if m.name == n)
+                                for n in ("one", "three", "stages", "grid"))
+    assert (one.tp, three.tp, stages.tp, stages.pp, grid.tp, grid.pp) == (1, 3, 1, 2, 3, 2)
+    assert three.parameters == one.parameters == stages.parameters == grid.parameters
     # the pager's view is the whole model's: same blocks, same bytes per block
-    assert engine.geometry("three") == engine.geometry("one") == engine.geometry("stages")
+    for name in ("three", "stages", "grid"):
+        assert engine.geometry(name) == engine.geometry("one"), name
 
 
-@pytest.mark.parametrize("name", ["three", "stages"])
-def test_tp3_and_pp2_greedy_equal_tp1_alone_and_batched(engine: Engine, name: str) -> None:
+@pytest.mark.parametrize("name", ["three", "stages", "grid"])
+def test_tp3_pp2_and_both_greedy_equal_tp1_alone_and_batched(engine: Engine, name: str) -> None:
     prompts = [engine.tokenize("one", p) for p in PROMPTS[:4]]
     alone_one = [generate(engine, "one", [p], 10)[0] for p in prompts[:2]]
     alone_par = [generate(engine, name, [p], 10)[0] for p in prompts[:2]]
@@ -103,7 +106,7 @@ def test_tp3_and_pp2_greedy_equal_tp1_alone_and_batched(engine: Engine, name: st
     assert batched_one[:2] == alone_one
 
 
-@pytest.mark.parametrize("name", ["three", "stages"])
+@pytest.mark.parametrize("name", ["three", "stages", "grid"])
 def test_copy_and_swap_reach_every_ranks_share(engine: Engine, name: str) -> None:
     """A sequence whose blocks are copied (and swapped out and back in) elsewhere decodes on
     from the new blocks exactly as from the old: every rank moved its heads' share."""
@@ -133,9 +136,9 @@ def test_a_degree_that_does_not_split_the_heads_is_refused(engine: Engine) -> No
         engine.load("two", embedded_gguf(), tp=2)
     with pytest.raises(ValueError, match=r"30 layers evenly; valid pp: \[1, 2, 3, 5, 6, 10"):
         engine.load("two", embedded_gguf(), pp=4)
-    with pytest.raises(ValueError, match="do not combine yet"):
-        engine.load("two", embedded_gguf(), tp=3, pp=2)
-    assert len(ranks_of(os.getpid())) == 3   # no worker started for them
+    with pytest.raises(ValueError, match=r"valid tp: \[1, 3\]"):
+        engine.load("two", embedded_gguf(), tp=2, pp=2)
+    assert len(ranks_of(os.getpid())) == 2 + 1 + 5   # no worker started for them
     assert "two" not in [m.name for m in engine.models()]
 
 
@@ -169,16 +172,17 @@ def tiny_folder(root: Path, kind: str) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("kind,split", [("llama", "tp"), ("qwen2", "tp"), ("llama", "pp")])
-def test_tiny_random_model_split_in_two_equals_one(tmp_path: Path, kind: str,
-                                                   split: str) -> None:
+@pytest.mark.parametrize("kind,split", [("llama", "tp"), ("qwen2", "tp"), ("llama", "pp"),
+                                        ("qwen2", "tp,pp")])
+def test_tiny_random_model_split_equals_one(tmp_path: Path, kind: str, split: str) -> None:
     folder = str(tiny_folder(tmp_path, kind))
     eng = Engine(str(tmp_path / "state"), kv_budget_bytes=1 << 20)
     eng.load("one", folder)
     others = {p.pid for p in ranks_of(os.getpid())}   # other tests' models' ranks
-    eng.load("two", folder, **{split: 2})
+    degrees = {d: 2 for d in split.split(",")}
+    eng.load("two", folder, **degrees)
     try:
-        assert len({p.pid for p in ranks_of(os.getpid())} - others) == 1
+        assert len({p.pid for p in ranks_of(os.getpid())} - others) == 2 ** len(degrees) - 1
         gen = torch.Generator().manual_seed(3)
         prompts = [torch.randint(2, 128, (n,), generator=gen).tolist() for n in (5, 19, 33)]
         want = generate(eng, "one", prompts, 12)

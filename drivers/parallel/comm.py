@@ -15,6 +15,7 @@ class Comm:
     def __init__(self, store: dist.Store, rank: int, world: int, device: torch.device,
                  timeout: timedelta = timedelta(seconds=120)) -> None:
         self.rank, self.world, self.device = rank, world, device
+        self.store, self.timeout = store, timeout
         if device.type == "cuda":
             self.pg = dist.ProcessGroupNCCL(store, rank, world)
         else:
@@ -23,6 +24,13 @@ class Comm:
             # loopback: the ranks of one host never leave it
             opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
             self.pg = dist.ProcessGroupGloo(store, rank, world, opts)
+
+    def split(self, size: int) -> Comm:
+        """The sub-group of `size` consecutive ranks this rank belongs to (a pipeline stage's
+        tensor-parallel ranks); every rank of the group must call it."""
+        color = self.rank // size
+        store = dist.PrefixStore(f"split{size}/{color}", self.store)
+        return Comm(store, self.rank % size, size, self.device, self.timeout)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks, in place (the row-parallel projections' partial sums)."""

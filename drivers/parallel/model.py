@@ -21,7 +21,8 @@ class ShardedLlama(LlamaModel):
                          shard_weights(cfg, weights, comm.rank, comm.world), dtype, device)
         self.full_cfg, self.comm = cfg, comm
         # identity of the row-parallel weights: linear() reduces exactly their outputs
-        self.row_parallel = {id(w) for layer in self.layers for w in (layer.o, layer.down)}
+        self.row_parallel = {id(w) for layer in self.layers for w in (layer.o, layer.down)
+                             } if comm.world > 1 else set()
 
     def linear(self, x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None
                ) -> torch.Tensor:
@@ -29,5 +30,7 @@ class ShardedLlama(LlamaModel):
         return self.comm.all_reduce(y.contiguous()) if id(w) in self.row_parallel else y
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.comm.world == 1:
+            return super().logits(h)
         parts = self.comm.all_gather(super().logits(h))
         return torch.cat(parts, dim=-1)[:, : self.full_cfg.vocab_size]

@@ -1,9 +1,13 @@
 """Pipeline parallelism: stage s of M holds layers [s*L/M, (s+1)*L/M) and their KV. The first
 stage embeds, the last one normalises and computes the logits; hidden states pass between
-stages with point-to-point sends, and the last stage sends the logits back to stage 0, which
+stages with point-to-point sends, and the last stage sends the logits back to rank 0, which
 samples. Each stage runs LlamaModel's forward, unchanged, over its layers: a middle or last
 stage feeds the received hidden states in as its "embedding table" (looked up by row index),
-and a stage other than the last returns every row's hidden state instead of logits."""
+and a stage other than the last returns every row's hidden state instead of logits.
+
+With tp > 1 too, each stage is tp ranks (ranks s*tp .. s*tp+tp-1) holding a tensor-parallel
+shard of the stage's layers; rank s*tp+t hands its (replicated) hidden states to rank
+(s+1)*tp+t."""
 
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from llmasos.drivers.model.batch import StepBatch
 from llmasos.drivers.model.kv_pool import KVPool
 from llmasos.drivers.model.llama import LlamaModel
 from llmasos.drivers.parallel.comm import Comm
+from llmasos.drivers.parallel.model import ShardedLlama
+from llmasos.drivers.parallel.shard import shard_config, shard_weights
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -45,15 +51,21 @@ def stage_weights(cfg: ModelConfig, weights: dict, stage: int, pp: int) -> dict:
     return out
 
 
-class StageLlama(LlamaModel):
-    def __init__(self, cfg: ModelConfig, weights: dict, comm: Comm,
+class StageLlama(ShardedLlama):
+    def __init__(self, cfg: ModelConfig, weights: dict, comm: Comm, tp_comm: Comm,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        """cfg and weights are the whole model's; this rank (stage comm.rank) keeps its layers."""
-        check_stages(cfg, comm.world)
-        stage, pp = comm.rank, comm.world
-        super().__init__(dataclasses.replace(cfg, num_layers=cfg.num_layers // pp),
-                         stage_weights(cfg, weights, stage, pp), dtype, device)
-        self.full_cfg, self.comm = cfg, comm
+        """cfg and weights are the whole model's; comm spans every rank, tp_comm this stage's
+        ranks. This rank keeps its stage's layers (and its tp shard of them)."""
+        tp = tp_comm.world
+        pp, stage = comm.world // tp, comm.rank // tp
+        check_stages(cfg, pp)
+        LlamaModel.__init__(
+            self, dataclasses.replace(shard_config(cfg, tp), num_layers=cfg.num_layers // pp),
+            stage_weights(cfg, shard_weights(cfg, weights, tp_comm.rank, tp), stage, pp),
+            dtype, device)
+        self.full_cfg, self.comm, self.pipe, self.tp = cfg, tp_comm, comm, tp
+        self.row_parallel = {id(w) for layer in self.layers for w in (layer.o, layer.down)
+                             } if tp > 1 else set()
         self.first, self.last = stage == 0, stage == pp - 1
         self.table = self.embed   # the real embedding table (first stage)
 
@@ -66,12 +78,12 @@ class StageLlama(LlamaModel):
         return super().logits(h) if self.last else h
 
     def forward(self, batch: StepBatch, pool: KVPool) -> torch.Tensor:
-        comm, rank, t = self.comm, self.comm.rank, batch.input_ids.shape[0]
+        pipe, rank, t = self.pipe, self.pipe.rank, batch.input_ids.shape[0]
         rows = torch.arange(t, device=self.device)
         run = batch
         if not self.first:   # the previous stage's hidden states, looked up by row
             x = torch.empty(t, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
-            comm.recv(x, rank - 1)
+            pipe.recv(x, rank - self.tp)
             self.embed = x
             run = dataclasses.replace(run, input_ids=rows)
         if not self.last:
@@ -79,11 +91,12 @@ class StageLlama(LlamaModel):
         out = super().forward(run, pool)
         self.embed = self.table
         if not self.last:
-            comm.send(out.contiguous(), rank + 1)
-        if self.first and not self.last:   # stage 0 samples: the logits come back
+            pipe.send(out.contiguous(), rank + self.tp)
+        last_head = pipe.world - self.tp   # the last stage's first rank sends the logits back
+        if rank == 0 and not self.last:   # rank 0 samples: the logits come back
             out = torch.empty(batch.sample_rows.shape[0], self.full_cfg.vocab_size,
                               dtype=torch.float32, device=self.device)
-            comm.recv(out, comm.world - 1)
-        elif self.last and not self.first:
-            comm.send(out.contiguous(), 0)
+            pipe.recv(out, last_head)
+        elif rank == last_head and not self.first:
+            pipe.send(out.contiguous(), 0)
         return out

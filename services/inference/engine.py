@@ -140,7 +140,7 @@ class Engine:
         budget = kv_budget_bytes or self.kv_budget_bytes
         if tp > 1 or pp > 1:   # the budget is the whole model's: each rank holds 1/N of a block
             args = RankArgs(os.path.abspath(path), self.state_dir, dtype_name, str(self.device),
-                            self.block_size, budget // max(tp, pp))
+                            self.block_size, budget // (tp * pp))
             model, pool, memory = load_parallel(name, tp, pp, cfg, weights, torch_dtype, args)
             parameters = sum(t.numel() for t in weights.values())
         else:

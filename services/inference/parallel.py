@@ -51,6 +51,7 @@ class RankArgs:
     block_size: int
     kv_budget_bytes: int  # this rank's share
     mode: str = "tp"  # "tp": heads split across ranks; "pp": layers split into stages
+    tp: int = 1  # with mode "pp": tensor-parallel ranks per stage
 
     def argv(self) -> list[str]:
         return [f"--{f.name.replace('_', '-')}={getattr(self, f.name)}"
@@ -66,8 +67,9 @@ def rank_pool(cfg: ModelConfig, a: RankArgs, dtype: torch.dtype) -> KVPool:
 def rank_model(args: RankArgs, cfg: ModelConfig, weights: dict, comm: Comm,
                dtype: torch.dtype) -> ShardedLlama | StageLlama:
     """This rank's part of the model: its heads' shard (tp) or its stage's layers (pp)."""
-    kind = StageLlama if args.mode == "pp" else ShardedLlama
-    return kind(cfg, weights, comm, dtype, args.device)
+    if args.mode == "pp":
+        return StageLlama(cfg, weights, comm, comm.split(args.tp), dtype, args.device)
+    return ShardedLlama(cfg, weights, comm, dtype, args.device)
 
 
 def broken(what: str, err: BaseException | None = None) -> None:
@@ -207,10 +209,10 @@ class TPPool:
     def __init__(self, local: KVPool, group: RankGroup) -> None:
         self.local, self.group = local, group
         g, n = local.geometry, group.tp
-        split = {"kv_heads": g.kv_heads * n} if group.args.mode == "tp" else {
-            "num_layers": g.num_layers * n}
-        self.geometry: PoolGeometry = dataclasses.replace(g, block_bytes=g.block_bytes * n,
-                                                          **split)
+        tp = n if group.args.mode == "tp" else group.args.tp
+        self.geometry: PoolGeometry = dataclasses.replace(
+            g, block_bytes=g.block_bytes * n, kv_heads=g.kv_heads * tp,
+            num_layers=g.num_layers * (n // tp))
 
     def check(self, blocks: list[int]) -> None:
         self.local.check(blocks)
@@ -246,13 +248,10 @@ def load_parallel(name: str, tp: int, pp: int, cfg: ModelConfig, weights: dict,
     """Start the workers, build rank 0's part and pool; (model, pool, weight bytes over all
     ranks). ValueError when the degree does not split the model; RuntimeError when a rank
     fails to load."""
-    if tp > 1 and pp > 1:
-        raise ValueError(f"tp={tp} with pp={pp}: tensor and pipeline parallelism do not "
-                         "combine yet; deploy with one of them")
     check_degree(cfg, tp)
     check_stages(cfg, pp)
-    world = max(tp, pp)
-    args = dataclasses.replace(args, mode="pp" if pp > 1 else "tp")
+    world = tp * pp   # ranks s*tp .. s*tp+tp-1 are stage s's tensor-parallel shards
+    args = dataclasses.replace(args, mode="pp" if pp > 1 else "tp", tp=tp)
     group = RankGroup(name, world, args)
     ok, model, pool = True, None, None
     try:

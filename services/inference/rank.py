@@ -40,13 +40,13 @@ def watch_parent(ppid: int) -> None:
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, RankArgs]:
     ap = argparse.ArgumentParser(prog="llmasos.services.inference.rank")
-    for flag in ("rank", "world", "port", "block-size", "kv-budget-bytes"):
+    for flag in ("rank", "world", "port", "block-size", "kv-budget-bytes", "tp"):
         ap.add_argument(f"--{flag}", type=int, required=True)
     for flag in ("model", "path", "state-dir", "dtype", "device", "mode"):
         ap.add_argument(f"--{flag}", required=True)
     a = ap.parse_args(argv)
     return a, RankArgs(a.path, a.state_dir, a.dtype, a.device, a.block_size,
-                       a.kv_budget_bytes, a.mode)
+                       a.kv_budget_bytes, a.mode, a.tp)
 
 
 def load(comm: Comm, args: RankArgs) -> tuple[LlamaModel, KVPool]:
