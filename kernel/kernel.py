@@ -33,6 +33,8 @@ class Deployed:
     path: str
     dtype: str
     embedded: bool = False
+    tp: int = 0              # tensor-parallel ranks, passed through to the inference service
+    pp: int = 0              # pipeline stages, likewise
     error: str = ""          # set when a redeploy failed: the model is unavailable until
                              # it is deployed again
     quant: str = ""  # the recipe asked for at deploy ("" = the inference service's default)
@@ -112,7 +114,8 @@ class Kernel:
                 continue
             try:
                 loaded[name] = stub.LoadModel(inference_pb2.LoadModelRequest(
-                    name=name, path=dep.path, dtype=dep.dtype, quant=dep.quant), timeout=600)
+                    name=name, path=dep.path, dtype=dep.dtype, quant=dep.quant, tp=dep.tp,
+                    pp=dep.pp), timeout=600)
             except grpc.RpcError as e:
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise   # the service died again: a failed start, retried by the supervisor

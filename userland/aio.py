@@ -177,9 +177,11 @@ class AsyncLLMClient(ClientBase):
         return await self._call(calls.FORMATS)
 
     async def deploy(self, path: str, name: str, dtype: str = "",
-                     timeout: float | None = None, quant: str = "") -> common_pb2.ModelInfo:
-        """Load a model (root only). quant: "" (the service default), "none", "int8"..."""
-        return await self._call(calls.DEPLOY, path, name, dtype, quant, timeout=timeout)
+                     timeout: float | None = None, quant: str = "", tp: int = 0,
+                     pp: int = 0) -> common_pb2.ModelInfo:
+        """Load a model (root only). quant: "" (the service default), "none", "int8"...;
+        tp > 1: that many tensor-parallel ranks, pp > 1: that many pipeline stages."""
+        return await self._call(calls.DEPLOY, path, name, dtype, quant, tp, pp, timeout=timeout)
 
     async def undeploy(self, name: str) -> None:
         await self._call(calls.UNDEPLOY, name)

@@ -37,9 +37,10 @@ def _kill(pid: int, signal: str | int = "TERM") -> kernel_pb2.KillRequest:
     return kernel_pb2.KillRequest(pid=pid, signal=signal_number(signal))
 
 
-def _deploy(path: str, name: str, dtype: str = "", quant: str = "") -> kernel_pb2.DeployRequest:
+def _deploy(path: str, name: str, dtype: str = "", quant: str = "", tp: int = 0,
+            pp: int = 0) -> kernel_pb2.DeployRequest:
     return kernel_pb2.DeployRequest(path=os.path.abspath(path), name=name, dtype=dtype,
-                                    quant=quant)
+                                    quant=quant, tp=tp, pp=pp)
 
 
 def _set_quota(user: str, max_jobs: int | None = None, max_tokens: int | None = None,

@@ -228,10 +228,12 @@ class LLMClient(ClientBase):
         return self._call(calls.FORMATS)
 
     def deploy(self, path: str, name: str, dtype: str = "",
-               timeout: float | None = None, quant: str = "") -> common_pb2.ModelInfo:
+               timeout: float | None = None, quant: str = "", tp: int = 0,
+               pp: int = 0) -> common_pb2.ModelInfo:
         """Load a model (root only); loading takes a while, hence the job deadline.
-        quant: "" (the service default), "none", "int8" or a recipe from formats()."""
-        return self._call(calls.DEPLOY, path, name, dtype, quant, timeout=timeout)
+        quant: "" (the service default), "none", "int8" or a recipe from formats(); tp > 1 runs
+        it as that many tensor-parallel ranks, pp > 1 as that many pipeline stages."""
+        return self._call(calls.DEPLOY, path, name, dtype, quant, tp, pp, timeout=timeout)
 
     def undeploy(self, name: str) -> None:
         self._call(calls.UNDEPLOY, name)

@@ -22,6 +22,7 @@ from llmasos.drivers.model.llama import LlamaModel
 from llmasos.drivers.tokenizer import Tokenizer
 from llmasos.services.inference import quantize
 from llmasos.services.inference.output import SequenceOutput
+from llmasos.services.inference.parallel import RankArgs, TPModel, TPPool, load_parallel
 from llmasos.services.inference.sampler import SamplingParams, sample
 
 log = structlog.get_logger()
@@ -46,6 +47,8 @@ class ModelEntry:
     device: str
     vocab_size: int
     quant: str = "none"  # the quantization recipe applied after load
+    tp: int = 1  # tensor-parallel ranks (parallel.py)
+    pp: int = 1  # pipeline stages (parallel.py)
 
 
 @dataclass
@@ -80,9 +83,9 @@ class SeqState:
 @dataclass
 class Loaded:
     entry: ModelEntry
-    model: LlamaModel
+    model: LlamaModel | TPModel
     tokenizer: Tokenizer
-    pool: KVPool
+    pool: KVPool | TPPool
     seqs: dict[int, SeqState] = field(default_factory=dict)
     swapped: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -104,7 +107,7 @@ class Engine:
     # ---- models ----
 
     def load(self, name: str, path: str, dtype: str = "", kv_budget_bytes: int = 0,
-             quant: str = "") -> ModelEntry:
+             quant: str = "", tp: int = 0, pp: int = 0) -> ModelEntry:
         """Load a GGUF file or HF folder under name; raises FileNotFoundError, ValueError
         (bad dtype, unsupported architecture, name taken) or KVBudgetError."""
         if not name:
@@ -120,7 +123,8 @@ class Engine:
                 raise ValueError(f"model name {name!r} is already loaded")
             self._loading.add(name)
         try:
-            loaded = self._load(name, path, dtype_name, kv_budget_bytes, recipe)
+            loaded = self._load(name, path, dtype_name, kv_budget_bytes, recipe, max(tp, 1),
+                                max(pp, 1))
             with self._lock:
                 self._models[name] = loaded
             return loaded.entry
@@ -129,29 +133,39 @@ class Engine:
                 self._loading.discard(name)
 
     def _load(self, name: str, path: str, dtype_name: str, kv_budget_bytes: int,
-              recipe: quantize.Recipe) -> Loaded:
+              recipe: quantize.Recipe, tp: int, pp: int) -> Loaded:
         t0 = time.perf_counter()
         # config and tokenizer checked before any weight is read: a file we cannot run
         # fails here in a fraction of a second, with nothing (no weights cache) written
         _, tokenizer = probe(path)
+        if recipe.quantized and (tp > 1 or pp > 1):
+            raise ValueError("quant and tp/pp do not combine yet; deploy with --quant none")
         # where the Triton kernels run, GGUF Q8_0/Q4_1 weights stay in their blocks
-        cfg, weights, kind = load_weights(path, self.state_dir,
-                                          keep_quantized=kernels_for(self.device) is not None,
-                                          cache=not recipe.quantized)   # no fp32 cache for int8
+        cfg, weights, kind = load_weights(
+            path, self.state_dir,
+            keep_quantized=kernels_for(self.device) is not None and tp == pp == 1,
+            cache=not recipe.quantized)   # no fp32 cache for a quantized model
         torch_dtype = DTYPES[dtype_name]
-        model = LlamaModel(cfg, weights, torch_dtype, self.device)
+        budget = kv_budget_bytes or self.kv_budget_bytes
+        if tp > 1 or pp > 1:   # the budget is the whole model's: each rank holds 1/N of a block
+            args = RankArgs(os.path.abspath(path), self.state_dir, dtype_name, str(self.device),
+                            self.block_size, budget // (tp * pp))
+            model, pool, memory = load_parallel(name, tp, pp, cfg, weights, torch_dtype, args)
+            parameters = sum(t.numel() for t in weights.values())
+        else:
+            model = LlamaModel(cfg, weights, torch_dtype, self.device)
+            parameters = model.num_parameters  # before packing: a tied LM head counts once
+            quantize.apply(model, recipe, tokenizer)
+            pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, budget,
+                          self.block_size, torch_dtype, self.device)
+            memory = model.weight_bytes
         del weights
-        params = model.num_parameters  # before packing: a tied LM head counts once
-        quantize.apply(model, recipe, tokenizer)
-        pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                      kv_budget_bytes or self.kv_budget_bytes, self.block_size, torch_dtype,
-                      self.device)
         entry = ModelEntry(
             name=name, source=os.path.abspath(path), architecture=cfg.architecture,
-            parameters=params, dtype=str(torch_dtype).removeprefix("torch."),
-            memory_bytes=model.weight_bytes,
+            parameters=parameters, dtype=str(torch_dtype).removeprefix("torch."),
+            memory_bytes=memory,
             context_length=cfg.max_position_embeddings, device=str(self.device),
-            vocab_size=cfg.vocab_size, quant=recipe.name,
+            vocab_size=cfg.vocab_size, quant=recipe.name, tp=tp, pp=pp,
         )
         log.info("model_loaded", name=name, path=path, seconds=time.perf_counter() - t0,
                  blocks=pool.geometry.num_blocks, block_bytes=pool.geometry.block_bytes)
@@ -159,8 +173,10 @@ class Engine:
 
     def unload(self, name: str) -> None:
         with self._lock:
-            self._get(name)
+            m = self._get(name)
             del self._models[name]
+            if isinstance(m.model, TPModel):
+                m.model.close()
 
     def quant_formats(self) -> list[str]:
         return quantize.formats(self.device)

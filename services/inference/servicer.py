@@ -39,7 +39,7 @@ def model_info(e: ModelEntry) -> common_pb2.ModelInfo:
     return common_pb2.ModelInfo(
         name=e.name, source=e.source, architecture=e.architecture, parameters=e.parameters,
         dtype=e.dtype, memory_bytes=e.memory_bytes, context_length=e.context_length,
-        device=e.device, vocab_size=e.vocab_size, quant=e.quant)
+        device=e.device, vocab_size=e.vocab_size, quant=e.quant, tp=e.tp, pp=e.pp)
 
 
 def step_entry(m: inference_pb2.StepEntry) -> StepEntry:
@@ -63,7 +63,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                   context: grpc.ServicerContext) -> common_pb2.ModelInfo:
         return self._call(context, lambda: model_info(self.engine.load(
             request.name, request.path, request.dtype, request.kv_budget_bytes,
-            request.quant)))
+            request.quant, request.tp, request.pp)))
 
     def UnloadModel(self, request: inference_pb2.UnloadModelRequest,  # noqa: N802
                     context: grpc.ServicerContext) -> inference_pb2.UnloadModelResponse:

@@ -325,10 +325,13 @@ def cmd_models(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
 def cmd_deploy(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
     if not Path(args.path).exists():
         raise Usage(f"{args.path}: no such file or folder")
-    m = sh.client.deploy(args.path, args.name, args.dtype, quant=args.quant)
+    m = sh.client.deploy(args.path, args.name, args.dtype, quant=args.quant, tp=args.tp,
+                         pp=args.pp)
+    ranks = (f" on {m.tp} tensor-parallel ranks" if m.tp > 1 else "") + (
+        f" in {m.pp} pipeline stages" if m.pp > 1 else "")
     sh.say(f"deployed {m.name}: {m.architecture}, {fmt.count(m.parameters)} parameters, "
-           f"{m.dtype} on {m.device}, quant {m.quant or 'none'}, {fmt.size(m.memory_bytes)} "
-           "of weights")
+           f"{m.dtype} on {m.device}{ranks}, quant {m.quant or 'none'}, "
+           f"{fmt.size(m.memory_bytes)} of weights")
     return EXIT_OK
 
 
@@ -584,11 +587,16 @@ COMMANDS: dict[str, Entry] = {
     "models": Entry(cmd_models, "the deployed models", _p_simple(
         "models", "The deployed models (--formats: the quantizations each device serves).",
         (("--json",), {"action": "store_true"}), (("--formats",), {"action": "store_true"}))),
-    "deploy": Entry(cmd_deploy, "load a model: deploy PATH NAME [--dtype D] [--quant Q]",
+    "deploy": Entry(cmd_deploy, "load a model: deploy PATH NAME [--dtype D] [--quant Q] "
+                    "[--tp N] [--pp M]",
                     _p_simple(
         "deploy", "Load a model from a GGUF file or a Hugging Face folder (root).",
         (("path",), {}), (("name",), {}), (("--dtype",), {"default": ""}),
-        (("--quant",), {"default": "", "help": "none, int8 or a recipe (models --formats)"}))),
+        (("--quant",), {"default": "", "help": "none, int8 or a recipe (models --formats)"}),
+        (("--tp",), {"type": int, "default": 0,
+                     "help": "tensor-parallel ranks (must divide the head counts)"}),
+        (("--pp",), {"type": int, "default": 0,
+                     "help": "pipeline stages (must divide the layers)"}))),
     "undeploy": Entry(cmd_undeploy, "unload a model: undeploy NAME", _p_simple(
         "undeploy", "Unload a model (root).", (("name",), {}))),
     "alias": Entry(cmd_alias, "name a model: alias NAME TARGET, alias -d NAME, alias", _p_simple(
