@@ -256,6 +256,10 @@ class Engine:
                     f"{m.entry.context_length}")
         if any(not 0 <= t < vocab for t in e.token_ids):
             return f"token_ids: seq_id {e.seq_id} holds ids outside [0, {vocab})"
+        last = e.start_pos + len(e.token_ids) - 1
+        if last // self.block_size >= len(e.block_table):
+            return (f"block table of {len(e.block_table)} blocks does not cover position "
+                    f"{last} of seq_id {e.seq_id}")
         try:
             m.pool.check(e.block_table)
             if e.sample:
