@@ -14,7 +14,7 @@ NODE_STAMP := tests/node/node_modules/.installed
 # Triton's CPU interpreter tests are written against 3.6.0; a CUDA torch brings its own Triton.
 TRITON_PIN := $(if $(filter cpu,$(TORCH)),triton==3.6.0,)
 
-.PHONY: setup run test proto lint bench clean node
+.PHONY: setup run test test-avx2 proto lint bench clean node
 
 setup: $(TEST_STAMP)
 
@@ -61,6 +61,11 @@ run: $(RUN_STAMP)
 
 test: setup node
 	$(PY) -m pytest -q tests
+
+# The same suite as a CPU without AVX-512 runs it: numerics differ by instruction set.
+AVX2 := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+test-avx2: setup
+	$(AVX2) $(PY) -m pytest -q tests
 
 proto: setup
 	$(PY) -m llmasos.proto.generate

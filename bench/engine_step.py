@@ -3,7 +3,9 @@
 Decode at batch 1, 8, 32 with ~128 tokens of context, and prefill of 128 and 512 tokens. HF runs
 its own forward with a DynamicCache (logits_to_keep=1 for prefill, as its generate() does).
 Each shape is timed interleaved (ours, HF, ours, HF, ...) and the best of the repetitions is
-kept, so other load on the machine hurts both sides alike. Prints a table, then one JSON line.
+kept, so other load on the machine hurts both sides alike. Then one-user decode with the default
+int8 recipe (deploy --quant int8) against our fp32, interleaved the same way
+("decode_b1_int8_vs_fp32", "decode_b1_tok_s"). Prints a table, then one JSON line.
 
     .venv/bin/python bench/engine_step.py [--reps 5]
 """
@@ -121,6 +123,21 @@ def bench_decode(ours: Ours, hf: HF, batch: int, reps: int) -> dict[str, float]:
             "ours_ms": best_ours * 1000, "hf_ms": best_hf * 1000}
 
 
+def bench_int8_decode(fp32: Ours, int8: Ours, reps: int) -> dict[str, float]:
+    """One user, ours fp32 vs ours int8, interleaved; tokens/s of the best step of each."""
+    a, b = fp32.decode_setup(1, reps + 1), int8.decode_setup(1, reps + 1)
+    a, b = fp32.decode_step(a), int8.decode_step(b)  # warm-up
+    best_a = best_b = float("inf")
+    for _ in range(reps):
+        t, a = timed(fp32.decode_step, a)
+        best_a = min(best_a, t)
+        t, b = timed(int8.decode_step, b)
+        best_b = min(best_b, t)
+    fp32.engine.release(MODEL, [e.seq_id for e in a])
+    int8.engine.release(MODEL, [e.seq_id for e in b])
+    return {"fp32_tok_s": 1 / best_a, "int8_tok_s": 1 / best_b}
+
+
 def bench_prefill(ours: Ours, hf: HF, n: int, reps: int) -> dict[str, float]:
     ours.prefill(n)
     hf.prefill(n)
@@ -160,6 +177,18 @@ def main() -> None:
     figures["shapes"] = {k: {f: round(v, 3) for f, v in s.items()} for k, s in shapes.items()}
     figures["peak_rss_mb"] = peak_rss_mb()
     figures["min_ratio_vs_hf"] = round(min(s["ratio"] for s in shapes.values()), 3)
+    with tempfile.TemporaryDirectory() as state:
+        engine8 = Engine(state, kv_budget_bytes=256 << 20)
+        info = engine8.load(MODEL, path, quant="int8")
+    pair = bench_int8_decode(ours, Ours(engine8), args.reps)
+    figures["int8_recipe"] = info.quant
+    figures["int8_memory_ratio"] = round(info.memory_bytes / engine.models()[0].memory_bytes, 3)
+    figures["decode_b1_fp32_tok_s"] = round(pair["fp32_tok_s"], 2)
+    figures["decode_b1_tok_s"] = round(pair["int8_tok_s"], 2)
+    figures["decode_b1_int8_vs_fp32"] = round(pair["int8_tok_s"] / pair["fp32_tok_s"], 3)
+    print(f"decode b1 int8 ({info.quant}): {pair['int8_tok_s']:.1f} tok/s vs fp32 "
+          f"{pair['fp32_tok_s']:.1f} tok/s = {figures['decode_b1_int8_vs_fp32']:.2f}x; weights "
+          f"{figures['int8_memory_ratio']:.2f}x fp32")
     print(f"load (cached) {figures['load_s_cached']:.2f} s, first {figures['load_s_first']:.2f} s,"
           f" peak RSS {figures['peak_rss_mb']:.0f} MB "
           f"({figures['peak_rss_mb_after_engine_load']:.0f} MB before HF loaded)")

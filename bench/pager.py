@@ -1,18 +1,24 @@
-"""The pager's capacity against contiguous max-length KV buffers, for one KV budget.
+"""The pager's capacity against contiguous KV reservations, for one KV budget.
 
 Requests follow a ShareGPT-like length mix (fixed seed): lognormal prompt and output lengths
 with the means the vLLM paper reports for ShareGPT (161 prompt / 338 output tokens), clipped
 so prompt + output <= max_len. KV geometry is SmolLM2-135M's in fp32 (30 layers, 3 KV heads,
 head dim 64: 45 KiB per token).
 
-1. Static: sequences are admitted in arrival order, each holding its *final* length (prompt +
-   whole output, the most it ever holds), until the pool is full. A contiguous allocator
-   reserves max_len slots per sequence. capacity_ratio = pager / contiguous; waste_fraction
-   = allocated-but-unused slots / allocated slots (only each sequence's last partial block).
-2. Dynamic: a decode loop (all requests waiting at t=0; every step each running sequence
-   appends a token; admit while a prompt fits above a 1% watermark; preempt the newest by
-   recompute on exhaustion), reporting the mean number of sequences running at once over the
-   steps where requests still wait (memory is the limit), against the contiguous slots.
+1. Dynamic (the headline): a decode loop (all requests waiting at t=0; every step each
+   running sequence appends a token; admit while a prompt fits above a 1% watermark; preempt
+   the newest by recompute on exhaustion; no length known in advance), reporting the mean
+   number of sequences running at once over the steps where requests still wait (memory is
+   the limit). The same loop on a contiguous allocator that holds a reservation per sequence
+   from admission to end, for three reservations: max_len (2048) slots, prompt + max_tokens
+   (the client asks for the next power of two above the output it gets, Orca's Pow2), and
+   prompt + output (an oracle: the least any contiguous reservation can hold).
+   capacity_ratio = pager / contiguous max_len; capacity_ratio_vs_max_tokens and
+   capacity_ratio_vs_oracle against the other two.
+2. Static: sequences admitted in arrival order, each holding its *final* length (the pager is
+   told every length: an upper bound), until the pool is full, vs max_len slots each:
+   static_capacity_ratio; waste_fraction = allocated-but-unused slots / allocated slots (only
+   each sequence's last partial block).
 3. Prefix: a request sharing a 512-token prefix with a resident one is admitted with those
    512 tokens already cached; its time to first token through the real Engine (embedded
    SmolLM2) against the same prompt cold gives prefix_ttft_speedup.
@@ -130,6 +136,39 @@ def dynamic_capacity(mix: list[tuple[int, int]], num_blocks: int, block_size: in
             "append_us": 1e6 * t_append / appends}
 
 
+def reserve_max_tokens(prompt: int, output: int, max_len: int) -> int:
+    """What a client asks for: max_tokens the next power of two at or above the output it will
+    get (Orca's Pow2 reservation), within the context; the reservation is prompt + max_tokens."""
+    return prompt + min(max_len - prompt, 1 << max(0, output - 1).bit_length())
+
+
+def contiguous_dynamic(mix: list[tuple[int, int]], pool_tokens: int, reserve: list[int]) -> dict:
+    """The same saturated decode loop on a contiguous allocator: each sequence holds its whole
+    reservation from admission to its end (no growth, so no preemption; no external
+    fragmentation counted, which flatters it); returns the mean running over the saturated
+    steps, as dynamic_capacity does."""
+    waiting = deque(range(len(mix)))
+    running: list[tuple[int, int]] = []   # (index, tokens still to make)
+    free, steps, saturated, running_sum = pool_tokens, 0, 0, 0
+    while waiting or running:
+        still = []
+        for i, left in running:
+            if left <= 1:
+                free += reserve[i]
+            else:
+                still.append((i, left - 1))
+        running = still
+        while waiting and reserve[waiting[0]] <= free:
+            i = waiting.popleft()
+            free -= reserve[i]
+            running.append((i, mix[i][1] + 1))   # one step for the prompt, one per later token
+        steps += 1
+        if waiting:
+            saturated += 1
+            running_sum += len(running)
+    return {"mean_running": running_sum / max(1, saturated), "steps": steps}
+
+
 def prefix_hit(block_size: int, prefix_len: int = 512) -> dict:
     """Admit a request sharing a prefix with a resident one: how much is cached, how fast."""
     pager, rng = Pager(4096, block_size), random.Random(3)
@@ -224,10 +263,22 @@ def main() -> None:
     t0 = time.perf_counter()
     d = dynamic_capacity(mix, num_blocks, bs)
     dyn_ratio = d["mean_running"] / contiguous
-    print(f"dynamic: {d['mean_running']:.1f} seqs running on average over the {d['saturated']} "
-          f"of {d['steps']} steps with requests waiting "
-          f"({d['preemptions']} preemptions, {d['mean_waste']:.2%} wasted) -> {dyn_ratio:.2f}x "
+    print(f"dynamic: pager (lengths not known in advance): {d['mean_running']:.1f} seqs running "
+          f"on average over the {d['saturated']} of {d['steps']} steps with requests waiting "
+          f"({d['preemptions']} preemptions, {d['mean_waste']:.2%} wasted) "
           f"[{time.perf_counter() - t0:.1f} s, {d['append_us']:.1f} us per append]")
+    reservations = {   # what a contiguous allocator holds per request, from admission to end
+        f"max_len={args.max_len}": [args.max_len] * len(mix),
+        "prompt+max_tokens": [reserve_max_tokens(p, o, args.max_len) for p, o in mix],
+        "prompt+output (oracle)": [p + o for p, o in mix],
+    }
+    contig = {k: contiguous_dynamic(mix, pool_tokens, r)["mean_running"]
+              for k, r in reservations.items()}
+    for k, running in contig.items():
+        print(f"         contiguous reserving {k:<22}: {running:6.1f} seqs running "
+              f"-> pager {d['mean_running'] / running:.2f}x")
+    vs_max_tokens = d["mean_running"] / contig["prompt+max_tokens"]
+    vs_oracle = d["mean_running"] / contig["prompt+output (oracle)"]
 
     h = prefix_hit(bs)
     print(f"prefix:  {h['cached_tokens']} of {h['prompt_tokens']} prompt tokens cached for the "
@@ -240,12 +291,17 @@ def main() -> None:
 
     print(json.dumps({
         "bench": "pager",
-        "capacity_ratio": round(ratio, 3),
+        "capacity_ratio": round(dyn_ratio, 3),   # the headline: lengths not known in advance
+        "capacity_ratio_vs_max_tokens": round(vs_max_tokens, 3),
+        "capacity_ratio_vs_oracle": round(vs_oracle, 3),
+        "static_capacity_ratio": round(ratio, 3),   # the pager told every final length
         "waste_fraction": round(s["waste"], 4),
         "pager_seqs": s["seqs"],
         "contiguous_seqs": contiguous,
         "contiguous_waste_fraction": round(contig_waste, 4),
         "dynamic_capacity_ratio": round(dyn_ratio, 3),
+        "contiguous_max_tokens_seqs": round(contig["prompt+max_tokens"], 1),
+        "contiguous_oracle_seqs": round(contig["prompt+output (oracle)"], 1),
         "dynamic_waste_fraction": round(d["mean_waste"], 4),
         "dynamic_preemptions": d["preemptions"],
         "prefix_cached_tokens": h["cached_tokens"],

@@ -1,15 +1,19 @@
 """Serving throughput: 64 requests (prompts of 8–96 words, outputs of 16–96 tokens, greedy, fixed
-seed) through the whole system over gRPC, beside (a) HF transformers' `generate` at its best
-static batch (16, 32 or 64; it pads prompts and runs each batch to its longest output) and (b)
-the same kernel cores composed in one process (no gRPC, no service processes), all in one run.
+seed) through the whole system over gRPC, beside (a) HF transformers in every way a user would
+serve it (bench/hf_baselines.py: `generate` in static batches of arrival order or sorted by
+length, and HF's own continuous batching with a paged cache) and (b) the same kernel cores
+composed in one process (no gRPC, no service processes), all in one run.
 
-    .venv/bin/python bench/serve_throughput.py [--requests 64] [--skip-hf]
+    .venv/bin/python bench/serve_throughput.py [--requests 64] [--rounds 2] [--skip-hf]
 
-Every request asks for exactly its output length (ignore_eos), so each side makes the same
-useful tokens. Ours run --rounds workloads (seeds 0..R-1) interleaved, system then in-process,
-so machine noise hits both alike; HF runs the seed-0 workload, compared with the system's
-seed-0 round. Ends with one JSON line: tokens/s of each, "ratio_vs_hf", "ratio_vs_in_process",
-p50/p99 time to first token and inter-token latency of the gRPC system.
+Every request asks for exactly its output length (EOS ignored), so each side makes the same
+useful tokens. Every configuration first runs a short warm-up workload; then each round (seeds
+0..R-1) runs the same workload through every configuration in turn, so machine noise hits all
+alike. An HF configuration that stalls, crashes or drops requests gets no figure: the JSON says
+so (status, tokens made of expected) and it is left out of the comparison. Ends with one JSON
+line: tokens/s of each, "ratio_vs_hf_best" against the fastest HF configuration that completed
+all the work (named in "hf_best"), "ratio_vs_in_process", p50/p99 time to first token and
+inter-token latency of the gRPC system, and the bench's own wall time.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ import grpc
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hf_baselines import CONFIGS, HFWorker, Outcome  # noqa: E402
 from workload import Request, boot, embedded_gguf, requests  # noqa: E402
 
 from llmasos.proto import common_pb2, kernel_pb2, kernel_pb2_grpc  # noqa: E402
 
 MODEL = "smollm2-135m"
+DEFAULT_HF = ("static_b32", "static_b64", "static_sorted_b16", "static_sorted_b32", "continuous")
 
 
 def sampling(r: Request) -> common_pb2.SamplingParams:
@@ -64,6 +70,30 @@ class SystemRunner:
 
     def run(self, reqs: list[Request]) -> Round:
         return asyncio.run(self._run(reqs))
+
+    def step_costs(self) -> dict[str, float]:
+        """Per step, from the kernel's metrics: the forward (as the engine timed it), the rest
+        of the Step round trip, and the gap the engine waited between steps (the kernel's work
+        on the critical path; with the overlapped step, planning is off it)."""
+        from prometheus_client.parser import text_string_to_metric_families
+        stub = kernel_pb2_grpc.KernelStub(grpc.insecure_channel(self.booted.address))
+        text = stub.Metrics(kernel_pb2.MetricsRequest(), metadata=self.booted.metadata).text
+        sums: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name.endswith(("_sum", "_count")) and "step_" in s.name:
+                    sums[s.name] = sums.get(s.name, 0.0) + s.value
+
+        def mean(name: str) -> float:
+            n = sums.get(f"llmasos:{name}_count", 0.0)
+            return sums.get(f"llmasos:{name}_sum", 0.0) / n * 1000 if n else 0.0
+        step, compute, gap = (mean("step_duration_seconds"), mean("step_compute_seconds"),
+                              mean("step_gap_seconds"))
+        return {"step_ms": round(step, 2), "forward_ms": round(compute, 2),
+                "step_rpc_overhead_ms": round(step - compute, 2),
+                "gap_between_steps_ms": round(gap, 3),
+                "outside_forward_fraction": round((step - compute + gap) / (step + gap), 4)
+                if step else 0.0}
 
     async def _run(self, reqs: list[Request]) -> Round:
         md = self.booted.metadata
@@ -186,69 +216,94 @@ def summary(rounds: list[Round]) -> dict[str, float]:
     return out
 
 
-# --- HF transformers' generate with static batches ----------------------------------------
+# --- the run ------------------------------------------------------------------------------
 
-def run_hf(reqs: list[Request], batch: int) -> dict[str, float]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+WARMUP = dict(n=8, seed=1000, outputs=(4, 12))   # a short workload every configuration runs first
 
-    path = embedded_gguf()
-    folder, name = os.path.dirname(path), os.path.basename(path)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, padding_side="left")
-    tok.pad_token = tok.pad_token or tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                 dtype=torch.float32).eval()
-    useful = sum(r.output_tokens for r in reqs)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(reqs), batch):
-            group = reqs[i:i + batch]
-            longest = max(r.output_tokens for r in group)
-            enc = tok([r.prompt for r in group], return_tensors="pt", padding=True)
-            model.generate(**enc, max_new_tokens=longest, min_new_tokens=longest,
-                           do_sample=False, pad_token_id=tok.pad_token_id)
-    elapsed = time.perf_counter() - start
-    return {"tok_s": useful / elapsed, "seconds": elapsed}
+
+def hf_entry(name: str, outcomes: list[Outcome]) -> dict[str, object]:
+    """tok/s over every round, or why there is no figure."""
+    if all(o.ok for o in outcomes):
+        seconds = sum(o.seconds for o in outcomes)
+        return {"tok_s": round(sum(o.tokens for o in outcomes) / seconds, 3),
+                "seconds": round(seconds, 2)}
+    bad = next(o for o in outcomes if not o.ok)
+    return {"status": bad.status, "tokens": bad.tokens, "expected": bad.expected,
+            "round": len(outcomes) - 1, "after_s": round(bad.seconds, 1), "detail": bad.detail}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="workloads (seeds 0..R-1) run on both of ours, interleaved")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="workloads (seeds 0..R-1), each run by every configuration in turn")
+    ap.add_argument("--hf", default=",".join(DEFAULT_HF),
+                    help=f"HF configurations, comma-separated, of: {', '.join(CONFIGS)}")
     ap.add_argument("--skip-hf", action="store_true", help="only our two configurations")
+    ap.add_argument("--hf-slack", type=float, default=10.0,
+                    help="an HF run may take this many times the system's time for the round")
     args = ap.parse_args()
+    t_start = time.perf_counter()
+    hf_names = [] if args.skip_hf else [n for n in args.hf.split(",") if n]
+    unknown = [n for n in hf_names if n not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown HF configuration(s) {unknown}; pick from {list(CONFIGS)}")
+    hf_names = [n for n in hf_names if CONFIGS[n].distinct(args.requests)]
     home = Path(tempfile.mkdtemp(prefix="llmasos-serve-"))
     system = SystemRunner(home / "system")
     (home / "inproc").mkdir()
     os.symlink(home / "system" / "cache", home / "inproc" / "cache")
     inproc = InProcessRunner(home / "inproc")
-    rounds: dict[str, list[Round]] = {"system": [], "in_process": []}
+    hf = HFWorker()
+    ours = {"system": system, "in_process": inproc}
+    rounds: dict[str, list[Round]] = {name: [] for name in ours}
+    hf_out: dict[str, list[Outcome]] = {name: [] for name in hf_names}
+
+    warm = requests(WARMUP["n"], seed=WARMUP["seed"], outputs=WARMUP["outputs"])
+    for runner in ours.values():
+        runner.run(warm)
+    for name in hf_names:   # a warm-up that does not finish counts as the configuration's result
+        o = hf.run(name, WARMUP["n"], -WARMUP["seed"], 300)
+        print(f"warm-up HF {name:<18} {o.status} ({o.tokens}/{o.expected} tokens)", flush=True)
+        if not o.ok:
+            hf_out[name].append(o)
+
     for seed in range(args.rounds):
         reqs = requests(args.requests, seed=seed)
-        for name, runner in (("system", system), ("in_process", inproc)):
+        for name, runner in ours.items():
             rounds[name].append(runner.run(reqs))
             r = rounds[name][-1]
-            print(f"seed {seed} {name:<11} {r.tokens} tokens in {r.seconds:.2f} s: "
-                  f"{r.tokens / r.seconds:.1f} tok/s", flush=True)
+            print(f"seed {seed} {name:<22} {r.tokens} tokens in {r.seconds:6.2f} s: "
+                  f"{r.tokens / r.seconds:6.1f} tok/s", flush=True)
+        allowed = max(300.0, args.hf_slack * rounds["system"][-1].seconds)
+        for name in hf_names:
+            if any(not o.ok for o in hf_out[name]):
+                continue   # it already failed: no figure, no more time spent on it
+            o = hf.run(name, args.requests, seed, allowed)
+            hf_out[name].append(o)
+            rate = f"{o.tokens / o.seconds:6.1f} tok/s" if o.ok else f"{o.status.upper()}"
+            print(f"seed {seed} HF {name:<19} {o.tokens} of {o.expected} tokens in "
+                  f"{o.seconds:6.2f} s: {rate} {o.detail}", flush=True)
+    step_costs = system.step_costs()
     system.stop()
     inproc.stop()
+    hf.stop()
+
     result: dict[str, object] = {"requests": args.requests, "rounds": args.rounds}
     for name, rs in rounds.items():
         result |= {f"{name}_{k}": round(v, 3) for k, v in summary(rs).items()}
     result["ratio_vs_in_process"] = round(result["system_tok_s"] / result["in_process_tok_s"], 3)
-    if not args.skip_hf:
-        reqs = requests(args.requests, seed=0)
-        sys0 = rounds["system"][0]
-        hf = {b: run_hf(reqs, b) for b in (16, 32, 64) if b <= len(reqs)}
-        for b, r in hf.items():
-            print(f"HF batch {b:>2} (seed 0): {r['tok_s']:.1f} tok/s", flush=True)
-            result[f"hf_b{b}_tok_s"] = round(r["tok_s"], 3)
-        best = max(hf, key=lambda b: hf[b]["tok_s"])
-        result |= {"hf_best_batch": best, "hf_tok_s": round(hf[best]["tok_s"], 3),
-                   "system_seed0_tok_s": round(sys0.tokens / sys0.seconds, 3),
-                   "ratio_vs_hf": round(sys0.tokens / sys0.seconds / hf[best]["tok_s"], 3)}
+    result |= step_costs
+    entries = {name: hf_entry(name, outs) for name, outs in hf_out.items()}
+    result |= {f"hf_{name}": e for name, e in entries.items()}
+    done = {name: e["tok_s"] for name, e in entries.items() if "tok_s" in e}
+    if done:
+        best = max(done, key=done.get)
+        result |= {"hf_best": best, "hf_best_tok_s": done[best],
+                   "ratio_vs_hf_best": round(result["system_tok_s"] / done[best], 3)}
+    result["hf_without_figure"] = sorted(set(entries) - set(done))
     result["peak_rss_mb"] = round(psutil.Process().memory_info().rss / 2**20, 1)
+    result["bench_seconds"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(result))
     return 0
 

@@ -4,8 +4,12 @@ beside a bare gRPC echo server measured in the same run (the floor).
 
     .venv/bin/python bench/syscall_latency.py [--calls 500]
 
+The kernel runs as users run it: default logging (INFO, one JSON line per syscall) to a file,
+as `llmosd run 2>llmosd.log` does. A second kernel with logging raised to WARNING is measured
+call by call beside it, to price that line separately ("logging_cost_p50_us").
+
 Prints a table and ends with one JSON line: p50/p99 of each call, "p50_ratio_vs_echo" (the worst
-of the three at 10 processes) and "ps_10000_ms" (p50 of Ps listing all 10,000).
+of the three at 10 processes, logging on) and "ps_10000_ms" (p50 of Ps listing all 10,000).
 """
 
 from __future__ import annotations
@@ -38,18 +42,23 @@ def serve_echo(queue: mp.Queue) -> None:
     server.wait_for_termination()
 
 
-def serve_kernel(queue: mp.Queue, home: str, fill: mp.Queue) -> None:
-    """A kernel composed in this child process, so the bench can fill its table directly."""
+def serve_kernel(queue: mp.Queue, home: str, fill: mp.Queue, quiet: bool) -> None:
+    """A kernel composed in this child process, so the bench can fill its table directly. Its
+    stderr goes to a file, as `llmosd run 2>llmosd.log` would: the default INFO level writes a
+    JSON line per syscall; quiet raises the level to WARNING, to price that line."""
     import logging
 
     from llmasos.kernel import log
+
+    fd = os.open(os.path.join(home, "llmosd.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)   # the same fd-level redirection a shell does, so buffering is the daemon's
     from llmasos.kernel.config import Config
     from llmasos.kernel.executor import Executor
     from llmasos.kernel.kernel import Kernel
     from llmasos.kernel.proctable import State
     from llmasos.kernel.server import build
 
-    log.configure(logging.WARNING)   # per-call logging would measure the terminal, not us
+    log.configure(logging.WARNING if quiet else logging.INFO)   # INFO: what main.py sets
     k = Kernel(Config(listen="127.0.0.1:0", home=home, embedded=False))
     k.executor = Executor(k)
     server, port = build(k, "127.0.0.1:0")
@@ -84,48 +93,86 @@ def measure(fn: object, calls: int) -> dict[str, float]:
     return {"p50_ms": statistics.median(samples), "p99_ms": samples[int(len(samples) * 0.99) - 1]}
 
 
+def calls_on(stub: kernel_pb2_grpc.KernelStub, md: list) -> dict[str, object]:
+    return {
+        "whoami": lambda: stub.WhoAmI(kernel_pb2.WhoAmIRequest(), metadata=md, timeout=10),
+        "stat": lambda: stub.Stat(kernel_pb2.StatRequest(pid=5), metadata=md, timeout=10),
+        "ps": lambda: stub.Ps(kernel_pb2.PsRequest(all=True), metadata=md, timeout=30),
+    }
+
+
+class KernelChild:
+    """A kernel in a child process, its address, a root stub, and the queue that fills it."""
+
+    def __init__(self, ctx: mp.context.BaseContext, quiet: bool) -> None:
+        self.home = tempfile.mkdtemp(prefix="llmasos-bench-")
+        self.queue, self.fill = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=serve_kernel, args=(self.queue, self.home, self.fill,
+                                                           quiet))
+        self.proc.start()
+
+    def connect(self) -> None:
+        address = self.queue.get(timeout=300)
+        with open(os.path.join(self.home, "root.token")) as f:
+            self.md = [("authorization", f"Bearer {f.read().strip()}")]
+        self.calls = calls_on(kernel_pb2_grpc.KernelStub(grpc.insecure_channel(address)),
+                              self.md)
+
+    def grow_to(self, n: int, now: int) -> None:
+        self.fill.put(n - now)
+        assert self.queue.get(timeout=120) == n
+
+    def stop(self) -> None:
+        self.fill.put(None)
+        self.proc.join(60)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=500)
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
-    home = tempfile.mkdtemp(prefix="llmasos-bench-")
-    q_echo, q_kernel, fill = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    q_echo = ctx.Queue()
     echo = ctx.Process(target=serve_echo, args=(q_echo,), daemon=True)
-    kern = ctx.Process(target=serve_kernel, args=(q_kernel, home, fill))
     echo.start()
-    kern.start()
-    echo_addr, kernel_addr = q_echo.get(timeout=60), q_kernel.get(timeout=300)
-    with open(os.path.join(home, "root.token")) as f:
-        token = f.read().strip()
-    md = [("authorization", f"Bearer {token}")]
-    stub = kernel_pb2_grpc.KernelStub(grpc.insecure_channel(kernel_addr))
+    kern, quiet = KernelChild(ctx, quiet=False), KernelChild(ctx, quiet=True)
+    echo_addr = q_echo.get(timeout=60)
+    kern.connect()
+    quiet.connect()
     echo_call = grpc.insecure_channel(echo_addr).unary_unary(ECHO)
     payload = kernel_pb2.WhoAmIRequest().SerializeToString()
-    results: dict[str, object] = {}
-    results["echo"] = measure(lambda: echo_call(payload, metadata=md, timeout=10), args.calls)
-    for n in (10, 10_000):
-        fill.put(n - (10 if n == 10_000 else 0))
-        assert q_kernel.get(timeout=120) == n
-        calls = {
-            "whoami": lambda: stub.WhoAmI(kernel_pb2.WhoAmIRequest(), metadata=md, timeout=10),
-            "stat": lambda: stub.Stat(kernel_pb2.StatRequest(pid=5), metadata=md, timeout=10),
-            "ps": lambda: stub.Ps(kernel_pb2.PsRequest(all=True), metadata=md, timeout=30),
-        }
-        for name, fn in calls.items():
-            reps = args.calls if name != "ps" or n == 10 else max(20, args.calls // 10)
-            results[f"{name}_{n}"] = measure(fn, reps)
-    fill.put(None)
-    kern.join(60)
+    results: dict[str, dict[str, float]] = {}
+    results["echo"] = measure(lambda: echo_call(payload, metadata=kern.md, timeout=10),
+                              args.calls)
+    kern.grow_to(10, 0)
+    quiet.grow_to(10, 0)
+    for name in kern.calls:   # logging on, then off, call by call: noise hits both alike
+        results[f"{name}_10"] = measure(kern.calls[name], args.calls)
+        results[f"{name}_10_quiet"] = measure(quiet.calls[name], args.calls)
+    quiet.stop()
+    kern.grow_to(10_000, 10)
+    for name, fn in kern.calls.items():
+        reps = args.calls if name != "ps" else max(20, args.calls // 10)
+        results[f"{name}_10000"] = measure(fn, reps)
+    with open(os.path.join(kern.home, "llmosd.log")) as f:
+        log_lines = sum(1 for _ in f)
+    kern.stop()
     echo.kill()
     floor = results["echo"]["p50_ms"]
-    print(f"{'call':<14}{'p50 ms':>10}{'p99 ms':>10}{'x echo':>10}")
+    print(f"{'call':<18}{'p50 ms':>10}{'p99 ms':>10}{'x echo':>10}")
     for name, r in results.items():
-        print(f"{name:<14}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{r['p50_ms'] / floor:>10.2f}")
-    worst = max(results[f"{c}_10"]["p50_ms"] for c in ("whoami", "stat", "ps")) / floor
+        print(f"{name:<18}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}{r['p50_ms'] / floor:>10.2f}")
+    worst = max(results[f"{c}_10"]["p50_ms"] for c in kern.calls) / floor
+    cost = {c: results[f"{c}_10"]["p50_ms"] - results[f"{c}_10_quiet"]["p50_ms"]
+            for c in kern.calls}
+    print(f"logging (one JSON line per syscall, {log_lines} lines written): "
+          + ", ".join(f"{c} {1000 * v:+.0f} us" for c, v in cost.items()) + " at p50")
     summary = {f"{k}_{m}": round(v, 4) for k, r in results.items() for m, v in r.items()}
     summary |= {"p50_ratio_vs_echo": round(worst, 3),
-                "ps_10000_ms": round(results["ps_10000"]["p50_ms"], 3)}
+                "ps_10000_ms": round(results["ps_10000"]["p50_ms"], 3),
+                "logging": "default (INFO, JSON lines to a file)",
+                "logging_cost_p50_us": {c: round(1000 * v, 1) for c, v in cost.items()},
+                "log_lines": log_lines}
     print(json.dumps(summary))
     return 0
 

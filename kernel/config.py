@@ -23,6 +23,7 @@ class Config:
     embedded: bool = True            # deploy the embedded SmolLM2 as smollm2-135m at boot
     kv_budget_mb: int = 256          # KV pool memory per model
     device: str = "cpu"
+    quant: str = "none"              # quantization recipe Deploy uses by default (and the boot)
     token_budget: int = 256          # most tokens in one step
     max_batch: int = 64              # most jobs in one step
     restart_max: int = 5             # restart budget: this many restarts ...
@@ -34,7 +35,8 @@ class Config:
 
 # Environment variables that override the file (flags override both).
 ENV = {"listen": "LLMASOS_ADDR", "home": "LLMASOS_HOME", "policy": "LLMASOS_POLICY",
-       "device": "LLMASOS_DEVICE", "kv_budget_mb": "LLMASOS_KV_BUDGET_MB"}
+       "device": "LLMASOS_DEVICE", "kv_budget_mb": "LLMASOS_KV_BUDGET_MB",
+       "quant": "LLMASOS_QUANT"}
 
 
 def _coerce(cfg: Config, name: str, value: object) -> None:

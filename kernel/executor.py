@@ -75,6 +75,7 @@ class Work:
     io: PendingIo = field(default_factory=PendingIo)
     future: object = None
     started: float = 0.0
+    answered: float = 0.0
 
     def pids(self) -> set[int]:
         return {p.pid for p, _ in self.batch}
@@ -213,7 +214,15 @@ class Executor:
             raise
         finished = self._await_inflight(work)
         if work is not None and work.batch:
-            self._launch(work)
+            try:
+                self._launch(work)
+            except RPC_ERRORS as e:   # the service went away between two steps
+                if finished is not None:
+                    self._commit(*finished)   # what the last step made is real
+                self._requeue(model)
+                raise ServiceFault(f"Step not sent: {e}") from None
+            if finished is not None and finished[0].answered:   # the engine waited on us
+                metrics.on_gap(model, work.started - finished[0].answered)
         if finished is not None:
             self._commit(*finished)
         return finished is not None or self.inflight is not None or bool(work and work.io)
@@ -502,7 +511,10 @@ class Executor:
     def _results(self, done: Work) -> list[inference_pb2.StepResult | str]:
         """One result per entry: the engine's, or the reason the job must end."""
         try:
-            return list(done.future.result().results)
+            reply = done.future.result()
+            done.answered = time.perf_counter()
+            metrics.on_compute(done.model, reply.compute_ms / 1000)
+            return list(reply.results)
         except grpc.RpcError as e:
             if e.code() in SERVICE_FAULTS:
                 raise ServiceFault(f"Step: {e.code().name}: {e.details()}") from None

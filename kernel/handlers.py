@@ -356,8 +356,11 @@ def sys_models(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Mod
         reply = k.inference().ListModels(inference_pb2.ListModelsRequest(), timeout=30)
     except grpc.RpcError as e:
         raise downstream(e, "listing models failed") from None
-    return kernel_pb2.ModelsResponse(models=[*reply.models, *remote_infos(k)], aliases=[
-        kernel_pb2.ModelAlias(name=n, target=t) for n, t in sorted(aliases(k).items())])
+    return kernel_pb2.ModelsResponse(
+        models=[*reply.models, *remote_infos(k)],
+        quant_formats=reply.quant_formats, default_quant=reply.default_quant,
+        device=reply.device, aliases=[kernel_pb2.ModelAlias(name=n, target=t)
+                                      for n, t in sorted(aliases(k).items())])
 
 
 def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.ModelInfo:
@@ -373,14 +376,15 @@ def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.Mod
     left = ctx.time_remaining()   # the caller's deadline bounds the load (600 s without one)
     try:
         info = stub.LoadModel(inference_pb2.LoadModelRequest(
-            name=req.name, path=path, dtype=req.dtype),
+            name=req.name, path=path, dtype=req.dtype, quant=req.quant, tp=req.tp, pp=req.pp),
             timeout=min(600.0, left) if left is not None else 600.0)
         k.attach_pager(req.name, stub)
     except grpc.RpcError as e:
         if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             unload_when_loaded(k, req.name)   # the caller gave up: do not keep it half-known
         raise downstream(e, "deploying failed") from None
-    k.models[req.name] = Deployed(path, req.dtype)   # replaces an unavailable one
+    # (replaces an unavailable one of the same name)
+    k.models[req.name] = Deployed(path, req.dtype, quant=req.quant, tp=req.tp, pp=req.pp)
     k.journal.record_deploy(req.name, dataclasses.asdict(k.models[req.name]))
     return info
 

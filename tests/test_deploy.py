@@ -3,6 +3,7 @@ the embedded SmolLM2, serve the same greedy tokens; deployed models survive an i
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from llmasos.proto import kernel_pb2
 
-from conftest import MODEL, System, alone, greedy, wait
+from conftest import MODEL, System, alone, booted_model_system, greedy, wait
 
 
 def embedded_gguf() -> str:
@@ -21,18 +22,20 @@ def embedded_gguf() -> str:
     return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+# its own system, not the shared one: these tests deploy, undeploy and crash inference
+model_system = pytest.fixture(scope="module", name="model_system")(booted_model_system)
+
+
 @pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def hf_folder(tmp_path_factory: pytest.TempPathFactory, hf_embedded: object) -> Path:
     """The embedded model written as a Hugging Face folder (safetensors + tokenizer.json)."""
-    import torch
     import transformers
     path = embedded_gguf()
     folder = tmp_path_factory.mktemp("smollm2-hf")
     kw = {"gguf_file": os.path.basename(path)}
-    gguf_model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
-                                                                   dtype=torch.float32, **kw)
+    gguf_model = hf_embedded   # shared with other tests: read only, its config copied
     # transformers will not save a GGUF-loaded model; copy its weights into a plain one
-    config = gguf_model.config
+    config = copy.deepcopy(gguf_model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = transformers.LlamaForCausalLM(config)

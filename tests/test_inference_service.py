@@ -14,7 +14,7 @@ import pytest
 from llmasos.proto import common_pb2, inference_pb2, inference_pb2_grpc
 from llmasos.services.inference.__main__ import embedded_path
 
-from conftest import start_service
+from conftest import converting_once, shared_state, start_service
 
 MODEL = "smollm2-135m"
 pytestmark = pytest.mark.slow
@@ -22,10 +22,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[inference_pb2_grpc.InferenceStub]:
-    state = tmp_path_factory.mktemp("state")
-    svc = start_service("llmasos.services.inference", "--state-dir", str(state),
-                        "--option", "kv_budget_mb=64", "--option", "embedded=1",
-                        env={**os.environ, "LLMASOS_HOME": str(state)}, timeout=600)
+    state = shared_state(tmp_path_factory.mktemp("state"))
+    with converting_once():   # the runtime reports its address once the model is loaded
+        svc = start_service("llmasos.services.inference", "--state-dir", str(state),
+                            "--option", "kv_budget_mb=64", "--option", "embedded=1",
+                            env={**os.environ, "LLMASOS_HOME": str(state)}, timeout=600)
     proc = svc.proc
     try:
         channel = svc.channel()

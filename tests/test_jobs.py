@@ -21,6 +21,7 @@ from conftest import (
     alone,
     assert_no_kv_held,
     boot,
+    booted_model_system,
     greedy,
     kv,
     shutdown,
@@ -29,6 +30,10 @@ from conftest import (
 )
 
 STOPPED, ZOMBIE = common_pb2.PROC_STOPPED, common_pb2.PROC_ZOMBIE
+
+
+# its own system, not the shared one: every test checks that no KV block of any job is left
+model_system = pytest.fixture(scope="module", name="model_system")(booted_model_system)
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,10 @@ from llmasos.drivers.model.attention import decode_attention, prefill_attention,
 
 BLOCK, HKV, HQ, D = 4, 2, 6, 16
 SCALE = 1 / math.sqrt(D)
+MAX_LEN = 40
+# An output row is a softmax-weighted mean of <= MAX_LEN values (|v| <~ 4 for randn): the q.k dot
+# of D terms feeding exp plus the weighted sum over L rounds to <= (D + L) eps * max|v| per side.
+ATOL = 2 * (D + MAX_LEN) * torch.finfo(torch.float32).eps * 4   # 5.3e-5; seen: 7e-7
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_pos: int) -> torch.Tensor:
@@ -53,20 +57,20 @@ def setup(seq_lens: list[int], q_lens: list[int], seed: int):
 
 
 @settings(max_examples=40, deadline=None)
-@given(seq_lens=st.lists(st.integers(1, 40), min_size=1, max_size=6), seed=st.integers(0, 99))
+@given(seq_lens=st.lists(st.integers(1, MAX_LEN), min_size=1, max_size=6), seed=st.integers(0, 99))
 def test_decode_matches_dense(seq_lens: list[int], seed: int) -> None:
     k_cache, v_cache, bt, ks, vs, q = setup(seq_lens, [1] * len(seq_lens), seed)
     out = decode_attention(q, k_cache, v_cache, bt, torch.tensor(seq_lens, dtype=torch.int32),
                            SCALE)
     for s, n in enumerate(seq_lens):
         ref = dense(q[s:s + 1], ks[s], vs[s], n - 1)
-        torch.testing.assert_close(out[s:s + 1], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[s:s + 1], ref, atol=ATOL, rtol=0)
 
 
 @settings(max_examples=40, deadline=None)
 @given(data=st.data(), seed=st.integers(0, 99))
 def test_prefill_matches_dense(data: st.DataObject, seed: int) -> None:
-    seq_lens = data.draw(st.lists(st.integers(1, 40), min_size=1, max_size=5))
+    seq_lens = data.draw(st.lists(st.integers(1, MAX_LEN), min_size=1, max_size=5))
     q_lens = [data.draw(st.integers(1, n)) for n in seq_lens]  # chunk = the last q_len tokens
     k_cache, v_cache, bt, ks, vs, q = setup(seq_lens, q_lens, seed)
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
@@ -75,7 +79,7 @@ def test_prefill_matches_dense(data: st.DataObject, seed: int) -> None:
     for s, (n, ql) in enumerate(zip(seq_lens, q_lens, strict=True)):
         a, b = int(cu[s]), int(cu[s + 1])
         torch.testing.assert_close(out[a:b], dense(q[a:b], ks[s], vs[s], n - ql),
-                                   atol=1e-5, rtol=1e-5)
+                                   atol=ATOL, rtol=0)
 
 
 def test_write_kv_lands_in_slots() -> None:

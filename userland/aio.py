@@ -172,11 +172,19 @@ class AsyncLLMClient(ClientBase):
     async def models(self) -> list[common_pb2.ModelInfo]:
         return await self._call(calls.MODELS)
 
+    async def formats(self) -> kernel_pb2.ModelsResponse:
+        """The Models reply whole: quant_formats, default_quant and device with the models."""
+        return await self._call(calls.FORMATS)
+
     async def deploy(self, path: str, name: str, dtype: str = "",
-                     timeout: float | None = None, remote_url: str = "", api_key_env: str = "",
+                     timeout: float | None = None, quant: str = "", tp: int = 0,
+                     pp: int = 0, remote_url: str = "", api_key_env: str = "",
                      api_key_file: str = "", remote_model: str = "") -> common_pb2.ModelInfo:
-        return await self._call(calls.DEPLOY, path, name, dtype, remote_url, api_key_env,
-                                api_key_file, remote_model, timeout=timeout)
+        """Load a model (root only). quant: "" (the service default), "none", "int8"...;
+        tp > 1: that many tensor-parallel ranks, pp > 1: that many pipeline stages; remote_url:
+        a hosted model (see LLMClient.deploy)."""
+        return await self._call(calls.DEPLOY, path, name, dtype, quant, tp, pp, remote_url,
+                                api_key_env, api_key_file, remote_model, timeout=timeout)
 
     async def undeploy(self, name: str) -> None:
         await self._call(calls.UNDEPLOY, name)
@@ -219,6 +227,14 @@ class AsyncLLMClient(ClientBase):
 
     async def shm_list(self) -> list[kernel_pb2.ShmInfo]:
         return await self._call(calls.SHM_LIST)
+
+    async def alias(self, name: str, target: str = "") -> None:
+        """Point the model name `name` at the deployed model `target` (root only); an empty
+        target removes the alias."""
+        await self._call(calls.ALIAS, name, target)
+
+    async def aliases(self) -> dict[str, str]:
+        return await self._call(calls.ALIASES)
 
     def mailbox(self, name: str = "") -> AsyncMailbox:
         """A named mailbox (see llmasos/mailbox.py), awaitable."""

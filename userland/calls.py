@@ -37,13 +37,15 @@ def _kill(pid: int, signal: str | int = "TERM") -> kernel_pb2.KillRequest:
     return kernel_pb2.KillRequest(pid=pid, signal=signal_number(signal))
 
 
-def _deploy(path: str, name: str, dtype: str = "", remote_url: str = "", api_key_env: str = "",
-            api_key_file: str = "", remote_model: str = "") -> kernel_pb2.DeployRequest:
+def _deploy(path: str, name: str, dtype: str = "", quant: str = "", tp: int = 0,
+            pp: int = 0, remote_url: str = "", api_key_env: str = "", api_key_file: str = "",
+            remote_model: str = "") -> kernel_pb2.DeployRequest:
     """A model file or folder; or, with remote_url, a hosted model (path is then unused)."""
     if remote_url:
         return kernel_pb2.DeployRequest(name=name, remote_url=remote_url, api_key_env=api_key_env,
                                         api_key_file=api_key_file, remote_model=remote_model)
-    return kernel_pb2.DeployRequest(path=os.path.abspath(path), name=name, dtype=dtype)
+    return kernel_pb2.DeployRequest(path=os.path.abspath(path), name=name, dtype=dtype,
+                                    quant=quant, tp=tp, pp=pp)
 
 
 def _set_quota(user: str, max_jobs: int | None = None, max_tokens: int | None = None,
@@ -78,6 +80,11 @@ AUDIT = Call("Audit", lambda limit=50, user="", call="": kernel_pb2.AuditRequest
     limit=limit, user=user, call=call), lambda r: list(r.entries), idempotent=True)
 SET_QUOTA = Call("SetQuota", _set_quota, _same, idempotent=True)  # sets, never adds
 
+ALIAS = Call("Alias", lambda name, target="": kernel_pb2.AliasRequest(name=name, target=target),
+              lambda r: None, idempotent=True)   # sets (or removes) the same alias again
+FORMATS = Call("Models", kernel_pb2.ModelsRequest, _same, idempotent=True)   # the reply whole
+ALIASES = Call("Models", kernel_pb2.ModelsRequest,
+               lambda r: {a.name: a.target for a in r.aliases}, idempotent=True)
 SHM_CREATE = Call("ShmCreate", requests.shm_create, _same, idempotent=False, job=True)
 SHM_REMOVE = Call("ShmRemove", lambda name: kernel_pb2.ShmRemoveRequest(name=name), _same,
                   idempotent=True)
@@ -85,7 +92,7 @@ SHM_LIST = Call("ShmList", kernel_pb2.ShmListRequest, lambda r: list(r.segments)
                 idempotent=True)
 
 CALLS = (SPAWN, WAIT, READ, KILL, NICE, STAT, PS, MODELS, DEPLOY, UNDEPLOY, WHOAMI, SERVICES,
-         AUDIT, SET_QUOTA, SHM_CREATE, SHM_REMOVE, SHM_LIST)
+         AUDIT, SET_QUOTA, ALIAS, SHM_CREATE, SHM_REMOVE, SHM_LIST)
 RETRIED = tuple(c.name for c in CALLS if c.idempotent)
 
 # Codes that may come from the client's side of the wire; any other means llmosd answered.

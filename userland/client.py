@@ -223,14 +223,21 @@ class LLMClient(ClientBase):
     def models(self) -> list[common_pb2.ModelInfo]:
         return self._call(calls.MODELS)
 
+    def formats(self) -> kernel_pb2.ModelsResponse:
+        """The Models reply whole: quant_formats, default_quant and device with the models."""
+        return self._call(calls.FORMATS)
+
     def deploy(self, path: str, name: str, dtype: str = "",
-               timeout: float | None = None, remote_url: str = "", api_key_env: str = "",
+               timeout: float | None = None, quant: str = "", tp: int = 0,
+               pp: int = 0, remote_url: str = "", api_key_env: str = "",
                api_key_file: str = "", remote_model: str = "") -> common_pb2.ModelInfo:
-        """Load a model (root only); loading takes a while, hence the job deadline. With
+        """Load a model (root only); loading takes a while, hence the job deadline.
+        quant: "" (the service default), "none", "int8" or a recipe from formats(); tp > 1 runs
+        it as that many tensor-parallel ranks, pp > 1 as that many pipeline stages. With
         remote_url, NAME is a hosted model: an OpenAI-compatible endpoint (path unused), its
         key read by llmosd from the env var api_key_env or the 0600 file api_key_file."""
-        return self._call(calls.DEPLOY, path, name, dtype, remote_url, api_key_env,
-                          api_key_file, remote_model, timeout=timeout)
+        return self._call(calls.DEPLOY, path, name, dtype, quant, tp, pp, remote_url,
+                          api_key_env, api_key_file, remote_model, timeout=timeout)
 
     def undeploy(self, name: str) -> None:
         self._call(calls.UNDEPLOY, name)
@@ -238,10 +245,10 @@ class LLMClient(ClientBase):
     def alias(self, name: str, target: str = "") -> None:
         """Point the model name `name` at the deployed model `target` (root only); an empty
         target removes the alias."""
-        self._call("Alias", kernel_pb2.AliasRequest(name=name, target=target))
+        self._call(calls.ALIAS, name, target)
 
     def aliases(self) -> dict[str, str]:
-        return {a.name: a.target for a in self._call("Models", kernel_pb2.ModelsRequest()).aliases}
+        return self._call(calls.ALIASES)
 
     def whoami(self) -> kernel_pb2.WhoAmIResponse:
         return self._call(calls.WHOAMI)

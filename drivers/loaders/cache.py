@@ -51,9 +51,11 @@ def load_cached_gguf(path: str, state_dir: str,
 
 
 def load_weights(path: str, state_dir: str, progress: bool = True,
-                 keep_quantized: bool = False) -> tuple[ModelConfig, dict, str]:
+                 keep_quantized: bool = False, cache: bool = True) -> tuple[ModelConfig, dict, str]:
     """Load a GGUF file (through the cache) or an HF folder; returns (config, weights, source).
-    keep_quantized: GGUF Q8_0/Q4_1 projections stay quantized (the GPU path; no cache)."""
+    keep_quantized: GGUF Q8_0/Q4_1 projections stay quantized (the GPU path; no cache).
+    cache=False: a model quantized after load dequantizes in memory only; it reads an existing
+    cache entry but never writes one (an fp32 copy on disk would defeat the quantization)."""
     if os.path.isdir(path):
         cfg, weights = load_hf(path, progress=progress)
         return cfg, weights, "safetensors"
@@ -61,6 +63,9 @@ def load_weights(path: str, state_dir: str, progress: bool = True,
         raise FileNotFoundError(f"no such model file or folder: {path}")
     if keep_quantized:
         cfg, weights = load_gguf(path, progress=progress, keep_quantized=True)
+        return cfg, weights, "gguf"
+    if not cache and not cache_path(path, state_dir).is_file():
+        cfg, weights = load_gguf(path, progress=progress)
         return cfg, weights, "gguf"
     cfg, weights, _ = load_cached_gguf(path, state_dir, progress=progress)
     return cfg, weights, "gguf"

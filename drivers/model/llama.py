@@ -62,7 +62,7 @@ def cat_rows(ws: list[Weight]) -> Weight:
 
 
 def weight_numel(w: Weight) -> int:
-    return w.out_features * w.in_features if isinstance(w, QuantWeight) else w.numel()
+    return w.numel() if isinstance(w, torch.Tensor) else w.out_features * w.in_features
 
 
 def weight_bytes(w: Weight) -> int:
@@ -329,6 +329,8 @@ class LlamaModel:
 
     def linear(self, x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None
                ) -> torch.Tensor:
+        if not isinstance(w, torch.Tensor | QuantWeight):  # packed (drivers/quant): own kernel
+            return w.matmul(x, bias)
         if isinstance(w, QuantWeight):   # the GGUF blocks, read as they are by a Triton kernel
             y = self.kernels.linear(x, w)
             return y if bias is None else y + bias
@@ -339,7 +341,7 @@ class LlamaModel:
     def gate_up(self, h: torch.Tensor, w: Weight) -> tuple[torch.Tensor, torch.Tensor]:
         """One fused matmul; with MKL and many rows two GEMMs over the halves (contiguous row
         slices of w) are ~5% faster."""
-        if self.onednn or h.shape[0] <= SMALL_ROWS or isinstance(w, QuantWeight):
+        if self.onednn or h.shape[0] <= SMALL_ROWS or not isinstance(w, torch.Tensor):
             gate, up = self.linear(h, w).chunk(2, dim=-1)
             return gate, up
         half = self.cfg.intermediate_size

@@ -1,5 +1,6 @@
 """python -m llmasos.services.inference [--option embedded=1|0] [--option kv_budget_mb=N]
-[--option device=cpu|cuda]: the inference service process."""
+[--option device=cpu|cuda]
+[--option quant=none|int8|RECIPE]: the inference service process."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def register(server: grpc.Server, args: argparse.Namespace) -> list[str]:
     opts = options(args)
     state_dir = args.state_dir or os.path.expanduser("~/.local/state/llmasos")
     engine = Engine(state_dir, device=opts.get("device", "cpu"),
-                    kv_budget_bytes=int(opts.get("kv_budget_mb", "256")) << 20)
+                    kv_budget_bytes=int(opts.get("kv_budget_mb", "256")) << 20,
+                    quant=opts.get("quant", "none"))
     if opts.get("embedded", "1") != "0":
         path = embedded_path()
         if path is None:

@@ -20,7 +20,9 @@ from llmasos.drivers.model.batch import SeqSlice, build_batch
 from llmasos.drivers.model.kv_pool import KVPool, PoolGeometry
 from llmasos.drivers.model.llama import LlamaModel
 from llmasos.drivers.tokenizer import Tokenizer
+from llmasos.services.inference import quantize
 from llmasos.services.inference.output import SequenceOutput
+from llmasos.services.inference.parallel import RankArgs, TPModel, TPPool, load_parallel
 from llmasos.services.inference.sampler import SamplingParams, sample
 
 log = structlog.get_logger()
@@ -44,6 +46,9 @@ class ModelEntry:
     context_length: int
     device: str
     vocab_size: int
+    quant: str = "none"  # the quantization recipe applied after load
+    tp: int = 1  # tensor-parallel ranks (parallel.py)
+    pp: int = 1  # pipeline stages (parallel.py)
 
 
 @dataclass
@@ -78,20 +83,21 @@ class SeqState:
 @dataclass
 class Loaded:
     entry: ModelEntry
-    model: LlamaModel
+    model: LlamaModel | TPModel
     tokenizer: Tokenizer
-    pool: KVPool
+    pool: KVPool | TPPool
     seqs: dict[int, SeqState] = field(default_factory=dict)
     swapped: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class Engine:
     def __init__(self, state_dir: str, device: str = "cpu", block_size: int = 16,
-                 kv_budget_bytes: int = 256 << 20) -> None:
+                 kv_budget_bytes: int = 256 << 20, quant: str = "none") -> None:
         self.state_dir = state_dir
         self.device = torch.device(device)
         self.block_size = block_size
         self.kv_budget_bytes = kv_budget_bytes
+        self.default_quant = quantize.resolve(quant, self.device).name  # what "" deploys
         self._models: dict[str, Loaded] = {}
         self._handles = itertools.count(1)
         self._lock = threading.RLock()  # one step at a time per process: the pool is shared
@@ -100,7 +106,8 @@ class Engine:
 
     # ---- models ----
 
-    def load(self, name: str, path: str, dtype: str = "", kv_budget_bytes: int = 0) -> ModelEntry:
+    def load(self, name: str, path: str, dtype: str = "", kv_budget_bytes: int = 0,
+             quant: str = "", tp: int = 0, pp: int = 0) -> ModelEntry:
         """Load a GGUF file or HF folder under name; raises FileNotFoundError, ValueError
         (bad dtype, unsupported architecture, name taken) or KVBudgetError."""
         if not name:
@@ -108,6 +115,7 @@ class Engine:
         dtype_name = dtype or DEFAULT_DTYPE.get(self.device.type, "float32")
         if dtype_name not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        recipe = quantize.resolve(quant or self.default_quant, self.device)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such model file or folder: {path}")
         with self._lock:   # reserve the name; the load itself runs beside the steps
@@ -115,7 +123,8 @@ class Engine:
                 raise ValueError(f"model name {name!r} is already loaded")
             self._loading.add(name)
         try:
-            loaded = self._load(name, path, dtype_name, kv_budget_bytes)
+            loaded = self._load(name, path, dtype_name, kv_budget_bytes, recipe, max(tp, 1),
+                                max(pp, 1))
             with self._lock:
                 self._models[name] = loaded
             return loaded.entry
@@ -123,26 +132,40 @@ class Engine:
             with self._lock:
                 self._loading.discard(name)
 
-    def _load(self, name: str, path: str, dtype_name: str, kv_budget_bytes: int) -> Loaded:
+    def _load(self, name: str, path: str, dtype_name: str, kv_budget_bytes: int,
+              recipe: quantize.Recipe, tp: int, pp: int) -> Loaded:
         t0 = time.perf_counter()
         # config and tokenizer checked before any weight is read: a file we cannot run
         # fails here in a fraction of a second, with nothing (no weights cache) written
         _, tokenizer = probe(path)
+        if recipe.quantized and (tp > 1 or pp > 1):
+            raise ValueError("quant and tp/pp do not combine yet; deploy with --quant none")
         # where the Triton kernels run, GGUF Q8_0/Q4_1 weights stay in their blocks
-        cfg, weights, kind = load_weights(path, self.state_dir,
-                                          keep_quantized=kernels_for(self.device) is not None)
+        cfg, weights, kind = load_weights(
+            path, self.state_dir,
+            keep_quantized=kernels_for(self.device) is not None and tp == pp == 1,
+            cache=not recipe.quantized)   # no fp32 cache for a quantized model
         torch_dtype = DTYPES[dtype_name]
-        model = LlamaModel(cfg, weights, torch_dtype, self.device)
+        budget = kv_budget_bytes or self.kv_budget_bytes
+        if tp > 1 or pp > 1:   # the budget is the whole model's: each rank holds 1/N of a block
+            args = RankArgs(os.path.abspath(path), self.state_dir, dtype_name, str(self.device),
+                            self.block_size, budget // (tp * pp))
+            model, pool, memory = load_parallel(name, tp, pp, cfg, weights, torch_dtype, args)
+            parameters = sum(t.numel() for t in weights.values())
+        else:
+            model = LlamaModel(cfg, weights, torch_dtype, self.device)
+            parameters = model.num_parameters  # before packing: a tied LM head counts once
+            quantize.apply(model, recipe, tokenizer)
+            pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, budget,
+                          self.block_size, torch_dtype, self.device)
+            memory = model.weight_bytes
         del weights
-        pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                      kv_budget_bytes or self.kv_budget_bytes, self.block_size, torch_dtype,
-                      self.device)
         entry = ModelEntry(
             name=name, source=os.path.abspath(path), architecture=cfg.architecture,
-            parameters=model.num_parameters, dtype=str(torch_dtype).removeprefix("torch."),
-            memory_bytes=model.weight_bytes,
+            parameters=parameters, dtype=str(torch_dtype).removeprefix("torch."),
+            memory_bytes=memory,
             context_length=cfg.max_position_embeddings, device=str(self.device),
-            vocab_size=cfg.vocab_size,
+            vocab_size=cfg.vocab_size, quant=recipe.name, tp=tp, pp=pp,
         )
         log.info("model_loaded", name=name, path=path, seconds=time.perf_counter() - t0,
                  blocks=pool.geometry.num_blocks, block_bytes=pool.geometry.block_bytes)
@@ -150,8 +173,13 @@ class Engine:
 
     def unload(self, name: str) -> None:
         with self._lock:
-            self._get(name)
+            m = self._get(name)
             del self._models[name]
+            if isinstance(m.model, TPModel):
+                m.model.close()
+
+    def quant_formats(self) -> list[str]:
+        return quantize.formats(self.device)
 
     def models(self) -> list[ModelEntry]:
         return [m.entry for m in self._models.values()]
@@ -228,6 +256,10 @@ class Engine:
                     f"{m.entry.context_length}")
         if any(not 0 <= t < vocab for t in e.token_ids):
             return f"token_ids: seq_id {e.seq_id} holds ids outside [0, {vocab})"
+        last = e.start_pos + len(e.token_ids) - 1
+        if last // self.block_size >= len(e.block_table):
+            return (f"block table of {len(e.block_table)} blocks does not cover position "
+                    f"{last} of seq_id {e.seq_id}")
         try:
             m.pool.check(e.block_table)
             if e.sample:

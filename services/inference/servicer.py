@@ -39,7 +39,7 @@ def model_info(e: ModelEntry) -> common_pb2.ModelInfo:
     return common_pb2.ModelInfo(
         name=e.name, source=e.source, architecture=e.architecture, parameters=e.parameters,
         dtype=e.dtype, memory_bytes=e.memory_bytes, context_length=e.context_length,
-        device=e.device, vocab_size=e.vocab_size)
+        device=e.device, vocab_size=e.vocab_size, quant=e.quant, tp=e.tp, pp=e.pp)
 
 
 def step_entry(m: inference_pb2.StepEntry) -> StepEntry:
@@ -62,7 +62,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def LoadModel(self, request: inference_pb2.LoadModelRequest,  # noqa: N802
                   context: grpc.ServicerContext) -> common_pb2.ModelInfo:
         return self._call(context, lambda: model_info(self.engine.load(
-            request.name, request.path, request.dtype, request.kv_budget_bytes)))
+            request.name, request.path, request.dtype, request.kv_budget_bytes,
+            request.quant, request.tp, request.pp)))
 
     def UnloadModel(self, request: inference_pb2.UnloadModelRequest,  # noqa: N802
                     context: grpc.ServicerContext) -> inference_pb2.UnloadModelResponse:
@@ -72,7 +73,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def ListModels(self, request: inference_pb2.ListModelsRequest,  # noqa: N802
                    context: grpc.ServicerContext) -> inference_pb2.ListModelsResponse:
         return inference_pb2.ListModelsResponse(
-            models=[model_info(e) for e in self.engine.models()])
+            models=[model_info(e) for e in self.engine.models()],
+            quant_formats=self.engine.quant_formats(), default_quant=self.engine.default_quant,
+            device=str(self.engine.device))
 
     def Tokenize(self, request: inference_pb2.TokenizeRequest,  # noqa: N802
                  context: grpc.ServicerContext) -> inference_pb2.TokenizeResponse:

@@ -303,14 +303,20 @@ def cmd_services(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
 
 
 def cmd_models(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
+    if args.formats:
+        reply = sh.client.formats()
+        rows = [[reply.device, q, "default" if q == reply.default_quant else ""]
+                for q in reply.quant_formats]
+        sh.say(fmt.table(["DEVICE", "QUANT", ""], rows, []))
+        return EXIT_OK
     models = sh.client.models()
     if args.json:
         sh.say(json.dumps([fmt.as_dict(m) for m in models], indent=1))
         return EXIT_OK
-    rows = [[m.name, m.architecture, fmt.count(m.parameters), m.dtype, m.device,
-             fmt.size(m.memory_bytes), m.context_length, m.source] for m in models]
-    sh.say(fmt.table(["NAME", "ARCH", "PARAMS", "DTYPE", "DEVICE", "SIZE", "CONTEXT", "SOURCE"],
-                     rows, ["PARAMS", "SIZE", "CONTEXT"]))
+    rows = [[m.name, m.architecture, fmt.count(m.parameters), m.dtype, m.quant or "none",
+             m.device, fmt.size(m.memory_bytes), m.context_length, m.source] for m in models]
+    sh.say(fmt.table(["NAME", "ARCH", "PARAMS", "DTYPE", "QUANT", "DEVICE", "WEIGHTS", "CONTEXT",
+                      "SOURCE"], rows, ["PARAMS", "WEIGHTS", "CONTEXT"]))
     for name, target in sorted(sh.client.aliases().items()):
         sh.say(f"{name} -> {target} (alias)")
     return EXIT_OK
@@ -323,9 +329,13 @@ def cmd_deploy(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
         raise Usage("deploy PATH NAME, or deploy --remote URL [--api-key-env VAR] NAME")
     if not Path(args.path).exists():
         raise Usage(f"{args.path}: no such file or folder")
-    m = sh.client.deploy(args.path, args.name, args.dtype)
+    m = sh.client.deploy(args.path, args.name, args.dtype, quant=args.quant, tp=args.tp,
+                         pp=args.pp)
+    ranks = (f" on {m.tp} tensor-parallel ranks" if m.tp > 1 else "") + (
+        f" in {m.pp} pipeline stages" if m.pp > 1 else "")
     sh.say(f"deployed {m.name}: {m.architecture}, {fmt.count(m.parameters)} parameters, "
-           f"{m.dtype} on {m.device}, {fmt.size(m.memory_bytes)}")
+           f"{m.dtype} on {m.device}{ranks}, quant {m.quant or 'none'}, "
+           f"{fmt.size(m.memory_bytes)} of weights")
     return EXIT_OK
 
 
@@ -590,13 +600,20 @@ COMMANDS: dict[str, Entry] = {
     "services": Entry(cmd_services, "the supervised services",
                       _p_simple("services", "The supervised services.")),
     "models": Entry(cmd_models, "the deployed models", _p_simple(
-        "models", "The deployed models.", (("--json",), {"action": "store_true"}))),
-    "deploy": Entry(cmd_deploy, "load a model: deploy PATH NAME [--dtype D]; "
-                    "deploy --remote URL --api-key-env VAR NAME", _p_simple(
+        "models", "The deployed models (--formats: the quantizations each device serves).",
+        (("--json",), {"action": "store_true"}), (("--formats",), {"action": "store_true"}))),
+    "deploy": Entry(cmd_deploy, "load a model: deploy PATH NAME [--dtype D] [--quant Q] "
+                    "[--tp N] [--pp M]; deploy --remote URL --api-key-env VAR NAME",
+                    _p_simple(
         "deploy", "Load a model from a GGUF file or a Hugging Face folder, or name a hosted "
         "model at an OpenAI-compatible endpoint (root).",
         (("path",), {"nargs": "?"}), (("name",), {"nargs": "?"}),
         (("--dtype",), {"default": ""}),
+        (("--quant",), {"default": "", "help": "none, int8 or a recipe (models --formats)"}),
+        (("--tp",), {"type": int, "default": 0,
+                     "help": "tensor-parallel ranks (must divide the head counts)"}),
+        (("--pp",), {"type": int, "default": 0,
+                     "help": "pipeline stages (must divide the layers)"}),
         (("--remote",), {"default": "", "metavar": "URL",
                          "help": "an OpenAI-compatible endpoint, e.g. https://host/v1"}),
         (("--api-key-env",), {"default": "", "metavar": "VAR",

