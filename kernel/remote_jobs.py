@@ -118,7 +118,7 @@ class RemoteJobs:
                 prompt=proc.prompt_text + proc.text,
                 max_tokens=max(1, proc.max_tokens - job.chunks),
                 temperature=s.temperature if s is not None and s.HasField("temperature")
-                else 1.0,
+                else 0.0,   # LLMasOS's default is greedy, not the endpoint's 1.0
                 top_p=s.top_p if s is not None and s.HasField("top_p") else 1.0,
                 stop=list(s.stop) if s is not None else [],
                 seed=s.seed if s is not None and s.HasField("seed") else None)

@@ -152,6 +152,7 @@ def test_deploy_lists_the_model_and_spawn_streams_through_read_and_wait(
     assert streamed == reply.text == "".join(WORDS[:5])
     assert reply.info.exit_reason == common_pb2.EXIT_LENGTH and not reply.token_ids
     assert endpoint.requests[-1]["model"] == "gpt-3.5-turbo-instruct"
+    assert endpoint.requests[-1]["temperature"] == 0.0   # unset: greedy, as for local models
     assert endpoint.requests[-1]["prompt"] == PROMPT and endpoint.auth[-1] == f"Bearer {KEY}"
 
 
