@@ -28,7 +28,16 @@ from llmasos.services.ipc.mailboxes import (
 )
 from llmasos.services.ipc.store import Store
 
-from conftest import MODEL, System, greedy
+from conftest import (
+    MODEL,
+    System,
+    booted_model_system,
+    greedy,
+)
+
+# its own system, not the shared one: it adds users (alice, bob, carol...) that other modules
+# add too, and changes quotas and the audit log
+model_system = pytest.fixture(scope="module", name="model_system")(booted_model_system)
 
 ALICE, BOB, CAROL, ADMIN = Caller("alice"), Caller("bob"), Caller("carol"), Caller("root", True)
 

@@ -32,7 +32,19 @@ from llmasos.proto import (
     security_pb2,
 )
 
-from conftest import System, boot, free_port, shutdown, spawn, start_service
+from conftest import (
+    System,
+    boot,
+    booted_model_system,
+    free_port,
+    shutdown,
+    spawn,
+    start_service,
+)
+
+# its own system, not the shared one: it adds users (alice, bob, carol...) that other modules
+# add too, and changes quotas and the audit log
+model_system = pytest.fixture(scope="module", name="model_system")(booted_model_system)
 
 INTERNAL = {"security": security_pb2.DESCRIPTOR.services_by_name["Security"],
             "ipc": ipc_pb2.DESCRIPTOR.services_by_name["Ipc"],

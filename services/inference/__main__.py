@@ -12,6 +12,7 @@ import sys
 import grpc
 import structlog
 
+from llmasos.services.inference import parallel
 from llmasos.services.inference.engine import Engine
 from llmasos.services.inference.servicer import add_to_server
 from llmasos.services.runtime import options, serve
@@ -30,6 +31,7 @@ def embedded_path() -> str | None:
 
 
 def register(server: grpc.Server, args: argparse.Namespace) -> list[str]:
+    parallel.EXIT_ON_BREAK = True   # a broken rank group: exit, and the supervisor restarts us
     opts = options(args)
     state_dir = args.state_dir or os.path.expanduser("~/.local/state/llmasos")
     engine = Engine(state_dir, device=opts.get("device", "cpu"),

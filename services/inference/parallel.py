@@ -72,9 +72,19 @@ def rank_model(args: RankArgs, cfg: ModelConfig, weights: dict, comm: Comm,
     return ShardedLlama(cfg, weights, comm, dtype, args.device)
 
 
+EXIT_ON_BREAK = False   # set by the service's __main__: a broken group exits the process
+
+
+class GroupBroken(RuntimeError):
+    """A rank group cannot go on (an engine composed in-process, e.g. by tests)."""
+
+
 def broken(what: str, err: BaseException | None = None) -> None:
-    """The group cannot go on: exit so the supervisor restarts the service."""
+    """The group cannot go on: in the service, exit so the supervisor restarts it; composed
+    in-process (tests, benches), raise instead of taking the host process down."""
     log.error("tp_group_broken", what=what, error=str(err) if err else "")
+    if not EXIT_ON_BREAK:
+        raise GroupBroken(f"{what}: {err}" if err else what)
     sys.stderr.flush()
     os._exit(BROKEN_EXIT)
 
