@@ -69,10 +69,11 @@ class StageLlama(ShardedLlama):
         self.first, self.last = stage == 0, stage == pp - 1
         self.table = self.embed   # the real embedding table (first stage)
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
         if weight is self.norm and not self.last:   # the final norm belongs to the last stage
             return x
-        return super().rms_norm(x, weight)
+        return super().rms_norm(x, weight, bias)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return super().logits(h) if self.last else h
