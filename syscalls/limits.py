@@ -66,8 +66,7 @@ SAMPLING: dict[str, tuple[Bound, float]] = {
 def bound_for(name: str, vocab_size: int | None) -> Bound:
     b = SAMPLING[name][0]
     if b.hi == VOCAB:
-        return Bound(b.lo, float(vocab_size) if vocab_size else float(1 << 20), b.lo_open,
-                     b.hi_open)
+        return Bound(b.lo, vocab_size if vocab_size else 1 << 20, b.lo_open, b.hi_open)
     return b
 
 
