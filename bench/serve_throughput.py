@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import time
@@ -251,8 +250,7 @@ def main() -> int:
     hf_names = [n for n in hf_names if CONFIGS[n].distinct(args.requests)]
     home = Path(tempfile.mkdtemp(prefix="llmasos-serve-"))
     system = SystemRunner(home / "system")
-    (home / "inproc").mkdir()
-    os.symlink(home / "system" / "cache", home / "inproc" / "cache")
+    (home / "inproc").mkdir()   # both read the converted weights from the XDG cache
     inproc = InProcessRunner(home / "inproc")
     hf = HFWorker()
     ours = {"system": system, "in_process": inproc}

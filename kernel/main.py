@@ -5,6 +5,7 @@
              [--http ADDR | --no-http] [--log-level LEVEL]
   llmosd adduser NAME [--cap CAP ...]      prints the new user's token once
   llmosd quota USER [--max-jobs N] [--max-tokens N] [--kv-share F] [--reset]
+  llmosd cache ls|clear [--stale]          converted weights under $XDG_CACHE_HOME/llmasos
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     quota.add_argument("--kv-share", dest="kv_share", type=float,
                        help="most KV blocks as a share 0..1 of each model's pool")
     quota.add_argument("--reset", action="store_true", help="back to the defaults first")
+    cache = sub.add_parser("cache", help="list or clear converted weights "
+                           "($XDG_CACHE_HOME/llmasos/weights)")
+    cache.add_argument("action", choices=["ls", "clear"])
+    cache.add_argument("--stale", action="store_true",
+                       help="only entries whose source file is gone or changed")
     return ap.parse_args(argv)
 
 
@@ -108,6 +114,23 @@ def set_quota(args: argparse.Namespace) -> int:
     flags = [x for f, v in changes.items() for x in (f"--{f.replace('_', '-')}", str(v))]
     return admin_command(args, ["quota", args.name, *flags, *(["--reset"] if args.reset else [])],
                          {"user": args.name, **changes, "reset": args.reset})
+
+
+def manage_cache(args: argparse.Namespace) -> int:
+    """Offline: the cache is only files; a running daemon re-converts on its next miss."""
+    from llmasos.drivers.loaders import cache
+    where = cache.weights_cache_dir()
+    if args.action == "clear":
+        gone = cache.clear(where, stale_only=args.stale)
+        print(f"removed {len(gone)} entries, {sum(e.size for e in gone) / 2**20:.1f} MiB, "
+              f"from {where}")
+        return 0
+    listed = [e for e in cache.entries(where) if e.stale or not args.stale]
+    print(f"{where}: {len(listed)} entries, {sum(e.size for e in listed) / 2**20:.1f} MiB")
+    for e in listed:
+        mark = "  (stale)" if e.stale else ""
+        print(f"{e.size / 2**20:9.1f} MiB  {e.path.name}  <- {e.source or '?'}{mark}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -173,7 +196,7 @@ def shutdown(k: Kernel, server: object, grace: float, gateway: Gateway | None = 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    commands = {"adduser": adduser, "quota": set_quota, "run": run}
+    commands = {"adduser": adduser, "quota": set_quota, "run": run, "cache": manage_cache}
     return commands[args.command](args)
 
 

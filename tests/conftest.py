@@ -24,9 +24,10 @@ import pytest
 from llmasos.proto import common_pb2, kernel_pb2, kernel_pb2_grpc
 
 BOOT_TIMEOUT = 300.0
-# Every test system gets its own state dir, but they share the dequantized-weights cache, so
-# only the first boot of a run pays for converting the GGUF file.
-SHARED_CACHE = Path(tempfile.gettempdir()) / "llmasos-test-weights-cache"
+# Every test system gets its own state dir, but they share the dequantized-weights cache (every
+# process of the run inherits this XDG_CACHE_HOME), so only the first boot converts the GGUF file.
+os.environ["XDG_CACHE_HOME"] = str(Path(tempfile.gettempdir()) / "llmasos-test-xdg-cache")
+SHARED_CACHE = Path(os.environ["XDG_CACHE_HOME"]) / "llmasos" / "weights"
 
 
 def free_port() -> int:
@@ -87,9 +88,6 @@ class System:
 def boot(home: Path, *flags: str) -> System:
     """Start llmosd and wait for its ready line."""
     home.mkdir(parents=True, exist_ok=True)
-    SHARED_CACHE.mkdir(exist_ok=True)
-    if not (home / "cache").exists():
-        (home / "cache").symlink_to(SHARED_CACHE)
     address = f"127.0.0.1:{free_port()}"
     log = home / "llmosd.log"
     env = {**os.environ, "LLMASOS_HOME": str(home)}
@@ -167,12 +165,9 @@ def embedded_gguf() -> str:
 
 
 def shared_state(path: Path) -> Path:
-    """A state dir whose cache/ is SHARED_CACHE: an in-process Engine or loader reads the weights
-    the first boot converted instead of converting them again."""
+    """A fresh state dir; the weights cache is SHARED_CACHE (XDG_CACHE_HOME), so an in-process
+    Engine reads the weights the first boot converted instead of converting them again."""
     path.mkdir(parents=True, exist_ok=True)
-    SHARED_CACHE.mkdir(exist_ok=True)
-    if not (path / "cache").exists():
-        (path / "cache").symlink_to(SHARED_CACHE)
     return path
 
 
@@ -182,10 +177,10 @@ def converting_once() -> Iterator[None]:
     parallel workers (pytest -n) wait for one conversion instead of each running their own."""
     from llmasos.drivers.loaders.cache import cache_path
 
-    SHARED_CACHE.mkdir(exist_ok=True)
+    SHARED_CACHE.mkdir(parents=True, exist_ok=True)
     with open(SHARED_CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (SHARED_CACHE / cache_path(embedded_gguf(), "/").name).is_file():
+        if cache_path(embedded_gguf(), str(SHARED_CACHE)).is_file():
             fcntl.flock(lock, fcntl.LOCK_UN)   # already converted: nothing to wait for
         yield
 

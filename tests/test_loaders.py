@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +140,31 @@ def test_cache_hit_on_embedded_model(tmp_path: Path) -> None:
     assert set(weights2) == set(weights)
     name = "model.layers.7.self_attn.q_proj.weight"
     assert torch.equal(weights2[name], weights[name])
+
+
+def test_cache_ls_and_clear(tmp_path: Path) -> None:
+    """`llmosd cache` lists the converted files under $XDG_CACHE_HOME/llmasos/weights and clears
+    them; --stale only those whose source changed (no load can hit them again)."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    weights = tmp_path / "xdg" / "llmasos" / "weights"
+    kept, changed = tmp_path / "kept.gguf", tmp_path / "changed.gguf"
+    for source in (kept, changed):
+        write_llama2_gguf(source)
+        load_cached_gguf(str(source), str(weights), progress=False)
+    stale = cache_path(str(changed), str(weights))
+    os.utime(changed, ns=(0, 0))
+
+    def llmosd(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "llmasos.kernel.main", "cache", *args],
+                              env=env, capture_output=True, text=True, check=True).stdout
+
+    listing = llmosd("ls")
+    assert f"{weights}: 2 entries" in listing and str(kept) in listing
+    assert listing.count("(stale)") == 1 and stale.name in listing
+    assert "removed 1 entries" in llmosd("clear", "--stale")
+    assert not stale.exists() and cache_path(str(kept), str(weights)).is_file()
+    assert "removed 1 entries" in llmosd("clear")
+    assert not any(weights.glob("*.safetensors"))
 
 
 # ---- deploy end to end: a Llama-2-style SentencePiece GGUF, a GPT-2 folder, a refused file ----
@@ -318,7 +345,8 @@ def test_unsupported_gguf_fails_before_weights_and_writes_nothing(tmp_path: Path
                                                         GGMLQuantizationType.F32)})
     state = tmp_path / "state"
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(Engine(str(state))),
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(
+        Engine(str(state), cache_dir=str(state / "cache"))),
                                                        server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

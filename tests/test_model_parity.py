@@ -20,7 +20,7 @@ from llmasos.drivers.model.kv_pool import KVPool
 from llmasos.drivers.model.llama import LlamaModel
 from llmasos.drivers.tokenizer import Tokenizer
 
-from conftest import converting_once, shared_state
+from conftest import SHARED_CACHE, converting_once
 
 transformers = pytest.importorskip("transformers")
 
@@ -47,7 +47,7 @@ def gguf_dir() -> str:
 def ours(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaModel, Tokenizer]:
     path = os.path.join(gguf_dir(), GGUF_NAME)
     with converting_once():
-        cfg, weights, _ = load_cached_gguf(path, str(shared_state(tmp_path_factory.mktemp("s"))),
+        cfg, weights, _ = load_cached_gguf(path, str(SHARED_CACHE),
                                            progress=False)
     return LlamaModel(cfg, weights), Tokenizer.from_gguf(path)
 

@@ -10,7 +10,6 @@ import ctypes
 import gc
 import importlib.util
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,13 +29,12 @@ from llmasos.services.inference import quantize
 from llmasos.services.inference.engine import Engine, StepEntry
 from llmasos.services.inference.sampler import SamplingParams
 
-from conftest import System, wait
+from conftest import SHARED_CACHE, System, wait
 from conftest import greedy as greedy_params
 
 warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
 SLOW = pytest.mark.timeout(1800)  # loading + quantizing the model, on shared cores
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SHARED_CACHE = Path(tempfile.gettempdir()) / "llmasos-test-weights-cache"  # as conftest's
 GREEDY = SamplingParams(max_tokens=1 << 16, ignore_eos=True)
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was",
            "The three primary colors are", "To make a cup of tea, first", "Water boils at",
@@ -164,7 +162,7 @@ def int8_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def int8(int8_home: Path) -> Iterator[Engine]:
-    engine = Engine(str(int8_home), kv_budget_bytes=32 << 20)
+    engine = Engine(str(int8_home), kv_budget_bytes=32 << 20, cache_dir=str(int8_home / "cache"))
     engine.load("m", gguf_path(), quant="int8")
     yield engine
 

@@ -14,7 +14,7 @@ import structlog
 import torch
 
 from llmasos.drivers.cuda.backend import kernels_for
-from llmasos.drivers.loaders.cache import load_weights
+from llmasos.drivers.loaders.cache import load_weights, weights_cache_dir
 from llmasos.drivers.loaders.probe import probe
 from llmasos.drivers.model.batch import SeqSlice, build_batch
 from llmasos.drivers.model.kv_pool import KVPool, PoolGeometry
@@ -92,8 +92,10 @@ class Loaded:
 
 class Engine:
     def __init__(self, state_dir: str, device: str = "cpu", block_size: int = 16,
-                 kv_budget_bytes: int = 256 << 20, quant: str = "none") -> None:
+                 kv_budget_bytes: int = 256 << 20, quant: str = "none",
+                 cache_dir: str | None = None) -> None:
         self.state_dir = state_dir
+        self.cache_dir = cache_dir or weights_cache_dir()   # converted weights: XDG cache
         self.device = torch.device(device)
         self.block_size = block_size
         self.kv_budget_bytes = kv_budget_bytes
@@ -142,13 +144,13 @@ class Engine:
             raise ValueError("quant and tp/pp do not combine yet; deploy with --quant none")
         # where the Triton kernels run, GGUF Q8_0/Q4_1 weights stay in their blocks
         cfg, weights, kind = load_weights(
-            path, self.state_dir,
+            path, self.cache_dir,
             keep_quantized=kernels_for(self.device) is not None and tp == pp == 1,
             cache=not recipe.quantized)   # no fp32 cache for a quantized model
         torch_dtype = DTYPES[dtype_name]
         budget = kv_budget_bytes or self.kv_budget_bytes
         if tp > 1 or pp > 1:   # the budget is the whole model's: each rank holds 1/N of a block
-            args = RankArgs(os.path.abspath(path), self.state_dir, dtype_name, str(self.device),
+            args = RankArgs(os.path.abspath(path), self.cache_dir, dtype_name, str(self.device),
                             self.block_size, budget // (tp * pp))
             model, pool, memory = load_parallel(name, tp, pp, cfg, weights, torch_dtype, args)
             parameters = sum(t.numel() for t in weights.values())

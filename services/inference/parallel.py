@@ -45,7 +45,7 @@ class RankArgs:
     """What a worker rank needs to load its shard: passed on its command line."""
 
     path: str
-    state_dir: str
+    cache_dir: str   # the converted-weights cache the engine reads
     dtype: str
     device: str
     block_size: int

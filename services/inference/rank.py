@@ -42,15 +42,15 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, RankArgs]:
     ap = argparse.ArgumentParser(prog="llmasos.services.inference.rank")
     for flag in ("rank", "world", "port", "block-size", "kv-budget-bytes", "tp"):
         ap.add_argument(f"--{flag}", type=int, required=True)
-    for flag in ("model", "path", "state-dir", "dtype", "device", "mode"):
+    for flag in ("model", "path", "cache-dir", "dtype", "device", "mode"):
         ap.add_argument(f"--{flag}", required=True)
     a = ap.parse_args(argv)
-    return a, RankArgs(a.path, a.state_dir, a.dtype, a.device, a.block_size,
+    return a, RankArgs(a.path, a.cache_dir, a.dtype, a.device, a.block_size,
                        a.kv_budget_bytes, a.mode, a.tp)
 
 
 def load(comm: Comm, args: RankArgs) -> tuple[LlamaModel, KVPool]:
-    cfg, weights, _ = load_weights(args.path, args.state_dir, progress=False)
+    cfg, weights, _ = load_weights(args.path, args.cache_dir, progress=False)
     dtype = DTYPES[args.dtype]
     model = rank_model(args, cfg, weights, comm, dtype)
     return model, rank_pool(model.cfg, args, dtype)
