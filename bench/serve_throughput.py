@@ -147,7 +147,6 @@ class InProcessRunner:
     servicers called directly: the same cores as the system, without gRPC or processes."""
 
     def __init__(self, home: Path) -> None:
-        import logging
 
         from llmasos.kernel import log
         from llmasos.kernel.config import Config
@@ -168,7 +167,7 @@ class InProcessRunner:
             def scheduler(self) -> Local:
                 return scheduler
 
-        log.configure(logging.WARNING)   # it would log every job to our terminal
+        log.configure("warning")   # it would log every job to our terminal
         self.inference = inference
         self.k = InProcessKernel(Config(home=str(home)))
         info = inference.LoadModel(inference_pb2.LoadModelRequest(name=MODEL,

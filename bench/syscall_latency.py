@@ -46,7 +46,6 @@ def serve_kernel(queue: mp.Queue, home: str, fill: mp.Queue, quiet: bool) -> Non
     """A kernel composed in this child process, so the bench can fill its table directly. Its
     stderr goes to a file, as `llmosd run 2>llmosd.log` would: the default INFO level writes a
     JSON line per syscall; quiet raises the level to WARNING, to price that line."""
-    import logging
 
     from llmasos.kernel import log
 
@@ -58,7 +57,7 @@ def serve_kernel(queue: mp.Queue, home: str, fill: mp.Queue, quiet: bool) -> Non
     from llmasos.kernel.proctable import State
     from llmasos.kernel.server import build
 
-    log.configure(logging.WARNING if quiet else logging.INFO)   # INFO: what main.py sets
+    log.configure("warning" if quiet else "info")   # INFO: what main.py sets
     k = Kernel(Config(listen="127.0.0.1:0", home=home, embedded=False))
     k.executor = Executor(k)
     server, port = build(k, "127.0.0.1:0")

@@ -1,4 +1,5 @@
-"""structlog set-up for llmosd: JSON lines when stderr is not a TTY, a readable console if it is."""
+"""The one structlog set-up of LLMasOS: llmosd calls it, and so does every service it starts
+(the level travels as LLMASOS_LOG_LEVEL). JSON lines when stderr is not a TTY, console if it is."""
 
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ def level_of(name: str | None) -> int:
     return LEVELS[name]
 
 
-def configure(level: str | None = None) -> None:
-    """The kernel's logging; the level is exported so that the services it starts inherit it."""
+def configure(level: str | None = None, **process: object) -> None:
+    """Logging for this process; the level is exported so that processes it starts inherit it.
+    `process` fields (a service's name and pid) go on every line, from every thread."""
     os.environ["LLMASOS_LOG_LEVEL"] = logging.getLevelName(level_of(level)).lower()
     tty = sys.stderr.isatty()
     structlog.configure(
         processors=[
+            lambda _logger, _method, event: {**process, **event},
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso"),
             structlog.processors.format_exc_info,

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import hmac
-import logging
 import os
 import signal
 import stat
-import sys
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -27,30 +25,17 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from llmasos.kernel import log
+
 SECRET_KEY = "x-llmasos-secret"   # the call metadata that carries the per-boot secret
 Register = Callable[[grpc.Server], list[str]]
 
 
 def configure_logging(service: str) -> structlog.stdlib.BoundLogger:
-    """JSON lines on stderr when not on a TTY, readable console otherwise."""
-    renderer = (
-        structlog.dev.ConsoleRenderer()
-        if sys.stderr.isatty()
-        else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        # llmosd exports its --log-level as LLMASOS_LOG_LEVEL to the services it starts
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping().get(
-            os.environ.get("LLMASOS_LOG_LEVEL", "info").upper(), logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-    )
-    return structlog.get_logger().bind(service=service, pid=os.getpid())
+    """The kernel's logging set-up (kernel/log.py), at the level llmosd exported to us; every
+    line of this process names the service and its pid."""
+    log.configure(service=service, pid=os.getpid())
+    return structlog.get_logger()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

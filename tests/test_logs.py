@@ -27,3 +27,20 @@ def test_llmosd_refuses_an_unknown_level(tmp_path) -> None:
                          timeout=120)
     assert out.returncode != 0
     assert "unknown log level 'loud'" in out.stderr
+
+
+def test_services_share_the_kernels_configuration() -> None:
+    """A service logs through kernel/log.py's set-up: the level llmosd exported, JSON lines
+    that name the service and its pid, from any thread (gRPC handlers run on a pool)."""
+    import json
+    import os
+    code = ("import threading; from llmasos.services.runtime import configure_logging; "
+            "import structlog; log = configure_logging('sched'); log.info('quiet'); "
+            "t = threading.Thread(target=lambda: structlog.get_logger().warning('loud', n=1)); "
+            "t.start(); t.join(); print(__import__('os').getpid())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "LLMASOS_LOG_LEVEL": "warning"})
+    lines = [json.loads(line) for line in out.stderr.splitlines()]
+    assert [line["event"] for line in lines] == ["loud"]   # info is below the exported level
+    assert lines[0]["service"] == "sched" and lines[0]["pid"] == int(out.stdout)
+    assert lines[0]["level"] == "warning" and lines[0]["n"] == 1 and "timestamp" in lines[0]
