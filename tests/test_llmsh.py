@@ -24,7 +24,7 @@ from llmasos.shell.complete import Completer
 from llmasos.shell.jobs import Jobs
 from llmasos.shell.parse import parse
 
-from conftest import System
+from conftest import System, kill_live_jobs
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("LLMASOS_")}
 
@@ -348,6 +348,7 @@ def test_ctrl_c_kills_foreground_job_and_chat(gen_system):
     finally:
         if sh.proc.poll() is None:
             sh.proc.send_signal(signal.SIGKILL)
+        kill_live_jobs(gen_system)
 
 
 def test_chat_from_stdin(gen_system):
