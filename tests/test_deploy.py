@@ -124,7 +124,8 @@ def stream(system: System, request: kernel_pb2.DeployRequest, token: str | None 
 
 def stages_of(progress: list[common_pb2.LoadProgress]) -> list[str]:
     """The stages in the order they came, checked: each comes once, in common.proto's order,
-    counts 0 up to its total without going back, and keeps its total and unit."""
+    counts 0 up to its total without going back, keeps its total and unit, and sends at most
+    one message a percent (plus its first and last)."""
     runs: list[list[common_pb2.LoadProgress]] = []
     for p in progress:
         if not runs or runs[-1][0].stage != p.stage:
@@ -138,6 +139,7 @@ def stages_of(progress: list[common_pb2.LoadProgress]) -> list[str]:
         assert dones == sorted(dones), f"{run[0].stage} went back: {dones}"
         assert dones[0] == 0 and dones[-1] == run[0].total > 0, (run[0].stage, dones)
         assert {(p.total, p.unit) for p in run} == {(run[0].total, run[0].unit)}
+        assert len(run) <= 102, f"{run[0].stage}: {len(run)} messages, not one a percent"
     return names
 
 
