@@ -11,10 +11,11 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import grpc
+import structlog
 
 from llmasos.kernel import quota
 from llmasos.kernel.auth import Identity
@@ -36,6 +37,7 @@ from llmasos.syscalls.limits import DEFAULT_MAX_TOKENS, SIGCONT, SIGSTOP, sampli
 from llmasos.syscalls.table import CAP_ADMIN
 
 ENDED = (State.ZOMBIE, State.REAPED)
+log = structlog.get_logger()
 
 
 def is_admin(ident: Identity) -> bool:
@@ -364,43 +366,117 @@ def sys_models(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Mod
 
 
 def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.ModelInfo:
-    if req.name in k.models and not k.models[req.name].error:
-        raise SyscallError("ALREADY_EXISTS", f"a model named {req.name!r} is deployed; "
-                           "undeploy it first or choose another name")
-    if req.remote_url:
-        return deploy_remote(k, req)
-    path = os.path.abspath(os.path.expanduser(req.path))
-    if not os.path.exists(path):
-        raise SyscallError("NOT_FOUND", f"{path} does not exist")
+    """Deploy: answered once the model is loaded (DeployStream also sends the progress)."""
+    for event in deploy_events(k, req, ctx):
+        if event.HasField("model"):
+            return event.model
+    raise SyscallError("INTERNAL", f"the deploy of {req.name} ended without its model")
+
+
+def sys_deploy_stream(k: Kernel, ident: Identity, req: Any,
+                      ctx: Any) -> Iterator[common_pb2.DeployEvent]:
+    yield from deploy_events(k, req, ctx)
+
+
+def deploy_events(k: Kernel, req: Any, ctx: Any) -> Iterator[common_pb2.DeployEvent]:
+    """Both Deploys: the load's progress, then the model, deployed and journaled, last."""
+    with deploying(k, req.name):
+        if req.name in k.models and not k.models[req.name].error:
+            raise SyscallError("ALREADY_EXISTS", f"a model named {req.name!r} is deployed; "
+                               "undeploy it first or choose another name")
+        if req.remote_url:   # nothing to load: one event
+            info = deploy_remote(k, req)
+        else:
+            path = os.path.abspath(os.path.expanduser(req.path))
+            if not os.path.exists(path):
+                raise SyscallError("NOT_FOUND", f"{path} does not exist")
+            info = yield from load_events(k, req, path, ctx)
+            # (replaces an unavailable one of the same name)
+            k.models[req.name] = Deployed(path, req.dtype, quant=req.quant, tp=req.tp, pp=req.pp)
+            k.journal.record_deploy(req.name, dataclasses.asdict(k.models[req.name]))
+    yield common_pb2.DeployEvent(model=info)
+
+
+_DEPLOYING = threading.Lock()   # guards the kernel's set of names being deployed
+
+
+@contextlib.contextmanager
+def deploying(k: Kernel, name: str) -> Iterator[None]:
+    """One deploy of a name at a time, held until its model is kept or its load cleaned up."""
+    with _DEPLOYING:
+        names = k.__dict__.setdefault("deploying", set())   # kernel.py is the lead's
+        if name in names:
+            raise SyscallError("ALREADY_EXISTS", f"a deploy of {name!r} is under way; wait for "
+                               "it to end or choose another name")
+        names.add(name)
+    try:
+        yield
+    finally:
+        with _DEPLOYING:
+            names.discard(name)
+
+
+# The service's own answer about the load; other codes mean the call was cut short.
+CUT_SHORT = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.UNAVAILABLE)
+
+
+def load_events(k: Kernel, req: Any, path: str,
+                ctx: Any) -> Generator[common_pb2.DeployEvent, None, common_pb2.ModelInfo]:
+    """Relay the inference service's LoadModelStream; returns the loaded model, its pager
+    attached. A load stopped short of that (a caller gone, a deadline, an error here) is
+    abandoned: nothing stays loaded."""
     stub = k.inference()
     left = ctx.time_remaining()   # the caller's deadline bounds the load (600 s without one)
+    call = stub.LoadModelStream(inference_pb2.LoadModelRequest(
+        name=req.name, path=path, dtype=req.dtype, quant=req.quant, tp=req.tp, pp=req.pp),
+        timeout=min(600.0, left) if left is not None else 600.0)
+    if not ctx.add_callback(call.cancel):   # the caller going away stops the load
+        call.cancel()
+    model, kept, answered = None, False, False
     try:
-        info = stub.LoadModel(inference_pb2.LoadModelRequest(
-            name=req.name, path=path, dtype=req.dtype, quant=req.quant, tp=req.tp, pp=req.pp),
-            timeout=min(600.0, left) if left is not None else 600.0)
+        for event in call:
+            if event.HasField("model"):   # the last message
+                model = event.model
+                break
+            yield event
+        if model is None:
+            raise SyscallError("INTERNAL", f"the inference service ended the load of "
+                               f"{req.name} without its model")
+        if not ctx.is_active():
+            raise gone(ctx)
         k.attach_pager(req.name, stub)
+        kept = True
+        return model
     except grpc.RpcError as e:
-        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            unload_when_loaded(k, req.name)   # the caller gave up: do not keep it half-known
+        answered = model is None and e.code() not in CUT_SHORT   # the service's own refusal
+        if not ctx.is_active():
+            raise gone(ctx) from None
         raise downstream(e, "deploying failed") from None
-    # (replaces an unavailable one of the same name)
-    k.models[req.name] = Deployed(path, req.dtype, quant=req.quant, tp=req.tp, pp=req.pp)
-    k.journal.record_deploy(req.name, dataclasses.asdict(k.models[req.name]))
-    return info
+    finally:
+        if not (kept or answered):
+            call.cancel()
+            abandon(k, req.name)
 
 
-def unload_when_loaded(k: Kernel, name: str, patience: float = 900.0) -> None:
-    """A load the caller stopped waiting for still finishes in the service: unload it then."""
-    def run() -> None:
-        deadline = time.monotonic() + patience
-        while time.monotonic() < deadline:
-            try:
-                k.inference().UnloadModel(inference_pb2.UnloadModelRequest(name=name),
-                                          timeout=60)
-                return
-            except (grpc.RpcError, SyscallError):
-                time.sleep(2.0)
-    threading.Thread(target=run, name=f"unload-{name}", daemon=True).start()
+def gone(ctx: Any) -> SyscallError:
+    left = ctx.time_remaining()
+    if left is not None and left <= 0:
+        return SyscallError("DEADLINE_EXCEEDED", "the caller's deadline passed; nothing was "
+                            "deployed (raise the timeout)")
+    return SyscallError("CANCELLED", "the caller went away; nothing was deployed")
+
+
+ABANDON_TIMEOUT = 180.0   # the service waits up to 120 s for a cancelled load to stop
+
+
+def abandon(k: Kernel, name: str) -> None:
+    """Leave nothing of a load the kernel gave up on in the inference service."""
+    try:
+        k.inference().UnloadModel(inference_pb2.UnloadModelRequest(name=name, abandoned=True),
+                                  timeout=ABANDON_TIMEOUT)
+    except (grpc.RpcError, SyscallError) as e:   # a service gone lost the load with itself
+        log.warning("abandon_failed", model=name, error=str(e))
 
 
 def sys_undeploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.UndeployResponse:

@@ -15,6 +15,7 @@ from llmasos.errors import LLMError
 from llmasos.mailbox import mode_text, parse_mode
 from llmasos.names import exit_code, state_name
 from llmasos.shell.parse import Command
+from llmasos.shell.progress import ProgressBar
 from llmasos.shell.session import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -329,8 +330,12 @@ def cmd_deploy(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
         raise Usage("deploy PATH NAME, or deploy --remote URL [--api-key-env VAR] NAME")
     if not Path(args.path).exists():
         raise Usage(f"{args.path}: no such file or folder")
-    m = sh.client.deploy(args.path, args.name, args.dtype, quant=args.quant, tp=args.tp,
-                         pp=args.pp)
+    bar = ProgressBar()   # on stderr: stdout keeps the result alone
+    try:
+        m = sh.client.deploy(args.path, args.name, args.dtype, quant=args.quant, tp=args.tp,
+                             pp=args.pp, progress=bar)
+    finally:
+        bar.close()
     ranks = (f" on {m.tp} tensor-parallel ranks" if m.tp > 1 else "") + (
         f" in {m.pp} pipeline stages" if m.pp > 1 else "")
     sh.say(f"deployed {m.name}: {m.architecture}, {fmt.count(m.parameters)} parameters, "
