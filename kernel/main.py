@@ -5,6 +5,7 @@
              [--http ADDR | --no-http] [--log-level LEVEL]
   llmosd adduser NAME [--cap CAP ...]      prints the new user's token once
   llmosd quota USER [--max-jobs N] [--max-tokens N] [--kv-share F] [--reset]
+  llmosd compress SRC --out DIR --method M [--ratio R] [--calib-tokens N]   prune a model
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 
 import structlog
 
+from llmasos.drivers.prune import cli as prune_cli
 from llmasos.kernel import config, log, recovery
 from llmasos.kernel.audit import AuditLog
 from llmasos.kernel.executor import Executor
@@ -81,6 +83,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     quota.add_argument("--kv-share", dest="kv_share", type=float,
                        help="most KV blocks as a share 0..1 of each model's pool")
     quota.add_argument("--reset", action="store_true", help="back to the defaults first")
+    prune_cli.add_arguments(sub.add_parser(
+        "compress", help="write a pruned copy of a model as a folder Deploy loads (offline)"))
     return ap.parse_args(argv)
 
 
@@ -171,9 +175,18 @@ def shutdown(k: Kernel, server: object, grace: float, gateway: Gateway | None = 
     logger.info("stopped")
 
 
+def compress(args: argparse.Namespace) -> int:
+    try:
+        prune_cli.run(args, print)
+    except (ValueError, OSError, ModuleNotFoundError) as err:
+        print(f"llmosd compress: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    commands = {"adduser": adduser, "quota": set_quota, "run": run}
+    commands = {"adduser": adduser, "quota": set_quota, "run": run, "compress": compress}
     return commands[args.command](args)
 
 
