@@ -5,8 +5,11 @@ message naming the missing extra."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 
 from llmasos.drivers.prune.methods import DEFAULT_CALIB_TOKENS, METHODS
 
@@ -40,6 +43,23 @@ def resolve_source(source: str) -> str:
     return source
 
 
+@contextlib.contextmanager
+def quiet_logs() -> Iterator[None]:
+    """The loaders' debug and info lines would bury the progress bars: warnings only, on
+    stderr, for the run (unless the process set up its logging already)."""
+    import structlog
+    if structlog.is_configured():
+        yield
+        return
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+    try:
+        yield
+    finally:
+        structlog.reset_defaults()
+
+
 def run(args: argparse.Namespace, say: Callable[[str], None]) -> None:
     """Compress as the arguments say and report; raises ValueError, FileNotFoundError,
     FileExistsError (bad request) or ModuleNotFoundError (no server extra)."""
@@ -48,8 +68,9 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> None:
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(f"compress needs the server's dependencies ({e.name} is "
                                   "missing): pip install 'llmasos[server]'", name=e.name) from e
-    r = compress(resolve_source(args.source), args.out, args.method, args.ratio,
-                 args.calib_tokens, args.home, progress=True)
+    with quiet_logs():
+        r = compress(resolve_source(args.source), args.out, args.method, args.ratio,
+                     args.calib_tokens, args.home, progress=True)
     cfg = r.config
     say(f"wrote {r.out}: {r.method} {r.ratio:g}, layers {r.layers[0]} -> {r.layers[1]}, "
         f"parameters {r.parameters[0]:,} -> {r.parameters[1]:,}, intermediate "

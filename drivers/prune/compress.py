@@ -21,10 +21,10 @@ from llmasos.drivers.loaders.probe import probe
 from llmasos.drivers.model.families import family_name
 from llmasos.drivers.model.llama import LlamaModel
 from llmasos.drivers.prune.calibrate import Stats, collect
-from llmasos.drivers.prune.layers import prune_layers
+from llmasos.drivers.prune.layers import layers_removed, prune_layers
 from llmasos.drivers.prune.methods import DEFAULT_CALIB_TOKENS, request
 from llmasos.drivers.prune.shape import Pruned
-from llmasos.drivers.prune.structured import prune_heads, prune_mlp
+from llmasos.drivers.prune.structured import heads_kept, mlp_kept, prune_heads, prune_mlp
 from llmasos.drivers.prune.unstructured import prune_weights
 from llmasos.drivers.prune.write import check_out, write_folder
 from llmasos.drivers.quant.corpus import calibration_prose
@@ -40,6 +40,10 @@ PRUNERS: dict[str, Pruner] = {
     "wanda": lambda cfg, w, stats, r: prune_weights(w, stats, "wanda", r),
     "2:4": lambda cfg, w, stats, r: prune_weights(w, stats, "2:4", r),
 }
+
+# the structured cuts checked against the config before the calibration pass is paid for
+CHECKS: dict[str, Callable[[ModelConfig, float], object]] = {
+    "layers": layers_removed, "mlp": mlp_kept, "heads": heads_kept}
 
 
 @dataclass
@@ -80,9 +84,12 @@ def compress(source: str, out: str, method: str, ratio: float | None,
     t0 = time.perf_counter()
     req = request(method, ratio, calib_tokens)
     check_out(out)
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"no such model file or folder: {source}")
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     say(f"loading {source}")
     cfg, weights, tokenizer = load_source(source, state_dir or default_state_dir(), progress)
+    CHECKS.get(req.method.name, lambda c, r: None)(cfg, req.ratio)
     stats = None
     ids: list[int] = []
     if req.method.calibrated:
@@ -92,7 +99,7 @@ def compress(source: str, out: str, method: str, ratio: float | None,
     say(f"pruning: {req.method.what}")
     pruned = PRUNERS[req.method.name](cfg, weights, stats, req.ratio)
     record = {"method": req.method.name, "ratio": req.ratio, "calib_tokens": len(ids),
-              "source": os.path.abspath(source), **pruned.notes}
+              "source": os.path.abspath(source)}
     say(f"writing {out}")
     config = write_folder(out, source, cfg, tokenizer, pruned, record)
     return Report(out, req.method.name, req.ratio,

@@ -32,12 +32,17 @@ def drop_layers(weights: dict[str, torch.Tensor], drop: set[int]) -> dict[str, t
     return out
 
 
-def prune_layers(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: Stats,
-                 ratio: float) -> Pruned:
+def layers_removed(cfg: ModelConfig, ratio: float) -> int:
     count = removed(cfg.num_layers, ratio)
     if not 1 <= count < cfg.num_layers:
         raise ValueError(f"ratio {ratio:g} of {cfg.num_layers} layers removes {count}: "
                          f"give a ratio that removes 1..{cfg.num_layers - 1} layers")
+    return count
+
+
+def prune_layers(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: Stats,
+                 ratio: float) -> Pruned:
+    count = layers_removed(cfg, ratio)
     drop = least_influential(stats.influence, count)
     return Pruned(drop_layers(weights, set(drop)),
                   {"num_hidden_layers": cfg.num_layers - count},

@@ -35,12 +35,18 @@ def keep_columns(weights: dict[str, torch.Tensor], name: str, idx: torch.Tensor)
     weights[name] = weights[name].index_select(1, idx).contiguous()
 
 
-def prune_mlp(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: Stats,
-              ratio: float) -> Pruned:
+def mlp_kept(cfg: ModelConfig, ratio: float) -> int:
     size = cfg.intermediate_size
     keep = size - removed(size, ratio)
     if not 1 <= keep < size:
         raise ValueError(f"ratio {ratio:g} of {size} MLP channels keeps {keep}")
+    return keep
+
+
+def prune_mlp(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: Stats,
+              ratio: float) -> Pruned:
+    size = cfg.intermediate_size
+    keep = mlp_kept(cfg, ratio)
     out = dict(weights)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}.mlp."
@@ -83,13 +89,17 @@ def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
-def prune_heads(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: Stats,
-                ratio: float) -> Pruned:
-    group = cfg.num_heads // cfg.num_kv_heads
+def heads_kept(cfg: ModelConfig, ratio: float) -> tuple[int, int]:
+    """(KV groups kept, query heads kept per group) for a ratio of the query heads."""
     if removed(cfg.num_heads, ratio) == 0:
         raise ValueError(f"ratio {ratio:g} of {cfg.num_heads} heads removes none")
     target = cfg.num_heads - removed(cfg.num_heads, ratio)
-    keep_kv, keep_q = head_shape(cfg.num_kv_heads, group, target)
+    return head_shape(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, target)
+
+
+def prune_heads(cfg: ModelConfig, weights: dict[str, torch.Tensor], stats: Stats,
+                ratio: float) -> Pruned:
+    keep_kv, keep_q = heads_kept(cfg, ratio)
     d = cfg.head_dim
     out = dict(weights)
     for i in range(cfg.num_layers):

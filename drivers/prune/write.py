@@ -71,7 +71,8 @@ def pruned_config(base: dict[str, Any], pruned: Pruned, record: dict[str, Any]
     layers = linears(pruned.weights)
     if layers and all(is_two_four(pruned.weights[n]) for n, _, _ in layers):
         out[SPARSITY_KEY] = "2:4"
-    out[RECORD_KEY] = [*base.get(RECORD_KEY, []), record]   # a chain of compress runs
+    # a chain of compress runs, each with what it removed
+    out[RECORD_KEY] = [*base.get(RECORD_KEY, []), {**record, **pruned.notes}]
     return out
 
 
