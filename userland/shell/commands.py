@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from llmasos import fmt, tasks
-from llmasos.drivers.prune import cli as prune_cli
 from llmasos.errors import LLMError
 from llmasos.mailbox import mode_text, parse_mode
 from llmasos.names import exit_code, state_name
@@ -343,6 +342,8 @@ def cmd_deploy(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
 
 def cmd_compress(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
     """Offline, on the files: the daemon is not asked (drivers/prune)."""
+    from llmasos.drivers.prune import cli as prune_cli  # torch only once it runs
+
     try:
         prune_cli.run(args, sh.say)
     except ValueError as err:   # a bad request; a missing file is an OSError: status 1
@@ -580,6 +581,8 @@ class RawParser(ArgParser):
 
 
 def _p_compress() -> ArgParser:
+    from llmasos.drivers.prune import cli as prune_cli  # no torch: arguments only
+
     ap = _parser("compress", "Write a pruned copy of a model as a folder `deploy` loads; "
                  "runs here, on the files, without the daemon.")
     prune_cli.add_arguments(ap)
