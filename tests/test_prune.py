@@ -166,7 +166,11 @@ def test_mlp_pruning_keeps_the_most_important_channels(source, stats, tmp_path_f
     assert torch.equal(pruned.weights["model.layers.3.mlp.gate_proj.weight"], gate[kept])
 
 
-def test_head_pruning_cuts_one_query_head_per_kv_group(source, stats):
+def test_head_pruning_cuts_one_query_head_per_kv_group(source, stats, tmp_path_factory, state):
+    """Dropping a query head is zeroing its o_proj columns: the cut model gives the logits of
+    the full one so masked, which holds only if each kept head still reads its own KV group.
+    The folder is a plain HF Llama config: transformers' model of it gives our logits too."""
+    import transformers
     cfg, weights, tokenizer = source
     pruned = prune_heads(cfg, weights, stats, 1 / 3)
     assert pruned.config == {"num_attention_heads": 6, "num_key_value_heads": 3, "head_dim": 64}
@@ -174,12 +178,25 @@ def test_head_pruning_cuts_one_query_head_per_kv_group(source, stats):
     assert pruned.weights[a + "q_proj.weight"].shape == (6 * 64, cfg.hidden_size)
     assert pruned.weights[a + "o_proj.weight"].shape == (cfg.hidden_size, 6 * 64)
     assert torch.equal(pruned.weights[a + "k_proj.weight"], weights[a + "k_proj.weight"])
-    from llmasos.drivers.loaders.config import from_hf_config
-    from llmasos.drivers.prune.write import gguf_config, pruned_config
-    model = LlamaModel(from_hf_config(pruned_config(gguf_config(cfg), pruned, {})),
-                       pruned.weights)
+    folder = written(tmp_path_factory, source, pruned, "heads")
+    model = load(folder, state)
     assert (model.cfg.num_heads, model.cfg.num_kv_heads) == (6, 3)
-    assert math.isfinite(float(logits(model, tokenizer.encode(PROMPT)).sum()))
+    ids = tokenizer.encode(PROMPT)
+    masked = dict(weights)
+    for i in range(LAYERS):
+        a = f"model.layers.{i}.self_attn."
+        q = weights[a + "q_proj.weight"].view(HEADS, 64, -1)
+        cut = pruned.weights[a + "q_proj.weight"].view(6, 64, -1)
+        kept = {next(h for h in range(HEADS) if torch.equal(q[h], c)) for c in cut}
+        o = weights[a + "o_proj.weight"].clone().view(-1, HEADS, 64)
+        o[:, sorted(set(range(HEADS)) - kept)] = 0
+        masked[a + "o_proj.weight"] = o.view(-1, HEADS * 64)
+    assert (logits(model, ids) - logits(LlamaModel(cfg, masked), ids)).abs().max() < 2e-3
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    # fp32 through 30 layers, two implementations: ~1e-4 seen; a misplaced head is O(1)
+    assert (logits(model, ids) - ref).abs().max() < 2e-3
 
 
 # -- unstructured ---------------------------------------------------------------------------
