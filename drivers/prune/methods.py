@@ -28,7 +28,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("2:4", "zero 2 of every 4 inputs by |W_ij|·|X_j| (semi-structured sparse)", False,
            True, fixed_ratio=0.5),
 )}
-DEFAULT_CALIB_TOKENS = 512   # stable statistics for a 135M model; ~10 s of fp32 prefill here
+DEFAULT_CALIB_TOKENS = 512   # ranks a 135M model's parts; 10-40 s of prefill on 2 shared cores
 MAX_CALIB_TOKENS = 8192
 
 
