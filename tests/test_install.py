@@ -36,6 +36,10 @@ def test_client_only_install_has_no_torch(tmp_path: Path) -> None:
     daemon = subprocess.run([str(env_dir / "bin" / "llmosd"), "run"], capture_output=True,
                             text=True, env=env, cwd=tmp_path, timeout=60)
     assert daemon.returncode == 1 and "llmasos[server]" in daemon.stderr, daemon.stderr
+    compress = subprocess.run([str(env_dir / "bin" / "llmsh"), "-c", "compress x --out y "
+                               "--method layers --ratio 0.5"], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=60)
+    assert compress.returncode == 1 and "llmasos[server]" in compress.stderr, compress.stderr
     for tool in ("llm-ps", "llm-kill", "llm-top", "llmsh", "llmosd"):
         version = subprocess.run([str(env_dir / "bin" / tool), "--version"],
                                  capture_output=True, text=True, env=env, cwd=tmp_path)

@@ -21,6 +21,7 @@ from llmasos.drivers.loaders.progress import LoadCancelled, Report
 from llmasos.drivers.model.batch import SeqSlice, build_batch
 from llmasos.drivers.model.kv_pool import KVPool, PoolGeometry
 from llmasos.drivers.model.llama import LlamaModel
+from llmasos.drivers.prune import semi_sparse
 from llmasos.drivers.tokenizer import Tokenizer
 from llmasos.services.inference import quantize
 from llmasos.services.inference.output import SequenceOutput
@@ -196,6 +197,8 @@ class Engine:
             model = LlamaModel(cfg, weights, torch_dtype, self.device, report)
             parameters = model.num_parameters  # before packing: a tied LM head counts once
             quantize.apply(model, recipe, tokenizer, report)
+            if cfg.sparsity == "2:4":   # a pruned folder: sparse kernels where the GPU has them
+                semi_sparse.apply(model)
             pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, budget,
                           self.block_size, torch_dtype, self.device)
             memory = model.weight_bytes
