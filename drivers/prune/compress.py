@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from llmasos.drivers.loaders.cache import default_state_dir, load_weights
+from llmasos.drivers.loaders.cache import load_weights, weights_cache_dir
 from llmasos.drivers.loaders.config import ModelConfig
 from llmasos.drivers.loaders.probe import probe
 from llmasos.drivers.model.families import family_name
@@ -58,13 +58,13 @@ class Report:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def load_source(source: str, state_dir: str, progress: bool
+def load_source(source: str, cache_dir: str, progress: bool
                 ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     """(config, fp32 weights in HF names, tokenizer); FileNotFoundError or ValueError."""
     cfg, tokenizer = probe(source)
     if family_name(cfg.architecture) not in FAMILIES:
         raise ValueError(f"pruning supports {', '.join(FAMILIES)}, not {cfg.architecture!r}")
-    cfg, weights, _ = load_weights(source, state_dir, progress=progress)
+    cfg, weights, _ = load_weights(source, cache_dir, progress=progress)
     return cfg, weights, tokenizer
 
 
@@ -77,7 +77,7 @@ def parameters(weights: dict[str, torch.Tensor]) -> int:
 
 
 def compress(source: str, out: str, method: str, ratio: float | None,
-             calib_tokens: int = DEFAULT_CALIB_TOKENS, state_dir: str | None = None,
+             calib_tokens: int = DEFAULT_CALIB_TOKENS, cache_dir: str | None = None,
              progress: bool = True) -> Report:
     """Prune source into the new folder out; ValueError / FileNotFoundError / FileExistsError
     name what is wrong before any work is done."""
@@ -88,7 +88,7 @@ def compress(source: str, out: str, method: str, ratio: float | None,
         raise FileNotFoundError(f"no such model file or folder: {source}")
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     say(f"loading {source}")
-    cfg, weights, tokenizer = load_source(source, state_dir or default_state_dir(), progress)
+    cfg, weights, tokenizer = load_source(source, cache_dir or weights_cache_dir(), progress)
     CHECKS.get(req.method.name, lambda c, r: None)(cfg, req.ratio)
     stats = None
     ids: list[int] = []
