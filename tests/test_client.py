@@ -308,8 +308,11 @@ def test_ctrl_c_while_waiting_kills_the_job(gen_system):
             "print(p.pid, flush=True)\n"
             "p.wait()\n")
     env = {**os.environ, "LLMASOS_ADDR": gen_system.address, "LLMASOS_TOKEN": gen_system.root_token}
+    # SIGINT back to its default in the child: a suite run under nohup or in the background
+    # inherits it ignored, and Python then never raises KeyboardInterrupt
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                             stderr=subprocess.PIPE, env=env)
+                             stderr=subprocess.PIPE, env=env,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         pid = int(child.stdout.readline())
         time.sleep(1.0)
