@@ -109,11 +109,15 @@ class Engine:
     # ---- models ----
 
     def load(self, name: str, path: str, dtype: str = "", kv_budget_bytes: int = 0,
-             quant: str = "", tp: int = 0, pp: int = 0) -> ModelEntry:
+             quant: str = "", tp: int = 0, pp: int = 0, threads: int = 0) -> ModelEntry:
         """Load a GGUF file or HF folder under name; raises FileNotFoundError, ValueError
-        (bad dtype, unsupported architecture, name taken) or KVBudgetError."""
+        (bad dtype, unsupported architecture, name taken) or KVBudgetError. threads > 0 sets
+        this process's torch threads from now on (replicas sharing a host's cores)."""
         if not name:
             raise ValueError("model name must not be empty")
+        if threads > 0 and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            log.info("torch_threads", threads=threads)
         dtype_name = dtype or DEFAULT_DTYPE.get(self.device.type, "float32")
         if dtype_name not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")

@@ -63,7 +63,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                   context: grpc.ServicerContext) -> common_pb2.ModelInfo:
         return self._call(context, lambda: model_info(self.engine.load(
             request.name, request.path, request.dtype, request.kv_budget_bytes,
-            request.quant, request.tp, request.pp)))
+            request.quant, request.tp, request.pp, request.threads)))
 
     def UnloadModel(self, request: inference_pb2.UnloadModelRequest,  # noqa: N802
                     context: grpc.ServicerContext) -> inference_pb2.UnloadModelResponse:
