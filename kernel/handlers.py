@@ -16,10 +16,10 @@ from typing import Any
 
 import grpc
 
-from llmasos.kernel import quota
+from llmasos.kernel import quota, replicas
 from llmasos.kernel.auth import Identity
 from llmasos.kernel.ipc_delivery import IPC_TIMEOUT, caller, check_stdout_mailbox, ipc_failed
-from llmasos.kernel.kernel import Deployed, Kernel
+from llmasos.kernel.kernel import Deployed, Kernel, load_request
 from llmasos.kernel.pipes import Template
 from llmasos.kernel.proctable import Exit, Proc, State
 from llmasos.kernel.segments import Segment
@@ -192,7 +192,7 @@ def spawn_samples(k: Kernel, ident: Identity, req: Any, tok: Any, max_tokens: in
 def fits_pool(k: Kernel, model: str, tokens: int, ident: Identity) -> None:
     """A job that could never hold its KV, even alone (or within its owner's KV quota), is
     refused up front (no livelock)."""
-    pager = k.pagers.get(model)
+    pager = replicas.any_pager(k, model)
     if pager is None:
         return
     need = pager.blocks_for(tokens)
@@ -237,7 +237,7 @@ def sys_wait(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.WaitR
             raise SyscallError("CANCELLED", "the caller went away")
         k.table.reap(proc)
         k.journal.record_reap(proc.pid)
-    return kernel_pb2.WaitResponse(info=proc_info(proc), text=proc.text,
+    return kernel_pb2.WaitResponse(info=proc_info(proc, k), text=proc.text,
                                    token_ids=proc.output_ids, timings=timings(proc))
 
 
@@ -311,7 +311,7 @@ def sys_ps(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.PsRespo
     if user not in (None, ident.user) and not is_admin(ident):
         raise SyscallError("PERMISSION_DENIED", "only root may list another user's jobs")
     procs = k.table.listing(user)
-    return kernel_pb2.PsResponse(processes=[proc_info(p) for p in procs],
+    return kernel_pb2.PsResponse(processes=[proc_info(p, k) for p in procs],
                                  kv=kv_usage(k, None if is_admin(ident) else ident.user))
 
 
@@ -325,7 +325,7 @@ def kv_usage(k: Kernel, only_user: str | None = None) -> kernel_pb2.KvUsage:
         usage.total_blocks += u.total_blocks
         usage.free_blocks += u.free_blocks
         usage.block_size = u.block_size
-        usage.block_bytes = k.block_bytes.get(name, 0)
+        usage.block_bytes = k.block_bytes.get(replicas.split(name)[0], 0)
         for user, blocks in u.blocks_by_user.items():
             by_user[user] = by_user.get(user, 0) + blocks
     if only_user is not None:
@@ -335,10 +335,10 @@ def kv_usage(k: Kernel, only_user: str | None = None) -> kernel_pb2.KvUsage:
 
 
 def sys_stat(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.ProcessInfo:
-    return proc_info(lookup(k, ident, req.pid))
+    return proc_info(lookup(k, ident, req.pid), k)
 
 
-def proc_info(p: Proc) -> kernel_pb2.ProcessInfo:
+def proc_info(p: Proc, k: Kernel | None = None) -> kernel_pb2.ProcessInfo:
     return kernel_pb2.ProcessInfo(
         pid=p.pid, ppid=p.ppid, user=p.user, state=int(p.state), model=p.model, nice=p.nice,
         prompt_tokens=len(p.prompt_ids), generated_tokens=len(p.output_ids),
@@ -346,7 +346,8 @@ def proc_info(p: Proc) -> kernel_pb2.ProcessInfo:
         ended_unix=p.ended, exit_status=p.exit_status, exit_reason=int(p.exit_reason),
         exit_message=p.exit_message, cpu_seconds=p.cpu_seconds, preemptions=p.preemptions,
         name=p.name, stdin_pid=p.stdin_pid, stdout_pids=p.stdout_pids,
-        stdin_exit_reason=int(p.stdin_exit), shm=p.shm)
+        stdin_exit_reason=int(p.stdin_exit), shm=p.shm, replica=p.replica,
+        replicas=replicas.count(k, p.model) if k is not None else 1)
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -356,6 +357,8 @@ def sys_models(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Mod
         reply = k.inference().ListModels(inference_pb2.ListModelsRequest(), timeout=30)
     except grpc.RpcError as e:
         raise downstream(e, "listing models failed") from None
+    for m in reply.models:
+        m.replicas = replicas.count(k, m.name)
     return kernel_pb2.ModelsResponse(
         models=[*reply.models, *remote_infos(k)],
         quant_formats=reply.quant_formats, default_quant=reply.default_quant,
@@ -372,35 +375,69 @@ def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.Mod
     path = os.path.abspath(os.path.expanduser(req.path))
     if not os.path.exists(path):
         raise SyscallError("NOT_FOUND", f"{path} does not exist")
-    stub = k.inference()
+    n = check_replicas(req)
     left = ctx.time_remaining()   # the caller's deadline bounds the load (600 s without one)
+    timeout = min(600.0, left) if left is not None else 600.0
+    replicas.start_services(k, n)
+    dep = Deployed(path, req.dtype, quant=req.quant, tp=req.tp, pp=req.pp, replicas=n)
+    infos: list[common_pb2.ModelInfo] = []
+    pagers: dict[str, Any] = {}
     try:
-        info = stub.LoadModel(inference_pb2.LoadModelRequest(
-            name=req.name, path=path, dtype=req.dtype, quant=req.quant, tp=req.tp, pp=req.pp),
-            timeout=min(600.0, left) if left is not None else 600.0)
-        k.attach_pager(req.name, stub)
+        for r in range(n):   # one copy per replica's service, each with its own KV pool
+            stub = k.replica(r)
+            infos.append(stub.LoadModel(load_request(req.name, dep, replicas.threads(k, n)),
+                                        timeout=timeout))
+            pagers[replicas.lane(req.name, r)] = k.new_pager(req.name, stub)
     except grpc.RpcError as e:
-        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            unload_when_loaded(k, req.name)   # the caller gave up: do not keep it half-known
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:   # the caller gave up
+            unload_when_loaded(k, req.name, range(len(infos) + 1))
+        else:
+            unload_quietly(k, req.name, range(len(infos)))
         raise downstream(e, "deploying failed") from None
-    # (replaces an unavailable one of the same name)
-    k.models[req.name] = Deployed(path, req.dtype, quant=req.quant, tp=req.tp, pp=req.pp)
-    k.journal.record_deploy(req.name, dataclasses.asdict(k.models[req.name]))
-    return info
+    except SyscallError:   # a replica's service went down meanwhile
+        unload_quietly(k, req.name, range(len(infos)))
+        raise
+    k.pagers.update(pagers)
+    k.models[req.name] = dep   # (replaces an unavailable one of the same name)
+    k.journal.record_deploy(req.name, dataclasses.asdict(dep))
+    infos[0].replicas = n
+    return infos[0]
 
 
-def unload_when_loaded(k: Kernel, name: str, patience: float = 900.0) -> None:
+def check_replicas(req: Any) -> int:
+    """How many replicas a Deploy asks for; refused when the host cannot give each a core."""
+    n = max(1, req.replicas)
+    if n > 1 and (req.tp > 1 or req.pp > 1):
+        raise SyscallError("FAILED_PRECONDITION", "replicas do not combine with tp or pp yet; "
+                           "deploy with --replicas alone, or --tp/--pp alone")
+    cores = replicas.host_cores()
+    if n > cores:
+        raise SyscallError("INVALID_ARGUMENT", f"replicas={n} but this host has {cores} cores, "
+                           f"which the replicas share; deploy with --replicas {cores} or fewer")
+    return n
+
+
+def unload_quietly(k: Kernel, name: str, replica_ids: range) -> None:
+    """Unload what a failed deploy loaded (a service that is down holds nothing)."""
+    for r in replica_ids:
+        with contextlib.suppress(grpc.RpcError, SyscallError):
+            k.replica(r).UnloadModel(inference_pb2.UnloadModelRequest(name=name), timeout=60)
+
+
+def unload_when_loaded(k: Kernel, name: str, replica_ids: range = range(1),
+                       patience: float = 900.0) -> None:
     """A load the caller stopped waiting for still finishes in the service: unload it then."""
-    def run() -> None:
+    def run(r: int) -> None:
         deadline = time.monotonic() + patience
         while time.monotonic() < deadline:
             try:
-                k.inference().UnloadModel(inference_pb2.UnloadModelRequest(name=name),
-                                          timeout=60)
+                k.replica(r).UnloadModel(inference_pb2.UnloadModelRequest(name=name),
+                                         timeout=60)
                 return
             except (grpc.RpcError, SyscallError):
                 time.sleep(2.0)
-    threading.Thread(target=run, name=f"unload-{name}", daemon=True).start()
+    for r in replica_ids:
+        threading.Thread(target=run, args=(r,), name=f"unload-{name}", daemon=True).start()
 
 
 def sys_undeploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.UndeployResponse:
@@ -415,9 +452,13 @@ def sys_undeploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.U
         k.inference().UnloadModel(inference_pb2.UnloadModelRequest(name=req.name), timeout=60)
     except grpc.RpcError as e:
         raise downstream(e, "undeploying failed") from None
+    n = replicas.count(k, req.name)
     k.models.pop(req.name, None)
-    k.pagers.pop(req.name, None)
+    for r in range(n):
+        k.pagers.pop(replicas.lane(req.name, r), None)
     k.journal.record_undeploy(req.name)
+    unload_quietly(k, req.name, range(1, n))   # a replica that is down holds nothing
+    replicas.retire_unused(k)
     return kernel_pb2.UndeployResponse()
 
 
