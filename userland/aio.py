@@ -179,12 +179,15 @@ class AsyncLLMClient(ClientBase):
     async def deploy(self, path: str, name: str, dtype: str = "",
                      timeout: float | None = None, quant: str = "", tp: int = 0,
                      pp: int = 0, remote_url: str = "", api_key_env: str = "",
-                     api_key_file: str = "", remote_model: str = "") -> common_pb2.ModelInfo:
+                     api_key_file: str = "", remote_model: str = "",
+                     replicas: int = 0) -> common_pb2.ModelInfo:
         """Load a model (root only). quant: "" (the service default), "none", "int8"...;
-        tp > 1: that many tensor-parallel ranks, pp > 1: that many pipeline stages; remote_url:
+        tp > 1: that many tensor-parallel ranks, pp > 1: that many pipeline stages, replicas >
+        1: that many copies (data parallelism); remote_url:
         a hosted model (see LLMClient.deploy)."""
         return await self._call(calls.DEPLOY, path, name, dtype, quant, tp, pp, remote_url,
-                                api_key_env, api_key_file, remote_model, timeout=timeout)
+                                api_key_env, api_key_file, remote_model, replicas,
+                                timeout=timeout)
 
     async def undeploy(self, name: str) -> None:
         await self._call(calls.UNDEPLOY, name)
