@@ -152,10 +152,12 @@ def place_new(k: Kernel) -> None:
                 p.replica = 0
                 continue
             lead = leader(k, p)
-            if lead is not None and lead.replica >= 0 and \
-                    lane(p.model, lead.replica) in k.pagers:
-                set_replica(k, p, lead.replica)
-            else:
+            if lead is not None and lead.state not in ENDED:
+                if lead.replica >= 0 and lane(p.model, lead.replica) in k.pagers:
+                    set_replica(k, p, lead.replica)
+                if lead.replica < 0:
+                    continue   # placed with its leader, next round
+            if p.replica < 0:
                 asks.setdefault(p.model, []).append(p)
         requests = {m: request(k, m, procs) for m, procs in asks.items()}
     for model, req in requests.items():
