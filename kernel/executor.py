@@ -174,7 +174,7 @@ class Executor:
         replicated models at its next round (a model with one replica waits for the restart)."""
         lanes = [replicas.lane(m, replica) for m in list(self.k.models)
                  if replicas.count(self.k, m) > 1]
-        dead = {ln: self.k.pagers[ln] for ln in lanes if ln in self.k.pagers}
+        dead = {ln: pager for ln in lanes if (pager := self.k.pagers.get(ln)) is not None}
         if dead:
             self.dead.append(dead)
             self.wake()

@@ -214,7 +214,7 @@ def tokenize(k: Kernel, req: Any, prefix: str = "") -> inference_pb2.TokenizeRes
     else:
         treq = inference_pb2.TokenizeRequest(model=req.model, messages=req.messages)
     try:
-        return k.inference().Tokenize(treq, timeout=60)
+        return replicas.serving(k, req.model).Tokenize(treq, timeout=60)
     except grpc.RpcError as e:
         raise downstream(e, "tokenizing failed") from None
 

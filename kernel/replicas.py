@@ -103,6 +103,16 @@ def any_pager(k: Kernel, model: str) -> object | None:
     return None
 
 
+def serving(k: Kernel, model: str) -> object:
+    """An inference stub for the model's text calls (Tokenize): replica 0's service, or while it
+    restarts another replica's."""
+    for r in range(1, count(k, model)):
+        if k.supervisor.channel(service_name(0)) is None and \
+                k.supervisor.channel(service_name(r)) is not None:
+            return k.replica(r)
+    return k.inference()
+
+
 # --- the replicas' services -------------------------------------------------------------------
 
 def spec(k: Kernel, replica: int) -> ServiceSpec:
