@@ -17,7 +17,8 @@ same cores, with the same KV memory in all (the one replica gets both halves), r
 interleaved. dp_throughput_ratio = two replicas' tokens/s over one's. Prints a table, then one
 JSON line.
 
-    .venv/bin/python bench/parallel.py [--reps 5] [--dp-requests 64] [--dp-rounds 2] [--skip-dp]
+    .venv/bin/python bench/parallel.py [--reps 5] [--dp-requests 64] [--dp-rounds 2]
+                                         [--skip-dp | --only-dp]
 """
 
 from __future__ import annotations
@@ -135,13 +136,8 @@ def cpu_features() -> str:
     return " ".join(sorted({x for x in flags if x.startswith(("avx512f", "avx2", "amx"))}))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--dp-requests", type=int, default=64)
-    ap.add_argument("--dp-rounds", type=int, default=2)
-    ap.add_argument("--skip-dp", action="store_true", help="only tp and pp")
-    args = ap.parse_args()
+def tp_pp_steps(reps: int) -> tuple[list[tuple], dict[str, dict]]:
+    """Per-step times of tp=3 and pp=2 against tp=1, and tp's collectives alone."""
     state = os.environ.get("LLMASOS_HOME") or tempfile.mkdtemp(prefix="bench-parallel-")
     engine = Engine(state, kv_budget_bytes=64 << 20)
     engine.load("tp1", gguf_path())
@@ -154,7 +150,7 @@ def main() -> None:
     for shape in ("decode_b1", "decode_b8", "prefill_128"):
         s = shape_runs(engine, shape)
         best = dict.fromkeys([*MODELS, "coll"], float("inf"))
-        for _ in range(args.reps):
+        for _ in range(reps):
             for name in MODELS:
                 best[name] = min(best[name], timed(s["runs"][name]))
             # the collectives alone: all-reduces over all the step's rows, gather over sampled
@@ -166,12 +162,24 @@ def main() -> None:
             "pp_ratio": round(best["pp2"] / best["tp1"], 3),
             "collectives_ms": round(best["coll"], 2)}
         rows.append((shape, best["tp1"], best["tp3"], best["pp2"], best["coll"]))
-    engine.unload("tp3")
-    engine.unload("pp2")
-    engine.unload("tp1")
+    for name in MODELS:
+        engine.unload(name)
+    return rows, figures
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dp-requests", type=int, default=64)
+    ap.add_argument("--dp-rounds", type=int, default=2)
+    ap.add_argument("--skip-dp", action="store_true", help="only tp and pp")
+    ap.add_argument("--only-dp", action="store_true", help="only the replicas")
+    args = ap.parse_args()
+    rows, figures = ([], {}) if args.only_dp else tp_pp_steps(args.reps)
     dp = {} if args.skip_dp else dp_throughput(args.dp_requests, args.dp_rounds)
-    print(f"{'shape':<14}{'tp=1 ms':>10}{'tp=3 ms':>10}{'pp=2 ms':>10}{'tp3/tp1':>9}"
-          f"{'pp2/tp1':>9}{'tp3 collectives ms':>20}")
+    if rows:
+        print(f"{'shape':<14}{'tp=1 ms':>10}{'tp=3 ms':>10}{'pp=2 ms':>10}{'tp3/tp1':>9}"
+              f"{'pp2/tp1':>9}{'tp3 collectives ms':>20}")
     for shape, a, b, p, c in rows:
         print(f"{shape:<14}{a:>10.2f}{b:>10.2f}{p:>10.2f}{b / a:>9.2f}{p / a:>9.2f}{c:>20.2f}")
     if dp:
@@ -180,13 +188,13 @@ def main() -> None:
               f"tok/s, ratio {dp['dp_throughput_ratio']}")
     print(f"cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}, "
           f"cpu: {cpu_features() or '-'}")
+    b8 = figures.get("decode_b8", {})
     print(json.dumps({
         "bench": "parallel", "tp": 3, "pp": 2, "cores": os.cpu_count(),
         "loadavg": round(os.getloadavg()[0], 1), "cpu": cpu_features(),
-        "tp_step_ratio": figures["decode_b8"]["ratio"],
-        "pp_step_ratio": figures["decode_b8"]["pp_ratio"],
+        "tp_step_ratio": b8.get("ratio"), "pp_step_ratio": b8.get("pp_ratio"),
         "dp_throughput_ratio": dp.get("dp_throughput_ratio"),
-        "tp_collectives_ms": figures["decode_b8"]["collectives_ms"],
+        "tp_collectives_ms": b8.get("collectives_ms"),
         **{k: v for k, v in dp.items() if k != "dp_throughput_ratio"},
         "shapes": figures,
     }))
