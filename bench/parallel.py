@@ -119,6 +119,7 @@ def dp_throughput(n: int, rounds: int) -> dict[str, object]:
                 done[name].append(r)
                 print(f"dp seed {seed} {name} replica(s): {r.tokens} tokens in "
                       f"{r.seconds:6.2f} s: {r.tokens / r.seconds:6.1f} tok/s", flush=True)
+        costs = {name: runner.step_costs() for name, runner in systems.items()}
     finally:
         for runner in systems.values():
             runner.stop()
@@ -126,7 +127,11 @@ def dp_throughput(n: int, rounds: int) -> dict[str, object]:
             for name, rs in done.items()}
     return {"dp_one_tok_s": round(rate["one"], 2), "dp_two_tok_s": round(rate["two"], 2),
             "dp_throughput_ratio": round(rate["two"] / rate["one"], 3),
-            "dp_requests": n, "dp_rounds": rounds}
+            "dp_round_ratios": [round(b.tokens / b.seconds / (a.tokens / a.seconds), 3)
+                                for a, b in zip(done["one"], done["two"], strict=True)],
+            "dp_requests": n, "dp_rounds": rounds,
+            **{f"dp_{name}_{k}": v for name, c in costs.items() for k, v in c.items()
+               if k in ("step_ms", "forward_ms", "gap_between_steps_ms")}}
 
 
 def cpu_features() -> str:
