@@ -150,7 +150,7 @@ class Kernel:
                                              embedded=True)
         fresh = {replicas.lane(name, replica): self.new_pager(name, stub) for name in loaded}
         for name in list(lost):   # a replica of a model others still serve: only it is out
-            if [r for r in replicas.live_lanes(self, name) if r != replica]:
+            if [r for r in replicas.live_replicas(self, name) if r != replica]:
                 log.error("replica_unavailable", model=name, replica=replica, reason=lost.pop(name))
         for name, why in lost.items():
             self.models[name].error = why

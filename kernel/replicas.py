@@ -89,7 +89,7 @@ def threads(k: Kernel, replicas: int = 1) -> int:
     return max(1, host_cores() // n) if n > 1 else 0
 
 
-def live_lanes(k: Kernel, model: str) -> list[int]:
+def live_replicas(k: Kernel, model: str) -> list[int]:
     """The replicas of a model that can take jobs now (pager attached)."""
     return [r for r in range(count(k, model)) if lane(model, r) in k.pagers]
 
@@ -192,7 +192,7 @@ def set_replica(k: Kernel, proc: Proc, replica: int) -> None:
 
 def request(k: Kernel, model: str, procs: list[Proc]) -> scheduler_pb2.PlaceRequest:
     """Each live replica's load and each job's prefix hits there (under the table lock)."""
-    live = live_lanes(k, model)
+    live = live_replicas(k, model)
     pagers = [k.pagers[lane(model, r)] for r in live]
     jobs = {r: 0 for r in live}
     for p in k.table.live():
