@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -67,6 +68,7 @@ class ServiceFault(Exception):
 
 
 PLACEHOLDER = 0   # stands for a token still being sampled; replaced before the step is sent
+FAILED = object()   # a phase of a lane's step that raised (charged to that lane)
 
 
 @dataclass
@@ -226,9 +228,7 @@ class Executor:
             self.wakeup.clear()
             self._move_off_dead()
             replicas.place_new(self.k)
-            busy = False
-            for lane in self.k.lanes() or [""]:
-                busy = self._turn(lane) or busy
+            busy = self._round(self.k.lanes())
             self._flush_releases()
             for pid in self.table.reap_expired():
                 self.k.journal.record_reap(pid)
@@ -236,10 +236,32 @@ class Executor:
                 self.k.journal.checkpoint()
                 self.wakeup.wait(1.0)   # idle: sleep until a syscall wakes us (no polling)
 
-    def _turn(self, lane: str) -> bool:
-        """Step one lane, charging a failure to it; True when there was work."""
+    def _round(self, lanes: list[str]) -> bool:
+        """One step of every lane; True when there was work. Each lane's next step is prepared
+        while the steps in flight compute; then lane by lane its step is collected and the next
+        one launched; the commits come last, so one replica's bookkeeping keeps no other
+        waiting. With one lane this is the overlapped step as it always was."""
+        if not lanes:
+            return self._guarded("", self._finish_inflight) is not False
+        staged = {lane: self._guarded(lane, self._stage, lane) for lane in lanes}
+        busy, finished = False, []
+        for lane, work in staged.items():
+            got = FAILED if work is FAILED else self._guarded(lane, self._relaunch, lane, work)
+            if got is FAILED:
+                busy = True
+                continue
+            done, more = got
+            busy = busy or more
+            if done is not None:
+                finished.append((lane, done))
+        for lane, done in finished:
+            self._guarded(lane, self._commit, *done)
+        return busy
+
+    def _guarded(self, lane: str, fn: Callable[..., object], *args: object) -> object:
+        """fn(*args), a failure charged to the lane: FAILED when it raised."""
         try:
-            return self.step(lane) if lane else self._finish_inflight()
+            return fn(*args)
         except (ServiceFault, *RPC_ERRORS) as e:   # a service is restarting
             log.warning("step_failed", model=lane, error=str(e))
             self._fail_inflight(lane)
@@ -249,17 +271,20 @@ class Executor:
             if lane:
                 self._requeue(lane)
         self.stopping.wait(RETRY_PAUSE)
-        return True
+        return FAILED
 
-    def step(self, lane: str) -> bool:
-        """Prepare one step of the lane's jobs while its previous step computes, then launch
-        it and commit the previous one; False when there was nothing to do."""
+    def _stage(self, lane: str) -> Work | None:
+        """Prepare the lane's next step while its step in flight computes."""
         pager = self.k.pagers.get(lane)
         try:
-            work = self._prepare(lane, pager) if pager is not None else None
+            return self._prepare(lane, pager) if pager is not None else None
         except RPC_ERRORS:   # the scheduler is restarting: still collect the step in flight
             self._finish_inflight(lane)
             raise
+
+    def _relaunch(self, lane: str, work: Work | None) -> tuple[tuple | None, bool]:
+        """Collect the lane's step in flight and launch the prepared one; the collected step
+        (to commit) and whether there was work."""
         finished = self._await_inflight(lane, work)
         if work is not None and work.batch:
             try:
@@ -271,9 +296,7 @@ class Executor:
                 raise ServiceFault(f"Step not sent: {e}") from None
             if finished is not None and finished[0].answered:   # the engine waited on us
                 metrics.on_gap(work.model, work.started - finished[0].answered)
-        if finished is not None:
-            self._commit(*finished)
-        return finished is not None or lane in self.inflight or bool(work and work.io)
+        return finished, finished is not None or lane in self.inflight or bool(work and work.io)
 
     def _finish_inflight(self, lane: str = "") -> bool:
         """Collect the step in flight of one lane (of every lane when none is named)."""
