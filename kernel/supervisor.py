@@ -199,6 +199,9 @@ class Supervisor:
             if spec.name not in self.services:
                 self.services[spec.name] = Service(spec)
             svc = self.services[spec.name]
+            if svc.state == "FAILED":   # asked for again: a fresh restart budget
+                svc.state = "STOPPED"
+                svc.recent.clear()
             if not self.thread.is_alive() or svc.state != "STOPPED":
                 return self._wait(svc, timeout) if self.thread.is_alive() else True
             svc.state = "STARTING"
