@@ -11,10 +11,11 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import grpc
+import structlog
 
 from llmasos.kernel import quota, replicas
 from llmasos.kernel.auth import Identity
@@ -36,6 +37,7 @@ from llmasos.syscalls.limits import DEFAULT_MAX_TOKENS, SIGCONT, SIGSTOP, sampli
 from llmasos.syscalls.table import CAP_ADMIN
 
 ENDED = (State.ZOMBIE, State.REAPED)
+log = structlog.get_logger()
 
 
 def is_admin(ident: Identity) -> bool:
@@ -367,41 +369,37 @@ def sys_models(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Mod
 
 
 def sys_deploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> common_pb2.ModelInfo:
-    if req.name in k.models and not k.models[req.name].error:
-        raise SyscallError("ALREADY_EXISTS", f"a model named {req.name!r} is deployed; "
-                           "undeploy it first or choose another name")
-    if req.remote_url:
-        return deploy_remote(k, req)
-    path = os.path.abspath(os.path.expanduser(req.path))
-    if not os.path.exists(path):
-        raise SyscallError("NOT_FOUND", f"{path} does not exist")
-    n = check_replicas(req)
-    left = ctx.time_remaining()   # the caller's deadline bounds the load (600 s without one)
-    timeout = min(600.0, left) if left is not None else 600.0
-    replicas.start_services(k, n)
-    dep = Deployed(path, req.dtype, quant=req.quant, tp=req.tp, pp=req.pp, replicas=n)
-    infos: list[common_pb2.ModelInfo] = []
-    pagers: dict[str, Any] = {}
-    try:
-        for r in range(n):   # one copy per replica's service, each with its own KV pool
-            stub = k.replica(r)
-            infos.append(stub.LoadModel(load_request(req.name, dep, replicas.threads(k, n)),
-                                        timeout=timeout))
-            pagers[replicas.lane(req.name, r)] = k.new_pager(req.name, stub)
-    except grpc.RpcError as e:
-        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:   # the caller gave up
-            unload_when_loaded(k, req.name, range(len(infos) + 1))
+    """Deploy: answered once the model is loaded (DeployStream also sends the progress)."""
+    for event in deploy_events(k, req, ctx):
+        if event.HasField("model"):
+            return event.model
+    raise SyscallError("INTERNAL", f"the deploy of {req.name} ended without its model")
+
+
+def sys_deploy_stream(k: Kernel, ident: Identity, req: Any,
+                      ctx: Any) -> Iterator[common_pb2.DeployEvent]:
+    yield from deploy_events(k, req, ctx)
+
+
+def deploy_events(k: Kernel, req: Any, ctx: Any) -> Iterator[common_pb2.DeployEvent]:
+    """Both Deploys: the load's progress, then the model, deployed and journaled, last."""
+    with deploying(k, req.name):
+        if req.name in k.models and not k.models[req.name].error:
+            raise SyscallError("ALREADY_EXISTS", f"a model named {req.name!r} is deployed; "
+                               "undeploy it first or choose another name")
+        if req.remote_url:   # nothing to load: one event
+            info = deploy_remote(k, req)
         else:
-            unload_quietly(k, req.name, range(len(infos)))
-        raise downstream(e, "deploying failed") from None
-    except SyscallError:   # a replica's service went down meanwhile
-        unload_quietly(k, req.name, range(len(infos)))
-        raise
-    k.pagers.update(pagers)
-    k.models[req.name] = dep   # (replaces an unavailable one of the same name)
-    k.journal.record_deploy(req.name, dataclasses.asdict(dep))
-    infos[0].replicas = n
-    return infos[0]
+            path = os.path.abspath(os.path.expanduser(req.path))
+            if not os.path.exists(path):
+                raise SyscallError("NOT_FOUND", f"{path} does not exist")
+            dep = Deployed(path, req.dtype, quant=req.quant, tp=req.tp, pp=req.pp,
+                           replicas=check_replicas(req))
+            replicas.start_services(k, dep.replicas)
+            info = yield from load_replicas(k, req.name, dep, ctx)
+            k.models[req.name] = dep   # (replaces an unavailable one of the same name)
+            k.journal.record_deploy(req.name, dataclasses.asdict(dep))
+    yield common_pb2.DeployEvent(model=info)
 
 
 def check_replicas(req: Any) -> int:
@@ -417,27 +415,105 @@ def check_replicas(req: Any) -> int:
     return n
 
 
-def unload_quietly(k: Kernel, name: str, replica_ids: range) -> None:
-    """Unload what a failed deploy loaded (a service that is down holds nothing)."""
-    for r in replica_ids:
-        with contextlib.suppress(grpc.RpcError, SyscallError):
-            k.replica(r).UnloadModel(inference_pb2.UnloadModelRequest(name=name), timeout=60)
+_DEPLOYING = threading.Lock()   # guards the kernel's set of names being deployed
 
 
-def unload_when_loaded(k: Kernel, name: str, replica_ids: range = range(1),
-                       patience: float = 900.0) -> None:
-    """A load the caller stopped waiting for still finishes in the service: unload it then."""
-    def run(r: int) -> None:
-        deadline = time.monotonic() + patience
-        while time.monotonic() < deadline:
-            try:
-                k.replica(r).UnloadModel(inference_pb2.UnloadModelRequest(name=name),
-                                         timeout=60)
-                return
-            except (grpc.RpcError, SyscallError):
-                time.sleep(2.0)
-    for r in replica_ids:
-        threading.Thread(target=run, args=(r,), name=f"unload-{name}", daemon=True).start()
+@contextlib.contextmanager
+def deploying(k: Kernel, name: str) -> Iterator[None]:
+    """One deploy of a name at a time, held until its model is kept or its load cleaned up."""
+    with _DEPLOYING:
+        names = k.__dict__.setdefault("deploying", set())   # kernel.py is the lead's
+        if name in names:
+            raise SyscallError("ALREADY_EXISTS", f"a deploy of {name!r} is under way; wait for "
+                               "it to end or choose another name")
+        names.add(name)
+    try:
+        yield
+    finally:
+        with _DEPLOYING:
+            names.discard(name)
+
+
+def load_replicas(k: Kernel, name: str, dep: Deployed,
+                  ctx: Any) -> Generator[common_pb2.DeployEvent, None, common_pb2.ModelInfo]:
+    """Load the model into each replica's service (replica 0's progress is relayed), each with
+    its own KV pool; the pagers are attached once all are loaded. A deploy that stops part way
+    leaves no replica loaded."""
+    infos: list[common_pb2.ModelInfo] = []
+    pagers: dict[str, Any] = {}
+    try:
+        for r in range(dep.replicas):
+            infos.append((yield from load_events(k, name, dep, r, ctx)))
+            pagers[replicas.lane(name, r)] = k.new_pager(name, k.replica(r))
+    except BaseException:   # a caller gone too (GeneratorExit)
+        for r in range(len(infos)):
+            abandon(k, name, r)
+        raise
+    k.pagers.update(pagers)
+    infos[0].replicas = dep.replicas
+    return infos[0]
+
+
+# The service's own answer about the load; other codes mean the call was cut short.
+CUT_SHORT = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.UNAVAILABLE)
+
+
+def load_events(k: Kernel, name: str, dep: Deployed, replica: int, ctx: Any
+                ) -> Generator[common_pb2.DeployEvent, None, common_pb2.ModelInfo]:
+    """Relay one replica's LoadModelStream (the progress of replica 0 only: one bar); returns
+    the loaded model. A load stopped short of that (a caller gone, a deadline, an error here)
+    is abandoned: nothing stays loaded."""
+    left = ctx.time_remaining()   # the caller's deadline bounds the load (600 s without one)
+    request = load_request(name, dep, replicas.threads(k, dep.replicas))
+    call = k.replica(replica).LoadModelStream(
+        request, timeout=min(600.0, left) if left is not None else 600.0)
+    if not ctx.add_callback(call.cancel):   # the caller going away stops the load
+        call.cancel()
+    model, kept, answered = None, False, False
+    try:
+        for event in call:
+            if event.HasField("model"):   # the last message
+                model = event.model
+                break
+            if replica == 0:
+                yield event
+        if model is None:
+            raise SyscallError("INTERNAL", f"the inference service ended the load of "
+                               f"{name} without its model")
+        if not ctx.is_active():
+            raise gone(ctx)
+        kept = True
+        return model
+    except grpc.RpcError as e:
+        answered = model is None and e.code() not in CUT_SHORT   # the service's own refusal
+        if not ctx.is_active():
+            raise gone(ctx) from None
+        raise downstream(e, "deploying failed") from None
+    finally:
+        if not (kept or answered):
+            call.cancel()
+            abandon(k, name, replica)
+
+
+def gone(ctx: Any) -> SyscallError:
+    left = ctx.time_remaining()
+    if left is not None and left <= 0:
+        return SyscallError("DEADLINE_EXCEEDED", "the caller's deadline passed; nothing was "
+                            "deployed (raise the timeout)")
+    return SyscallError("CANCELLED", "the caller went away; nothing was deployed")
+
+
+ABANDON_TIMEOUT = 180.0   # the service waits up to 120 s for a cancelled load to stop
+
+
+def abandon(k: Kernel, name: str, replica: int = 0) -> None:
+    """Leave nothing of a load the kernel gave up on in the (replica's) inference service."""
+    try:
+        k.replica(replica).UnloadModel(inference_pb2.UnloadModelRequest(
+            name=name, abandoned=True), timeout=ABANDON_TIMEOUT)
+    except (grpc.RpcError, SyscallError) as e:   # a service gone lost the load with itself
+        log.warning("abandon_failed", model=name, replica=replica, error=str(e))
 
 
 def sys_undeploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.UndeployResponse:
@@ -457,7 +533,8 @@ def sys_undeploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.U
     for r in range(n):
         k.pagers.pop(replicas.lane(req.name, r), None)
     k.journal.record_undeploy(req.name)
-    unload_quietly(k, req.name, range(1, n))   # a replica that is down holds nothing
+    for r in range(1, n):   # a replica that is down holds nothing
+        abandon(k, req.name, r)
     replicas.retire_unused(k)
     return kernel_pb2.UndeployResponse()
 

@@ -6,6 +6,7 @@
   llmosd adduser NAME [--cap CAP ...]      prints the new user's token once
   llmosd quota USER [--max-jobs N] [--max-tokens N] [--kv-share F] [--reset]
   llmosd cache ls|clear [--stale]          converted weights under $XDG_CACHE_HOME/llmasos
+  llmosd compress SRC --out DIR --method M [--ratio R] [--calib-tokens N]   prune a model
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 
 import structlog
 
+from llmasos.drivers.prune import cli as prune_cli
 from llmasos.kernel import config, log, recovery, replicas
 from llmasos.kernel.audit import AuditLog
 from llmasos.kernel.executor import Executor
@@ -87,6 +89,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     cache.add_argument("action", choices=["ls", "clear"])
     cache.add_argument("--stale", action="store_true",
                        help="only entries whose source file is gone or changed")
+    prune_cli.add_arguments(sub.add_parser(
+        "compress", help="write a pruned copy of a model as a folder Deploy loads (offline)"))
     return ap.parse_args(argv)
 
 
@@ -195,9 +199,19 @@ def shutdown(k: Kernel, server: object, grace: float, gateway: Gateway | None = 
     logger.info("stopped")
 
 
+def compress(args: argparse.Namespace) -> int:
+    try:
+        prune_cli.run(args, print)
+    except (ValueError, OSError, ModuleNotFoundError) as err:
+        print(f"llmosd compress: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    commands = {"adduser": adduser, "quota": set_quota, "run": run, "cache": manage_cache}
+    commands = {"adduser": adduser, "quota": set_quota, "run": run, "cache": manage_cache,
+                "compress": compress}
     return commands[args.command](args)
 
 

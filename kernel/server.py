@@ -77,6 +77,9 @@ def syscall(k: Kernel, call: Syscall, request: Any,
     audited = call.audit or on_others_job(k, request)
     try:
         yield
+    except GeneratorExit:   # a stream whose caller went away: closed at a message it sent
+        code, message = "CANCELLED", "the caller went away"
+        raise
     except SyscallError as e:
         code, message = e.code, e.message
         context.abort(getattr(grpc.StatusCode, e.code), e.message)

@@ -1,6 +1,7 @@
 """The supervisor (MINIX 3's reincarnation server): starts each service as its own OS process,
 learns its address through a pipe, watches it through its exit and grpc.health.v1, and restarts
-it with exponential backoff within a restart budget. Past the budget the service is FAILED.
+it with exponential backoff within a restart budget. Past the budget the service is FAILED. The
+backoff grows only over a crash loop: an incarnation that stayed healthy STABLE_S restarts at once.
 
 Protection: each service listens on `unix:<home>/run/<name>.sock`; the run directory is 0700 and
 locked for the life of this llmosd. A per-boot secret, made here and kept only in memory, goes to
@@ -30,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 log = structlog.get_logger()
 
 BACKOFF_START, BACKOFF_CAP = 0.5, 30.0
+STABLE_S = 10.0              # healthy this long: its death is a fault, not a crash loop
 HEALTH_PERIOD = 1.0          # seconds between health checks
 MISSED_CHECKS_TO_KILL = 2    # a service that misses two periods is killed and restarted
 SECRET_KEY = "x-llmasos-secret"   # services/runtime.py checks it on every call
@@ -102,6 +104,8 @@ class Service:
     missed: int = 0
     next_start: float = 0.0
     recent: collections.deque = field(default_factory=collections.deque)  # restart times
+    healthy_at: float = 0.0  # when this incarnation first answered SERVING (0: not yet)
+    crash_loop: int = 0      # deaths since an incarnation last ran STABLE_S: the backoff's power
 
     @property
     def pid(self) -> int:
@@ -129,9 +133,15 @@ class Supervisor:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Launch every service at once (boot time is the slowest service's, not the sum)."""
         self._prepare_run_dir()
-        for svc in self.services.values():
-            self._launch(svc)
+        starters = [threading.Thread(target=self._launch, args=(svc,), daemon=True,
+                                     name=f"start-{svc.spec.name}")
+                    for svc in self.services.values()]
+        for t in starters:
+            t.start()
+        for t in starters:
+            t.join()
         self.thread.start()
 
     def _prepare_run_dir(self) -> None:
@@ -269,6 +279,7 @@ class Supervisor:
             svc.state = "STARTING"
             svc.incarnation += 1
             svc.started_at = time.time()
+            svc.healthy_at = 0.0
             try:
                 svc.popen = subprocess.Popen(cmd, pass_fds=(write_fd, secret_r),
                                              stdin=subprocess.DEVNULL)
@@ -365,6 +376,7 @@ class Supervisor:
             svc.missed = 0
             if svc.state != "HEALTHY":
                 svc.state = "HEALTHY"
+                svc.healthy_at = svc.healthy_at or time.monotonic()
                 self.ready.notify_all()
             return
         svc.missed += 1
@@ -397,7 +409,10 @@ class Supervisor:
                       restarts=svc.restarts, budget=f"{self.max_restarts} in {self.window}s")
             self.ready.notify_all()
             return
-        delay = min(BACKOFF_START * 2 ** len(svc.recent), BACKOFF_CAP)
+        if svc.healthy_at and now - svc.healthy_at >= STABLE_S:
+            svc.crash_loop = 0
+        delay = min(BACKOFF_START * 2 ** svc.crash_loop, BACKOFF_CAP)
+        svc.crash_loop += 1
         svc.recent.append(now)
         svc.restarts += 1
         svc.state, svc.next_start = "RESTARTING", now + delay

@@ -40,6 +40,11 @@ class InferenceStub:
                 request_serializer=inference__pb2.LoadModelRequest.SerializeToString,
                 response_deserializer=common__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.LoadModelStream = channel.unary_stream(
+                '/llmasos.v1.Inference/LoadModelStream',
+                request_serializer=inference__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=common__pb2.DeployEvent.FromString,
+                _registered_method=True)
         self.UnloadModel = channel.unary_unary(
                 '/llmasos.v1.Inference/UnloadModel',
                 request_serializer=inference__pb2.UnloadModelRequest.SerializeToString,
@@ -97,6 +102,14 @@ class InferenceServicer:
 
     def LoadModel(self, request, context):
         """NOT_FOUND: no such path
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModelStream(self, request, context):
+        """LoadModel with its progress: DeployEvents, the ModelInfo last. Cancelling the call stops the
+        load at its next step, and a load whose caller has gone is never kept.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -173,6 +186,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.LoadModel,
                     request_deserializer=inference__pb2.LoadModelRequest.FromString,
                     response_serializer=common__pb2.ModelInfo.SerializeToString,
+            ),
+            'LoadModelStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.LoadModelStream,
+                    request_deserializer=inference__pb2.LoadModelRequest.FromString,
+                    response_serializer=common__pb2.DeployEvent.SerializeToString,
             ),
             'UnloadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.UnloadModel,
@@ -252,6 +270,33 @@ class Inference:
             '/llmasos.v1.Inference/LoadModel',
             inference__pb2.LoadModelRequest.SerializeToString,
             common__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModelStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmasos.v1.Inference/LoadModelStream',
+            inference__pb2.LoadModelRequest.SerializeToString,
+            common__pb2.DeployEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -80,6 +80,11 @@ class KernelStub:
                 request_serializer=kernel__pb2.DeployRequest.SerializeToString,
                 response_deserializer=common__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.DeployStream = channel.unary_stream(
+                '/llmasos.v1.Kernel/DeployStream',
+                request_serializer=kernel__pb2.DeployRequest.SerializeToString,
+                response_deserializer=common__pb2.DeployEvent.FromString,
+                _registered_method=True)
         self.Undeploy = channel.unary_unary(
                 '/llmasos.v1.Kernel/Undeploy',
                 request_serializer=kernel__pb2.UndeployRequest.SerializeToString,
@@ -218,6 +223,15 @@ class KernelServicer:
 
     def Deploy(self, request, context):
         """Load a model from a GGUF file or a Hugging Face folder under a name (root only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeployStream(self, request, context):
+        """Deploy, streaming the load's progress (DeployEvent.progress) and then the ModelInfo as the
+        last message; the same checks, permissions and status codes as Deploy. A caller that goes
+        away before the last message leaves nothing deployed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -380,6 +394,11 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.Deploy,
                     request_deserializer=kernel__pb2.DeployRequest.FromString,
                     response_serializer=common__pb2.ModelInfo.SerializeToString,
+            ),
+            'DeployStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.DeployStream,
+                    request_deserializer=kernel__pb2.DeployRequest.FromString,
+                    response_serializer=common__pb2.DeployEvent.SerializeToString,
             ),
             'Undeploy': grpc.unary_unary_rpc_method_handler(
                     servicer.Undeploy,
@@ -700,6 +719,33 @@ class Kernel:
             '/llmasos.v1.Kernel/Deploy',
             kernel__pb2.DeployRequest.SerializeToString,
             common__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeployStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmasos.v1.Kernel/DeployStream',
+            kernel__pb2.DeployRequest.SerializeToString,
+            common__pb2.DeployEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,9 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall(7, "Stat",     CAP_PROC,   "sys_stat",     v.pid),
     Syscall(8, "Models",   CAP_MODELS, "sys_models",   v.nothing,  ("inference",)),
     Syscall(9, "Deploy",   CAP_ADMIN,  "sys_deploy",   v.deploy,   ("inference",), False, True),
+    # Deploy streaming its load's progress: the same checks and handling (handlers.deploy_events)
+    Syscall(28, "DeployStream", CAP_ADMIN, "sys_deploy_stream", v.deploy, ("inference",),
+            True, True),
     Syscall(10, "Undeploy", CAP_ADMIN, "sys_undeploy", v.undeploy, ("inference",), False, True),
     Syscall(11, "WhoAmI",  CAP_SYSTEM, "sys_whoami",   v.nothing),
     Syscall(12, "Services", CAP_SYSTEM, "sys_services", v.nothing),

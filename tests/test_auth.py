@@ -7,7 +7,7 @@ import pytest
 
 from llmasos.kernel.auth import bearer
 from llmasos.proto import kernel_pb2
-from llmasos.syscalls import SYSCALLS
+from llmasos.syscalls import BY_NAME, SYSCALLS
 
 from conftest import System
 
@@ -21,6 +21,7 @@ REQUESTS = {
     "Stat": kernel_pb2.StatRequest(pid=1),
     "Models": kernel_pb2.ModelsRequest(),
     "Deploy": kernel_pb2.DeployRequest(path="/nonexistent", name="x"),
+    "DeployStream": kernel_pb2.DeployRequest(path="/nonexistent", name="x"),
     "Undeploy": kernel_pb2.UndeployRequest(name="x"),
     "WhoAmI": kernel_pb2.WhoAmIRequest(),
     "Services": kernel_pb2.ServicesRequest(),
@@ -42,7 +43,7 @@ REQUESTS = {
 def code_of(system: System, name: str, request: object, metadata: list) -> grpc.StatusCode:
     try:
         reply = getattr(system.kernel, name)(request, metadata=metadata, timeout=30)
-        if name == "Read":
+        if BY_NAME[name].stream:
             list(reply)
     except grpc.RpcError as e:
         return e.code()
@@ -85,8 +86,9 @@ def test_new_user_identity_and_limits(bare_system: System) -> None:
     assert (me.user, me.root) == ("alice", False) and me.uid >= 1000
     assert "admin" not in me.capabilities
     md = bare_system.auth(token)
-    assert code_of(bare_system, "Deploy", REQUESTS["Deploy"], md) == \
-        grpc.StatusCode.PERMISSION_DENIED
+    for name in ("Deploy", "DeployStream"):
+        assert code_of(bare_system, name, REQUESTS[name], md) == \
+            grpc.StatusCode.PERMISSION_DENIED, name
     assert code_of(bare_system, "Ps", kernel_pb2.PsRequest(user="root"), md) == \
         grpc.StatusCode.PERMISSION_DENIED
     assert code_of(bare_system, "Ps", kernel_pb2.PsRequest(all=True), md) == grpc.StatusCode.OK

@@ -22,7 +22,7 @@ from llmasos.names import exit_code, reason_name, signal_number, state_name
 from llmasos.process import AsyncProcess, Process
 from llmasos.proto import common_pb2, kernel_pb2
 
-from conftest import System
+from conftest import System, kill_live_jobs
 
 # -- token and address discovery ----------------------------------------------------------------
 
@@ -308,24 +308,31 @@ def test_ctrl_c_while_waiting_kills_the_job(gen_system):
             "print(p.pid, flush=True)\n"
             "p.wait()\n")
     env = {**os.environ, "LLMASOS_ADDR": gen_system.address, "LLMASOS_TOKEN": gen_system.root_token}
+    # SIGINT back to its default in the child: a suite run under nohup or in the background
+    # inherits it ignored, and Python then never raises KeyboardInterrupt
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                             stderr=subprocess.PIPE, env=env)
-    pid = int(child.stdout.readline())
-    time.sleep(1.0)
-    child.send_signal(signal.SIGINT)
-    assert child.wait(30) != 0 and "KeyboardInterrupt" in child.stderr.read()
-    with LLMClient(address=gen_system.address, token=gen_system.root_token) as c:
-        # A 4000-token job that ends within seconds was killed; the kernel may let the
-        # interrupted Wait reap it, so it is either a killed zombie or gone.
-        for _ in range(100):
-            procs = {p.pid: p for p in c.ps()}
-            if pid not in procs or procs[pid].state == common_pb2.PROC_ZOMBIE:
-                break
-            time.sleep(0.1)
-        else:
-            raise AssertionError(f"job {pid} still running after Ctrl-C")
-        if pid in procs:
-            assert procs[pid].exit_reason == common_pb2.EXIT_KILLED
+                             stderr=subprocess.PIPE, env=env,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        pid = int(child.stdout.readline())
+        time.sleep(1.0)
+        child.send_signal(signal.SIGINT)
+        assert child.wait(120) != 0 and "KeyboardInterrupt" in child.stderr.read()
+        with LLMClient(address=gen_system.address, token=gen_system.root_token) as c:
+            # A 4000-token job that ends within seconds was killed; the kernel may let the
+            # interrupted Wait reap it, so it is either a killed zombie or gone.
+            for _ in range(100):
+                procs = {p.pid: p for p in c.ps()}
+                if pid not in procs or procs[pid].state == common_pb2.PROC_ZOMBIE:
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError(f"job {pid} still running after Ctrl-C")
+            if pid in procs:
+                assert procs[pid].exit_reason == common_pb2.EXIT_KILLED
+    finally:
+        child.kill()
+        kill_live_jobs(gen_system)
 
 
 def test_async_generation_and_cancel_kills(gen_system):

@@ -36,6 +36,10 @@ def test_client_only_install_has_no_torch(tmp_path: Path) -> None:
     daemon = subprocess.run([str(env_dir / "bin" / "llmosd"), "run"], capture_output=True,
                             text=True, env=env, cwd=tmp_path, timeout=60)
     assert daemon.returncode == 1 and "llmasos[server]" in daemon.stderr, daemon.stderr
+    compress = subprocess.run([str(env_dir / "bin" / "llmsh"), "-c", "compress x --out y "
+                               "--method layers --ratio 0.5"], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=60)
+    assert compress.returncode == 1 and "llmasos[server]" in compress.stderr, compress.stderr
     for tool in ("llm-ps", "llm-kill", "llm-top", "llmsh", "llmosd"):
         version = subprocess.run([str(env_dir / "bin" / tool), "--version"],
                                  capture_output=True, text=True, env=env, cwd=tmp_path)
@@ -49,3 +53,18 @@ def test_every_command_has_version() -> None:
                              text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert "llmasos" in out.stdout
+
+
+def test_every_package_folder_is_listed_in_pyproject() -> None:
+    """setuptools installs only the packages named in pyproject.toml: a folder left out works in
+    an editable install and is missing from a wheel (drivers/parallel once was)."""
+    import tomllib
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, folders = set(conf["packages"]), conf["package-dir"]
+    on_disk = set()
+    for package, folder in folders.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            if not any(p.startswith(".") or p == "node_modules" for p in parts):
+                on_disk.add(".".join((package, *parts)))
+    assert on_disk <= listed, sorted(on_disk - listed)

@@ -24,7 +24,7 @@ from llmasos.shell.complete import Completer
 from llmasos.shell.jobs import Jobs
 from llmasos.shell.parse import parse
 
-from conftest import System
+from conftest import System, embedded_gguf, kill_live_jobs
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("LLMASOS_")}
 
@@ -271,6 +271,32 @@ def test_admin_commands_need_root_and_known_names(bare_system):
     assert out.stdout.strip() == "alice-sh"
 
 
+def test_deploy_shows_the_load_progress(bare_system):
+    env = _env(bare_system)
+    out = llmsh("-c", f"deploy {embedded_gguf()} smol-sh; undeploy smol-sh", env=env,
+                timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("deployed smol-sh: llama")   # stdout: the result alone
+    lines = out.stderr.splitlines()   # not a terminal: a plain line per quarter of a stage
+    assert all(line.startswith("deploy: ") for line in lines), lines
+    assert "deploy: load 0/30 layers (0%)" in lines and "deploy: load 30/30 layers (100%)" in lines
+    assert len(lines) <= 5 * 6, lines   # at most 0, 25, 50, 75 and 100% of each stage
+    sh = Pty(env=env)   # on a terminal: one line redrawn in place, erased at the end
+    try:
+        sh.expect(PROMPT)
+        sh.send(f"deploy {embedded_gguf()} smol-tty\r")
+        sh.expect(r"\rdeploy: load \[#*\.*\] \d+/30 layers +\d+%", timeout=300)
+        sh.expect(r"\r\x1b\[Kdeployed smol-tty: llama", timeout=300)
+        sh.expect(PROMPT, timeout=60)
+        sh.send("undeploy smol-tty\r")
+        sh.expect("undeployed smol-tty")
+        sh.send("exit\r")
+        assert sh.close() == 0
+    finally:
+        if sh.proc.poll() is None:
+            sh.proc.kill()
+
+
 def test_completion_of_models(bare_system):
     c = LLMClient(address=bare_system.address, token=bare_system.root_token)
     comp = Completer(c, ["run"])
@@ -348,6 +374,7 @@ def test_ctrl_c_kills_foreground_job_and_chat(gen_system):
     finally:
         if sh.proc.poll() is None:
             sh.proc.send_signal(signal.SIGKILL)
+        kill_live_jobs(gen_system)
 
 
 def test_chat_from_stdin(gen_system):

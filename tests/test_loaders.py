@@ -132,10 +132,18 @@ def embedded_gguf() -> str:
 
 def test_cache_hit_on_embedded_model(tmp_path: Path) -> None:
     path = embedded_gguf()
-    cfg, weights, hit = load_cached_gguf(path, str(tmp_path), progress=False)
+    miss: list[tuple[str, int, int, str]] = []
+    cfg, weights, hit = load_cached_gguf(path, str(tmp_path), progress=False,
+                                         report=lambda *r: miss.append(r))
     assert not hit and cache_path(path, str(tmp_path)).is_file()
-    cfg2, weights2, hit2 = load_cached_gguf(path, str(tmp_path), progress=False)
+    # every tensor dequantized is heard, in order, then the cache file written
+    assert miss == [("dequantize", i, 272, "tensors") for i in range(273)] + \
+        [("write", 0, 1, "files"), ("write", 1, 1, "files")]
+    heard: list[tuple[str, int, int, str]] = []
+    cfg2, weights2, hit2 = load_cached_gguf(path, str(tmp_path), progress=False,
+                                            report=lambda *r: heard.append(r))
     assert hit2 and cfg2 == cfg
+    assert heard == [("read", i, 272, "tensors") for i in range(273)]
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (30, 576, 9, 3)
     assert set(weights2) == set(weights)
     name = "model.layers.7.self_attn.q_proj.weight"

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmasos.proto import common_pb2, kernel_pb2
+from llmasos.syscalls import BY_NAME
 
 from conftest import System
 
@@ -55,12 +56,13 @@ CASES = [
     ("Undeploy", K.UndeployRequest(), IA),
     ("Undeploy", K.UndeployRequest(name="ghost"), NF),
 ]
+CASES += [("DeployStream", r, c) for n, r, c in CASES if n == "Deploy"]   # the same checks
 
 
 def call(system: System, name: str, request: object) -> grpc.StatusCode:
     try:
         reply = getattr(system.kernel, name)(request, metadata=system.auth(), timeout=60)
-        if name == "Read":
+        if BY_NAME[name].stream:
             list(reply)
     except grpc.RpcError as e:
         assert e.details(), f"{name}: an error must say what is wrong"
@@ -100,8 +102,8 @@ requests = st.one_of(
     st.tuples(st.just("Nice"), st.builds(K.NiceRequest, pid=ints, nice=sints)),
     st.tuples(st.just("Stat"), st.builds(K.StatRequest, pid=ints)),
     st.tuples(st.just("Ps"), st.builds(K.PsRequest, all=st.booleans(), user=texts)),
-    st.tuples(st.just("Deploy"), st.builds(K.DeployRequest, path=texts, name=texts,
-                                           dtype=texts)),
+    st.tuples(st.sampled_from(["Deploy", "DeployStream"]),
+              st.builds(K.DeployRequest, path=texts, name=texts, dtype=texts)),
     st.tuples(st.just("Undeploy"), st.builds(K.UndeployRequest, name=texts)),
 )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -56,6 +57,20 @@ class AsyncLLMClient(ClientBase):
             raise self._error(err, options["wait_for_ready"]) from None
         self._reached = True
         return call.read(reply)
+
+    async def _stream(self, call: Call, *args: Any,
+                      timeout: float | None = None) -> AsyncIterator[Any]:
+        """A server-streaming call's replies; leaving the loop early cancels the call."""
+        options = self._options(call, timeout)
+        stream = getattr(self._stub, call.name)(call.build(*args), **options)
+        try:
+            async for reply in stream:
+                self._reached = True
+                yield reply
+        except grpc.RpcError as err:
+            raise self._error(err, options["wait_for_ready"]) from None
+        finally:
+            stream.cancel()
 
     @contextlib.asynccontextmanager
     async def killing_on_cancel(self, pid: int) -> AsyncIterator[None]:
@@ -180,14 +195,23 @@ class AsyncLLMClient(ClientBase):
                      timeout: float | None = None, quant: str = "", tp: int = 0,
                      pp: int = 0, remote_url: str = "", api_key_env: str = "",
                      api_key_file: str = "", remote_model: str = "",
+                     progress: calls.Progress | None = None,
                      replicas: int = 0) -> common_pb2.ModelInfo:
         """Load a model (root only). quant: "" (the service default), "none", "int8"...;
         tp > 1: that many tensor-parallel ranks, pp > 1: that many pipeline stages, replicas >
-        1: that many copies (data parallelism); remote_url:
-        a hosted model (see LLMClient.deploy)."""
-        return await self._call(calls.DEPLOY, path, name, dtype, quant, tp, pp, remote_url,
-                                api_key_env, api_key_file, remote_model, replicas,
-                                timeout=timeout)
+        1: that many copies (data parallelism); remote_url: a hosted model (see
+        LLMClient.deploy). progress: called (or awaited, if it returns an awaitable) with each
+        LoadProgress; cancelling the task deploys nothing."""
+        args = (path, name, dtype, quant, tp, pp, remote_url, api_key_env, api_key_file,
+                remote_model, replicas)
+        if progress is None:
+            return await self._call(calls.DEPLOY, *args, timeout=timeout)
+        model = None
+        async for event in self._stream(calls.DEPLOY_STREAM, *args, timeout=timeout):
+            model = calls.deployed(event)   # the last event; the stream's status follows
+            if model is None and inspect.isawaitable(heard := progress(event.progress)):
+                await heard
+        return calls.check_deployed(model, name)
 
     async def undeploy(self, name: str) -> None:
         await self._call(calls.UNDEPLOY, name)

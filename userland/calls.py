@@ -14,10 +14,13 @@ from typing import Any
 import grpc
 
 from llmasos import requests
-from llmasos.errors import ModelNotFound, NotFound
+from llmasos.errors import LLMError, ModelNotFound, NotFound
 from llmasos.names import signal_number
 from llmasos.process import Completion
-from llmasos.proto import kernel_pb2
+from llmasos.proto import common_pb2, kernel_pb2
+
+# deploy(progress=...): called with each LoadProgress (stage, done, total, unit) of the load
+Progress = Callable[[common_pb2.LoadProgress], Any]
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ PS = Call("Ps", lambda all=False, user="": kernel_pb2.PsRequest(all=all, user=us
           _same, idempotent=True)
 MODELS = Call("Models", kernel_pb2.ModelsRequest, lambda r: list(r.models), idempotent=True)
 DEPLOY = Call("Deploy", _deploy, _same, idempotent=False, job=True)
+DEPLOY_STREAM = Call("DeployStream", _deploy, _same, idempotent=False, job=True)  # + progress
 UNDEPLOY = Call("Undeploy", lambda name: kernel_pb2.UndeployRequest(name=name),
                 lambda r: None, idempotent=False)
 WHOAMI = Call("WhoAmI", kernel_pb2.WhoAmIRequest, _same, idempotent=True)
@@ -91,8 +95,8 @@ SHM_REMOVE = Call("ShmRemove", lambda name: kernel_pb2.ShmRemoveRequest(name=nam
 SHM_LIST = Call("ShmList", kernel_pb2.ShmListRequest, lambda r: list(r.segments),
                 idempotent=True)
 
-CALLS = (SPAWN, WAIT, READ, KILL, NICE, STAT, PS, MODELS, DEPLOY, UNDEPLOY, WHOAMI, SERVICES,
-         AUDIT, SET_QUOTA, ALIAS, SHM_CREATE, SHM_REMOVE, SHM_LIST)
+CALLS = (SPAWN, WAIT, READ, KILL, NICE, STAT, PS, MODELS, DEPLOY, DEPLOY_STREAM, UNDEPLOY,
+         WHOAMI, SERVICES, AUDIT, SET_QUOTA, ALIAS, SHM_CREATE, SHM_REMOVE, SHM_LIST)
 RETRIED = tuple(c.name for c in CALLS if c.idempotent)
 
 # Codes that may come from the client's side of the wire; any other means llmosd answered.
@@ -103,6 +107,17 @@ LOCAL_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
 def answered(err: grpc.RpcError) -> bool:
     """Whether a failed call was answered by llmosd (so it was reachable)."""
     return err.code() not in LOCAL_CODES
+
+
+def deployed(event: common_pb2.DeployEvent) -> common_pb2.ModelInfo | None:
+    """The model a DeployStream event carries (its last), else None (a progress event)."""
+    return event.model if event.HasField("model") else None
+
+
+def check_deployed(model: common_pb2.ModelInfo | None, name: str) -> common_pb2.ModelInfo:
+    if model is None:   # a stream ends with its model or an error status; never neither
+        raise LLMError(f"the deploy of {name} ended without its model; see llmosd's log")
+    return model
 
 
 def model_not_found(err: NotFound, model: str, deployed: list[str] | None) -> NotFound:

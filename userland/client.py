@@ -101,6 +101,19 @@ class LLMClient(ClientBase):
         self._reached = True
         return call.read(reply)
 
+    def _stream(self, call: Call, *args: Any, timeout: float | None = None) -> Iterator[Any]:
+        """A server-streaming call's replies; leaving the loop early cancels the call."""
+        options = self._options(call, timeout)
+        stream = getattr(self._stub, call.name)(call.build(*args), **options)
+        try:
+            for reply in stream:
+                self._reached = True
+                yield reply
+        except grpc.RpcError as err:
+            raise self._error(err, options["wait_for_ready"]) from None
+        finally:
+            stream.cancel()
+
     @contextlib.contextmanager
     def killing_on_interrupt(self, pid: int) -> Iterator[None]:
         """Ctrl-C (or an abandoned stream) while waiting on a job kills the job."""
@@ -231,15 +244,26 @@ class LLMClient(ClientBase):
                timeout: float | None = None, quant: str = "", tp: int = 0,
                pp: int = 0, remote_url: str = "", api_key_env: str = "",
                api_key_file: str = "", remote_model: str = "",
+               progress: calls.Progress | None = None,
                replicas: int = 0) -> common_pb2.ModelInfo:
         """Load a model (root only); loading takes a while, hence the job deadline.
         quant: "" (the service default), "none", "int8" or a recipe from formats(); tp > 1 runs
         it as that many tensor-parallel ranks, pp > 1 as that many pipeline stages; replicas > 1
         as that many copies, each its own inference process and KV pool. With
         remote_url, NAME is a hosted model: an OpenAI-compatible endpoint (path unused), its
-        key read by llmosd from the env var api_key_env or the 0600 file api_key_file."""
-        return self._call(calls.DEPLOY, path, name, dtype, quant, tp, pp, remote_url,
-                          api_key_env, api_key_file, remote_model, replicas, timeout=timeout)
+        key read by llmosd from the env var api_key_env or the 0600 file api_key_file.
+        progress: called with each LoadProgress (.stage, .done, .total, .unit) as the model
+        loads (DeployStream); leaving early (an exception, Ctrl-C) deploys nothing."""
+        args = (path, name, dtype, quant, tp, pp, remote_url, api_key_env, api_key_file,
+                remote_model, replicas)
+        if progress is None:
+            return self._call(calls.DEPLOY, *args, timeout=timeout)
+        model = None
+        for event in self._stream(calls.DEPLOY_STREAM, *args, timeout=timeout):
+            model = calls.deployed(event)   # the last event; the stream's status follows
+            if model is None:
+                progress(event.progress)
+        return calls.check_deployed(model, name)
 
     def undeploy(self, name: str) -> None:
         self._call(calls.UNDEPLOY, name)

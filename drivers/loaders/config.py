@@ -63,6 +63,7 @@ class ModelConfig:
     rope_local_theta: float = 0.0  # Gemma 3: sliding layers' RoPE base (0: rope_theta)
     activation: str = ""  # overrides the family's MLP nonlinearity
     parallel_residual: bool | None = None  # overrides the family's (NeoX's config flag)
+    sparsity: str = ""  # "2:4": the layers' linear weights hold that pattern (drivers/prune)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -189,6 +190,7 @@ def _from_hf_config(cfg: dict[str, Any]) -> ModelConfig:
         rope_local_theta=float(local or 0.0),
         activation=_activation(cfg),
         parallel_residual=cfg.get("use_parallel_residual"),
+        sparsity=str(cfg.get("llmasos_sparsity") or ""),
     )
 
 

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
-from tqdm import tqdm
 
 from llmasos.drivers.cuda.quant import QuantWeight, from_gguf
 from llmasos.drivers.loaders.config import (
@@ -19,6 +18,7 @@ from llmasos.drivers.loaders.config import (
     arch_spec,
     from_gguf_metadata,
 )
+from llmasos.drivers.loaders.progress import Report, tracked
 
 # GGUF block formats the Triton matmuls read as they are (drivers/cuda/quant_matmul.py).
 KERNEL_FORMATS = {GGMLQuantizationType.Q8_0: "q8_0", GGMLQuantizationType.Q4_1: "q4_1"}
@@ -106,17 +106,18 @@ def to_quant(t: Any) -> QuantWeight:
 
 
 def load_gguf(path: str, progress: bool = True, keep_quantized: bool = False,
+              report: Report | None = None,
               ) -> tuple[ModelConfig, dict[str, torch.Tensor | QuantWeight]]:
     """Return the config and fp32 weights (HF names, Q/K rows in HF order). With
     keep_quantized, Q8_0/Q4_1 projection weights stay in their GGUF blocks (QuantWeight) for
-    the GPU's quantized matmuls instead of being dequantized."""
+    the GPU's quantized matmuls instead of being dequantized. `report` hears each tensor."""
     reader = GGUFReader(path)
     meta = read_metadata(reader)
     check_gguf_arch(str(meta.get("general.architecture", "")))
     cfg = from_gguf_metadata(meta, {t.name for t in reader.tensors})
     permuted = arch_spec(cfg.architecture).permuted_qk
     weights: dict[str, torch.Tensor] = {}
-    for t in tqdm(reader.tensors, desc="dequantize", unit="tensor", disable=not progress):
+    for t in tracked(reader.tensors, "dequantize", "tensors", progress, report):
         name = hf_name(t.name)
         if name is None:
             continue

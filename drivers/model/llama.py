@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from llmasos.drivers.cuda.backend import Kernels, kernels_for
 from llmasos.drivers.cuda.quant import QuantWeight, dequantize
 from llmasos.drivers.loaders.config import ModelConfig
+from llmasos.drivers.loaders.progress import Report, tracked
 from llmasos.drivers.model.attention import group_attention, write_kv
 from llmasos.drivers.model.batch import StepBatch
 from llmasos.drivers.model.families import family
@@ -165,7 +166,8 @@ ACTIVATIONS = {
 
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor],
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 report: Report | None = None) -> None:
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.family = fam = family(cfg.architecture)
         weights = to_llama_names(cfg, weights)
@@ -197,7 +199,8 @@ class LlamaModel:
         self.act = ACTIVATIONS[cfg.activation or fam.activation]
         self.parallel = fam.parallel_residual if cfg.parallel_residual is None \
             else cfg.parallel_residual
-        self.layers = [self._layer(weights, i, w, opt) for i in range(cfg.num_layers)]
+        self.layers = [self._layer(weights, i, w, opt)   # `report` hears each layer placed
+                       for i in tracked(range(cfg.num_layers), "load", "layers", report=report)]
         freqs = weights.get("model.rope_freqs")
         self.inv_freq = rope_inv_freq(cfg, freqs).to(self.device)
         # Gemma 3's sliding layers rotate with their own base and no scaling

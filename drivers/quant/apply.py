@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from llmasos.drivers.loaders.progress import Report, tracked
 from llmasos.drivers.model.batch import SeqSlice, build_batch
 from llmasos.drivers.model.kv_pool import KVPool
 from llmasos.drivers.quant.cpu_int8 import CpuInt8
@@ -38,7 +39,8 @@ def targets(model: Any, recipe: Recipe) -> list[tuple[Any, str]]:
 
 
 @torch.inference_mode()
-def activation_amax(model: Any, ids: list[int]) -> dict[int, torch.Tensor]:
+def activation_amax(model: Any, ids: list[int],
+                    report: Report | None = None) -> dict[int, torch.Tensor]:
     """Per input channel max |x| seen by each linear weight (keyed by id(weight)) while the
     model reads ids, CALIB_CHUNK tokens at a time."""
     stats: dict[int, torch.Tensor] = {}
@@ -58,7 +60,8 @@ def activation_amax(model: Any, ids: list[int]) -> dict[int, torch.Tensor]:
     table = list(range(blocks))
     model.linear = record  # an instance attribute shadows the method for this pass only
     try:
-        for start in range(0, len(ids), CALIB_CHUNK):
+        for start in tracked(range(0, len(ids), CALIB_CHUNK), "calibrate", "chunks",
+                             report=report):
             chunk = SeqSlice(ids[start:start + CALIB_CHUNK], start, table, True)
             batch = build_batch([chunk], BLOCK, cfg.num_heads // cfg.num_kv_heads,
                                 model.device, for_kernels=model.kernels is not None)
@@ -75,17 +78,19 @@ def smooth_factor(x_amax: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.
     return s.clamp(min=1e-5).to(w.device)
 
 
-def quantize_model(model: Any, recipe: Recipe, calib_ids: list[int] | None = None) -> int:
+def quantize_model(model: Any, recipe: Recipe, calib_ids: list[int] | None = None,
+                   report: Report | None = None) -> int:
     """Quantize model's linear weights in place per the recipe; returns how many were packed.
-    Smoothing needs calib_ids (a text disjoint from whatever the model is evaluated on)."""
+    Smoothing needs calib_ids (a text disjoint from whatever the model is evaluated on);
+    `report` hears each weight packed."""
     if not recipe.quantized:
         return 0
     if recipe.smooth_alpha and not calib_ids:
         raise ValueError(f"recipe {recipe.name!r} smooths: it needs calibration tokens")
     driver = driver_for(model)
     todo = targets(model, recipe)
-    amax = activation_amax(model, calib_ids) if recipe.smooth_alpha else {}
-    for owner, attr in todo:
+    amax = activation_amax(model, calib_ids, report) if recipe.smooth_alpha else {}
+    for owner, attr in tracked(todo, "quantize", "weights", report=report):
         w = getattr(owner, attr)
         s = smooth_factor(amax[id(w)], w, recipe.smooth_alpha) if id(w) in amax else None
         setattr(owner, attr, driver.quantize(w, recipe.fmt, s))

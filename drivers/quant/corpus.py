@@ -22,5 +22,11 @@ def calibration_text() -> str:
     return _text()[CALIBRATION]
 
 
+def calibration_prose() -> str:
+    """All the prose before the evaluation slice (~25k tokens), for calibrations longer than
+    CALIBRATION's (pruning's --calib-tokens); it starts with CALIBRATION."""
+    return _text()[: EVALUATION.start]
+
+
 def evaluation_text() -> str:
     return _text()[EVALUATION]

@@ -8,6 +8,7 @@ import itertools
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -16,9 +17,11 @@ import torch
 from llmasos.drivers.cuda.backend import kernels_for
 from llmasos.drivers.loaders.cache import load_weights, weights_cache_dir
 from llmasos.drivers.loaders.probe import probe
+from llmasos.drivers.loaders.progress import LoadCancelled, Report
 from llmasos.drivers.model.batch import SeqSlice, build_batch
 from llmasos.drivers.model.kv_pool import KVPool, PoolGeometry
 from llmasos.drivers.model.llama import LlamaModel
+from llmasos.drivers.prune import semi_sparse
 from llmasos.drivers.tokenizer import Tokenizer
 from llmasos.services.inference import quantize
 from llmasos.services.inference.output import SequenceOutput
@@ -90,6 +93,22 @@ class Loaded:
     swapped: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+def close(m: Loaded) -> None:
+    """Stop what a model runs beside this process (its tp/pp ranks)."""
+    if isinstance(m.model, TPModel):
+        m.model.close()
+
+
+def stoppable(report: Report | None, cancelled: Callable[[], bool]) -> Report:
+    """A Report that raises LoadCancelled once the caller has gone (between two steps)."""
+    def step(stage: str, done: int, total: int, unit: str) -> None:
+        if cancelled():
+            raise LoadCancelled(f"cancelled during {stage}")
+        if report is not None:
+            report(stage, done, total, unit)
+    return step
+
+
 class Engine:
     def __init__(self, state_dir: str, device: str = "cpu", block_size: int = 16,
                  kv_budget_bytes: int = 256 << 20, quant: str = "none",
@@ -104,15 +123,19 @@ class Engine:
         self._handles = itertools.count(1)
         self._lock = threading.RLock()  # one step at a time per process: the pool is shared
         self._loading: set[str] = set()  # names being loaded, outside the lock (steps go on)
+        self._load_ended = threading.Condition(self._lock)  # a name left _loading
         self.last_compute_ms = 0.0
 
     # ---- models ----
 
     def load(self, name: str, path: str, dtype: str = "", kv_budget_bytes: int = 0,
-             quant: str = "", tp: int = 0, pp: int = 0, threads: int = 0) -> ModelEntry:
+             quant: str = "", tp: int = 0, pp: int = 0, report: Report | None = None,
+             cancelled: Callable[[], bool] = lambda: False, threads: int = 0) -> ModelEntry:
         """Load a GGUF file or HF folder under name; raises FileNotFoundError, ValueError
-        (bad dtype, unsupported architecture, name taken) or KVBudgetError. threads > 0 sets
-        this process's torch threads from now on (replicas sharing a host's cores)."""
+        (bad dtype, unsupported architecture, name taken) or KVBudgetError. `report` hears the
+        load's progress (drivers/loaders/progress.py); once `cancelled()` is true the load
+        stops at its next step with LoadCancelled, and a finished load is not kept. threads > 0
+        sets this process's torch threads from now on (replicas sharing a host's cores)."""
         if not name:
             raise ValueError("model name must not be empty")
         if threads > 0 and threads != torch.get_num_threads():
@@ -125,21 +148,36 @@ class Engine:
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such model file or folder: {path}")
         with self._lock:   # reserve the name; the load itself runs beside the steps
-            if name in self._models or name in self._loading:
+            if name in self._models:
                 raise ValueError(f"model name {name!r} is already loaded")
+            if name in self._loading:
+                raise ValueError(f"a load of {name!r} is under way")
             self._loading.add(name)
         try:
             loaded = self._load(name, path, dtype_name, kv_budget_bytes, recipe, max(tp, 1),
-                                max(pp, 1))
-            with self._lock:
+                                max(pp, 1), stoppable(report, cancelled), bar=report is None)
+            with self._lock:   # checked where it is kept: a caller gone now never sees it
+                if cancelled():
+                    close(loaded)
+                    raise LoadCancelled(f"the load of {name!r} was cancelled")
                 self._models[name] = loaded
             return loaded.entry
         finally:
             with self._lock:
                 self._loading.discard(name)
+                self._load_ended.notify_all()
+
+    def abandon(self, name: str, patience: float = 120.0) -> None:
+        """The caller gave up on loading `name`: wait (up to `patience` s) for a load under way
+        to stop, then unload whatever it kept; nothing loaded is no error."""
+        with self._load_ended:
+            self._load_ended.wait_for(lambda: name not in self._loading, patience)
+            if name in self._models:
+                self.unload(name)
 
     def _load(self, name: str, path: str, dtype_name: str, kv_budget_bytes: int,
-              recipe: quantize.Recipe, tp: int, pp: int) -> Loaded:
+              recipe: quantize.Recipe, tp: int, pp: int, report: Report,
+              bar: bool) -> Loaded:
         t0 = time.perf_counter()
         # config and tokenizer checked before any weight is read: a file we cannot run
         # fails here in a fraction of a second, with nothing (no weights cache) written
@@ -150,7 +188,8 @@ class Engine:
         cfg, weights, kind = load_weights(
             path, self.cache_dir,
             keep_quantized=kernels_for(self.device) is not None and tp == pp == 1,
-            cache=not recipe.quantized)   # no fp32 cache for a quantized model
+            cache=not recipe.quantized,   # no fp32 cache for a quantized model
+            progress=bar, report=report)   # bars on stderr only when nobody hears reports
         torch_dtype = DTYPES[dtype_name]
         budget = kv_budget_bytes or self.kv_budget_bytes
         if tp > 1 or pp > 1:   # the budget is the whole model's: each rank holds 1/N of a block
@@ -159,9 +198,11 @@ class Engine:
             model, pool, memory = load_parallel(name, tp, pp, cfg, weights, torch_dtype, args)
             parameters = sum(t.numel() for t in weights.values())
         else:
-            model = LlamaModel(cfg, weights, torch_dtype, self.device)
+            model = LlamaModel(cfg, weights, torch_dtype, self.device, report)
             parameters = model.num_parameters  # before packing: a tied LM head counts once
-            quantize.apply(model, recipe, tokenizer)
+            quantize.apply(model, recipe, tokenizer, report)
+            if cfg.sparsity == "2:4":   # a pruned folder: sparse kernels where the GPU has them
+                semi_sparse.apply(model)
             pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, budget,
                           self.block_size, torch_dtype, self.device)
             memory = model.weight_bytes
@@ -181,8 +222,7 @@ class Engine:
         with self._lock:
             m = self._get(name)
             del self._models[name]
-            if isinstance(m.model, TPModel):
-                m.model.close()
+            close(m)
 
     def quant_formats(self) -> list[str]:
         return quantize.formats(self.device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import structlog
 import torch
 
+from llmasos.drivers.loaders.progress import Report
 from llmasos.drivers.quant.apply import quantize_model
 from llmasos.drivers.quant.corpus import calibration_text
 from llmasos.drivers.quant.recipe import RECIPES, Recipe, recipe
@@ -36,11 +37,11 @@ def resolve(name: str, device: torch.device) -> Recipe:
     return r
 
 
-def apply(model: object, r: Recipe, tokenizer: Tokenizer) -> int:
+def apply(model: object, r: Recipe, tokenizer: Tokenizer, report: Report | None = None) -> int:
     """Quantize a freshly loaded model in place; returns how many weights were packed."""
     if not r.quantized:
         return 0
     calib = tokenizer.encode(calibration_text())[:CALIB_TOKENS] if r.smooth_alpha else None
-    packed = quantize_model(model, r, calib)
+    packed = quantize_model(model, r, calib, report)
     log.info("model_quantized", recipe=r.name, packed=packed)
     return packed

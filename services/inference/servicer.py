@@ -9,9 +9,11 @@ from contextlib import contextmanager
 
 import grpc
 
+from llmasos.drivers.loaders.progress import LoadCancelled
 from llmasos.drivers.model.kv_pool import KVBudgetError
 from llmasos.proto import common_pb2, inference_pb2, inference_pb2_grpc
 from llmasos.services.inference.engine import Engine, ModelEntry, StepEntry
+from llmasos.services.inference.load_stream import LoadStream
 from llmasos.services.inference.sampler import SamplingParams
 
 SERVICE_NAME = "llmasos.v1.Inference"
@@ -19,6 +21,7 @@ SERVICE_NAME = "llmasos.v1.Inference"
 # Exception -> status code; the first matching row wins (subclasses before their bases).
 ERRORS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (KVBudgetError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (LoadCancelled, grpc.StatusCode.CANCELLED),
     (FileNotFoundError, grpc.StatusCode.NOT_FOUND),
     (KeyError, grpc.StatusCode.NOT_FOUND),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # includes UnsupportedArchitecture
@@ -63,11 +66,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                   context: grpc.ServicerContext) -> common_pb2.ModelInfo:
         return self._call(context, lambda: model_info(self.engine.load(
             request.name, request.path, request.dtype, request.kv_budget_bytes,
-            request.quant, request.tp, request.pp, request.threads)))
+            request.quant, request.tp, request.pp, threads=request.threads)))
+
+    def LoadModelStream(self, request: inference_pb2.LoadModelRequest,  # noqa: N802
+                        context: grpc.ServicerContext) -> Iterator[common_pb2.DeployEvent]:
+        def load(**progress: object) -> common_pb2.ModelInfo:
+            return model_info(self.engine.load(
+                request.name, request.path, request.dtype, request.kv_budget_bytes,
+                request.quant, request.tp, request.pp, threads=request.threads, **progress))
+        with translated(context):   # a caller gone stops the load between two steps
+            yield from LoadStream(load, cancelled=lambda: not context.is_active())
 
     def UnloadModel(self, request: inference_pb2.UnloadModelRequest,  # noqa: N802
                     context: grpc.ServicerContext) -> inference_pb2.UnloadModelResponse:
-        self._call(context, lambda: self.engine.unload(request.name))
+        unload = self.engine.abandon if request.abandoned else self.engine.unload
+        self._call(context, lambda: unload(request.name))
         return inference_pb2.UnloadModelResponse()
 
     def ListModels(self, request: inference_pb2.ListModelsRequest,  # noqa: N802

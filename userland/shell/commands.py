@@ -15,7 +15,9 @@ from llmasos.errors import LLMError
 from llmasos.mailbox import mode_text, parse_mode
 from llmasos.names import exit_code, state_name
 from llmasos.shell.parse import Command
+from llmasos.shell.progress import ProgressBar
 from llmasos.shell.session import (
+    EXIT_FAIL,
     EXIT_INTERRUPTED,
     EXIT_OK,
     ArgParser,
@@ -331,14 +333,32 @@ def cmd_deploy(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
         raise Usage("deploy PATH NAME, or deploy --remote URL [--api-key-env VAR] NAME")
     if not Path(args.path).exists():
         raise Usage(f"{args.path}: no such file or folder")
-    m = sh.client.deploy(args.path, args.name, args.dtype, quant=args.quant, tp=args.tp,
-                         pp=args.pp, replicas=args.replicas)
+    bar = ProgressBar()   # on stderr: stdout keeps the result alone
+    try:
+        m = sh.client.deploy(args.path, args.name, args.dtype, quant=args.quant, tp=args.tp,
+                             pp=args.pp, progress=bar, replicas=args.replicas)
+    finally:
+        bar.close()
     ranks = (f" on {m.tp} tensor-parallel ranks" if m.tp > 1 else "") + (
         f" in {m.pp} pipeline stages" if m.pp > 1 else "") + (
         f" as {m.replicas} replicas" if m.replicas > 1 else "")
     sh.say(f"deployed {m.name}: {m.architecture}, {fmt.count(m.parameters)} parameters, "
            f"{m.dtype} on {m.device}{ranks}, quant {m.quant or 'none'}, "
            f"{fmt.size(m.memory_bytes)} of weights")
+    return EXIT_OK
+
+
+def cmd_compress(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
+    """Offline, on the files: the daemon is not asked (drivers/prune)."""
+    from llmasos.drivers.prune import cli as prune_cli  # torch only once it runs
+
+    try:
+        prune_cli.run(args, sh.say)
+    except ValueError as err:   # a bad request; a missing file is an OSError: status 1
+        raise Usage(str(err)) from None
+    except ModuleNotFoundError as err:
+        sh.warn(f"compress: {err}")
+        return EXIT_FAIL
     return EXIT_OK
 
 
@@ -568,6 +588,15 @@ class RawParser(ArgParser):
         return argparse.Namespace(args=list(args or []))
 
 
+def _p_compress() -> ArgParser:
+    from llmasos.drivers.prune import cli as prune_cli  # no torch: arguments only
+
+    ap = _parser("compress", "Write a pruned copy of a model as a folder `deploy` loads; "
+                 "runs here, on the files, without the daemon.")
+    prune_cli.add_arguments(ap)
+    return ap
+
+
 def _p_kill() -> ArgParser:
     return RawParser(prog="kill", usage="kill [-s SIG | -SIG] PID|%%JOB...",
                      description="Signal jobs: -STOP, -CONT, -TERM (the default) or -KILL.")
@@ -627,6 +656,8 @@ COMMANDS: dict[str, Entry] = {
                                "help": "... or from this 0600 file"}),
         (("--remote-model",), {"default": "", "metavar": "M",
                                "help": "the endpoint's name for it (default NAME)"}))),
+    "compress": Entry(cmd_compress, "prune a model into a new folder: compress SRC --out DIR "
+                      "--method layers|mlp|heads|magnitude|wanda|2:4 [--ratio R]", _p_compress),
     "undeploy": Entry(cmd_undeploy, "unload a model: undeploy NAME", _p_simple(
         "undeploy", "Unload a model (root).", (("name",), {}))),
     "alias": Entry(cmd_alias, "name a model: alias NAME TARGET, alias -d NAME, alias", _p_simple(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     sh = Shell(client, interactive)
     try:
         if interactive:
+            # Ctrl-C is the user's, even when we inherited SIGINT ignored (nohup, a background job)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             return repl(sh)
         sh.lines = script_lines(args)
         return run_script(sh, args.keep_going)
