@@ -9,9 +9,16 @@ host with fewer cores than ranks, tp=3 cannot be faster: the ranks share the sam
 ratio shows what splitting costs here, the collective figure what it would cost anywhere
 the ranks had their own devices. pp runs one step at a time here (the kernel has one step
 in flight), so its stages take turns: its ratio is the cost of the hand-offs, not a pipeline.
-Prints a table, then one JSON line.
 
-    .venv/bin/python bench/parallel.py [--reps 5]
+Data parallelism: the serve-throughput workload (bench/serve_throughput.py: 64 requests,
+greedy, every request streamed over gRPC) through two booted llmosd side by side, one serving
+the embedded model as one replica, the other as two replicas (two inference processes) on the
+same cores, with the same KV memory in all (the one replica gets both halves), rounds
+interleaved. dp_throughput_ratio = two replicas' tokens/s over one's. Prints a table, then one
+JSON line.
+
+    .venv/bin/python bench/parallel.py [--reps 5] [--dp-requests 64] [--dp-rounds 2]
+                                         [--skip-dp | --only-dp]
 """
 
 from __future__ import annotations
@@ -21,13 +28,21 @@ import functools
 import importlib.util
 import json
 import os
+import sys
 import tempfile
 import time
+from pathlib import Path
 
+import grpc
 import torch
 
+from llmasos.proto import kernel_pb2, kernel_pb2_grpc
 from llmasos.services.inference.engine import Engine, StepEntry
 from llmasos.services.inference.sampler import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_throughput import MODEL, WARMUP, Round, SystemRunner  # noqa: E402
+from workload import requests  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTEXT = 64
@@ -76,10 +91,58 @@ def shape_runs(engine: Engine, shape: str) -> dict[str, object]:
     return {"runs": runs, "rows": n_tok, "sampled": 1}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=5)
-    args = ap.parse_args()
+KV_MB = 256   # each replica's KV pool; the single replica gets the sum
+
+
+def dp_systems(home: Path) -> dict[str, SystemRunner]:
+    """Two llmosd: the embedded model as one replica, and deployed as two."""
+    one = SystemRunner(home / "one", "--no-http", "--kv-budget-mb", str(2 * KV_MB))
+    two = SystemRunner(home / "two", "--no-http", "--no-embedded", "--kv-budget-mb", str(KV_MB))
+    stub = kernel_pb2_grpc.KernelStub(grpc.insecure_channel(two.booted.address))
+    stub.Deploy(kernel_pb2.DeployRequest(path=gguf_path(), name=MODEL, replicas=2),
+                metadata=two.booted.metadata, timeout=900)
+    return {"one": one, "two": two}
+
+
+def dp_throughput(n: int, rounds: int) -> dict[str, object]:
+    """Tokens/s of the serve-throughput workload on one replica and on two, interleaved."""
+    systems = dp_systems(Path(tempfile.mkdtemp(prefix="bench-dp-")))
+    try:
+        warm = requests(WARMUP["n"], seed=WARMUP["seed"], outputs=WARMUP["outputs"])
+        for runner in systems.values():
+            runner.run(warm)
+        done: dict[str, list[Round]] = {name: [] for name in systems}
+        for seed in range(rounds):
+            reqs = requests(n, seed=seed)
+            for name, runner in systems.items():
+                r = runner.run(reqs)
+                done[name].append(r)
+                print(f"dp seed {seed} {name} replica(s): {r.tokens} tokens in "
+                      f"{r.seconds:6.2f} s: {r.tokens / r.seconds:6.1f} tok/s", flush=True)
+        costs = {name: runner.step_costs() for name, runner in systems.items()}
+    finally:
+        for runner in systems.values():
+            runner.stop()
+    rate = {name: sum(r.tokens for r in rs) / sum(r.seconds for r in rs)
+            for name, rs in done.items()}
+    return {"dp_one_tok_s": round(rate["one"], 2), "dp_two_tok_s": round(rate["two"], 2),
+            "dp_throughput_ratio": round(rate["two"] / rate["one"], 3),
+            "dp_round_ratios": [round(b.tokens / b.seconds / (a.tokens / a.seconds), 3)
+                                for a, b in zip(done["one"], done["two"], strict=True)],
+            "dp_requests": n, "dp_rounds": rounds,
+            **{f"dp_{name}_{k}": v for name, c in costs.items() for k, v in c.items()
+               if k in ("step_ms", "forward_ms", "gap_between_steps_ms")}}
+
+
+def cpu_features() -> str:
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f
+                      if line.startswith("flags")), [])
+    return " ".join(sorted({x for x in flags if x.startswith(("avx512f", "avx2", "amx"))}))
+
+
+def tp_pp_steps(reps: int) -> tuple[list[tuple], dict[str, dict]]:
+    """Per-step times of tp=3 and pp=2 against tp=1, and tp's collectives alone."""
     state = os.environ.get("LLMASOS_HOME") or tempfile.mkdtemp(prefix="bench-parallel-")
     engine = Engine(state, kv_budget_bytes=64 << 20)
     engine.load("tp1", gguf_path())
@@ -92,7 +155,7 @@ def main() -> None:
     for shape in ("decode_b1", "decode_b8", "prefill_128"):
         s = shape_runs(engine, shape)
         best = dict.fromkeys([*MODELS, "coll"], float("inf"))
-        for _ in range(args.reps):
+        for _ in range(reps):
             for name in MODELS:
                 best[name] = min(best[name], timed(s["runs"][name]))
             # the collectives alone: all-reduces over all the step's rows, gather over sampled
@@ -104,19 +167,40 @@ def main() -> None:
             "pp_ratio": round(best["pp2"] / best["tp1"], 3),
             "collectives_ms": round(best["coll"], 2)}
         rows.append((shape, best["tp1"], best["tp3"], best["pp2"], best["coll"]))
-    engine.unload("tp3")
-    engine.unload("pp2")
-    print(f"{'shape':<14}{'tp=1 ms':>10}{'tp=3 ms':>10}{'pp=2 ms':>10}{'tp3/tp1':>9}"
-          f"{'pp2/tp1':>9}{'tp3 collectives ms':>20}")
+    for name in MODELS:
+        engine.unload(name)
+    return rows, figures
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dp-requests", type=int, default=64)
+    ap.add_argument("--dp-rounds", type=int, default=2)
+    ap.add_argument("--skip-dp", action="store_true", help="only tp and pp")
+    ap.add_argument("--only-dp", action="store_true", help="only the replicas")
+    args = ap.parse_args()
+    rows, figures = ([], {}) if args.only_dp else tp_pp_steps(args.reps)
+    dp = {} if args.skip_dp else dp_throughput(args.dp_requests, args.dp_rounds)
+    if rows:
+        print(f"{'shape':<14}{'tp=1 ms':>10}{'tp=3 ms':>10}{'pp=2 ms':>10}{'tp3/tp1':>9}"
+              f"{'pp2/tp1':>9}{'tp3 collectives ms':>20}")
     for shape, a, b, p, c in rows:
         print(f"{shape:<14}{a:>10.2f}{b:>10.2f}{p:>10.2f}{b / a:>9.2f}{p / a:>9.2f}{c:>20.2f}")
-    print(f"cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}")
+    if dp:
+        print(f"serve throughput, {dp['dp_requests']} requests x {dp['dp_rounds']} rounds: "
+              f"one replica {dp['dp_one_tok_s']} tok/s, two replicas {dp['dp_two_tok_s']} "
+              f"tok/s, ratio {dp['dp_throughput_ratio']}")
+    print(f"cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}, "
+          f"cpu: {cpu_features() or '-'}")
+    b8 = figures.get("decode_b8", {})
     print(json.dumps({
         "bench": "parallel", "tp": 3, "pp": 2, "cores": os.cpu_count(),
-        "loadavg": round(os.getloadavg()[0], 1),
-        "tp_step_ratio": figures["decode_b8"]["ratio"],
-        "pp_step_ratio": figures["decode_b8"]["pp_ratio"],
-        "tp_collectives_ms": figures["decode_b8"]["collectives_ms"],
+        "loadavg": round(os.getloadavg()[0], 1), "cpu": cpu_features(),
+        "tp_step_ratio": b8.get("ratio"), "pp_step_ratio": b8.get("pp_ratio"),
+        "dp_throughput_ratio": dp.get("dp_throughput_ratio"),
+        "tp_collectives_ms": b8.get("collectives_ms"),
+        **{k: v for k, v in dp.items() if k != "dp_throughput_ratio"},
         "shapes": figures,
     }))
 

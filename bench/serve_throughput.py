@@ -64,8 +64,8 @@ class SystemRunner:
     """A booted llmosd; each round sends every request at once and streams each with Read.
     The client is one asyncio loop (grpc.aio), so it takes as little of the 2 cores as it can."""
 
-    def __init__(self, home: Path) -> None:
-        self.booted = boot(home)
+    def __init__(self, home: Path, *flags: str) -> None:
+        self.booted = boot(home, *flags)
 
     def run(self, reqs: list[Request]) -> Round:
         return asyncio.run(self._run(reqs))

@@ -13,6 +13,11 @@ as if its token were already there (a placeholder in the pager). When N answers,
 placeholders are filled with the sampled tokens (or dropped for jobs that just ended), N+1 is
 launched at once, and only then is N committed. A job's signals wait for its step to finish.
 
+Each replica of each model (a lane, kernel/replicas.py) has its own pager and its own step in
+flight; one round of the loop steps every lane in turn, so replicas compute side by side while
+the kernel prepares the next step of each. New jobs are placed on a replica before each round,
+and a replica whose process died has its jobs moved to the live ones.
+
 Faults are charged to their cause: a transport failure (UNAVAILABLE, a deadline) is the
 service's and the batch is retried after it comes back, with its sampler state reset so no
 token is doubled; an entry the engine refuses ends that job with EXIT_ERROR and the rest of the
@@ -23,12 +28,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 import structlog
 
-from llmasos.kernel import metrics
+from llmasos.kernel import metrics, replicas
 from llmasos.kernel.fork import fork_siblings, waits_for_fork
 from llmasos.kernel.ipc_delivery import deliver_output
 from llmasos.kernel.jobctl import JobControl
@@ -37,6 +43,7 @@ from llmasos.kernel.kernel import Kernel
 from llmasos.kernel.pager import OutOfBlocks, Pager
 from llmasos.kernel.pending_io import RPC_ERRORS, PendingIo, send_releases, send_swaps
 from llmasos.kernel.proctable import Exit, Proc, State
+from llmasos.kernel.replicas import lane_of
 from llmasos.proto import inference_pb2, scheduler_pb2
 from llmasos.syscalls.limits import SIGKILL, SIGTERM
 
@@ -61,13 +68,14 @@ class ServiceFault(Exception):
 
 
 PLACEHOLDER = 0   # stands for a token still being sampled; replaced before the step is sent
+FAILED = object()   # a phase of a lane's step that raised (charged to that lane)
 
 
 @dataclass
 class Work:
-    """One step of one model, as admitted (and, once launched, in flight)."""
+    """One step of one lane (a model's replica), as admitted (and, once launched, in flight)."""
 
-    model: str
+    lane: str
     pager: Pager
     batch: list[tuple[Proc, inference_pb2.StepEntry]] = field(default_factory=list)
     follows: set[int] = field(default_factory=set)   # pids whose input is the token the
@@ -79,6 +87,10 @@ class Work:
 
     def pids(self) -> set[int]:
         return {p.pid for p, _ in self.batch}
+
+    @property
+    def model(self) -> str:
+        return replicas.split(self.lane)[0]
 
 
 class Done:
@@ -106,7 +118,8 @@ class Executor:
         self.wakeup = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="executor", daemon=True)
-        self.inflight: Work | None = None   # [loop] the step the inference service computes
+        self.inflight: dict[str, Work] = {}   # [loop] lane → the step its replica computes
+        self.dead: list[dict[str, Pager]] = []   # pagers of replicas whose process died
 
     def start(self) -> None:
         self.thread.start()
@@ -137,17 +150,60 @@ class Executor:
         self.jobs.end(proc, reason, status, message)
         self.wake()
 
-    def inference_restarted(self, incarnation: int) -> None:
-        """New pagers were attached: every job's KV is gone and will be recomputed."""
+    def replica_restarted(self, replica: int, incarnation: int,
+                          pagers: dict[str, Pager]) -> None:
+        """A replica's service (re)started with these fresh pagers: the KV of every job there is
+        gone and will be recomputed; a lane it could not redeploy hands its jobs to the others."""
         with self.table.lock:
+            stale = [ln for ln in list(self.k.pagers) if replicas.split(ln)[1] == replica]
+            for ln in stale:
+                self.io.take(ln)   # descriptors of the dead incarnation mean nothing now
+                if ln not in pagers:
+                    self.k.pagers.pop(ln, None)
             for proc in self.table.live():
-                proc.kv_blocks, proc.swap_handle, proc.needs_reset = 0, 0, True
-                if proc.state == State.RUNNING:
-                    self.table.set_state(proc, State.READY)
-            self.io.take()   # descriptors of the dead incarnation mean nothing now
+                if proc.replica != replica:
+                    continue
+                self._forget_kv(proc)
+                if lane_of(proc) not in pagers and replicas.count(self.k, proc.model) > 1:
+                    proc.replica = -1   # placed again on a live replica
+            self.k.pagers.update(pagers)
         if incarnation > 1:
-            log.warning("kv_lost_recomputing", incarnation=incarnation)
+            log.warning("kv_lost_recomputing", replica=replica, incarnation=incarnation)
         self.wake()
+
+    def replica_died(self, replica: int) -> None:
+        """(supervisor thread) A replica's process is gone: the loop moves the jobs of its
+        replicated models at its next round (a model with one replica waits for the restart)."""
+        lanes = [replicas.lane(m, replica) for m in list(self.k.models)
+                 if replicas.count(self.k, m) > 1]
+        dead = {ln: pager for ln in lanes if (pager := self.k.pagers.get(ln)) is not None}
+        if dead:
+            self.dead.append(dead)
+            self.wake()
+
+    def _move_off_dead(self) -> None:
+        """[loop] Jobs of a dead replica: back to READY with their tokens, unplaced."""
+        while self.dead:
+            dead = self.dead.pop(0)
+            with self.table.lock:
+                gone = {ln for ln, pager in dead.items() if self.k.pagers.get(ln) is pager}
+                for ln in gone:
+                    del self.k.pagers[ln]
+                    self.io.take(ln)
+                    self.inflight.pop(ln, None)   # its answer will never come
+                moved = [p for p in self.table.live() if lane_of(p) in gone]
+                for proc in moved:
+                    self._forget_kv(proc)
+                    proc.replica = -1
+                    self.jobs.deliver(proc)
+            if gone:
+                log.warning("replica_down_jobs_moved", lanes=sorted(gone), jobs=len(moved))
+
+    def _forget_kv(self, proc: Proc) -> None:
+        """Its KV is gone with its replica's process: it is recomputed from its tokens."""
+        proc.kv_blocks, proc.swap_handle, proc.needs_reset = 0, 0, True
+        if proc.state == State.RUNNING:
+            self.table.set_state(proc, State.READY)
 
     def model_lost(self, model: str, why: str) -> None:
         """The model cannot be served (its redeploy failed): its jobs end with the reason."""
@@ -168,81 +224,101 @@ class Executor:
     # --- the loop ------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        turn = 0
         while not self.stopping.is_set():
             self.wakeup.clear()
-            models = list(self.k.models)
-            model = self._next_model(models, turn)
-            turn += 1
-            try:
-                busy = self.step(model) if model else self._finish_inflight()
-            except (ServiceFault, *RPC_ERRORS) as e:   # a service is restarting
-                log.warning("step_failed", model=model, error=str(e))
-                self._fail_inflight()
-                self.stopping.wait(RETRY_PAUSE)
-                busy = True
-            except Exception:
-                log.exception("step_crashed", model=model)
-                self._fail_inflight()
-                if model:
-                    self._requeue(model)
-                self.stopping.wait(RETRY_PAUSE)
-                busy = True
+            self._move_off_dead()
+            replicas.place_new(self.k)
+            busy = self._round(self.k.lanes())
             self._flush_releases()
             for pid in self.table.reap_expired():
                 self.k.journal.record_reap(pid)
-            if not busy and self.inflight is None:
+            if not busy and not self.inflight:
                 self.k.journal.checkpoint()
                 self.wakeup.wait(1.0)   # idle: sleep until a syscall wakes us (no polling)
 
-    def _next_model(self, models: list[str], turn: int) -> str:
-        """The in-flight step's model keeps the pipeline full; others take turns."""
-        if not models:
-            return ""
-        if self.inflight is not None and self.inflight.model in models and turn % 4:
-            return self.inflight.model
-        return models[turn % len(models)]
+    def _round(self, lanes: list[str]) -> bool:
+        """One step of every lane; True when there was work. Each lane's next step is prepared
+        while the steps in flight compute; then lane by lane its step is collected and the next
+        one launched; the commits come last, so one replica's bookkeeping keeps no other
+        waiting. With one lane this is the overlapped step as it always was."""
+        if not lanes:
+            return self._guarded("", self._finish_inflight) is not False
+        staged = {lane: self._guarded(lane, self._stage, lane) for lane in lanes}
+        busy, finished = False, []
+        for lane, work in staged.items():
+            got = FAILED if work is FAILED else self._guarded(lane, self._relaunch, lane, work)
+            if got is FAILED:
+                busy = True
+                continue
+            done, more = got
+            busy = busy or more
+            if done is not None:
+                finished.append((lane, done))
+        for lane, done in finished:
+            self._guarded(lane, self._commit, *done)
+        return busy
 
-    def step(self, model: str) -> bool:
-        """Prepare one step of the model's jobs while the previous step computes, then launch
-        it and commit the previous one; False when there was nothing to do."""
-        pager = self.k.pagers.get(model)
+    def _guarded(self, lane: str, fn: Callable[..., object], *args: object) -> object:
+        """fn(*args), a failure charged to the lane: FAILED when it raised."""
         try:
-            work = self._prepare(model, pager) if pager is not None else None
+            return fn(*args)
+        except (ServiceFault, *RPC_ERRORS) as e:   # a service is restarting
+            log.warning("step_failed", model=lane, error=str(e))
+            self._fail_inflight(lane)
+        except Exception:
+            log.exception("step_crashed", model=lane)
+            self._fail_inflight(lane)
+            if lane:
+                self._requeue(lane)
+        self.stopping.wait(RETRY_PAUSE)
+        return FAILED
+
+    def _stage(self, lane: str) -> Work | None:
+        """Prepare the lane's next step while its step in flight computes."""
+        pager = self.k.pagers.get(lane)
+        try:
+            return self._prepare(lane, pager) if pager is not None else None
         except RPC_ERRORS:   # the scheduler is restarting: still collect the step in flight
-            self._finish_inflight()
+            self._finish_inflight(lane)
             raise
-        finished = self._await_inflight(work)
+
+    def _relaunch(self, lane: str, work: Work | None) -> tuple[tuple | None, bool]:
+        """Collect the lane's step in flight and launch the prepared one; the collected step
+        (to commit) and whether there was work."""
+        finished = self._await_inflight(lane, work)
         if work is not None and work.batch:
             try:
                 self._launch(work)
             except RPC_ERRORS as e:   # the service went away between two steps
                 if finished is not None:
                     self._commit(*finished)   # what the last step made is real
-                self._requeue(model)
+                self._requeue(lane)
                 raise ServiceFault(f"Step not sent: {e}") from None
             if finished is not None and finished[0].answered:   # the engine waited on us
-                metrics.on_gap(model, work.started - finished[0].answered)
-        if finished is not None:
-            self._commit(*finished)
-        return finished is not None or self.inflight is not None or bool(work and work.io)
+                metrics.on_gap(work.model, work.started - finished[0].answered)
+        return finished, finished is not None or lane in self.inflight or bool(work and work.io)
 
-    def _finish_inflight(self) -> bool:
-        finished = self._await_inflight(None)
-        if finished is not None:
-            self._commit(*finished)
-        return finished is not None
+    def _finish_inflight(self, lane: str = "") -> bool:
+        """Collect the step in flight of one lane (of every lane when none is named)."""
+        finished = False
+        for ln in [lane] if lane else list(self.inflight):
+            done = self._await_inflight(ln, None)
+            if done is not None:
+                self._commit(*done)
+                finished = True
+        return finished
 
-    def _prepare(self, model: str, pager: Pager) -> Work | None:
-        request = self._snapshot(model, pager)
+    def _prepare(self, lane: str, pager: Pager) -> Work | None:
+        request = self._snapshot(lane, pager)
         if request is None:
             return None
         plan = self.k.scheduler().Plan(request, timeout=30)
-        return self._admit(model, pager, plan)
+        return self._admit(lane, pager, plan)
 
-    def _await_inflight(self, work: Work | None) -> tuple | None:
-        """Wait for the step in flight; fill in or drop what the next one took for granted."""
-        done, self.inflight = self.inflight, None
+    def _await_inflight(self, lane: str, work: Work | None) -> tuple | None:
+        """Wait for the lane's step in flight; fill in or drop what the next one took for
+        granted."""
+        done = self.inflight.pop(lane, None)
         if done is None:
             if work is not None:
                 self._send_io(work)
@@ -252,7 +328,7 @@ class Executor:
         except ServiceFault:
             if work is not None:
                 self._unprepare(work)
-            self._requeue(done.model)
+            self._requeue(lane)
             raise
         if work is not None:
             with self.table.lock:
@@ -260,31 +336,36 @@ class Executor:
             self._send_io(work)
         return done, results, time.perf_counter() - done.started
 
+    def _route(self, lane: str) -> tuple[object, str]:
+        """The inference service that holds this lane's replica, and the model's name there."""
+        model, replica = replicas.split(lane)
+        return self.k.replica(replica), model
+
     def _send_io(self, work: Work) -> None:
-        failed = send_swaps(work.io, self.k.inference, self.table.lock, self.jobs.lost)
+        failed = send_swaps(work.io, self._route, self.table.lock, self.jobs.lost)
         if failed:
             self._drop(work, failed)
 
     def _launch(self, work: Work) -> None:
-        step = self.k.inference().Step
+        step = self._route(work.lane)[0].Step
         request = inference_pb2.StepRequest(model=work.model, entries=[e for _, e in work.batch])
         work.started = time.perf_counter()
         work.future = step.future(request, timeout=300) if hasattr(step, "future") \
             else Done(step, request, 300)
-        self.inflight = work
+        self.inflight[work.lane] = work
 
-    def _fail_inflight(self) -> None:
-        """A step failed: whatever is in flight is abandoned and its jobs wait again."""
-        done, self.inflight = self.inflight, None
+    def _fail_inflight(self, lane: str) -> None:
+        """A step failed: the lane's step in flight is abandoned and its jobs wait again."""
+        done = self.inflight.pop(lane, None)
         if done is not None:
-            self._requeue(done.model)
+            self._requeue(lane)
 
     # --- snapshot: what could run, and what each needs -------------------------------------
 
-    def _snapshot(self, model: str, pager: Pager) -> scheduler_pb2.PlanRequest | None:
-        flying = self._flying(model)
+    def _snapshot(self, lane: str, pager: Pager) -> scheduler_pb2.PlanRequest | None:
+        flying = self._flying(lane)
         with self.table.lock:
-            procs = [p for p in self.table.live() if p.model == model and p.state in RUNNABLE
+            procs = [p for p in self.table.live() if lane_of(p) == lane and p.state in RUNNABLE
                      and not waits_for_fork(self.table, p) and has_work(p, pager)]
             for p in procs:
                 if p.state == State.NEW:
@@ -292,7 +373,7 @@ class Executor:
             jobs = [self._sched_job(p, pager) for p in procs]
             jobs += [self._sched_next(p, e, pager) for p, e in flying.values()
                      if self._continues(p, e)]
-            limits = self._kv_limits(model, pager, jobs)
+            limits = self._kv_limits(lane, pager, jobs)
             free = pager.free_blocks
         if not jobs:
             return None
@@ -301,22 +382,22 @@ class Executor:
             token_budget=self.k.cfg.token_budget, max_batch=self.k.cfg.max_batch,
             user_block_limit=limits)
 
-    def _kv_limits(self, model: str, pager: Pager,
+    def _kv_limits(self, lane: str, pager: Pager,
                    jobs: list[scheduler_pb2.SchedJob]) -> dict[str, int]:
         """Each quota'd user's KV limit, less the blocks its resident jobs outside this plan
         hold (a job whose preemption waits for its step to land, one about to end, ...)."""
-        limits = self.k.kv_limits(model, {j.user for j in jobs})
+        limits = self.k.kv_limits(lane, {j.user for j in jobs})
         planned = {j.pid for j in jobs}
         for p in self.table.live():
-            if p.user in limits and p.model == model and p.pid not in planned and \
+            if p.user in limits and lane_of(p) == lane and p.pid not in planned and \
                     p.pid in pager and not pager.is_swapped(p.pid) and not p.segment:
                 limits[p.user] = max(0, limits[p.user] - len(pager.block_table(p.pid)))
         return limits
 
-    def _flying(self, model: str) -> dict[int, tuple[Proc, inference_pb2.StepEntry]]:
-        """The jobs of the step in flight, if it is this model's."""
-        done = self.inflight
-        if done is None or done.model != model:
+    def _flying(self, lane: str) -> dict[int, tuple[Proc, inference_pb2.StepEntry]]:
+        """The jobs of the lane's step in flight."""
+        done = self.inflight.get(lane)
+        if done is None:
             return {}
         return {p.pid: (p, e) for p, e in done.batch}
 
@@ -357,11 +438,11 @@ class Executor:
 
     # --- admit: carry out the plan ---------------------------------------------------------
 
-    def _admit(self, model: str, pager: Pager, plan: scheduler_pb2.StepPlan) -> Work:
-        work = Work(model, pager)
-        flying = self._flying(model)
+    def _admit(self, lane: str, pager: Pager, plan: scheduler_pb2.StepPlan) -> Work:
+        work = Work(lane, pager)
+        flying = self._flying(lane)
         with self.table.lock:
-            if self.k.pagers.get(model) is pager:   # else the service restarted meanwhile
+            if self.k.pagers.get(lane) is pager:   # else the service restarted meanwhile
                 waiting: set[str] = set()   # owners whose freed blocks come a step late
                 for pid in plan.preempt:
                     if pid in flying:   # its blocks are in use: it yields once its step ends
@@ -377,7 +458,7 @@ class Executor:
                     if slot.pid in flying:
                         entry = self._entry_after(work, proc, pager, slot.num_tokens,
                                                   flying[slot.pid][1])
-                    elif proc is not None and proc.state in RUNNABLE:
+                    elif proc is not None and proc.state in RUNNABLE and lane_of(proc) == lane:
                         entry = self._entry(proc, pager, slot.num_tokens)
                     else:
                         continue
@@ -387,7 +468,7 @@ class Executor:
                         if proc.state != State.RUNNING:
                             self.table.set_state(proc, State.RUNNING)
                         work.batch.append((proc, entry))
-            work.io = self.io.take()
+            work.io = self.io.take(lane)
             return work
 
     @staticmethod
@@ -456,14 +537,15 @@ class Executor:
     def _append(self, proc: Proc, pager: Pager, tokens: list[int]) -> None:
         copies = pager.append(proc.pid, tokens)
         if copies:
-            self.io.copies.setdefault(proc.model, []).extend(copies)
+            self.io.copies.setdefault(lane_of(proc), []).extend(copies)
 
     def _drop(self, work: Work, pids: set[int]) -> None:
         """Leave out of this step the jobs whose KV could not be restored (recomputed later)."""
         with self.table.lock:
             for proc, _ in work.batch:
                 if proc.pid in pids and proc.state == State.RUNNING and \
-                        (self.inflight is None or proc.pid not in self.inflight.pids()):
+                        (work.lane not in self.inflight or
+                         proc.pid not in self.inflight[work.lane].pids()):
                     self.table.set_state(proc, State.READY)
             work.batch = [(p, e) for p, e in work.batch if p.pid not in pids]
 
@@ -522,10 +604,10 @@ class Executor:
                         error=e.details(), jobs=len(done.batch))
             return self._isolate(done)
 
-    def _send_step(self, model: str, entries: list[inference_pb2.StepEntry]
+    def _send_step(self, lane: str, entries: list[inference_pb2.StepEntry]
                    ) -> list[inference_pb2.StepResult]:
-        reply = self.k.inference().Step(
-            inference_pb2.StepRequest(model=model, entries=entries), timeout=300)
+        stub, model = self._route(lane)
+        reply = stub.Step(inference_pb2.StepRequest(model=model, entries=entries), timeout=300)
         return list(reply.results)
 
     def _isolate(self, work: Work) -> list[inference_pb2.StepResult | str]:
@@ -537,20 +619,20 @@ class Executor:
             alone.CopyFrom(entry)
             alone.reset, alone.generated_ids[:] = True, proc.output_ids
             try:
-                out.append(self._send_step(work.model, [alone])[0])
+                out.append(self._send_step(work.lane, [alone])[0])
             except grpc.RpcError as e:
                 if e.code() in SERVICE_FAULTS:
                     raise ServiceFault(f"Step: {e.code().name}: {e.details()}") from None
                 out.append(f"{e.code().name}: {e.details()}")
         return out
 
-    def _requeue(self, model: str) -> None:
+    def _requeue(self, lane: str) -> None:
         """The step did not happen: its jobs wait again, and their sampler state is rebuilt
         on the next try (a Step that timed out may still have run: no token is doubled)."""
         with self.table.lock:
-            pager = self.k.pagers.get(model)
+            pager = self.k.pagers.get(lane)
             for proc in self.table.live():
-                if proc.model == model and proc.state == State.RUNNING:
+                if lane_of(proc) == lane and proc.state == State.RUNNING:
                     proc.needs_reset = True
                     if pager is not None and proc.pid in pager and not pager.is_swapped(
                             proc.pid) and pager.num_tokens(proc.pid) > len(proc.tokens):
@@ -562,9 +644,9 @@ class Executor:
 
     def _commit(self, work: Work, results: list, seconds: float) -> None:
         total = sum(len(e.token_ids) for _, e in work.batch) or 1
-        nxt = self.inflight.pids() if self.inflight is not None else set()
+        nxt = self.inflight[work.lane].pids() if work.lane in self.inflight else set()
         with self.table.lock, self.k.journal.batch():   # one transaction: tokens and exits
-            if self.k.pagers.get(work.model) is not work.pager:   # inference restarted
+            if self.k.pagers.get(work.lane) is not work.pager:   # its replica restarted
                 return
             rows: list[Tokens] = []
             for (proc, entry), result in zip(work.batch, results, strict=True):
@@ -604,7 +686,7 @@ class Executor:
         with self.table.lock:   # swaps queued meanwhile stay: they go before the next step
             io = self.io.take_releases()
         if io:
-            send_releases(io, self.k.inference)
+            send_releases(io, self._route)
 
     @staticmethod
     def _emit(proc: Proc, result: inference_pb2.StepResult) -> None:

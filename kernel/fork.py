@@ -7,6 +7,7 @@ import structlog
 
 from llmasos.kernel.pager import Pager
 from llmasos.kernel.proctable import Proc, ProcessTable, State
+from llmasos.kernel.replicas import lane_of
 
 log = structlog.get_logger()
 
@@ -26,7 +27,8 @@ def fork_siblings(table: ProcessTable, parent: Proc, pager: Pager) -> None:
     """The parent's prompt KV (all but its last token) is computed: share it."""
     for pid in parent.forks:
         child = table.get(pid)
-        if child is not None and child.fork_pending and pid not in pager:
+        if child is not None and child.fork_pending and pid not in pager and \
+                lane_of(child) == lane_of(parent):   # else it runs on another replica
             pager.fork(parent.pid, pid)
             child.kv_blocks = parent.kv_blocks
             log.info("job_forked", pid=pid, parent=parent.pid, shared_blocks=child.kv_blocks)

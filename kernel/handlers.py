@@ -17,10 +17,10 @@ from typing import Any
 import grpc
 import structlog
 
-from llmasos.kernel import quota
+from llmasos.kernel import quota, replicas
 from llmasos.kernel.auth import Identity
 from llmasos.kernel.ipc_delivery import IPC_TIMEOUT, caller, check_stdout_mailbox, ipc_failed
-from llmasos.kernel.kernel import Deployed, Kernel
+from llmasos.kernel.kernel import Deployed, Kernel, load_request
 from llmasos.kernel.pipes import Template
 from llmasos.kernel.proctable import Exit, Proc, State
 from llmasos.kernel.segments import Segment
@@ -194,7 +194,7 @@ def spawn_samples(k: Kernel, ident: Identity, req: Any, tok: Any, max_tokens: in
 def fits_pool(k: Kernel, model: str, tokens: int, ident: Identity) -> None:
     """A job that could never hold its KV, even alone (or within its owner's KV quota), is
     refused up front (no livelock)."""
-    pager = k.pagers.get(model)
+    pager = replicas.any_pager(k, model)
     if pager is None:
         return
     need = pager.blocks_for(tokens)
@@ -216,7 +216,7 @@ def tokenize(k: Kernel, req: Any, prefix: str = "") -> inference_pb2.TokenizeRes
     else:
         treq = inference_pb2.TokenizeRequest(model=req.model, messages=req.messages)
     try:
-        return k.inference().Tokenize(treq, timeout=60)
+        return replicas.serving(k, req.model).Tokenize(treq, timeout=60)
     except grpc.RpcError as e:
         raise downstream(e, "tokenizing failed") from None
 
@@ -239,7 +239,7 @@ def sys_wait(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.WaitR
             raise SyscallError("CANCELLED", "the caller went away")
         k.table.reap(proc)
         k.journal.record_reap(proc.pid)
-    return kernel_pb2.WaitResponse(info=proc_info(proc), text=proc.text,
+    return kernel_pb2.WaitResponse(info=proc_info(proc, k), text=proc.text,
                                    token_ids=proc.output_ids, timings=timings(proc))
 
 
@@ -313,7 +313,7 @@ def sys_ps(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.PsRespo
     if user not in (None, ident.user) and not is_admin(ident):
         raise SyscallError("PERMISSION_DENIED", "only root may list another user's jobs")
     procs = k.table.listing(user)
-    return kernel_pb2.PsResponse(processes=[proc_info(p) for p in procs],
+    return kernel_pb2.PsResponse(processes=[proc_info(p, k) for p in procs],
                                  kv=kv_usage(k, None if is_admin(ident) else ident.user))
 
 
@@ -327,7 +327,7 @@ def kv_usage(k: Kernel, only_user: str | None = None) -> kernel_pb2.KvUsage:
         usage.total_blocks += u.total_blocks
         usage.free_blocks += u.free_blocks
         usage.block_size = u.block_size
-        usage.block_bytes = k.block_bytes.get(name, 0)
+        usage.block_bytes = k.block_bytes.get(replicas.split(name)[0], 0)
         for user, blocks in u.blocks_by_user.items():
             by_user[user] = by_user.get(user, 0) + blocks
     if only_user is not None:
@@ -337,10 +337,10 @@ def kv_usage(k: Kernel, only_user: str | None = None) -> kernel_pb2.KvUsage:
 
 
 def sys_stat(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.ProcessInfo:
-    return proc_info(lookup(k, ident, req.pid))
+    return proc_info(lookup(k, ident, req.pid), k)
 
 
-def proc_info(p: Proc) -> kernel_pb2.ProcessInfo:
+def proc_info(p: Proc, k: Kernel | None = None) -> kernel_pb2.ProcessInfo:
     return kernel_pb2.ProcessInfo(
         pid=p.pid, ppid=p.ppid, user=p.user, state=int(p.state), model=p.model, nice=p.nice,
         prompt_tokens=len(p.prompt_ids), generated_tokens=len(p.output_ids),
@@ -348,7 +348,8 @@ def proc_info(p: Proc) -> kernel_pb2.ProcessInfo:
         ended_unix=p.ended, exit_status=p.exit_status, exit_reason=int(p.exit_reason),
         exit_message=p.exit_message, cpu_seconds=p.cpu_seconds, preemptions=p.preemptions,
         name=p.name, stdin_pid=p.stdin_pid, stdout_pids=p.stdout_pids,
-        stdin_exit_reason=int(p.stdin_exit), shm=p.shm)
+        stdin_exit_reason=int(p.stdin_exit), shm=p.shm, replica=p.replica,
+        replicas=replicas.count(k, p.model) if k is not None else 1)
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -358,6 +359,8 @@ def sys_models(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.Mod
         reply = k.inference().ListModels(inference_pb2.ListModelsRequest(), timeout=30)
     except grpc.RpcError as e:
         raise downstream(e, "listing models failed") from None
+    for m in reply.models:
+        m.replicas = replicas.count(k, m.name)
     return kernel_pb2.ModelsResponse(
         models=[*reply.models, *remote_infos(k)],
         quant_formats=reply.quant_formats, default_quant=reply.default_quant,
@@ -390,11 +393,26 @@ def deploy_events(k: Kernel, req: Any, ctx: Any) -> Iterator[common_pb2.DeployEv
             path = os.path.abspath(os.path.expanduser(req.path))
             if not os.path.exists(path):
                 raise SyscallError("NOT_FOUND", f"{path} does not exist")
-            info = yield from load_events(k, req, path, ctx)
-            # (replaces an unavailable one of the same name)
-            k.models[req.name] = Deployed(path, req.dtype, quant=req.quant, tp=req.tp, pp=req.pp)
-            k.journal.record_deploy(req.name, dataclasses.asdict(k.models[req.name]))
+            dep = Deployed(path, req.dtype, quant=req.quant, tp=req.tp, pp=req.pp,
+                           replicas=check_replicas(req))
+            replicas.start_services(k, dep.replicas)
+            info = yield from load_replicas(k, req.name, dep, ctx)
+            k.models[req.name] = dep   # (replaces an unavailable one of the same name)
+            k.journal.record_deploy(req.name, dataclasses.asdict(dep))
     yield common_pb2.DeployEvent(model=info)
+
+
+def check_replicas(req: Any) -> int:
+    """How many replicas a Deploy asks for; refused when the host cannot give each a core."""
+    n = max(1, req.replicas)
+    if n > 1 and (req.tp > 1 or req.pp > 1):
+        raise SyscallError("FAILED_PRECONDITION", "replicas do not combine with tp or pp yet; "
+                           "deploy with --replicas alone, or --tp/--pp alone")
+    cores = replicas.host_cores()
+    if n > cores:
+        raise SyscallError("INVALID_ARGUMENT", f"replicas={n} but this host has {cores} cores, "
+                           f"which the replicas share; deploy with --replicas {cores} or fewer")
+    return n
 
 
 _DEPLOYING = threading.Lock()   # guards the kernel's set of names being deployed
@@ -416,21 +434,40 @@ def deploying(k: Kernel, name: str) -> Iterator[None]:
             names.discard(name)
 
 
+def load_replicas(k: Kernel, name: str, dep: Deployed,
+                  ctx: Any) -> Generator[common_pb2.DeployEvent, None, common_pb2.ModelInfo]:
+    """Load the model into each replica's service (replica 0's progress is relayed), each with
+    its own KV pool; the pagers are attached once all are loaded. A deploy that stops part way
+    leaves no replica loaded."""
+    infos: list[common_pb2.ModelInfo] = []
+    pagers: dict[str, Any] = {}
+    try:
+        for r in range(dep.replicas):
+            infos.append((yield from load_events(k, name, dep, r, ctx)))
+            pagers[replicas.lane(name, r)] = k.new_pager(name, k.replica(r))
+    except BaseException:   # a caller gone too (GeneratorExit)
+        for r in range(len(infos)):
+            abandon(k, name, r)
+        raise
+    k.pagers.update(pagers)
+    infos[0].replicas = dep.replicas
+    return infos[0]
+
+
 # The service's own answer about the load; other codes mean the call was cut short.
 CUT_SHORT = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.UNAVAILABLE)
 
 
-def load_events(k: Kernel, req: Any, path: str,
-                ctx: Any) -> Generator[common_pb2.DeployEvent, None, common_pb2.ModelInfo]:
-    """Relay the inference service's LoadModelStream; returns the loaded model, its pager
-    attached. A load stopped short of that (a caller gone, a deadline, an error here) is
-    abandoned: nothing stays loaded."""
-    stub = k.inference()
+def load_events(k: Kernel, name: str, dep: Deployed, replica: int, ctx: Any
+                ) -> Generator[common_pb2.DeployEvent, None, common_pb2.ModelInfo]:
+    """Relay one replica's LoadModelStream (the progress of replica 0 only: one bar); returns
+    the loaded model. A load stopped short of that (a caller gone, a deadline, an error here)
+    is abandoned: nothing stays loaded."""
     left = ctx.time_remaining()   # the caller's deadline bounds the load (600 s without one)
-    call = stub.LoadModelStream(inference_pb2.LoadModelRequest(
-        name=req.name, path=path, dtype=req.dtype, quant=req.quant, tp=req.tp, pp=req.pp),
-        timeout=min(600.0, left) if left is not None else 600.0)
+    request = load_request(name, dep, replicas.threads(k, dep.replicas))
+    call = k.replica(replica).LoadModelStream(
+        request, timeout=min(600.0, left) if left is not None else 600.0)
     if not ctx.add_callback(call.cancel):   # the caller going away stops the load
         call.cancel()
     model, kept, answered = None, False, False
@@ -439,13 +476,13 @@ def load_events(k: Kernel, req: Any, path: str,
             if event.HasField("model"):   # the last message
                 model = event.model
                 break
-            yield event
+            if replica == 0:
+                yield event
         if model is None:
             raise SyscallError("INTERNAL", f"the inference service ended the load of "
-                               f"{req.name} without its model")
+                               f"{name} without its model")
         if not ctx.is_active():
             raise gone(ctx)
-        k.attach_pager(req.name, stub)
         kept = True
         return model
     except grpc.RpcError as e:
@@ -456,7 +493,7 @@ def load_events(k: Kernel, req: Any, path: str,
     finally:
         if not (kept or answered):
             call.cancel()
-            abandon(k, req.name)
+            abandon(k, name, replica)
 
 
 def gone(ctx: Any) -> SyscallError:
@@ -470,13 +507,13 @@ def gone(ctx: Any) -> SyscallError:
 ABANDON_TIMEOUT = 180.0   # the service waits up to 120 s for a cancelled load to stop
 
 
-def abandon(k: Kernel, name: str) -> None:
-    """Leave nothing of a load the kernel gave up on in the inference service."""
+def abandon(k: Kernel, name: str, replica: int = 0) -> None:
+    """Leave nothing of a load the kernel gave up on in the (replica's) inference service."""
     try:
-        k.inference().UnloadModel(inference_pb2.UnloadModelRequest(name=name, abandoned=True),
-                                  timeout=ABANDON_TIMEOUT)
+        k.replica(replica).UnloadModel(inference_pb2.UnloadModelRequest(
+            name=name, abandoned=True), timeout=ABANDON_TIMEOUT)
     except (grpc.RpcError, SyscallError) as e:   # a service gone lost the load with itself
-        log.warning("abandon_failed", model=name, error=str(e))
+        log.warning("abandon_failed", model=name, replica=replica, error=str(e))
 
 
 def sys_undeploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.UndeployResponse:
@@ -491,9 +528,14 @@ def sys_undeploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.U
         k.inference().UnloadModel(inference_pb2.UnloadModelRequest(name=req.name), timeout=60)
     except grpc.RpcError as e:
         raise downstream(e, "undeploying failed") from None
+    n = replicas.count(k, req.name)
     k.models.pop(req.name, None)
-    k.pagers.pop(req.name, None)
+    for r in range(n):
+        k.pagers.pop(replicas.lane(req.name, r), None)
     k.journal.record_undeploy(req.name)
+    for r in range(1, n):   # a replica that is down holds nothing
+        abandon(k, req.name, r)
+    replicas.retire_unused(k)
     return kernel_pb2.UndeployResponse()
 
 

@@ -15,6 +15,7 @@ from llmasos.kernel.journal import NoJournal
 from llmasos.kernel.pager import Pager
 from llmasos.kernel.pending_io import PendingIo, SwapOut
 from llmasos.kernel.proctable import Exit, Proc, ProcessTable, State
+from llmasos.kernel.replicas import lane_of
 from llmasos.syscalls.limits import SIGCONT, SIGKILL, SIGPIPE, SIGSTOP, SIGTERM
 
 log = structlog.get_logger()
@@ -22,7 +23,8 @@ SWAP_SPACE = 1.0    # host memory for swapped-out KV, as a multiple of the pool
 
 
 class JobControl:
-    """The table, the pagers and the queue of RPCs that state changes produce."""
+    """The table, the pagers (by lane: kernel/replicas.py) and the queue of RPCs that state
+    changes produce."""
 
     def __init__(self, table: ProcessTable, pagers: dict[str, Pager], io: PendingIo,
                  on_exit: Callable[[Proc], object] = lambda proc: None,
@@ -81,14 +83,14 @@ class JobControl:
     def swap_out(self, proc: Proc) -> bool:
         """Free the job's blocks now and queue the copy of their contents to host memory;
         False when it cannot be swapped (not resident, host swap space full)."""
-        pager = self.pagers.get(proc.model)
+        pager = self.pagers.get(lane_of(proc))
         if pager is None or proc.pid not in pager or pager.is_swapped(proc.pid):
             return False
         need = len(pager.block_table(proc.pid))
         if self.swapped_blocks(pager) + need > pager.num_blocks * SWAP_SPACE:
             return False
         blocks = pager.swap_out(proc.pid)
-        self.io.swap_outs.append(SwapOut(proc, proc.model, blocks))
+        self.io.swap_outs.append(SwapOut(proc, lane_of(proc), blocks))
         metrics.on_swap(proc.model, "out", len(blocks))
         proc.kv_blocks = 0
         return True
@@ -96,7 +98,7 @@ class JobControl:
     def swap_in(self, proc: Proc, pager: Pager) -> None:
         """Blocks for a swapped-out job (raises OutOfBlocks); its contents follow by RPC."""
         blocks = pager.swap_in(proc.pid)
-        self.io.swap_ins.append(SwapOut(proc, proc.model, blocks))
+        self.io.swap_ins.append(SwapOut(proc, lane_of(proc), blocks))
         metrics.on_swap(proc.model, "in", len(blocks))
 
     def swapped_blocks(self, pager: Pager) -> int:
@@ -105,24 +107,25 @@ class JobControl:
 
     def lost(self, proc: Proc) -> None:
         """Its KV could not be saved or restored: start again from the tokens (recompute)."""
-        pager = self.pagers.get(proc.model)
+        pager = self.pagers.get(lane_of(proc))
         if pager is not None:
             pager.free(proc.pid)
         proc.kv_blocks, proc.swap_handle, proc.needs_reset = 0, 0, True
 
     def evict(self, proc: Proc) -> None:
         """Give back everything the job holds: its blocks and any swapped-out copy."""
-        pager = self.pagers.get(proc.model)
+        pager = self.pagers.get(lane_of(proc))
         if pager is not None:
             pager.free(proc.pid)
-        self.io.drop(proc.model, proc.swap_handle)
+        self.io.drop(lane_of(proc), proc.swap_handle)
         proc.kv_blocks, proc.swap_handle = 0, 0
 
     # --- exit ------------------------------------------------------------------------------
 
     def end(self, proc: Proc, reason: Exit, status: int = 0, message: str = "") -> None:
         self.evict(proc)
-        self.io.release(proc.model, proc.pid)
+        if proc.replica >= 0:   # else no service has seen it
+            self.io.release(lane_of(proc), proc.pid)
         self.table.exit(proc, reason, status, message)
         self.journal.record_state(proc)
         metrics.on_exit(proc)

@@ -239,6 +239,12 @@ class Journal:
                       (int(proc.state), proc.pending_signal, int(proc.exit_reason),
                        proc.exit_status, proc.exit_message, proc.ended, proc.pid))
 
+    def record_replica(self, proc: Proc) -> None:
+        """Where the job was placed (kernel/replicas.py): recovery puts it back there."""
+        with self.batch():
+            self._run("UPDATE procs SET extra = json_set(extra, '$.replica', ?) WHERE pid = ?",
+                      (proc.replica, proc.pid))
+
     def record_nice(self, pid: int, nice: int) -> None:
         with self.batch():
             self._run("UPDATE procs SET nice = ? WHERE pid = ?", (nice, pid))

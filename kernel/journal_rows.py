@@ -21,7 +21,7 @@ PROC_COLUMNS = ("pid, user, uid, ppid, model, nice, name, prompt, sampling, max_
                 "context_length, created, state, pending_signal, exit_reason, exit_status, "
                 "exit_message, ended, extra")
 EXTRA = ("stdout_mailbox", "ignore_sigpipe", "stdin_pid", "input_open", "shm",
-         "prompt_text")   # as JSON
+         "prompt_text", "replica")   # as JSON
 
 
 def extra_of(proc: Proc) -> str:

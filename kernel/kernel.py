@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
+from llmasos.kernel import replicas
 from llmasos.kernel.config import Config
 from llmasos.kernel.journal import Journal, NoJournal
 from llmasos.kernel.pager import Pager
@@ -42,6 +43,7 @@ class Deployed:
     api_key_env: str = ""    # where its key is read at request time; never the key itself
     api_key_file: str = ""
     remote_model: str = ""   # the name the endpoint knows it by
+    replicas: int = 1        # copies, each its own inference process and pager (replicas.py)
 
 
 class Kernel:
@@ -49,7 +51,8 @@ class Kernel:
 
     table        ProcessTable; its own lock guards the table, every Proc and the pagers'
                  contents (the step loop and handlers take it to decide and record only)
-    pagers       model → Pager; the dict is replaced entry-wise (atomic under the GIL) by
+    pagers       lane → Pager (a lane is one replica of a model: kernel/replicas.py); the
+                 dict is replaced entry-wise (atomic under the GIL) by
                  deploys and inference restarts; a Pager is used under table.lock
     models       model → Deployed; written by Deploy/Undeploy and inference (re)starts
     kv_share     user → fraction of each model's pool its jobs may hold (quota), under
@@ -60,7 +63,7 @@ class Kernel:
         self.cfg = cfg
         self.table = ProcessTable(zombie_ttl=cfg.zombie_ttl)
         self.models: dict[str, Deployed] = {}
-        self.pagers: dict = {}          # model name → Pager (kernel/pager.py)
+        self.pagers: dict = {}          # lane → Pager (kernel/pager.py, kernel/replicas.py)
         self.block_bytes: dict[str, int] = {}   # model name → bytes of one KV block
         self.kv_share: dict[str, float] = {}
         self.draining = threading.Event()
@@ -78,7 +81,8 @@ class Kernel:
                                       "device": cfg.device, "quant": cfg.quant}),
         ]
         self.supervisor = Supervisor(specs, cfg.home, cfg.restart_max, cfg.restart_window,
-                                     on_start=self._service_started)
+                                     on_start=self._service_started,
+                                     on_exit=self._service_died)
 
     # --- reaching services ---------------------------------------------------------------
 
@@ -94,6 +98,12 @@ class Kernel:
     def inference(self) -> inference_pb2_grpc.InferenceStub:
         return inference_pb2_grpc.InferenceStub(self.channel("inference"))
 
+    def replica(self, index: int) -> inference_pb2_grpc.InferenceStub:
+        """The inference service that holds replica `index` of the models (kernel/replicas.py)."""
+        if index == 0:
+            return self.inference()
+        return inference_pb2_grpc.InferenceStub(self.channel(replicas.service_name(index)))
+
     def scheduler(self) -> scheduler_pb2_grpc.SchedulerStub:
         return scheduler_pb2_grpc.SchedulerStub(self.channel("scheduler"))
 
@@ -103,54 +113,84 @@ class Kernel:
     # --- service (re)starts --------------------------------------------------------------
 
     def _service_started(self, svc: Service) -> None:
-        if svc.spec.name == "inference":
-            self._inference_started(svc)
+        replica = replicas.replica_of_service(svc.spec.name)
+        if replica is not None:
+            self._inference_started(svc, replica)
 
-    def _inference_started(self, svc: Service) -> None:
-        """A new incarnation has empty KV memory: reset the pagers, redeploy, recompute. A
+    def _service_died(self, svc: Service) -> None:
+        """A replica's process is gone: the step loop moves its jobs to the live replicas."""
+        replica = replicas.replica_of_service(svc.spec.name)
+        if replica is not None and self.executor is not None:
+            self.executor.replica_died(replica)
+
+    def _inference_started(self, svc: Service, replica: int = 0) -> None:
+        """A new incarnation has empty KV memory: redeploy, attach fresh pagers, recompute. A
         model that cannot be redeployed (its file moved) ends its jobs with the reason and is
-        unavailable until deployed again; the service itself is healthy."""
+        unavailable until deployed again (a replica of it: its jobs run on the others); the
+        service itself is healthy."""
         stub = inference_pb2_grpc.InferenceStub(svc.channel)
         loaded = {m.name: m for m in stub.ListModels(inference_pb2.ListModelsRequest(),
                                                      timeout=60).models}
         lost: dict[str, str] = {}
         for name, dep in list(self.models.items()):
-            if name in loaded or dep.embedded or dep.error or dep.remote_url:
+            if name in loaded or dep.embedded or dep.error or dep.remote_url or \
+                    replica >= max(1, dep.replicas):
                 continue
             try:
-                loaded[name] = stub.LoadModel(inference_pb2.LoadModelRequest(
-                    name=name, path=dep.path, dtype=dep.dtype, quant=dep.quant, tp=dep.tp,
-                    pp=dep.pp), timeout=600)
+                loaded[name] = stub.LoadModel(load_request(name, dep, replicas.threads(self)),
+                                              timeout=600)
             except grpc.RpcError as e:
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise   # the service died again: a failed start, retried by the supervisor
                 lost[name] = (f"model {name!r} could not be redeployed after the inference "
                               f"service restarted: {e.details()}; deploy it again")
-        for name, info in loaded.items():
+        for name in loaded:
             if name not in self.models:   # loaded by the service itself at start
-                self.models[name] = Deployed(info.source, info.dtype, embedded=True)
-            self.attach_pager(name, stub)
+                self.models[name] = Deployed(loaded[name].source, loaded[name].dtype,
+                                             embedded=True)
+        fresh = {replicas.lane(name, replica): self.new_pager(name, stub) for name in loaded}
+        for name in list(lost):   # a replica of a model others still serve: only it is out
+            if [r for r in replicas.live_replicas(self, name) if r != replica]:
+                log.error("replica_unavailable", model=name, replica=replica, reason=lost.pop(name))
         for name, why in lost.items():
             self.models[name].error = why
             self.pagers.pop(name, None)
             log.error("model_unavailable", model=name, reason=why)
-        if self.executor is not None:
-            self.executor.inference_restarted(svc.incarnation)
-            for name, why in lost.items():
-                self.executor.model_lost(name, why)
+        if self.executor is None:
+            self.pagers.update(fresh)
+            return
+        self.executor.replica_restarted(replica, svc.incarnation, fresh)
+        for name, why in lost.items():
+            self.executor.model_lost(name, why)
 
-    def kv_limits(self, model: str, users: set[str]) -> dict[str, int]:
-        """Blocks of this model's pool each user's jobs may hold (users under a quota only)."""
-        pager = self.pagers.get(model)
+    def kv_limits(self, lane: str, users: set[str]) -> dict[str, int]:
+        """Blocks of this replica's pool each user's jobs may hold (users under a quota only)."""
+        pager = self.pagers.get(lane)
         if pager is None:
             return {}
+        model = replicas.split(lane)[0]
         return {u: max(0, int(pager.num_blocks * self.kv_share[u])
                        - self.segments.held_blocks(u, model))   # its segments count too
                 for u in users if self.kv_share.get(u, 1.0) < 1.0}
 
-    def attach_pager(self, name: str, stub: inference_pb2_grpc.InferenceStub) -> None:
+    def lanes(self) -> list[str]:
+        """Every replica of every deployed model, as its pager's key (kernel/replicas.py)."""
+        return [replicas.lane(name, r) for name, dep in list(self.models.items())
+                for r in range(max(1, dep.replicas))]
+
+    def attach_pager(self, name: str, stub: inference_pb2_grpc.InferenceStub,
+                     replica: int = 0) -> None:
+        self.pagers[replicas.lane(name, replica)] = self.new_pager(name, stub)
+
+    def new_pager(self, name: str, stub: inference_pb2_grpc.InferenceStub) -> Pager:
+        """A pager over the model's KV pool in the service behind stub."""
         geo = stub.Geometry(inference_pb2.GeometryRequest(model=name), timeout=30)
-        self.pagers[name] = Pager(geo.num_blocks, geo.block_size)
         self.block_bytes[name] = geo.block_bytes
         log.info("pager_attached", model=name, blocks=geo.num_blocks, block_size=geo.block_size,
                  block_bytes=geo.block_bytes)
+        return Pager(geo.num_blocks, geo.block_size)
+
+
+def load_request(name: str, dep: Deployed, threads: int) -> inference_pb2.LoadModelRequest:
+    return inference_pb2.LoadModelRequest(name=name, path=dep.path, dtype=dep.dtype,
+                                          quant=dep.quant, tp=dep.tp, pp=dep.pp, threads=threads)

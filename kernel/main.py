@@ -23,7 +23,7 @@ import time
 import structlog
 
 from llmasos.drivers.prune import cli as prune_cli
-from llmasos.kernel import config, log, recovery
+from llmasos.kernel import config, log, recovery, replicas
 from llmasos.kernel.audit import AuditLog
 from llmasos.kernel.executor import Executor
 from llmasos.kernel.gateway import Gateway
@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(cfg.home, mode=0o700, exist_ok=True)
     k = Kernel(cfg)
     recovery.recover(k)   # the journal: models, jobs and pids as the last step left them
+    replicas.start_services(k, replicas.widest(k))   # the services its replicas run in
     k.executor = Executor(k)
     k.remote = RemoteJobs(k)
     k.executor.jobs.on_signal = k.remote.on_signal

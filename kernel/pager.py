@@ -101,6 +101,13 @@ class Pager:
         revived = sum(1 for b in hits if self.pool.ref[b] == 0)
         return self.blocks_for(len(token_ids)) - len(hits) + revived
 
+    def cached_blocks(self, user: str, token_ids: Sequence[int]) -> int:
+        """Leading blocks of token_ids this pool's prefix cache holds for the user now."""
+        if not token_ids:
+            return 0
+        bs = self.block_size
+        return len(match_prefix(self.pool, user, token_ids, bs, (len(token_ids) - 1) // bs)[0])
+
     def blocks_needed(self, pid: int, user: str, token_ids: Sequence[int]) -> int:
         """Exact free blocks pid needs to run up to len(token_ids): admission (prefix hits
         counted), swap-in, or growth plus copy-on-write."""

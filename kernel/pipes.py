@@ -23,6 +23,7 @@ import grpc
 import structlog
 
 from llmasos.kernel.proctable import Exit, Proc, State
+from llmasos.kernel.replicas import lane_of
 from llmasos.proto import common_pb2, inference_pb2
 from llmasos.syscalls import SyscallError
 from llmasos.syscalls.limits import PIPE_INPUT, SIGPIPE
@@ -186,7 +187,7 @@ class Pipes:
         return True
 
     def _rewind(self, proc: Proc, keep: int) -> None:
-        pager = self.k.pagers.get(proc.model)
+        pager = self.k.pagers.get(lane_of(proc))
         if pager is None or proc.pid not in pager:
             return
         if pager.is_swapped(proc.pid):

@@ -104,6 +104,8 @@ class Proc:
     segment: str = ""                   # the KV segment it holds (prefill only, pinned)
     stdout_mailbox: str = ""            # where its text goes when it ends (kernel/ipc_delivery.py)
     prompt_text: str = ""               # a hosted model's prompt (kernel/remote_jobs.py): no ids
+    replica: int = -1                   # which replica of its model runs it; -1 until the step
+                                        # loop places it (kernel/replicas.py)
 
     @property
     def tokens(self) -> list[int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import structlog
 
+from llmasos.kernel import replicas
 from llmasos.kernel.journal import Journal, JournalError, restore
 from llmasos.kernel.kernel import Deployed, Kernel
 from llmasos.kernel.proctable import Exit
@@ -43,6 +44,8 @@ def resume(k: Kernel) -> None:
                                "restarted while the writer ran; run the pipeline again")
             elif proc.pending_signal:
                 k.executor.jobs.deliver(proc)
+            if proc.replica >= 0 and replicas.lane_of(proc) not in k.pagers:
+                proc.replica = -1   # its replica did not come back: placed on another
     if k.remote is not None:
         k.remote.resume_all()   # hosted models' jobs stream again from their text so far
     k.executor.wake()

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from llmasos.kernel.proctable import Exit, Proc, State
+from llmasos.kernel.replicas import lane_of
 from llmasos.proto import kernel_pb2
 from llmasos.syscalls import SyscallError
 
@@ -68,7 +69,7 @@ class Segments:
         return seg
 
     def ready(self, seg: Segment) -> bool:
-        pager = self.k.pagers.get(seg.model)
+        pager = self.k.pagers.get(lane_of(seg.holder))   # the replica the holder runs on
         p = seg.holder
         return pager is not None and p.pid in pager and not pager.is_swapped(p.pid) and \
             pager.num_computed(p.pid) == len(p.prompt_ids)
@@ -86,7 +87,8 @@ class Segments:
     @staticmethod
     def _fits(seg: Segment, proc: Proc) -> bool:
         n = len(seg.tokens)
-        return len(proc.tokens) > n and proc.tokens[:n] == seg.tokens
+        return len(proc.tokens) > n and proc.tokens[:n] == seg.tokens and \
+            lane_of(proc) == lane_of(seg.holder)
 
     def attach(self, proc: Proc) -> bool:
         """At admission: share the segment's blocks (True), or compute it all (False: the
@@ -94,7 +96,7 @@ class Segments:
         seg = self.by_name.get(proc.shm)
         if seg is None or not self.ready(seg) or not self._fits(seg, proc):
             return False
-        self.k.pagers[seg.model].fork(seg.holder.pid, proc.pid)
+        self.k.pagers[lane_of(seg.holder)].fork(seg.holder.pid, proc.pid)
         return True
 
     def remove(self, seg: Segment) -> None:

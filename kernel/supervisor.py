@@ -86,6 +86,8 @@ class ServiceSpec:
     name: str
     options: dict[str, str] = field(default_factory=dict)
     start_timeout: float = 300.0   # the inference service loads a model before it reports
+    module: str = ""               # llmasos.services.<module>; default: the name (a model's
+                                   # replicas run the inference module as inference.1, ...)
 
 
 @dataclass
@@ -113,7 +115,8 @@ class Service:
 class Supervisor:
     def __init__(self, specs: list[ServiceSpec], state_dir: str, max_restarts: int = 5,
                  window: float = 60.0,
-                 on_start: Callable[[Service], None] | None = None) -> None:
+                 on_start: Callable[[Service], None] | None = None,
+                 on_exit: Callable[[Service], None] | None = None) -> None:
         self.services = {s.name: Service(s) for s in specs}
         self.state_dir = state_dir
         self.run_dir = Path(state_dir) / "run"
@@ -121,6 +124,7 @@ class Supervisor:
         self.run_lock: int = -1
         self.max_restarts, self.window = max_restarts, window
         self.on_start = on_start or (lambda svc: None)
+        self.on_exit = on_exit or (lambda svc: None)   # under the lock: it must not block
         self.lock = threading.RLock()
         self.ready = threading.Condition(self.lock)
         self.stopping = threading.Event()
@@ -198,6 +202,49 @@ class Supervisor:
             os.close(self.run_lock)   # releases the flock
             self.run_lock = -1
 
+    def add(self, spec: ServiceSpec, timeout: float) -> bool:
+        """Supervise one more service (a model's replica) and wait until it is HEALTHY;
+        before start() it only joins the others. False if it did not become healthy."""
+        with self.lock:
+            if spec.name not in self.services:
+                self.services[spec.name] = Service(spec)
+            svc = self.services[spec.name]
+            if svc.state == "FAILED":   # asked for again: a fresh restart budget
+                svc.state = "STOPPED"
+                svc.recent.clear()
+            if not self.thread.is_alive() or svc.state != "STOPPED":
+                return self._wait(svc, timeout) if self.thread.is_alive() else True
+            svc.state = "STARTING"
+        threading.Thread(target=self._launch, args=(svc,), daemon=True,
+                         name=f"start-{spec.name}").start()
+        with self.lock:
+            return self._wait(svc, timeout)
+
+    def _wait(self, svc: Service, timeout: float) -> bool:
+        """Under the lock: wait for the service to be HEALTHY (False: FAILED or timed out)."""
+        deadline = time.monotonic() + timeout
+        while svc.state != "HEALTHY":
+            left = deadline - time.monotonic()
+            if left <= 0 or svc.state in ("FAILED", "STOPPED") or self.stopping.is_set():
+                return False
+            self.ready.wait(min(left, 0.5))
+        return True
+
+    def retire(self, name: str, timeout: float = 10.0) -> None:
+        """Stop a service and forget it (a replica no model uses any more)."""
+        with self.lock:
+            svc = self.services.pop(name, None)
+            if svc is None:
+                return
+            svc.state = "STOPPED"
+            if svc.popen and svc.popen.poll() is None:
+                svc.popen.send_signal(signal.SIGTERM)
+            self._reap(svc, timeout)
+            if svc.channel:
+                svc.channel.close()
+                svc.channel = None
+        Path(self.socket_path(name)).unlink(missing_ok=True)
+
     # --- queries ---------------------------------------------------------------------------
 
     def channel(self, name: str) -> grpc.Channel | None:
@@ -217,7 +264,7 @@ class Supervisor:
         secret_r, secret_w = os.pipe()
         os.write(secret_w, self.secret.encode() + b"\n")   # 65 bytes: fits the pipe buffer
         os.close(secret_w)
-        cmd = [sys.executable, "-m", f"llmasos.services.{svc.spec.name}",
+        cmd = [sys.executable, "-m", f"llmasos.services.{svc.spec.module or svc.spec.name}",
                "--listen", f"unix:{self.socket_path(svc.spec.name)}",
                "--report-fd", str(write_fd), "--secret-fd", str(secret_r),
                "--state-dir", self.state_dir]
@@ -349,6 +396,10 @@ class Supervisor:
         if self.stopping.is_set():
             svc.state = "STOPPED"
             return
+        try:
+            self.on_exit(svc)
+        except Exception as e:  # the watch thread must live on
+            log.error("service_exit_hook_failed", service=svc.spec.name, error=str(e))
         now = time.monotonic()
         while svc.recent and now - svc.recent[0] > self.window:
             svc.recent.popleft()

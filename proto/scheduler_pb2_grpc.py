@@ -44,6 +44,11 @@ class SchedulerStub:
                 request_serializer=scheduler__pb2.PolicyRequest.SerializeToString,
                 response_deserializer=scheduler__pb2.PolicyResponse.FromString,
                 _registered_method=True)
+        self.Place = channel.unary_unary(
+                '/llmasos.v1.Scheduler/Place',
+                request_serializer=scheduler__pb2.PlaceRequest.SerializeToString,
+                response_deserializer=scheduler__pb2.PlaceResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -61,6 +66,13 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Place(self, request, context):
+        """Which replica runs each new job of a model deployed with several (data parallelism).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +85,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Policy,
                     request_deserializer=scheduler__pb2.PolicyRequest.FromString,
                     response_serializer=scheduler__pb2.PolicyResponse.SerializeToString,
+            ),
+            'Place': grpc.unary_unary_rpc_method_handler(
+                    servicer.Place,
+                    request_deserializer=scheduler__pb2.PlaceRequest.FromString,
+                    response_serializer=scheduler__pb2.PlaceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +146,33 @@ class Scheduler:
             '/llmasos.v1.Scheduler/Policy',
             scheduler__pb2.PolicyRequest.SerializeToString,
             scheduler__pb2.PolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Place(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmasos.v1.Scheduler/Place',
+            scheduler__pb2.PlaceRequest.SerializeToString,
+            scheduler__pb2.PlaceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -149,6 +149,8 @@ def serve(name: str, register: Callable[[grpc.Server, argparse.Namespace], list[
           argv: list[str] | None = None) -> int:
     """Run a service until SIGTERM/SIGINT; the standard main of every service process."""
     args = parse_args(argv)
+    if args.listen.startswith("unix:"):   # the supervisor's name for us: inference.1, ...
+        name = os.path.basename(args.listen).removesuffix(".sock")
     log = configure_logging(name)
     secret = read_secret(args.secret_fd)
     server, address = start_server(lambda s: register(s, args), args.listen, secret,

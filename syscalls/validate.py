@@ -87,6 +87,8 @@ def ps(req: Any) -> None:
 
 def deploy(req: Any) -> None:
     model_name(req.name)
+    if req.replicas < 0:
+        raise invalid(f"replicas must be at least 1 (0 means 1), got {req.replicas}")
     if req.remote_url:
         remote_deploy(req)
         return
@@ -193,8 +195,8 @@ def remote_deploy(req: Any) -> None:
         raise invalid("remote_url must be an http:// or https:// URL like https://host/v1")
     if req.path:
         raise invalid("a remote model has no path; give either path or remote_url")
-    if req.quant or req.tp > 1 or req.pp > 1:
-        raise invalid("a remote model is served by its endpoint: no quant, tp or pp")
+    if req.quant or req.tp > 1 or req.pp > 1 or req.replicas > 1:
+        raise invalid("a remote model is served by its endpoint: no quant, tp, pp or replicas")
     if req.api_key_env and req.api_key_file:
         raise invalid("give api_key_env or api_key_file, not both")
     if req.remote_model and len(req.remote_model) > 256:

@@ -244,16 +244,18 @@ class LLMClient(ClientBase):
                timeout: float | None = None, quant: str = "", tp: int = 0,
                pp: int = 0, remote_url: str = "", api_key_env: str = "",
                api_key_file: str = "", remote_model: str = "",
-               progress: calls.Progress | None = None) -> common_pb2.ModelInfo:
+               progress: calls.Progress | None = None,
+               replicas: int = 0) -> common_pb2.ModelInfo:
         """Load a model (root only); loading takes a while, hence the job deadline.
         quant: "" (the service default), "none", "int8" or a recipe from formats(); tp > 1 runs
-        it as that many tensor-parallel ranks, pp > 1 as that many pipeline stages. With
+        it as that many tensor-parallel ranks, pp > 1 as that many pipeline stages; replicas > 1
+        as that many copies, each its own inference process and KV pool. With
         remote_url, NAME is a hosted model: an OpenAI-compatible endpoint (path unused), its
         key read by llmosd from the env var api_key_env or the 0600 file api_key_file.
         progress: called with each LoadProgress (.stage, .done, .total, .unit) as the model
         loads (DeployStream); leaving early (an exception, Ctrl-C) deploys nothing."""
         args = (path, name, dtype, quant, tp, pp, remote_url, api_key_env, api_key_file,
-                remote_model)
+                remote_model, replicas)
         if progress is None:
             return self._call(calls.DEPLOY, *args, timeout=timeout)
         model = None

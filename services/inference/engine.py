@@ -130,13 +130,17 @@ class Engine:
 
     def load(self, name: str, path: str, dtype: str = "", kv_budget_bytes: int = 0,
              quant: str = "", tp: int = 0, pp: int = 0, report: Report | None = None,
-             cancelled: Callable[[], bool] = lambda: False) -> ModelEntry:
+             cancelled: Callable[[], bool] = lambda: False, threads: int = 0) -> ModelEntry:
         """Load a GGUF file or HF folder under name; raises FileNotFoundError, ValueError
         (bad dtype, unsupported architecture, name taken) or KVBudgetError. `report` hears the
         load's progress (drivers/loaders/progress.py); once `cancelled()` is true the load
-        stops at its next step with LoadCancelled, and a finished load is not kept."""
+        stops at its next step with LoadCancelled, and a finished load is not kept. threads > 0
+        sets this process's torch threads from now on (replicas sharing a host's cores)."""
         if not name:
             raise ValueError("model name must not be empty")
+        if threads > 0 and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            log.info("torch_threads", threads=threads)
         dtype_name = dtype or DEFAULT_DTYPE.get(self.device.type, "float32")
         if dtype_name not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")

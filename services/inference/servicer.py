@@ -66,14 +66,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                   context: grpc.ServicerContext) -> common_pb2.ModelInfo:
         return self._call(context, lambda: model_info(self.engine.load(
             request.name, request.path, request.dtype, request.kv_budget_bytes,
-            request.quant, request.tp, request.pp)))
+            request.quant, request.tp, request.pp, threads=request.threads)))
 
     def LoadModelStream(self, request: inference_pb2.LoadModelRequest,  # noqa: N802
                         context: grpc.ServicerContext) -> Iterator[common_pb2.DeployEvent]:
         def load(**progress: object) -> common_pb2.ModelInfo:
             return model_info(self.engine.load(
                 request.name, request.path, request.dtype, request.kv_budget_bytes,
-                request.quant, request.tp, request.pp, **progress))
+                request.quant, request.tp, request.pp, threads=request.threads, **progress))
         with translated(context):   # a caller gone stops the load between two steps
             yield from LoadStream(load, cancelled=lambda: not context.is_active())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from llmasos.proto import scheduler_pb2, scheduler_pb2_grpc
+from llmasos.services.scheduler.placement import place
 from llmasos.services.scheduler.policy import POLICIES, plan
 from llmasos.services.scheduler.usage import Usage
 
@@ -30,3 +31,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def Policy(self, request: scheduler_pb2.PolicyRequest,  # noqa: N802
                context: grpc.ServicerContext) -> scheduler_pb2.PolicyResponse:
         return scheduler_pb2.PolicyResponse(policy=self.policy)
+
+    def Place(self, request: scheduler_pb2.PlaceRequest,  # noqa: N802
+              context: grpc.ServicerContext) -> scheduler_pb2.PlaceResponse:
+        return scheduler_pb2.PlaceResponse(replica=place(request))

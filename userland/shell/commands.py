@@ -316,9 +316,11 @@ def cmd_models(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
         sh.say(json.dumps([fmt.as_dict(m) for m in models], indent=1))
         return EXIT_OK
     rows = [[m.name, m.architecture, fmt.count(m.parameters), m.dtype, m.quant or "none",
-             m.device, fmt.size(m.memory_bytes), m.context_length, m.source] for m in models]
-    sh.say(fmt.table(["NAME", "ARCH", "PARAMS", "DTYPE", "QUANT", "DEVICE", "WEIGHTS", "CONTEXT",
-                      "SOURCE"], rows, ["PARAMS", "WEIGHTS", "CONTEXT"]))
+             m.device, max(1, m.replicas), fmt.size(m.memory_bytes), m.context_length,
+             m.source] for m in models]
+    sh.say(fmt.table(["NAME", "ARCH", "PARAMS", "DTYPE", "QUANT", "DEVICE", "REPLICAS",
+                      "WEIGHTS", "CONTEXT", "SOURCE"], rows,
+                     ["PARAMS", "REPLICAS", "WEIGHTS", "CONTEXT"]))
     for name, target in sorted(sh.client.aliases().items()):
         sh.say(f"{name} -> {target} (alias)")
     return EXIT_OK
@@ -334,11 +336,12 @@ def cmd_deploy(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
     bar = ProgressBar()   # on stderr: stdout keeps the result alone
     try:
         m = sh.client.deploy(args.path, args.name, args.dtype, quant=args.quant, tp=args.tp,
-                             pp=args.pp, progress=bar)
+                             pp=args.pp, progress=bar, replicas=args.replicas)
     finally:
         bar.close()
     ranks = (f" on {m.tp} tensor-parallel ranks" if m.tp > 1 else "") + (
-        f" in {m.pp} pipeline stages" if m.pp > 1 else "")
+        f" in {m.pp} pipeline stages" if m.pp > 1 else "") + (
+        f" as {m.replicas} replicas" if m.replicas > 1 else "")
     sh.say(f"deployed {m.name}: {m.architecture}, {fmt.count(m.parameters)} parameters, "
            f"{m.dtype} on {m.device}{ranks}, quant {m.quant or 'none'}, "
            f"{fmt.size(m.memory_bytes)} of weights")
@@ -632,7 +635,7 @@ COMMANDS: dict[str, Entry] = {
         "models", "The deployed models (--formats: the quantizations each device serves).",
         (("--json",), {"action": "store_true"}), (("--formats",), {"action": "store_true"}))),
     "deploy": Entry(cmd_deploy, "load a model: deploy PATH NAME [--dtype D] [--quant Q] "
-                    "[--tp N] [--pp M]; deploy --remote URL --api-key-env VAR NAME",
+                    "[--tp N] [--pp M] [--replicas R]; deploy --remote URL --api-key-env VAR NAME",
                     _p_simple(
         "deploy", "Load a model from a GGUF file or a Hugging Face folder, or name a hosted "
         "model at an OpenAI-compatible endpoint (root).",
@@ -643,6 +646,8 @@ COMMANDS: dict[str, Entry] = {
                      "help": "tensor-parallel ranks (must divide the head counts)"}),
         (("--pp",), {"type": int, "default": 0,
                      "help": "pipeline stages (must divide the layers)"}),
+        (("--replicas",), {"type": int, "default": 0,
+                           "help": "copies, each its own inference process and KV pool"}),
         (("--remote",), {"default": "", "metavar": "URL",
                          "help": "an OpenAI-compatible endpoint, e.g. https://host/v1"}),
         (("--api-key-env",), {"default": "", "metavar": "VAR",

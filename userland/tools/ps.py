@@ -33,12 +33,20 @@ def _age(p: Info, now: float) -> str:
     return fmt.duration((p.ended_unix or now) - p.created_unix) if p.created_unix else "-"
 
 
+def _model(p: Info, now: float) -> str:
+    """name, or name@replica when its model has several (data parallelism)."""
+    if p.replicas <= 1:
+        return p.model
+    return f"{p.model}@{p.replica if p.replica >= 0 else '-'}"
+
+
 COLUMNS: dict[str, Column] = {
     "pid":     Column("PID", lambda p, now: p.pid, True),
     "ppid":    Column("PPID", lambda p, now: p.ppid, True),
     "user":    Column("USER", lambda p, now: p.user),
     "state":   Column("STATE", lambda p, now: state_name(p.state)),
-    "model":   Column("MODEL", lambda p, now: p.model),
+    "model":   Column("MODEL", _model),
+    "replica": Column("REPLICA", lambda p, now: p.replica if p.replica >= 0 else "-", True),
     "prio":    Column("PRIO", lambda p, now: p.nice, True),
     "tok_in":  Column("TOK_IN", lambda p, now: p.prompt_tokens, True),
     "tok_out": Column("TOK_OUT", lambda p, now: p.generated_tokens, True),
