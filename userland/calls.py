@@ -100,7 +100,7 @@ SHM_LIST = Call("ShmList", kernel_pb2.ShmListRequest, lambda r: list(r.segments)
                 idempotent=True)
 
 CALLS = (SPAWN, WAIT, READ, KILL, NICE, STAT, PS, MODELS, DEPLOY, DEPLOY_STREAM, UNDEPLOY,
-         WHOAMI, SERVICES, NODES, AUDIT, SET_QUOTA, ALIAS, SHM_CREATE, SHM_REMOVE, SHM_LIST)
+         WHOAMI, SERVICES, AUDIT, SET_QUOTA, ALIAS, SHM_CREATE, SHM_REMOVE, SHM_LIST)
 RETRIED = tuple(c.name for c in CALLS if c.idempotent)
 
 # Codes that may come from the client's side of the wire; any other means llmosd answered.
