@@ -6,6 +6,8 @@ the test is one run of this script."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -81,6 +83,14 @@ def cut(head: Head, model: str, tokens: int, iface: str, prompts: list[str]) -> 
     return {"busy": busy, "results": results, "after_cut_s": time.monotonic() - cut_at}
 
 
+def crash(head: Head, model: str, tokens: int, pid: int, prompts: list[str]) -> dict:
+    """Spawn the jobs, kill -9 the node's replica process once it has made a token, wait."""
+    pids = head.spawn(model, prompts, tokens)
+    busy = head.busy_on(pids, 1)
+    os.kill(pid, signal.SIGKILL)
+    return {"busy": busy, "results": head.wait(pids)}
+
+
 def main(argv: list[str]) -> None:
     address, token, command, *rest = argv
     head = Head(address, token)
@@ -90,6 +100,8 @@ def main(argv: list[str]) -> None:
         out = deploy(head, *rest)
     elif command == "services":
         out = services(head)
+    elif command == "crash":     # MODEL TOKENS PID PROMPTS_JSON
+        out = crash(head, rest[0], int(rest[1]), int(rest[2]), json.loads(rest[3]))
     elif command == "cut":       # MODEL TOKENS IFACE PROMPTS_JSON
         out = cut(head, rest[0], int(rest[1]), rest[2], json.loads(rest[3]))
     else:

@@ -271,6 +271,28 @@ def test_replicas_across_two_hosts_serve_as_one(hosts: Hosts,
 
 
 @pytest.mark.slow
+def test_kill_9_of_a_replica_on_the_node_loses_no_job(hosts: Hosts,
+                                                      one_replica: list[list[int]]) -> None:
+    """The node's supervisor restarts it; the head moves its jobs, then attaches the new one."""
+    before = hosts.drive("services")["services"]["n1/inference.1"]
+    out = hosts.drive("crash", "smol-2h", str(TOKENS), str(before["pid"]), json.dumps(JOBS))
+    assert out["busy"], "no job ran on the node's replica before the kill"
+    assert [r["status"] for r in out["results"]] == [0] * len(JOBS)
+    assert [r["tokens"] for r in out["results"]] == one_replica
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        after = hosts.drive("services")["services"]["n1/inference.1"]
+        if after["state"] == "HEALTHY" and after["pid"] != before["pid"] and \
+                hosts.log().count("node_replica_attached") >= 2:
+            break
+        time.sleep(1)
+    assert after["state"] == "HEALTHY" and after["pid"] != before["pid"]
+    results = hosts.drive("jobs", "smol-2h", str(TOKENS), json.dumps(JOBS[:4]))
+    assert [r["tokens"] for r in results] == one_replica[:4]
+    assert 1 in {r["replica"] for r in results}, "the restarted replica serves again"
+
+
+@pytest.mark.slow
 def test_a_node_cut_off_mid_load_loses_no_job(hosts: Hosts,
                                               one_replica: list[list[int]]) -> None:
     out = hosts.drive("cut", "smol-2h", str(TOKENS), hosts.head.iface, json.dumps(JOBS))
@@ -283,10 +305,13 @@ def test_a_node_cut_off_mid_load_loses_no_job(hosts: Hosts,
     log = hosts.log()
     assert "node_lost" in log and "replica_down_jobs_moved" in log
     hosts.head.link(up=True)   # the node comes back: its replica is attached again
+    attached = hosts.log().count("node_replica_attached")
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and hosts.log().count("node_replica_attached") < 2:
+    while time.monotonic() < deadline and \
+            hosts.log().count("node_replica_attached") == attached:
         time.sleep(0.5)
-    assert hosts.log().count("node_replica_attached") == 2, "the node's replica came back"
+    assert "node_back" in hosts.log(), "the node's heartbeats came back"
+    assert hosts.log().count("node_replica_attached") == attached + 1, "its replica came back"
     results = hosts.drive("jobs", "smol-2h", str(TOKENS), json.dumps(JOBS))
     assert [r["tokens"] for r in results] == one_replica
     assert {r["replica"] for r in results} == {0, 1}
