@@ -53,10 +53,10 @@ class Head:
         return False
 
 
-def deploy(head: Head, path: str, name: str, nodes: str) -> dict:
+def deploy(head: Head, path: str, name: str, nodes: str, replicas: str = "0") -> dict:
     try:
-        info = head.call("Deploy", kernel_pb2.DeployRequest(path=path, name=name,
-                                                            nodes=nodes.split(",")), timeout=900)
+        info = head.call("Deploy", kernel_pb2.DeployRequest(
+            path=path, name=name, nodes=nodes.split(","), replicas=int(replicas)), timeout=900)
         return {"ok": True, "replicas": info.replicas}
     except grpc.RpcError as e:
         return {"ok": False, "code": e.code().name, "details": e.details()}
@@ -96,8 +96,11 @@ def main(argv: list[str]) -> None:
     head = Head(address, token)
     if command == "jobs":        # MODEL TOKENS PROMPTS_JSON
         out: object = head.wait(head.spawn(rest[0], json.loads(rest[2]), int(rest[1])))
-    elif command == "deploy":    # PATH NAME NODES
+    elif command == "deploy":    # PATH NAME NODES [REPLICAS]
         out = deploy(head, *rest)
+    elif command == "undeploy":  # NAME
+        head.call("Undeploy", kernel_pb2.UndeployRequest(name=rest[0]))
+        out = {"ok": True}
     elif command == "services":
         out = services(head)
     elif command == "crash":     # MODEL TOKENS PID PROMPTS_JSON

@@ -237,7 +237,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
         system = Hosts(head, node, address, home / "head", proc, agent)
         yield system
         assert stop(agent) == 0
-        assert stop(proc, 90) == 0
+        assert stop(system.proc, 90) == 0
     finally:
         net.remove()
 
@@ -268,6 +268,22 @@ def test_replicas_across_two_hosts_serve_as_one(hosts: Hosts,
     table = hosts.tool("llmasos.tools.ps", "--services")
     assert "n1/inference.1" in table and "smol-2h@1" in table and "LIVE" in table
     assert "smol-2h@1" in hosts.tool("llmasos.shell.main", "-c", "nodes")
+
+
+@pytest.mark.slow
+def test_anywhere_spreads_replicas_and_undeploy_unloads_them(
+        hosts: Hosts, one_replica: list[list[int]]) -> None:
+    assert hosts.drive("deploy", embedded_gguf(), "smol-any", "anywhere", "2") == \
+        {"ok": True, "replicas": 2}
+    remote = hosts.drive("services")["services"]["n1/inference.1"]
+    assert remote["replicas"] == ["smol-2h@1", "smol-any@1"]   # one service, both models
+    results = hosts.drive("jobs", "smol-any", str(TOKENS), json.dumps(JOBS[:4]))
+    assert [r["tokens"] for r in results] == one_replica[:4]
+    assert {r["replica"] for r in results} == {0, 1}
+    hosts.drive("undeploy", "smol-any")
+    seen = hosts.drive("services")
+    assert seen["services"]["n1/inference.1"]["replicas"] == ["smol-2h@1"]
+    assert seen["nodes"]["n1"]["replicas"] == ["smol-2h@1"]
 
 
 @pytest.mark.slow
@@ -315,3 +331,33 @@ def test_a_node_cut_off_mid_load_loses_no_job(hosts: Hosts,
     results = hosts.drive("jobs", "smol-2h", str(TOKENS), json.dumps(JOBS))
     assert [r["tokens"] for r in results] == one_replica
     assert {r["replica"] for r in results} == {0, 1}
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_head_and_the_node_joins_again(hosts: Hosts,
+                                                     one_replica: list[list[int]]) -> None:
+    """The journal keeps the placement; the node, unknown to the new head, joins again with
+    its token and its replica is started and attached anew."""
+    os.kill(hosts.proc.pid, signal.SIGKILL)
+    hosts.proc.wait(10)
+    hosts.proc, _ = boot_in(hosts.head, hosts.home)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and "node_replica_attached" not in hosts.log():
+        time.sleep(0.5)
+    assert "node_joined" in hosts.log() and "node_replica_attached" in hosts.log()
+    results = hosts.drive("jobs", "smol-2h", str(TOKENS), json.dumps(JOBS))
+    assert [r["tokens"] for r in results] == one_replica
+    assert {r["replica"] for r in results} == {0, 1}
+
+
+@pytest.mark.slow
+def test_undeploy_stops_the_service_on_the_node(hosts: Hosts) -> None:
+    hosts.drive("undeploy", "smol-2h")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        seen = hosts.drive("services")
+        if "n1/inference.1" not in seen["services"]:
+            break
+        time.sleep(0.5)
+    assert "n1/inference.1" not in seen["services"]
+    assert seen["nodes"]["n1"]["state"] == "LIVE" and seen["nodes"]["n1"]["replicas"] == []
