@@ -387,9 +387,15 @@ class NodeHeadServicer(node_pb2_grpc.NodeHeadServicer):
     def Join(self, request: node_pb2.JoinRequest,   # noqa: N802
              context: grpc.ServicerContext) -> node_pb2.JoinResponse:
         try:
-            return self.nodes.join(request, context.peer())
+            reply = self.nodes.join(request, context.peer())
         except NodeRefusal as e:
             self._refused(context, "NodeJoin", e, request.name)
+        audit = getattr(self.nodes.k, "audit", None)
+        if audit is not None:   # a machine joining is a privileged event, as a deploy is
+            audit.record(call="NodeJoin", code="OK", args={"node": request.name,
+                                                          "host": request.host},
+                         peer=context.peer())
+        return reply
 
     def Heartbeat(self, request: node_pb2.HeartbeatRequest,   # noqa: N802
                   context: grpc.ServicerContext) -> node_pb2.HeartbeatResponse:

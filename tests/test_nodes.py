@@ -125,6 +125,8 @@ def test_a_node_joins_reports_devices_and_is_lost_when_silent(head: System,
         assert joined(agent) == f"llmosd node n1 joined {head.address}"
         nodes = {n.name: n for n in head.call("Services", kernel_pb2.ServicesRequest()).nodes}
         assert nodes["n1"].state == "LIVE" and nodes["n1"].address == "127.0.0.1"
+        audit = head.call("Audit", kernel_pb2.AuditRequest(limit=50, call="NodeJoin")).entries
+        assert any(e.code == "OK" and '"node": "n1"' in e.args_json for e in audit)
         cpu = nodes["n1"].devices[0]
         assert cpu.kind == "cpu" and cpu.cores >= 1 and cpu.memory_total > 0
         stub = node_pb2_grpc.NodeHeadStub(head.channel)
