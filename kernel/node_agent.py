@@ -33,7 +33,7 @@ from llmasos.connect import tls_credentials
 from llmasos.kernel import devices
 from llmasos.kernel.nodes import NODE_SECRET_KEY
 from llmasos.kernel.supervisor import ServiceSpec, Supervisor
-from llmasos.proto import node_pb2, node_pb2_grpc
+from llmasos.proto import kernel_pb2, node_pb2, node_pb2_grpc
 
 log = structlog.get_logger()
 JOIN_WAIT_S = 60.0        # how long a first join keeps trying an unreachable head
@@ -145,7 +145,8 @@ class Agent:
         for name in sorted(set(want) - have):
             w = want[name]
             spec = ServiceSpec(name, dict(w.options), START_TIMEOUT, module=w.module,
-                               listen=f"{self.host}:0")
+                               listen=f"{self.host}:0",
+                               env=pin(name, sorted(want), self.devices, w.options))
             self.background(name, lambda s=spec: sup.add(s, START_TIMEOUT))
         for name in sorted(have - set(want)):
             self.background(name, lambda n=name: sup.retire(n))
@@ -171,6 +172,16 @@ class Agent:
         if self.supervisor is not None:
             self.supervisor.stop()
         self.channel.close()
+
+
+def pin(name: str, wanted: list[str], found: list[kernel_pb2.Device],
+        options: dict[str, str] | object) -> dict[str, str]:
+    """One GPU per service where the node has GPUs and the head serves on CUDA (the services
+    take turns over them); on the CPU each replica gets its share of the cores at load."""
+    gpus = [d.index for d in found if d.kind == "gpu"]
+    if not gpus or dict(options).get("device") != "cuda":
+        return {}
+    return {"CUDA_VISIBLE_DEVICES": str(gpus[wanted.index(name) % len(gpus)])}
 
 
 def default_home() -> str:

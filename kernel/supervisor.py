@@ -90,6 +90,7 @@ class ServiceSpec:
                                    # replicas run the inference module as inference.1, ...)
     listen: str = ""               # default: the Unix socket in the run dir; a node's services
                                    # listen on TCP for their head (kernel/node_agent.py)
+    env: dict[str, str] = field(default_factory=dict)   # added to llmosd's environment
 
 
 @dataclass
@@ -284,7 +285,9 @@ class Supervisor:
             svc.healthy_at = 0.0
             try:
                 svc.popen = subprocess.Popen(cmd, pass_fds=(write_fd, secret_r),
-                                             stdin=subprocess.DEVNULL)
+                                             stdin=subprocess.DEVNULL,
+                                             env={**os.environ, **svc.spec.env} if svc.spec.env
+                                             else None)
             finally:
                 os.close(secret_r)
         os.close(write_fd)

@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from llmasos.kernel import devices, join_tokens
+from llmasos.kernel.node_agent import pin
 from llmasos.kernel.nodes import NODE_SECRET_KEY
 from llmasos.proto import kernel_pb2, node_pb2, node_pb2_grpc
 
@@ -93,6 +94,18 @@ def test_devices_report_this_machine() -> None:
     assert cpu.kind == "cpu" and cpu.cores == len(os.sched_getaffinity(0))
     assert cpu.memory_total > cpu.memory_used > 0
     assert all(g.kind == "gpu" and g.memory_total > 0 for g in gpus)   # none without NVML
+
+
+def test_each_service_on_a_gpu_node_takes_its_own_gpu() -> None:
+    gpus = [kernel_pb2.Device(kind="cpu", cores=16),
+            *(kernel_pb2.Device(kind="gpu", index=i) for i in range(2))]
+    wanted = ["inference.1", "inference.2", "inference.3"]
+    cuda = {"device": "cuda"}
+    assert [pin(n, wanted, gpus, cuda) for n in wanted] == [
+        {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"},
+        {"CUDA_VISIBLE_DEVICES": "0"}]
+    assert pin("inference.1", wanted, gpus, {"device": "cpu"}) == {}
+    assert pin("inference.1", wanted, gpus[:1], cuda) == {}   # no GPU: no pinning
 
 
 @pytest.fixture(scope="module")
