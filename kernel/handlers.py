@@ -474,7 +474,7 @@ def load_events(k: Kernel, name: str, dep: Deployed, replica: int, ctx: Any
     the loaded model. A load stopped short of that (a caller gone, a deadline, an error here)
     is abandoned: nothing stays loaded."""
     left = ctx.time_remaining()   # the caller's deadline bounds the load (600 s without one)
-    request = load_request(name, dep, replicas.threads(k, dep.replicas))
+    request = load_request(name, dep, replicas.threads(k, replicas.local_span(dep)))
     if replicas.host(dep, replica):   # a node's share of its cores
         request.threads = k.nodes.nodes[replicas.host(dep, replica)].cores() // max(
             1, dep.nodes.count(replicas.host(dep, replica)))
