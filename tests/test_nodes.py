@@ -30,6 +30,7 @@ from conftest import (
     MODEL,
     PROMPTS,
     System,
+    boot,
     converting_once,
     embedded_gguf,
     shutdown,
@@ -49,9 +50,9 @@ def make_token(home: Path, ttl: float = 600) -> str:
 
 
 def start_agent(address: str, token: str, name: str, home: Path,
-                host: Host | None = None) -> subprocess.Popen:
+                host: Host | None = None, **extra: str) -> subprocess.Popen:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("LLMASOS_")},
-           "LLMASOS_JOIN_TOKEN": token}
+           "LLMASOS_JOIN_TOKEN": token, **extra}
     cmd = [*LLMOSD, "node", "--join", address, "--name", name, "--home", str(home)]
     kw = dict(stdout=subprocess.PIPE, stderr=(home.parent / f"{name}.log").open("w"),
               text=True, env=env)
@@ -110,7 +111,6 @@ def test_each_service_on_a_gpu_node_takes_its_own_gpu() -> None:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    from conftest import boot
     system = boot(tmp_path_factory.mktemp("head"), "--no-embedded")
     yield system
     assert shutdown(system) == 0
@@ -181,6 +181,25 @@ def test_a_node_joins_reports_devices_and_is_lost_when_silent(head: System,
         assert "node_lost" in head.log_text()
     finally:
         agent.kill()
+
+
+def test_a_node_joins_a_head_that_serves_tls(tmp_path: Path) -> None:
+    """The agent's calls to the head use TLS when $LLMASOS_CA names the head's certificate."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    system = boot(tmp_path / "head", "--no-embedded", "--tls-cert", str(cert),
+                  "--tls-key", str(key))
+    agent = start_agent(system.address, make_token(system.home), "n-tls", tmp_path / "n-tls",
+                        LLMASOS_CA=str(cert))
+    try:
+        assert joined(agent).startswith("llmosd node n-tls joined")
+        assert stop(agent) == 0
+        assert "node_joined" in system.log_text()
+    finally:
+        agent.kill()
+        assert shutdown(system) == 0
 
 
 # --- two hosts: network namespaces -------------------------------------------------------------
