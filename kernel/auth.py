@@ -19,7 +19,8 @@ from llmasos.kernel.quota import UNLIMITED, Quota
 from llmasos.proto import security_pb2, security_pb2_grpc
 
 CACHE_TTL = 5.0
-OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+# NodeHead authenticates nodes itself, by join token and session secret (kernel/nodes.py)
+OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.", "/llmasos.v1.NodeHead/")
 
 current_identity: contextvars.ContextVar[Identity] = contextvars.ContextVar("identity")
 

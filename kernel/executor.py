@@ -150,18 +150,23 @@ class Executor:
         self.jobs.end(proc, reason, status, message)
         self.wake()
 
+    def on_host(self, lane: str, replica: int, host: str) -> bool:
+        """Is the lane replica `replica` of its model, placed on `host` ("" for this one)?"""
+        model, r = replicas.split(lane)
+        return r == replica and replicas.host_of(self.k, model, r) == host
+
     def replica_restarted(self, replica: int, incarnation: int,
-                          pagers: dict[str, Pager]) -> None:
+                          pagers: dict[str, Pager], host: str = "") -> None:
         """A replica's service (re)started with these fresh pagers: the KV of every job there is
         gone and will be recomputed; a lane it could not redeploy hands its jobs to the others."""
         with self.table.lock:
-            stale = [ln for ln in list(self.k.pagers) if replicas.split(ln)[1] == replica]
+            stale = [ln for ln in list(self.k.pagers) if self.on_host(ln, replica, host)]
             for ln in stale:
                 self.io.take(ln)   # descriptors of the dead incarnation mean nothing now
                 if ln not in pagers:
                     self.k.pagers.pop(ln, None)
             for proc in self.table.live():
-                if proc.replica != replica:
+                if proc.replica != replica or not self.on_host(lane_of(proc), replica, host):
                     continue
                 self._forget_kv(proc)
                 if lane_of(proc) not in pagers and replicas.count(self.k, proc.model) > 1:
@@ -171,11 +176,12 @@ class Executor:
             log.warning("kv_lost_recomputing", replica=replica, incarnation=incarnation)
         self.wake()
 
-    def replica_died(self, replica: int) -> None:
-        """(supervisor thread) A replica's process is gone: the loop moves the jobs of its
-        replicated models at its next round (a model with one replica waits for the restart)."""
+    def replica_died(self, replica: int, host: str = "") -> None:
+        """(supervisor or nodes thread) A replica's process (on `host`, "" for this one) is
+        gone: the loop moves the jobs of its replicated models at its next round (a model with
+        one replica waits for the restart)."""
         lanes = [replicas.lane(m, replica) for m in list(self.k.models)
-                 if replicas.count(self.k, m) > 1]
+                 if replicas.count(self.k, m) > 1 and replicas.host_of(self.k, m, replica) == host]
         dead = {ln: pager for ln in lanes if (pager := self.k.pagers.get(ln)) is not None}
         if dead:
             self.dead.append(dead)
@@ -339,7 +345,7 @@ class Executor:
     def _route(self, lane: str) -> tuple[object, str]:
         """The inference service that holds this lane's replica, and the model's name there."""
         model, replica = replicas.split(lane)
-        return self.k.replica(replica), model
+        return replicas.stub(self.k, model, replica), model
 
     def _send_io(self, work: Work) -> None:
         failed = send_swaps(work.io, self._route, self.table.lock, self.jobs.lost)

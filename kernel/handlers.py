@@ -393,23 +393,32 @@ def deploy_events(k: Kernel, req: Any, ctx: Any) -> Iterator[common_pb2.DeployEv
             path = os.path.abspath(os.path.expanduser(req.path))
             if not os.path.exists(path):
                 raise SyscallError("NOT_FOUND", f"{path} does not exist")
+            n = check_replicas(k, req)
             dep = Deployed(path, req.dtype, quant=req.quant, tp=req.tp, pp=req.pp,
-                           replicas=check_replicas(req))
-            replicas.start_services(k, dep.replicas)
-            info = yield from load_replicas(k, req.name, dep, ctx)
-            k.models[req.name] = dep   # (replaces an unavailable one of the same name)
+                           replicas=n, nodes=k.nodes.placement(list(req.nodes), n))
+            replicas.start_services(k, replicas.local_span(dep))
+            with k.nodes.starting(dep.nodes, replicas.START_TIMEOUT):
+                info = yield from load_replicas(k, req.name, dep, ctx)
+                k.models[req.name] = dep   # (replaces an unavailable one of the same name)
             k.journal.record_deploy(req.name, dataclasses.asdict(dep))
     yield common_pb2.DeployEvent(model=info)
 
 
-def check_replicas(req: Any) -> int:
-    """How many replicas a Deploy asks for; refused when the host cannot give each a core."""
+def check_replicas(k: Kernel, req: Any) -> int:
+    """How many replicas a Deploy asks for; refused when the host cannot give each a core
+    (nodes: each host its replicas, kernel/nodes.py)."""
     n = max(1, req.replicas)
+    if req.nodes and req.nodes[0] != "anywhere" and req.replicas <= 1:
+        n = len(req.nodes)   # one replica per host named
     if n > 1 and (req.tp > 1 or req.pp > 1):
         raise SyscallError("FAILED_PRECONDITION", "replicas do not combine with tp or pp yet; "
                            "deploy with --replicas alone, or --tp/--pp alone")
+    if req.nodes and (req.tp > 1 or req.pp > 1):
+        raise SyscallError("FAILED_PRECONDITION", "tp and pp ranks run on the head only yet; "
+                           "deploy them without --nodes")
     cores = replicas.host_cores()
-    if n > cores:
+    here = n if not req.nodes else k.nodes.placement(list(req.nodes), n).count("")
+    if here > cores:
         raise SyscallError("INVALID_ARGUMENT", f"replicas={n} but this host has {cores} cores, "
                            f"which the replicas share; deploy with --replicas {cores} or fewer")
     return n
@@ -444,10 +453,10 @@ def load_replicas(k: Kernel, name: str, dep: Deployed,
     try:
         for r in range(dep.replicas):
             infos.append((yield from load_events(k, name, dep, r, ctx)))
-            pagers[replicas.lane(name, r)] = k.new_pager(name, k.replica(r))
+            pagers[replicas.lane(name, r)] = k.new_pager(name, replicas.stub(k, name, r, dep))
     except BaseException:   # a caller gone too (GeneratorExit)
         for r in range(len(infos)):
-            abandon(k, name, r)
+            abandon(k, name, r, dep)
         raise
     k.pagers.update(pagers)
     infos[0].replicas = dep.replicas
@@ -465,8 +474,11 @@ def load_events(k: Kernel, name: str, dep: Deployed, replica: int, ctx: Any
     the loaded model. A load stopped short of that (a caller gone, a deadline, an error here)
     is abandoned: nothing stays loaded."""
     left = ctx.time_remaining()   # the caller's deadline bounds the load (600 s without one)
-    request = load_request(name, dep, replicas.threads(k, dep.replicas))
-    call = k.replica(replica).LoadModelStream(
+    request = load_request(name, dep, replicas.threads(k, replicas.local_span(dep)))
+    if replicas.host(dep, replica):   # a node's share of its cores
+        request.threads = k.nodes.nodes[replicas.host(dep, replica)].cores() // max(
+            1, dep.nodes.count(replicas.host(dep, replica)))
+    call = replicas.stub(k, name, replica, dep).LoadModelStream(
         request, timeout=min(600.0, left) if left is not None else 600.0)
     if not ctx.add_callback(call.cancel):   # the caller going away stops the load
         call.cancel()
@@ -493,7 +505,7 @@ def load_events(k: Kernel, name: str, dep: Deployed, replica: int, ctx: Any
     finally:
         if not (kept or answered):
             call.cancel()
-            abandon(k, name, replica)
+            abandon(k, name, replica, dep)
 
 
 def gone(ctx: Any) -> SyscallError:
@@ -507,10 +519,10 @@ def gone(ctx: Any) -> SyscallError:
 ABANDON_TIMEOUT = 180.0   # the service waits up to 120 s for a cancelled load to stop
 
 
-def abandon(k: Kernel, name: str, replica: int = 0) -> None:
+def abandon(k: Kernel, name: str, replica: int = 0, dep: Deployed | None = None) -> None:
     """Leave nothing of a load the kernel gave up on in the (replica's) inference service."""
     try:
-        k.replica(replica).UnloadModel(inference_pb2.UnloadModelRequest(
+        replicas.stub(k, name, replica, dep).UnloadModel(inference_pb2.UnloadModelRequest(
             name=name, abandoned=True), timeout=ABANDON_TIMEOUT)
     except (grpc.RpcError, SyscallError) as e:   # a service gone lost the load with itself
         log.warning("abandon_failed", model=name, replica=replica, error=str(e))
@@ -529,12 +541,12 @@ def sys_undeploy(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.U
     except grpc.RpcError as e:
         raise downstream(e, "undeploying failed") from None
     n = replicas.count(k, req.name)
-    k.models.pop(req.name, None)
+    dep = k.models.pop(req.name, None)
     for r in range(n):
         k.pagers.pop(replicas.lane(req.name, r), None)
     k.journal.record_undeploy(req.name)
     for r in range(1, n):   # a replica that is down holds nothing
-        abandon(k, req.name, r)
+        abandon(k, req.name, r, dep)
     replicas.retire_unused(k)
     return kernel_pb2.UndeployResponse()
 
@@ -558,8 +570,18 @@ def sys_services(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.S
             name=svc.spec.name, pid=svc.pid, address=svc.address if admin else "",
             state=svc.state,
             restarts=svc.restarts, incarnation=svc.incarnation, uptime_s=up,
-            last_exit=svc.last_exit))
-    return kernel_pb2.ServicesResponse(services=out)
+            last_exit=svc.last_exit, replicas=local_lanes(k, svc.spec.name)))
+    return kernel_pb2.ServicesResponse(services=[*out, *k.nodes.services(admin)],
+                                       nodes=k.nodes.infos(admin))
+
+
+def local_lanes(k: Kernel, service: str) -> list[str]:
+    """The model replicas a service of this host holds ("name@r")."""
+    r = replicas.replica_of_service(service)
+    if r is None:
+        return []
+    return [f"{m}@{r}" for m, dep in list(k.models.items())
+            if r < max(1, dep.replicas) and not replicas.host(dep, r) and not dep.remote_url]
 
 
 

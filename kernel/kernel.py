@@ -4,7 +4,7 @@ models and their pagers. Handlers (handlers.py) and the step loop (executor.py) 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import structlog
@@ -12,6 +12,7 @@ import structlog
 from llmasos.kernel import replicas
 from llmasos.kernel.config import Config
 from llmasos.kernel.journal import Journal, NoJournal
+from llmasos.kernel.nodes import Nodes
 from llmasos.kernel.pager import Pager
 from llmasos.kernel.proctable import ProcessTable
 from llmasos.kernel.segments import Segments
@@ -44,6 +45,7 @@ class Deployed:
     api_key_file: str = ""
     remote_model: str = ""   # the name the endpoint knows it by
     replicas: int = 1        # copies, each its own inference process and pager (replicas.py)
+    nodes: list[str] = field(default_factory=list)   # each replica's host ("" here; nodes.py)
 
 
 class Kernel:
@@ -72,6 +74,7 @@ class Kernel:
         self.segments = Segments(self)  # named KV segments (kernel/segments.py)
         self.journal: Journal | NoJournal = NoJournal()   # set by main (kernel/journal.py)
         self.remote = None              # set by main (kernel/remote_jobs.py)
+        self.nodes = Nodes(self)        # joined machines and their replicas (kernel/nodes.py)
         specs = [
             ServiceSpec("security"),
             ServiceSpec("ipc"),
@@ -134,7 +137,7 @@ class Kernel:
         lost: dict[str, str] = {}
         for name, dep in list(self.models.items()):
             if name in loaded or dep.embedded or dep.error or dep.remote_url or \
-                    replica >= max(1, dep.replicas):
+                    replica >= max(1, dep.replicas) or replicas.host(dep, replica):
                 continue
             try:
                 loaded[name] = stub.LoadModel(load_request(name, dep, replicas.threads(self)),

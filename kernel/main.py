@@ -7,6 +7,8 @@
   llmosd quota USER [--max-jobs N] [--max-tokens N] [--kv-share F] [--reset]
   llmosd cache ls|clear [--stale]          converted weights under $XDG_CACHE_HOME/llmasos
   llmosd compress SRC --out DIR --method M [--ratio R] [--calib-tokens N]   prune a model
+  llmosd node token [--ttl S]              prints a join token for other machines, once
+  llmosd node --join HOST:PORT --token T [--name N] [--advertise HOST]   run a node agent
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 import structlog
 
 from llmasos.drivers.prune import cli as prune_cli
-from llmasos.kernel import config, log, recovery, replicas
+from llmasos.kernel import config, join_tokens, log, node_agent, recovery, replicas
 from llmasos.kernel.audit import AuditLog
 from llmasos.kernel.executor import Executor
 from llmasos.kernel.gateway import Gateway
@@ -89,6 +91,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     cache.add_argument("action", choices=["ls", "clear"])
     cache.add_argument("--stale", action="store_true",
                        help="only entries whose source file is gone or changed")
+    node = sub.add_parser("node", help="`node token`: make a join token (on the head); "
+                          "`node --join HOST:PORT --token T`: offer this machine to a head")
+    node.add_argument("action", nargs="?", choices=["token"], help="make a join token")
+    node.add_argument("--home", help="the head's state directory (token), or the agent's")
+    node.add_argument("--ttl", type=float, default=join_tokens.DEFAULT_TTL,
+                      help="seconds the token admits nodes (default a day)")
+    node.add_argument("--join", metavar="HOST:PORT", help="the head llmosd's address")
+    node.add_argument("--token", help="a join token (or $LLMASOS_JOIN_TOKEN)")
+    node.add_argument("--name", help="this node's name (default: the host name)")
+    node.add_argument("--advertise", metavar="HOST",
+                      help="the address the head reaches this node's services on "
+                           "(default: this host's address on the route to the head)")
+    node.add_argument("--log-level", dest="log_level", default=None)
     prune_cli.add_arguments(sub.add_parser(
         "compress", help="write a pruned copy of a model as a folder Deploy loads (offline)"))
     return ap.parse_args(argv)
@@ -118,6 +133,28 @@ def set_quota(args: argparse.Namespace) -> int:
     flags = [x for f, v in changes.items() for x in (f"--{f.replace('_', '-')}", str(v))]
     return admin_command(args, ["quota", args.name, *flags, *(["--reset"] if args.reset else [])],
                          {"user": args.name, **changes, "reset": args.reset})
+
+
+def node(args: argparse.Namespace) -> int:
+    """`node token` on the head, audited as the OS user who ran it; `node --join` runs an
+    agent (kernel/node_agent.py)."""
+    if args.action == "token":
+        home = args.home or config.default_home()
+        token, expiry = join_tokens.create(home, args.ttl)
+        AuditLog(os.path.join(home, "audit.log")).record(
+            call="cli:node-token", code="OK", user=getpass.getuser(), uid=os.getuid(),
+            args={"ttl_s": args.ttl}, peer="local")
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expiry))
+        print(f"join token (valid until {when}); on the node run: llmosd node --join "
+              f"HOST:PORT --token TOKEN", file=sys.stderr)
+        print(token)
+        return 0
+    if not args.join:
+        print("llmosd node: give `token` (on the head) or --join HOST:PORT (on a node)",
+              file=sys.stderr)
+        return 2
+    log.configure(args.log_level)
+    return node_agent.main(args)
 
 
 def manage_cache(args: argparse.Namespace) -> int:
@@ -168,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
         k.supervisor.stop()
         return 0 if stop.is_set() else 1
     recovery.resume(k)
+    k.nodes.start()
     k.executor.start()
     k.pipes.start()
     server.start()
@@ -192,6 +230,7 @@ def shutdown(k: Kernel, server: object, grace: float, gateway: Gateway | None = 
     k.executor.shutdown_jobs()
     k.pipes.stop()
     k.executor.stop()
+    k.nodes.stop()
     if gateway is not None:
         gateway.stop()
     server.stop(grace=1).wait()
@@ -211,7 +250,7 @@ def compress(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     commands = {"adduser": adduser, "quota": set_quota, "run": run, "cache": manage_cache,
-                "compress": compress}
+                "compress": compress, "node": node}
     return commands[args.command](args)
 
 

@@ -16,6 +16,10 @@ READY with their tokens so far, unplaced, and placed again on a live replica whe
 recomputed (greedy output is the same); with no live replica they wait for the restarted one.
 Replicas sharing a host split its cores: every inference process runs cores // N torch threads
 for the largest N deployed.
+
+A replica may run on a joined node (kernel/nodes.py): Deployed.nodes names each replica's host
+("" for this one); stub() routes a lane to its host, and the services here serve only the
+replicas placed here.
 """
 
 from __future__ import annotations
@@ -79,8 +83,30 @@ def count(k: Kernel, model: str) -> int:
     return max(1, dep.replicas) if dep is not None else 1
 
 
+def host(dep: object, replica: int) -> str:
+    """The node a model's replica runs on ("" for this host)."""
+    nodes = getattr(dep, "nodes", None) or []
+    return nodes[replica] if replica < len(nodes) else ""
+
+
+def host_of(k: Kernel, model: str, replica: int) -> str:
+    return host(k.models.get(model), replica)
+
+
+def local_span(dep: object) -> int:
+    """How many of this host's inference services the model's replicas need (1 + the highest
+    index placed here)."""
+    return 1 + max((r for r in range(max(1, dep.replicas)) if not host(dep, r)), default=0)
+
+
 def widest(k: Kernel) -> int:
-    return max((max(1, d.replicas) for d in list(k.models.values())), default=1)
+    return max((local_span(d) for d in list(k.models.values())), default=1)
+
+
+def stub(k: Kernel, model: str, replica: int, dep: object = None) -> object:
+    """The inference stub holding a model's replica: a service here, or one on a node."""
+    node = host(dep if dep is not None else k.models.get(model), replica)
+    return k.nodes.stub(node, replica) if node else k.replica(replica)
 
 
 def threads(k: Kernel, replicas: int = 1) -> int:
@@ -106,10 +132,9 @@ def any_pager(k: Kernel, model: str) -> object | None:
 def serving(k: Kernel, model: str) -> object:
     """An inference stub for the model's text calls (Tokenize): replica 0's service, or while it
     restarts another replica's."""
-    for r in range(1, count(k, model)):
-        if k.supervisor.channel(service_name(0)) is None and \
-                k.supervisor.channel(service_name(r)) is not None:
-            return k.replica(r)
+    if k.supervisor.channel(service_name(0)) is None:
+        for r in [r for r in live_replicas(k, model) if r > 0]:
+            return stub(k, model, r)
     return k.inference()
 
 

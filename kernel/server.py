@@ -23,7 +23,8 @@ from llmasos.kernel.audit import AuditLog, scalar_args
 from llmasos.kernel.auth import Authenticator, AuthInterceptor, current_identity
 from llmasos.kernel.health import watch as health_watch
 from llmasos.kernel.kernel import Kernel
-from llmasos.proto import kernel_pb2
+from llmasos.kernel.nodes import NodeHeadServicer
+from llmasos.proto import kernel_pb2, node_pb2_grpc
 from llmasos.syscalls import SYSCALLS, Syscall, SyscallError
 
 log = structlog.get_logger()
@@ -182,6 +183,7 @@ def build(k: Kernel, listen: str, workers: int = WORKERS) -> tuple[grpc.Server, 
                          options=[("grpc.so_reuseport", 0)])   # a second llmosd must fail
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
         SERVICE, {c.name: method_handler(k, c) for c in SYSCALLS})])
+    node_pb2_grpc.add_NodeHeadServicer_to_server(NodeHeadServicer(k.nodes), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (SERVICE, ""):

@@ -88,6 +88,9 @@ class ServiceSpec:
     start_timeout: float = 300.0   # the inference service loads a model before it reports
     module: str = ""               # llmasos.services.<module>; default: the name (a model's
                                    # replicas run the inference module as inference.1, ...)
+    listen: str = ""               # default: the Unix socket in the run dir; a node's services
+                                   # listen on TCP for their head (kernel/node_agent.py)
+    env: dict[str, str] = field(default_factory=dict)   # added to llmosd's environment
 
 
 @dataclass
@@ -152,7 +155,7 @@ class Supervisor:
             raise SystemExit(f"llmosd: {self.run_dir} is not a directory owned by this user; "
                              "remove it and start again")
         os.chmod(self.run_dir, 0o700)
-        longest = max(len(self.socket_path(n)) for n in self.services)
+        longest = max((len(self.socket_path(n)) for n in self.services), default=0)
         if longest > MAX_SOCKET_PATH:
             raise SystemExit(f"llmosd: the state directory {self.state_dir} is too long for a "
                              f"Unix socket path ({longest} > {MAX_SOCKET_PATH} bytes); choose a "
@@ -265,7 +268,7 @@ class Supervisor:
         os.write(secret_w, self.secret.encode() + b"\n")   # 65 bytes: fits the pipe buffer
         os.close(secret_w)
         cmd = [sys.executable, "-m", f"llmasos.services.{svc.spec.module or svc.spec.name}",
-               "--listen", f"unix:{self.socket_path(svc.spec.name)}",
+               "--listen", svc.spec.listen or f"unix:{self.socket_path(svc.spec.name)}",
                "--report-fd", str(write_fd), "--secret-fd", str(secret_r),
                "--state-dir", self.state_dir]
         for key, value in svc.spec.options.items():
@@ -282,7 +285,9 @@ class Supervisor:
             svc.healthy_at = 0.0
             try:
                 svc.popen = subprocess.Popen(cmd, pass_fds=(write_fd, secret_r),
-                                             stdin=subprocess.DEVNULL)
+                                             stdin=subprocess.DEVNULL,
+                                             env={**os.environ, **svc.spec.env} if svc.spec.env
+                                             else None)
             finally:
                 os.close(secret_r)
         os.close(write_fd)

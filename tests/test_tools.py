@@ -75,7 +75,18 @@ def test_services_render():
         name="inference", pid=42, address="127.0.0.1:5", state="HEALTHY", restarts=2,
         uptime_s=75)])
     assert out.splitlines()[1].split() == ["inference", "42", "127.0.0.1:5", "HEALTHY", "2",
-                                           "1m15s"]
+                                           "1m15s", "-"]
+    node = kernel_pb2.NodeInfo(name="n1", address="10.0.0.2", state="LIVE", heartbeat_age_s=0.4,
+                               replicas=["smol@1"], devices=[
+                                   kernel_pb2.Device(kind="cpu", cores=16, memory_total=2 << 30,
+                                                     memory_used=1 << 30),
+                                   kernel_pb2.Device(kind="gpu", index=0, name="H200",
+                                                     memory_total=4 << 30, utilization=0.25)])
+    out = ps.render_services([kernel_pb2.ServiceInfo(
+        name="n1/inference.1", state="HEALTHY", node="n1", replicas=["smol@1"])], [node])
+    assert out.splitlines()[1].split()[-1] == "smol@1"
+    assert out.splitlines()[-1].split()[:5] == ["n1", "10.0.0.2", "LIVE", "0.4s", "smol@1"]
+    assert out.splitlines()[-1].endswith("cpu 16c 1.0/2.0G, gpu0 H200 0.0/4.0G 25%")
 
 
 def test_top_frame_and_rates():
@@ -165,7 +176,8 @@ def test_ps_json_and_services(bare_system):
     out = tool("ps", "--services", env=_env(bare_system))
     assert out.returncode == 0
     header, *rows = out.stdout.splitlines()
-    assert header.split() == ["NAME", "PID", "ADDRESS", "STATE", "RESTARTS", "UPTIME"]
+    assert header.split() == ["NAME", "PID", "ADDRESS", "STATE", "RESTARTS", "UPTIME",
+                              "REPLICAS"]
     assert {r.split()[0] for r in rows} == {"security", "ipc", "scheduler", "inference"}
     services = json.loads(tool("ps", "--services", "--json", env=_env(bare_system)).stdout)
     assert {s["name"] for s in services} == {"security", "ipc", "scheduler", "inference"}

@@ -196,14 +196,15 @@ class AsyncLLMClient(ClientBase):
                      pp: int = 0, remote_url: str = "", api_key_env: str = "",
                      api_key_file: str = "", remote_model: str = "",
                      progress: calls.Progress | None = None,
-                     replicas: int = 0) -> common_pb2.ModelInfo:
+                     replicas: int = 0, nodes: list[str] | None = None
+                     ) -> common_pb2.ModelInfo:
         """Load a model (root only). quant: "" (the service default), "none", "int8"...;
         tp > 1: that many tensor-parallel ranks, pp > 1: that many pipeline stages, replicas >
-        1: that many copies (data parallelism); remote_url: a hosted model (see
-        LLMClient.deploy). progress: called (or awaited, if it returns an awaitable) with each
+        1: that many copies (data parallelism), placed by nodes; remote_url: a hosted model
+        (see LLMClient.deploy). progress: called (or awaited, if it returns an awaitable) with each
         LoadProgress; cancelling the task deploys nothing."""
         args = (path, name, dtype, quant, tp, pp, remote_url, api_key_env, api_key_file,
-                remote_model, replicas)
+                remote_model, replicas, nodes)
         if progress is None:
             return await self._call(calls.DEPLOY, *args, timeout=timeout)
         model = None
@@ -221,6 +222,10 @@ class AsyncLLMClient(ClientBase):
 
     async def services(self) -> list[kernel_pb2.ServiceInfo]:
         return await self._call(calls.SERVICES)
+
+    async def nodes(self) -> list[kernel_pb2.NodeInfo]:
+        """The machines that joined llmosd (`llmosd node --join`), their devices and replicas."""
+        return await self._call(calls.NODES)
 
     async def audit(self, limit: int = 50, user: str = "",
                     call: str = "") -> list[kernel_pb2.AuditEntry]:

@@ -42,13 +42,15 @@ def _kill(pid: int, signal: str | int = "TERM") -> kernel_pb2.KillRequest:
 
 def _deploy(path: str, name: str, dtype: str = "", quant: str = "", tp: int = 0,
             pp: int = 0, remote_url: str = "", api_key_env: str = "", api_key_file: str = "",
-            remote_model: str = "", replicas: int = 0) -> kernel_pb2.DeployRequest:
+            remote_model: str = "", replicas: int = 0,
+            nodes: list[str] | None = None) -> kernel_pb2.DeployRequest:
     """A model file or folder; or, with remote_url, a hosted model (path is then unused)."""
     if remote_url:
         return kernel_pb2.DeployRequest(name=name, remote_url=remote_url, api_key_env=api_key_env,
                                         api_key_file=api_key_file, remote_model=remote_model)
     return kernel_pb2.DeployRequest(path=os.path.abspath(path), name=name, dtype=dtype,
-                                    quant=quant, tp=tp, pp=pp, replicas=replicas)
+                                    quant=quant, tp=tp, pp=pp, replicas=replicas,
+                                    nodes=nodes or [])
 
 
 def _set_quota(user: str, max_jobs: int | None = None, max_tokens: int | None = None,
@@ -80,6 +82,8 @@ UNDEPLOY = Call("Undeploy", lambda name: kernel_pb2.UndeployRequest(name=name),
 WHOAMI = Call("WhoAmI", kernel_pb2.WhoAmIRequest, _same, idempotent=True)
 SERVICES = Call("Services", kernel_pb2.ServicesRequest, lambda r: list(r.services),
                 idempotent=True)
+NODES = Call("Services", kernel_pb2.ServicesRequest, lambda r: list(r.nodes),
+             idempotent=True)   # the joined machines (kernel/nodes.py)
 AUDIT = Call("Audit", lambda limit=50, user="", call="": kernel_pb2.AuditRequest(
     limit=limit, user=user, call=call), lambda r: list(r.entries), idempotent=True)
 SET_QUOTA = Call("SetQuota", _set_quota, _same, idempotent=True)  # sets, never adds

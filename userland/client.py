@@ -245,17 +245,18 @@ class LLMClient(ClientBase):
                pp: int = 0, remote_url: str = "", api_key_env: str = "",
                api_key_file: str = "", remote_model: str = "",
                progress: calls.Progress | None = None,
-               replicas: int = 0) -> common_pb2.ModelInfo:
+               replicas: int = 0, nodes: list[str] | None = None) -> common_pb2.ModelInfo:
         """Load a model (root only); loading takes a while, hence the job deadline.
         quant: "" (the service default), "none", "int8" or a recipe from formats(); tp > 1 runs
         it as that many tensor-parallel ranks, pp > 1 as that many pipeline stages; replicas > 1
-        as that many copies, each its own inference process and KV pool. With
+        as that many copies, each its own inference process and KV pool; nodes places them: one
+        host per replica ("head" for llmosd's own) or ["anywhere"] (kernel/nodes.py). With
         remote_url, NAME is a hosted model: an OpenAI-compatible endpoint (path unused), its
         key read by llmosd from the env var api_key_env or the 0600 file api_key_file.
         progress: called with each LoadProgress (.stage, .done, .total, .unit) as the model
         loads (DeployStream); leaving early (an exception, Ctrl-C) deploys nothing."""
         args = (path, name, dtype, quant, tp, pp, remote_url, api_key_env, api_key_file,
-                remote_model, replicas)
+                remote_model, replicas, nodes)
         if progress is None:
             return self._call(calls.DEPLOY, *args, timeout=timeout)
         model = None
@@ -281,6 +282,10 @@ class LLMClient(ClientBase):
 
     def services(self) -> list[kernel_pb2.ServiceInfo]:
         return self._call(calls.SERVICES)
+
+    def nodes(self) -> list[kernel_pb2.NodeInfo]:
+        """The machines that joined llmosd (`llmosd node --join`), their devices and replicas."""
+        return self._call(calls.NODES)
 
     def audit(self, limit: int = 50, user: str = "", call: str = "") -> list[kernel_pb2.AuditEntry]:
         """The last entries of the audit log (root)."""

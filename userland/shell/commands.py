@@ -300,7 +300,18 @@ def cmd_top(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
 
 
 def cmd_services(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
-    sh.say(ps_tool.render_services(sh.client.services()))
+    sh.say(ps_tool.render_services(sh.client.services(), sh.client.nodes()))
+    return EXIT_OK
+
+
+def cmd_nodes(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
+    nodes = sh.client.nodes()
+    if args.json:
+        sh.say(json.dumps([fmt.as_dict(n) for n in nodes], indent=1))
+    else:
+        sh.say(ps_tool.render_nodes(nodes) if nodes else
+               "no node has joined; on another machine: llmosd node --join HOST:PORT --token T "
+               "(a token from `llmosd node token` here)")
     return EXIT_OK
 
 
@@ -336,7 +347,8 @@ def cmd_deploy(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
     bar = ProgressBar()   # on stderr: stdout keeps the result alone
     try:
         m = sh.client.deploy(args.path, args.name, args.dtype, quant=args.quant, tp=args.tp,
-                             pp=args.pp, progress=bar, replicas=args.replicas)
+                             pp=args.pp, progress=bar, replicas=args.replicas,
+                             nodes=[n for n in args.nodes.split(",") if n])
     finally:
         bar.close()
     ranks = (f" on {m.tp} tensor-parallel ranks" if m.tp > 1 else "") + (
@@ -631,11 +643,15 @@ COMMANDS: dict[str, Entry] = {
         (("-n", "--iterations"), {"type": int, "default": 0}))),
     "services": Entry(cmd_services, "the supervised services",
                       _p_simple("services", "The supervised services.")),
+    "nodes": Entry(cmd_nodes, "the machines that joined: nodes [--json]", _p_simple(
+        "nodes", "The nodes (llmosd node --join): state, last heartbeat, replicas, devices.",
+        (("--json",), {"action": "store_true"}))),
     "models": Entry(cmd_models, "the deployed models", _p_simple(
         "models", "The deployed models (--formats: the quantizations each device serves).",
         (("--json",), {"action": "store_true"}), (("--formats",), {"action": "store_true"}))),
     "deploy": Entry(cmd_deploy, "load a model: deploy PATH NAME [--dtype D] [--quant Q] "
-                    "[--tp N] [--pp M] [--replicas R]; deploy --remote URL --api-key-env VAR NAME",
+                    "[--tp N] [--pp M] [--replicas R] [--nodes HOST,..|anywhere]; "
+                    "deploy --remote URL --api-key-env VAR NAME",
                     _p_simple(
         "deploy", "Load a model from a GGUF file or a Hugging Face folder, or name a hosted "
         "model at an OpenAI-compatible endpoint (root).",
@@ -648,6 +664,9 @@ COMMANDS: dict[str, Entry] = {
                      "help": "pipeline stages (must divide the layers)"}),
         (("--replicas",), {"type": int, "default": 0,
                            "help": "copies, each its own inference process and KV pool"}),
+        (("--nodes",), {"default": "", "metavar": "HOST,..|anywhere",
+                        "help": "where the replicas run: one host per replica (head = this "
+                                "llmosd's), or anywhere"}),
         (("--remote",), {"default": "", "metavar": "URL",
                          "help": "an OpenAI-compatible endpoint, e.g. https://host/v1"}),
         (("--api-key-env",), {"default": "", "metavar": "VAR",

@@ -78,11 +78,33 @@ def render(procs: list[Info], names: list[str], now: float | None = None) -> str
     return fmt.table([c.header for c in cols], rows, [c.header for c in cols if c.right])
 
 
-def render_services(services: list[kernel_pb2.ServiceInfo]) -> str:
+def render_services(services: list[kernel_pb2.ServiceInfo],
+                    nodes: list[kernel_pb2.NodeInfo] = ()) -> str:
+    """The services (a node's as NODE/NAME, with the replicas each holds), then the nodes."""
     rows = [[s.name, s.pid or "-", s.address or "-", s.state, s.restarts,
-             fmt.duration(s.uptime_s) if s.pid else "-"] for s in services]
-    return fmt.table(["NAME", "PID", "ADDRESS", "STATE", "RESTARTS", "UPTIME"], rows,
-                     ["PID", "RESTARTS", "UPTIME"])
+             fmt.duration(s.uptime_s) if s.pid and s.uptime_s else "-",
+             ",".join(s.replicas) or "-"] for s in services]
+    out = fmt.table(["NAME", "PID", "ADDRESS", "STATE", "RESTARTS", "UPTIME", "REPLICAS"],
+                    rows, ["PID", "RESTARTS", "UPTIME"])
+    return out + ("\n\n" + render_nodes(nodes) if nodes else "")
+
+
+def render_devices(devices: list[kernel_pb2.Device]) -> str:
+    """cpu 16c 31.2/128.0G, gpu0 NVIDIA H200 1.2/139.8G 35%"""
+    gib = 1 << 30
+    parts = []
+    for d in devices:
+        mem = f"{d.memory_used / gib:.1f}/{d.memory_total / gib:.1f}G"
+        parts.append(f"cpu {d.cores}c {mem}" if d.kind == "cpu" else
+                     f"gpu{d.index} {d.name} {mem} {d.utilization:.0%}")
+    return ", ".join(parts) or "-"
+
+
+def render_nodes(nodes: list[kernel_pb2.NodeInfo]) -> str:
+    rows = [[n.name, n.address or "-", n.state, f"{n.heartbeat_age_s:.1f}s",
+             ",".join(n.replicas) or "-", render_devices(list(n.devices))] for n in nodes]
+    return fmt.table(["NODE", "ADDRESS", "STATE", "HEARTBEAT", "REPLICAS", "DEVICES"], rows,
+                     ["HEARTBEAT"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
 def show(args: argparse.Namespace, names: list[str]) -> int:
     with common.client(args) as c:
         if args.services:
-            services = c.services()
+            services, nodes = c.services(), c.nodes()
             out = (json.dumps([fmt.as_dict(s) for s in services], indent=1) if args.json
-                   else render_services(services))
+                   else render_services(services, nodes))
         else:
             procs = c.ps(args.all, args.user)
             out = (json.dumps([fmt.as_dict(p) for p in procs], indent=1) if args.json
