@@ -92,7 +92,7 @@ def _matmul_specs(dtype: torch.dtype) -> Iterator[KernelSpec]:
         for cfg in dict.fromkeys(qmm.choose_config(m, dtype) for m in MATMUL_MS):
             small = cfg.block_m <= qmm.SMALL_M
             fn = qmm._qgemv_kernel if cfg.block_m == 1 else qmm._qmm_kernel
-            for out in {t, "*fp32"} if small else {t}:  # split-K writes fp32 partials
+            for out in dict.fromkeys([t, "*fp32"] if small else [t]):  # split-K: fp32 partials
                 yield KernelSpec(
                     f"qmm-{fmt}{group or ''}-{TRITON_TYPE[dtype]}-bm{cfg.block_m}-{out[1:]}",
                     fn, dict(x_ptr=t, w_ptr=wt, s_ptr=st, z_ptr=st, y_ptr=out),
