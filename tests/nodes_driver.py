@@ -53,10 +53,12 @@ class Head:
         return False
 
 
-def deploy(head: Head, path: str, name: str, nodes: str, replicas: str = "0") -> dict:
+def deploy(head: Head, path: str, name: str, nodes: str, replicas: str = "0", tp: str = "0",
+           pp: str = "0") -> dict:
     try:
         info = head.call("Deploy", kernel_pb2.DeployRequest(
-            path=path, name=name, nodes=nodes.split(","), replicas=int(replicas)), timeout=900)
+            path=path, name=name, nodes=nodes.split(","), replicas=int(replicas), tp=int(tp),
+            pp=int(pp)), timeout=900)
         return {"ok": True, "replicas": info.replicas}
     except grpc.RpcError as e:
         return {"ok": False, "code": e.code().name, "details": e.details()}
@@ -91,12 +93,29 @@ def crash(head: Head, model: str, tokens: int, pid: int, prompts: list[str]) -> 
     return {"busy": busy, "results": head.wait(pids)}
 
 
+def cut_ranks(head: Head, model: str, tokens: int, iface: str, prompts: list[str]) -> dict:
+    """Spawn the jobs, cut the link once one has made a token, bring it back once the head has
+    seen the node LOST, wait for all (the model's ranks are loaded again on the node)."""
+    pids = head.spawn(model, prompts, tokens)
+    busy = head.busy_on(pids, 0)
+    subprocess.run(["ip", "link", "set", iface, "down"], check=True)
+    cut_at = time.monotonic()
+    lost = False
+    while not lost and time.monotonic() - cut_at < 60:
+        time.sleep(0.5)
+        lost = services(head)["nodes"]["n1"]["state"] == "LOST"
+    subprocess.run(["ip", "link", "set", iface, "up"], check=True)
+    results = head.wait(pids)
+    return {"busy": busy, "lost": lost, "results": results,
+            "after_cut_s": time.monotonic() - cut_at}
+
+
 def main(argv: list[str]) -> None:
     address, token, command, *rest = argv
     head = Head(address, token)
     if command == "jobs":        # MODEL TOKENS PROMPTS_JSON
         out: object = head.wait(head.spawn(rest[0], json.loads(rest[2]), int(rest[1])))
-    elif command == "deploy":    # PATH NAME NODES [REPLICAS]
+    elif command == "deploy":    # PATH NAME NODES [REPLICAS [TP [PP]]]
         out = deploy(head, *rest)
     elif command == "undeploy":  # NAME
         head.call("Undeploy", kernel_pb2.UndeployRequest(name=rest[0]))
@@ -105,6 +124,8 @@ def main(argv: list[str]) -> None:
         out = services(head)
     elif command == "crash":     # MODEL TOKENS PID PROMPTS_JSON
         out = crash(head, rest[0], int(rest[1]), int(rest[2]), json.loads(rest[3]))
+    elif command == "cut-ranks":  # MODEL TOKENS IFACE PROMPTS_JSON
+        out = cut_ranks(head, rest[0], int(rest[1]), rest[2], json.loads(rest[3]))
     elif command == "cut":       # MODEL TOKENS IFACE PROMPTS_JSON
         out = cut(head, rest[0], int(rest[1]), rest[2], json.loads(rest[3]))
     else:
