@@ -14,6 +14,12 @@ kernel steps, in the head's inference service, services/inference/parallel.py).
                other model's jobs are recomputed; the model's plan is dropped and its jobs wait
                READY (no pager) until the node is LIVE again, then its group is loaded anew
                (a new port, new ranks) and its jobs are recomputed there
+    failure    a node's rank that exits non-zero (it could not start or load, or its group
+               broke) is treated the same way but for the waiting: rank 0 may be in the
+               rendezvous for it, so the head's service is restarted and the model loaded anew
+               (a deploy under way fails instead, UNAVAILABLE)
+    guard      a restart happens only while the service is still the incarnation a plan was
+               made for: ranks of a group already gone never take down its successor
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class RankPlan:
     model: str
     store: str               # HOST:PORT on the head
     hosts: tuple[str, ...]   # per rank; "" for the head
+    incarnation: int = 0     # of the head's inference service that holds rank 0
 
     def key(self, rank: int) -> str:
         return f"{self.model}/{self.store.rpartition(':')[2]}/{rank}"
@@ -120,7 +127,7 @@ class Ranks:
                                f"{down}, which are not live; it waits for them")
         address = route_to(self.k.nodes.host_of(nodes[0]))
         port = free_port(address)
-        plan = RankPlan(name, f"{address}:{port}", tuple(hosts))
+        plan = RankPlan(name, f"{address}:{port}", tuple(hosts), self._incarnation())
         with self.lock:
             self.plans[name] = plan
         request.rank_address, request.rendezvous_port = address, port
@@ -143,18 +150,42 @@ class Ranks:
 
     def node_lost(self, node: str) -> None:
         """(nodes lock held) Rank 0 of a group with ranks there would sit in a collective:
-        kill the head's inference service now; the models wait for the node (module doc)."""
+        restart the head's inference service now; the models wait for the node (module doc)."""
         models = self.on(node)
-        if not models:
+        with self.lock:
+            plans = [self.plans.pop(m) for m in models if m in self.plans]
+        if models:
+            self._restart(plans, "ranks_lost_restarting_inference", node=node, models=models)
+
+    def exited(self, node: str, reported: list[node_pb2.NodeRank]) -> None:
+        """(nodes lock held) A rank of a current group failed on the node (it did not start,
+        or its group broke): rank 0 may wait for it in the rendezvous, so its service is
+        restarted and the model loaded again (a rank that exits 0 was told to)."""
+        failed = {r.key for r in reported if r.state == "EXITED" and r.exit_code != 0}
+        if not failed:
             return
         with self.lock:
-            for m in models:
-                self.plans.pop(m, None)
+            broken = [p for p in self.plans.values()
+                      if any(p.key(r) in failed for r, h in enumerate(p.hosts) if h == node)]
+            for p in broken:
+                del self.plans[p.model]
+        if broken:
+            self._restart(broken, "node_rank_failed_restarting_inference", node=node,
+                          models=[p.model for p in broken])
+
+    def _incarnation(self) -> int:
+        svc = self.k.supervisor.services.get(replicas.INFERENCE)
+        return svc.incarnation if svc is not None else 0
+
+    def _restart(self, plans: list[RankPlan], event: str, **why: object) -> None:
+        """Kill the head's inference service (its supervisor restarts it) if it is still the
+        incarnation that holds these groups' rank 0."""
         svc = self.k.supervisor.services.get(replicas.INFERENCE)
         pid = svc.pid if svc is not None else 0
-        log.warning("ranks_lost_restarting_inference", node=node, models=models, pid=pid)
-        if pid:
-            os.kill(pid, signal.SIGKILL)
+        if not pid or svc.incarnation not in {p.incarnation for p in plans}:
+            return
+        log.warning(event, pid=pid, incarnation=svc.incarnation, **why)
+        os.kill(pid, signal.SIGKILL)
 
     def node_back(self, node: str) -> None:
         """(nodes lock held) Load again, in the background, the models waiting for the node."""

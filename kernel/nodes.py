@@ -220,6 +220,7 @@ class Nodes:
             node.devices = list(req.devices) or node.devices
             node.services = {s.name: s for s in req.services}
             node.ranks = {r.key: r for r in req.ranks}
+            self.ranks.exited(node.name, list(req.ranks))
             wanted = sorted(self.placed(node.name))
             self.changed.notify_all()
         base = self.k.supervisor.services[replicas.INFERENCE].spec.options

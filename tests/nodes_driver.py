@@ -93,23 +93,6 @@ def crash(head: Head, model: str, tokens: int, pid: int, prompts: list[str]) -> 
     return {"busy": busy, "results": head.wait(pids)}
 
 
-def cut_ranks(head: Head, model: str, tokens: int, iface: str, prompts: list[str]) -> dict:
-    """Spawn the jobs, cut the link once one has made a token, bring it back once the head has
-    seen the node LOST, wait for all (the model's ranks are loaded again on the node)."""
-    pids = head.spawn(model, prompts, tokens)
-    busy = head.busy_on(pids, 0)
-    subprocess.run(["ip", "link", "set", iface, "down"], check=True)
-    cut_at = time.monotonic()
-    lost = False
-    while not lost and time.monotonic() - cut_at < 60:
-        time.sleep(0.5)
-        lost = services(head)["nodes"]["n1"]["state"] == "LOST"
-    subprocess.run(["ip", "link", "set", iface, "up"], check=True)
-    results = head.wait(pids)
-    return {"busy": busy, "lost": lost, "results": results,
-            "after_cut_s": time.monotonic() - cut_at}
-
-
 def main(argv: list[str]) -> None:
     address, token, command, *rest = argv
     head = Head(address, token)
@@ -124,8 +107,11 @@ def main(argv: list[str]) -> None:
         out = services(head)
     elif command == "crash":     # MODEL TOKENS PID PROMPTS_JSON
         out = crash(head, rest[0], int(rest[1]), int(rest[2]), json.loads(rest[3]))
-    elif command == "cut-ranks":  # MODEL TOKENS IFACE PROMPTS_JSON
-        out = cut_ranks(head, rest[0], int(rest[1]), rest[2], json.loads(rest[3]))
+    elif command == "spawn-busy":  # MODEL TOKENS PROMPTS_JSON: the pids, once one made a token
+        pids = head.spawn(rest[0], json.loads(rest[2]), int(rest[1]))
+        out = {"pids": pids, "busy": head.busy_on(pids, 0)}
+    elif command == "wait":      # PIDS_JSON
+        out = head.wait(json.loads(rest[0]))
     elif command == "cut":       # MODEL TOKENS IFACE PROMPTS_JSON
         out = cut(head, rest[0], int(rest[1]), rest[2], json.loads(rest[3]))
     else:

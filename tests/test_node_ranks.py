@@ -84,17 +84,40 @@ def test_tp3_across_two_hosts_equals_tp1(hosts: Hosts, tp1: list[list[int]]) -> 
 def test_a_node_with_ranks_cut_off_mid_load_loses_no_job(hosts: Hosts,
                                                          tp1: list[list[int]]) -> None:
     """Rank 0 does not sit in a collective for its 300 s timeout: the head restarts its
-    service when the node is LOST; the jobs wait, and finish once the node is back."""
-    out = hosts.drive("cut-ranks", "smol-tp3", str(TOKENS), hosts.head.iface,
-                      json.dumps(PROMPTS))
-    assert out["busy"], "no job made a token before the cut"
-    assert out["lost"], "the head did not see the node LOST"
-    assert [r["status"] for r in out["results"]] == [0] * len(PROMPTS)
-    assert [r["tokens"] for r in out["results"]] == tp1
-    assert out["after_cut_s"] < 240, "rank 0 waited for the collective timeout"
-    log = hosts.log()
-    assert "ranks_lost_restarting_inference" in log and "ranks_back" in log
+    service when the node is LOST, the model waits for the node (its jobs READY), and is
+    loaded again across both hosts once the node is back; every job completes unchanged."""
+    spawned = hosts.drive("spawn-busy", "smol-tp3", str(TOKENS), json.dumps(PROMPTS))
+    assert spawned["busy"], "no job made a token before the cut"
+    hosts.head.link(up=False)
+    cut_at = time.monotonic()
+    try:
+        assert wait_for(hosts, "model_waits_for_nodes", 1, 180), hosts.log()[-3000:]
+        assert "ranks_lost_restarting_inference" in hosts.log()
+        waited_s = time.monotonic() - cut_at
+    finally:
+        hosts.head.link(up=True)
+    results = hosts.drive("wait", json.dumps(spawned["pids"]))
+    assert [r["status"] for r in results] == [0] * len(PROMPTS)
+    assert [r["tokens"] for r in results] == tp1
+    assert waited_s < 120, "rank 0 waited for the collective timeout"
+    assert "ranks_back" in hosts.log()
     seen = hosts.drive("services")
     running = [n for n, s in seen["services"].items()
                if n.startswith("n1/rank.smol-tp3.") and s["state"] == "RUNNING"]
     assert len(running) == 2, seen["services"]   # the new group's; the old ones killed
+
+
+@pytest.mark.slow
+def test_pp2_with_its_second_stage_on_the_node_equals_tp1(hosts: Hosts,
+                                                          tp1: list[list[int]]) -> None:
+    out = hosts.drive("deploy", embedded_gguf(), "smol-pp2", "head,n1", "0", "0", "2")
+    assert out == {"ok": True, "replicas": 1}, out
+    assert hosts.drive("services")["services"]["n1/rank.smol-pp2.1"]["state"] == "RUNNING"
+    results = hosts.drive("jobs", "smol-pp2", str(TOKENS), json.dumps(PROMPTS))
+    assert [r["tokens"] for r in results] == tp1
+    hosts.drive("undeploy", "smol-pp2")
+    deadline = time.monotonic() + 60   # its rank on the node is stopped with it
+    while time.monotonic() < deadline and \
+            "n1/rank.smol-pp2.1" in hosts.drive("services")["services"]:
+        time.sleep(0.5)
+    assert "n1/rank.smol-pp2.1" not in hosts.drive("services")["services"]
