@@ -9,6 +9,8 @@ needs root and `ip netns` (else skipped)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 
@@ -105,6 +107,23 @@ def test_a_node_with_ranks_cut_off_mid_load_loses_no_job(hosts: Hosts,
     running = [n for n, s in seen["services"].items()
                if n.startswith("n1/rank.smol-tp3.") and s["state"] == "RUNNING"]
     assert len(running) == 2, seen["services"]   # the new group's; the old ones killed
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_rank_on_the_node_loses_no_job(hosts: Hosts, tp1: list[list[int]]) -> None:
+    """Rank 0's group breaks (its service restarts, as for a local rank); the model is loaded
+    again with new ranks on the node and the jobs are recomputed."""
+    before = hosts.drive("services")["services"]
+    victim = next(s["pid"] for n, s in before.items()
+                  if n.startswith("n1/rank.smol-tp3.") and s["state"] == "RUNNING")
+    placed = hosts.log().count("ranks_placed")
+    spawned = hosts.drive("spawn-busy", "smol-tp3", str(TOKENS), json.dumps(PROMPTS))
+    assert spawned["busy"], "no job made a token before the kill"
+    os.kill(victim, signal.SIGKILL)
+    results = hosts.drive("wait", json.dumps(spawned["pids"]))
+    assert [r["status"] for r in results] == [0] * len(PROMPTS)
+    assert [r["tokens"] for r in results] == tp1
+    assert hosts.log().count("ranks_placed") == placed + 1, "one new group, not a restart loop"
 
 
 @pytest.mark.slow
