@@ -110,6 +110,7 @@ class Ranks:
         self.plans: dict[str, RankPlan] = {}
         self.lock = threading.Lock()
         self.returning: set[str] = set()   # models a thread is loading again
+        self.waiting: set[str] = set()     # models not loaded for a node that is away
 
     def prepare(self, name: str, dep: Deployed,
                 request: inference_pb2.LoadModelRequest) -> inference_pb2.LoadModelRequest:
@@ -123,6 +124,7 @@ class Ranks:
         if down:
             with self.lock:
                 self.plans.pop(name, None)
+                self.waiting.add(name)
             raise SyscallError("FAILED_PRECONDITION", f"model {name!r} has ranks on node(s) "
                                f"{down}, which are not live; it waits for them")
         address = route_to(self.k.nodes.host_of(nodes[0]))
@@ -130,6 +132,7 @@ class Ranks:
         plan = RankPlan(name, f"{address}:{port}", tuple(hosts), self._incarnation())
         with self.lock:
             self.plans[name] = plan
+            self.waiting.discard(name)
         request.rank_address, request.rendezvous_port = address, port
         request.remote_ranks.extend(r for r, h in enumerate(hosts) if h)
         log.info("ranks_placed", model=name, store=plan.store, hosts=hosts)
@@ -188,9 +191,10 @@ class Ranks:
         os.kill(pid, signal.SIGKILL)
 
     def node_back(self, node: str) -> None:
-        """(nodes lock held) Load again, in the background, the models waiting for the node."""
+        """(nodes lock held) Load again, in the background, the models waiting for the node
+        (those whose load found it away; the others load when the head's service starts)."""
         for m in self.on(node):
-            if replicas.lane(m, 0) in self.k.pagers or m in self.returning:
+            if m not in self.waiting or m in self.returning:
                 continue
             self.returning.add(m)
             threading.Thread(target=self._reload, args=(m,), daemon=True,
