@@ -76,6 +76,8 @@ def test_tp3_across_two_hosts_equals_tp1(hosts: Hosts, tp1: list[list[int]]) -> 
         row = seen["services"][f"n1/rank.smol-tp3.{rank}"]
         assert row["state"] == "RUNNING" and row["node"] == "n1" and row["pid"] > 0
     assert "ranks_placed" in hosts.log()
+    table = hosts.tool("llmasos.tools.ps", "--services")
+    assert "n1/rank.smol-tp3.1" in table and "n1/rank.smol-tp3.2" in table
     results = hosts.drive("jobs", "smol-tp3", str(TOKENS), json.dumps(PROMPTS))  # batched
     assert [r["tokens"] for r in results] == tp1
     alone = hosts.drive("jobs", "smol-tp3", str(TOKENS), json.dumps(PROMPTS[:1]))
