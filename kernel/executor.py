@@ -176,6 +176,17 @@ class Executor:
             log.warning("kv_lost_recomputing", replica=replica, incarnation=incarnation)
         self.wake()
 
+    def lane_back(self, lane: str, pager: Pager) -> None:
+        """A lane that had no pager (its model waited for a node, kernel/node_ranks.py) is
+        served again: its jobs' KV is recomputed there."""
+        with self.table.lock:
+            self.io.take(lane)
+            for proc in self.table.live():
+                if lane_of(proc) == lane:
+                    self._forget_kv(proc)
+            self.k.pagers[lane] = pager
+        self.wake()
+
     def replica_died(self, replica: int, host: str = "") -> None:
         """(supervisor or nodes thread) A replica's process (on `host`, "" for this one) is
         gone: the loop moves the jobs of its replicated models at its next round (a model with

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import structlog
 
-from llmasos.kernel import quota, replicas
+from llmasos.kernel import node_ranks, quota, replicas
 from llmasos.kernel.auth import Identity
 from llmasos.kernel.ipc_delivery import IPC_TIMEOUT, caller, check_stdout_mailbox, ipc_failed
 from llmasos.kernel.kernel import Deployed, Kernel, load_request
@@ -394,8 +394,11 @@ def deploy_events(k: Kernel, req: Any, ctx: Any) -> Iterator[common_pb2.DeployEv
             if not os.path.exists(path):
                 raise SyscallError("NOT_FOUND", f"{path} does not exist")
             n = check_replicas(k, req)
-            dep = Deployed(path, req.dtype, quant=req.quant, tp=req.tp, pp=req.pp,
-                           replicas=n, nodes=k.nodes.placement(list(req.nodes), n))
+            world = max(1, req.tp) * max(1, req.pp)
+            dep = Deployed(path, req.dtype, quant=req.quant, tp=req.tp, pp=req.pp, replicas=n,
+                           nodes=k.nodes.placement(list(req.nodes), n) if world == 1 else [],
+                           ranks=node_ranks.placement(k, list(req.nodes), world)
+                           if world > 1 and req.nodes else [])
             replicas.start_services(k, replicas.local_span(dep))
             with k.nodes.starting(dep.nodes, replicas.START_TIMEOUT):
                 info = yield from load_replicas(k, req.name, dep, ctx)
@@ -408,14 +411,13 @@ def check_replicas(k: Kernel, req: Any) -> int:
     """How many replicas a Deploy asks for; refused when the host cannot give each a core
     (nodes: each host its replicas, kernel/nodes.py)."""
     n = max(1, req.replicas)
-    if req.nodes and req.nodes[0] != "anywhere" and req.replicas <= 1:
-        n = len(req.nodes)   # one replica per host named
     if n > 1 and (req.tp > 1 or req.pp > 1):
         raise SyscallError("FAILED_PRECONDITION", "replicas do not combine with tp or pp yet; "
                            "deploy with --replicas alone, or --tp/--pp alone")
     if req.nodes and (req.tp > 1 or req.pp > 1):
-        raise SyscallError("FAILED_PRECONDITION", "tp and pp ranks run on the head only yet; "
-                           "deploy them without --nodes")
+        return 1   # one replica; nodes names each tp×pp rank's host (kernel/node_ranks.py)
+    if req.nodes and req.nodes[0] != "anywhere" and req.replicas <= 1:
+        n = len(req.nodes)   # one replica per host named
     cores = replicas.host_cores()
     here = n if not req.nodes else k.nodes.placement(list(req.nodes), n).count("")
     if here > cores:
@@ -475,6 +477,8 @@ def load_events(k: Kernel, name: str, dep: Deployed, replica: int, ctx: Any
     is abandoned: nothing stays loaded."""
     left = ctx.time_remaining()   # the caller's deadline bounds the load (600 s without one)
     request = load_request(name, dep, replicas.threads(k, replicas.local_span(dep)))
+    if replica == 0:   # its tp/pp ranks on nodes, if any
+        request = k.nodes.ranks.prepare(name, dep, request)
     if replicas.host(dep, replica):   # a node's share of its cores
         request.threads = k.nodes.nodes[replicas.host(dep, replica)].cores() // max(
             1, dep.nodes.count(replicas.host(dep, replica)))

@@ -46,6 +46,7 @@ class Deployed:
     remote_model: str = ""   # the name the endpoint knows it by
     replicas: int = 1        # copies, each its own inference process and pager (replicas.py)
     nodes: list[str] = field(default_factory=list)   # each replica's host ("" here; nodes.py)
+    ranks: list[str] = field(default_factory=list)   # each tp/pp rank's host (node_ranks.py)
 
 
 class Kernel:
@@ -140,8 +141,13 @@ class Kernel:
                     replica >= max(1, dep.replicas) or replicas.host(dep, replica):
                 continue
             try:
-                loaded[name] = stub.LoadModel(load_request(name, dep, replicas.threads(self)),
-                                              timeout=600)
+                request = self.nodes.ranks.prepare(name, dep, load_request(
+                    name, dep, replicas.threads(self)))
+            except SyscallError as e:   # its ranks' node is lost: its jobs wait for it
+                log.warning("model_waits_for_nodes", model=name, reason=e.message)
+                continue
+            try:
+                loaded[name] = stub.LoadModel(request, timeout=600)
             except grpc.RpcError as e:
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise   # the service died again: a failed start, retried by the supervisor

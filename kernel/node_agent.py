@@ -8,6 +8,10 @@
     supervise  the wanted services run under a Supervisor of our own (kernel/supervisor.py):
                each listens on TCP at this node's address and answers only calls carrying the
                session secret; crashed ones restart with backoff, unwanted ones stop
+    ranks      the tp/pp worker ranks the reply lists (a model whose rank 0 runs on the head,
+               kernel/node_ranks.py) run as services/inference/rank.py processes of ours,
+               gloo bound to this node's address; one that exits stays so (its group is broken:
+               the head loads a new one, under new keys); those no longer listed are killed
     head lost  the services keep running while the head is unreachable; a head that no longer
                knows us (it restarted) is joined again with the same token
 
@@ -21,6 +25,8 @@ import argparse
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +69,7 @@ class Agent:
         self.secret = ""
         self.period = 0.5
         self.busy: set[str] = set()   # services a thread is starting or stopping
+        self.ranks: dict[str, subprocess.Popen] = {}   # WantedRank.key → its process
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.devices = devices.inventory()
@@ -119,6 +126,7 @@ class Agent:
                 log.info("head_reachable", after_s=round(time.monotonic() - unreachable_since, 1))
                 unreachable_since = 0.0
             self.reconcile(reply.services)
+            self.reconcile_ranks(reply.ranks)
 
     def report(self) -> node_pb2.HeartbeatRequest:
         if time.monotonic() - self.devices_at >= DEVICES_EVERY_S:
@@ -129,8 +137,11 @@ class Agent:
                 name=s.spec.name, address=s.address, state=s.state, incarnation=s.incarnation,
                 pid=s.pid, restarts=s.restarts, last_exit=s.last_exit)
                 for s in sup.services.values()]
+        ranks = [node_pb2.NodeRank(key=key, pid=p.pid, state="RUNNING" if p.poll() is None
+                                   else "EXITED", exit_code=p.returncode or 0)
+                 for key, p in self.ranks.items()]
         return node_pb2.HeartbeatRequest(name=self.name, devices=self.devices,
-                                         services=services)
+                                         services=services, ranks=ranks)
 
     # --- the head's wishes -----------------------------------------------------------------
 
@@ -151,6 +162,29 @@ class Agent:
         for name in sorted(have - set(want)):
             self.background(name, lambda n=name: sup.retire(n))
 
+    def reconcile_ranks(self, wanted: list[node_pb2.WantedRank]) -> None:
+        """Kill the ranks no longer listed, start the listed ones never started."""
+        want = {w.key: w for w in wanted}
+        for key in sorted(set(self.ranks) - set(want)):
+            end_rank(self.ranks.pop(key))
+            log.info("node_rank_stopped", key=key)
+        for key in sorted(set(want) - set(self.ranks)):
+            self.ranks[key] = self.start_rank(want[key])
+
+    def start_rank(self, w: node_pb2.WantedRank) -> subprocess.Popen:
+        """rank.py joins rank 0's store on the head and reads the rest of its arguments there
+        (services/inference/parallel.py, rank_argv)."""
+        cmd = [sys.executable, "-m", "llmasos.services.inference.rank", f"--rank={w.rank}",
+               f"--world={w.world}", f"--store={w.store}", f"--host={self.host}",
+               f"--model={w.model}"]
+        out = open(os.path.join(self.home, f"rank-{w.key.replace('/', '-')}.log"), "ab")  # noqa: SIM115
+        with out:
+            p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=subprocess.STDOUT)
+        log.info("node_rank_started", key=w.key, rank=w.rank, world=w.world, store=w.store,
+                 pid=p.pid)
+        return p
+
     def background(self, name: str, work: Callable[[], object]) -> None:
         with self.lock:
             if name in self.busy:
@@ -169,9 +203,17 @@ class Agent:
         self.stopping.set()
 
     def close(self) -> None:
+        for p in self.ranks.values():
+            end_rank(p)
         if self.supervisor is not None:
             self.supervisor.stop()
         self.channel.close()
+
+
+def end_rank(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.kill()
+    p.wait()
 
 
 def pin(name: str, wanted: list[str], found: list[kernel_pb2.Device],

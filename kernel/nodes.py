@@ -13,6 +13,7 @@ and run model replicas for this kernel.
     loss        a node silent for TIMEOUT_S is LOST: its channels close (a step in flight
                 there fails at once) and its replicas' jobs move to the live replicas, where
                 they are recomputed; a service that restarts there is a dead replica too
+    ranks       tp/pp ranks of a model whose rank 0 runs here: kernel/node_ranks.py
 
 A model's placement (Deployed.nodes) names the host of each replica: "" for this one.
 """
@@ -32,6 +33,7 @@ import grpc
 import structlog
 
 from llmasos.kernel import join_tokens, replicas
+from llmasos.kernel.node_ranks import Ranks
 from llmasos.kernel.supervisor import secret_channel
 from llmasos.proto import inference_pb2, inference_pb2_grpc, kernel_pb2, node_pb2, node_pb2_grpc
 from llmasos.syscalls import SyscallError
@@ -68,6 +70,7 @@ class Node:
     last_seen: float = field(default_factory=time.monotonic)
     state: str = "LIVE"                                   # LIVE, LOST
     services: dict[str, node_pb2.NodeService] = field(default_factory=dict)   # as reported
+    ranks: dict[str, node_pb2.NodeRank] = field(default_factory=dict)   # tp/pp ranks, likewise
     attached: dict[str, Attached] = field(default_factory=dict)
 
     def cores(self) -> int:
@@ -87,6 +90,7 @@ class Nodes:
         self.pending: dict[str, set[int]] = {}   # node → replicas a deploy is starting there
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="nodes", daemon=True)
+        self.ranks = Ranks(k)   # tp/pp ranks placed on nodes (kernel/node_ranks.py)
 
     def start(self) -> None:
         self.thread.start()
@@ -112,6 +116,16 @@ class Nodes:
     def lanes_on(self, name: str, replica: int) -> list[str]:
         return [replicas.lane(m, replica) for m, dep in list(self.k.models.items())
                 if replica < len(dep.nodes) and dep.nodes[replica] == name]
+
+    def state(self, name: str) -> str | None:
+        """LIVE or LOST; None for a node that never joined."""
+        with self.lock:
+            node = self.nodes.get(name)
+            return node.state if node is not None else None
+
+    def host_of(self, name: str) -> str:
+        with self.lock:
+            return self.nodes[name].host
 
     def live(self) -> list[str]:
         with self.lock:
@@ -183,6 +197,7 @@ class Nodes:
                 self._lose(old, "joined again")
             self.nodes[req.name] = Node(req.name, host, secrets.token_hex(32), list(req.devices))
             secret = self.nodes[req.name].secret
+            self.ranks.node_back(req.name)   # models waiting for it (e.g. after a restart)
             self.changed.notify_all()
         log.info("node_joined", node=req.name, host=host, devices=len(req.devices))
         return node_pb2.JoinResponse(secret=secret, heartbeat_s=HEARTBEAT_S, timeout_s=TIMEOUT_S)
@@ -200,15 +215,19 @@ class Nodes:
             if node.state == "LOST":
                 log.warning("node_back", node=node.name)
                 node.state = "LIVE"
+                self.ranks.node_back(node.name)
             node.last_seen = time.monotonic()
             node.devices = list(req.devices) or node.devices
             node.services = {s.name: s for s in req.services}
+            node.ranks = {r.key: r for r in req.ranks}
+            self.ranks.exited(node.name, list(req.ranks))
             wanted = sorted(self.placed(node.name))
             self.changed.notify_all()
         base = self.k.supervisor.services[replicas.INFERENCE].spec.options
         return node_pb2.HeartbeatResponse(services=[
             node_pb2.WantedService(name=service_of(r), module=replicas.INFERENCE,
-                                   options={**base, "embedded": "0"}) for r in wanted])
+                                   options={**base, "embedded": "0"}) for r in wanted],
+            ranks=self.ranks.wanted(node.name))
 
     # --- the watcher -----------------------------------------------------------------------
 
@@ -246,6 +265,7 @@ class Nodes:
         for name in list(node.attached):
             self._detach(node, name, why)
         log.warning("node_lost", node=node.name, reason=why)
+        self.ranks.node_lost(node.name)
         self.changed.notify_all()
 
     def _detach(self, node: Node, name: str, why: str) -> None:
@@ -361,6 +381,13 @@ class Nodes:
                         state=s.state if node.state == "LIVE" else "LOST",
                         restarts=s.restarts, incarnation=s.incarnation, last_exit=s.last_exit,
                         node=node.name, replicas=sorted(self.lanes_on(node.name, replica))))
+                for r in sorted(node.ranks.values(), key=lambda r: r.key):
+                    model, _, rank = r.key.partition("/")
+                    out.append(kernel_pb2.ServiceInfo(
+                        name=f"{node.name}/rank.{model}.{rank.rpartition('/')[2]}", pid=r.pid,
+                        state=r.state if node.state == "LIVE" else "LOST",
+                        last_exit=f"exit {r.exit_code}" if r.state == "EXITED" else "",
+                        node=node.name, replicas=[replicas.lane(model, 0)]))
         return out
 
 

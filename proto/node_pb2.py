@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llmasos.proto import kernel_pb2 as kernel__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nnode.proto\x12\nllmasos.v1\x1a\x0ckernel.proto\"]\n\x0bJoinRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12#\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x12.llmasos.v1.Device\"F\n\x0cJoinResponse\x12\x0e\n\x06secret\x18\x01 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x02 \x01(\x01\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"\x82\x01\n\x0bNodeService\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x13\n\x0bincarnation\x18\x04 \x01(\r\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x10\n\x08restarts\x18\x06 \x01(\r\x12\x11\n\tlast_exit\x18\x07 \x01(\t\"p\n\x10HeartbeatRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x12.llmasos.v1.Device\x12)\n\x08services\x18\x03 \x03(\x0b\x32\x17.llmasos.v1.NodeService\"\x96\x01\n\rWantedService\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x37\n\x07options\x18\x03 \x03(\x0b\x32&.llmasos.v1.WantedService.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"@\n\x11HeartbeatResponse\x12+\n\x08services\x18\x01 \x03(\x0b\x32\x19.llmasos.v1.WantedService2\x8f\x01\n\x08NodeHead\x12\x39\n\x04Join\x12\x17.llmasos.v1.JoinRequest\x1a\x18.llmasos.v1.JoinResponse\x12H\n\tHeartbeat\x12\x1c.llmasos.v1.HeartbeatRequest\x1a\x1d.llmasos.v1.HeartbeatResponseBI\n\rio.llmasos.v1P\x01Z6github.com/llmasos/llmasos/gen/go/llmasos/v1;llmasosv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nnode.proto\x12\nllmasos.v1\x1a\x0ckernel.proto\"]\n\x0bJoinRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12#\n\x07\x64\x65vices\x18\x04 \x03(\x0b\x32\x12.llmasos.v1.Device\"F\n\x0cJoinResponse\x12\x0e\n\x06secret\x18\x01 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x02 \x01(\x01\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"\x82\x01\n\x0bNodeService\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x13\n\x0bincarnation\x18\x04 \x01(\r\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x10\n\x08restarts\x18\x06 \x01(\r\x12\x11\n\tlast_exit\x18\x07 \x01(\t\"\x95\x01\n\x10HeartbeatRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x12.llmasos.v1.Device\x12)\n\x08services\x18\x03 \x03(\x0b\x32\x17.llmasos.v1.NodeService\x12#\n\x05ranks\x18\x04 \x03(\x0b\x32\x14.llmasos.v1.NodeRank\"F\n\x08NodeRank\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\r\n\x05state\x18\x03 \x01(\t\x12\x11\n\texit_code\x18\x04 \x01(\x05\"\x96\x01\n\rWantedService\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x37\n\x07options\x18\x03 \x03(\x0b\x32&.llmasos.v1.WantedService.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\nWantedRank\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05world\x18\x04 \x01(\r\x12\r\n\x05store\x18\x05 \x01(\t\"g\n\x11HeartbeatResponse\x12+\n\x08services\x18\x01 \x03(\x0b\x32\x19.llmasos.v1.WantedService\x12%\n\x05ranks\x18\x02 \x03(\x0b\x32\x16.llmasos.v1.WantedRank2\x8f\x01\n\x08NodeHead\x12\x39\n\x04Join\x12\x17.llmasos.v1.JoinRequest\x1a\x18.llmasos.v1.JoinResponse\x12H\n\tHeartbeat\x12\x1c.llmasos.v1.HeartbeatRequest\x1a\x1d.llmasos.v1.HeartbeatResponseBI\n\rio.llmasos.v1P\x01Z6github.com/llmasos/llmasos/gen/go/llmasos/v1;llmasosv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,14 +41,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINRESPONSE']._serialized_end=205
   _globals['_NODESERVICE']._serialized_start=208
   _globals['_NODESERVICE']._serialized_end=338
-  _globals['_HEARTBEATREQUEST']._serialized_start=340
-  _globals['_HEARTBEATREQUEST']._serialized_end=452
-  _globals['_WANTEDSERVICE']._serialized_start=455
-  _globals['_WANTEDSERVICE']._serialized_end=605
-  _globals['_WANTEDSERVICE_OPTIONSENTRY']._serialized_start=559
-  _globals['_WANTEDSERVICE_OPTIONSENTRY']._serialized_end=605
-  _globals['_HEARTBEATRESPONSE']._serialized_start=607
-  _globals['_HEARTBEATRESPONSE']._serialized_end=671
-  _globals['_NODEHEAD']._serialized_start=674
-  _globals['_NODEHEAD']._serialized_end=817
+  _globals['_HEARTBEATREQUEST']._serialized_start=341
+  _globals['_HEARTBEATREQUEST']._serialized_end=490
+  _globals['_NODERANK']._serialized_start=492
+  _globals['_NODERANK']._serialized_end=562
+  _globals['_WANTEDSERVICE']._serialized_start=565
+  _globals['_WANTEDSERVICE']._serialized_end=715
+  _globals['_WANTEDSERVICE_OPTIONSENTRY']._serialized_start=669
+  _globals['_WANTEDSERVICE_OPTIONSENTRY']._serialized_end=715
+  _globals['_WANTEDRANK']._serialized_start=717
+  _globals['_WANTEDRANK']._serialized_end=801
+  _globals['_HEARTBEATRESPONSE']._serialized_start=803
+  _globals['_HEARTBEATRESPONSE']._serialized_end=906
+  _globals['_NODEHEAD']._serialized_start=909
+  _globals['_NODEHEAD']._serialized_end=1052
 # @@protoc_insertion_point(module_scope)

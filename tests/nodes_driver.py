@@ -53,10 +53,12 @@ class Head:
         return False
 
 
-def deploy(head: Head, path: str, name: str, nodes: str, replicas: str = "0") -> dict:
+def deploy(head: Head, path: str, name: str, nodes: str, replicas: str = "0", tp: str = "0",
+           pp: str = "0") -> dict:
     try:
         info = head.call("Deploy", kernel_pb2.DeployRequest(
-            path=path, name=name, nodes=nodes.split(","), replicas=int(replicas)), timeout=900)
+            path=path, name=name, nodes=nodes.split(","), replicas=int(replicas), tp=int(tp),
+            pp=int(pp)), timeout=900)
         return {"ok": True, "replicas": info.replicas}
     except grpc.RpcError as e:
         return {"ok": False, "code": e.code().name, "details": e.details()}
@@ -96,7 +98,7 @@ def main(argv: list[str]) -> None:
     head = Head(address, token)
     if command == "jobs":        # MODEL TOKENS PROMPTS_JSON
         out: object = head.wait(head.spawn(rest[0], json.loads(rest[2]), int(rest[1])))
-    elif command == "deploy":    # PATH NAME NODES [REPLICAS]
+    elif command == "deploy":    # PATH NAME NODES [REPLICAS [TP [PP]]]
         out = deploy(head, *rest)
     elif command == "undeploy":  # NAME
         head.call("Undeploy", kernel_pb2.UndeployRequest(name=rest[0]))
@@ -105,6 +107,11 @@ def main(argv: list[str]) -> None:
         out = services(head)
     elif command == "crash":     # MODEL TOKENS PID PROMPTS_JSON
         out = crash(head, rest[0], int(rest[1]), int(rest[2]), json.loads(rest[3]))
+    elif command == "spawn-busy":  # MODEL TOKENS PROMPTS_JSON: the pids, once one made a token
+        pids = head.spawn(rest[0], json.loads(rest[2]), int(rest[1]))
+        out = {"pids": pids, "busy": head.busy_on(pids, 0)}
+    elif command == "wait":      # PIDS_JSON
+        out = head.wait(json.loads(rest[0]))
     elif command == "cut":       # MODEL TOKENS IFACE PROMPTS_JSON
         out = cut(head, rest[0], int(rest[1]), rest[2], json.loads(rest[3]))
     else:

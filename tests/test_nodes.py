@@ -152,7 +152,10 @@ def test_a_node_joins_reports_devices_and_is_lost_when_silent(head: System,
             (dict(nodes=["n1", "head"]), grpc.StatusCode.FAILED_PRECONDITION, "replica 0"),
             (dict(nodes=["head", "n1"], replicas=3), grpc.StatusCode.INVALID_ARGUMENT,
              "one host per replica"),
-            (dict(nodes=["head", "n1"], tp=3), grpc.StatusCode.FAILED_PRECONDITION, "tp"),
+            (dict(nodes=["head", "n1"], tp=3), grpc.StatusCode.INVALID_ARGUMENT,
+             "one host per rank"),   # tp/pp ranks on nodes: tests/test_node_ranks.py
+            (dict(nodes=["head", "n1", "n1"], tp=3, replicas=2),
+             grpc.StatusCode.FAILED_PRECONDITION, "replicas do not combine"),
         ]
         for fields, code, words in refused:
             with pytest.raises(grpc.RpcError) as err:

@@ -10,19 +10,20 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+LOOPBACK = "127.0.0.1"   # a group whose ranks all run on one host
 
 class Comm:
     def __init__(self, store: dist.Store, rank: int, world: int, device: torch.device,
-                 timeout: timedelta = timedelta(seconds=120)) -> None:
+                 timeout: timedelta = timedelta(seconds=120), host: str = LOOPBACK) -> None:
         self.rank, self.world, self.device = rank, world, device
-        self.store, self.timeout = store, timeout
+        self.store, self.timeout, self.host = store, timeout, host
         if device.type == "cuda":
             self.pg = dist.ProcessGroupNCCL(store, rank, world)
         else:
             opts = dist.ProcessGroupGloo._Options()
             opts._timeout = timeout
-            # loopback: the ranks of one host never leave it
-            opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+            # the address the other ranks reach this one at: loopback when all share a host
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
             self.pg = dist.ProcessGroupGloo(store, rank, world, opts)
 
     def split(self, size: int) -> Comm:
@@ -30,7 +31,7 @@ class Comm:
         tensor-parallel ranks); every rank of the group must call it."""
         color = self.rank // size
         store = dist.PrefixStore(f"split{size}/{color}", self.store)
-        return Comm(store, self.rank % size, size, self.device, self.timeout)
+        return Comm(store, self.rank % size, size, self.device, self.timeout, self.host)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks, in place (the row-parallel projections' partial sums)."""

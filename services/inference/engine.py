@@ -25,7 +25,14 @@ from llmasos.drivers.prune import semi_sparse
 from llmasos.drivers.tokenizer import Tokenizer
 from llmasos.services.inference import quantize
 from llmasos.services.inference.output import SequenceOutput
-from llmasos.services.inference.parallel import RankArgs, TPModel, TPPool, load_parallel
+from llmasos.services.inference.parallel import (
+    ALL_HERE,
+    RankArgs,
+    Spread,
+    TPModel,
+    TPPool,
+    load_parallel,
+)
 from llmasos.services.inference.sampler import SamplingParams, sample
 
 log = structlog.get_logger()
@@ -130,12 +137,14 @@ class Engine:
 
     def load(self, name: str, path: str, dtype: str = "", kv_budget_bytes: int = 0,
              quant: str = "", tp: int = 0, pp: int = 0, report: Report | None = None,
-             cancelled: Callable[[], bool] = lambda: False, threads: int = 0) -> ModelEntry:
+             cancelled: Callable[[], bool] = lambda: False, threads: int = 0,
+             spread: Spread = ALL_HERE) -> ModelEntry:
         """Load a GGUF file or HF folder under name; raises FileNotFoundError, ValueError
         (bad dtype, unsupported architecture, name taken) or KVBudgetError. `report` hears the
         load's progress (drivers/loaders/progress.py); once `cancelled()` is true the load
         stops at its next step with LoadCancelled, and a finished load is not kept. threads > 0
-        sets this process's torch threads from now on (replicas sharing a host's cores)."""
+        sets this process's torch threads from now on (replicas sharing a host's cores);
+        `spread` places tp/pp ranks on other hosts (parallel.py)."""
         if not name:
             raise ValueError("model name must not be empty")
         if threads > 0 and threads != torch.get_num_threads():
@@ -155,7 +164,8 @@ class Engine:
             self._loading.add(name)
         try:
             loaded = self._load(name, path, dtype_name, kv_budget_bytes, recipe, max(tp, 1),
-                                max(pp, 1), stoppable(report, cancelled), bar=report is None)
+                                max(pp, 1), stoppable(report, cancelled), bar=report is None,
+                                spread=spread)
             with self._lock:   # checked where it is kept: a caller gone now never sees it
                 if cancelled():
                     close(loaded)
@@ -177,7 +187,7 @@ class Engine:
 
     def _load(self, name: str, path: str, dtype_name: str, kv_budget_bytes: int,
               recipe: quantize.Recipe, tp: int, pp: int, report: Report,
-              bar: bool) -> Loaded:
+              bar: bool, spread: Spread = ALL_HERE) -> Loaded:
         t0 = time.perf_counter()
         # config and tokenizer checked before any weight is read: a file we cannot run
         # fails here in a fraction of a second, with nothing (no weights cache) written
@@ -195,7 +205,8 @@ class Engine:
         if tp > 1 or pp > 1:   # the budget is the whole model's: each rank holds 1/N of a block
             args = RankArgs(os.path.abspath(path), self.cache_dir, dtype_name, str(self.device),
                             self.block_size, budget // (tp * pp))
-            model, pool, memory = load_parallel(name, tp, pp, cfg, weights, torch_dtype, args)
+            model, pool, memory = load_parallel(name, tp, pp, cfg, weights, torch_dtype, args,
+                                                spread)
             parameters = sum(t.numel() for t in weights.values())
         else:
             model = LlamaModel(cfg, weights, torch_dtype, self.device, report)

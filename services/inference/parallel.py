@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from llmasos.drivers.loaders.config import ModelConfig
 from llmasos.drivers.model.batch import StepBatch
 from llmasos.drivers.model.kv_pool import KVPool, PoolGeometry
-from llmasos.drivers.parallel.comm import Comm, step_collectives
+from llmasos.drivers.parallel.comm import LOOPBACK, Comm, step_collectives
 from llmasos.drivers.parallel.model import ShardedLlama
 from llmasos.drivers.parallel.shard import check_degree
 from llmasos.drivers.parallel.stage import StageLlama, check_stages
@@ -38,6 +39,7 @@ RENDEZVOUS_TIMEOUT = timedelta(seconds=300)  # workers import torch and load on 
 COLLECTIVE_TIMEOUT = timedelta(seconds=300)  # a rank silent this long is declared hung
 HEARTBEAT_S = 10.0  # an idle group pings its workers well inside the collective timeout
 BROKEN_EXIT = 75  # this process's exit status when a group breaks
+ARGS_KEY = "rank_args"   # the store key rank 0 publishes RankArgs under, for every worker
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,19 @@ class RankArgs:
     mode: str = "tp"  # "tp": heads split across ranks; "pp": layers split into stages
     tp: int = 1  # with mode "pp": tensor-parallel ranks per stage
 
-    def argv(self) -> list[str]:
-        return [f"--{f.name.replace('_', '-')}={getattr(self, f.name)}"
-                for f in dataclasses.fields(self)]
+
+@dataclass(frozen=True)
+class Spread:
+    """Where a group's ranks run. All here by default; a group across hosts binds its c10d
+    store and gloo to this host's address the others reach, on the port the kernel chose, and
+    the `remote` ranks are started by the nodes the kernel asks (kernel/nodes.py)."""
+
+    address: str = LOOPBACK
+    port: int = 0   # 0: any free port (every rank is started here and told it)
+    remote: tuple[int, ...] = ()
+
+
+ALL_HERE = Spread()   # every rank on this host, on loopback
 
 
 def rank_pool(cfg: ModelConfig, a: RankArgs, dtype: torch.dtype) -> KVPool:
@@ -70,6 +82,12 @@ def rank_model(args: RankArgs, cfg: ModelConfig, weights: dict, comm: Comm,
     if args.mode == "pp":
         return StageLlama(cfg, weights, comm, comm.split(args.tp), dtype, args.device)
     return ShardedLlama(cfg, weights, comm, dtype, args.device)
+
+
+def rank_argv(model: str, rank: int, world: int, store: str, host: str) -> list[str]:
+    """rank.py's command line: the rest of what it needs it reads from the store (ARGS_KEY)."""
+    return [f"--rank={rank}", f"--world={world}", f"--store={store}", f"--host={host}",
+            f"--model={model}"]
 
 
 EXIT_ON_BREAK = False   # set by the service's __main__: a broken group exits the process
@@ -92,22 +110,23 @@ def broken(what: str, err: BaseException | None = None) -> None:
 class RankGroup:
     """The workers of one tp model, their lifetime, and the broadcast of every operation."""
 
-    def __init__(self, name: str, tp: int, args: RankArgs) -> None:
-        self.name, self.tp, self.args = name, tp, args
+    def __init__(self, name: str, tp: int, args: RankArgs, spread: Spread = ALL_HERE) -> None:
+        self.name, self.tp, self.args, self.spread = name, tp, args, spread
         self.lock = threading.Lock()  # one operation at a time on the group
         self.closing = False
         self.ready = False  # no heartbeat before every rank has loaded (it would interleave)
         self.last_op = time.monotonic()
-        self.store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True,
+        self.store = dist.TCPStore(spread.address, spread.port, tp, is_master=True,
                                    timeout=RENDEZVOUS_TIMEOUT, wait_for_workers=False)
-        self.procs = [self._start(r) for r in range(1, tp)]
+        self.store.set(ARGS_KEY, json.dumps(dataclasses.asdict(args)))  # workers read it
+        self.procs = [self._start(r) for r in range(1, tp) if r not in spread.remote]
         self.comm = self._rendezvous(torch.device(args.device))
         threading.Thread(target=self._watch, daemon=True, name=f"tp-watch-{name}").start()
 
     def _start(self, rank: int) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "llmasos.services.inference.rank", f"--rank={rank}",
-               f"--world={self.tp}", f"--port={self.store.port}", f"--model={self.name}",
-               *self.args.argv()]
+        cmd = [sys.executable, "-m", "llmasos.services.inference.rank", *rank_argv(
+            self.name, rank, self.tp, f"{self.spread.address}:{self.store.port}",
+            self.spread.address)]
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
 
     def _rendezvous(self, device: torch.device) -> Comm:
@@ -116,7 +135,8 @@ class RankGroup:
 
         def join() -> None:
             try:
-                box["comm"] = Comm(self.store, 0, self.tp, device, COLLECTIVE_TIMEOUT)
+                box["comm"] = Comm(self.store, 0, self.tp, device, COLLECTIVE_TIMEOUT,
+                                   self.spread.address)
             except Exception as err:  # noqa: BLE001 - reported below
                 box["error"] = err
         t = threading.Thread(target=join, daemon=True)
@@ -254,7 +274,8 @@ class TPPool:
 
 
 def load_parallel(name: str, tp: int, pp: int, cfg: ModelConfig, weights: dict,
-                  dtype: torch.dtype, args: RankArgs) -> tuple[TPModel, TPPool, int]:
+                  dtype: torch.dtype, args: RankArgs, spread: Spread = ALL_HERE
+                  ) -> tuple[TPModel, TPPool, int]:
     """Start the workers, build rank 0's part and pool; (model, pool, weight bytes over all
     ranks). ValueError when the degree does not split the model; RuntimeError when a rank
     fails to load."""
@@ -262,7 +283,10 @@ def load_parallel(name: str, tp: int, pp: int, cfg: ModelConfig, weights: dict,
     check_stages(cfg, pp)
     world = tp * pp   # ranks s*tp .. s*tp+tp-1 are stage s's tensor-parallel shards
     args = dataclasses.replace(args, mode="pp" if pp > 1 else "tp", tp=tp)
-    group = RankGroup(name, world, args)
+    if any(not 0 < r < world for r in spread.remote):
+        raise ValueError(f"remote ranks {list(spread.remote)} are not worker ranks of "
+                         f"{world} (rank 0 runs here)")
+    group = RankGroup(name, world, args, spread)
     ok, model, pool = True, None, None
     try:
         model = rank_model(args, cfg, weights, group.comm, dtype)
@@ -280,5 +304,6 @@ def load_parallel(name: str, tp: int, pp: int, cfg: ModelConfig, weights: dict,
     with group.lock:
         group.comm.all_reduce(total)
     group.last_op, group.ready = time.monotonic(), True
-    log.info("parallel_loaded", name=name, tp=tp, pp=pp, pids=[p.pid for p in group.procs])
+    log.info("parallel_loaded", name=name, tp=tp, pp=pp, pids=[p.pid for p in group.procs],
+             remote=list(spread.remote), address=spread.address)
     return TPModel(model, group), TPPool(pool, group), int(total.item())

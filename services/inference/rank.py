@@ -1,11 +1,14 @@
-"""python -m llmasos.services.inference.rank --rank R --world N --port P ...: one worker rank
-of a tensor- or pipeline-parallel model, started by rank 0 (parallel.py). It joins the group,
-loads its shard (or stage) and KV pool, then runs every operation rank 0 broadcasts until told
-to exit. It exits when rank 0 goes away (its parent changes) or any collective fails."""
+"""python -m llmasos.services.inference.rank --rank R --world N --store HOST:PORT --host ADDR
+--model M: one worker rank of a tensor- or pipeline-parallel model, started by rank 0
+(parallel.py) or, for a rank placed on another host, by that host's node agent. It joins the
+group at rank 0's c10d store, reads its RankArgs there, loads its shard (or stage) and KV pool,
+then runs every operation rank 0 broadcasts until told to exit. It exits when its parent goes
+away (its parent changes) or any collective fails."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -21,6 +24,7 @@ from llmasos.drivers.model.llama import LlamaModel
 from llmasos.drivers.parallel.comm import Comm, step_collectives
 from llmasos.services.inference.engine import DTYPES
 from llmasos.services.inference.parallel import (
+    ARGS_KEY,
     COLLECTIVE_TIMEOUT,
     RENDEZVOUS_TIMEOUT,
     RankArgs,
@@ -38,15 +42,14 @@ def watch_parent(ppid: int) -> None:
     os._exit(1)
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, RankArgs]:
+def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="llmasos.services.inference.rank")
-    for flag in ("rank", "world", "port", "block-size", "kv-budget-bytes", "tp"):
+    for flag in ("rank", "world"):
         ap.add_argument(f"--{flag}", type=int, required=True)
-    for flag in ("model", "path", "cache-dir", "dtype", "device", "mode"):
-        ap.add_argument(f"--{flag}", required=True)
-    a = ap.parse_args(argv)
-    return a, RankArgs(a.path, a.cache_dir, a.dtype, a.device, a.block_size,
-                       a.kv_budget_bytes, a.mode, a.tp)
+    ap.add_argument("--store", required=True, help="rank 0's c10d store, HOST:PORT")
+    ap.add_argument("--host", required=True, help="this host's address the other ranks reach")
+    ap.add_argument("--model", required=True)
+    return ap.parse_args(argv)
 
 
 def load(comm: Comm, args: RankArgs) -> tuple[LlamaModel, KVPool]:
@@ -82,13 +85,15 @@ def serve(comm: Comm, model: LlamaModel | None, pool: KVPool | None) -> int:
 
 
 def main(argv: list[str]) -> int:
-    a, args = parse(argv)
+    a = parse(argv)
     threading.Thread(target=watch_parent, args=(os.getppid(),), daemon=True).start()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // a.world))  # a share of the cores
     structlog.contextvars.bind_contextvars(tp_rank=a.rank, model=a.model)
-    store = dist.TCPStore("127.0.0.1", a.port, a.world, is_master=False,
+    host, _, port = a.store.rpartition(":")
+    store = dist.TCPStore(host.strip("[]"), int(port), a.world, is_master=False,
                           timeout=RENDEZVOUS_TIMEOUT)
-    comm = Comm(store, a.rank, a.world, torch.device(args.device), COLLECTIVE_TIMEOUT)
+    args = RankArgs(**json.loads(store.get(ARGS_KEY)))
+    comm = Comm(store, a.rank, a.world, torch.device(args.device), COLLECTIVE_TIMEOUT, a.host)
     model, pool = None, None
     try:
         model, pool = load(comm, args)

@@ -14,6 +14,7 @@ from llmasos.drivers.model.kv_pool import KVBudgetError
 from llmasos.proto import common_pb2, inference_pb2, inference_pb2_grpc
 from llmasos.services.inference.engine import Engine, ModelEntry, StepEntry
 from llmasos.services.inference.load_stream import LoadStream
+from llmasos.services.inference.parallel import ALL_HERE, Spread
 from llmasos.services.inference.sampler import SamplingParams
 
 SERVICE_NAME = "llmasos.v1.Inference"
@@ -53,6 +54,13 @@ def step_entry(m: inference_pb2.StepEntry) -> StepEntry:
         generated_ids=list(m.generated_ids) if m.generated_ids else None, reset=m.reset)
 
 
+def spread_of(request: inference_pb2.LoadModelRequest) -> Spread:
+    """Where the kernel placed the model's tp/pp ranks (all here without a rank_address)."""
+    if not request.rank_address:
+        return ALL_HERE
+    return Spread(request.rank_address, request.rendezvous_port, tuple(request.remote_ranks))
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -66,14 +74,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                   context: grpc.ServicerContext) -> common_pb2.ModelInfo:
         return self._call(context, lambda: model_info(self.engine.load(
             request.name, request.path, request.dtype, request.kv_budget_bytes,
-            request.quant, request.tp, request.pp, threads=request.threads)))
+            request.quant, request.tp, request.pp, threads=request.threads,
+            spread=spread_of(request))))
 
     def LoadModelStream(self, request: inference_pb2.LoadModelRequest,  # noqa: N802
                         context: grpc.ServicerContext) -> Iterator[common_pb2.DeployEvent]:
         def load(**progress: object) -> common_pb2.ModelInfo:
             return model_info(self.engine.load(
                 request.name, request.path, request.dtype, request.kv_budget_bytes,
-                request.quant, request.tp, request.pp, threads=request.threads, **progress))
+                request.quant, request.tp, request.pp, threads=request.threads,
+                spread=spread_of(request), **progress))
         with translated(context):   # a caller gone stops the load between two steps
             yield from LoadStream(load, cancelled=lambda: not context.is_active())
 
