@@ -16,6 +16,7 @@ from llmasos.drivers.cuda.backend import Kernels, kernels_for
 from llmasos.drivers.cuda.quant import QuantWeight, dequantize
 from llmasos.drivers.loaders.config import ModelConfig
 from llmasos.drivers.loaders.progress import Report, tracked
+from llmasos.drivers.model import probe_cache
 from llmasos.drivers.model.attention import group_attention, write_kv
 from llmasos.drivers.model.batch import StepBatch
 from llmasos.drivers.model.families import family
@@ -59,7 +60,29 @@ def cat_rows(ws: list[Weight]) -> Weight:
     if all(isinstance(w, QuantWeight) for w in ws) and len({w.fmt for w in ws}) == 1:
         return QuantWeight(ws[0].fmt, sum(w.out_features for w in ws), ws[0].in_features,
                            torch.cat([w.qweight for w in ws]))
+    adjacent = stacked_view(ws)
+    if adjacent is not None:
+        return adjacent
     return torch.cat([dequantize(w) if isinstance(w, QuantWeight) else w for w in ws])
+
+
+def stacked_view(ws: list[Weight]) -> torch.Tensor | None:
+    """The stack of ws as one view when they already lie one after another in one buffer (the
+    weights cache stores them so: drivers/loaders/cache.py); None when a copy is needed."""
+    first = ws[0]
+    if not isinstance(first, torch.Tensor) or first.dim() != 2:
+        return None
+    offset = first.storage_offset()
+    for w in ws:
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_contiguous() or \
+                w.dtype != first.dtype or w.device != first.device or \
+                w.shape[1] != first.shape[1] or w.storage_offset() != offset or \
+                w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+            return None
+        offset += w.numel()
+    rows = sum(w.shape[0] for w in ws)
+    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1),
+                            first.storage_offset())
 
 
 def weight_numel(w: Weight) -> int:
@@ -209,7 +232,8 @@ class LlamaModel:
         self.scale = cfg.attn_scale or cfg.head_dim ** -0.5
         # oneDNN or MKL for multi-row matmuls: whichever is faster on this CPU (AVX-512 or not)
         gate_up = self.layers[0].gate_up
-        self.onednn = isinstance(gate_up, torch.Tensor) and onednn_is_faster(gate_up)
+        self.onednn = isinstance(gate_up, torch.Tensor) and probe_cache.remembered(
+            probe_cache.probe_key("onednn_is_faster", gate_up), lambda: onednn_is_faster(gate_up))
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
 

@@ -1,0 +1,49 @@
+"""Zero-copy read of a safetensors file: one private mmap of the file, every tensor a view of it.
+
+A restarted inference service finds the weights cache in the page cache, so its model is there
+at once: nothing is read or copied at load, pages come in as the first step touches them. The
+mapping is private (copy-on-write): a tensor written in place never changes the file.
+
+The format (https://huggingface.co/docs/safetensors): 8 bytes little-endian header length, a
+JSON header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the
+data, offsets counted from the end of the header."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_header(file: str) -> tuple[dict[str, dict], dict[str, str], int]:
+    """(tensors' entries, metadata, offset of the data) of a safetensors file."""
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    meta = header.pop("__metadata__", None) or {}
+    return header, meta, 8 + length
+
+
+def map_safetensors(file: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(name -> tensor viewing the mapped file, metadata); raises ValueError on a dtype we do
+    not know or an entry that points outside the file."""
+    header, meta, start = read_header(file)
+    size = os.path.getsize(file)
+    storage = torch.UntypedStorage.from_file(file, shared=False, nbytes=size)  # MAP_PRIVATE
+    raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+    tensors = {}
+    for name, entry in header.items():
+        begin, end = (start + o for o in entry["data_offsets"])
+        if entry["dtype"] not in DTYPES or not start <= begin <= end <= size:
+            raise ValueError(f"{file}: tensor {name} has dtype {entry['dtype']} or offsets "
+                             f"{entry['data_offsets']} we cannot map")
+        tensors[name] = raw[begin:end].view(DTYPES[entry["dtype"]]).view(entry["shape"])
+    return tensors, meta
