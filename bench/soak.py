@@ -36,8 +36,8 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workload import Booted, boot  # noqa: E402
 
-from llmasos.proto import common_pb2, kernel_pb2, kernel_pb2_grpc  # noqa: E402
 from llmasos.connect import CHANNEL_OPTIONS, RECONNECT_OPTIONS  # noqa: E402
+from llmasos.proto import common_pb2, kernel_pb2, kernel_pb2_grpc  # noqa: E402
 
 MODEL = "smollm2-135m"
 PROMPTS = ["The capital of France is", "Once upon a time,", "def fibonacci(n):",
