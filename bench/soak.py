@@ -260,7 +260,7 @@ def machine() -> str:
 async def main_async(args: argparse.Namespace) -> dict:
     print(machine(), flush=True)
     home = Path(tempfile.mkdtemp(prefix="llmasos-soak-"))
-    flags = ["--restart-max", "1000", "--kv-budget-mb", "512"]
+    flags = ["--restart-max", "1000", "--kv-budget-mb", "512", "--no-http"]   # gRPC only
     system = boot(home, *flags)
     md = system.metadata
     try:
