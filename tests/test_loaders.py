@@ -402,6 +402,10 @@ def test_cache_hit_maps_the_file_and_the_model_stacks_without_copying(tmp_path: 
     assert all(torch.equal(mapped[k], converted[k]) for k in converted)
     one_buffer = {t.untyped_storage().data_ptr() for t in mapped.values()}
     assert len(one_buffer) == 1, "a hit copied tensors out of the mapping"
+    assert all(t.data_ptr() % 64 == 0 for t in mapped.values()), "unaligned: slower GEMMs"
+    from safetensors import safe_open  # still a safetensors file for any reader
+    with safe_open(str(cache_path(str(path), str(tmp_path / "c"))), framework="pt") as f:
+        assert len(list(f.keys())) == len(converted) - 3   # q/k/v and gate/up as 2 stacks
     model = LlamaModel(cfg, mapped, torch.float32, torch.device("cpu"))
     layer, a = model.layers[0], "model.layers.0."
     assert layer.qkv.untyped_storage().data_ptr() in one_buffer

@@ -72,7 +72,7 @@ def test_the_model_reuses_the_probe_across_loads(tmp_path: Path, monkeypatch) ->
     first = llama.LlamaModel(cfg, weights, torch.float32, torch.device("cpu"))
     assert len(probes) == 1
     stored = json.loads(probe_cache.probes_path().read_text())
-    key = probe_cache.probe_key("onednn_is_faster", first.layers[0].gate_up)
+    key = probe_cache.probe_key(f"onednn_is_faster/{llama.PROBE_REPS}", first.layers[0].gate_up)
     assert stored == {key: first.onednn}
     probe_cache.probes_path().write_text(json.dumps({key: not first.onednn}))
     second = llama.LlamaModel(cfg, weights, torch.float32, torch.device("cpu"))

@@ -16,16 +16,15 @@ from pathlib import Path
 
 import structlog
 import torch
-from safetensors.torch import save_file
 
 from llmasos.drivers.loaders.config import ModelConfig
 from llmasos.drivers.loaders.gguf import load_gguf
 from llmasos.drivers.loaders.hf import load_hf
-from llmasos.drivers.loaders.mapped import map_safetensors
+from llmasos.drivers.loaders.mapped import map_safetensors, save_aligned
 from llmasos.drivers.loaders.progress import Report, mark, tracked
 
 log = structlog.get_logger()
-CACHE_VERSION = "2"  # bump when the stored layout changes (2: stacked projections, mapped)
+CACHE_VERSION = "3"  # bump when the stored layout changes (3: stacked projections, aligned)
 # per layer: the stack's name -> the projections it holds, in LlamaModel's order (Layer.qkv,
 # Layer.gate_up)
 STACKS: dict[str, tuple[str, ...]] = {
@@ -63,7 +62,7 @@ def load_cached_gguf(path: str, cache_dir: str, progress: bool = True,
     tmp = target.with_suffix(f".tmp{os.getpid()}")
     mark(report, "write", 0, 1, "files")
     stored, stacks = stack(weights)
-    save_file(stored, str(tmp), metadata={
+    save_aligned(stored, str(tmp), metadata={
         "config": cfg.to_json(), "source": os.path.abspath(path), "order": json.dumps(
             list(weights)), "stacks": json.dumps(stacks)})
     os.replace(tmp, target)  # atomic: a crash never leaves a half-written cache entry

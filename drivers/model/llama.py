@@ -144,23 +144,28 @@ def onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
-def onednn_is_faster(w: torch.Tensor, rows: tuple[int, ...] = (8, 128), reps: int = 3) -> bool:
-    """Probe once at load: is oneDNN faster than MKL for this weight at a few row counts?"""
+PROBE_REPS = 15   # the answer is kept on disk (probe_cache.py): time it well, once
+
+
+def onednn_is_faster(w: torch.Tensor, rows: tuple[int, ...] = (8, 128),
+                     reps: int = PROBE_REPS) -> bool:
+    """Probe once: is oneDNN faster than MKL for this weight at a few row counts? The two are
+    timed in turn and the best of `reps` each kept, so a busy machine slows both alike."""
     if w.device.type != "cpu" or w.dtype != torch.float32 or not hasattr(
             torch.ops.mkldnn, "_linear_pointwise") or not torch.backends.mkldnn.is_available():
         return False
+    libs = (("mkl", dense_linear), ("onednn", onednn_linear))
     try:
         for n in rows:
             x = torch.randn(n, w.shape[1])
-            best = {}
-            for name, fn in (("mkl", dense_linear), ("onednn", onednn_linear)):
-                fn(x, w)
-                times = []
-                for _ in range(reps):
+            best = {name: math.inf for name, _ in libs}
+            for _, fn in libs:
+                fn(x, w)   # warm-up
+            for _ in range(reps):
+                for name, fn in libs:
                     t0 = time.perf_counter()
                     fn(x, w)
-                    times.append(time.perf_counter() - t0)
-                best[name] = min(times)
+                    best[name] = min(best[name], time.perf_counter() - t0)
             if best["onednn"] >= best["mkl"]:
                 return False
     except RuntimeError:  # a build without the op's CPU kernel
@@ -233,7 +238,8 @@ class LlamaModel:
         # oneDNN or MKL for multi-row matmuls: whichever is faster on this CPU (AVX-512 or not)
         gate_up = self.layers[0].gate_up
         self.onednn = isinstance(gate_up, torch.Tensor) and probe_cache.remembered(
-            probe_cache.probe_key("onednn_is_faster", gate_up), lambda: onednn_is_faster(gate_up))
+            probe_cache.probe_key(f"onednn_is_faster/{PROBE_REPS}", gate_up),
+            lambda: onednn_is_faster(gate_up))
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
 
