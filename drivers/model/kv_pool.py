@@ -5,9 +5,9 @@ the memory and copies blocks on request."""
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass
 
-import numpy as np
 import psutil
 import torch
 
@@ -36,13 +36,18 @@ def free_bytes(device: torch.device) -> int:
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeros. On the CPU from calloc (numpy), whose fresh pages the OS zero-fills as they are
-    first touched: a pool costs nothing until its blocks are used, where torch.zeros writes every
-    page before the model can serve (~0.5 s for 256 MiB on a busy 2-core machine)."""
+    """Zeros. On the CPU an anonymous mapping, whose pages the OS zero-fills as they are first
+    touched: a pool costs nothing until its blocks are used, where torch.zeros writes every page
+    before the model can serve (~0.5 s for 256 MiB on a busy 2-core machine). Small pages only:
+    a huge page would be found (compacting memory, on a busy machine) and zeroed whole for each
+    12 KiB of a block first written (numpy's calloc asks for them: first steps took seconds)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(nbytes, np.uint8)).view(dtype).view(shape)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(memory, dtype=torch.uint8).view(dtype).view(shape)
 
 
 class KVPool:
