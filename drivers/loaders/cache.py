@@ -2,9 +2,10 @@
 ~/.cache/llmasos/weights), so the second load skips dequantization. Keyed by the file's absolute
 path, size and mtime. What is here can always be rebuilt: `llmosd cache ls|clear` manage it.
 
-A hit maps the file (drivers/loaders/mapped.py): no read, no copy. The projections LlamaModel
-stacks into one matmul (Q/K/V, gate/up) are stored stacked, and handed out as row views of the
-stack, so the model's stacking finds them adjacent and copies nothing (llama.cat_rows)."""
+A hit maps the file (drivers/loaders/mapped.py): one pass of the kernel, no read or copy per
+tensor. The projections LlamaModel stacks into one matmul (Q/K/V, gate/up) are stored stacked,
+and handed out as row views of the stack, so the model's stacking finds them adjacent and copies
+nothing (llama.cat_rows)."""
 
 from __future__ import annotations
 
