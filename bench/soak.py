@@ -9,6 +9,12 @@ is checked: it completed with the output of a fault-free run (greedy), or its ow
 Bounded: each client runs --jobs jobs per phase; a job that does not end within --deadline s
 counts as lost. Loopback only. Ends with one JSON line: "jobs", "lost", "wrong_output",
 "kernel_restarts", "service_restarts", "p99_recovery_s" (targets: 0, 0, recovery < 5 s).
+
+Recovery, per fault: a killed service, from its kill -9 until the supervisor has its next
+incarnation HEALTHY (answering); llmosd, from its kill -9 until a client's stream makes progress
+again (the first token a Read receives, or a Wait's answer, after the rebooted llmosd said
+ready). The reboot alone (kill to ready) is reported beside it as "kernel_ready_s". Clients
+reconnect as LLMClient does (userland/connect.py's backoff: 0.1 s growing to 1 s).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workload import Booted, boot  # noqa: E402
 
+from llmasos.connect import CHANNEL_OPTIONS, RECONNECT_OPTIONS  # noqa: E402
 from llmasos.proto import common_pb2, kernel_pb2, kernel_pb2_grpc  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -52,8 +59,13 @@ class Tally:
     refused: int = 0                    # Spawns never accepted (the kernel was down): not jobs
     recovery: list[float] = field(default_factory=list)
     kernel_restarts: int = 0
+    kernel_ready: list[float] = field(default_factory=list)   # kill -> "llmosd ready"
     services_killed: int = 0
     lost_pids: list[int] = field(default_factory=list)
+    progress_at: float = 0.0   # when a client last got tokens (a Read chunk, a Wait answer)
+
+    def progress(self) -> None:
+        self.progress_at = time.monotonic()
 
 
 def greedy(n: int) -> common_pb2.SamplingParams:
@@ -64,10 +76,11 @@ class Client:
     """One user's loop. Calls wait for the kernel (wait_for_ready) and are sent again when a
     restart breaks them; Read resumes from the offset it reached."""
 
-    def __init__(self, address: str, md: list, deadline: float) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str, md: list, deadline: float, tally: Tally) -> None:
+        self.channel = grpc.aio.insecure_channel(address,
+                                                 options=CHANNEL_OPTIONS + RECONNECT_OPTIONS)
         self.stub = kernel_pb2_grpc.KernelStub(self.channel)
-        self.md, self.deadline = md, deadline
+        self.md, self.deadline, self.tally = md, deadline, tally
 
     async def call(self, name: str, req: object, until: float) -> object:
         while True:
@@ -87,6 +100,7 @@ class Client:
                                                   metadata=self.md, timeout=120,
                                                   wait_for_ready=True):
                     got += chunk.token_ids
+                    self.tally.progress()
                 return got
             except grpc.aio.AioRpcError as e:
                 if e.code() not in RETRYABLE or time.monotonic() > until:
@@ -113,6 +127,7 @@ class Client:
                 await self.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=18), until)
             streamed = await self.read(pid, until) if 0.10 <= action < 0.40 else None
             reply = await self.call("Wait", kernel_pb2.WaitRequest(pid=pid), until)
+            tally.progress()
         except grpc.aio.AioRpcError as e:
             if action < 0.10 and e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 reply = await self.call("Wait", kernel_pb2.WaitRequest(pid=pid), until)
@@ -183,14 +198,25 @@ class Faults:
     async def kernel(self, every: float, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await asyncio.sleep(every)
+            if stop.is_set():
+                break
             t0 = time.monotonic()
             self.system.proc.send_signal(signal.SIGKILL)
             self.system.proc.wait()
             address = self.system.address
             self.system = await asyncio.to_thread(boot, self.system.home, *self.flags,
                                                   address=address)
+            ready = time.monotonic()
             self.tally.kernel_restarts += 1
-            self.tally.recovery.append(time.monotonic() - t0)
+            self.tally.kernel_ready.append(ready - t0)
+            while self.tally.progress_at <= ready and not stop.is_set():
+                await asyncio.sleep(0.02)   # until a client's stream moves again
+            if self.tally.progress_at > ready:
+                self.tally.recovery.append(self.tally.progress_at - t0)
+            else:   # every client had ended: no stream to resume, the reboot is the recovery
+                self.tally.recovery.append(ready - t0)
+            print(f"  llmosd killed: ready after {ready - t0:.1f} s, streams moving after "
+                  f"{self.tally.recovery[-1]:.1f} s", flush=True)
 
 
 async def phase(name: str, system_ref: list, args: argparse.Namespace, expected: dict,
@@ -199,7 +225,8 @@ async def phase(name: str, system_ref: list, args: argparse.Namespace, expected:
     stop = asyncio.Event()
     injector = asyncio.create_task(faults.services(md, args.every, stop) if name == "services"
                                    else faults.kernel(args.kernel_every, stop))
-    clients = [Client(system_ref[0].address, md, args.deadline) for _ in range(args.clients)]
+    clients = [Client(system_ref[0].address, md, args.deadline, tally)
+               for _ in range(args.clients)]
     t0 = time.monotonic()
     await asyncio.gather(*(c.run(i + (1000 if name == "kernel" else 0), args.jobs, expected,
                                  tally) for i, c in enumerate(clients)))
@@ -216,9 +243,24 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
 
 
+def machine() -> str:
+    """CPU features and load, printed beside the figures (they depend on both)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f
+                          if line.startswith("flags")), set())
+    except OSError:
+        pass
+    isa = [f for f in ("avx512f", "avx512_bf16", "amx_tile", "avx2") if f in flags]
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"cpus {os.cpu_count()}, {' '.join(isa) or 'no avx2'}; load {load}"
+
+
 async def main_async(args: argparse.Namespace) -> dict:
+    print(machine(), flush=True)
     home = Path(tempfile.mkdtemp(prefix="llmasos-soak-"))
-    flags = ["--restart-max", "1000", "--kv-budget-mb", "512"]
+    flags = ["--restart-max", "1000", "--kv-budget-mb", "512", "--no-http"]   # gRPC only
     system = boot(home, *flags)
     md = system.metadata
     try:
@@ -235,7 +277,9 @@ async def main_async(args: argparse.Namespace) -> dict:
         "spawns_refused": tally.refused, "kernel_restarts": tally.kernel_restarts,
         "service_restarts": tally.services_killed,
         "p50_recovery_s": pct(tally.recovery, 0.5), "p99_recovery_s": pct(tally.recovery, 0.99),
-        "lost_pids": tally.lost_pids[:20],
+        "recovery_s": [round(r, 2) for r in tally.recovery],
+        "kernel_ready_s": [round(r, 2) for r in tally.kernel_ready],
+        "lost_pids": tally.lost_pids[:20], "load_after": round(os.getloadavg()[0], 1),
     }
 
 

@@ -157,15 +157,36 @@ def serve(name: str, register: Callable[[grpc.Server, argparse.Namespace], list[
                                    args.workers)
     report_address(args.report_fd, address)
     log.info("service_started", address=address)
+    ours = socket_inode(args.listen)
     stopped = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopped.set())
     # The kernel is our parent: if it dies without stopping us, do not linger as an orphan.
     parent = os.getppid()
-    while not stopped.wait(1.0):
+    while not stopped.wait(PARENT_POLL_S):
         if os.getppid() != parent:
-            log.warning("parent_gone", parent=parent)
-            break
+            orphaned(log, parent, args.listen, ours)
     server.stop(grace=2).wait()
     log.info("service_stopped")
     return 0
+
+
+PARENT_POLL_S = 0.2   # how soon a service notices its kernel died
+
+
+def socket_inode(listen: str) -> int:
+    """The inode of our Unix socket file (0: none)."""
+    try:
+        return os.lstat(listen[len("unix:"):]).st_ino if listen.startswith("unix:") else 0
+    except OSError:
+        return 0
+
+
+def orphaned(log: structlog.stdlib.BoundLogger, parent: int, listen: str, ours: int) -> None:
+    """The kernel died: nobody is left to answer, so exit now rather than finish a step (it would
+    hold the cores the rebooting kernel's fresh services need). Our socket goes with us, unless
+    a rebooted kernel's fresh service already has its own at that path."""
+    log.warning("parent_gone", parent=parent)
+    if ours and socket_inode(listen) == ours:
+        remove_stale_socket(listen)
+    os._exit(0)

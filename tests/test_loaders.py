@@ -369,3 +369,54 @@ def test_unsupported_gguf_fails_before_weights_and_writes_nothing(tmp_path: Path
     finally:
         server.stop(None)
     assert not (state / "cache").exists()
+
+
+def tiny_llama(path: Path) -> None:
+    """A one-layer Llama GGUF in F32: every tensor LlamaModel reads."""
+    rng = np.random.default_rng(1)
+    f32 = GGMLQuantizationType.F32
+
+    def t(*shape: int) -> tuple[np.ndarray, GGMLQuantizationType]:
+        return rng.standard_normal(shape).astype(np.float32), f32
+    write_gguf(path, "llama", {
+        "token_embd.weight": t(VOCAB, HIDDEN), "output_norm.weight": t(HIDDEN),
+        "blk.0.attn_norm.weight": t(HIDDEN), "blk.0.ffn_norm.weight": t(HIDDEN),
+        "blk.0.attn_q.weight": t(HIDDEN, HIDDEN), "blk.0.attn_k.weight": t(KV_HEADS * HEAD_DIM,
+                                                                          HIDDEN),
+        "blk.0.attn_v.weight": t(KV_HEADS * HEAD_DIM, HIDDEN),
+        "blk.0.attn_output.weight": t(HIDDEN, HIDDEN), "blk.0.ffn_gate.weight": t(FFN, HIDDEN),
+        "blk.0.ffn_up.weight": t(FFN, HIDDEN), "blk.0.ffn_down.weight": t(HIDDEN, FFN),
+    })
+
+
+def test_cache_hit_maps_the_file_and_the_model_stacks_without_copying(tmp_path: Path) -> None:
+    """A hit reads nothing: every weight views one private mapping of the cache file, Q/K/V and
+    gate/up lie one after another there, so LlamaModel's fused matmuls are views of the file
+    too; equal to what the miss dequantized. Writing a weight never changes the file."""
+    from llmasos.drivers.model.llama import LlamaModel
+    path = tmp_path / "tiny.gguf"
+    tiny_llama(path)
+    cfg, converted, hit = load_cached_gguf(str(path), str(tmp_path / "c"), progress=False)
+    _, mapped, hit2 = load_cached_gguf(str(path), str(tmp_path / "c"), progress=False)
+    assert (hit, hit2) == (False, True) and list(mapped) == list(converted)
+    assert all(torch.equal(mapped[k], converted[k]) for k in converted)
+    one_buffer = {t.untyped_storage().data_ptr() for t in mapped.values()}
+    assert len(one_buffer) == 1, "a hit copied tensors out of the mapping"
+    assert all(t.data_ptr() % 64 == 0 for t in mapped.values()), "unaligned: slower GEMMs"
+    from safetensors import safe_open  # still a safetensors file for any reader
+    with safe_open(str(cache_path(str(path), str(tmp_path / "c"))), framework="pt") as f:
+        assert len(list(f.keys())) == len(converted) - 3   # q/k/v and gate/up as 2 stacks
+    model = LlamaModel(cfg, mapped, torch.float32, torch.device("cpu"))
+    layer, a = model.layers[0], "model.layers.0."
+    assert layer.qkv.untyped_storage().data_ptr() in one_buffer
+    assert layer.gate_up.untyped_storage().data_ptr() in one_buffer
+    assert torch.equal(layer.qkv, torch.cat([converted[a + f"self_attn.{x}_proj.weight"]
+                                             for x in "qkv"]))
+    assert torch.equal(layer.gate_up, torch.cat([converted[a + "mlp.gate_proj.weight"],
+                                                 converted[a + "mlp.up_proj.weight"]]))
+    fresh = LlamaModel(cfg, converted, torch.float32, torch.device("cpu"))   # a miss: copies
+    assert fresh.layers[0].qkv.untyped_storage().data_ptr() not in one_buffer
+    mapped[a + "self_attn.q_proj.weight"].zero_()   # copy-on-write: the file keeps its values
+    _, again, _ = load_cached_gguf(str(path), str(tmp_path / "c"), progress=False)
+    assert torch.equal(again[a + "self_attn.q_proj.weight"],
+                       converted[a + "self_attn.q_proj.weight"])

@@ -1,10 +1,21 @@
 """LLMasOS userland: the client library (`from llmasos import LLMClient`), the shell
-(llmasos.shell) and the admin tools (llmasos.tools)."""
+(llmasos.shell) and the admin tools (llmasos.tools).
 
-from llmasos.aio import AsyncLLMClient, AsyncProcess
-from llmasos.client import LLMClient
-from llmasos.errors import JobFailed, LLMError, ModelNotFound
-from llmasos.process import Completion, Process
+The client's names are imported on first use: llmosd and its services live in this package too
+(llmasos.kernel, llmasos.services) and need not load the client library at every start."""
 
-__all__ = ["AsyncLLMClient", "AsyncProcess", "Completion", "JobFailed", "LLMClient",
-           "LLMError", "ModelNotFound", "Process"]
+from importlib import import_module
+
+EXPORTS = {   # name -> the module that defines it
+    "AsyncLLMClient": "llmasos.aio", "AsyncProcess": "llmasos.aio",
+    "LLMClient": "llmasos.client",
+    "JobFailed": "llmasos.errors", "LLMError": "llmasos.errors", "ModelNotFound": "llmasos.errors",
+    "Completion": "llmasos.process", "Process": "llmasos.process",
+}
+__all__ = sorted(EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name not in EXPORTS:
+        raise AttributeError(f"module 'llmasos' has no attribute {name!r}")
+    return getattr(import_module(EXPORTS[name]), name)

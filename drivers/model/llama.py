@@ -16,6 +16,7 @@ from llmasos.drivers.cuda.backend import Kernels, kernels_for
 from llmasos.drivers.cuda.quant import QuantWeight, dequantize
 from llmasos.drivers.loaders.config import ModelConfig
 from llmasos.drivers.loaders.progress import Report, tracked
+from llmasos.drivers.model import probe_cache
 from llmasos.drivers.model.attention import group_attention, write_kv
 from llmasos.drivers.model.batch import StepBatch
 from llmasos.drivers.model.families import family
@@ -59,7 +60,29 @@ def cat_rows(ws: list[Weight]) -> Weight:
     if all(isinstance(w, QuantWeight) for w in ws) and len({w.fmt for w in ws}) == 1:
         return QuantWeight(ws[0].fmt, sum(w.out_features for w in ws), ws[0].in_features,
                            torch.cat([w.qweight for w in ws]))
+    adjacent = stacked_view(ws)
+    if adjacent is not None:
+        return adjacent
     return torch.cat([dequantize(w) if isinstance(w, QuantWeight) else w for w in ws])
+
+
+def stacked_view(ws: list[Weight]) -> torch.Tensor | None:
+    """The stack of ws as one view when they already lie one after another in one buffer (the
+    weights cache stores them so: drivers/loaders/cache.py); None when a copy is needed."""
+    first = ws[0]
+    if not isinstance(first, torch.Tensor) or first.dim() != 2:
+        return None
+    offset = first.storage_offset()
+    for w in ws:
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_contiguous() or \
+                w.dtype != first.dtype or w.device != first.device or \
+                w.shape[1] != first.shape[1] or w.storage_offset() != offset or \
+                w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+            return None
+        offset += w.numel()
+    rows = sum(w.shape[0] for w in ws)
+    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1),
+                            first.storage_offset())
 
 
 def weight_numel(w: Weight) -> int:
@@ -121,23 +144,28 @@ def onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = 
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
-def onednn_is_faster(w: torch.Tensor, rows: tuple[int, ...] = (8, 128), reps: int = 3) -> bool:
-    """Probe once at load: is oneDNN faster than MKL for this weight at a few row counts?"""
+PROBE_REPS = 15   # the answer is kept on disk (probe_cache.py): time it well, once
+
+
+def onednn_is_faster(w: torch.Tensor, rows: tuple[int, ...] = (8, 128),
+                     reps: int = PROBE_REPS) -> bool:
+    """Probe once: is oneDNN faster than MKL for this weight at a few row counts? The two are
+    timed in turn and the best of `reps` each kept, so a busy machine slows both alike."""
     if w.device.type != "cpu" or w.dtype != torch.float32 or not hasattr(
             torch.ops.mkldnn, "_linear_pointwise") or not torch.backends.mkldnn.is_available():
         return False
+    libs = (("mkl", dense_linear), ("onednn", onednn_linear))
     try:
         for n in rows:
             x = torch.randn(n, w.shape[1])
-            best = {}
-            for name, fn in (("mkl", dense_linear), ("onednn", onednn_linear)):
-                fn(x, w)
-                times = []
-                for _ in range(reps):
+            best = {name: math.inf for name, _ in libs}
+            for _, fn in libs:
+                fn(x, w)   # warm-up
+            for _ in range(reps):
+                for name, fn in libs:
                     t0 = time.perf_counter()
                     fn(x, w)
-                    times.append(time.perf_counter() - t0)
-                best[name] = min(times)
+                    best[name] = min(best[name], time.perf_counter() - t0)
             if best["onednn"] >= best["mkl"]:
                 return False
     except RuntimeError:  # a build without the op's CPU kernel
@@ -209,7 +237,9 @@ class LlamaModel:
         self.scale = cfg.attn_scale or cfg.head_dim ** -0.5
         # oneDNN or MKL for multi-row matmuls: whichever is faster on this CPU (AVX-512 or not)
         gate_up = self.layers[0].gate_up
-        self.onednn = isinstance(gate_up, torch.Tensor) and onednn_is_faster(gate_up)
+        self.onednn = isinstance(gate_up, torch.Tensor) and probe_cache.remembered(
+            probe_cache.probe_key(f"onednn_is_faster/{PROBE_REPS}", gate_up),
+            lambda: onednn_is_faster(gate_up))
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
 

