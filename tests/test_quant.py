@@ -222,19 +222,20 @@ def test_int8_memory(fp32: Engine, int8: Engine) -> None:
 
 
 def rss() -> int:
-    """Resident bytes, after handing freed heap pages back (temporaries of packing)."""
+    """Resident anonymous bytes, after handing freed heap pages back (temporaries of packing).
+    File-backed pages are left out: the fp32 weights may be mmapped from the weights cache, and
+    reading them to quantize them faults them in; the packed weights are anonymous memory."""
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return psutil.Process().memory_info().rss
+    mem = psutil.Process().memory_info()
+    return mem.rss - mem.shared
 
 
 @SLOW
-@pytest.mark.xfail(strict=True, reason="measured: resident grows ~1.3x the reported packed "
-                   "bytes; PyTorch's packed linear seems to keep its own copy of the int8 "
-                   "weights (for unpack): to account for (issue 11)")
 def test_reported_memory_matches_resident(fp32: Engine) -> None:
     """Pack a copy of the fp32 model (its fp32 tensors stay alive in the original), so the
-    growth of the resident set is exactly what the packed weights hold."""
+    growth of the resident set is exactly what the packed weights hold: fbgemm's packed int8
+    weights with the K padding it writes, oneDNN's with the unpacked copy it keeps."""
     model = copy.copy(fp32._get("m").model)
     model.layers = [copy.copy(layer) for layer in model.layers]
     before_bytes, before_rss = model.weight_bytes, rss()
@@ -244,7 +245,10 @@ def test_reported_memory_matches_resident(fp32: Engine) -> None:
                                 for t in (layer.attn_norm, layer.mlp_norm)]
     packed = model.weight_bytes - sum(t.nbytes for t in fp32_kept)
     assert abs(grown - packed) <= 0.1 * packed, (grown, packed)
-    assert model.weight_bytes < 0.35 * before_bytes
+    # fbgemm: ~1.15 bytes a weight (K padded to 512, written only where used); oneDNN keeps the
+    # unpacked int8 weight beside its packed one (~2.07), and wins the probe only if far faster
+    bound = 0.6 if torch.backends.quantized.engine == "onednn" else 0.35
+    assert model.weight_bytes < bound * before_bytes
 
 
 # ---- through the syscall ABI -------------------------------------------------------------------

@@ -1,12 +1,17 @@
 """int8 linear on the CPU through PyTorch's quantized dynamic linear (fbgemm / x86 / onednn).
 
 Weights: symmetric int8 per output channel, packed once by the engine's prepack.
-Activations: quantized per ROW, batch-invariantly. The dynamic op picks one (scale, zero point)
-from the min and max of its whole input, so a row's result would depend on its batch-mates.
-Instead every row is scaled to an absolute maximum of 1, one anchor row [-1, 1, 0, ...] pins the
-tensor's range to [-1, 1] whatever the batch, and each output row is scaled back by its own
-maximum. The int8 products accumulate exactly in int32, so a row's result is bit-identical alone
-or in any batch (checked by the probe below and by tests/test_quant.py).
+Activations: quantized per ROW, batch-invariantly. The ops take one (scale, zero point) for
+their whole input, so every row is scaled to an absolute maximum of 1 and quantized to uint8
+over [-1, 1] (scale 2/255, zero point 128), and each output row is scaled back by its own
+maximum. fbgemm and x86 take that fixed (scale, zero point) directly (the static-input op); the
+dynamic op (onednn) picks its own from the input's min and max, so one anchor row [-1, 1, 0, ...]
+pins the range to [-1, 1] whatever the batch. Both give the same bits. The int8 products
+accumulate exactly in int32, so a row's result is bit-identical alone or in any batch (checked
+by the probe below and by tests/test_quant.py).
+
+What a packed weight keeps resident is measured as it is packed (footprint.py): fbgemm pads K
+to its K block, and oneDNN keeps the unpacked int8 weight beside its packed copy.
 
 PyTorch marks its quantized-tensor constructors deprecated: this file is the only user.
 """
@@ -15,15 +20,24 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 import torch
 
+from llmasos.drivers.quant.footprint import Footprint, measured
+
 log = structlog.get_logger()
 
-ENGINES = ("x86", "fbgemm", "onednn")  # probed in this order; the fastest invariant one wins
+ENGINES = ("x86", "fbgemm", "onednn")  # in order of preference; probed for speed
+# A later engine wins the probe only if this much faster: sub-ms timings on shared cores are
+# noisy, and onednn's packed weight keeps a second int8 copy (2.07 bytes a weight, measured,
+# against fbgemm's 1.15).
+PREFER_MARGIN = 1.5
 REDUCE_RANGE = False  # 7-bit activations only help CPUs without VNNI (int16 saturation)
+X_SCALE, X_ZERO = 2 / 255, 128  # uint8 over [-1, 1]: what the dynamic op picks for that range
+STATIC_ENGINES = ("x86", "fbgemm")  # those whose packed weight serves the static-input op
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,11 +49,21 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def prepack(q: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
+    """The engine's packed weight; the quantized tensor made here lives on only if the engine
+    keeps it (oneDNN does), so footprint.measured around this call sees all it holds."""
     zero = torch.zeros(q.shape[0], dtype=torch.int64)
     with warnings.catch_warnings():  # the deprecation notice: this is the one place we use it
         warnings.simplefilter("ignore", UserWarning)
         qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
     return torch.ops.quantized.linear_prepack(qw, None)
+
+
+def static_op() -> Callable | None:
+    """fbgemm's linear taking fp32 input with a given (scale, zero point): no anchor row, no
+    min/max pass; None where this PyTorch lacks it or the engine's packed weight cannot serve it."""
+    if torch.backends.quantized.engine not in STATIC_ENGINES:
+        return None
+    return getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32", None)
 
 
 def anchor_row(k: int) -> torch.Tensor:
@@ -55,27 +79,30 @@ class Int8Linear:
     out_features: int
     in_features: int
     packed: torch.ScriptObject
-    anchor: torch.Tensor            # [1, K]
+    footprint: Footprint            # resident bytes of `packed`, measured (footprint.py)
+    static: Callable | None         # static_op(), or None: the dynamic op with an anchor row
+    anchor: torch.Tensor | None     # [1, K], for the dynamic op
     inv_smooth: torch.Tensor | None  # [K]: x / smooth, folded into W at quantization
 
     @property
     def nbytes(self) -> int:
-        # int8 weights + per-channel scale, zero point and column offsets (fbgemm keeps all 3)
-        n, k = self.out_features, self.in_features
-        extra = 0 if self.inv_smooth is None else self.inv_smooth.nbytes
-        return n * k + n * (8 + 8 + 4) + extra + self.anchor.nbytes
+        extra = [t.nbytes for t in (self.anchor, self.inv_smooth) if t is not None]
+        return self.footprint.bytes + sum(extra)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features).float()
-        if self.inv_smooth is not None:
-            x = x * self.inv_smooth
-        n = x.shape[0]
-        amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)
-        rows = torch.empty(n + 1, self.in_features)
-        torch.div(x, amax, out=rows[:n])
-        rows[n:] = self.anchor
-        y = torch.ops.quantized.linear_dynamic(rows, self.packed, REDUCE_RANGE)[:n].mul_(amax)
+        x = x.reshape(-1, self.in_features)
+        # rows: x / smooth / max|row|, in one fresh tensor (x itself is the caller's)
+        rows = (x * self.inv_smooth if self.inv_smooth is not None
+                else x.to(torch.float32, copy=True))
+        amax = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)
+        rows.div_(amax)
+        if self.static is not None:
+            y = self.static(rows, X_SCALE, X_ZERO, self.packed)
+        else:
+            y = torch.ops.quantized.linear_dynamic(torch.cat((rows, self.anchor)), self.packed,
+                                                   REDUCE_RANGE)[:-1]
+        y.mul_(amax)
         if bias is not None:
             y += bias
         return y.reshape(*lead, self.out_features)
@@ -87,7 +114,10 @@ def pack_int8(w: torch.Tensor, smooth: torch.Tensor | None = None) -> Int8Linear
     w = w.float() if smooth is None else w.float() * smooth[None, :]
     q, scale = quantize_weight(w)
     inv = None if smooth is None else (1.0 / smooth).float().contiguous()
-    return Int8Linear(n, k, prepack(q, scale), anchor_row(k), inv)
+    engine = torch.backends.quantized.engine
+    packed, footprint = measured((engine, n, k), q.nbytes, lambda: prepack(q, scale))
+    static = static_op()
+    return Int8Linear(n, k, packed, footprint, static, None if static else anchor_row(k), inv)
 
 
 def _best_time(fn: object, reps: int = 5) -> float:
@@ -119,7 +149,8 @@ _chosen: str | None = None
 
 
 def choose_engine(shape: tuple[int, int] = (1536, 576), rows: tuple[int, ...] = (1, 8)) -> str:
-    """Probe once per process: the fastest batch-invariant quantized engine; sets it."""
+    """Probe once per process: the first batch-invariant quantized engine in ENGINES within
+    PREFER_MARGIN of the fastest; sets it."""
     global _chosen
     if _chosen is not None:
         torch.backends.quantized.engine = _chosen
@@ -132,7 +163,8 @@ def choose_engine(shape: tuple[int, int] = (1536, 576), rows: tuple[int, ...] = 
     if not times:
         raise RuntimeError(f"no usable quantized engine among {supported}: int8 needs fbgemm "
                            "or onednn in this PyTorch build; deploy with --quant none")
-    _chosen = min(times, key=times.get)
+    fastest = min(times.values())
+    _chosen = next(e for e in times if times[e] <= fastest * PREFER_MARGIN)
     torch.backends.quantized.engine = _chosen
     log.info("quant_engine", engine=_chosen, ms={e: round(t * 1e3, 3) for e, t in times.items()})
     return _chosen
