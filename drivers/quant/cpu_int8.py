@@ -110,14 +110,27 @@ class Int8Linear:
 
 def pack_int8(w: torch.Tensor, smooth: torch.Tensor | None = None) -> Int8Linear:
     """Quantize an fp32 weight [N, K]; with smooth [K], computes (x / smooth) @ (W * smooth).T."""
-    n, k = w.shape
     w = w.float() if smooth is None else w.float() * smooth[None, :]
     q, scale = quantize_weight(w)
     inv = None if smooth is None else (1.0 / smooth).float().contiguous()
+    return pack_quantized(q, scale, inv)
+
+
+def pack_quantized(q: torch.Tensor, scale: torch.Tensor,
+                   inv_smooth: torch.Tensor | None = None) -> Int8Linear:
+    """Pack int8 weights q [N, K] with per-channel scale [N] (as quantize_weight made them)."""
+    n, k = q.shape
     engine = torch.backends.quantized.engine
     packed, footprint = measured((engine, n, k), q.nbytes, lambda: prepack(q, scale))
     static = static_op()
-    return Int8Linear(n, k, packed, footprint, static, None if static else anchor_row(k), inv)
+    return Int8Linear(n, k, packed, footprint, static, None if static else anchor_row(k),
+                      inv_smooth)
+
+
+def unpack(lin: Int8Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [N, K], scale fp32 [N]) back from the packed weight, for the int8 cache."""
+    qw, _ = torch.ops.quantized.linear_unpack(lin.packed)
+    return qw.int_repr().contiguous(), qw.q_per_channel_scales().float()
 
 
 def _best_time(fn: object, reps: int = 5) -> float:
