@@ -142,8 +142,8 @@ def bare_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
 
 
 def booted_model_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    """A system with the embedded SmolLM2 deployed as smollm2-135m."""
-    with converting_once():
+    """A system with the embedded SmolLM2 deployed as smollm2-135m (in the default recipe)."""
+    with converting_once(booted_cache_entry()):
         system = boot(tmp_path_factory.mktemp("home"))
     yield system
     assert shutdown(system) == 0
@@ -171,16 +171,29 @@ def shared_state(path: Path) -> Path:
     return path
 
 
+def booted_cache_entry() -> Path:
+    """The cache entry a default boot reads the embedded model from: the int8 cache's entry for
+    the CPU's default recipe (llmosd's quant "auto"), or the fp32 cache's where that is none."""
+    import torch
+
+    from llmasos.drivers.loaders.cache import cache_path
+    from llmasos.services.inference import quantize
+    cpu, gguf = torch.device("cpu"), embedded_gguf()
+    entry = quantize.cache_file(gguf, quantize.resolve("auto", cpu), cpu, str(SHARED_CACHE))
+    return entry or cache_path(gguf, str(SHARED_CACHE))
+
+
 @contextmanager
-def converting_once() -> Iterator[None]:
-    """Until the embedded GGUF is in the shared cache, whoever loads it holds a file lock, so
-    parallel workers (pytest -n) wait for one conversion instead of each running their own."""
+def converting_once(entry: Path | None = None) -> Iterator[None]:
+    """Until the embedded GGUF is in the shared cache (entry: the fp32 cache's unless given),
+    whoever loads it holds a file lock, so parallel workers (pytest -n) wait for one conversion
+    instead of each running their own."""
     from llmasos.drivers.loaders.cache import cache_path
 
     SHARED_CACHE.mkdir(parents=True, exist_ok=True)
     with open(SHARED_CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if cache_path(embedded_gguf(), str(SHARED_CACHE)).is_file():
+        if (entry or cache_path(embedded_gguf(), str(SHARED_CACHE))).is_file():
             fcntl.flock(lock, fcntl.LOCK_UN)   # already converted: nothing to wait for
         yield
 
