@@ -149,6 +149,15 @@ def booted_model_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sy
     assert shutdown(system) == 0
 
 
+def booted_fp32_model_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    """The embedded SmolLM2 in fp32 (--quant none), for tests that compare its tokens with
+    fp32 ones (tp/pp ranks, which do not quantize; HF transformers)."""
+    with converting_once():
+        system = boot(tmp_path_factory.mktemp("home"), "--quant", "none")
+    yield system
+    assert shutdown(system) == 0
+
+
 # Booted once per run for the modules that only run jobs on it; a module that changes the system
 # or audits all of it takes its own: model_system = pytest.fixture(scope="module",
 # name="model_system")(booted_model_system)

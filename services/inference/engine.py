@@ -144,7 +144,9 @@ class Engine:
         dtype_name = dtype or DEFAULT_DTYPE.get(self.device.type, "float32")
         if dtype_name not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-        recipe = quantize.resolve(quant or self.default_quant, self.device)
+        # the default recipe applies where it can: tp/pp ranks do not quantize
+        default = self.default_quant if tp <= 1 and pp <= 1 else "none"
+        recipe = quantize.resolve(quant or default, self.device)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such model file or folder: {path}")
         with self._lock:   # reserve the name; the load itself runs beside the steps
