@@ -93,6 +93,12 @@ def boot(home: Path, *flags: str) -> System:
     env = {**os.environ, "LLMASOS_HOME": str(home)}
     if "--http" not in flags:   # parallel test systems must not all claim 127.0.0.1:8080
         flags = (*flags, "--no-http")
+    if "--quant" not in flags:
+        # fp32 unless a test asks (--quant auto: the default, int8 on the CPU). Most system
+        # tests check that a job recomputed (crash, preemption, fork, swap) gives the tokens of
+        # an uninterrupted run; int8 amplifies the last-bit differences between the prefill and
+        # decode paths of the fp32 parts into greedy flips at near-ties (issue 11)
+        flags = (*flags, "--quant", "none")
     proc = subprocess.Popen([sys.executable, "-m", "llmasos.kernel.main", "run",
                              "--listen", address, "--home", str(home), *flags],
                             stdout=subprocess.PIPE, stderr=log.open("w"), env=env, text=True)
@@ -142,18 +148,9 @@ def bare_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
 
 
 def booted_model_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    """A system with the embedded SmolLM2 deployed as smollm2-135m (in the default recipe)."""
-    with converting_once(booted_cache_entry()):
-        system = boot(tmp_path_factory.mktemp("home"))
-    yield system
-    assert shutdown(system) == 0
-
-
-def booted_fp32_model_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    """The embedded SmolLM2 in fp32 (--quant none), for tests that compare its tokens with
-    fp32 ones (tp/pp ranks, which do not quantize; HF transformers)."""
+    """A system with the embedded SmolLM2 deployed as smollm2-135m (fp32: see boot)."""
     with converting_once():
-        system = boot(tmp_path_factory.mktemp("home"), "--quant", "none")
+        system = boot(tmp_path_factory.mktemp("home"))
     yield system
     assert shutdown(system) == 0
 
@@ -180,29 +177,16 @@ def shared_state(path: Path) -> Path:
     return path
 
 
-def booted_cache_entry() -> Path:
-    """The cache entry a default boot reads the embedded model from: the int8 cache's entry for
-    the CPU's default recipe (llmosd's quant "auto"), or the fp32 cache's where that is none."""
-    import torch
-
-    from llmasos.drivers.loaders.cache import cache_path
-    from llmasos.services.inference import quantize
-    cpu, gguf = torch.device("cpu"), embedded_gguf()
-    entry = quantize.cache_file(gguf, quantize.resolve("auto", cpu), cpu, str(SHARED_CACHE))
-    return entry or cache_path(gguf, str(SHARED_CACHE))
-
-
 @contextmanager
-def converting_once(entry: Path | None = None) -> Iterator[None]:
-    """Until the embedded GGUF is in the shared cache (entry: the fp32 cache's unless given),
-    whoever loads it holds a file lock, so parallel workers (pytest -n) wait for one conversion
-    instead of each running their own."""
+def converting_once() -> Iterator[None]:
+    """Until the embedded GGUF is in the shared cache, whoever loads it holds a file lock, so
+    parallel workers (pytest -n) wait for one conversion instead of each running their own."""
     from llmasos.drivers.loaders.cache import cache_path
 
     SHARED_CACHE.mkdir(parents=True, exist_ok=True)
     with open(SHARED_CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (entry or cache_path(embedded_gguf(), str(SHARED_CACHE))).is_file():
+        if cache_path(embedded_gguf(), str(SHARED_CACHE)).is_file():
             fcntl.flock(lock, fcntl.LOCK_UN)   # already converted: nothing to wait for
         yield
 

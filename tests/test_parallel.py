@@ -28,11 +28,7 @@ from llmasos.proto import kernel_pb2
 from llmasos.services.inference.engine import Engine, StepEntry
 from llmasos.services.inference.sampler import SamplingParams
 
-from conftest import PROMPTS, System, alone, booted_fp32_model_system, greedy, wait
-
-# Deploy(tp=N) serves fp32 (tp/pp ranks do not quantize): the embedded model it is compared with
-# boots in fp32 too
-model_system = pytest.fixture(scope="module", name="model_system")(booted_fp32_model_system)
+from conftest import PROMPTS, System, alone, greedy, wait
 
 pytestmark = pytest.mark.slow
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)

@@ -293,7 +293,7 @@ def test_reported_memory_matches_resident(fp32: Engine) -> None:
 @SLOW
 def test_deploy_quant_through_the_kernel(bare_system: System) -> None:
     reply = bare_system.call("Models", kernel_pb2.ModelsRequest())
-    assert "int8" in reply.quant_formats and reply.default_quant == "int8-smooth"  # auto
+    assert "int8" in reply.quant_formats and reply.default_quant == "none"  # as booted
     assert reply.device == "cpu"
     with pytest.raises(grpc.RpcError) as err:
         bare_system.call("Deploy", kernel_pb2.DeployRequest(path=gguf_path(), name="q4",
@@ -308,3 +308,25 @@ def test_deploy_quant_through_the_kernel(bare_system: System) -> None:
     pid = bare_system.call("Spawn", kernel_pb2.SpawnRequest(
         model="q8", prompt="The capital of France is", sampling=greedy_params(4))).pid
     assert len(wait(bare_system, pid).token_ids) == 4
+
+
+@SLOW
+def test_default_boot_is_int8_and_restarts_from_the_int8_cache(tmp_path: Path) -> None:
+    """llmosd's default (--quant auto) boots the embedded model in the CPU's default recipe,
+    and a restart reads it from the int8 cache (no GGUF, no calibration): same tokens."""
+    from conftest import MODEL, boot, shutdown
+    runs = []
+    for _ in range(2):
+        system = boot(tmp_path / "home", "--quant", "auto")
+        try:
+            reply = system.call("Models", kernel_pb2.ModelsRequest())
+            assert reply.default_quant == quantize.AUTO["cpu"]
+            assert [m.quant for m in reply.models] == [quantize.AUTO["cpu"]]
+            pid = system.call("Spawn", kernel_pb2.SpawnRequest(
+                model=MODEL, prompt="The capital of France is", sampling=greedy_params(6))).pid
+            runs.append(list(wait(system, pid).token_ids))
+        finally:
+            assert shutdown(system) == 0
+    assert runs[0] == runs[1]
+    log = system.log_text()   # the second boot's
+    assert '"cached": true' in log and "calibrate" not in log, log[-3000:]
