@@ -5,8 +5,8 @@ One safetensors file per (source file, recipe) under <weights cache>/int8/, keye
 cache by the source's path, size and mtime, plus the recipe and the calibration text. It holds
 int8 weights and their scales, the small fp32 tensors (norms, biases) and only those large fp32
 weights the recipe keeps in fp32: never an fp32 copy of a quantized weight. The model object is
-rebuilt by the ordinary constructor from zero stand-ins of the checkpoint's shapes (recorded
-here; zero pages cost no memory until written), then every weight is set from the file."""
+rebuilt by the ordinary constructor from uninitialized stand-ins of the checkpoint's shapes
+(recorded here; no time spent filling them), then every weight is set from the file."""
 
 from __future__ import annotations
 
@@ -93,11 +93,11 @@ class Cached:
     tensors: dict[str, torch.Tensor]
 
     def standins(self) -> dict[str, torch.Tensor]:
-        """The checkpoint for the model's constructor: small tensors as stored, large ones as
-        zeros of their shape (every weight is then set by restore)."""
+        """The checkpoint for the model's constructor: small tensors as stored, large ones
+        uninitialized, of their shape (every weight is then set by restore)."""
         stored = {n.removeprefix("checkpoint."): t for n, t in self.tensors.items()
                   if n.startswith("checkpoint.")}
-        return {n: stored[n] if n in stored else torch.zeros(shape)
+        return {n: stored[n] if n in stored else torch.empty(shape)
                 for n, shape in self.shapes.items()}
 
 
