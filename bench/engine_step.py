@@ -7,7 +7,9 @@ kept, so other load on the machine hurts both sides alike. Then one-user decode 
 int8 recipe (deploy --quant int8) against our fp32, interleaved the same way
 ("decode_b1_int8_vs_fp32", "decode_b1_tok_s"). Prints a table, then one JSON line.
 
-    .venv/bin/python bench/engine_step.py [--reps 5]
+    .venv/bin/python bench/engine_step.py [--reps 5] [--int8-only]
+
+--int8-only: just the one-user int8 vs fp32 decode (no HF, no shape table).
 """
 
 from __future__ import annotations
@@ -149,25 +151,15 @@ def bench_prefill(ours: Ours, hf: HF, n: int, reps: int) -> dict[str, float]:
             "ours_ms": best_ours * 1000, "hf_ms": best_hf * 1000}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=8)
-    args = ap.parse_args()
-    path = os.path.join(gguf_dir(), GGUF)
-    figures: dict[str, object] = {"threads": torch.get_num_threads(), "reps": args.reps}
-    with tempfile.TemporaryDirectory() as state:
-        engine = Engine(state, kv_budget_bytes=256 << 20)
-        figures["load_s_first"] = timed(engine.load, MODEL, path)[0]
-        engine.unload(MODEL)
-        figures["load_s_cached"] = timed(engine.load, MODEL, path)[0]
-    ours = Ours(engine)
-    figures["peak_rss_mb_after_engine_load"] = peak_rss_mb()
+def hf_shapes(ours: Ours, reps: int) -> dict[str, object]:
+    """Our decode and prefill shapes against HF's, interleaved; prints the table."""
+    figures: dict[str, object] = {}
     hf = HF()
     shapes: dict[str, dict[str, float]] = {}
     for batch in (1, 8, 32):
-        shapes[f"decode_b{batch}"] = bench_decode(ours, hf, batch, args.reps)
+        shapes[f"decode_b{batch}"] = bench_decode(ours, hf, batch, reps)
     for n in (128, 512):
-        shapes[f"prefill_{n}"] = bench_prefill(ours, hf, n, max(2, args.reps // 2))
+        shapes[f"prefill_{n}"] = bench_prefill(ours, hf, n, max(2, reps // 2))
     print(f"{'shape':<12} {'ours tok/s':>11} {'HF tok/s':>10} {'ratio':>6} "
           f"{'ours ms':>9} {'HF ms':>9}")
     for name, s in shapes.items():
@@ -177,9 +169,31 @@ def main() -> None:
     figures["shapes"] = {k: {f: round(v, 3) for f, v in s.items()} for k, s in shapes.items()}
     figures["peak_rss_mb"] = peak_rss_mb()
     figures["min_ratio_vs_hf"] = round(min(s["ratio"] for s in shapes.values()), 3)
+    return figures
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--int8-only", action="store_true", help="only int8 vs fp32, one user")
+    args = ap.parse_args()
+    path = os.path.join(gguf_dir(), GGUF)
+    figures: dict[str, object] = {"threads": torch.get_num_threads(), "reps": args.reps,
+                                  "cpu": torch.backends.cpu.get_cpu_capability(),
+                                  "loadavg_start": round(os.getloadavg()[0], 1)}
+    with tempfile.TemporaryDirectory() as state:
+        engine = Engine(state, kv_budget_bytes=256 << 20)
+        figures["load_s_first"] = timed(engine.load, MODEL, path)[0]
+        engine.unload(MODEL)
+        figures["load_s_cached"] = timed(engine.load, MODEL, path)[0]
+    ours = Ours(engine)
+    figures["peak_rss_mb_after_engine_load"] = peak_rss_mb()
+    if not args.int8_only:
+        figures |= hf_shapes(ours, args.reps)
     with tempfile.TemporaryDirectory() as state:
         engine8 = Engine(state, kv_budget_bytes=256 << 20)
-        info = engine8.load(MODEL, path, quant="int8")
+        # from the int8 cache after the first run (drivers/quant/cache.py)
+        figures["int8_load_s"], info = timed(lambda: engine8.load(MODEL, path, quant="int8"))
     pair = bench_int8_decode(ours, Ours(engine8), args.reps)
     figures["int8_recipe"] = info.quant
     figures["int8_memory_ratio"] = round(info.memory_bytes / engine.models()[0].memory_bytes, 3)
@@ -189,9 +203,12 @@ def main() -> None:
     print(f"decode b1 int8 ({info.quant}): {pair['int8_tok_s']:.1f} tok/s vs fp32 "
           f"{pair['fp32_tok_s']:.1f} tok/s = {figures['decode_b1_int8_vs_fp32']:.2f}x; weights "
           f"{figures['int8_memory_ratio']:.2f}x fp32")
+    figures["loadavg_end"] = round(os.getloadavg()[0], 1)
     print(f"load (cached) {figures['load_s_cached']:.2f} s, first {figures['load_s_first']:.2f} s,"
-          f" peak RSS {figures['peak_rss_mb']:.0f} MB "
-          f"({figures['peak_rss_mb_after_engine_load']:.0f} MB before HF loaded)")
+          f" int8 {figures['int8_load_s']:.2f} s; peak RSS {peak_rss_mb():.0f} MB "
+          f"({figures['peak_rss_mb_after_engine_load']:.0f} MB before HF loaded); cpu "
+          f"{figures['cpu']}, load average {figures['loadavg_start']} -> "
+          f"{figures['loadavg_end']}")
     print(json.dumps(figures))
 
 

@@ -5,6 +5,10 @@ length, and HF's own continuous batching with a paged cache) and (b) the same ke
 composed in one process (no gRPC, no service processes), all in one run.
 
     .venv/bin/python bench/serve_throughput.py [--requests 64] [--rounds 2] [--skip-hf]
+        [--skip-int8]
+
+The gRPC system and the in-process runner serve fp32 (`--quant none`, as HF does); a second
+gRPC system serves the CPU's default int8 recipe (`--quant int8`), for "int8_vs_fp32".
 
 Every request asks for exactly its output length (EOS ignored), so each side makes the same
 useful tokens. Every configuration first runs a short warm-up workload; then each round (seeds
@@ -237,7 +241,8 @@ def main() -> int:
                     help="workloads (seeds 0..R-1), each run by every configuration in turn")
     ap.add_argument("--hf", default=",".join(DEFAULT_HF),
                     help=f"HF configurations, comma-separated, of: {', '.join(CONFIGS)}")
-    ap.add_argument("--skip-hf", action="store_true", help="only our two configurations")
+    ap.add_argument("--skip-hf", action="store_true", help="only our configurations")
+    ap.add_argument("--skip-int8", action="store_true", help="no int8 system")
     ap.add_argument("--hf-slack", type=float, default=10.0,
                     help="an HF run may take this many times the system's time for the round")
     args = ap.parse_args()
@@ -248,11 +253,13 @@ def main() -> int:
         ap.error(f"unknown HF configuration(s) {unknown}; pick from {list(CONFIGS)}")
     hf_names = [n for n in hf_names if CONFIGS[n].distinct(args.requests)]
     home = Path(tempfile.mkdtemp(prefix="llmasos-serve-"))
-    system = SystemRunner(home / "system")
+    system = SystemRunner(home / "system", "--quant", "none")   # fp32, as HF and in_process
     (home / "inproc").mkdir()   # both read the converted weights from the XDG cache
     inproc = InProcessRunner(home / "inproc")
     hf = HFWorker()
-    ours = {"system": system, "in_process": inproc}
+    ours: dict[str, SystemRunner | InProcessRunner] = {"system": system, "in_process": inproc}
+    if not args.skip_int8:
+        ours["system_int8"] = SystemRunner(home / "int8", "--quant", "int8")
     rounds: dict[str, list[Round]] = {name: [] for name in ours}
     hf_out: dict[str, list[Outcome]] = {name: [] for name in hf_names}
 
@@ -282,14 +289,16 @@ def main() -> int:
             print(f"seed {seed} HF {name:<19} {o.tokens} of {o.expected} tokens in "
                   f"{o.seconds:6.2f} s: {rate} {o.detail}", flush=True)
     step_costs = system.step_costs()
-    system.stop()
-    inproc.stop()
+    for runner in ours.values():
+        runner.stop()
     hf.stop()
 
     result: dict[str, object] = {"requests": args.requests, "rounds": args.rounds}
     for name, rs in rounds.items():
         result |= {f"{name}_{k}": round(v, 3) for k, v in summary(rs).items()}
     result["ratio_vs_in_process"] = round(result["system_tok_s"] / result["in_process_tok_s"], 3)
+    if "system_int8" in rounds:
+        result["int8_vs_fp32"] = round(result["system_int8_tok_s"] / result["system_tok_s"], 3)
     result |= step_costs
     entries = {name: hf_entry(name, outs) for name, outs in hf_out.items()}
     result |= {f"hf_{name}": e for name, e in entries.items()}

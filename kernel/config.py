@@ -23,7 +23,8 @@ class Config:
     embedded: bool = True            # deploy the embedded SmolLM2 as smollm2-135m at boot
     kv_budget_mb: int = 256          # KV pool memory per model
     device: str = "cpu"
-    quant: str = "none"              # quantization recipe Deploy uses by default (and the boot)
+    quant: str = "auto"              # Deploy's default recipe (and the boot's); auto: the device's
+                                     # (services/inference/quantize.py AUTO: int8 on the CPU)
     token_budget: int = 256          # most tokens in one step
     max_batch: int = 64              # most jobs in one step
     restart_max: int = 5             # restart budget: this many restarts ...

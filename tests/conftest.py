@@ -93,6 +93,12 @@ def boot(home: Path, *flags: str) -> System:
     env = {**os.environ, "LLMASOS_HOME": str(home)}
     if "--http" not in flags:   # parallel test systems must not all claim 127.0.0.1:8080
         flags = (*flags, "--no-http")
+    if "--quant" not in flags:
+        # fp32 unless a test asks (--quant auto: the default, int8 on the CPU). Most system
+        # tests check that a job recomputed (crash, preemption, fork, swap) gives the tokens of
+        # an uninterrupted run; int8 amplifies the last-bit differences between the prefill and
+        # decode paths of the fp32 parts into greedy flips at near-ties (issue 11)
+        flags = (*flags, "--quant", "none")
     proc = subprocess.Popen([sys.executable, "-m", "llmasos.kernel.main", "run",
                              "--listen", address, "--home", str(home), *flags],
                             stdout=subprocess.PIPE, stderr=log.open("w"), env=env, text=True)
@@ -142,7 +148,7 @@ def bare_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
 
 
 def booted_model_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    """A system with the embedded SmolLM2 deployed as smollm2-135m."""
+    """A system with the embedded SmolLM2 deployed as smollm2-135m (fp32: see boot)."""
     with converting_once():
         system = boot(tmp_path_factory.mktemp("home"))
     yield system

@@ -137,6 +137,8 @@ def test_int8_embedding() -> None:
 def test_recipes_by_device() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert quantize.resolve("", cpu).name == "none"
+    assert quantize.resolve("auto", cpu).name == quantize.AUTO["cpu"] == "int8-smooth"
+    assert quantize.resolve("auto", cuda).name == "none"
     assert quantize.resolve("int8", cpu).fmt == "int8"
     assert "int8" in quantize.formats(cpu) and "int4" not in quantize.formats(cpu)
     assert "q4_1" in quantize.formats(cuda)
@@ -209,9 +211,44 @@ def test_int8_batched_equals_alone(int8: Engine) -> None:
 
 @SLOW
 def test_no_fp32_cache_for_int8_deploy(fp32: Engine, int8: Engine, int8_home: Path) -> None:
+    """The int8 deploy writes its int8 cache entry and no fp32 cache: the entry holds int8
+    weights, and fp32 only for tensors of at most cache.SMALL elements (norms)."""
+    from safetensors import safe_open
+
     from llmasos.drivers.loaders.cache import cache_path
+    from llmasos.drivers.quant.cache import SMALL
     assert cache_path(gguf_path(), str(SHARED_CACHE)).is_file()  # an fp32 deploy writes one
-    assert not any(int8_home.rglob("*.safetensors"))
+    assert not cache_path(gguf_path(), str(int8_home / "cache")).exists()
+    (entry,) = (int8_home / "cache").rglob("*.safetensors")
+    with safe_open(str(entry), framework="pt") as f:
+        big = {k: f.get_slice(k).get_dtype() for k in f.keys()  # noqa: SIM118
+               if torch.Size(f.get_slice(k).get_shape()).numel() > SMALL}
+    assert big and set(big.values()) == {"I8"}, big
+
+
+@SLOW
+def test_int8_cache_restart_same_model(int8: Engine, int8_home: Path) -> None:
+    """A second load of the same recipe reads the int8 cache (no GGUF, no calibration) and
+    gives the same model: the same greedy tokens, parameters and reported memory (within the
+    footprint's measurement: 1%)."""
+    again = Engine(str(int8_home), kv_budget_bytes=32 << 20, cache_dir=str(int8_home / "cache"))
+    info = again.load("m", gguf_path(), quant="int8")
+    first = int8.models()[0]
+    assert (info.quant, info.parameters) == (first.quant, first.parameters)
+    assert abs(info.memory_bytes - first.memory_bytes) <= 0.01 * first.memory_bytes
+    assert greedy(again, PROMPTS[:3], False) == greedy(int8, PROMPTS[:3], False)
+
+
+def test_int8_cache_is_keyed_by_recipe_and_source(tmp_path: Path) -> None:
+    from llmasos.drivers.quant.cache import cache_file
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"x")
+    a = cache_file(str(src), recipe("int8"), "calib", str(tmp_path))
+    assert a == cache_file(str(src), recipe("int8-smooth"), "calib", str(tmp_path))
+    assert a != cache_file(str(src), recipe("int8-plain"), "calib", str(tmp_path))
+    assert a != cache_file(str(src), recipe("int8"), "other calibration", str(tmp_path))
+    src.write_bytes(b"xy")   # the source changed: a new key
+    assert a != cache_file(str(src), recipe("int8"), "calib", str(tmp_path))
 
 
 @SLOW
@@ -222,19 +259,20 @@ def test_int8_memory(fp32: Engine, int8: Engine) -> None:
 
 
 def rss() -> int:
-    """Resident bytes, after handing freed heap pages back (temporaries of packing)."""
+    """Resident anonymous bytes, after handing freed heap pages back (temporaries of packing).
+    File-backed pages are left out: the fp32 weights may be mmapped from the weights cache, and
+    reading them to quantize them faults them in; the packed weights are anonymous memory."""
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return psutil.Process().memory_info().rss
+    mem = psutil.Process().memory_info()
+    return mem.rss - mem.shared
 
 
 @SLOW
-@pytest.mark.xfail(strict=True, reason="measured: resident grows ~1.3x the reported packed "
-                   "bytes; PyTorch's packed linear seems to keep its own copy of the int8 "
-                   "weights (for unpack): to account for (issue 11)")
 def test_reported_memory_matches_resident(fp32: Engine) -> None:
     """Pack a copy of the fp32 model (its fp32 tensors stay alive in the original), so the
-    growth of the resident set is exactly what the packed weights hold."""
+    growth of the resident set is exactly what the packed weights hold: fbgemm's packed int8
+    weights with the K padding it writes, oneDNN's with the unpacked copy it keeps."""
     model = copy.copy(fp32._get("m").model)
     model.layers = [copy.copy(layer) for layer in model.layers]
     before_bytes, before_rss = model.weight_bytes, rss()
@@ -244,7 +282,10 @@ def test_reported_memory_matches_resident(fp32: Engine) -> None:
                                 for t in (layer.attn_norm, layer.mlp_norm)]
     packed = model.weight_bytes - sum(t.nbytes for t in fp32_kept)
     assert abs(grown - packed) <= 0.1 * packed, (grown, packed)
-    assert model.weight_bytes < 0.35 * before_bytes
+    # fbgemm: ~1.15 bytes a weight (K padded to 512, written only where used); oneDNN keeps the
+    # unpacked int8 weight beside its packed one (~2.07), and wins the probe only if far faster
+    bound = 0.6 if torch.backends.quantized.engine == "onednn" else 0.35
+    assert model.weight_bytes < bound * before_bytes
 
 
 # ---- through the syscall ABI -------------------------------------------------------------------
@@ -252,7 +293,7 @@ def test_reported_memory_matches_resident(fp32: Engine) -> None:
 @SLOW
 def test_deploy_quant_through_the_kernel(bare_system: System) -> None:
     reply = bare_system.call("Models", kernel_pb2.ModelsRequest())
-    assert "int8" in reply.quant_formats and reply.default_quant == "none"
+    assert "int8" in reply.quant_formats and reply.default_quant == "none"  # as booted
     assert reply.device == "cpu"
     with pytest.raises(grpc.RpcError) as err:
         bare_system.call("Deploy", kernel_pb2.DeployRequest(path=gguf_path(), name="q4",
@@ -267,3 +308,25 @@ def test_deploy_quant_through_the_kernel(bare_system: System) -> None:
     pid = bare_system.call("Spawn", kernel_pb2.SpawnRequest(
         model="q8", prompt="The capital of France is", sampling=greedy_params(4))).pid
     assert len(wait(bare_system, pid).token_ids) == 4
+
+
+@SLOW
+def test_default_boot_is_int8_and_restarts_from_the_int8_cache(tmp_path: Path) -> None:
+    """llmosd's default (--quant auto) boots the embedded model in the CPU's default recipe,
+    and a restart reads it from the int8 cache (no GGUF, no calibration): same tokens."""
+    from conftest import MODEL, boot, shutdown
+    runs = []
+    for _ in range(2):
+        system = boot(tmp_path / "home", "--quant", "auto")
+        try:
+            reply = system.call("Models", kernel_pb2.ModelsRequest())
+            assert reply.default_quant == quantize.AUTO["cpu"]
+            assert [m.quant for m in reply.models] == [quantize.AUTO["cpu"]]
+            pid = system.call("Spawn", kernel_pb2.SpawnRequest(
+                model=MODEL, prompt="The capital of France is", sampling=greedy_params(6))).pid
+            runs.append(list(wait(system, pid).token_ids))
+        finally:
+            assert shutdown(system) == 0
+    assert runs[0] == runs[1]
+    log = system.log_text()   # the second boot's
+    assert '"cached": true' in log and "calibrate" not in log, log[-3000:]

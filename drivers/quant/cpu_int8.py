@@ -1,12 +1,17 @@
 """int8 linear on the CPU through PyTorch's quantized dynamic linear (fbgemm / x86 / onednn).
 
 Weights: symmetric int8 per output channel, packed once by the engine's prepack.
-Activations: quantized per ROW, batch-invariantly. The dynamic op picks one (scale, zero point)
-from the min and max of its whole input, so a row's result would depend on its batch-mates.
-Instead every row is scaled to an absolute maximum of 1, one anchor row [-1, 1, 0, ...] pins the
-tensor's range to [-1, 1] whatever the batch, and each output row is scaled back by its own
-maximum. The int8 products accumulate exactly in int32, so a row's result is bit-identical alone
-or in any batch (checked by the probe below and by tests/test_quant.py).
+Activations: quantized per ROW, batch-invariantly. The ops take one (scale, zero point) for
+their whole input, so every row is scaled to an absolute maximum of 1 and quantized to uint8
+over [-1, 1] (scale 2/255, zero point 128), and each output row is scaled back by its own
+maximum. fbgemm and x86 take that fixed (scale, zero point) directly (the static-input op); the
+dynamic op (onednn) picks its own from the input's min and max, so one anchor row [-1, 1, 0, ...]
+pins the range to [-1, 1] whatever the batch. Both give the same bits. The int8 products
+accumulate exactly in int32, so a row's result is bit-identical alone or in any batch (checked
+by the probe below and by tests/test_quant.py).
+
+What a packed weight keeps resident is measured as it is packed (footprint.py): fbgemm pads K
+to its K block, and oneDNN keeps the unpacked int8 weight beside its packed copy.
 
 PyTorch marks its quantized-tensor constructors deprecated: this file is the only user.
 """
@@ -15,15 +20,28 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 import torch
 
+from llmasos.drivers.quant.footprint import Footprint, measured
+
 log = structlog.get_logger()
 
-ENGINES = ("x86", "fbgemm", "onednn")  # probed in this order; the fastest invariant one wins
+ENGINES = ("x86", "fbgemm", "onednn")  # in order of preference; probed for speed
+# A later engine wins the probe only if this much faster: sub-ms timings on shared cores are
+# noisy, and onednn's packed weight keeps a second int8 copy (2.07 bytes a weight, measured,
+# against fbgemm's 1.15).
+PREFER_MARGIN = 1.5
+# An engine whose error against fp32 is this much above the best one's is not used: on CPUs
+# without VNNI, u8 x s8 pair sums can saturate int16 (measured: oneDNN limited to AVX2 errs
+# 2.0% RMS on the probe where fbgemm and VNNI oneDNN err 1.05%, the int8 rounding alone).
+ERROR_MARGIN = 1.3
 REDUCE_RANGE = False  # 7-bit activations only help CPUs without VNNI (int16 saturation)
+X_SCALE, X_ZERO = 2 / 255, 128  # uint8 over [-1, 1]: what the dynamic op picks for that range
+STATIC_ENGINES = ("x86", "fbgemm")  # those whose packed weight serves the static-input op
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,11 +53,21 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def prepack(q: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
+    """The engine's packed weight; the quantized tensor made here lives on only if the engine
+    keeps it (oneDNN does), so footprint.measured around this call sees all it holds."""
     zero = torch.zeros(q.shape[0], dtype=torch.int64)
     with warnings.catch_warnings():  # the deprecation notice: this is the one place we use it
         warnings.simplefilter("ignore", UserWarning)
         qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
     return torch.ops.quantized.linear_prepack(qw, None)
+
+
+def static_op() -> Callable | None:
+    """fbgemm's linear taking fp32 input with a given (scale, zero point): no anchor row, no
+    min/max pass; None where this PyTorch lacks it or the engine's packed weight cannot serve it."""
+    if torch.backends.quantized.engine not in STATIC_ENGINES:
+        return None
+    return getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32", None)
 
 
 def anchor_row(k: int) -> torch.Tensor:
@@ -55,27 +83,30 @@ class Int8Linear:
     out_features: int
     in_features: int
     packed: torch.ScriptObject
-    anchor: torch.Tensor            # [1, K]
+    footprint: Footprint            # resident bytes of `packed`, measured (footprint.py)
+    static: Callable | None         # static_op(), or None: the dynamic op with an anchor row
+    anchor: torch.Tensor | None     # [1, K], for the dynamic op
     inv_smooth: torch.Tensor | None  # [K]: x / smooth, folded into W at quantization
 
     @property
     def nbytes(self) -> int:
-        # int8 weights + per-channel scale, zero point and column offsets (fbgemm keeps all 3)
-        n, k = self.out_features, self.in_features
-        extra = 0 if self.inv_smooth is None else self.inv_smooth.nbytes
-        return n * k + n * (8 + 8 + 4) + extra + self.anchor.nbytes
+        extra = [t.nbytes for t in (self.anchor, self.inv_smooth) if t is not None]
+        return self.footprint.bytes + sum(extra)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features).float()
-        if self.inv_smooth is not None:
-            x = x * self.inv_smooth
-        n = x.shape[0]
-        amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)
-        rows = torch.empty(n + 1, self.in_features)
-        torch.div(x, amax, out=rows[:n])
-        rows[n:] = self.anchor
-        y = torch.ops.quantized.linear_dynamic(rows, self.packed, REDUCE_RANGE)[:n].mul_(amax)
+        x = x.reshape(-1, self.in_features)
+        # rows: x / smooth / max|row|, in one fresh tensor (x itself is the caller's)
+        rows = (x * self.inv_smooth if self.inv_smooth is not None
+                else x.to(torch.float32, copy=True))
+        amax = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)
+        rows.div_(amax)
+        if self.static is not None:
+            y = self.static(rows, X_SCALE, X_ZERO, self.packed)
+        else:
+            y = torch.ops.quantized.linear_dynamic(torch.cat((rows, self.anchor)), self.packed,
+                                                   REDUCE_RANGE)[:-1]
+        y.mul_(amax)
         if bias is not None:
             y += bias
         return y.reshape(*lead, self.out_features)
@@ -83,11 +114,27 @@ class Int8Linear:
 
 def pack_int8(w: torch.Tensor, smooth: torch.Tensor | None = None) -> Int8Linear:
     """Quantize an fp32 weight [N, K]; with smooth [K], computes (x / smooth) @ (W * smooth).T."""
-    n, k = w.shape
     w = w.float() if smooth is None else w.float() * smooth[None, :]
     q, scale = quantize_weight(w)
     inv = None if smooth is None else (1.0 / smooth).float().contiguous()
-    return Int8Linear(n, k, prepack(q, scale), anchor_row(k), inv)
+    return pack_quantized(q, scale, inv)
+
+
+def pack_quantized(q: torch.Tensor, scale: torch.Tensor,
+                   inv_smooth: torch.Tensor | None = None) -> Int8Linear:
+    """Pack int8 weights q [N, K] with per-channel scale [N] (as quantize_weight made them)."""
+    n, k = q.shape
+    engine = torch.backends.quantized.engine
+    packed, footprint = measured((engine, n, k), q.nbytes, lambda: prepack(q, scale))
+    static = static_op()
+    return Int8Linear(n, k, packed, footprint, static, None if static else anchor_row(k),
+                      inv_smooth)
+
+
+def unpack(lin: Int8Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [N, K], scale fp32 [N]) back from the packed weight, for the int8 cache."""
+    qw, _ = torch.ops.quantized.linear_unpack(lin.packed)
+    return qw.int_repr().contiguous(), qw.q_per_channel_scales().float()
 
 
 def _best_time(fn: object, reps: int = 5) -> float:
@@ -100,16 +147,25 @@ def _best_time(fn: object, reps: int = 5) -> float:
     return best
 
 
-def _engine_time(engine: str, w: torch.Tensor, xs: list[torch.Tensor]) -> float | None:
-    """Seconds for the rows in xs on `engine`, or None if it fails or is not batch-invariant."""
+@dataclass(frozen=True)
+class Probe:
+    seconds: float   # best time for the probe's rows
+    error: float     # relative RMS error against fp32 on the probe's rows
+
+
+def _probe(engine: str, w: torch.Tensor, xs: list[torch.Tensor]) -> Probe | None:
+    """`engine` on the probe's weight and rows, or None if it fails or is not batch-invariant."""
     try:
         torch.backends.quantized.engine = engine
         lin = pack_int8(w)
         alone = lin.matmul(xs[-1][:1])
-        if not torch.equal(alone, lin.matmul(xs[-1])[:1]):
+        y = lin.matmul(xs[-1])
+        if not torch.equal(alone, y[:1]):
             log.info("quant_engine_not_invariant", engine=engine)
             return None
-        return sum(_best_time(lambda x=x: lin.matmul(x)) for x in xs)
+        ref = xs[-1] @ w.T
+        error = ((y - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
+        return Probe(sum(_best_time(lambda x=x: lin.matmul(x)) for x in xs), error)
     except (RuntimeError, AttributeError) as err:
         log.info("quant_engine_unusable", engine=engine, error=str(err)[:120])
         return None
@@ -119,7 +175,8 @@ _chosen: str | None = None
 
 
 def choose_engine(shape: tuple[int, int] = (1536, 576), rows: tuple[int, ...] = (1, 8)) -> str:
-    """Probe once per process: the fastest batch-invariant quantized engine; sets it."""
+    """Probe once per process: among the batch-invariant quantized engines within ERROR_MARGIN
+    of the most accurate, the first in ENGINES within PREFER_MARGIN of the fastest; sets it."""
     global _chosen
     if _chosen is not None:
         torch.backends.quantized.engine = _chosen
@@ -128,13 +185,18 @@ def choose_engine(shape: tuple[int, int] = (1536, 576), rows: tuple[int, ...] = 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(*shape, generator=g) * 0.05
     xs = [torch.randn(r, shape[1], generator=g) for r in rows]
-    times = {e: t for e in supported if (t := _engine_time(e, w, xs)) is not None}
-    if not times:
+    probes = {e: p for e in supported if (p := _probe(e, w, xs)) is not None}
+    if not probes:
         raise RuntimeError(f"no usable quantized engine among {supported}: int8 needs fbgemm "
                            "or onednn in this PyTorch build; deploy with --quant none")
-    _chosen = min(times, key=times.get)
+    best_error = min(p.error for p in probes.values())
+    exact = {e: p.seconds for e, p in probes.items() if p.error <= best_error * ERROR_MARGIN}
+    fastest = min(exact.values())
+    _chosen = next(e for e in exact if exact[e] <= fastest * PREFER_MARGIN)
     torch.backends.quantized.engine = _chosen
-    log.info("quant_engine", engine=_chosen, ms={e: round(t * 1e3, 3) for e, t in times.items()})
+    log.info("quant_engine", engine=_chosen, ms={e: round(p.seconds * 1e3, 3)
+                                                  for e, p in probes.items()},
+             error={e: round(p.error, 4) for e, p in probes.items()})
     return _chosen
 
 

@@ -153,7 +153,9 @@ class Engine:
         dtype_name = dtype or DEFAULT_DTYPE.get(self.device.type, "float32")
         if dtype_name not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-        recipe = quantize.resolve(quant or self.default_quant, self.device)
+        # the default recipe applies where it can: tp/pp ranks do not quantize
+        default = self.default_quant if tp <= 1 and pp <= 1 else "none"
+        recipe = quantize.resolve(quant or default, self.device)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such model file or folder: {path}")
         with self._lock:   # reserve the name; the load itself runs beside the steps
@@ -194,12 +196,16 @@ class Engine:
         _, tokenizer = probe(path)
         if recipe.quantized and (tp > 1 or pp > 1):
             raise ValueError("quant and tp/pp do not combine yet; deploy with --quant none")
-        # where the Triton kernels run, GGUF Q8_0/Q4_1 weights stay in their blocks
-        cfg, weights, kind = load_weights(
-            path, self.cache_dir,
-            keep_quantized=kernels_for(self.device) is not None and tp == pp == 1,
-            cache=not recipe.quantized,   # no fp32 cache for a quantized model
-            progress=bar, report=report)   # bars on stderr only when nobody hears reports
+        int8_file = quantize.cache_file(path, recipe, self.device, self.cache_dir)
+        hit = quantize.cached(int8_file)   # the model as this recipe left it: no dequantizing
+        if hit is not None:
+            cfg, weights = hit.cfg, hit.standins()
+        else:   # where the Triton kernels run, GGUF Q8_0/Q4_1 weights stay in their blocks
+            cfg, weights, kind = load_weights(
+                path, self.cache_dir,
+                keep_quantized=kernels_for(self.device) is not None and tp == pp == 1,
+                cache=not recipe.quantized,   # no fp32 cache for a quantized model
+                progress=bar, report=report)   # bars on stderr only when nobody hears reports
         torch_dtype = DTYPES[dtype_name]
         budget = kv_budget_bytes or self.kv_budget_bytes
         if tp > 1 or pp > 1:   # the budget is the whole model's: each rank holds 1/N of a block
@@ -211,7 +217,10 @@ class Engine:
         else:
             model = LlamaModel(cfg, weights, torch_dtype, self.device, report)
             parameters = model.num_parameters  # before packing: a tied LM head counts once
-            quantize.apply(model, recipe, tokenizer, report)
+            if hit is not None:
+                quantize.restore(model, hit, recipe)
+            elif quantize.apply(model, recipe, tokenizer, report):
+                quantize.save(int8_file, model, cfg, weights, path)
             if cfg.sparsity == "2:4":   # a pruned folder: sparse kernels where the GPU has them
                 semi_sparse.apply(model)
             pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, budget,
