@@ -55,7 +55,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--kv-budget-mb", dest="kv_budget_mb", type=int)
     run.add_argument("--device", choices=["cpu", "cuda"])
     run.add_argument("--quant", help="default quantization recipe for Deploy and the embedded "
-                     "model: auto (the default: int8 on the CPU, none on a GPU), none, int8 or "
+                     "model: none (the default), auto (int8 on the CPU, none on a GPU), int8 or "
                      "a recipe from `llmsh models --formats`")
     run.add_argument("--zombie-ttl", dest="zombie_ttl", type=float)
     run.add_argument("--restart-max", dest="restart_max", type=int)

@@ -94,7 +94,7 @@ def boot(home: Path, *flags: str) -> System:
     if "--http" not in flags:   # parallel test systems must not all claim 127.0.0.1:8080
         flags = (*flags, "--no-http")
     if "--quant" not in flags:
-        # fp32 unless a test asks (--quant auto: the default, int8 on the CPU). Most system
+        # fp32 unless a test asks (--quant auto: int8 on the CPU). Most system
         # tests check that a job recomputed (crash, preemption, fork, swap) gives the tokens of
         # an uninterrupted run; int8 amplifies the last-bit differences between the prefill and
         # decode paths of the fp32 parts into greedy flips at near-ties (issue 11)

@@ -311,8 +311,8 @@ def test_deploy_quant_through_the_kernel(bare_system: System) -> None:
 
 
 @SLOW
-def test_default_boot_is_int8_and_restarts_from_the_int8_cache(tmp_path: Path) -> None:
-    """llmosd's default (--quant auto) boots the embedded model in the CPU's default recipe,
+def test_auto_boot_is_int8_and_restarts_from_the_int8_cache(tmp_path: Path) -> None:
+    """llmosd --quant auto boots the embedded model in the CPU's default recipe,
     and a restart reads it from the int8 cache (no GGUF, no calibration): same tokens."""
     from conftest import MODEL, boot, shutdown
     runs = []
