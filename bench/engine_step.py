@@ -5,9 +5,12 @@ its own forward with a DynamicCache (logits_to_keep=1 for prefill, as its genera
 Each shape is timed interleaved (ours, HF, ours, HF, ...) and the best of the repetitions is
 kept, so other load on the machine hurts both sides alike. Then one-user decode with the default
 int8 recipe (deploy --quant int8) against our fp32, interleaved the same way
-("decode_b1_int8_vs_fp32", "decode_b1_tok_s"). Prints a table, then one JSON line.
+("decode_b1_int8_vs_fp32", "decode_b1_tok_s"). Last, one decode step at batch 1, 8 and 32 under
+torch.profiler, broken down by the table CATEGORIES (op names -> what the time went to); the
+step's wall time not covered by any op is Python/host overhead ("host"). Prints the tables,
+the CPU's features, then one JSON line ("breakdown", "matmul_attention_share_b32").
 
-    .venv/bin/python bench/engine_step.py [--reps 5]
+    .venv/bin/python bench/engine_step.py [--reps 5] [--profile-only]
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import os
 import resource
 import tempfile
 import time
+from collections import defaultdict
 
 import torch
+from torch.autograd.profiler_util import FunctionEvent
 
 from llmasos.services.inference.engine import Engine, StepEntry
 from llmasos.services.inference.sampler import SamplingParams
@@ -29,6 +34,23 @@ MODEL = "smollm2-135m"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTEXT = 128
 GREEDY = SamplingParams(max_tokens=1 << 16, ignore_eos=True)
+PROFILED_STEPS = 3  # decode steps under the profiler per batch size; the best one is kept
+
+# What a top-level op's time (its own and its children's) counts as. Ops not named here are
+# "other" (norms, RoPE, activations, adds, views, copies, building the batch's tensors).
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "matmul": ("aten::linear", "aten::addmm", "aten::mm", "aten::bmm", "aten::matmul",
+               "mkldnn::_linear_pointwise", "aten::mkldnn_linear"),
+    "attention": ("aten::scaled_dot_product_attention",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu"),
+    "kv_gather": ("aten::index_select",),  # a group's context blocks out of the pool
+    "kv_scatter": ("aten::index_copy_",),  # the step's new K/V into their slots
+    "sampling": ("aten::argmax", "aten::logsumexp", "aten::gather", "aten::softmax",
+                 "aten::topk", "aten::sort", "aten::cumsum", "aten::searchsorted",
+                 "aten::rand", "aten::multinomial"),
+}
+KIND_OF = {op: kind for kind, ops in CATEGORIES.items() for op in ops}
+KINDS = (*CATEGORIES, "other", "host")
 
 
 def gguf_dir() -> str:
@@ -63,8 +85,12 @@ class Ours:
             entries.append(StepEntry(self.seq, [r.token_id], CONTEXT, table, True, GREEDY))
         return entries
 
-    def decode_step(self, entries: list[StepEntry]) -> list[StepEntry]:
-        results = self.engine.step(MODEL, entries)
+    def decode_step(self, entries: list[StepEntry], label: str = "") -> list[StepEntry]:
+        if label:   # the engine's step alone, marked for the profiler
+            with torch.profiler.record_function(label):
+                results = self.engine.step(MODEL, entries)
+        else:
+            results = self.engine.step(MODEL, entries)
         return [StepEntry(e.seq_id, [r.token_id], e.start_pos + 1, e.block_table, True, GREEDY)
                 for e, r in zip(entries, results, strict=True)]
 
@@ -149,12 +175,66 @@ def bench_prefill(ours: Ours, hf: HF, n: int, reps: int) -> dict[str, float]:
             "ours_ms": best_ours * 1000, "hf_ms": best_hf * 1000}
 
 
+def breakdown(step: FunctionEvent) -> dict[str, float]:
+    """Milliseconds per kind of one profiled step: each top-level op by CATEGORIES, and the
+    rest of the step's wall time (Python between and around the ops) as host."""
+    ms: dict[str, float] = defaultdict(float)
+    for op in step.cpu_children:
+        ms[KIND_OF.get(op.name, "other")] += op.cpu_time_total / 1000
+    ms["host"] = step.cpu_time_total / 1000 - sum(ms.values())
+    return {k: ms[k] for k in KINDS}
+
+
+def profile_decode(ours: Ours, batch: int) -> dict[str, float]:
+    """The fastest of PROFILED_STEPS decode steps under torch.profiler, broken down."""
+    entries = ours.decode_step(ours.decode_setup(batch, PROFILED_STEPS + 2))  # warm-up
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(PROFILED_STEPS):
+            entries = ours.decode_step(entries, label="decode_step")
+    ours.engine.release(MODEL, [e.seq_id for e in entries])
+    step = min((e for e in prof.events() if e.name == "decode_step"),
+               key=lambda e: e.cpu_time_total)
+    ms = breakdown(step)
+    total = sum(ms.values())
+    return {"step_ms": total, **{f"{k}_ms": v for k, v in ms.items()},
+            **{f"{k}_share": v / total for k, v in ms.items()}}
+
+
+def print_breakdown(profiles: dict[int, dict[str, float]]) -> None:
+    print(f"decode step under torch.profiler (ms, share of the step): {cpu_features()}")
+    print(f"{'batch':>5} {'step ms':>8} " + " ".join(f"{k:>15}" for k in KINDS))
+    for batch, p in profiles.items():
+        cells = " ".join(f"{p[k + '_ms']:>7.2f} ({p[k + '_share']:>4.0%})" for k in KINDS)
+        print(f"{batch:>5} {p['step_ms']:>8.2f} {cells}")
+
+
+def cpu_features() -> str:
+    """The instruction set ATen dispatches to, and what MKL/oneDNN were told to use."""
+    caps = torch.backends.cpu.get_cpu_capability()
+    told = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                                       "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+    return f"aten {caps}, {torch.get_num_threads()} threads" + (f", env {told}" if told else "")
+
+
+def profile_all(ours: Ours, figures: dict[str, object]) -> None:
+    profiles = {b: profile_decode(ours, b) for b in (1, 8, 32)}
+    print_breakdown(profiles)
+    figures["breakdown"] = {f"decode_b{b}": {k: round(v, 4) for k, v in p.items()}
+                            for b, p in profiles.items()}
+    for b, p in profiles.items():
+        figures[f"matmul_attention_share_b{b}"] = round(
+            p["matmul_share"] + p["attention_share"], 4)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--profile-only", action="store_true", help="only the profiled breakdown")
     args = ap.parse_args()
     path = os.path.join(gguf_dir(), GGUF)
-    figures: dict[str, object] = {"threads": torch.get_num_threads(), "reps": args.reps}
+    figures: dict[str, object] = {"threads": torch.get_num_threads(), "reps": args.reps,
+                                  "cpu": cpu_features()}
     with tempfile.TemporaryDirectory() as state:
         engine = Engine(state, kv_budget_bytes=256 << 20)
         figures["load_s_first"] = timed(engine.load, MODEL, path)[0]
@@ -162,6 +242,10 @@ def main() -> None:
         figures["load_s_cached"] = timed(engine.load, MODEL, path)[0]
     ours = Ours(engine)
     figures["peak_rss_mb_after_engine_load"] = peak_rss_mb()
+    if args.profile_only:
+        profile_all(ours, figures)
+        print(json.dumps(figures))
+        return
     hf = HF()
     shapes: dict[str, dict[str, float]] = {}
     for batch in (1, 8, 32):
@@ -192,6 +276,7 @@ def main() -> None:
     print(f"load (cached) {figures['load_s_cached']:.2f} s, first {figures['load_s_first']:.2f} s,"
           f" peak RSS {figures['peak_rss_mb']:.0f} MB "
           f"({figures['peak_rss_mb_after_engine_load']:.0f} MB before HF loaded)")
+    profile_all(ours, figures)
     print(json.dumps(figures))
 
 
