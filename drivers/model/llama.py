@@ -16,7 +16,12 @@ from llmasos.drivers.cuda.backend import Kernels, kernels_for
 from llmasos.drivers.cuda.quant import QuantWeight, dequantize
 from llmasos.drivers.loaders.config import ModelConfig
 from llmasos.drivers.loaders.progress import Report, tracked
-from llmasos.drivers.model.attention import group_attention, write_kv
+from llmasos.drivers.model.attention import (
+    PagedGroup,
+    causal_attention,
+    group_attention,
+    write_kv,
+)
 from llmasos.drivers.model.batch import StepBatch
 from llmasos.drivers.model.families import family
 from llmasos.drivers.model.kv_pool import KVPool
@@ -149,13 +154,13 @@ SMALL_ROWS = 64
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [T, H, D] with cos, sin [T, 1, D/2]; with cos of R/2 < D/2 columns
-    only the first R dims rotate (partial rotary, NeoX) and the rest pass through."""
-    rot = 2 * cos.shape[-1]
+    """Rotate-half RoPE on x [T, H, D] with cos = [cos, cos] and sin = [-sin, sin], [T, 1, R]
+    (rope_tables): x * cos + [x2, x1] * sin, the same roundings as the halves spelled out in
+    four ops instead of eight. With R < D only the first R dims rotate (partial rotary, NeoX)."""
+    rot = cos.shape[-1]
     if rot < x.shape[-1]:
         return torch.cat((apply_rope(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return x * cos + x.roll(rot // 2, dims=-1) * sin
 
 
 ACTIVATIONS = {
@@ -210,6 +215,10 @@ class LlamaModel:
         # oneDNN or MKL for multi-row matmuls: whichever is faster on this CPU (AVX-512 or not)
         gate_up = self.layers[0].gate_up
         self.onednn = isinstance(gate_up, torch.Tensor) and onednn_is_faster(gate_up)
+        # and for one row (decode at batch 1), where MKL's kernels differ: the LM head as well,
+        # the largest matmul of such a step
+        self.onednn_row = isinstance(gate_up, torch.Tensor) and all(
+            onednn_is_faster(w, rows=(1,)) for w in (gate_up, self.lm_head))
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
 
@@ -268,8 +277,11 @@ class LlamaModel:
 
     def rope(self, positions: torch.Tensor, inv_freq: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) tables [T, 1, R] for apply_rope, built once per step for every layer."""
         freqs = positions[:, None].float() * inv_freq[None]
-        return freqs.cos()[:, None].to(self.dtype), freqs.sin()[:, None].to(self.dtype)
+        cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]
+        return (torch.cat((cos, cos), dim=-1).to(self.dtype),
+                torch.cat((-sin, sin), dim=-1).to(self.dtype))
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, pool: KVPool) -> torch.Tensor:
@@ -290,15 +302,15 @@ class LlamaModel:
             if self.parallel:  # x + attn(norm x) + mlp(norm' x)
                 h2 = h if layer.mlp_norm is None else self.rms_norm(x, layer.mlp_norm,
                                                                     layer.mlp_norm_bias)
-                x = x + attn + self.mlp(layer, h2)
+                x = x.add_(attn).add_(self.mlp(layer, h2))
                 continue
             if layer.post_attn_norm is not None:
                 attn = self.rms_norm(attn, layer.post_attn_norm)
-            x = x + attn
+            x = x.add_(attn)   # in place: x is this forward's own (never the embedding table)
             out = self.mlp(layer, self.rms_norm(x, layer.mlp_norm, layer.mlp_norm_bias))
             if layer.post_mlp_norm is not None:
                 out = self.rms_norm(out, layer.post_mlp_norm)
-            x = x + out
+            x = x.add_(out)
         return self.logits(self.rms_norm(x[batch.sample_rows], self.norm, self.norm_bias))
 
     def attention_block(self, i: int, layer: Layer, h: torch.Tensor, batch: StepBatch,
@@ -320,13 +332,13 @@ class LlamaModel:
         (self.kernels.write_kv if self.kernels else write_kv)(
             k_cache, v_cache, k, v, batch.slot_mapping)
         window = cfg.sliding_window if layer.sliding else 0
-        out = self.attention(q, k_cache, v_cache, batch, window).reshape(t, -1)
+        out = self.attention(q, k, v, k_cache, v_cache, batch, window).reshape(t, -1)
         return self.linear(out, layer.o, layer.o_bias)
 
     def mlp(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
         if self.family.gated:
             gate, up = self.gate_up(h, layer.gate_up)
-            return self.linear(self.act(gate) * up, layer.down, layer.down_bias)
+            return self.linear(self.act(gate).mul_(up), layer.down, layer.down_bias)
         up = self.linear(h, layer.gate_up, layer.gate_up_bias)
         return self.linear(self.act(up), layer.down, layer.down_bias)
 
@@ -337,7 +349,7 @@ class LlamaModel:
         if isinstance(w, QuantWeight):   # the GGUF blocks, read as they are by a Triton kernel
             y = self.kernels.linear(x, w)
             return y if bias is None else y + bias
-        if self.onednn and x.shape[0] > 1:
+        if self.onednn if x.shape[0] > 1 else self.onednn_row:
             return onednn_linear(x, w, bias)
         return dense_linear(x, w, bias)
 
@@ -355,18 +367,28 @@ class LlamaModel:
         cap = self.cfg.final_softcap
         return logits if not cap else torch.tanh(logits / cap) * cap
 
-    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  batch: StepBatch, window: int = 0) -> torch.Tensor:
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch,
+                  window: int = 0) -> torch.Tensor:
+        """q, k, v: this step's [T, H, D]; k_cache, v_cache: the layer's pool (k, v written)."""
         if batch.kernel_groups is not None:
             return self.kernel_attention(q, k_cache, v_cache, batch)
-        extra = {"window": window, "softcap": self.cfg.attn_softcap}
         if len(batch.groups) == 1:  # one group covers rows 0..T-1 in order: no scatter
-            return group_attention(q, k_cache, v_cache, batch.groups[0], self.scale, **extra)
+            return self.group_attention(q, k, v, k_cache, v_cache, batch.groups[0], window)
         out = torch.empty_like(q)
         for group in batch.groups:
-            out[group.token_rows] = group_attention(q, k_cache, v_cache, group, self.scale,
-                                                    **extra)
+            out[group.token_rows] = self.group_attention(q, k, v, k_cache, v_cache, group,
+                                                         window)
         return out
+
+    def group_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, group: PagedGroup,
+                        window: int) -> torch.Tensor:
+        softcap = self.cfg.attn_softcap
+        if group.fresh and not window and not softcap:   # causal SDPA needs no mask
+            return causal_attention(q, k, v, group, self.scale)
+        return group_attention(q, k_cache, v_cache, group, self.scale, window=window,
+                               softcap=softcap)
 
     def kernel_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          batch: StepBatch) -> torch.Tensor:
