@@ -6,9 +6,9 @@ few steps on or off, and drivers/model/weights.py renames its checkpoint into Ll
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
+import structlog
 import torch
 import torch.nn.functional as F
 
@@ -23,11 +23,13 @@ from llmasos.drivers.model.attention import (
     write_kv,
 )
 from llmasos.drivers.model.batch import StepBatch
+from llmasos.drivers.model.cpu_linear import SMALL_ROWS, LinearPlan, probe
 from llmasos.drivers.model.families import family
 from llmasos.drivers.model.kv_pool import KVPool
 from llmasos.drivers.model.weights import to_llama_names
 
 Weight = torch.Tensor | QuantWeight  # QuantWeight only where the Triton kernels run
+log = structlog.get_logger()
 
 
 @dataclass
@@ -106,51 +108,6 @@ def rope_inv_freq(cfg: ModelConfig, rope_freqs: torch.Tensor | None = None,
     return inv
 
 
-def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-    """x @ w.T through MKL. For up to 64 rows, computed as (w @ x.T).T: MKL picks much better
-    kernels for that orientation here (the LM head with 4 rows: ~2.7 ms vs ~13 ms), and a single
-    row is doubled because MKL's GEMV runs on one thread (decode at batch 1: ~21 ms vs ~35 ms
-    per step on the 2-core machines)."""
-    rows = x.shape[0]
-    if x.device.type != "cpu" or rows > SMALL_ROWS:
-        return F.linear(x, w, bias)
-    xs = x.repeat(2, 1) if rows == 1 else x
-    out = torch.mm(w, xs.t())[:, :rows].t().contiguous()
-    return out if bias is None else out + bias
-
-
-def onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-    """x @ w.T through oneDNN, which uses AVX-512 on AMD CPUs where MKL stays on AVX2."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
-
-
-def onednn_is_faster(w: torch.Tensor, rows: tuple[int, ...] = (8, 128), reps: int = 3) -> bool:
-    """Probe once at load: is oneDNN faster than MKL for this weight at a few row counts?"""
-    if w.device.type != "cpu" or w.dtype != torch.float32 or not hasattr(
-            torch.ops.mkldnn, "_linear_pointwise") or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        for n in rows:
-            x = torch.randn(n, w.shape[1])
-            best = {}
-            for name, fn in (("mkl", dense_linear), ("onednn", onednn_linear)):
-                fn(x, w)
-                times = []
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    fn(x, w)
-                    times.append(time.perf_counter() - t0)
-                best[name] = min(times)
-            if best["onednn"] >= best["mkl"]:
-                return False
-    except RuntimeError:  # a build without the op's CPU kernel
-        return False
-    return True
-
-
-SMALL_ROWS = 64
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -212,13 +169,12 @@ class LlamaModel:
         self.local_inv_freq = rope_inv_freq(cfg, None, cfg.rope_local_theta, scaled=False).to(
             self.device) if cfg.rope_local_theta else None
         self.scale = cfg.attn_scale or cfg.head_dim ** -0.5
-        # oneDNN or MKL for multi-row matmuls: whichever is faster on this CPU (AVX-512 or not)
+        # MKL or oneDNN, per row regime: whichever is faster on this CPU (AVX-512 or not)
         gate_up = self.layers[0].gate_up
-        self.onednn = isinstance(gate_up, torch.Tensor) and onednn_is_faster(gate_up)
-        # and for one row (decode at batch 1), where MKL's kernels differ: the LM head as well,
-        # the largest matmul of such a step
-        self.onednn_row = isinstance(gate_up, torch.Tensor) and all(
-            onednn_is_faster(w, rows=(1,)) for w in (gate_up, self.lm_head))
+        dense = [w for w in (gate_up, self.lm_head) if isinstance(w, torch.Tensor)]
+        self.plan: LinearPlan = probe(dense, dense[:1] if dense and dense[0] is gate_up
+                                      else [], self.device)
+        log.debug("linear_plan", row=self.plan.row, few=self.plan.few, many=self.plan.many)
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
 
@@ -349,14 +305,12 @@ class LlamaModel:
         if isinstance(w, QuantWeight):   # the GGUF blocks, read as they are by a Triton kernel
             y = self.kernels.linear(x, w)
             return y if bias is None else y + bias
-        if self.onednn if x.shape[0] > 1 else self.onednn_row:
-            return onednn_linear(x, w, bias)
-        return dense_linear(x, w, bias)
+        return self.plan.kernel(x.shape[0])(x, w, bias)
 
     def gate_up(self, h: torch.Tensor, w: Weight) -> tuple[torch.Tensor, torch.Tensor]:
         """One fused matmul; with MKL and many rows two GEMMs over the halves (contiguous row
         slices of w) are ~5% faster."""
-        if self.onednn or h.shape[0] <= SMALL_ROWS or not isinstance(w, torch.Tensor):
+        if h.shape[0] <= SMALL_ROWS or self.plan.many != "mkl" or not isinstance(w, torch.Tensor):
             gate, up = self.linear(h, w).chunk(2, dim=-1)
             return gate, up
         half = self.cfg.intermediate_size
