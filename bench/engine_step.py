@@ -6,9 +6,11 @@ Each shape is timed interleaved (ours, HF, ours, HF, ...) and the best of the re
 kept, so other load on the machine hurts both sides alike. Then one-user decode with the default
 int8 recipe (deploy --quant int8) against our fp32, interleaved the same way
 ("decode_b1_int8_vs_fp32", "decode_b1_tok_s"). Last, one decode step at batch 1, 8 and 32 under
-torch.profiler, broken down by the table CATEGORIES (op names -> what the time went to); the
-step's wall time not covered by any op is Python/host overhead ("host"). Prints the tables,
-the CPU's features, then one JSON line ("breakdown", "matmul_attention_share_b32").
+torch.profiler, broken down by the table CATEGORIES (op and range names -> what the time went
+to); the step's wall time not covered by any op or range is Python/host overhead ("host"). Each
+kind is its least time over PROFILED_STEPS steps, and the shares are of their sum (a shared
+machine preempts at random). Prints the tables, the CPU's features, then one JSON line
+("breakdown", "matmul_attention_share_b32").
 
     .venv/bin/python bench/engine_step.py [--reps 5] [--profile-only]
 """
@@ -36,8 +38,9 @@ CONTEXT = 128
 GREEDY = SamplingParams(max_tokens=1 << 16, ignore_eos=True)
 PROFILED_STEPS = 5  # decode steps under the profiler per batch size; the best one is kept
 
-# What a top-level op's time (its own and its children's) counts as. Ops not named here are
-# "other" (norms, RoPE, activations, adds, views, copies, building the batch's tensors).
+# What a top-level op's time (its own and its children's) counts as: aten ops by name, and the
+# engine's named ranges (services/inference/engine.py: record_function) with all they hold.
+# Ops not named here are "other" (norms, RoPE, activations, adds, views, copies).
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "matmul": ("aten::linear", "aten::addmm", "aten::mm", "aten::bmm", "aten::matmul",
                "mkldnn::_linear_pointwise", "aten::mkldnn_linear"),
@@ -45,9 +48,9 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
                   "aten::_scaled_dot_product_flash_attention_for_cpu"),
     "kv_gather": ("aten::index_select",),  # a group's context blocks out of the pool
     "kv_scatter": ("aten::index_copy_",),  # the step's new K/V into their slots
-    "sampling": ("aten::argmax", "aten::logsumexp", "aten::gather", "aten::softmax",
-                 "aten::topk", "aten::sort", "aten::cumsum", "aten::searchsorted",
-                 "aten::rand", "aten::multinomial"),
+    "sampling": ("sampling",),  # the sampler's tensor work, up to the ids and logprobs
+    "detokenize": ("detokenize",),  # per row: stop checks, incremental text, the result
+    "batch": ("batch",),  # the flat batch and its index tensors, built in Python
 }
 KIND_OF = {op: kind for kind, ops in CATEGORIES.items() for op in ops}
 KINDS = (*CATEGORIES, "other", "host")
@@ -176,8 +179,8 @@ def bench_prefill(ours: Ours, hf: HF, n: int, reps: int) -> dict[str, float]:
 
 
 def breakdown(step: FunctionEvent) -> dict[str, float]:
-    """Milliseconds per kind of one profiled step: each top-level op by CATEGORIES, and the
-    rest of the step's wall time (Python between and around the ops) as host."""
+    """Milliseconds per kind of one profiled step: each top-level op or range by CATEGORIES,
+    and the rest of the step's wall time (Python between and around the ops) as host."""
     ms: dict[str, float] = defaultdict(float)
     for op in step.cpu_children:
         ms[KIND_OF.get(op.name, "other")] += op.cpu_time_total / 1000
@@ -186,23 +189,24 @@ def breakdown(step: FunctionEvent) -> dict[str, float]:
 
 
 def profile_decode(ours: Ours, batch: int) -> dict[str, float]:
-    """The fastest of PROFILED_STEPS decode steps under torch.profiler, broken down."""
+    """PROFILED_STEPS decode steps under torch.profiler, broken down; each kind's least time
+    over the steps (a preempted op inflates one step's kind, not its floor)."""
     entries = ours.decode_step(ours.decode_setup(batch, PROFILED_STEPS + 2))  # warm-up
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(PROFILED_STEPS):
             entries = ours.decode_step(entries, label="decode_step")
     ours.engine.release(MODEL, [e.seq_id for e in entries])
-    step = min((e for e in prof.events() if e.name == "decode_step"),
-               key=lambda e: e.cpu_time_total)
-    ms = breakdown(step)
+    steps = [breakdown(e) for e in prof.events() if e.name == "decode_step"]
+    ms = {k: min(s[k] for s in steps) for k in KINDS}
     total = sum(ms.values())
     return {"step_ms": total, **{f"{k}_ms": v for k, v in ms.items()},
             **{f"{k}_share": v / total for k, v in ms.items()}}
 
 
 def print_breakdown(profiles: dict[int, dict[str, float]]) -> None:
-    print(f"decode step under torch.profiler (ms, share of the step): {cpu_features()}")
+    print(f"decode step under torch.profiler, each kind's least ms over {PROFILED_STEPS} steps "
+          f"(share of their sum): {cpu_features()}")
     print(f"{'batch':>5} {'step ms':>8} " + " ".join(f"{k:>15}" for k in KINDS))
     for batch, p in profiles.items():
         cells = " ".join(f"{p[k + '_ms']:>7.2f} ({p[k + '_share']:>4.0%})" for k in KINDS)
