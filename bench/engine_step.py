@@ -246,6 +246,8 @@ def main() -> None:
         figures["load_s_cached"] = timed(engine.load, MODEL, path)[0]
     ours = Ours(engine)
     figures["peak_rss_mb_after_engine_load"] = peak_rss_mb()
+    plan = engine._get(MODEL).model.plan   # the matmul kernels the load-time probe chose
+    figures["linear_plan"] = {"row": plan.row, "few": plan.few, "many": plan.many}
     if args.profile_only:
         profile_all(ours, figures)
         figures["load_avg_end"] = os.getloadavg()
@@ -280,7 +282,8 @@ def main() -> None:
           f"{figures['int8_memory_ratio']:.2f}x fp32")
     print(f"load (cached) {figures['load_s_cached']:.2f} s, first {figures['load_s_first']:.2f} s,"
           f" peak RSS {figures['peak_rss_mb']:.0f} MB "
-          f"({figures['peak_rss_mb_after_engine_load']:.0f} MB before HF loaded)")
+          f"({figures['peak_rss_mb_after_engine_load']:.0f} MB before HF loaded); matmul "
+          f"kernels by rows {figures['linear_plan']}")
     profile_all(ours, figures)
     figures["load_avg_end"] = os.getloadavg()
     print(json.dumps(figures))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import structlog
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +28,6 @@ from llmasos.drivers.model.kv_pool import KVPool
 from llmasos.drivers.model.weights import to_llama_names
 
 Weight = torch.Tensor | QuantWeight  # QuantWeight only where the Triton kernels run
-log = structlog.get_logger()
 
 
 @dataclass
@@ -174,7 +172,6 @@ class LlamaModel:
         dense = [w for w in (gate_up, self.lm_head) if isinstance(w, torch.Tensor)]
         self.plan: LinearPlan = probe(dense, dense[:1] if dense and dense[0] is gate_up
                                       else [], self.device)
-        log.debug("linear_plan", row=self.plan.row, few=self.plan.few, many=self.plan.many)
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
 
