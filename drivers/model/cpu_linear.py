@@ -42,16 +42,15 @@ KERNELS: dict[str, Linear] = {
 
 @dataclass(frozen=True)
 class Regime:
-    name: str
-    max_rows: int  # rows up to this many (and above the previous regime's) use its kernel
+    name: str  # row: 1 row; few: 2 to SMALL_ROWS; many: more (LinearPlan.kernel)
     probe_rows: tuple[int, ...]  # row counts timed at load
     candidates: tuple[str, ...]  # what the probe may pick; the first is the default
 
 
 REGIMES = (
-    Regime("row", 1, (1,), ("mkl_transposed", "mkl", "onednn")),            # decode, batch 1
-    Regime("few", SMALL_ROWS, (16,), ("mkl_transposed", "mkl", "onednn")),   # decode batches
-    Regime("many", 1 << 62, (128,), ("mkl", "onednn")),                      # prefill chunks
+    Regime("row", (1,), ("mkl_transposed", "mkl", "onednn")),     # decode at batch 1
+    Regime("few", (16,), ("mkl_transposed", "mkl", "onednn")),    # decode batches
+    Regime("many", (128,), ("mkl", "onednn")),                    # prefill chunks
 )  # fmt: skip
 
 

@@ -106,11 +106,9 @@ def rope_inv_freq(cfg: ModelConfig, rope_freqs: torch.Tensor | None = None,
     return inv
 
 
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE on x [T, H, D] with cos = [cos, cos] and sin = [-sin, sin], [T, 1, R]
-    (rope_tables): x * cos + [x2, x1] * sin, the same roundings as the halves spelled out in
+    (LlamaModel.rope): x * cos + [x2, x1] * sin, the same roundings as the halves spelled out in
     four ops instead of eight. With R < D only the first R dims rotate (partial rotary, NeoX)."""
     rot = cos.shape[-1]
     if rot < x.shape[-1]:
