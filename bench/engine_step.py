@@ -5,11 +5,16 @@ its own forward with a DynamicCache (logits_to_keep=1 for prefill, as its genera
 Each shape is timed interleaved (ours, HF, ours, HF, ...) and the best of the repetitions is
 kept, so other load on the machine hurts both sides alike. Then one-user decode with the default
 int8 recipe (deploy --quant int8) against our fp32, interleaved the same way
-("decode_b1_int8_vs_fp32", "decode_b1_tok_s"). Prints a table, then one JSON line.
+("decode_b1_int8_vs_fp32", "decode_b1_tok_s"). Last, one decode step at batch 1, 8 and 32 under
+torch.profiler, broken down by the table CATEGORIES (op and range names -> what the time went
+to); the step's wall time not covered by any op or range is Python/host overhead ("host"). Each
+kind is its least time over PROFILED_STEPS steps, and the shares are of their sum (a shared
+machine preempts at random). Prints the tables, the CPU's features, then one JSON line
+("breakdown", "matmul_attention_share_b32").
 
-    .venv/bin/python bench/engine_step.py [--reps 5] [--int8-only]
+    .venv/bin/python bench/engine_step.py [--reps 5] [--profile-only | --int8-only]
 
---int8-only: just the one-user int8 vs fp32 decode (no HF, no shape table).
+--profile-only: just the profiled breakdown; --int8-only: just the one-user int8 vs fp32 decode.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import os
 import resource
 import tempfile
 import time
+from collections import defaultdict
 
 import torch
+from torch.autograd.profiler_util import FunctionEvent
 
 from llmasos.services.inference.engine import Engine, StepEntry
 from llmasos.services.inference.sampler import SamplingParams
@@ -31,6 +38,24 @@ MODEL = "smollm2-135m"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTEXT = 128
 GREEDY = SamplingParams(max_tokens=1 << 16, ignore_eos=True)
+PROFILED_STEPS = 5  # decode steps under the profiler per batch size; the best one is kept
+
+# What a top-level op's time (its own and its children's) counts as: aten ops by name, and the
+# engine's named ranges (services/inference/engine.py: record_function) with all they hold.
+# Ops not named here are "other" (norms, RoPE, activations, adds, views, copies).
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "matmul": ("aten::linear", "aten::addmm", "aten::mm", "aten::bmm", "aten::matmul",
+               "mkldnn::_linear_pointwise", "aten::mkldnn_linear"),
+    "attention": ("aten::scaled_dot_product_attention",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu"),
+    "kv_gather": ("aten::index_select",),  # a group's context blocks out of the pool
+    "kv_scatter": ("aten::index_copy_",),  # the step's new K/V into their slots
+    "sampling": ("sampling",),  # the sampler's tensor work, up to the ids and logprobs
+    "detokenize": ("detokenize",),  # per row: stop checks, incremental text, the result
+    "batch": ("batch",),  # the flat batch and its index tensors, built in Python
+}
+KIND_OF = {op: kind for kind, ops in CATEGORIES.items() for op in ops}
+KINDS = (*CATEGORIES, "other", "host")
 
 
 def gguf_dir() -> str:
@@ -65,8 +90,12 @@ class Ours:
             entries.append(StepEntry(self.seq, [r.token_id], CONTEXT, table, True, GREEDY))
         return entries
 
-    def decode_step(self, entries: list[StepEntry]) -> list[StepEntry]:
-        results = self.engine.step(MODEL, entries)
+    def decode_step(self, entries: list[StepEntry], label: str = "") -> list[StepEntry]:
+        if label:   # the engine's step alone, marked for the profiler
+            with torch.profiler.record_function(label):
+                results = self.engine.step(MODEL, entries)
+        else:
+            results = self.engine.step(MODEL, entries)
         return [StepEntry(e.seq_id, [r.token_id], e.start_pos + 1, e.block_table, True, GREEDY)
                 for e, r in zip(entries, results, strict=True)]
 
@@ -151,6 +180,59 @@ def bench_prefill(ours: Ours, hf: HF, n: int, reps: int) -> dict[str, float]:
             "ours_ms": best_ours * 1000, "hf_ms": best_hf * 1000}
 
 
+def breakdown(step: FunctionEvent) -> dict[str, float]:
+    """Milliseconds per kind of one profiled step: each top-level op or range by CATEGORIES,
+    and the rest of the step's wall time (Python between and around the ops) as host."""
+    ms: dict[str, float] = defaultdict(float)
+    for op in step.cpu_children:
+        ms[KIND_OF.get(op.name, "other")] += op.cpu_time_total / 1000
+    ms["host"] = step.cpu_time_total / 1000 - sum(ms.values())
+    return {k: ms[k] for k in KINDS}
+
+
+def profile_decode(ours: Ours, batch: int) -> dict[str, float]:
+    """PROFILED_STEPS decode steps under torch.profiler, broken down; each kind's least time
+    over the steps (a preempted op inflates one step's kind, not its floor)."""
+    entries = ours.decode_step(ours.decode_setup(batch, PROFILED_STEPS + 2))  # warm-up
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(PROFILED_STEPS):
+            entries = ours.decode_step(entries, label="decode_step")
+    ours.engine.release(MODEL, [e.seq_id for e in entries])
+    steps = [breakdown(e) for e in prof.events() if e.name == "decode_step"]
+    ms = {k: min(s[k] for s in steps) for k in KINDS}
+    total = sum(ms.values())
+    return {"step_ms": total, **{f"{k}_ms": v for k, v in ms.items()},
+            **{f"{k}_share": v / total for k, v in ms.items()}}
+
+
+def print_breakdown(profiles: dict[int, dict[str, float]]) -> None:
+    print(f"decode step under torch.profiler, each kind's least ms over {PROFILED_STEPS} steps "
+          f"(share of their sum): {cpu_features()}")
+    print(f"{'batch':>5} {'step ms':>8} " + " ".join(f"{k:>15}" for k in KINDS))
+    for batch, p in profiles.items():
+        cells = " ".join(f"{p[k + '_ms']:>7.2f} ({p[k + '_share']:>4.0%})" for k in KINDS)
+        print(f"{batch:>5} {p['step_ms']:>8.2f} {cells}")
+
+
+def cpu_features() -> str:
+    """The instruction set ATen dispatches to, and what MKL/oneDNN were told to use."""
+    caps = torch.backends.cpu.get_cpu_capability()
+    told = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                                       "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+    return f"aten {caps}, {torch.get_num_threads()} threads" + (f", env {told}" if told else "")
+
+
+def profile_all(ours: Ours, figures: dict[str, object]) -> None:
+    profiles = {b: profile_decode(ours, b) for b in (1, 8, 32)}
+    print_breakdown(profiles)
+    figures["breakdown"] = {f"decode_b{b}": {k: round(v, 4) for k, v in p.items()}
+                            for b, p in profiles.items()}
+    for b, p in profiles.items():
+        figures[f"matmul_attention_share_b{b}"] = round(
+            p["matmul_share"] + p["attention_share"], 4)
+
+
 def hf_shapes(ours: Ours, reps: int) -> dict[str, object]:
     """Our decode and prefill shapes against HF's, interleaved; prints the table."""
     figures: dict[str, object] = {}
@@ -172,15 +254,35 @@ def hf_shapes(ours: Ours, reps: int) -> dict[str, object]:
     return figures
 
 
+def int8_decode(ours: Ours, fp32: Engine, path: str, reps: int) -> dict[str, object]:
+    """One-user decode, int8 against fp32, interleaved; prints the line."""
+    with tempfile.TemporaryDirectory() as state:
+        engine8 = Engine(state, kv_budget_bytes=256 << 20)
+        # from the int8 cache after the first run (drivers/quant/cache.py)
+        load_s, info = timed(lambda: engine8.load(MODEL, path, quant="int8"))
+    pair = bench_int8_decode(ours, Ours(engine8), reps)
+    figures: dict[str, object] = {
+        "int8_load_s": load_s, "int8_recipe": info.quant,
+        "int8_memory_ratio": round(info.memory_bytes / fp32.models()[0].memory_bytes, 3),
+        "decode_b1_fp32_tok_s": round(pair["fp32_tok_s"], 2),
+        "decode_b1_tok_s": round(pair["int8_tok_s"], 2),
+        "decode_b1_int8_vs_fp32": round(pair["int8_tok_s"] / pair["fp32_tok_s"], 3)}
+    print(f"decode b1 int8 ({info.quant}): {pair['int8_tok_s']:.1f} tok/s vs fp32 "
+          f"{pair['fp32_tok_s']:.1f} tok/s = {figures['decode_b1_int8_vs_fp32']:.2f}x; weights "
+          f"{figures['int8_memory_ratio']:.2f}x fp32")
+    return figures
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=8)
-    ap.add_argument("--int8-only", action="store_true", help="only int8 vs fp32, one user")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--profile-only", action="store_true", help="only the profiled breakdown")
+    only.add_argument("--int8-only", action="store_true", help="only int8 vs fp32, one user")
     args = ap.parse_args()
     path = os.path.join(gguf_dir(), GGUF)
     figures: dict[str, object] = {"threads": torch.get_num_threads(), "reps": args.reps,
-                                  "cpu": torch.backends.cpu.get_cpu_capability(),
-                                  "loadavg_start": round(os.getloadavg()[0], 1)}
+                                  "cpu": cpu_features(), "load_avg_start": os.getloadavg()}
     with tempfile.TemporaryDirectory() as state:
         engine = Engine(state, kv_budget_bytes=256 << 20)
         figures["load_s_first"] = timed(engine.load, MODEL, path)[0]
@@ -188,27 +290,20 @@ def main() -> None:
         figures["load_s_cached"] = timed(engine.load, MODEL, path)[0]
     ours = Ours(engine)
     figures["peak_rss_mb_after_engine_load"] = peak_rss_mb()
-    if not args.int8_only:
+    plan = engine._get(MODEL).model.plan   # the matmul kernels the load-time probe chose
+    figures["linear_plan"] = {"row": plan.row, "few": plan.few, "many": plan.many}
+    if not args.int8_only and not args.profile_only:
         figures |= hf_shapes(ours, args.reps)
-    with tempfile.TemporaryDirectory() as state:
-        engine8 = Engine(state, kv_budget_bytes=256 << 20)
-        # from the int8 cache after the first run (drivers/quant/cache.py)
-        figures["int8_load_s"], info = timed(lambda: engine8.load(MODEL, path, quant="int8"))
-    pair = bench_int8_decode(ours, Ours(engine8), args.reps)
-    figures["int8_recipe"] = info.quant
-    figures["int8_memory_ratio"] = round(info.memory_bytes / engine.models()[0].memory_bytes, 3)
-    figures["decode_b1_fp32_tok_s"] = round(pair["fp32_tok_s"], 2)
-    figures["decode_b1_tok_s"] = round(pair["int8_tok_s"], 2)
-    figures["decode_b1_int8_vs_fp32"] = round(pair["int8_tok_s"] / pair["fp32_tok_s"], 3)
-    print(f"decode b1 int8 ({info.quant}): {pair['int8_tok_s']:.1f} tok/s vs fp32 "
-          f"{pair['fp32_tok_s']:.1f} tok/s = {figures['decode_b1_int8_vs_fp32']:.2f}x; weights "
-          f"{figures['int8_memory_ratio']:.2f}x fp32")
-    figures["loadavg_end"] = round(os.getloadavg()[0], 1)
-    print(f"load (cached) {figures['load_s_cached']:.2f} s, first {figures['load_s_first']:.2f} s,"
-          f" int8 {figures['int8_load_s']:.2f} s; peak RSS {peak_rss_mb():.0f} MB "
-          f"({figures['peak_rss_mb_after_engine_load']:.0f} MB before HF loaded); cpu "
-          f"{figures['cpu']}, load average {figures['loadavg_start']} -> "
-          f"{figures['loadavg_end']}")
+    if not args.profile_only:
+        figures |= int8_decode(ours, engine, path, args.reps)
+    if not args.int8_only:
+        profile_all(ours, figures)
+    figures["load_avg_end"] = os.getloadavg()
+    print(f"load (cached) {figures['load_s_cached']:.2f} s, first {figures['load_s_first']:.2f} s;"
+          f" peak RSS {peak_rss_mb():.0f} MB ({figures['peak_rss_mb_after_engine_load']:.0f} MB "
+          f"before HF loaded); matmul kernels by rows {figures['linear_plan']}; cpu "
+          f"{figures['cpu']}; load average {figures['load_avg_start']} -> "
+          f"{figures['load_avg_end']}")
     print(json.dumps(figures))
 
 

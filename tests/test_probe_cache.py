@@ -53,27 +53,30 @@ def test_the_key_changes_with_shape_dtype_and_threads() -> None:
 
 
 def test_the_model_reuses_the_probe_across_loads(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    """The second load of a model does not time oneDNN against MKL again: it takes the stored
-    answer (here planted as the opposite of what the probe would say, to tell them apart)."""
+    """The second load of a model does not time the matmul kernels again: it takes the stored
+    answers (here one planted as a different kernel than the probe picked, to tell them apart)."""
     from test_loaders import tiny_llama
 
     from llmasos.drivers.loaders.cache import load_cached_gguf
+    from llmasos.drivers.model import cpu_linear
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     tiny_llama(tmp_path / "tiny.gguf")
     cfg, weights, _ = load_cached_gguf(str(tmp_path / "tiny.gguf"), str(tmp_path / "c"),
                                        progress=False)
-    probes: list[torch.Size] = []
-    real = llama.onednn_is_faster
+    probes: list[str] = []
+    real = cpu_linear.fastest
 
-    def timed(w: torch.Tensor) -> bool:
-        probes.append(w.shape)
-        return real(w)
-    monkeypatch.setattr(llama, "onednn_is_faster", timed)
+    def timed(regime: cpu_linear.Regime, ws: list[torch.Tensor], reps: int = 3) -> str:
+        probes.append(regime.name)
+        return real(regime, ws, reps)
+    monkeypatch.setattr(cpu_linear, "fastest", timed)
     first = llama.LlamaModel(cfg, weights, torch.float32, torch.device("cpu"))
-    assert len(probes) == 1
+    assert sorted(probes) == ["few", "many", "row"]
     stored = json.loads(probe_cache.probes_path().read_text())
-    key = probe_cache.probe_key(f"onednn_is_faster/{llama.PROBE_REPS}", first.layers[0].gate_up)
-    assert stored == {key: first.onednn}
-    probe_cache.probes_path().write_text(json.dumps({key: not first.onednn}))
+    assert sorted(stored.values()) == sorted([first.plan.row, first.plan.few, first.plan.many])
+    (row_key,) = [k for k in stored if k.startswith("linear/row/")]
+    planted = "mkl" if first.plan.row != "mkl" else "mkl_transposed"
+    probe_cache.probes_path().write_text(json.dumps({**stored, row_key: planted}))
     second = llama.LlamaModel(cfg, weights, torch.float32, torch.device("cpu"))
-    assert len(probes) == 1 and second.onednn is (not first.onednn)
+    assert len(probes) == 3 and second.plan.row == planted
+    assert (second.plan.few, second.plan.many) == (first.plan.few, first.plan.many)

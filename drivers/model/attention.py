@@ -29,8 +29,10 @@ class PagedGroup:
     max_q: int
     identity: bool  # query_rows == token_rows: no padding, no scatter (decode-only groups)
     first_row: int  # token_rows[0]
+    fresh: bool = False  # one sequence whose whole context is this step's tokens (no pool read)
     q_pos: torch.Tensor | None = None  # [S, 1, gqa * max_q, 1] position of each padded query
     window_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # built on first use
+    biases: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict)  # likewise
 
     def window_mask(self, window: int) -> torch.Tensor:
         """mask, keeping only keys within `window` positions of the query (HF: q - k < window)."""
@@ -38,6 +40,16 @@ class PagedGroup:
             pos_k = torch.arange(self.mask.shape[-1], device=self.mask.device)
             self.window_masks[window] = self.mask & (pos_k > self.q_pos - window)
         return self.window_masks[window]
+
+    def bias(self, window: int, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as SDPA's additive form (0 or -inf), made once per step, not once per layer
+        (SDPA converts a bool mask with the same torch.where on every call)."""
+        key = (window, dtype)
+        if key not in self.biases:
+            mask = self.window_mask(window) if window else self.mask
+            self.biases[key] = torch.zeros(mask.shape, dtype=dtype, device=mask.device
+                                           ).masked_fill_(~mask, float("-inf"))
+        return self.biases[key]
 
 
 def build_group(token_starts: list[int], q_lens: list[int], seq_lens: list[int],
@@ -75,7 +87,7 @@ def build_group(token_starts: list[int], q_lens: list[int], seq_lens: list[int],
         token_rows=token_rows.to(device), query_rows=rows.reshape(-1).to(device),
         padded_pos=padded_pos.to(device), kv_blocks=table.to(device), mask=mask.to(device),
         num_seqs=num_seqs, max_q=max_q, identity=identity, first_row=int(token_starts[0]),
-        q_pos=q_pos_folded.to(device),
+        fresh=num_seqs == 1 and q_lens[0] == seq_lens[0], q_pos=q_pos_folded.to(device),
     )
 
 
@@ -95,26 +107,47 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     first = group.first_row
     qp = q[first:first + s] if group.identity else q[group.query_rows]
     # [S*mq, Hq, D] -> [S, Hkv, gqa*mq, D]: the query heads of one KV head become extra rows
-    qp = qp.view(s, mq, kv_heads, gqa, head_dim).permute(0, 2, 3, 1, 4)
-    qp = qp.reshape(s, kv_heads, gqa * mq, head_dim)
-    mask = group.window_mask(window) if window else group.mask
+    # (head h reads KV head h // gqa); with one query each that is a view, no permute
+    if mq == 1:
+        qp = qp.view(s, kv_heads, gqa, head_dim)
+    else:
+        qp = qp.view(s, mq, kv_heads, gqa, head_dim).permute(0, 2, 3, 1, 4)
+        qp = qp.reshape(s, kv_heads, gqa * mq, head_dim)
     if softcap:  # SDPA cannot cap the scores: the same computation spelled out
+        mask = group.window_mask(window) if window else group.mask
         scores = torch.tanh(qp @ k.transpose(-1, -2) * (scale / softcap)) * softcap
         scores = scores.masked_fill(~mask, float("-inf"))
         out = torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
     else:
-        out = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(qp, k, v, attn_mask=group.bias(window, qp.dtype),
+                                             scale=scale)
+    if mq == 1:
+        return out.reshape(s, num_heads, head_dim)   # one query per sequence: never padded
     out = out.view(s, kv_heads, gqa, mq, head_dim).permute(0, 3, 1, 2, 4)
     out = out.reshape(s * mq, num_heads, head_dim)
     return out if group.identity else out[group.padded_pos]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: PagedGroup,
+                     scale: float) -> torch.Tensor:
+    """A fresh group (a prompt's first chunk): its context is exactly this step's k, v [T, Hkv, D],
+    so SDPA's causal kernel runs on them as they are, with no pool read and no mask, skipping the
+    key blocks above the diagonal (half the masked call's work). Returns [n, Hq, D]."""
+    rows = slice(group.first_row, group.first_row + len(group.token_rows))
+    qs, ks, vs = (t[rows].transpose(0, 1)[None] for t in (q, k, v))  # [1, H, n, D] views
+    out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                         enable_gqa=True)
+    return out[0].transpose(0, 1)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store k, v [T, Hkv, D] at the pool slots slot_mapping [T] (int64)."""
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    if k.dtype != k_cache.dtype:   # a no-op .to() still costs a dispatch, twice per layer
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -72,10 +72,11 @@ class KVPool:
         self.geometry = PoolGeometry(num_blocks, block_size, block_bytes, num_layers, kv_heads,
                                      head_dim, str(dtype).removeprefix("torch."),
                                      str(self.device))
+        self._layers = [(self.kv[i, 0], self.kv[i, 1]) for i in range(num_layers)]  # views
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache) of layer i, each [num_blocks, block_size, kv_heads, head_dim]."""
-        return self.kv[i, 0], self.kv[i, 1]
+        return self._layers[i]
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         if len(src) != len(dst):

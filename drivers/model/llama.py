@@ -6,7 +6,6 @@ few steps on or off, and drivers/model/weights.py renames its checkpoint into Ll
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +16,14 @@ from llmasos.drivers.cuda.quant import QuantWeight, dequantize
 from llmasos.drivers.loaders.config import ModelConfig
 from llmasos.drivers.loaders.progress import Report, tracked
 from llmasos.drivers.model import probe_cache
-from llmasos.drivers.model.attention import group_attention, write_kv
+from llmasos.drivers.model.attention import (
+    PagedGroup,
+    causal_attention,
+    group_attention,
+    write_kv,
+)
 from llmasos.drivers.model.batch import StepBatch
+from llmasos.drivers.model.cpu_linear import SMALL_ROWS, LinearPlan, probe
 from llmasos.drivers.model.families import family
 from llmasos.drivers.model.kv_pool import KVPool
 from llmasos.drivers.model.weights import to_llama_names
@@ -124,66 +129,14 @@ def rope_inv_freq(cfg: ModelConfig, rope_freqs: torch.Tensor | None = None,
     return inv
 
 
-def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-    """x @ w.T through MKL. For up to 64 rows, computed as (w @ x.T).T: MKL picks much better
-    kernels for that orientation here (the LM head with 4 rows: ~2.7 ms vs ~13 ms), and a single
-    row is doubled because MKL's GEMV runs on one thread (decode at batch 1: ~21 ms vs ~35 ms
-    per step on the 2-core machines)."""
-    rows = x.shape[0]
-    if x.device.type != "cpu" or rows > SMALL_ROWS:
-        return F.linear(x, w, bias)
-    xs = x.repeat(2, 1) if rows == 1 else x
-    out = torch.mm(w, xs.t())[:, :rows].t().contiguous()
-    return out if bias is None else out + bias
-
-
-def onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-    """x @ w.T through oneDNN, which uses AVX-512 on AMD CPUs where MKL stays on AVX2."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
-
-
-PROBE_REPS = 15   # the answer is kept on disk (probe_cache.py): time it well, once
-
-
-def onednn_is_faster(w: torch.Tensor, rows: tuple[int, ...] = (8, 128),
-                     reps: int = PROBE_REPS) -> bool:
-    """Probe once: is oneDNN faster than MKL for this weight at a few row counts? The two are
-    timed in turn and the best of `reps` each kept, so a busy machine slows both alike."""
-    if w.device.type != "cpu" or w.dtype != torch.float32 or not hasattr(
-            torch.ops.mkldnn, "_linear_pointwise") or not torch.backends.mkldnn.is_available():
-        return False
-    libs = (("mkl", dense_linear), ("onednn", onednn_linear))
-    try:
-        for n in rows:
-            x = torch.randn(n, w.shape[1])
-            best = {name: math.inf for name, _ in libs}
-            for _, fn in libs:
-                fn(x, w)   # warm-up
-            for _ in range(reps):
-                for name, fn in libs:
-                    t0 = time.perf_counter()
-                    fn(x, w)
-                    best[name] = min(best[name], time.perf_counter() - t0)
-            if best["onednn"] >= best["mkl"]:
-                return False
-    except RuntimeError:  # a build without the op's CPU kernel
-        return False
-    return True
-
-
-SMALL_ROWS = 64
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [T, H, D] with cos, sin [T, 1, D/2]; with cos of R/2 < D/2 columns
-    only the first R dims rotate (partial rotary, NeoX) and the rest pass through."""
-    rot = 2 * cos.shape[-1]
+    """Rotate-half RoPE on x [T, H, D] with cos = [cos, cos] and sin = [-sin, sin], [T, 1, R]
+    (LlamaModel.rope): x * cos + [x2, x1] * sin, the same roundings as the halves spelled out in
+    four ops instead of eight. With R < D only the first R dims rotate (partial rotary, NeoX)."""
+    rot = cos.shape[-1]
     if rot < x.shape[-1]:
         return torch.cat((apply_rope(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return x * cos + x.roll(rot // 2, dims=-1) * sin
 
 
 ACTIVATIONS = {
@@ -235,11 +188,11 @@ class LlamaModel:
         self.local_inv_freq = rope_inv_freq(cfg, None, cfg.rope_local_theta, scaled=False).to(
             self.device) if cfg.rope_local_theta else None
         self.scale = cfg.attn_scale or cfg.head_dim ** -0.5
-        # oneDNN or MKL for multi-row matmuls: whichever is faster on this CPU (AVX-512 or not)
+        # MKL or oneDNN, per row regime: whichever is faster on this CPU (AVX-512 or not)
         gate_up = self.layers[0].gate_up
-        self.onednn = isinstance(gate_up, torch.Tensor) and probe_cache.remembered(
-            probe_cache.probe_key(f"onednn_is_faster/{PROBE_REPS}", gate_up),
-            lambda: onednn_is_faster(gate_up))
+        dense = [w for w in (gate_up, self.lm_head) if isinstance(w, torch.Tensor)]
+        self.plan: LinearPlan = probe(dense, dense[:1] if dense and dense[0] is gate_up
+                                      else [], self.device, remember=probe_cache.linear_kernel)
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
 
@@ -298,8 +251,11 @@ class LlamaModel:
 
     def rope(self, positions: torch.Tensor, inv_freq: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) tables [T, 1, R] for apply_rope, built once per step for every layer."""
         freqs = positions[:, None].float() * inv_freq[None]
-        return freqs.cos()[:, None].to(self.dtype), freqs.sin()[:, None].to(self.dtype)
+        cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]
+        return (torch.cat((cos, cos), dim=-1).to(self.dtype),
+                torch.cat((-sin, sin), dim=-1).to(self.dtype))
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, pool: KVPool) -> torch.Tensor:
@@ -320,15 +276,15 @@ class LlamaModel:
             if self.parallel:  # x + attn(norm x) + mlp(norm' x)
                 h2 = h if layer.mlp_norm is None else self.rms_norm(x, layer.mlp_norm,
                                                                     layer.mlp_norm_bias)
-                x = x + attn + self.mlp(layer, h2)
+                x = x.add_(attn).add_(self.mlp(layer, h2))
                 continue
             if layer.post_attn_norm is not None:
                 attn = self.rms_norm(attn, layer.post_attn_norm)
-            x = x + attn
+            x = x.add_(attn)   # in place: x is this forward's own (never the embedding table)
             out = self.mlp(layer, self.rms_norm(x, layer.mlp_norm, layer.mlp_norm_bias))
             if layer.post_mlp_norm is not None:
                 out = self.rms_norm(out, layer.post_mlp_norm)
-            x = x + out
+            x = x.add_(out)
         return self.logits(self.rms_norm(x[batch.sample_rows], self.norm, self.norm_bias))
 
     def attention_block(self, i: int, layer: Layer, h: torch.Tensor, batch: StepBatch,
@@ -350,13 +306,13 @@ class LlamaModel:
         (self.kernels.write_kv if self.kernels else write_kv)(
             k_cache, v_cache, k, v, batch.slot_mapping)
         window = cfg.sliding_window if layer.sliding else 0
-        out = self.attention(q, k_cache, v_cache, batch, window).reshape(t, -1)
+        out = self.attention(q, k, v, k_cache, v_cache, batch, window).reshape(t, -1)
         return self.linear(out, layer.o, layer.o_bias)
 
     def mlp(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
         if self.family.gated:
             gate, up = self.gate_up(h, layer.gate_up)
-            return self.linear(self.act(gate) * up, layer.down, layer.down_bias)
+            return self.linear(self.act(gate).mul_(up), layer.down, layer.down_bias)
         up = self.linear(h, layer.gate_up, layer.gate_up_bias)
         return self.linear(self.act(up), layer.down, layer.down_bias)
 
@@ -367,14 +323,12 @@ class LlamaModel:
         if isinstance(w, QuantWeight):   # the GGUF blocks, read as they are by a Triton kernel
             y = self.kernels.linear(x, w)
             return y if bias is None else y + bias
-        if self.onednn and x.shape[0] > 1:
-            return onednn_linear(x, w, bias)
-        return dense_linear(x, w, bias)
+        return self.plan.kernel(x.shape[0])(x, w, bias)
 
     def gate_up(self, h: torch.Tensor, w: Weight) -> tuple[torch.Tensor, torch.Tensor]:
         """One fused matmul; with MKL and many rows two GEMMs over the halves (contiguous row
         slices of w) are ~5% faster."""
-        if self.onednn or h.shape[0] <= SMALL_ROWS or not isinstance(w, torch.Tensor):
+        if h.shape[0] <= SMALL_ROWS or self.plan.many != "mkl" or not isinstance(w, torch.Tensor):
             gate, up = self.linear(h, w).chunk(2, dim=-1)
             return gate, up
         half = self.cfg.intermediate_size
@@ -385,18 +339,28 @@ class LlamaModel:
         cap = self.cfg.final_softcap
         return logits if not cap else torch.tanh(logits / cap) * cap
 
-    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  batch: StepBatch, window: int = 0) -> torch.Tensor:
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch,
+                  window: int = 0) -> torch.Tensor:
+        """q, k, v: this step's [T, H, D]; k_cache, v_cache: the layer's pool (k, v written)."""
         if batch.kernel_groups is not None:
             return self.kernel_attention(q, k_cache, v_cache, batch)
-        extra = {"window": window, "softcap": self.cfg.attn_softcap}
         if len(batch.groups) == 1:  # one group covers rows 0..T-1 in order: no scatter
-            return group_attention(q, k_cache, v_cache, batch.groups[0], self.scale, **extra)
+            return self.group_attention(q, k, v, k_cache, v_cache, batch.groups[0], window)
         out = torch.empty_like(q)
         for group in batch.groups:
-            out[group.token_rows] = group_attention(q, k_cache, v_cache, group, self.scale,
-                                                    **extra)
+            out[group.token_rows] = self.group_attention(q, k, v, k_cache, v_cache, group,
+                                                         window)
         return out
+
+    def group_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, group: PagedGroup,
+                        window: int) -> torch.Tensor:
+        softcap = self.cfg.attn_softcap
+        if group.fresh and not window and not softcap:   # causal SDPA needs no mask
+            return causal_attention(q, k, v, group, self.scale)
+        return group_attention(q, k_cache, v_cache, group, self.scale, window=window,
+                               softcap=softcap)
 
     def kernel_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          batch: StepBatch) -> torch.Tensor:

@@ -1,10 +1,11 @@
-"""Load-time probes remembered on disk. A decision timed once (is oneDNN faster than MKL for this
-weight on this CPU?) is reused by every later load: a restarted service does not pay for it, and
-a busy machine's noisy timings cannot flip it from one restart to the next.
+"""Load-time probes remembered on disk. A decision timed once (which matmul kernel is fastest
+for these weights on this CPU: cpu_linear.probe) is reused by every later load: a restarted
+service does not pay for it, and a busy machine's noisy timings cannot flip it from one restart
+to the next.
 
 The key holds all the answer depends on: torch's version, the CPU (model name, flags, the ISA
-torch dispatches to), torch's thread count and the weight's shape and dtype. Any change is a new
-key, timed afresh. The file is $XDG_CACHE_HOME/llmasos/probes.json: rebuildable, deletable."""
+torch dispatches to), torch's thread count and the weights' shapes and dtype. Any change is a
+new key, timed afresh. The file is $XDG_CACHE_HOME/llmasos/probes.json: rebuildable, deletable."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from llmasos.drivers.loaders.cache import weights_cache_dir
 
 log = structlog.get_logger()
 KEEP = 64   # most decisions kept (the newest): keys of old torch builds or CPUs fall out
+Answer = bool | str   # what a probe decides, as JSON keeps it
 
 
 def probes_path() -> Path:
@@ -49,13 +51,13 @@ def probe_key(name: str, w: torch.Tensor) -> str:
             f"threads {torch.get_num_threads()}|{shape} {w.dtype} {w.device.type}")
 
 
-def remembered(key: str, measure: Callable[[], bool], path: Path | None = None) -> bool:
+def remembered(key: str, measure: Callable[[], Answer], path: Path | None = None) -> Answer:
     """The decision stored under key, or measure() stored under it."""
     path = path or probes_path()
     known = _read(path)
     if key in known:
-        return bool(known[key])
-    answer = bool(measure())
+        return known[key]
+    answer = measure()
     known = {k: v for k, v in _read(path).items() if k != key}   # another process may have
     known[key] = answer                                          # written meanwhile
     _write(path, dict(list(known.items())[-KEEP:]))
@@ -63,7 +65,13 @@ def remembered(key: str, measure: Callable[[], bool], path: Path | None = None) 
     return answer
 
 
-def _read(path: Path) -> dict[str, bool]:
+def linear_kernel(regime: str, weights: list[torch.Tensor], measure: Callable[[], str]) -> str:
+    """cpu_linear.probe's hook: the kernel a regime's probe picked for these weights."""
+    shapes = ",".join("x".join(map(str, w.shape)) for w in weights[1:])
+    return remembered(probe_key(f"linear/{regime}/{shapes}", weights[0]), measure)
+
+
+def _read(path: Path) -> dict[str, Answer]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):   # none yet, or damaged: measured again and rewritten
@@ -71,7 +79,7 @@ def _read(path: Path) -> dict[str, bool]:
     return data if isinstance(data, dict) else {}
 
 
-def _write(path: Path, known: dict[str, bool]) -> None:
+def _write(path: Path, known: dict[str, Answer]) -> None:
     """Atomically (a reader never sees half a file); a read-only cache only costs a re-probe."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

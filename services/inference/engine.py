@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import structlog
 import torch
+from torch.profiler import record_function
 
 from llmasos.drivers.cuda.backend import kernels_for
 from llmasos.drivers.loaders.cache import load_weights, weights_cache_dir
@@ -289,11 +290,12 @@ class Engine:
                 return results
             t0 = time.perf_counter()
             good = [entries[i] for i in run]
-            slices = [SeqSlice(list(e.token_ids), e.start_pos, list(e.block_table), e.sample)
-                      for e in good]
-            batch = build_batch(slices, self.block_size,
-                                m.model.cfg.num_heads // m.model.cfg.num_kv_heads, self.device,
-                                for_kernels=m.model.kernels is not None)
+            with record_function("batch"):   # named ranges: bench/engine_step.py's breakdown
+                slices = [SeqSlice(list(e.token_ids), e.start_pos, list(e.block_table),
+                                   e.sample) for e in good]
+                batch = build_batch(slices, self.block_size,
+                                    m.model.cfg.num_heads // m.model.cfg.num_kv_heads,
+                                    self.device, for_kernels=m.model.kernels is not None)
             logits = m.model.forward(batch, m.pool)
             if batch.sample_seqs:
                 sampled = self._sample(m, good, batch.sample_seqs, logits,
@@ -345,14 +347,16 @@ class Engine:
     def _sample(self, m: Loaded, entries: list[StepEntry], rows: list[int], logits: torch.Tensor,
                 results: list[StepResult]) -> list[StepResult]:
         states = [self._state(m, entries[i]) for i in rows]
-        token_ids, logprobs = sample(logits, [entries[i].params for i in rows],
-                                     [s.generated for s in states],
-                                     [len(s.generated) for s in states])
-        for i, state, tok, lp in zip(rows, states, token_ids.tolist(), logprobs.tolist(),
-                                     strict=True):
-            state.generated.append(tok)
-            text, stopped = state.output.append(tok)
-            results[i] = StepResult(entries[i].seq_id, tok, lp, True, text, stopped)
+        with record_function("sampling"):
+            token_ids, logprobs = sample(logits, [entries[i].params for i in rows],
+                                         [s.generated for s in states],
+                                         [len(s.generated) for s in states])
+            token_ids, logprobs = token_ids.tolist(), logprobs.tolist()
+        with record_function("detokenize"):
+            for i, state, tok, lp in zip(rows, states, token_ids, logprobs, strict=True):
+                state.generated.append(tok)
+                text, stopped = state.output.append(tok)
+                results[i] = StepResult(entries[i].seq_id, tok, lp, True, text, stopped)
         return results
 
     # ---- blocks ----

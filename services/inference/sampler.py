@@ -268,6 +268,13 @@ def _draw(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) 
     return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
+def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain greedy rows: one max gives each row's token (its first maximum, as argmax) and the
+    shift of its log-softmax; the chosen token's logprob is then -log(sum(exp(logits - max)))."""
+    top, chosen = logits.max(dim=-1)
+    return chosen, (logits - top[:, None]).exp_().sum(dim=-1).log_().neg_()
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -282,6 +289,8 @@ def sample(
     logits = logits.float()
     penalised = apply_penalties(logits, params, histories)
     random_rows = [b for b, p in enumerate(params) if p.temperature > 0]
+    if not random_rows and penalised is logits:
+        return greedy(logits)
     if len(random_rows) == len(params):
         chosen = _draw(penalised, params, steps)
     else:

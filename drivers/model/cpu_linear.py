@@ -1,0 +1,122 @@
+"""Dense matmuls x @ w.T on the CPU: three ways to compute one, and a probe at load that picks
+the fastest for each row regime of a step. MKL and oneDNN rank differently by CPU family (MKL
+stays on AVX2 on AMD; with MKL_ENABLE_INSTRUCTIONS / ONEDNN_MAX_CPU_ISA both are capped) and by
+shape, so the choice is measured on the machine that runs the model, not assumed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+SMALL_ROWS = 64  # the most rows of the "few" regime (decode batches)
+
+
+def mkl_transposed(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """(w @ x.T).T through MKL: for few rows MKL's kernels for this orientation can be much
+    faster (the LM head with 4 rows: ~2.7 ms vs ~13 ms on one CPU), and a single row is doubled
+    because MKL's GEMV runs on one thread."""
+    rows = x.shape[0]
+    xs = x.repeat(2, 1) if rows == 1 else x
+    out = torch.mm(w, xs.t())[:, :rows].t().contiguous()
+    return out if bias is None else out + bias
+
+
+def onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """x @ w.T through oneDNN, which uses AVX-512 on AMD CPUs where MKL stays on AVX2."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+KERNELS: dict[str, Linear] = {
+    "mkl": F.linear,
+    "mkl_transposed": mkl_transposed,
+    "onednn": onednn_linear,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str  # row: 1 row; few: 2 to SMALL_ROWS; many: more (LinearPlan.kernel)
+    probe_rows: tuple[int, ...]  # row counts timed at load
+    candidates: tuple[str, ...]  # what the probe may pick; the first is the default
+
+
+REGIMES = (
+    Regime("row", (1,), ("mkl_transposed", "mkl", "onednn")),     # decode at batch 1
+    Regime("few", (16,), ("mkl_transposed", "mkl", "onednn")),    # decode batches
+    Regime("many", (128,), ("mkl", "onednn")),                    # prefill chunks
+)  # fmt: skip
+
+
+def onednn_usable(w: torch.Tensor) -> bool:
+    return (w.device.type == "cpu" and w.dtype == torch.float32
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and torch.backends.mkldnn.is_available())
+
+
+def best_time(fn: Linear, x: torch.Tensor, w: torch.Tensor, reps: int) -> float:
+    fn(x, w, None)   # warm-up: oneDNN builds its primitive, MKL its buffers
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn(x, w, None)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def fastest(regime: Regime, weights: list[torch.Tensor], reps: int = 3) -> str:
+    """The candidate with the least summed best-of-reps time over weights x probe rows."""
+    names = [n for n in regime.candidates if n != "onednn" or all(map(onednn_usable, weights))]
+    total = dict.fromkeys(names, 0.0)
+    try:
+        for w in weights:
+            for rows in regime.probe_rows:
+                x = torch.randn(rows, w.shape[1], dtype=w.dtype)
+                for name in names:
+                    total[name] += best_time(KERNELS[name], x, w, reps)
+    except RuntimeError:   # a build without oneDNN's CPU kernel for the op
+        return regime.candidates[0]
+    return min(total, key=total.get)
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """The kernel of each regime, by name (KERNELS)."""
+
+    row: str = "mkl_transposed"
+    few: str = "mkl_transposed"
+    many: str = "mkl"
+
+    def kernel(self, rows: int) -> Linear:
+        name = self.row if rows == 1 else self.few if rows <= SMALL_ROWS else self.many
+        return KERNELS[name]
+
+
+# (regime name, the weights it is timed on, the timing) -> the kernel's name: a hook that may
+# answer from an earlier load instead of timing (drivers/model/probe_cache.py)
+Remember = Callable[[str, list[torch.Tensor], Callable[[], str]], str]
+
+
+def timed_now(name: str, weights: list[torch.Tensor], measure: Callable[[], str]) -> str:
+    return measure()
+
+
+def probe(small: list[torch.Tensor], large: list[torch.Tensor],
+          device: torch.device, remember: Remember = timed_now) -> LinearPlan:
+    """Time each regime once at load: `small` weights for the one- and few-row regimes (cheap
+    at those rows, the LM head among them), `large` for many rows (none: MKL)."""
+    if device.type != "cpu":
+        return LinearPlan("mkl", "mkl", "mkl")   # F.linear: cuBLAS picks for itself
+    if not small or any(w.dtype != torch.float32 for w in small + large):
+        return LinearPlan()
+    row, few, many = REGIMES
+    return LinearPlan(remember(row.name, small, lambda: fastest(row, small)),
+                      remember(few.name, small, lambda: fastest(few, small)),
+                      remember(many.name, large, lambda: fastest(many, large)) if large
+                      else "mkl")
