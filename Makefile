@@ -59,13 +59,18 @@ node: $(NODE_STAMP)
 run: $(RUN_STAMP)
 	$(PY) -m llmasos.shell.boot
 
+# Two workers (pytest-xdist), each module on one worker (its fixtures boot once): much of a test
+# waits on processes it started. Idle OpenMP threads sleep instead of spinning, so two workers'
+# torch threads and their services share the cores instead of starving each other.
+TEST_WORKERS ?= 2
+PYTEST := OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 test: setup node
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 # The same suite as a CPU without AVX-512 runs it: numerics differ by instruction set.
 AVX2 := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 test-avx2: setup
-	$(AVX2) $(PY) -m pytest -q tests
+	$(AVX2) $(PYTEST) tests
 
 proto: setup
 	$(PY) -m llmasos.proto.generate
