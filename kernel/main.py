@@ -215,7 +215,10 @@ def run(args: argparse.Namespace) -> int:
         gateway.start()
     print(f"llmosd ready {address}", flush=True)
     logger.info("ready", address=address, models=sorted(k.models), http=args.http or None)
-    stop.wait()
+    # Woken every second: a signal that lands on another thread only sets a flag, and its
+    # handler runs when the main thread next runs Python (a bare wait() could sleep forever).
+    while not stop.wait(1.0):
+        pass
     shutdown(k, server, cfg.grace, gateway)
     return 0
 

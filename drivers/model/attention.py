@@ -29,7 +29,6 @@ class PagedGroup:
     max_q: int
     identity: bool  # query_rows == token_rows: no padding, no scatter (decode-only groups)
     first_row: int  # token_rows[0]
-    fresh: bool = False  # one sequence whose whole context is this step's tokens (no pool read)
     q_pos: torch.Tensor | None = None  # [S, 1, gqa * max_q, 1] position of each padded query
     window_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # built on first use
     biases: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict)  # likewise
@@ -87,7 +86,7 @@ def build_group(token_starts: list[int], q_lens: list[int], seq_lens: list[int],
         token_rows=token_rows.to(device), query_rows=rows.reshape(-1).to(device),
         padded_pos=padded_pos.to(device), kv_blocks=table.to(device), mask=mask.to(device),
         num_seqs=num_seqs, max_q=max_q, identity=identity, first_row=int(token_starts[0]),
-        fresh=num_seqs == 1 and q_lens[0] == seq_lens[0], q_pos=q_pos_folded.to(device),
+        q_pos=q_pos_folded.to(device),
     )
 
 
@@ -126,18 +125,6 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = out.view(s, kv_heads, gqa, mq, head_dim).permute(0, 3, 1, 2, 4)
     out = out.reshape(s * mq, num_heads, head_dim)
     return out if group.identity else out[group.padded_pos]
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: PagedGroup,
-                     scale: float) -> torch.Tensor:
-    """A fresh group (a prompt's first chunk): its context is exactly this step's k, v [T, Hkv, D],
-    so SDPA's causal kernel runs on them as they are, with no pool read and no mask, skipping the
-    key blocks above the diagonal (half the masked call's work). Returns [n, Hq, D]."""
-    rows = slice(group.first_row, group.first_row + len(group.token_rows))
-    qs, ks, vs = (t[rows].transpose(0, 1)[None] for t in (q, k, v))  # [1, H, n, D] views
-    out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
-                                         enable_gqa=True)
-    return out[0].transpose(0, 1)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

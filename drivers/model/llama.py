@@ -18,7 +18,6 @@ from llmasos.drivers.loaders.progress import Report, tracked
 from llmasos.drivers.model import probe_cache
 from llmasos.drivers.model.attention import (
     PagedGroup,
-    causal_attention,
     group_attention,
     write_kv,
 )
@@ -357,8 +356,6 @@ class LlamaModel:
                         k_cache: torch.Tensor, v_cache: torch.Tensor, group: PagedGroup,
                         window: int) -> torch.Tensor:
         softcap = self.cfg.attn_softcap
-        if group.fresh and not window and not softcap:   # causal SDPA needs no mask
-            return causal_attention(q, k, v, group, self.scale)
         return group_attention(q, k_cache, v_cache, group, self.scale, window=window,
                                softcap=softcap)
 
