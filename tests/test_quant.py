@@ -198,7 +198,9 @@ def test_int8_greedy_matches_fp32_on_most_prompts(fp32: Engine, int8: Engine) ->
     ref = greedy(fp32, PROMPTS, False)
     free = greedy(int8, PROMPTS, False)
     forced = greedy(int8, PROMPTS, False, forced=ref)
-    assert sum(a[:1] == b[:1] for a, b in zip(ref, free, strict=True)) >= 6, free
+    # "most" = more than half: each first token is one near-tie-prone decision (8 of them), so
+    # this bound is loose; the teacher-forced agreement over 96 positions below carries the weight
+    assert sum(a[:1] == b[:1] for a, b in zip(ref, free, strict=True)) > len(PROMPTS) // 2, free
     agree = sum(x == y for a, b in zip(ref, forced, strict=True) for x, y in zip(a, b, strict=True))
     assert agree >= 0.8 * len(PROMPTS) * NEW_TOKENS, agree
     assert int8.models()[0].quant == recipe("int8").name
