@@ -15,33 +15,16 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from test_nodes import Hosts, boot_in, joined, make_token, start_agent, stop
+from test_nodes import Hosts, two_hosts
 
-from conftest import MODEL, PROMPTS, converting_once, embedded_gguf
-from netns import Network, unavailable
+from conftest import MODEL, PROMPTS, embedded_gguf
 
 TOKENS = 12
 
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
-    why = unavailable()
-    if why:
-        pytest.skip(why)
-    net = Network()
-    try:
-        head, node = net.make(2)
-        home = tmp_path_factory.mktemp("ranks")
-        with converting_once():
-            proc, address = boot_in(head, home / "head")
-        agent = start_agent(address, make_token(home / "head"), "n1", home / "n1", node)
-        assert joined(agent) == f"llmosd node n1 joined {address}"
-        system = Hosts(head, node, address, home / "head", proc, agent)
-        yield system
-        assert stop(agent) == 0
-        assert stop(system.proc, 90) == 0
-    finally:
-        net.remove()
+    yield from two_hosts(tmp_path_factory, "ranks")
 
 
 @pytest.fixture(scope="module")

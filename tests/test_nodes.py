@@ -258,15 +258,15 @@ def boot_in(host: Host, home: Path) -> tuple[subprocess.Popen, str]:
     raise AssertionError(f"llmosd did not boot:\n{(home / 'llmosd.log').read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="module")
-def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
+def two_hosts(tmp_path_factory: pytest.TempPathFactory, label: str) -> Iterator[Hosts]:
+    """A head with the embedded model in one namespace, node n1 joined from another."""
     why = unavailable()
     if why:
         pytest.skip(why)
     net = Network()
     try:
         head, node = net.make(2)
-        home = tmp_path_factory.mktemp("nodes")
+        home = tmp_path_factory.mktemp(label)
         with converting_once():
             proc, address = boot_in(head, home / "head")
         agent = start_agent(address, make_token(home / "head"), "n1", home / "n1", node)
@@ -277,6 +277,11 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
         assert stop(system.proc, 90) == 0
     finally:
         net.remove()
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
+    yield from two_hosts(tmp_path_factory, "nodes")
 
 
 @pytest.fixture(scope="module")
