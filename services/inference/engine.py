@@ -25,6 +25,7 @@ from llmasos.drivers.model.llama import LlamaModel
 from llmasos.drivers.prune import semi_sparse
 from llmasos.drivers.tokenizer import Tokenizer
 from llmasos.services.inference import quantize
+from llmasos.services.inference.compute_thread import on_compute_thread
 from llmasos.services.inference.output import SequenceOutput
 from llmasos.services.inference.parallel import (
     ALL_HERE,
@@ -280,6 +281,9 @@ class Engine:
     def step(self, name: str, entries: list[StepEntry]) -> list[StepResult]:
         """Run one batch; one result per entry, in order. An entry the model cannot run gets
         a result with `error` set and the others run on (a bad request fails only its job)."""
+        return on_compute_thread(self._step, name, entries)
+
+    def _step(self, name: str, entries: list[StepEntry]) -> list[StepResult]:
         with self._lock:
             m = self._get(name)
             self._check_batch(entries)
@@ -362,10 +366,16 @@ class Engine:
     # ---- blocks ----
 
     def copy_blocks(self, name: str, src: list[int], dst: list[int]) -> None:
+        on_compute_thread(self._copy_blocks, name, src, dst)
+
+    def _copy_blocks(self, name: str, src: list[int], dst: list[int]) -> None:
         with self._lock:
             self._get(name).pool.copy_blocks(list(src), list(dst))
 
     def swap_out(self, name: str, blocks: list[int]) -> int:
+        return on_compute_thread(self._swap_out, name, blocks)
+
+    def _swap_out(self, name: str, blocks: list[int]) -> int:
         with self._lock:
             m = self._get(name)
             handle = next(self._handles)
@@ -373,6 +383,9 @@ class Engine:
             return handle
 
     def swap_in(self, name: str, handle: int, blocks: list[int]) -> None:
+        on_compute_thread(self._swap_in, name, handle, blocks)
+
+    def _swap_in(self, name: str, handle: int, blocks: list[int]) -> None:
         with self._lock:
             m = self._get(name)
             if handle not in m.swapped:
