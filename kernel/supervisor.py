@@ -1,7 +1,8 @@
 """The supervisor (MINIX 3's reincarnation server): starts each service as its own OS process,
 learns its address through a pipe, watches it through its exit and grpc.health.v1, and restarts
 it with exponential backoff within a restart budget. Past the budget the service is FAILED. The
-backoff grows only over a crash loop: an incarnation that stayed healthy STABLE_S restarts at once.
+backoff grows only over a crash loop: an incarnation that stayed healthy at least as long as it
+took to start (so restarts cost at most half its time) restarts at once.
 
 Protection: each service listens on `unix:<home>/run/<name>.sock`; the run directory is 0700 and
 locked for the life of this llmosd. A per-boot secret, made here and kept only in memory, goes to
@@ -32,6 +33,7 @@ log = structlog.get_logger()
 
 BACKOFF_START, BACKOFF_CAP = 0.5, 30.0
 STABLE_S = 10.0              # healthy this long: its death is a fault, not a crash loop
+STABLE_MIN_S = 1.0           # ...or this long and as long as its start took, if that is less
 HEALTH_PERIOD = 1.0          # seconds between health checks
 MISSED_CHECKS_TO_KILL = 2    # a service that misses two periods is killed and restarted
 SECRET_KEY = "x-llmasos-secret"   # services/runtime.py checks it on every call
@@ -102,7 +104,8 @@ class Service:
     channel: grpc.Channel | None = None
     incarnation: int = 0
     restarts: int = 0
-    started_at: float = 0.0
+    started_at: float = 0.0      # wall clock, for ps
+    spawned_at: float = 0.0      # monotonic, for the backoff
     last_exit: str = ""
     missed: int = 0
     next_start: float = 0.0
@@ -113,6 +116,14 @@ class Service:
     @property
     def pid(self) -> int:
         return self.popen.pid if self.popen and self.popen.poll() is None else 0
+
+
+def ran_stable(svc: Service, now: float) -> bool:
+    """Its death is a fault, not a crash loop: it served at least as long as its start took."""
+    if not svc.healthy_at:
+        return False
+    startup = max(0.0, svc.healthy_at - svc.spawned_at)
+    return now - svc.healthy_at >= min(STABLE_S, max(STABLE_MIN_S, startup))
 
 
 class Supervisor:
@@ -281,7 +292,7 @@ class Supervisor:
                 return
             svc.state = "STARTING"
             svc.incarnation += 1
-            svc.started_at = time.time()
+            svc.started_at, svc.spawned_at = time.time(), time.monotonic()
             svc.healthy_at = 0.0
             try:
                 svc.popen = subprocess.Popen(cmd, pass_fds=(write_fd, secret_r),
@@ -414,9 +425,10 @@ class Supervisor:
                       restarts=svc.restarts, budget=f"{self.max_restarts} in {self.window}s")
             self.ready.notify_all()
             return
-        if svc.healthy_at and now - svc.healthy_at >= STABLE_S:
+        if ran_stable(svc, now):
             svc.crash_loop = 0
-        delay = min(BACKOFF_START * 2 ** svc.crash_loop, BACKOFF_CAP)
+        delay = min(BACKOFF_START * 2 ** (svc.crash_loop - 1), BACKOFF_CAP) \
+            if svc.crash_loop else 0.0
         svc.crash_loop += 1
         svc.recent.append(now)
         svc.restarts += 1

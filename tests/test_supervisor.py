@@ -52,22 +52,34 @@ def test_exhausted_restart_budget_marks_failed_and_kernel_keeps_working(tmp_path
 
 
 def test_backoff_grows_over_a_crash_loop_and_resets_after_a_stable_run(tmp_path) -> None:
-    """A service that dies while starting backs off 0.5, 1, 2 s...; one killed after running
-    healthy STABLE_S restarts at once, however often it was killed before (the soak's case)."""
+    """A service that dies while starting restarts at once, then backs off 0.5, 1 s...; one
+    killed after serving as long as its start took (or STABLE_S) restarts at once, however
+    often it was killed before (the soak's case)."""
     import time
 
-    from llmasos.kernel.supervisor import BACKOFF_START, STABLE_S, ServiceSpec, Supervisor
+    from llmasos.kernel.supervisor import (
+        BACKOFF_START,
+        STABLE_MIN_S,
+        STABLE_S,
+        ServiceSpec,
+        Supervisor,
+    )
 
     sup = Supervisor([ServiceSpec("ipc")], str(tmp_path), max_restarts=100)
     svc = sup.services["ipc"]
 
-    def die(healthy_for: float | None) -> float:
+    def die(healthy_for: float | None, startup: float = 5.0) -> float:
         now = time.monotonic()
         svc.healthy_at = 0.0 if healthy_for is None else now - healthy_for
+        svc.spawned_at = (svc.healthy_at or now) - startup
         sup._died(svc, "test")
         return round(svc.next_start - now, 1)
 
-    assert [die(None) for _ in range(3)] == [BACKOFF_START, 2 * BACKOFF_START, 4 * BACKOFF_START]
-    assert die(STABLE_S + 1) == BACKOFF_START   # a stable run resets the loop
-    assert die(STABLE_S / 10) == 2 * BACKOFF_START   # a short one does not
-    assert svc.restarts == 5 and svc.state == "RESTARTING"
+    assert [die(None) for _ in range(3)] == [0.0, BACKOFF_START, 2 * BACKOFF_START]
+    assert die(STABLE_S + 1, startup=60) == 0.0   # a stable run resets the loop
+    assert die(4.0) == BACKOFF_START      # served 4 s after a 5 s start: still a crash loop
+    assert die(4.0) == 2 * BACKOFF_START
+    assert die(6.0) == 0.0                # served longer than its start took: a fault
+    assert die(STABLE_MIN_S / 2, startup=0.1) == BACKOFF_START   # a fast start needs 1 s
+    assert die(STABLE_MIN_S / 2, startup=0.1) == 2 * BACKOFF_START
+    assert svc.restarts == 9 and svc.state == "RESTARTING"
