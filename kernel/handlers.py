@@ -411,9 +411,9 @@ def check_replicas(k: Kernel, req: Any) -> int:
     """How many replicas a Deploy asks for; refused when the host cannot give each a core
     (nodes: each host its replicas, kernel/nodes.py)."""
     n = max(1, req.replicas)
-    if n > 1 and (req.tp > 1 or req.pp > 1):
-        raise SyscallError("FAILED_PRECONDITION", "replicas do not combine with tp or pp yet; "
-                           "deploy with --replicas alone, or --tp/--pp alone")
+    if n > 1 and (req.tp > 1 or req.pp > 1) and req.nodes:
+        raise SyscallError("FAILED_PRECONDITION", "replicas of a tp/pp model run on this host "
+                           "only; drop --nodes, or deploy --tp/--pp across nodes as one replica")
     if req.nodes and (req.tp > 1 or req.pp > 1):
         return 1   # one replica; nodes names each tp×pp rank's host (kernel/node_ranks.py)
     if req.nodes and req.nodes[0] != "anywhere" and req.replicas <= 1:

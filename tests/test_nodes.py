@@ -155,7 +155,7 @@ def test_a_node_joins_reports_devices_and_is_lost_when_silent(head: System,
             (dict(nodes=["head", "n1"], tp=3), grpc.StatusCode.INVALID_ARGUMENT,
              "one host per rank"),   # tp/pp ranks on nodes: tests/test_node_ranks.py
             (dict(nodes=["head", "n1", "n1"], tp=3, replicas=2),
-             grpc.StatusCode.FAILED_PRECONDITION, "replicas do not combine"),
+             grpc.StatusCode.FAILED_PRECONDITION, "this host only"),
         ]
         for fields, code, words in refused:
             with pytest.raises(grpc.RpcError) as err:

@@ -164,7 +164,6 @@ def test_bad_replicas_are_refused(replicated: System) -> None:
     cases = [
         (dict(replicas=-1), grpc.StatusCode.INVALID_ARGUMENT, "at least 1"),
         (dict(replicas=cores + 1), grpc.StatusCode.INVALID_ARGUMENT, f"--replicas {cores}"),
-        (dict(replicas=2, tp=3), grpc.StatusCode.FAILED_PRECONDITION, "tp or pp"),
     ]
     for fields, code, words in cases:
         with pytest.raises(grpc.RpcError) as err:
@@ -177,6 +176,28 @@ def test_bad_replicas_are_refused(replicated: System) -> None:
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "smol-bad" not in {m.name for m in replicated.call(
         "Models", kernel_pb2.ModelsRequest()).models}
+
+
+def test_replicas_of_a_tensor_parallel_model_serve_as_one_rank_does(
+        replicated: System, tmp_path: Path) -> None:
+    """--replicas 2 --tp 2 on a tiny random model (4 heads): two inference processes, each rank
+    0 of its own tp group, give the tokens the unsplit model gives."""
+    from test_parallel import tiny_folder
+    folder = tiny_folder(tmp_path, "llama")
+    system = replicated
+    one = llmsh(system, f"deploy {folder} tiny-one")
+    both = llmsh(system, f"deploy {folder} tiny-dp-tp --replicas 2 --tp 2")
+    assert one.returncode == 0 and both.returncode == 0, (one.stderr, both.stderr)
+    models = {m.name: m for m in system.call("Models", kernel_pb2.ModelsRequest()).models}
+    assert (models["tiny-dp-tp"].replicas, models["tiny-dp-tp"].tp) == (2, 2)
+    prompts = [" ".join(f"w{(7 * i + j) % 120 + 2}" for j in range(3 + i)) for i in range(8)]
+    want = [list(wait(system, pid).token_ids) for pid in spawn_all(system, "tiny-one", prompts)]
+    replies = [wait(system, pid) for pid in spawn_all(system, "tiny-dp-tp", prompts)]
+    assert [list(r.token_ids) for r in replies] == want
+    assert {r.info.replica for r in replies} == {0, 1}, "both replicas got jobs"
+    for name in ("tiny-one", "tiny-dp-tp"):
+        system.call("Undeploy", kernel_pb2.UndeployRequest(name=name))
+    assert_no_kv_held(system)
 
 
 def test_undeploy_stops_the_replica_service(replicated: System) -> None:

@@ -145,12 +145,16 @@ class Engine:
         (bad dtype, unsupported architecture, name taken) or KVBudgetError. `report` hears the
         load's progress (drivers/loaders/progress.py); once `cancelled()` is true the load
         stops at its next step with LoadCancelled, and a finished load is not kept. threads > 0
-        sets this process's torch threads from now on (replicas sharing a host's cores);
+        sets this process's torch threads from now on (replicas sharing a host's cores; a tp/pp
+        model's ranks split their replica's share);
         `spread` places tp/pp ranks on other hosts (parallel.py)."""
         if not name:
             raise ValueError("model name must not be empty")
+        if threads > 0 and tp * pp > 1:   # the replica's share of the cores, split by rank
+            threads = max(1, threads // (max(tp, 1) * max(pp, 1)))
         if threads > 0 and threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
+            torch.set_num_threads(threads)   # this thread's OpenMP team and the compute thread's
+            on_compute_thread(torch.set_num_threads, threads)
             log.info("torch_threads", threads=threads)
         dtype_name = dtype or DEFAULT_DTYPE.get(self.device.type, "float32")
         if dtype_name not in DTYPES:
@@ -169,7 +173,7 @@ class Engine:
         try:
             loaded = self._load(name, path, dtype_name, kv_budget_bytes, recipe, max(tp, 1),
                                 max(pp, 1), stoppable(report, cancelled), bar=report is None,
-                                spread=spread)
+                                spread=spread, threads=threads)
             with self._lock:   # checked where it is kept: a caller gone now never sees it
                 if cancelled():
                     close(loaded)
@@ -191,7 +195,7 @@ class Engine:
 
     def _load(self, name: str, path: str, dtype_name: str, kv_budget_bytes: int,
               recipe: quantize.Recipe, tp: int, pp: int, report: Report,
-              bar: bool, spread: Spread = ALL_HERE) -> Loaded:
+              bar: bool, spread: Spread = ALL_HERE, threads: int = 0) -> Loaded:
         t0 = time.perf_counter()
         # config and tokenizer checked before any weight is read: a file we cannot run
         # fails here in a fraction of a second, with nothing (no weights cache) written
@@ -212,7 +216,7 @@ class Engine:
         budget = kv_budget_bytes or self.kv_budget_bytes
         if tp > 1 or pp > 1:   # the budget is the whole model's: each rank holds 1/N of a block
             args = RankArgs(os.path.abspath(path), self.cache_dir, dtype_name, str(self.device),
-                            self.block_size, budget // (tp * pp))
+                            self.block_size, budget // (tp * pp), threads=threads)
             model, pool, memory = load_parallel(name, tp, pp, cfg, weights, torch_dtype, args,
                                                 spread)
             parameters = sum(t.numel() for t in weights.values())

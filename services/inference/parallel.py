@@ -54,6 +54,7 @@ class RankArgs:
     kv_budget_bytes: int  # this rank's share
     mode: str = "tp"  # "tp": heads split across ranks; "pp": layers split into stages
     tp: int = 1  # with mode "pp": tensor-parallel ranks per stage
+    threads: int = 0  # torch threads of each rank (0: the host's cores // world)
 
 
 @dataclass(frozen=True)

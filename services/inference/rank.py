@@ -87,12 +87,12 @@ def serve(comm: Comm, model: LlamaModel | None, pool: KVPool | None) -> int:
 def main(argv: list[str]) -> int:
     a = parse(argv)
     threading.Thread(target=watch_parent, args=(os.getppid(),), daemon=True).start()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // a.world))  # a share of the cores
     structlog.contextvars.bind_contextvars(tp_rank=a.rank, model=a.model)
     host, _, port = a.store.rpartition(":")
     store = dist.TCPStore(host.strip("[]"), int(port), a.world, is_master=False,
                           timeout=RENDEZVOUS_TIMEOUT)
     args = RankArgs(**json.loads(store.get(ARGS_KEY)))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // a.world))  # a share
     comm = Comm(store, a.rank, a.world, torch.device(args.device), COLLECTIVE_TIMEOUT, a.host)
     model, pool = None, None
     try:
