@@ -284,9 +284,10 @@ def test_reported_memory_matches_resident(fp32: Engine) -> None:
                                 for t in (layer.attn_norm, layer.mlp_norm)]
     packed = model.weight_bytes - sum(t.nbytes for t in fp32_kept)
     assert abs(grown - packed) <= 0.1 * packed, (grown, packed)
-    # fbgemm: ~1.15 bytes a weight (K padded to 512, written only where used); oneDNN keeps the
-    # unpacked int8 weight beside its packed one (~2.07), and wins the probe only if far faster
-    bound = 0.6 if torch.backends.quantized.engine == "onednn" else 0.35
+    # fbgemm pads K to a multiple of 512: with AVX-512 the padding is never written (~1.15 bytes
+    # a weight, 0.33x fp32), with AVX2 it is (1.8 bytes a weight at K = 576, measured: 0.46x);
+    # oneDNN keeps the unpacked int8 weight beside its packed one (~2.07 bytes, 0.52x)
+    bound = 0.6 if torch.backends.quantized.engine == "onednn" else 0.5
     assert model.weight_bytes < bound * before_bytes
 
 

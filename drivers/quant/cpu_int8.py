@@ -39,8 +39,11 @@ PREFER_MARGIN = 1.5
 # without VNNI, u8 x s8 pair sums can saturate int16 (measured: oneDNN limited to AVX2 errs
 # 2.0% RMS on the probe where fbgemm and VNNI oneDNN err 1.05%, the int8 rounding alone).
 ERROR_MARGIN = 1.3
-REDUCE_RANGE = False  # 7-bit activations only help CPUs without VNNI (int16 saturation)
-X_SCALE, X_ZERO = 2 / 255, 128  # uint8 over [-1, 1]: what the dynamic op picks for that range
+# Activations over [-1, 1] as uint8: (scale, zero point) per width, what the dynamic op picks
+# for that range. Without VNNI the u8 x s8 kernels add products in pairs into int16, which
+# saturates at 8 bits (measured on an AVX2 EPYC: 2.4% RMS error at 8 bits, 1.7% at 7; with VNNI
+# 8 bits err ~1.05%), so activation_bits() keeps the width that errs least on this CPU.
+X_RANGE = {8: (2 / 255, 128), 7: (2 / 127, 64)}
 STATIC_ENGINES = ("x86", "fbgemm")  # those whose packed weight serves the static-input op
 
 
@@ -87,6 +90,7 @@ class Int8Linear:
     static: Callable | None         # static_op(), or None: the dynamic op with an anchor row
     anchor: torch.Tensor | None     # [1, K], for the dynamic op
     inv_smooth: torch.Tensor | None  # [K]: x / smooth, folded into W at quantization
+    bits: int = 8                   # activation width (X_RANGE), as activation_bits() found
 
     @property
     def nbytes(self) -> int:
@@ -102,10 +106,10 @@ class Int8Linear:
         amax = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)
         rows.div_(amax)
         if self.static is not None:
-            y = self.static(rows, X_SCALE, X_ZERO, self.packed)
+            y = self.static(rows, *X_RANGE[self.bits], self.packed)
         else:
             y = torch.ops.quantized.linear_dynamic(torch.cat((rows, self.anchor)), self.packed,
-                                                   REDUCE_RANGE)[:-1]
+                                                   self.bits == 7)[:-1]
         y.mul_(amax)
         if bias is not None:
             y += bias
@@ -121,14 +125,35 @@ def pack_int8(w: torch.Tensor, smooth: torch.Tensor | None = None) -> Int8Linear
 
 
 def pack_quantized(q: torch.Tensor, scale: torch.Tensor,
-                   inv_smooth: torch.Tensor | None = None) -> Int8Linear:
+                   inv_smooth: torch.Tensor | None = None, bits: int = 0) -> Int8Linear:
     """Pack int8 weights q [N, K] with per-channel scale [N] (as quantize_weight made them)."""
     n, k = q.shape
     engine = torch.backends.quantized.engine
     packed, footprint = measured((engine, n, k), q.nbytes, lambda: prepack(q, scale))
     static = static_op()
     return Int8Linear(n, k, packed, footprint, static, None if static else anchor_row(k),
-                      inv_smooth)
+                      inv_smooth, bits or activation_bits())
+
+
+_bits: dict[str, int] = {}
+
+
+def activation_bits(shape: tuple[int, int] = (1536, 576)) -> int:
+    """The activation width (8 or 7) that errs least for the current engine on this CPU,
+    measured once per engine and process on a random layer of the model's shape."""
+    engine = torch.backends.quantized.engine
+    if engine not in _bits:
+        g = torch.Generator().manual_seed(1)
+        w = torch.randn(*shape, generator=g) * 0.05
+        x = torch.randn(16, shape[1], generator=g)
+        ref = x @ w.T
+        lin = pack_quantized(*quantize_weight(w), bits=8)
+        errors = {}
+        for bits in X_RANGE:
+            lin.bits = bits
+            errors[bits] = ((lin.matmul(x) - ref).pow(2).mean() / ref.pow(2).mean()).item()
+        _bits[engine] = min(errors, key=errors.__getitem__)
+    return _bits[engine]
 
 
 def unpack(lin: Int8Linear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,8 +219,8 @@ def choose_engine(shape: tuple[int, int] = (1536, 576), rows: tuple[int, ...] = 
     fastest = min(exact.values())
     _chosen = next(e for e in exact if exact[e] <= fastest * PREFER_MARGIN)
     torch.backends.quantized.engine = _chosen
-    log.info("quant_engine", engine=_chosen, ms={e: round(p.seconds * 1e3, 3)
-                                                  for e, p in probes.items()},
+    log.info("quant_engine", engine=_chosen, activation_bits=activation_bits(),
+             ms={e: round(p.seconds * 1e3, 3) for e, p in probes.items()},
              error={e: round(p.error, 4) for e, p in probes.items()})
     return _chosen
 
