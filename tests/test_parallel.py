@@ -23,7 +23,8 @@ import psutil
 import pytest
 import torch
 
-from llmasos.drivers.parallel.micro import cut
+from llmasos.drivers.model.batch import SeqSlice, StepBatch, build_batch
+from llmasos.drivers.parallel.micro import MIN_PART_ROWS, cut, micro_batches, micro_count
 from llmasos.drivers.parallel.shard import valid_degrees
 from llmasos.proto import kernel_pb2
 from llmasos.services.inference.engine import Engine, StepEntry
@@ -168,6 +169,19 @@ def test_cut_keeps_whole_sequences_and_balances_rows() -> None:
     assert cut([2, 2, 2, 2, 2, 2], 3) == [2, 4]
 
 
+def test_only_steps_with_big_enough_parts_are_cut() -> None:
+    def batch(*rows: int) -> StepBatch:
+        return build_batch([SeqSlice([5] * r, 0, list(range(i * 9, i * 9 + 9)), True)
+                            for i, r in enumerate(rows)], 16, 3)
+    assert micro_count(batch(*[1] * 8), 2) == 1   # decode: a part costs what the whole does
+    assert micro_count(batch(64, 64, 64, 64), 2) == 2
+    assert micro_count(batch(100, 100, 100), 3) == 2   # 300 rows: 2 parts of 128 or more
+    assert micro_count(batch(130), 2) == 1   # one sequence is never cut
+    parts = micro_batches(batch(1, 64, 64, 64, 64), 2)
+    assert [p.input_ids.shape[0] for p in parts] == [129, 128]
+    assert [p.sample_rows.tolist() for p in parts] == [[0, 64, 128], [63, 127]]
+
+
 @pytest.mark.parametrize("name", ["stages", "grid"])
 def test_pp_steps_run_as_micro_batches_and_equal_tp1(engine: Engine, name: str) -> None:
     """A step of several sequences, decode rows and prefill chunks mixed, is cut into one
@@ -175,7 +189,12 @@ def test_pp_steps_run_as_micro_batches_and_equal_tp1(engine: Engine, name: str) 
     greedy tokens are still tp=1's."""
     prompts = [engine.tokenize("one", p) for p in PROMPTS[:4]]
     want, _ = staggered(engine, "one", prompts, 6)
-    got, steps = staggered(engine, name, prompts, 6)
+    model = engine._get(name).model
+    model.min_part_rows = 1   # cut every step of 2+ sequences, however small (rank 0's rule)
+    try:
+        got, steps = staggered(engine, name, prompts, 6)
+    finally:
+        model.min_part_rows = MIN_PART_ROWS
     assert got == want
     for rows, parts in steps:   # rows: each sequence's, in flat (decode-first) order
         assert sum(parts) == sum(rows), steps

@@ -1,16 +1,22 @@
 """Pipeline micro-batches (GPipe): one step's sequences cut into k contiguous runs of the flat
 batch, whole sequences only, so each part is a batch of its own (its attention groups, slots
-and sampled rows). Stage s computes part i+1 while stage s+1 computes part i. Every rank cuts
-the broadcast batch the same way: the cut depends on nothing but the batch."""
+and sampled rows). Stage s computes part i+1 while stage s+1 computes part i. Rank 0 picks
+the number of parts and broadcasts it with the batch; every rank then cuts the batch the same
+way: the cut depends on nothing but the two."""
 
 from __future__ import annotations
 
 from llmasos.drivers.model.batch import StepBatch, build_batch
 
+MIN_PART_ROWS = 128   # below this a part costs about what the whole batch does (see README)
 
-def micro_count(batch: StepBatch, stages: int) -> int:
-    """One part per stage when there are enough sequences, else the step runs whole."""
-    return stages if len(batch.order) >= stages else 1
+
+def micro_count(batch: StepBatch, stages: int, min_rows: int = MIN_PART_ROWS) -> int:
+    """One part per stage when there are enough sequences and every part keeps min_rows rows
+    on average; else the step runs whole. Small parts do not pay: a decode row costs little
+    beside reading the stage's weights, which every part does again."""
+    rows = batch.input_ids.shape[0]
+    return max(1, min(stages, len(batch.order), rows // max(1, min_rows)))
 
 
 def cut(rows: list[int], k: int) -> list[int]:
@@ -28,11 +34,14 @@ def cut(rows: list[int], k: int) -> list[int]:
     return bounds
 
 
-def micro_batches(batch: StepBatch, stages: int) -> list[StepBatch]:
-    """The step's parts in flat order: their sampled rows, concatenated, are batch's."""
-    k = micro_count(batch, stages)
-    if k == 1 or batch.layout is None:
+def micro_batches(batch: StepBatch, k: int) -> list[StepBatch]:
+    """The step cut into k parts, in flat order: their sampled rows, concatenated, are
+    batch's."""
+    if k == 1:
         return [batch]
+    if batch.layout is None or k > len(batch.order):
+        raise ValueError(f"cannot cut a batch of {len(batch.order)} sequences into {k} parts "
+                         "(build it with build_batch, which records its layout)")
     lay = batch.layout
     seqs = [lay.slices[i] for i in batch.order]   # flat (decode-first) order
     edges = [0, *cut([s.num_tokens for s in seqs], k), len(seqs)]

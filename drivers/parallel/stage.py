@@ -11,8 +11,11 @@ shard of the stage's layers; rank s*tp+t hands its (replicated) hidden states to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import re
+from collections.abc import Iterator
 
 import torch
 
@@ -52,6 +55,20 @@ def stage_weights(cfg: ModelConfig, weights: dict, stage: int, pp: int) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to n for the block (rank 0's process serves other models
+    with its own count)."""
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if before != n:
+            torch.set_num_threads(before)
+
+
 class StageLlama(ShardedLlama):
     def __init__(self, cfg: ModelConfig, weights: dict, comm: Comm, tp_comm: Comm,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
@@ -70,6 +87,9 @@ class StageLlama(ShardedLlama):
         self.first, self.last = stage == 0, stage == pp - 1
         self.table = self.embed   # the real embedding table (first stage)
         self.part_rows: list[int] = []   # the last step's micro-batches' rows (tests, bench)
+        # while stages overlap, each rank one share of the host's cores, rank 0 too (rank.py
+        # sets the workers'): 2 threads beside a busy stage on 2 cores run slower than 1
+        self.threads = max(1, (os.cpu_count() or 1) // comm.world)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,14 +100,19 @@ class StageLlama(ShardedLlama):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return super().logits(h) if self.last else h
 
-    def forward(self, batch: StepBatch, pool: KVPool) -> torch.Tensor:
-        """Run the step as micro-batches (micro.py): each part's hidden states go on to the
+    def forward(self, batch: StepBatch, pool: KVPool, parts: int = 1) -> torch.Tensor:
+        """Run the step as `parts` micro-batches (micro.py): each part's hidden states go on to the
         next stage as soon as they are computed (isend), so the stages overlap. The logits
         travel back after every hidden state has gone out, on both sides in part order: no
         pair of ranks ever waits on each other in opposite orders (NCCL serialises a pair's
         sends and receives)."""
+        if parts == 1:   # no overlap: this rank may use what its process has
+            return self.pipeline([batch], pool)
+        with cpu_threads(self.threads):   # stages run at once: each keeps to its share
+            return self.pipeline(micro_batches(batch, parts), pool)
+
+    def pipeline(self, parts: list[StepBatch], pool: KVPool) -> torch.Tensor:
         pipe, rank = self.pipe, self.pipe.rank
-        parts = micro_batches(batch, pipe.world // self.tp)
         self.part_rows = [p.input_ids.shape[0] for p in parts]
         last_head = pipe.world - self.tp   # the last stage's first rank sends the logits back
         sends, outs = [], []
