@@ -1,14 +1,22 @@
 """Tensor and pipeline parallelism on this machine: per-step cost of tp=3 and pp=2 against tp=1
 on the embedded SmolLM2 (fp32, CPU, gloo over loopback), side by side in one Engine, and what
 tp's collectives alone cost (the same 60 all-reduces and one all-gather a step makes, with no
-compute). pp=2 passes the hidden states once (stage 0 -> 1) and the logits back (1 -> 0).
+compute). pp=2 passes the hidden states forward (stage 0 -> 1) and the logits back (1 -> 0).
 
-Shapes: decode at batch 1 and 8 over 64 tokens of context, prefill of 128 tokens. Each shape
-is timed interleaved (tp1, tp3, pp2, tp1, ...) and the best of the repetitions is kept. On a
+pp=2 is timed three ways on the same model (rank 0 broadcasts the micro-batch count with each
+step, so every way is one attribute on rank 0): "whole" (every step one part: the stages take
+turns, as before micro-batches), "cut" (every step of 2+ sequences cut in two: stage 0
+computes the second part while stage 1 computes the first) and the default rule
+(drivers/parallel/micro.py: cut only into parts of at least MIN_PART_ROWS rows), which is
+what a deployed pp model does; "parts" is how many the default made.
+
+Shapes: decode at batch 1 and 8 over 64 tokens of context, prefill of 128 tokens, and a prefill
+of 4 sequences of 64 tokens (the one shape the default cuts). Each shape is timed interleaved
+(tp1, tp3, pp2, pp2 whole, pp2 cut, tp1, ...) and the best of the repetitions is kept. On a
 host with fewer cores than ranks, tp=3 cannot be faster: the ranks share the same cores; the
 ratio shows what splitting costs here, the collective figure what it would cost anywhere
-the ranks had their own devices. pp runs one step at a time here (the kernel has one step
-in flight), so its stages take turns: its ratio is the cost of the hand-offs, not a pipeline.
+the ranks had their own devices. The JSON's pp_step_ratio is pp=2 (default rule) / tp=1 at
+decode batch 8, pp_microbatches the parts it ran, pp_cut_speedup_4x64 whole / cut at 4x64.
 
 Data parallelism: the serve-throughput workload (bench/serve_throughput.py: 64 requests,
 greedy, every request streamed over gRPC) through two booted llmosd side by side, one serving

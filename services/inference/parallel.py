@@ -228,10 +228,12 @@ class TPModel:
         self.stages = group.tp // group.args.tp if group.args.mode == "pp" else 1
 
     def forward(self, batch: StepBatch, pool: TPPool) -> torch.Tensor:
+        k = micro_count(batch, self.stages, self.min_part_rows)   # every rank gets rank 0's
+        if k == 1:   # the layout only serves to cut the batch: not worth pickling
+            batch = dataclasses.replace(batch, layout=None)
         if self.stages == 1:
             return self.group.collective("step", (batch,), lambda: self.local.forward(
                 batch, pool.local))  # type: ignore[return-value]
-        k = micro_count(batch, self.stages, self.min_part_rows)   # every rank gets rank 0's
         return self.group.collective("step", (batch, k), lambda: self.local.forward(
             batch, pool.local, k))  # type: ignore[return-value]
 
