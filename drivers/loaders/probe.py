@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-from llmasos.drivers.loaders import probe_cache
 from llmasos.drivers.loaders.config import ModelConfig, from_gguf_metadata
 from llmasos.drivers.loaders.gguf import check_gguf_arch
 from llmasos.drivers.loaders.hf import read_config
@@ -27,13 +26,10 @@ def probe(path: str) -> tuple[ModelConfig, Tokenizer]:
                                     "model (tokenizer.save_pretrained)")
         tokenizer = Tokenizer.from_hf_dir(path)
     elif os.path.isfile(path):
-        kept = probe_cache.load(path)
-        meta = kept[0] if kept else read_gguf_metadata(path)
+        meta = read_gguf_metadata(path)
         check_gguf_arch(str(meta.get("general.architecture", "")))
         cfg = from_gguf_metadata(meta, set())  # tensor names only decide the tied head
-        tokenizer = kept[1] if kept else Tokenizer.from_gguf_metadata(meta)
-        if not kept:
-            probe_cache.save(path, meta, tokenizer)
+        tokenizer = Tokenizer.from_gguf_metadata(meta)
     else:
         raise FileNotFoundError(f"no such model file or folder: {path}")
     rope_inv_freq(cfg)  # raises on a RoPE scaling we do not implement
