@@ -35,7 +35,8 @@ BACKOFF_START, BACKOFF_CAP = 0.5, 30.0
 STABLE_S = 10.0              # healthy this long: its death is a fault, not a crash loop
 STABLE_MIN_S = 1.0           # ...or this long and as long as its start took, if that is less
 HEALTH_PERIOD = 1.0          # seconds between health checks
-MISSED_CHECKS_TO_KILL = 2    # a service that misses two periods is killed and restarted
+MISSED_CHECKS_TO_KILL = 3    # a service that misses three periods is killed and restarted
+                             # (two were missed by loads holding the GIL on a loaded host)
 SECRET_KEY = "x-llmasos-secret"   # services/runtime.py checks it on every call
 MAX_SOCKET_PATH = 107            # sun_path holds 108 bytes with its NUL on Linux
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
