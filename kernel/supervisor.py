@@ -29,6 +29,8 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmasos.services.runtime import STACKS_SIGNAL
+
 log = structlog.get_logger()
 
 BACKOFF_START, BACKOFF_CAP = 0.5, 30.0
@@ -36,6 +38,7 @@ STABLE_S = 10.0              # healthy this long: its death is a fault, not a cr
 STABLE_MIN_S = 1.0           # ...or this long and as long as its start took, if that is less
 HEALTH_PERIOD = 1.0          # seconds between health checks
 MISSED_CHECKS_TO_KILL = 3    # a service that misses three periods is killed and restarted
+STACKS_WAIT_S = 0.2          # time a hung service gets to write its stacks before the kill
                              # (two were missed by loads holding the GIL on a loaded host)
 SECRET_KEY = "x-llmasos-secret"   # services/runtime.py checks it on every call
 MAX_SOCKET_PATH = 107            # sun_path holds 108 bytes with its NUL on Linux
@@ -117,6 +120,16 @@ class Service:
     @property
     def pid(self) -> int:
         return self.popen.pid if self.popen and self.popen.poll() is None else 0
+
+
+def dump_stacks(popen: subprocess.Popen) -> None:
+    """Ask a service about to be killed as hung to write every thread's stack to its stderr
+    (the kernel's log): the one clue to why it stopped answering."""
+    try:
+        popen.send_signal(STACKS_SIGNAL)
+        time.sleep(STACKS_WAIT_S)
+    except ProcessLookupError:
+        pass
 
 
 def ran_stable(svc: Service, now: float) -> bool:
@@ -400,6 +413,7 @@ class Supervisor:
         svc.state = "UNHEALTHY"
         if svc.missed >= MISSED_CHECKS_TO_KILL:
             log.warning("service_unresponsive", service=svc.spec.name, missed=svc.missed)
+            dump_stacks(svc.popen)
             svc.popen.kill()
             self._died(svc, f"no health answer in {svc.missed} periods; killed")
 

@@ -13,6 +13,7 @@ off: only the public Kernel service describes itself.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import hmac
 import os
 import signal
@@ -28,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from llmasos.kernel import log
 
 SECRET_KEY = "x-llmasos-secret"   # the call metadata that carries the per-boot secret
+STACKS_SIGNAL = signal.SIGUSR1     # dumps every thread's stack to stderr (the kernel's log)
 Register = Callable[[grpc.Server], list[str]]
 
 
@@ -152,6 +154,9 @@ def serve(name: str, register: Callable[[grpc.Server, argparse.Namespace], list[
     if args.listen.startswith("unix:"):   # the supervisor's name for us: inference.1, ...
         name = os.path.basename(args.listen).removesuffix(".sock")
     log = configure_logging(name)
+    # a kernel about to kill us as hung asks first where we are stuck; C-level, so it answers
+    # even while another thread holds the GIL
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)
     secret = read_secret(args.secret_fd)
     server, address = start_server(lambda s: register(s, args), args.listen, secret,
                                    args.workers)

@@ -291,7 +291,7 @@ class StartedService:
 
 
 def start_service(module: str, *args: str, env: dict[str, str] | None = None,
-                  timeout: float = 30.0) -> StartedService:
+                  timeout: float = 30.0, stderr: object = subprocess.DEVNULL) -> StartedService:
     """Start one service process on a free loopback port with a fresh secret on a pipe; it
     prints its address when given no report pipe."""
     import secrets as _secrets
@@ -302,7 +302,7 @@ def start_service(module: str, *args: str, env: dict[str, str] | None = None,
     try:
         proc = subprocess.Popen([sys.executable, "-m", module, "--listen", "127.0.0.1:0",
                                  "--secret-fd", str(read_fd), *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=stderr,
                                 pass_fds=(read_fd,), env=env,
                                 cwd=Path(__file__).resolve().parents[1])
     finally:

@@ -241,7 +241,8 @@ def test_failed_redeploy_ends_the_models_jobs_with_a_clear_error(tmp_path: Path)
                                                          sampling=greedy(4)))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "deploy it again" in err.value.details()
-        assert system.services()["inference"].state == "HEALTHY"
+        # restarted: its address reported, its first health check may still be due
+        system.wait_services(lambda s: s["inference"].state == "HEALTHY", timeout=30)
         shutil.copy(embedded_gguf(), moved)   # deploying it again makes it usable
         system.call("Deploy", kernel_pb2.DeployRequest(name="moving", path=str(moved)),
                     timeout=600)

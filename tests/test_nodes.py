@@ -241,12 +241,13 @@ class Hosts:
 
 
 def boot_in(host: Host, home: Path) -> tuple[subprocess.Popen, str]:
-    """llmosd with the embedded model, listening on the host's link address."""
+    """llmosd with the embedded model, listening on the host's link address; its log is
+    appended to, so a rebooted head's log keeps what the one before it said."""
     address = f"{host.address}:7070"
     home.mkdir(parents=True, exist_ok=True)
     proc = host.popen([*LLMOSD, "run", "--listen", address, "--insecure", "--no-http",
                        "--home", str(home)], stdout=subprocess.PIPE,
-                      stderr=(home / "llmosd.log").open("w"), text=True,
+                      stderr=(home / "llmosd.log").open("a"), text=True,
                       env={**os.environ, "LLMASOS_HOME": str(home)})
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
@@ -380,13 +381,16 @@ def test_kill_9_of_the_head_and_the_node_joins_again(hosts: Hosts,
                                                      one_replica: list[list[int]]) -> None:
     """The journal keeps the placement; the node, unknown to the new head, joins again with
     its token and its replica is started and attached anew."""
+    before = hosts.log()   # the new head appends to the same log
     os.kill(hosts.proc.pid, signal.SIGKILL)
     hosts.proc.wait(10)
     hosts.proc, _ = boot_in(hosts.head, hosts.home)
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and "node_replica_attached" not in hosts.log():
+    while time.monotonic() < deadline and \
+            "node_replica_attached" not in hosts.log()[len(before):]:
         time.sleep(0.5)
-    assert "node_joined" in hosts.log() and "node_replica_attached" in hosts.log()
+    since = hosts.log()[len(before):]
+    assert "node_joined" in since and "node_replica_attached" in since
     results = hosts.drive("jobs", "smol-2h", str(TOKENS), json.dumps(JOBS))
     assert [r["tokens"] for r in results] == one_replica
     assert {r["replica"] for r in results} == {0, 1}

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
 import grpc
 import pytest
 
+from llmasos.kernel.supervisor import MISSED_CHECKS_TO_KILL
 from llmasos.proto import kernel_pb2
+from llmasos.services.runtime import STACKS_SIGNAL
 
-from conftest import System, boot, shutdown
+from conftest import System, boot, shutdown, start_service, stop_service
 
 
 @pytest.mark.parametrize("name", ["security", "ipc", "scheduler", "inference"])
@@ -26,6 +30,36 @@ def test_killed_service_is_restarted(bare_system: System, name: str) -> None:
     # The restarted service really serves: WhoAmI goes through security, Models through inference.
     assert bare_system.call("WhoAmI", kernel_pb2.WhoAmIRequest()).user == "root"
     bare_system.call("Models", kernel_pb2.ModelsRequest())
+
+
+def test_a_service_that_stops_answering_is_killed_as_hung_and_restarted(
+        bare_system: System) -> None:
+    """SIGSTOP: alive, answering nothing; three missed health periods and it is replaced."""
+    before = bare_system.services()["ipc"]
+    os.kill(before.pid, signal.SIGSTOP)
+    after = bare_system.wait_services(lambda s: s["ipc"].state == "HEALTHY"
+                                      and s["ipc"].incarnation > before.incarnation)["ipc"]
+    assert after.pid != before.pid
+    assert f"no health answer in {MISSED_CHECKS_TO_KILL} periods; killed" in after.last_exit
+    assert "service_unresponsive" in bare_system.log_text()
+
+
+def test_a_service_writes_every_threads_stack_when_asked(tmp_path: Path) -> None:
+    """What the kernel asks of a service before killing it as hung: where each thread is."""
+    err = tmp_path / "stderr"
+    with err.open("w") as sink:
+        svc = start_service("llmasos.services.ipc", stderr=sink)
+    try:
+        svc.proc.send_signal(STACKS_SIGNAL)
+        deadline = time.monotonic() + 10
+        while "in serve" not in err.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = err.read_text()
+        assert "Current thread" in text and "in serve" in text, text   # the main thread's
+        assert "Thread 0x" in text and "in _serve" in text, text   # and gRPC's server's
+        assert svc.proc.poll() is None, "a stack dump must not end the service"
+    finally:
+        stop_service(svc.proc, svc.address)
 
 
 def test_exhausted_restart_budget_marks_failed_and_kernel_keeps_working(tmp_path) -> None:

@@ -2,9 +2,13 @@
 
 A restarted inference service finds the weights cache in the page cache; mapping it costs one
 pass of the kernel (no read into Python, no per-tensor copy, no torch.cat of fused weights). The
-mapping is populated when made (MAP_POPULATE): on a private writable mapping the kernel copies
-the cached pages into the process then, rather than the first step stopping on a page fault per
-4 KiB of weights. Private means copy-on-write: a tensor written in place never changes the file.
+mapping is populated when made, by reading a byte of every page in a torch op (which releases
+the GIL), so the first step does not stop on page faults. Not MAP_POPULATE: Python's mmap()
+holds the GIL in the syscall, and on a private writable mapping the kernel then copies every
+page, seconds on a loaded host during which the service answered no health check and was killed
+as hung. Read faults share the page cache's pages (replicas of one model share them too);
+private means copy-on-write: a tensor written in place never changes the file, which the cache
+only ever replaces whole (os.replace), never rewrites under a mapping.
 
 The format (https://huggingface.co/docs/safetensors): 8 bytes little-endian header length, a
 JSON header {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the
@@ -62,10 +66,12 @@ def read_header(file: str) -> tuple[dict[str, dict], dict[str, str], int]:
 def map_file(file: str) -> torch.Tensor:
     """The whole file as a uint8 tensor over a private, populated, writable (copy-on-write)
     mapping; the tensor keeps the mapping alive."""
-    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)   # Linux; elsewhere lazy
     with open(file, "rb") as f:
-        mapping = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    return torch.frombuffer(mapping, dtype=torch.uint8)
+        mapping = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
+                            prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    raw = torch.frombuffer(mapping, dtype=torch.uint8)
+    raw[::mmap.PAGESIZE].sum()   # one read per page: faults them in, the GIL released
+    return raw
 
 
 def map_safetensors(file: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
