@@ -1,14 +1,22 @@
 """Tensor and pipeline parallelism on this machine: per-step cost of tp=3 and pp=2 against tp=1
 on the embedded SmolLM2 (fp32, CPU, gloo over loopback), side by side in one Engine, and what
 tp's collectives alone cost (the same 60 all-reduces and one all-gather a step makes, with no
-compute). pp=2 passes the hidden states once (stage 0 -> 1) and the logits back (1 -> 0).
+compute). pp=2 passes the hidden states forward (stage 0 -> 1) and the logits back (1 -> 0).
 
-Shapes: decode at batch 1 and 8 over 64 tokens of context, prefill of 128 tokens. Each shape
-is timed interleaved (tp1, tp3, pp2, tp1, ...) and the best of the repetitions is kept. On a
+pp=2 is timed three ways on the same model (rank 0 broadcasts the micro-batch count with each
+step, so every way is one attribute on rank 0): "whole" (every step one part: the stages take
+turns, as before micro-batches), "cut" (every step of 2+ sequences cut in two: stage 0
+computes the second part while stage 1 computes the first) and the default rule
+(drivers/parallel/micro.py: cut only into parts of at least MIN_PART_ROWS rows), which is
+what a deployed pp model does; "parts" is how many the default made.
+
+Shapes: decode at batch 1 and 8 over 64 tokens of context, prefill of 128 tokens, and a prefill
+of 4 sequences of 64 tokens (the one shape the default cuts). Each shape is timed interleaved
+(tp1, tp3, pp2, pp2 whole, pp2 cut, tp1, ...) and the best of the repetitions is kept. On a
 host with fewer cores than ranks, tp=3 cannot be faster: the ranks share the same cores; the
 ratio shows what splitting costs here, the collective figure what it would cost anywhere
-the ranks had their own devices. pp runs one step at a time here (the kernel has one step
-in flight), so its stages take turns: its ratio is the cost of the hand-offs, not a pipeline.
+the ranks had their own devices. The JSON's pp_step_ratio is pp=2 (default rule) / tp=1 at
+decode batch 8, pp_microbatches the parts it ran, pp_cut_speedup_4x64 whole / cut at 4x64.
 
 Data parallelism: the serve-throughput workload (bench/serve_throughput.py: 64 requests,
 greedy, every request streamed over gRPC) through two booted llmosd side by side, one serving
@@ -36,6 +44,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from llmasos.drivers.parallel.micro import MIN_PART_ROWS
 from llmasos.proto import kernel_pb2, kernel_pb2_grpc
 from llmasos.services.inference.engine import Engine, StepEntry
 from llmasos.services.inference.sampler import SamplingParams
@@ -47,6 +56,10 @@ from workload import requests  # noqa: E402
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTEXT = 64
 MODELS = ("tp1", "tp3", "pp2")
+# what each timed run sets pp=2's min_part_rows to (0: not pp): pp2 the default rule, pp2w
+# every step whole (as before micro-batches), pp2c every step of 2+ sequences cut in two
+RUNS = {"tp1": 0, "tp3": 0, "pp2": MIN_PART_ROWS, "pp2w": 1 << 30, "pp2c": 1}
+SHAPES = ("decode_b1", "decode_b8", "prefill_128", "prefill_4x64")
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
 
 
@@ -84,11 +97,13 @@ def shape_runs(engine: Engine, shape: str) -> dict[str, object]:
         runs = {n: functools.partial(engine.step, n, decode_entries(engine, n, batch))
                 for n in MODELS}
         return {"runs": runs, "rows": batch, "sampled": batch}
-    n_tok = int(shape.split("_")[1])
-    entry = [StepEntry(99, prompt(n_tok, 5), 0, list(range(n_tok // 16 + 1)), True, GREEDY,
-                       reset=True)]
+    seqs, _, n_tok = shape.split("_")[1].rpartition("x")   # prefill_128, prefill_4x64
+    seqs, n_tok = int(seqs or 1), int(n_tok)
+    per = n_tok // 16 + 1
+    entry = [StepEntry(99 + i, prompt(n_tok, 5 + i), 0, list(range(i * per, (i + 1) * per)),
+                       True, GREEDY, reset=True) for i in range(seqs)]
     runs = {n: (lambda n=n: engine.step(n, entry)) for n in MODELS}
-    return {"runs": runs, "rows": n_tok, "sampled": 1}
+    return {"runs": runs, "rows": seqs * n_tok, "sampled": seqs}
 
 
 KV_MB = 256   # each replica's KV pool; the single replica gets the sum
@@ -148,25 +163,33 @@ def tp_pp_steps(reps: int) -> tuple[list[tuple], dict[str, dict]]:
     engine.load("tp1", gguf_path())
     engine.load("tp3", gguf_path(), tp=3)
     engine.load("pp2", gguf_path(), pp=2)
+    pp = engine._get("pp2").model
     cfg = engine._get("tp1").model.cfg
     group = engine._get("tp3").model.group  # type: ignore[union-attr]
     vocab_part = -(-cfg.vocab_size // 3)
     rows, figures = [], {}
-    for shape in ("decode_b1", "decode_b8", "prefill_128"):
+    for shape in SHAPES:
         s = shape_runs(engine, shape)
-        best = dict.fromkeys([*MODELS, "coll"], float("inf"))
+        best = dict.fromkeys([*RUNS, "coll"], float("inf"))
         for _ in range(reps):
-            for name in MODELS:
-                best[name] = min(best[name], timed(s["runs"][name]))
+            for run, min_rows in RUNS.items():
+                if min_rows:   # the same pp=2 model, its steps cut by this rule
+                    pp.min_part_rows = min_rows  # type: ignore[union-attr]
+                best[run] = min(best[run], timed(s["runs"][run[:3]]))
+                if run == "pp2":
+                    parts = len(pp.local.part_rows)  # type: ignore[union-attr]
             # the collectives alone: all-reduces over all the step's rows, gather over sampled
             best["coll"] = min(best["coll"], 1000 * group.probe(
                 s["rows"], s["sampled"], cfg.hidden_size, vocab_part, cfg.num_layers))
         figures[shape] = {
             "tp1_ms": round(best["tp1"], 2), "tp3_ms": round(best["tp3"], 2),
             "pp2_ms": round(best["pp2"], 2), "ratio": round(best["tp3"] / best["tp1"], 3),
-            "pp_ratio": round(best["pp2"] / best["tp1"], 3),
+            "pp_ratio": round(best["pp2"] / best["tp1"], 3), "pp_microbatches": parts,
+            "pp2_whole_ms": round(best["pp2w"], 2), "pp2_cut_ms": round(best["pp2c"], 2),
             "collectives_ms": round(best["coll"], 2)}
-        rows.append((shape, best["tp1"], best["tp3"], best["pp2"], best["coll"]))
+        rows.append((shape, best["tp1"], best["tp3"], best["pp2w"], best["pp2c"],
+                     best["pp2"], parts, best["coll"]))
+    pp.min_part_rows = MIN_PART_ROWS  # type: ignore[union-attr]
     for name in MODELS:
         engine.unload(name)
     return rows, figures
@@ -183,21 +206,25 @@ def main() -> None:
     rows, figures = ([], {}) if args.only_dp else tp_pp_steps(args.reps)
     dp = {} if args.skip_dp else dp_throughput(args.dp_requests, args.dp_rounds)
     if rows:
-        print(f"{'shape':<14}{'tp=1 ms':>10}{'tp=3 ms':>10}{'pp=2 ms':>10}{'tp3/tp1':>9}"
-              f"{'pp2/tp1':>9}{'tp3 collectives ms':>20}")
-    for shape, a, b, p, c in rows:
-        print(f"{shape:<14}{a:>10.2f}{b:>10.2f}{p:>10.2f}{b / a:>9.2f}{p / a:>9.2f}{c:>20.2f}")
+        print(f"{'shape':<14}{'tp=1 ms':>9}{'tp=3 ms':>9}{'pp2 whole':>10}{'pp2 cut':>9}"
+              f"{'pp=2 ms':>9}{'parts':>6}{'tp3/tp1':>8}{'pp2/tp1':>8}{'tp3 coll ms':>12}")
+    for shape, a, b, w, cut, p, k, c in rows:
+        print(f"{shape:<14}{a:>9.2f}{b:>9.2f}{w:>10.2f}{cut:>9.2f}{p:>9.2f}{k:>6}{b / a:>8.2f}"
+              f"{p / a:>8.2f}{c:>12.2f}")
     if dp:
         print(f"serve throughput, {dp['dp_requests']} requests x {dp['dp_rounds']} rounds: "
               f"one replica {dp['dp_one_tok_s']} tok/s, two replicas {dp['dp_two_tok_s']} "
               f"tok/s, ratio {dp['dp_throughput_ratio']}")
     print(f"cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}, "
           f"cpu: {cpu_features() or '-'}")
-    b8 = figures.get("decode_b8", {})
+    b8, p4 = figures.get("decode_b8", {}), figures.get("prefill_4x64", {})
     print(json.dumps({
         "bench": "parallel", "tp": 3, "pp": 2, "cores": os.cpu_count(),
         "loadavg": round(os.getloadavg()[0], 1), "cpu": cpu_features(),
         "tp_step_ratio": b8.get("ratio"), "pp_step_ratio": b8.get("pp_ratio"),
+        "pp_microbatches": b8.get("pp_microbatches"),
+        "pp_cut_speedup_4x64": round(p4.get("pp2_whole_ms", 0) / p4["pp2_cut_ms"], 3)
+        if p4 else None,
         "dp_throughput_ratio": dp.get("dp_throughput_ratio"),
         "tp_collectives_ms": b8.get("collectives_ms"),
         **{k: v for k, v in dp.items() if k != "dp_throughput_ratio"},

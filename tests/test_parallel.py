@@ -23,6 +23,8 @@ import psutil
 import pytest
 import torch
 
+from llmasos.drivers.model.batch import SeqSlice, StepBatch, build_batch
+from llmasos.drivers.parallel.micro import MIN_PART_ROWS, cut, micro_batches, micro_count
 from llmasos.drivers.parallel.shard import valid_degrees
 from llmasos.proto import kernel_pb2
 from llmasos.services.inference.engine import Engine, StepEntry
@@ -129,6 +131,78 @@ def test_copy_and_swap_reach_every_ranks_share(engine: Engine, name: str) -> Non
             feed, pos = [r.token_id], pos + 1
         engine.release(name, [7])
         assert got == want[3:], move
+
+
+def staggered(engine: Engine, name: str, prompts: list[list[int]], n: int, chunk: int = 3
+              ) -> tuple[list[list[int]], list[tuple[list[int], list[int]]]]:
+    """prompts[:2] start at once; the others join at step 2 and are fed `chunk` tokens a step
+    while the first ones decode, so those steps mix decode rows and prefill chunks. (The
+    greedy tokens; each step's rows per sequence and, on a pp model, its micro-batches' rows.)"""
+    per = max(len(p) for p in prompts) // 16 + n // 16 + 2
+    out: list[list[int]] = [[] for _ in prompts]
+    pos, todo = [0] * len(prompts), [list(p) for p in prompts]
+    local = getattr(engine._get(name).model, "local", None)
+    parts, step = [], 0
+    while any(len(o) < n for o in out):
+        live = [i for i in range(len(prompts)) if (i < 2 or step >= 2) and len(out[i]) < n]
+        feed = {i: todo[i][:chunk] if todo[i] else [out[i][-1]] for i in live}
+        entries = [StepEntry(2000 + i, feed[i], pos[i], list(range(i * per, (i + 1) * per)),
+                             len(todo[i]) <= chunk, GREEDY, reset=pos[i] == 0) for i in live]
+        for i, r in zip(live, engine.step(name, entries), strict=True):
+            assert not r.error, r.error
+            if len(todo[i]) <= chunk:
+                out[i].append(r.token_id)
+            pos[i] += len(feed[i])
+            todo[i] = todo[i][chunk:]
+        rows = sorted((len(feed[i]) for i in live), key=lambda r: r > 1)   # decode first
+        parts.append((rows, list(getattr(local, "part_rows", []))))
+        step += 1
+    engine.release(name, [2000 + i for i in range(len(prompts))])
+    return out, parts
+
+
+def test_cut_keeps_whole_sequences_and_balances_rows() -> None:
+    assert cut([1, 1, 1, 1, 1, 1, 1, 1], 2) == [4]
+    assert cut([1, 1, 3, 3], 2) == [3]   # 5 rows | 3 rows
+    assert cut([1, 1, 1, 100], 2) == [3]   # the long chunk alone, not an empty part
+    assert cut([100, 1, 1], 3) == [1, 2]
+    assert cut([2, 2, 2, 2, 2, 2], 3) == [2, 4]
+
+
+def test_only_steps_with_big_enough_parts_are_cut() -> None:
+    def batch(*rows: int) -> StepBatch:
+        return build_batch([SeqSlice([5] * r, 0, list(range(i * 9, i * 9 + 9)), True)
+                            for i, r in enumerate(rows)], 16, 3)
+    assert micro_count(batch(*[1] * 8), 2) == 1   # decode: a part costs what the whole does
+    assert micro_count(batch(64, 64, 64, 64), 2) == 2
+    assert micro_count(batch(100, 100, 100), 3) == 2   # 300 rows: 2 parts of 128 or more
+    assert micro_count(batch(130), 2) == 1   # one sequence is never cut
+    parts = micro_batches(batch(1, 64, 64, 64, 64), 2)
+    assert [p.input_ids.shape[0] for p in parts] == [129, 128]
+    assert [p.sample_rows.tolist() for p in parts] == [[0, 64, 128], [63, 127]]
+
+
+@pytest.mark.parametrize("name", ["stages", "grid"])
+def test_pp_steps_run_as_micro_batches_and_equal_tp1(engine: Engine, name: str) -> None:
+    """A step of several sequences, decode rows and prefill chunks mixed, is cut into one
+    micro-batch per stage (stage 0 runs the second while stage 1 runs the first), and the
+    greedy tokens are still tp=1's."""
+    prompts = [engine.tokenize("one", p) for p in PROMPTS[:4]]
+    want, _ = staggered(engine, "one", prompts, 6)
+    model = engine._get(name).model
+    model.min_part_rows = 1   # cut every step of 2+ sequences, however small (rank 0's rule)
+    try:
+        got, steps = staggered(engine, name, prompts, 6)
+    finally:
+        model.min_part_rows = MIN_PART_ROWS
+    assert got == want
+    for rows, parts in steps:   # rows: each sequence's, in flat (decode-first) order
+        assert sum(parts) == sum(rows), steps
+        if len(rows) == 1:
+            assert parts == rows, steps
+        else:
+            assert parts == [sum(rows[:cut(rows, 2)[0]]), sum(rows[cut(rows, 2)[0]:])], steps
+    assert any(1 in rows and max(rows) > 1 and len(parts) == 2 for rows, parts in steps), steps
 
 
 def test_a_degree_that_does_not_split_the_heads_is_refused(engine: Engine) -> None:

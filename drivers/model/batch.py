@@ -37,6 +37,17 @@ class KernelGroup:
     cu_seqlens_q: torch.Tensor  # [S + 1] int32, relative to first_row
 
 
+@dataclass(frozen=True)
+class Layout:
+    """build_batch's own arguments, kept so a part of the batch can be rebuilt on its own
+    (pipeline micro-batches, drivers/parallel/micro.py)."""
+
+    slices: list[SeqSlice]
+    block_size: int
+    gqa: int
+    for_kernels: bool
+
+
 @dataclass
 class StepBatch:
     input_ids: torch.Tensor  # [T] int64, in flat (decode-first) order
@@ -47,6 +58,7 @@ class StepBatch:
     sample_rows: torch.Tensor  # [R] flat rows whose logits are returned
     sample_seqs: list[int]  # caller's slice index of each sampled row
     kernel_groups: list[KernelGroup] | None = None  # set when built for the Triton kernels
+    layout: Layout | None = None  # what it was built from
 
 
 def kernel_group(slices: list[SeqSlice], members: list[int], first_row: int,
@@ -105,4 +117,5 @@ def build_batch(slices: list[SeqSlice], block_size: int, gqa: int,
         sample_rows=torch.tensor(rows, dtype=torch.int64, device=device),
         sample_seqs=sample_seqs,
         kernel_groups=kernel_groups if for_kernels else None,
+        layout=Layout(slices, block_size, gqa, for_kernels),
     )

@@ -52,9 +52,16 @@ class Comm:
     def send(self, t: torch.Tensor, dst: int) -> None:
         self.pg.send([t], dst, 0).wait()
 
-    def recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
-        self.pg.recv([t], src, 0).wait()
+    def recv(self, t: torch.Tensor, src: int, tag: int = 0) -> torch.Tensor:
+        self.pg.recv([t], src, tag).wait()
         return t
+
+    def isend(self, t: torch.Tensor, dst: int, tag: int = 0) -> dist.Work:
+        """A send that returns at once; keep t alive until .wait() (pipeline micro-batches)."""
+        return self.pg.send([t], dst, tag)
+
+    def irecv(self, t: torch.Tensor, src: int, tag: int = 0) -> dist.Work:
+        return self.pg.recv([t], src, tag)
 
     def broadcast_object(self, obj: object = None, root: int = 0) -> object:
         """Rank root's obj on every rank: its pickled length, then its bytes, as two

@@ -29,6 +29,7 @@ from llmasos.drivers.loaders.config import ModelConfig
 from llmasos.drivers.model.batch import StepBatch
 from llmasos.drivers.model.kv_pool import KVPool, PoolGeometry
 from llmasos.drivers.parallel.comm import LOOPBACK, Comm, step_collectives
+from llmasos.drivers.parallel.micro import MIN_PART_ROWS, micro_count
 from llmasos.drivers.parallel.model import ShardedLlama
 from llmasos.drivers.parallel.shard import check_degree
 from llmasos.drivers.parallel.stage import StageLlama, check_stages
@@ -224,10 +225,18 @@ class TPModel:
     def __init__(self, local: ShardedLlama | StageLlama, group: RankGroup) -> None:
         self.local, self.group = local, group
         self.cfg, self.kernels = local.cfg, local.kernels
+        self.min_part_rows = MIN_PART_ROWS   # pp: a step is cut only into parts this big
+        self.stages = group.tp // group.args.tp if group.args.mode == "pp" else 1
 
     def forward(self, batch: StepBatch, pool: TPPool) -> torch.Tensor:
-        return self.group.collective("step", (batch,), lambda: self.local.forward(
-            batch, pool.local))  # type: ignore[return-value]
+        k = micro_count(batch, self.stages, self.min_part_rows)   # every rank gets rank 0's
+        if k == 1:   # the layout only serves to cut the batch: not worth pickling
+            batch = dataclasses.replace(batch, layout=None)
+        if self.stages == 1:
+            return self.group.collective("step", (batch,), lambda: self.local.forward(
+                batch, pool.local))  # type: ignore[return-value]
+        return self.group.collective("step", (batch, k), lambda: self.local.forward(
+            batch, pool.local, k))  # type: ignore[return-value]
 
     def close(self) -> None:
         self.group.close()

@@ -68,7 +68,7 @@ def serve(comm: Comm, model: LlamaModel | None, pool: KVPool | None) -> int:
         if op == "ping" or model is None or pool is None:
             continue
         if op == "step":
-            model.forward(args[0], pool)
+            model.forward(args[0], pool, *args[1:])   # pp: the micro-batch count
         elif op == "copy_blocks":
             pool.copy_blocks(*args)
         elif op == "read_blocks":
