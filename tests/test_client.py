@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent import futures
 
 import grpc
 import pytest
@@ -163,6 +164,30 @@ def test_async_client_unreachable_kernel():
             await c.ps()
     with pytest.raises(errors.Unavailable, match="is it running"):
         asyncio.run(go())
+
+
+def test_the_kernels_own_unavailable_keeps_its_words() -> None:
+    """A service that died behind the kernel is UNAVAILABLE with the kernel's reason, which may
+    quote a reset connection; that is not "cannot reach llmosd"."""
+    said = "deploying failed: Stream removed (recvmsg:Connection reset by peer (104)); retry"
+
+    def whoami(request: object, context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.UNAVAILABLE, said)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "llmasos.v1.Kernel", {"WhoAmI": grpc.unary_unary_rpc_method_handler(
+            whoami, kernel_pb2.WhoAmIRequest.FromString,
+            kernel_pb2.WhoAmIResponse.SerializeToString)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with LLMClient(address=f"127.0.0.1:{port}", token="x", timeout=5) as c, \
+                pytest.raises(errors.Unavailable) as err:
+            c.whoami()
+        assert str(err.value) == said
+    finally:
+        server.stop(0)
 
 
 # -- against a booted kernel (no model) ---------------------------------------------------------

@@ -127,6 +127,9 @@ def from_rpc(err: grpc.RpcError, addr: str = "", hint: str = "") -> LLMError:
 
 
 def _unreachable(details: str) -> bool:
-    words = ("failed to connect", "connection refused", "unreachable", "DNS resolution",
-             "Socket closed", "failed to pick subchannel", "Connection reset")
-    return any(w.lower() in details.lower() for w in words)
+    """gRPC's own words for a connection that failed; the kernel's UNAVAILABLE (a service down
+    behind it) may quote them further on, so only a message that starts with them counts."""
+    starts = ("failed to connect", "connection refused", "unreachable", "DNS resolution",
+              "Socket closed", "failed to pick subchannel", "Connection reset",
+              "recvmsg:Connection reset", "Broken pipe", "connections to all backends failing")
+    return details.lower().startswith(tuple(w.lower() for w in starts))
