@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import structlog
 
@@ -87,11 +88,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     quota.add_argument("--kv-share", dest="kv_share", type=float,
                        help="most KV blocks as a share 0..1 of each model's pool")
     quota.add_argument("--reset", action="store_true", help="back to the defaults first")
-    cache = sub.add_parser("cache", help="list or clear converted weights "
-                           "($XDG_CACHE_HOME/llmasos/weights)")
+    cache = sub.add_parser("cache", help="list or clear what loads keep under "
+                           "$XDG_CACHE_HOME/llmasos: converted fp32 weights, int8 weights, "
+                           "the matmul probes' answers")
     cache.add_argument("action", choices=["ls", "clear"])
     cache.add_argument("--stale", action="store_true",
-                       help="only entries whose source file is gone or changed")
+                       help="only entries no load will read again (source gone or changed)")
     node = sub.add_parser("node", help="`node token`: make a join token (on the head); "
                           "`node --join HOST:PORT --token T`: offer this machine to a head")
     node.add_argument("action", nargs="?", choices=["token"], help="make a join token")
@@ -160,18 +162,22 @@ def node(args: argparse.Namespace) -> int:
 
 def manage_cache(args: argparse.Namespace) -> int:
     """Offline: the cache is only files; a running daemon re-converts on its next miss."""
-    from llmasos.drivers.loaders import cache
-    where = cache.weights_cache_dir()
+    from llmasos.drivers.loaders import cache_entries
+    from llmasos.drivers.loaders.cache import weights_cache_dir
+    where = weights_cache_dir()
     if args.action == "clear":
-        gone = cache.clear(where, stale_only=args.stale)
+        gone = cache_entries.clear(where, stale_only=args.stale)
         print(f"removed {len(gone)} entries, {sum(e.size for e in gone) / 2**20:.1f} MiB, "
-              f"from {where}")
+              f"from {Path(where).parent}")
         return 0
-    listed = [e for e in cache.entries(where) if e.stale or not args.stale]
-    print(f"{where}: {len(listed)} entries, {sum(e.size for e in listed) / 2**20:.1f} MiB")
+    listed = [e for e in cache_entries.entries(where) if e.stale or not args.stale]
+    print(f"{Path(where).parent}: {len(listed)} entries, "
+          f"{sum(e.size for e in listed) / 2**20:.1f} MiB")
     for e in listed:
-        mark = "  (stale)" if e.stale else ""
-        print(f"{e.size / 2**20:9.1f} MiB  {e.path.name}  <- {e.source or '?'}{mark}")
+        name = e.path.relative_to(Path(where).parent)
+        said = e.note or f"<- {e.source or '?'}"
+        print(f"{e.size / 2**20:9.1f} MiB  {e.kind:6s}  {name}  {said}"
+              f"{'  (stale)' if e.stale else ''}")
     return 0
 
 

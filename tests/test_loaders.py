@@ -167,7 +167,7 @@ def test_cache_ls_and_clear(tmp_path: Path) -> None:
                               env=env, capture_output=True, text=True, check=True).stdout
 
     listing = llmosd("ls")
-    assert f"{weights}: 2 entries" in listing and str(kept) in listing
+    assert f"{weights.parent}: 2 entries" in listing and str(kept) in listing
     assert listing.count("(stale)") == 1 and stale.name in listing
     assert "removed 1 entries" in llmosd("clear", "--stale")
     assert not stale.exists() and cache_path(str(kept), str(weights)).is_file()

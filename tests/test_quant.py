@@ -9,7 +9,11 @@ import copy
 import ctypes
 import gc
 import importlib.util
+import json
 import os
+import shutil
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -239,6 +243,42 @@ def test_int8_cache_restart_same_model(int8: Engine, int8_home: Path) -> None:
     assert (info.quant, info.parameters) == (first.quant, first.parameters)
     assert abs(info.memory_bytes - first.memory_bytes) <= 0.01 * first.memory_bytes
     assert greedy(again, PROMPTS[:3], False) == greedy(int8, PROMPTS[:3], False)
+
+
+def test_cache_ls_and_clear_cover_int8_entries_and_probes(int8: Engine, int8_home: Path,
+                                                          tmp_path: Path) -> None:
+    """`llmosd cache` lists the int8 entries (weights/int8/) and probes.json beside the fp32
+    ones; --stale clears only an int8 entry whose source is gone, a plain clear all of them."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    weights = tmp_path / "xdg" / "llmasos" / "weights"
+    (entry,) = (int8_home / "cache").rglob("*.safetensors")
+    (weights / "int8").mkdir(parents=True)
+    live = weights / "int8" / entry.name
+    shutil.copy(entry, live)
+    with safe_open(str(entry), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    orphan = weights / "int8" / "orphan.safetensors"
+    save_file(tensors, str(orphan), metadata={**meta, "source": str(tmp_path / "gone.gguf")})
+    probes = weights.parent / "probes.json"
+    probes.write_text(json.dumps({"linear/a": "mkl", "linear/b": "onednn"}))
+
+    def llmosd(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "llmasos.kernel.main", "cache", *args],
+                              env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")},
+                              capture_output=True, text=True, check=True).stdout
+
+    listing = llmosd("ls")
+    assert f"{weights.parent}: 3 entries" in listing, listing
+    line = next(row for row in listing.splitlines() if entry.name in row)
+    assert "int8" in line and f"int8/{entry.name}" in line and gguf_path() in line
+    assert "(stale)" not in line
+    assert "(stale)" in next(row for row in listing.splitlines() if "orphan" in row)
+    assert "probes.json  2 probe answers" in listing
+    assert "removed 1 entries" in llmosd("clear", "--stale")
+    assert not orphan.exists() and live.is_file() and probes.is_file()
+    assert "removed 2 entries" in llmosd("clear")
+    assert not live.exists() and not probes.exists()
 
 
 def test_int8_cache_is_keyed_by_recipe_and_source(tmp_path: Path) -> None:

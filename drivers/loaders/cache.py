@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -124,37 +123,3 @@ def load_weights(path: str, cache_dir: str, progress: bool = True,
         return cfg, weights, "gguf"
     cfg, weights, _ = load_cached_gguf(path, cache_dir, progress=progress, report=report)
     return cfg, weights, "gguf"
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One converted file in the cache, as `llmosd cache ls` lists it."""
-
-    path: Path
-    size: int
-    source: str   # the GGUF file it was converted from ("" if unreadable)
-    stale: bool   # the source is gone or changed since: a load would never hit this entry
-
-
-def entries(cache_dir: str) -> list[Entry]:
-    """The cache's entries, newest first; partial writes of a live load (.tmp*) are not listed."""
-    from safetensors import safe_open
-    found = []
-    for file in Path(cache_dir).glob("*.safetensors"):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                source = f.metadata().get("source", "")
-        except Exception:  # noqa: BLE001 - a damaged entry is listed (and clearable), not fatal
-            source = ""
-        stale = not source or not os.path.isfile(source) or cache_path(source, cache_dir) != file
-        found.append(Entry(file, file.stat().st_size, source, stale))
-    return sorted(found, key=lambda e: e.path.stat().st_mtime, reverse=True)
-
-
-def clear(cache_dir: str, stale_only: bool = False) -> list[Entry]:
-    """Delete entries (only those no load can hit, with stale_only); returns what went. A load in
-    progress keeps its open file (POSIX unlink) and rewrites the entry on its next miss."""
-    gone = [e for e in entries(cache_dir) if e.stale or not stale_only]
-    for e in gone:
-        e.path.unlink(missing_ok=True)
-    return gone

@@ -27,8 +27,9 @@ KEEP = 64   # most decisions kept (the newest): keys of old torch builds or CPUs
 Answer = bool | str   # what a probe decides, as JSON keeps it
 
 
-def probes_path() -> Path:
-    return Path(weights_cache_dir()).parent / "probes.json"
+def probes_path(weights_dir: str | None = None) -> Path:
+    """Beside the weights cache (of $XDG_CACHE_HOME unless `weights_dir` is given)."""
+    return Path(weights_dir or weights_cache_dir()).parent / "probes.json"
 
 
 @cache

@@ -78,8 +78,10 @@ def save(file: Path, model: Any, cfg: ModelConfig, checkpoint: dict[str, torch.T
             tensors[f"checkpoint.{n}"] = t.clone()  # small; a slot may hold the same one
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(f".tmp{os.getpid()}")
+    st = os.stat(source)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={
-        "config": cfg.to_json(), "source": os.path.abspath(source),
+        "config": cfg.to_json(), "source": os.path.abspath(source), "version": CACHE_VERSION,
+        "source_size": str(st.st_size), "source_mtime_ns": str(st.st_mtime_ns),
         "layout": json.dumps(layout), "shapes": json.dumps(shapes)})
     os.replace(tmp, file)
     log.info("int8_cached", source=source, cache=str(file), bytes=file.stat().st_size)
