@@ -222,6 +222,11 @@ def tokenize(k: Kernel, req: Any, prefix: str = "") -> inference_pb2.TokenizeRes
 
 
 def sys_wait(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.WaitResponse:
+    """Block until the job ends, reap it, hand out its status. Asked again after that (a reply
+    lost in flight, a second waiter) it answers the same for proctable.ANSWERED_KEEP_S."""
+    again = k.table.answered_wait(req.pid) if k.table.get(req.pid) is None else None
+    if again is not None and (again.user == ident.user or is_admin(ident)):
+        return wait_response(again, k)
     proc = lookup(k, ident, req.pid)
     limit = req.timeout_ms / 1000 if req.timeout_ms else None
     deadline = time.monotonic() + limit if limit else None
@@ -234,11 +239,17 @@ def sys_wait(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.WaitR
                 raise SyscallError("DEADLINE_EXCEEDED", f"process {proc.pid} still running")
             k.table.changed.wait(min(left, 1.0))
         if proc.state == State.REAPED:   # another Wait (or the zombie timeout) reaped it
+            if k.table.answered_wait(proc.pid) is proc:
+                return wait_response(proc, k)
             raise SyscallError("NOT_FOUND", f"process {proc.pid} was already reaped")
         if not ctx.is_active():              # nobody to hand the status to: keep the zombie
             raise SyscallError("CANCELLED", "the caller went away")
-        k.table.reap(proc)
+        k.table.reap(proc, answered=True)
         k.journal.record_reap(proc.pid)
+    return wait_response(proc, k)
+
+
+def wait_response(proc: Proc, k: Kernel) -> kernel_pb2.WaitResponse:
     return kernel_pb2.WaitResponse(info=proc_info(proc, k), text=proc.text,
                                    token_ids=proc.output_ids, timings=timings(proc))
 

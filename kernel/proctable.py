@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +113,12 @@ class Proc:
         return self.prompt_ids + self.output_ids
 
 
+# A Wait's reply can be lost after the job was reaped (the caller's deadline passed while it was
+# in flight); the same Wait again gets the same answer for this long, then NOT_FOUND.
+ANSWERED_KEEP_S = 300.0
+ANSWERED_KEEP_MAX = 4096
+
+
 class ProcessTable:
     """pid → Proc with O(1) lookups; iteration is in pid order (dicts keep insertion order)."""
 
@@ -121,6 +128,7 @@ class ProcessTable:
         self.procs: dict[int, Proc] = {}
         self.next_pid = 1
         self.zombie_ttl = zombie_ttl
+        self.answered: OrderedDict[int, tuple[float, Proc]] = OrderedDict()  # reaped by a Wait
 
     def spawn(self, **fields: Any) -> Proc:
         with self.lock:
@@ -150,10 +158,26 @@ class ProcessTable:
             proc.exit_reason, proc.exit_status, proc.exit_message = reason, status, message
             proc.ended = time.time()
 
-    def reap(self, proc: Proc) -> None:
+    def reap(self, proc: Proc, answered: bool = False) -> None:
+        """Gone from the table; `answered` (a Wait handed out its status) keeps it for a Wait
+        asked again (answered_wait)."""
         with self.lock:
             self.set_state(proc, State.REAPED)
             del self.procs[proc.pid]
+            if answered:
+                self.answered[proc.pid] = (time.monotonic(), proc)
+                while len(self.answered) > ANSWERED_KEEP_MAX:
+                    self.answered.popitem(last=False)
+
+    def answered_wait(self, pid: int) -> Proc | None:
+        """A job a Wait reaped within ANSWERED_KEEP_S, for the same Wait asked again."""
+        with self.lock:
+            now = time.monotonic()
+            while self.answered and now - next(iter(self.answered.values()))[0] > \
+                    ANSWERED_KEEP_S:
+                self.answered.popitem(last=False)
+            kept = self.answered.get(pid)
+            return kept[1] if kept else None
 
     def reap_expired(self, now: float | None = None) -> list[int]:
         """Reap zombies nobody waited for within the TTL."""

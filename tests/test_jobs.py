@@ -111,6 +111,13 @@ def test_other_users_jobs_are_off_limits(model_system: System) -> None:
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=9), token=alice)
     assert wait(model_system, pid, token=alice).info.exit_reason == common_pb2.EXIT_KILLED
+    # reaped: a Wait asked again (its first reply lost in flight) gets the same answer, only
+    # for its owner; to anyone else the job does not exist
+    again = wait(model_system, pid, token=alice)
+    assert again.info.exit_reason == common_pb2.EXIT_KILLED and again.info.user == "alice"
+    with pytest.raises(grpc.RpcError) as err:
+        model_system.call("Wait", kernel_pb2.WaitRequest(pid=pid), token=bob)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_kill_mid_generation_frees_blocks(model_system: System) -> None:

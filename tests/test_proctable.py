@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from llmasos.kernel.proctable import TRANSITIONS, Exit, IllegalTransition, ProcessTable, State
@@ -46,6 +48,23 @@ def test_exit_records_status_and_reap_removes() -> None:
     assert (proc.state, proc.exit_reason, proc.exit_status) == (State.ZOMBIE, Exit.KILLED, -9)
     table.reap(proc)
     assert proc.state == State.REAPED and len(table) == 0
+
+
+def test_a_status_handed_out_is_kept_for_a_wait_asked_again(monkeypatch) -> None:
+    from llmasos.kernel import proctable
+    table = ProcessTable()
+    waited, expired, unanswered = spawn(table), spawn(table), spawn(table)
+    for proc in (waited, expired, unanswered):
+        table.exit(proc, Exit.STOP)
+    table.reap(expired, answered=True)
+    real = time.monotonic   # from now on the clock reads ANSWERED_KEEP_S + 1 s later
+    monkeypatch.setattr(proctable.time, "monotonic",
+                        lambda: real() + proctable.ANSWERED_KEEP_S + 1)
+    table.reap(waited, answered=True)
+    table.reap(unanswered)   # the zombie timeout: nobody was told
+    assert table.answered_wait(waited.pid) is waited and table.get(waited.pid) is None
+    assert table.answered_wait(expired.pid) is None       # kept past ANSWERED_KEEP_S
+    assert table.answered_wait(unanswered.pid) is None
 
 
 def test_zombies_are_reaped_after_ttl() -> None:
