@@ -245,7 +245,7 @@ def sys_wait(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.WaitR
         if not ctx.is_active():              # nobody to hand the status to: keep the zombie
             raise SyscallError("CANCELLED", "the caller went away")
         k.table.reap(proc, answered=True)
-        k.journal.record_reap(proc.pid)
+        k.journal.record_reap(proc.pid, answered=True)
     return wait_response(proc, k)
 
 

@@ -46,7 +46,7 @@ from llmasos.kernel.journal_rows import (
     ints,
     procs_from,
 )
-from llmasos.kernel.proctable import Proc, ProcessTable, State
+from llmasos.kernel.proctable import ANSWERED_KEEP_S, Proc, ProcessTable, State
 
 log = structlog.get_logger()
 
@@ -116,6 +116,8 @@ class Recovered:
     procs: list[Proc]                   # pid order; live ones READY (or STOPPED), zombies kept
     next_pid: int                       # PIDs are never reused: above every PID ever handed out
     report: Report
+    answered: list[tuple[Proc, float]] = field(default_factory=list)   # reaped by a Wait: (job,
+                                                                       # when, time.time())
 
 
 class Journal:
@@ -249,17 +251,26 @@ class Journal:
         with self.batch():
             self._run("UPDATE procs SET nice = ? WHERE pid = ?", (nice, pid))
 
-    def record_reap(self, pid: int) -> None:
+    def record_reap(self, pid: int, answered: bool = False) -> None:
         """The job is gone for good: its rows go too (this is the journal's compaction; its
-        token rows in the next sweep, which replay does not need: it skips them)."""
+        token rows in the next sweep, which replay does not need: it skips them). A job whose
+        status a Wait handed out (`answered`) stays, REAPED, for ANSWERED_KEEP_S: the same Wait
+        asked of a rebooted kernel (the reply lost with the old one) answers the same."""
         with self.batch():
-            self._run("DELETE FROM procs WHERE pid = ?", (pid,))
+            if answered:
+                self._run("UPDATE procs SET state = ?, extra = json_set(extra, '$.reaped_at', ?)"
+                          " WHERE pid = ?", (int(State.REAPED), time.time(), pid))
+            else:
+                self._run("DELETE FROM procs WHERE pid = ?", (pid,))
             self._reaped += 1
             if self._reaped >= SWEEP_EVERY:
                 self._sweep()
 
     def _sweep(self) -> None:
-        """Delete the token rows of reaped jobs (one sequential scan for SWEEP_EVERY reaps)."""
+        """Delete answered jobs kept past ANSWERED_KEEP_S, then the token rows of reaped jobs
+        (one sequential scan for SWEEP_EVERY reaps)."""
+        self._run("DELETE FROM procs WHERE state = ? AND json_extract(extra, '$.reaped_at') < ?",
+                  (int(State.REAPED), time.time() - ANSWERED_KEEP_S))
         self._run("DELETE FROM tokens WHERE pid NOT IN (SELECT pid FROM procs)")
         self._reaped = 0
 
@@ -306,17 +317,29 @@ class Journal:
             models = {name: json.loads(fields) for name, fields in
                       self._db.execute("SELECT name, fields FROM models ORDER BY rowid")}
             procs, bad = procs_from(self._db.execute(
-                f"SELECT {PROC_COLUMNS} FROM procs ORDER BY pid"))
-            gaps = add_tokens(procs, self._db.execute(
+                f"SELECT {PROC_COLUMNS} FROM procs WHERE state != ? ORDER BY pid",
+                (int(State.REAPED),)))
+            answered, bad_answered = procs_from(self._db.execute(
+                f"SELECT {PROC_COLUMNS} FROM procs WHERE state = ? ORDER BY pid",
+                (int(State.REAPED),)))
+            reaped_at = dict(self._db.execute(
+                "SELECT pid, json_extract(extra, '$.reaped_at') FROM procs WHERE state = ?",
+                (int(State.REAPED),)))
+            gaps = add_tokens({**procs, **answered}, self._db.execute(
                 f"SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY rowid"))
-            next_pid = max([_meta(self._db, "next_pid"), *(p + 1 for p in [*procs, *bad])])
+            bad += bad_answered
+            next_pid = max([_meta(self._db, "next_pid"),
+                            *(p + 1 for p in [*procs, *answered, *bad])])
+        for proc in answered.values():
+            proc.state = State.REAPED
         self.report.token_gaps, self.report.bad_jobs = sorted(gaps), bad
         if gaps:
             log.error("journal_token_gap", pids=sorted(gaps),
                       lost="output past the gap; those jobs continue from where it starts")
         if bad:
             log.error("journal_bad_rows", pids=bad, lost="those jobs (their rows are damaged)")
-        rec = Recovered(models, list(procs.values()), next_pid, self.report)
+        rec = Recovered(models, list(procs.values()), next_pid, self.report,
+                        [(p, float(reaped_at[p.pid] or 0)) for p in answered.values()])
         log.info("journal_replayed", models=list(models), jobs=len(procs), next_pid=next_pid,
                  steps=self.report.steps, zombies=sum(p.state == State.ZOMBIE for p in procs
                                                       .values()))
@@ -329,6 +352,10 @@ def restore(table: ProcessTable, rec: Recovered) -> None:
     with table.lock:
         table.procs = {p.pid: p for p in rec.procs}
         table.next_pid = max(table.next_pid, rec.next_pid)
+        now, wall = time.monotonic(), time.time()
+        for proc, at in sorted(rec.answered, key=lambda kept: kept[1]):
+            if wall - at < ANSWERED_KEEP_S:
+                table.answered[proc.pid] = (now - max(0.0, wall - at), proc)
         table.changed.notify_all()
 
 

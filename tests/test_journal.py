@@ -277,6 +277,39 @@ def test_pids_are_never_reused(tmp_path):
     assert table.spawn(user="u", uid=1, ppid=0, model="m", nice=0).pid == 6
 
 
+def test_a_status_a_wait_handed_out_outlives_a_reboot(tmp_path, monkeypatch):
+    """Reaped by a Wait: kept (REAPED, with its output) for the same Wait asked of the next
+    kernel, never run again; past ANSWERED_KEEP_S a sweep deletes it."""
+    from llmasos.kernel import journal, proctable
+    j = Journal.open(tmp_path)
+    answered, plain, live = make_proc(1), make_proc(2), make_proc(3)
+    with j.batch():
+        for p in (answered, plain, live):
+            j.record_spawn(p)
+    step(j, [answered, plain, live], 0)
+    for p in (answered, plain):
+        p.state, p.exit_reason, p.ended = State.ZOMBIE, Exit.LENGTH, 1.0
+        j.record_state(p)
+    j.record_reap(answered.pid, answered=True)
+    j.record_reap(plain.pid)
+    j.close()
+    j = Journal.open(tmp_path)
+    rec = j.replay()
+    assert [p.pid for p in rec.procs] == [3]
+    table = ProcessTable()
+    restore(table, rec)
+    again = table.answered_wait(1)
+    assert again is not None and again.state == State.REAPED and again.exit_reason == Exit.LENGTH
+    assert again.output_ids == answered.output_ids
+    assert again.text == "".join(f"<{t}>" for t in answered.output_ids)
+    assert table.get(1) is None and table.answered_wait(2) is None and table.next_pid == 4
+    real = journal.time.time   # a sweep ANSWERED_KEEP_S + 1 s later deletes the kept row
+    monkeypatch.setattr(journal.time, "time", lambda: real() + proctable.ANSWERED_KEEP_S + 1)
+    with j.batch():
+        j._sweep()
+    assert j._db.execute("SELECT pid FROM procs").fetchall() == [(3,)]
+
+
 def test_reaped_jobs_are_compacted(tmp_path):
     j = Journal.open(tmp_path)
 

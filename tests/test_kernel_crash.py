@@ -54,6 +54,8 @@ def test_kill_9_of_llmosd_loses_no_job(tmp_path: Path) -> None:
         while sum(system.call("Stat", kernel_pb2.StatRequest(pid=p)).generated_tokens
                   for p in pids) < 24:
             time.sleep(0.02)
+        waited = spawn(system, "The capital of France is", max_tokens=2)
+        first_reply = wait(system, waited)   # reaped; its reply could have been lost in flight
         zombie = spawn(system, "The quick brown fox", max_tokens=2)
         while system.call("Stat", kernel_pb2.StatRequest(pid=zombie)).state != \
                 common_pb2.PROC_ZOMBIE:
@@ -71,11 +73,14 @@ def test_kill_9_of_llmosd_loses_no_job(tmp_path: Path) -> None:
         replies = [wait(system, pid) for pid in pids]
         assert wait(system, zombie).info.exit_reason in (common_pb2.EXIT_LENGTH,
                                                          common_pb2.EXIT_STOP)
+        again = wait(system, waited)   # the same Wait asked of the new kernel: the same answer
+        assert (list(again.token_ids), again.text, again.info.state) == \
+            (list(first_reply.token_ids), first_reply.text, common_pb2.PROC_REAPED)
         expected = [list(wait(system, spawn(system, p, max_tokens=40)).token_ids)
                     for p in PROMPTS]   # the fault-free run
         assert [list(r.token_ids) for r in replies] == expected
         assert got + rest == expected[0], "the resumed Read has a gap or a repeat"
-        assert spawn(system, "Hello", 1) > max(pids + [zombie]) + len(PROMPTS)  # no reuse
+        assert spawn(system, "Hello", 1) > max(pids + [zombie, waited]) + len(PROMPTS)
         assert "kernel_recovered" in system.log_text()
     finally:
         assert shutdown(system) == 0
