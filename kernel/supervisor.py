@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import psutil
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -37,7 +38,9 @@ BACKOFF_START, BACKOFF_CAP = 0.5, 30.0
 STABLE_S = 10.0              # healthy this long: its death is a fault, not a crash loop
 STABLE_MIN_S = 1.0           # ...or this long and as long as its start took, if that is less
 HEALTH_PERIOD = 1.0          # seconds between health checks
-MISSED_CHECKS_TO_KILL = 3    # a service that misses three periods is killed and restarted
+MISSED_CHECKS_TO_KILL = 3    # a service that misses three periods is killed and restarted...
+BUSY_CHECKS_TO_KILL = 30     # ...unless it used the CPU meanwhile: busy (a long load holding the
+BUSY_CPU_S = 0.05            # GIL on a loaded host), not hung; it gets this many periods
 STACKS_WAIT_S = 0.2          # time a hung service gets to write its stacks before the kill
                              # (two were missed by loads holding the GIL on a loaded host)
 SECRET_KEY = "x-llmasos-secret"   # services/runtime.py checks it on every call
@@ -115,6 +118,7 @@ class Service:
     next_start: float = 0.0
     recent: collections.deque = field(default_factory=collections.deque)  # restart times
     healthy_at: float = 0.0  # when this incarnation first answered SERVING (0: not yet)
+    cpu_s: float = 0.0       # its CPU time at the last missed check
     crash_loop: int = 0      # deaths since an incarnation last ran STABLE_S: the backoff's power
 
     @property
@@ -130,6 +134,24 @@ def dump_stacks(popen: subprocess.Popen) -> None:
         time.sleep(STACKS_WAIT_S)
     except ProcessLookupError:
         pass
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (0 when it is gone)."""
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return t.user + t.system
+
+
+def hung(missed: int, cpu_gained: float) -> bool:
+    """Whether a service that missed `missed` health periods in a row is hung: silent for
+    MISSED_CHECKS_TO_KILL periods and idle over the last (`cpu_gained` CPU seconds in it), or
+    silent for BUSY_CHECKS_TO_KILL however busy."""
+    if missed >= BUSY_CHECKS_TO_KILL:
+        return True
+    return missed >= MISSED_CHECKS_TO_KILL and cpu_gained < BUSY_CPU_S
 
 
 def ran_stable(svc: Service, now: float) -> bool:
@@ -409,9 +431,14 @@ class Supervisor:
                 svc.healthy_at = svc.healthy_at or time.monotonic()
                 self.ready.notify_all()
             return
+        cpu = cpu_seconds(svc.popen.pid) if svc.popen else 0.0
+        gained, svc.cpu_s = (cpu - svc.cpu_s if svc.missed else 0.0), cpu
         svc.missed += 1
         svc.state = "UNHEALTHY"
-        if svc.missed >= MISSED_CHECKS_TO_KILL:
+        if svc.missed == MISSED_CHECKS_TO_KILL and not hung(svc.missed, gained):
+            log.warning("service_busy", service=svc.spec.name, missed=svc.missed,
+                        cpu_s=round(gained, 2), patience=BUSY_CHECKS_TO_KILL)
+        if hung(svc.missed, gained):
             log.warning("service_unresponsive", service=svc.spec.name, missed=svc.missed)
             dump_stacks(svc.popen)
             svc.popen.kill()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +44,30 @@ def test_a_service_that_stops_answering_is_killed_as_hung_and_restarted(
     assert after.pid != before.pid
     assert f"no health answer in {MISSED_CHECKS_TO_KILL} periods; killed" in after.last_exit
     assert "service_unresponsive" in bare_system.log_text()
+
+
+def test_silent_and_idle_is_hung_silent_and_busy_gets_more_time() -> None:
+    """The kill rule as a table: (missed periods, CPU seconds over the last one) -> hung."""
+    from llmasos.kernel.supervisor import BUSY_CHECKS_TO_KILL, BUSY_CPU_S, cpu_seconds, hung
+    idle, busy = 0.0, 0.8
+    assert [hung(m, idle) for m in (1, 2, 3, 4)] == [False, False, True, True]
+    assert [hung(m, busy) for m in (3, BUSY_CHECKS_TO_KILL - 1)] == [False, False]
+    assert hung(BUSY_CHECKS_TO_KILL, busy) and hung(3, BUSY_CPU_S / 2)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:   # what the rule reads: a spinning process's CPU time grows, a stopped one's does not
+        time.sleep(0.5)
+        first = cpu_seconds(spinner.pid)
+        time.sleep(0.5)
+        assert cpu_seconds(spinner.pid) - first > BUSY_CPU_S
+        spinner.send_signal(signal.SIGSTOP)
+        time.sleep(0.1)
+        stopped = cpu_seconds(spinner.pid)
+        time.sleep(0.3)
+        assert cpu_seconds(spinner.pid) - stopped < BUSY_CPU_S
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert cpu_seconds(spinner.pid) == 0.0   # gone
 
 
 def test_a_service_writes_every_threads_stack_when_asked(tmp_path: Path) -> None:
