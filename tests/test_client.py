@@ -339,7 +339,12 @@ def test_ctrl_c_while_waiting_kills_the_job(gen_system):
                              stderr=subprocess.PIPE, env=env,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        pid = int(child.stdout.readline())
+        line = child.stdout.readline()
+        if not line.strip():   # it exited before printing a pid: say why
+            child.wait(30)
+            raise AssertionError(f"the client exited with {child.returncode} before spawning: "
+                                 f"{child.stderr.read()[-3000:]}")
+        pid = int(line)
         time.sleep(1.0)
         child.send_signal(signal.SIGINT)
         assert child.wait(120) != 0 and "KeyboardInterrupt" in child.stderr.read()
