@@ -220,8 +220,9 @@ def test_jobs_keep_producing_tokens_while_a_model_loads(model_system: System,
 def test_failed_redeploy_ends_the_models_jobs_with_a_clear_error(tmp_path: Path) -> None:
     import os
     import signal as sig
+    # a symlink, not a copy: the weights cache keys on the real file, so neither deploy converts
     moved = tmp_path / "moving.gguf"
-    shutil.copy(embedded_gguf(), moved)
+    moved.symlink_to(embedded_gguf())
     system = boot(tmp_path / "home", "--no-embedded")
     try:
         system.call("Deploy", kernel_pb2.DeployRequest(name="moving", path=str(moved)),
@@ -243,7 +244,7 @@ def test_failed_redeploy_ends_the_models_jobs_with_a_clear_error(tmp_path: Path)
         assert "deploy it again" in err.value.details()
         # restarted: its address reported, its first health check may still be due
         system.wait_services(lambda s: s["inference"].state == "HEALTHY", timeout=30)
-        shutil.copy(embedded_gguf(), moved)   # deploying it again makes it usable
+        moved.symlink_to(embedded_gguf())   # deploying it again makes it usable
         system.call("Deploy", kernel_pb2.DeployRequest(name="moving", path=str(moved)),
                     timeout=600)
         pid = system.call("Spawn", kernel_pb2.SpawnRequest(

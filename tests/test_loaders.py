@@ -148,6 +148,11 @@ def test_cache_hit_on_embedded_model(tmp_path: Path) -> None:
     assert set(weights2) == set(weights)
     name = "model.layers.7.self_attn.q_proj.weight"
     assert torch.equal(weights2[name], weights[name])
+    # the same file under another name (a symlink) is the same entry: it converts once
+    link = tmp_path / "linked.gguf"
+    link.symlink_to(path)
+    assert cache_path(str(link), str(tmp_path)) == cache_path(path, str(tmp_path))
+    assert load_cached_gguf(str(link), str(tmp_path), progress=False)[2]
 
 
 def test_cache_ls_and_clear(tmp_path: Path) -> None:

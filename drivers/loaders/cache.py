@@ -41,10 +41,11 @@ def weights_cache_dir() -> str:
 
 
 def cache_path(path: str, cache_dir: str) -> Path:
-    st = os.stat(path)
-    key = f"{CACHE_VERSION}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    real = os.path.realpath(path)   # one file under two names (a symlink) converts once
+    st = os.stat(real)
+    key = f"{CACHE_VERSION}|{real}|{st.st_size}|{st.st_mtime_ns}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-    return Path(cache_dir) / f"{Path(path).stem}-{digest}.safetensors"
+    return Path(cache_dir) / f"{Path(real).stem}-{digest}.safetensors"
 
 
 def load_cached_gguf(path: str, cache_dir: str, progress: bool = True,
@@ -63,7 +64,7 @@ def load_cached_gguf(path: str, cache_dir: str, progress: bool = True,
     mark(report, "write", 0, 1, "files")
     stored, stacks = stack(weights)
     save_aligned(stored, str(tmp), metadata={
-        "config": cfg.to_json(), "source": os.path.abspath(path), "order": json.dumps(
+        "config": cfg.to_json(), "source": os.path.realpath(path), "order": json.dumps(
             list(weights)), "stacks": json.dumps(stacks)})
     os.replace(tmp, target)  # atomic: a crash never leaves a half-written cache entry
     log.info("weights_cached", path=path, cache=str(target))

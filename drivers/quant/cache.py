@@ -37,11 +37,12 @@ LAYER_ATTRS = ("attn_norm", "qkv", "qkv_bias", "o", "mlp_norm", "gate_up", "down
 
 
 def cache_file(source: str, recipe: Recipe, calibration: str, cache_dir: str) -> Path:
-    st = os.stat(source)
-    key = (f"{CACHE_VERSION}|{os.path.abspath(source)}|{st.st_size}|{st.st_mtime_ns}|"
+    real = os.path.realpath(source)   # one file under two names (a symlink) quantizes once
+    st = os.stat(real)
+    key = (f"{CACHE_VERSION}|{real}|{st.st_size}|{st.st_mtime_ns}|"
            f"{recipe}|{hashlib.sha256(calibration.encode()).hexdigest()}")
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-    return Path(cache_dir) / "int8" / f"{Path(source).stem}-{recipe.name}-{digest}.safetensors"
+    return Path(cache_dir) / "int8" / f"{Path(real).stem}-{recipe.name}-{digest}.safetensors"
 
 
 def _slots(model: Any) -> list[tuple[str, Any, str]]:
@@ -80,7 +81,7 @@ def save(file: Path, model: Any, cfg: ModelConfig, checkpoint: dict[str, torch.T
     tmp = file.with_suffix(f".tmp{os.getpid()}")
     st = os.stat(source)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={
-        "config": cfg.to_json(), "source": os.path.abspath(source), "version": CACHE_VERSION,
+        "config": cfg.to_json(), "source": os.path.realpath(source), "version": CACHE_VERSION,
         "source_size": str(st.st_size), "source_mtime_ns": str(st.st_mtime_ns),
         "layout": json.dumps(layout), "shapes": json.dumps(shapes)})
     os.replace(tmp, file)
