@@ -313,6 +313,13 @@ def alone(system: System, prompt: str, max_tokens: int = 12) -> list[int]:
     return _ALONE[key]
 
 
+def uninterrupted(system: System, prompts: list[str], max_tokens: int = 12) -> list[list[int]]:
+    """Greedy token ids of prompts run together, with no fault, preemption or restart: the
+    reference a disturbed run must equal (outputs are batch-invariant: test_jobs checks it)."""
+    pids = [spawn(system, p, max_tokens) for p in prompts]
+    return [list(wait(system, pid).token_ids) for pid in pids]
+
+
 # --- one service process on its own -----------------------------------------------------------
 
 @dataclass
