@@ -1,5 +1,5 @@
 """Our Llama runner vs HF transformers (the reference, tests only): the embedded SmolLM2 GGUF in
-fp32 — logits through chunked prefill and paged decode, and 64-token greedy continuations — and
+fp32 — logits through chunked prefill and paged decode, and 32-token greedy continuations — and
 tiny random Llama (llama3 RoPE scaling) / Qwen2 (QKV bias) folders through the safetensors
 loader."""
 
@@ -29,6 +29,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # dot errs ~sqrt(K) u, and 30 layers x 7 matmuls (K <= 1536) add in quadrature, at |logit| <~ 20
 LOGIT_ATOL = 2 * 20 * math.sqrt(30 * 7 * 1536) * 2**-24   # 1.4e-3 (seen: ~5e-5)
 NEAR_TIE = 2 * LOGIT_ATOL   # a top-2 gap below this may flip between two sides each within ATOL
+NEW_TOKENS = 32   # per prompt, ours batched against HF generate() one prompt at a time
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
@@ -103,10 +104,10 @@ def test_greedy_continuations_match_hf(ours: tuple[LlamaModel, Tokenizer],
                                        hf: torch.nn.Module) -> None:
     model, tok = ours
     prompts = [tok.encode(p) for p in PROMPTS]
-    got, gaps = greedy_ours(model, prompts, 64)
+    got, gaps = greedy_ours(model, prompts, NEW_TOKENS)
     for s, ids in enumerate(prompts):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
                               attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                               pad_token_id=2, eos_token_id=None)[0, len(ids):].tolist()
         if got[s] != ref:
@@ -114,7 +115,7 @@ def test_greedy_continuations_match_hf(ours: tuple[LlamaModel, Tokenizer],
             # a genuine near-tie may flip; everything before it must agree
             assert gaps[s][first] < NEAR_TIE, f"prompt {s}: diverged at {first}"
         else:
-            assert len(got[s]) == 64
+            assert len(got[s]) == NEW_TOKENS
 
 
 def tiny_folder(tmp_path: Path, kind: str) -> Path:
