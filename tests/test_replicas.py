@@ -224,7 +224,7 @@ def test_kill_9_of_llmosd_brings_replicas_and_jobs_back(tmp_path: Path) -> None:
     try:
         system.call("Deploy", kernel_pb2.DeployRequest(path=embedded_gguf(), name="m",
                                                        replicas=2), timeout=600)
-        pids = spawn_all(system, "m", PROMPTS, tokens=40)
+        pids = spawn_all(system, "m", PROMPTS, tokens=24)
         while True:   # both replicas are decoding
             ps = system.call("Ps", kernel_pb2.PsRequest(all=True)).processes
             if {p.replica for p in ps if p.generated_tokens > 2} == {0, 1}:
@@ -240,7 +240,7 @@ def test_kill_9_of_llmosd_brings_replicas_and_jobs_back(tmp_path: Path) -> None:
         replies = [wait(system, pid) for pid in pids]
         assert {r.info.replica for r in replies} == {0, 1}   # put back where they ran
         expected = [list(wait(system, pid).token_ids)
-                    for pid in spawn_all(system, "m", PROMPTS, tokens=40)]
+                    for pid in spawn_all(system, "m", PROMPTS, tokens=24)]
         assert [list(r.token_ids) for r in replies] == expected
     finally:
         assert shutdown(system) == 0
