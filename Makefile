@@ -61,9 +61,11 @@ run: $(RUN_STAMP)
 
 # Two workers (pytest-xdist), each module on one worker (its fixtures boot once): much of a test
 # waits on processes it started. Idle OpenMP threads sleep instead of spinning, so two workers'
-# torch threads and their services share the cores instead of starving each other.
+# torch threads and their services share the cores instead of starving each other. Modules go
+# out slowest first (tests/conftest.py: SLOWEST_FIRST), not in xdist's most-tests-first order.
 TEST_WORKERS ?= 2
-PYTEST := OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+	--no-loadscope-reorder
 test: setup node
 	$(PYTEST) tests
 

@@ -31,6 +31,25 @@ os.environ["XDG_CACHE_HOME"] = str(Path(tempfile.gettempdir()) / "llmasos-test-x
 SHARED_CACHE = Path(os.environ["XDG_CACHE_HOME"]) / "llmasos" / "weights"
 
 
+# Modules by measured time, slowest first (worker-seconds in a CI run at 28ba601: test_parallel
+# 166 ... test_engine 16). The Makefile turns off xdist's own order (most tests first, which
+# queued the few-test heavy modules last, so one worker ran on alone at the end): starting the
+# heaviest first lets the two workers end together. Unlisted modules follow, as collected.
+SLOWEST_FIRST = (
+    "test_parallel", "test_jobs", "test_node_ranks", "test_quant", "test_nodes", "test_replicas",
+    "test_triton_interp", "test_faults", "test_kernel_crash", "test_prune", "test_pipes",
+    "test_client", "test_llmsh", "test_tools", "test_client_retry", "test_deploy",
+    "test_protection", "test_openai_api", "test_supervisor", "test_install", "test_loaders",
+    "test_shm", "test_mailbox", "test_boot", "test_model_parity", "test_model_kernels",
+    "test_remote_models", "test_engine", "test_pager",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).stem, len(rank)))   # stable
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
