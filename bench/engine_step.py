@@ -31,7 +31,7 @@ from collections import defaultdict
 import torch
 from torch.autograd.profiler_util import FunctionEvent
 
-from llmasos.services.inference.compute_thread import on_compute_thread
+from llmasos.services.inference.compute_thread import on_compute_thread, on_passing_thread
 from llmasos.services.inference.engine import Engine, StepEntry
 from llmasos.services.inference.sampler import SamplingParams
 
@@ -108,27 +108,39 @@ class Ours:
 
 
 class HF:
+    """HF's forward, on the engine's compute thread as ours runs (loaded on a passing thread):
+    one OpenMP team in the process, as each side has when it runs alone (compute_thread.py)."""
+
     def __init__(self) -> None:
         import transformers
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            gguf_dir(), gguf_file=GGUF, dtype=torch.float32).eval()
+        self.model = on_passing_thread(lambda: transformers.AutoModelForCausalLM.from_pretrained(
+            gguf_dir(), gguf_file=GGUF, dtype=torch.float32).eval())
         self.cache_cls = transformers.DynamicCache
 
-    @torch.inference_mode()
     def decode_setup(self, batch: int) -> tuple[object, torch.Tensor]:
+        return on_compute_thread(self._decode_setup, batch)
+
+    def decode_step(self, state: tuple[object, torch.Tensor]) -> tuple[object, torch.Tensor]:
+        return on_compute_thread(self._decode_step, state)
+
+    def prefill(self, n: int) -> None:
+        on_compute_thread(self._prefill, n)
+
+    @torch.inference_mode()
+    def _decode_setup(self, batch: int) -> tuple[object, torch.Tensor]:
         ids = torch.tensor([prompt(CONTEXT, b) for b in range(batch)])
         cache = self.cache_cls()
         out = self.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
 
     @torch.inference_mode()
-    def decode_step(self, state: tuple[object, torch.Tensor]) -> tuple[object, torch.Tensor]:
+    def _decode_step(self, state: tuple[object, torch.Tensor]) -> tuple[object, torch.Tensor]:
         cache, last = state
         out = self.model(last, past_key_values=cache, use_cache=True)
         return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
 
     @torch.inference_mode()
-    def prefill(self, n: int) -> None:
+    def _prefill(self, n: int) -> None:
         self.model(torch.tensor([prompt(n, 7)]), past_key_values=self.cache_cls(),
                    use_cache=True, logits_to_keep=1)
 

@@ -147,7 +147,9 @@ ACTIVATIONS = {
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor],
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 report: Report | None = None) -> None:
+                 report: Report | None = None, tune: bool = True) -> None:
+        """tune=False leaves the matmul kernels at LinearPlan's defaults: the caller tunes on
+        the thread that will run the steps (services/inference/engine.py)."""
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.family = fam = family(cfg.architecture)
         weights = to_llama_names(cfg, weights)
@@ -187,13 +189,21 @@ class LlamaModel:
         self.local_inv_freq = rope_inv_freq(cfg, None, cfg.rope_local_theta, scaled=False).to(
             self.device) if cfg.rope_local_theta else None
         self.scale = cfg.attn_scale or cfg.head_dim ** -0.5
-        # MKL or oneDNN, per row regime: whichever is faster on this CPU (AVX-512 or not)
-        gate_up = self.layers[0].gate_up
-        dense = [w for w in (gate_up, self.lm_head) if isinstance(w, torch.Tensor)]
-        self.plan: LinearPlan = probe(dense, dense[:1] if dense and dense[0] is gate_up
-                                      else [], self.device, remember=probe_cache.linear_kernel)
+        self.plan = LinearPlan()
+        if tune:
+            self.tune()
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
+
+    def tune(self) -> None:
+        """MKL or oneDNN, per row regime: whichever makes a pass through this model's dense
+        weights fastest on this CPU (drivers/model/cpu_linear.py), timed on the calling thread."""
+        layer_weights = [[w for w in (layer.qkv, layer.o, layer.gate_up, layer.down)
+                          if isinstance(w, torch.Tensor)] for layer in self.layers]
+        dense = [w for ws in layer_weights for w in ws]
+        head = [self.lm_head] if isinstance(self.lm_head, torch.Tensor) else []
+        many = [w for ws in layer_weights[:2] for w in ws]
+        self.plan = probe(dense + head, many, self.device, remember=probe_cache.linear_kernel)
 
     def _layer(self, weights: dict[str, torch.Tensor], i: int, w: object, opt: object) -> Layer:
         p = f"model.layers.{i}."

@@ -67,9 +67,9 @@ def remembered(key: str, measure: Callable[[], Answer], path: Path | None = None
 
 
 def linear_kernel(regime: str, weights: list[torch.Tensor], measure: Callable[[], str]) -> str:
-    """cpu_linear.probe's hook: the kernel a regime's probe picked for these weights."""
-    shapes = ",".join("x".join(map(str, w.shape)) for w in weights[1:])
-    return remembered(probe_key(f"linear/{regime}/{shapes}", weights[0]), measure)
+    """cpu_linear.probe's hook: the kernel a regime's pass through these weights picked."""
+    shapes = ",".join(sorted({"x".join(map(str, w.shape)) for w in weights[1:]}))
+    return remembered(probe_key(f"pass/{regime}/{len(weights)}/{shapes}", weights[0]), measure)
 
 
 def _read(path: Path) -> dict[str, Answer]:

@@ -25,7 +25,7 @@ from llmasos.drivers.model.llama import LlamaModel
 from llmasos.drivers.prune import semi_sparse
 from llmasos.drivers.tokenizer import Tokenizer
 from llmasos.services.inference import quantize
-from llmasos.services.inference.compute_thread import on_compute_thread
+from llmasos.services.inference.compute_thread import on_compute_thread, on_passing_thread
 from llmasos.services.inference.output import SequenceOutput
 from llmasos.services.inference.parallel import (
     ALL_HERE,
@@ -171,9 +171,14 @@ class Engine:
                 raise ValueError(f"a load of {name!r} is under way")
             self._loading.add(name)
         try:
-            loaded = self._load(name, path, dtype_name, kv_budget_bytes, recipe, max(tp, 1),
-                                max(pp, 1), stoppable(report, cancelled), bar=report is None,
-                                spread=spread, threads=threads)
+            # on a thread of its own that ends with the load: its OpenMP team must not outlive
+            # it, or every later step runs slower (compute_thread.py)
+            loaded = on_passing_thread(
+                self._load, name, path, dtype_name, kv_budget_bytes, recipe, max(tp, 1),
+                max(pp, 1), stoppable(report, cancelled), bar=report is None, spread=spread,
+                threads=threads)
+            if isinstance(loaded.model, LlamaModel):   # timed where its steps will run
+                on_compute_thread(loaded.model.tune)
             with self._lock:   # checked where it is kept: a caller gone now never sees it
                 if cancelled():
                     close(loaded)
@@ -221,7 +226,7 @@ class Engine:
                                                 spread)
             parameters = sum(t.numel() for t in weights.values())
         else:
-            model = LlamaModel(cfg, weights, torch_dtype, self.device, report)
+            model = LlamaModel(cfg, weights, torch_dtype, self.device, report, tune=False)
             parameters = model.num_parameters  # before packing: a tied LM head counts once
             if hit is not None:
                 quantize.restore(model, hit, recipe)
