@@ -194,3 +194,25 @@ def test_copy_and_swap_blocks(engine: Engine) -> None:
     engine.release(MODEL, [], swap_handles=[dropped])   # a killed, swapped-out job's copy
     with pytest.raises(KeyError):
         engine.swap_in(MODEL, dropped, [31])
+
+
+
+def test_split_groups_give_each_shape_its_own_attention_group() -> None:
+    """Where SDPA is not exact under padding (attention.padding_exact: MKL capped to AVX2 sums a
+    row's keys by their count), each shape gets its own group, so no sequence is padded to
+    another's. The bits this keeps are checked by test_quant's test_int8_batched_equals_alone,
+    which failed under `make test-avx2` on an AVX-512 Xeon with one group for all chunks."""
+    from llmasos.drivers.model.batch import SeqSlice, build_batch
+
+    slices = [SeqSlice([1] * 7, 0, [0], True), SeqSlice([2], 40, [1, 2, 3], True),
+              SeqSlice([3] * 5, 0, [4], False), SeqSlice([4], 10, [5], True),
+              SeqSlice([5] * 7, 0, [6], True), SeqSlice([6], 41, [7, 8, 9], True)]
+    one = build_batch(slices, 16, 3)
+    assert len(one.groups) == 2   # decode rows, chunks: padded to the longest of each
+    split = build_batch(slices, 16, 3, split_groups=True)
+    assert split.order == [3, 1, 5, 2, 0, 4]   # decode by blocks, then chunks by (len, blocks)
+    shapes = [(g.num_seqs, g.max_q, g.kv_blocks.shape[1]) for g in split.groups]
+    assert shapes == [(1, 1, 1), (2, 1, 3), (1, 5, 1), (2, 7, 1)]
+    assert [slices[i].token_ids[-1] for i in split.sample_seqs] == [4, 2, 6, 1, 5]
+    rows = torch.cat([g.token_rows for g in split.groups]).tolist()
+    assert sorted(rows) == list(range(len(split.input_ids)))   # every row in one group

@@ -46,6 +46,7 @@ class Layout:
     block_size: int
     gqa: int
     for_kernels: bool
+    split_groups: bool = False
 
 
 @dataclass
@@ -54,7 +55,7 @@ class StepBatch:
     order: list[int]  # order[r] = index into the caller's slices of flat row block r
     positions: torch.Tensor  # [T] int64
     slot_mapping: torch.Tensor  # [T] int64
-    groups: list[PagedGroup]  # at most two: decode tokens, prefill chunks
+    groups: list[PagedGroup]  # decode tokens, then chunks (or one group per shape: split_groups)
     sample_rows: torch.Tensor  # [R] flat rows whose logits are returned
     sample_seqs: list[int]  # caller's slice index of each sampled row
     kernel_groups: list[KernelGroup] | None = None  # set when built for the Triton kernels
@@ -77,11 +78,27 @@ def kernel_group(slices: list[SeqSlice], members: list[int], first_row: int,
                        cu_seqlens_q=torch.tensor(cu, **as_i32))
 
 
+def context_blocks(s: SeqSlice, block_size: int) -> int:
+    return -(-(s.start_pos + s.num_tokens) // block_size)
+
+
 def build_batch(slices: list[SeqSlice], block_size: int, gqa: int,
-                device: torch.device | str = "cpu", for_kernels: bool = False) -> StepBatch:
-    """Lay the slices out as one flat batch: decode (1-token) slices first, then chunks."""
+                device: torch.device | str = "cpu", for_kernels: bool = False,
+                split_groups: bool = False) -> StepBatch:
+    """Lay the slices out as one flat batch: decode (1-token) slices first, then chunks.
+    split_groups: one attention group per shape (decode rows by context length in blocks,
+    chunks by their length and context length), sorted by it, so no sequence's queries or keys
+    are padded to another's (attention.padding_exact says when that matters)."""
     decode = [i for i, s in enumerate(slices) if s.num_tokens == 1]
     chunks = [i for i, s in enumerate(slices) if s.num_tokens > 1]
+    groups_of = [decode, chunks]
+    if split_groups:
+        def shape(i: int) -> tuple[int, int]:
+            return slices[i].num_tokens, context_blocks(slices[i], block_size)
+        decode.sort(key=shape)
+        chunks.sort(key=shape)
+        groups_of = [[i for i in members if shape(i) == key]
+                     for members in (decode, chunks) for key in sorted(set(map(shape, members)))]
     order = decode + chunks
     ids: list[int] = []
     positions: list[int] = []
@@ -98,7 +115,7 @@ def build_batch(slices: list[SeqSlice], block_size: int, gqa: int,
             positions.append(p)
             slots.append(s.block_table[p // block_size] * block_size + p % block_size)
     groups, kernel_groups = [], []
-    for members in (decode, chunks):
+    for members in (decode, chunks) if for_kernels else groups_of:
         if members and for_kernels:
             kernel_groups.append(kernel_group(slices, members, starts[members[0]], device))
         elif members:
@@ -117,5 +134,5 @@ def build_batch(slices: list[SeqSlice], block_size: int, gqa: int,
         sample_rows=torch.tensor(rows, dtype=torch.int64, device=device),
         sample_seqs=sample_seqs,
         kernel_groups=kernel_groups if for_kernels else None,
-        layout=Layout(slices, block_size, gqa, for_kernels),
+        layout=Layout(slices, block_size, gqa, for_kernels, split_groups),
     )

@@ -46,5 +46,6 @@ def micro_batches(batch: StepBatch, k: int) -> list[StepBatch]:
     seqs = [lay.slices[i] for i in batch.order]   # flat (decode-first) order
     edges = [0, *cut([s.num_tokens for s in seqs], k), len(seqs)]
     device = batch.input_ids.device
-    return [build_batch(seqs[a:b], lay.block_size, lay.gqa, device, lay.for_kernels)
+    return [build_batch(seqs[a:b], lay.block_size, lay.gqa, device, lay.for_kernels,
+                        lay.split_groups)
             for a, b in zip(edges[:-1], edges[1:], strict=True)]

@@ -19,6 +19,7 @@ from llmasos.drivers.cuda.backend import kernels_for
 from llmasos.drivers.loaders.cache import load_weights, weights_cache_dir
 from llmasos.drivers.loaders.probe import probe
 from llmasos.drivers.loaders.progress import LoadCancelled, Report
+from llmasos.drivers.model.attention import padding_exact
 from llmasos.drivers.model.batch import SeqSlice, build_batch
 from llmasos.drivers.model.kv_pool import KVPool, PoolGeometry
 from llmasos.drivers.model.llama import LlamaModel
@@ -306,9 +307,11 @@ class Engine:
             with record_function("batch"):   # named ranges: bench/engine_step.py's breakdown
                 slices = [SeqSlice(list(e.token_ids), e.start_pos, list(e.block_table),
                                    e.sample) for e in good]
-                batch = build_batch(slices, self.block_size,
-                                    m.model.cfg.num_heads // m.model.cfg.num_kv_heads,
-                                    self.device, for_kernels=m.model.kernels is not None)
+                cfg = m.model.cfg
+                gqa = cfg.num_heads // cfg.num_kv_heads
+                batch = build_batch(slices, self.block_size, gqa, self.device,
+                                    for_kernels=m.model.kernels is not None,
+                                    split_groups=self._split_groups(m, gqa))
             logits = m.model.forward(batch, m.pool)
             if batch.sample_seqs:
                 sampled = self._sample(m, good, batch.sample_seqs, logits,
@@ -317,6 +320,14 @@ class Engine:
                     results[i] = r
             self.last_compute_ms = (time.perf_counter() - t0) * 1000
             return results
+
+    def _split_groups(self, m: Loaded, gqa: int) -> bool:
+        """Whether each attention shape needs a group of its own to stay batch-invariant: where
+        SDPA on this CPU is not exact under padding (attention.padding_exact)."""
+        if self.device.type != "cpu" or m.model.kernels is not None:
+            return False
+        dtype = getattr(m.model, "dtype", torch.float32)   # a TPModel's ranks: fp32 on the CPU
+        return not padding_exact(gqa, m.model.cfg.head_dim, dtype, self.block_size)
 
     @staticmethod
     def _check_batch(entries: list[StepEntry]) -> None:
