@@ -148,13 +148,16 @@ def staggered(engine: Engine, name: str, prompts: list[list[int]], n: int, chunk
         feed = {i: todo[i][:chunk] if todo[i] else [out[i][-1]] for i in live}
         entries = [StepEntry(2000 + i, feed[i], pos[i], list(range(i * per, (i + 1) * per)),
                              len(todo[i]) <= chunk, GREEDY, reset=pos[i] == 0) for i in live]
+        split = engine._split_groups(engine._get(name), 3)   # the flat order the engine lays
+        flat = build_batch([SeqSlice(e.token_ids, e.start_pos, e.block_table, e.sample)
+                            for e in entries], 16, 3, split_groups=split).order
         for i, r in zip(live, engine.step(name, entries), strict=True):
             assert not r.error, r.error
             if len(todo[i]) <= chunk:
                 out[i].append(r.token_id)
             pos[i] += len(feed[i])
             todo[i] = todo[i][chunk:]
-        rows = sorted((len(feed[i]) for i in live), key=lambda r: r > 1)   # decode first
+        rows = [len(feed[live[j]]) for j in flat]   # decode first (by shape where split)
         parts.append((rows, list(getattr(local, "part_rows", []))))
         step += 1
     engine.release(name, [2000 + i for i in range(len(prompts))])
