@@ -5,9 +5,8 @@ shape, so the choice is measured on the machine that runs the model, not assumed
 
 The probe times what a step does: one pass through the model's weights in the forward's order,
 each read from memory once, as a decode step reads them. Timing one weight over and over (it
-stays in the caches) ranked the kernels the other way round: measured on 2 AVX-512 cores, such a
-probe picked oneDNN for one row (42.8 ms a decode step) where MKL takes 33.1 ms, and MKL for 8
-rows (69.2 ms) where oneDNN takes 61.8 ms."""
+stays in the caches) ranked them otherwise: measured on 2 AVX-512 cores, such a probe picked
+oneDNN for one row (42.8 ms a decode step) where MKL takes 33.1 ms."""
 
 from __future__ import annotations
 

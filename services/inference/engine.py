@@ -180,6 +180,8 @@ class Engine:
                 threads=threads)
             if isinstance(loaded.model, LlamaModel):   # timed where its steps will run
                 on_compute_thread(loaded.model.tune)
+                cfg = loaded.model.cfg   # padding_exact measured now, not in the first step
+                self._split_groups(loaded, cfg.num_heads // cfg.num_kv_heads)
             with self._lock:   # checked where it is kept: a caller gone now never sees it
                 if cancelled():
                     close(loaded)
