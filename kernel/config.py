@@ -28,6 +28,8 @@ class Config:
                                      # default while int8 is not recompute-exact (README)
     token_budget: int = 256          # most tokens in one step
     max_batch: int = 64              # most jobs in one step
+    pp_steps: int = 0                # steps of a pp model in flight at once, each in its own
+                                     # stage (0: as many as it has stages; 1: one at a time)
     restart_max: int = 5             # restart budget: this many restarts ...
     restart_window: float = 60.0     # ... within this many seconds
     boot_timeout: float = 600.0
@@ -38,7 +40,7 @@ class Config:
 # Environment variables that override the file (flags override both).
 ENV = {"listen": "LLMASOS_ADDR", "home": "LLMASOS_HOME", "policy": "LLMASOS_POLICY",
        "device": "LLMASOS_DEVICE", "kv_budget_mb": "LLMASOS_KV_BUDGET_MB",
-       "quant": "LLMASOS_QUANT"}
+       "quant": "LLMASOS_QUANT", "pp_steps": "LLMASOS_PP_STEPS"}
 
 
 def _coerce(cfg: Config, name: str, value: object) -> None:

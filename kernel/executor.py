@@ -15,8 +15,11 @@ launched at once, and only then is N committed. A job's signals wait for its ste
 
 Each replica of each model (a lane, kernel/replicas.py) has its own pager and its own step in
 flight; one round of the loop steps every lane in turn, so replicas compute side by side while
-the kernel prepares the next step of each. New jobs are placed on a replica before each round,
-and a replica whose process died has its jobs moved to the live ones.
+the kernel prepares the next step of each. A pp model's lane has one slot per stage, each with
+a step in flight of its own over the lane's pager (its jobs split between them), so while
+stage 1 computes one slot's step, stage 0 computes the next slot's. New jobs are placed on a
+replica (and a slot) before each round, and a replica whose process died has its jobs moved to
+the live ones.
 
 Faults are charged to their cause: a transport failure (UNAVAILABLE, a deadline) is the
 service's and the batch is retried after it comes back, with its sampler state reset so no
@@ -43,7 +46,7 @@ from llmasos.kernel.kernel import Kernel
 from llmasos.kernel.pager import OutOfBlocks, Pager
 from llmasos.kernel.pending_io import RPC_ERRORS, PendingIo, send_releases, send_swaps
 from llmasos.kernel.proctable import Exit, Proc, State
-from llmasos.kernel.replicas import lane_of
+from llmasos.kernel.replicas import base, lane_of, slot_lane, slot_lane_of
 from llmasos.proto import inference_pb2, scheduler_pb2
 from llmasos.syscalls.limits import SIGKILL, SIGTERM
 
@@ -170,7 +173,7 @@ class Executor:
                     continue
                 self._forget_kv(proc)
                 if lane_of(proc) not in pagers and replicas.count(self.k, proc.model) > 1:
-                    proc.replica = -1   # placed again on a live replica
+                    proc.replica = proc.slot = -1   # placed again on a live replica
             self.k.pagers.update(pagers)
         if incarnation > 1:
             log.warning("kv_lost_recomputing", replica=replica, incarnation=incarnation)
@@ -207,11 +210,12 @@ class Executor:
                 for ln in gone:
                     del self.k.pagers[ln]
                     self.io.take(ln)
-                    self.inflight.pop(ln, None)   # its answer will never come
+                    for key in [key for key in self.inflight if base(key) == ln]:
+                        self.inflight.pop(key)   # its answer will never come
                 moved = [p for p in self.table.live() if lane_of(p) in gone]
                 for proc in moved:
                     self._forget_kv(proc)
-                    proc.replica = -1
+                    proc.replica = proc.slot = -1
                     self.jobs.deliver(proc)
             if gone:
                 log.warning("replica_down_jobs_moved", lanes=sorted(gone), jobs=len(moved))
@@ -245,13 +249,18 @@ class Executor:
             self.wakeup.clear()
             self._move_off_dead()
             replicas.place_new(self.k)
-            busy = self._round(self.k.lanes())
+            busy = self._round(self._slot_lanes())
             self._flush_releases()
             for pid in self.table.reap_expired():
                 self.k.journal.record_reap(pid)
             if not busy and not self.inflight:
                 self.k.journal.checkpoint()
                 self.wakeup.wait(1.0)   # idle: sleep until a syscall wakes us (no polling)
+
+    def _slot_lanes(self) -> list[str]:
+        """Every lane's slots: one step in flight each (several for a pp model's replica)."""
+        return [slot_lane(ln, s) for ln in self.k.lanes()
+                for s in range(replicas.depth(self.k, replicas.split(ln)[0]))]
 
     def _round(self, lanes: list[str]) -> bool:
         """One step of every lane; True when there was work. Each lane's next step is prepared
@@ -292,7 +301,7 @@ class Executor:
 
     def _stage(self, lane: str) -> Work | None:
         """Prepare the lane's next step while its step in flight computes."""
-        pager = self.k.pagers.get(lane)
+        pager = self.k.pagers.get(base(lane))
         try:
             return self._prepare(lane, pager) if pager is not None else None
         except RPC_ERRORS:   # the scheduler is restarting: still collect the step in flight
@@ -370,6 +379,7 @@ class Executor:
         work.future = step.future(request, timeout=300) if hasattr(step, "future") \
             else Done(step, request, 300)
         self.inflight[work.lane] = work
+        metrics.on_launch(work.model, sum(w.model == work.model for w in self.inflight.values()))
 
     def _fail_inflight(self, lane: str) -> None:
         """A step failed: the lane's step in flight is abandoned and its jobs wait again."""
@@ -382,8 +392,9 @@ class Executor:
     def _snapshot(self, lane: str, pager: Pager) -> scheduler_pb2.PlanRequest | None:
         flying = self._flying(lane)
         with self.table.lock:
-            procs = [p for p in self.table.live() if lane_of(p) == lane and p.state in RUNNABLE
-                     and not waits_for_fork(self.table, p) and has_work(p, pager)]
+            procs = [p for p in self.table.live() if slot_lane_of(p) == lane and
+                     p.state in RUNNABLE and self._slotted(p) and
+                     not waits_for_fork(self.table, p) and has_work(p, pager)]
             for p in procs:
                 if p.state == State.NEW:
                     self.table.set_state(p, State.READY)
@@ -399,10 +410,16 @@ class Executor:
             token_budget=self.k.cfg.token_budget, max_batch=self.k.cfg.max_batch,
             user_block_limit=limits)
 
+    def _slotted(self, p: Proc) -> bool:
+        """Does the job have its slot (a pp model's job gets one before its first step)?"""
+        return p.slot >= 0 or replicas.depth(self.k, p.model) == 1
+
     def _kv_limits(self, lane: str, pager: Pager,
                    jobs: list[scheduler_pb2.SchedJob]) -> dict[str, int]:
         """Each quota'd user's KV limit, less the blocks its resident jobs outside this plan
-        hold (a job whose preemption waits for its step to land, one about to end, ...)."""
+        hold (a job whose preemption waits for its step to land, one about to end, one in
+        another slot's step, ...)."""
+        lane = base(lane)
         limits = self.k.kv_limits(lane, {j.user for j in jobs})
         planned = {j.pid for j in jobs}
         for p in self.table.live():
@@ -459,7 +476,7 @@ class Executor:
         work = Work(lane, pager)
         flying = self._flying(lane)
         with self.table.lock:
-            if self.k.pagers.get(lane) is pager:   # else the service restarted meanwhile
+            if self.k.pagers.get(base(lane)) is pager:   # else the service restarted meanwhile
                 waiting: set[str] = set()   # owners whose freed blocks come a step late
                 for pid in plan.preempt:
                     if pid in flying:   # its blocks are in use: it yields once its step ends
@@ -475,7 +492,8 @@ class Executor:
                     if slot.pid in flying:
                         entry = self._entry_after(work, proc, pager, slot.num_tokens,
                                                   flying[slot.pid][1])
-                    elif proc is not None and proc.state in RUNNABLE and lane_of(proc) == lane:
+                    elif proc is not None and proc.state in RUNNABLE and \
+                            slot_lane_of(proc) == lane:
                         entry = self._entry(proc, pager, slot.num_tokens)
                     else:
                         continue
@@ -485,7 +503,7 @@ class Executor:
                         if proc.state != State.RUNNING:
                             self.table.set_state(proc, State.RUNNING)
                         work.batch.append((proc, entry))
-            work.io = self.io.take(lane)
+            work.io = self.io.take(base(lane))   # what this admit queued, and what waited
             return work
 
     @staticmethod
@@ -647,9 +665,9 @@ class Executor:
         """The step did not happen: its jobs wait again, and their sampler state is rebuilt
         on the next try (a Step that timed out may still have run: no token is doubled)."""
         with self.table.lock:
-            pager = self.k.pagers.get(lane)
+            pager = self.k.pagers.get(base(lane))
             for proc in self.table.live():
-                if lane_of(proc) == lane and proc.state == State.RUNNING:
+                if slot_lane_of(proc) == lane and proc.state == State.RUNNING:
                     proc.needs_reset = True
                     if pager is not None and proc.pid in pager and not pager.is_swapped(
                             proc.pid) and pager.num_tokens(proc.pid) > len(proc.tokens):
@@ -663,7 +681,7 @@ class Executor:
         total = sum(len(e.token_ids) for _, e in work.batch) or 1
         nxt = self.inflight[work.lane].pids() if work.lane in self.inflight else set()
         with self.table.lock, self.k.journal.batch():   # one transaction: tokens and exits
-            if self.k.pagers.get(work.lane) is not work.pager:   # its replica restarted
+            if self.k.pagers.get(base(work.lane)) is not work.pager:   # its replica restarted
                 return
             rows: list[Tokens] = []
             for (proc, entry), result in zip(work.batch, results, strict=True):

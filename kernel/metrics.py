@@ -72,6 +72,9 @@ STEP_GAP = _h("step_gap_seconds", "Time the inference service waited between one
 ENGINE_TIME = _h("step_compute_seconds", "The forward and sampling of one step, as the "
                  "inference service timed it (llmasos only).", ITL_BUCKETS)
 BATCH = _h("batch_size", "Jobs in one step (llmasos only).", BATCH_BUCKETS)
+IN_FLIGHT = _h("steps_in_flight", "Steps of the model in flight when one is launched, it "
+               "included: above 1 for replicas and for a pp model's slots (llmasos only).",
+               (1, 2, 3, 4, 6, 8, 16))
 STARTED = Gauge(P + "kernel_start_time_seconds", "When llmosd started.", registry=REGISTRY)
 STARTED.set_to_current_time()
 
@@ -124,6 +127,10 @@ def on_exit(proc: Any) -> None:
 
 def on_gap(model: str, seconds: float) -> None:
     STEP_GAP.labels(model).observe(seconds)
+
+
+def on_launch(model: str, in_flight: int) -> None:
+    IN_FLIGHT.labels(model).observe(in_flight)
 
 
 def on_compute(model: str, seconds: float) -> None:

@@ -107,6 +107,8 @@ class Proc:
     prompt_text: str = ""               # a hosted model's prompt (kernel/remote_jobs.py): no ids
     replica: int = -1                   # which replica of its model runs it; -1 until the step
                                         # loop places it (kernel/replicas.py)
+    slot: int = -1                      # a pp model's job: which of its replica's steps in
+                                        # flight carries it (kernel/replicas.py); -1 until set
 
     @property
     def tokens(self) -> list[int]:

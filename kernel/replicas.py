@@ -55,9 +55,24 @@ def lane_of(proc: Proc) -> str:
     return lane(proc.model, proc.replica)
 
 
+def slot_lane(key: str, slot: int) -> str:
+    """The step loop's key for one slot of a lane: the lane itself for slot 0, "lane#s" for
+    the others. Every slot of a lane shares the lane's pager and service."""
+    return key if slot <= 0 else f"{key}#{slot}"
+
+
+def slot_lane_of(proc: Proc) -> str:
+    return slot_lane(lane_of(proc), proc.slot)
+
+
+def base(key: str) -> str:
+    """The lane a slot's key belongs to (the pager's key)."""
+    return key.partition("#")[0]
+
+
 def split(key: str) -> tuple[str, int]:
-    """lane → (model, replica)."""
-    model, _, r = key.partition("@")
+    """lane (or a slot of it) → (model, replica)."""
+    model, _, r = base(key).partition("@")
     return model, (0 if not r else -1 if r == "-" else int(r))
 
 
@@ -76,6 +91,15 @@ def replica_of_service(name: str) -> int | None:
 def host_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
         os.cpu_count() or 1
+
+
+def depth(k: Kernel, model: str) -> int:
+    """Steps of a model's replica in flight at once: one per pipeline stage for a pp model
+    (Config.pp_steps caps it), else one."""
+    dep = k.models.get(model)
+    if dep is None or dep.pp <= 1:
+        return 1
+    return max(1, min(dep.pp, k.cfg.pp_steps or dep.pp))
 
 
 def count(k: Kernel, model: str) -> int:
@@ -195,6 +219,7 @@ def place_new(k: Kernel) -> None:
             if p.replica < 0:
                 asks.setdefault(p.model, []).append(p)
         requests = {m: request(k, m, procs) for m, procs in asks.items()}
+        place_slots(k)
     for model, req in requests.items():
         if not req.replicas:
             continue   # no live replica: they wait for one to come back
@@ -207,6 +232,29 @@ def place_new(k: Kernel) -> None:
             for p, r in zip(asks[model], reply.replica, strict=False):
                 if p.replica < 0 and p.state not in ENDED and lane(model, r) in k.pagers:
                     set_replica(k, p, r)
+            place_slots(k)
+
+
+def place_slots(k: Kernel) -> None:
+    """Give each placed job of a pp model a slot of its replica, the one carrying the fewest
+    (under the table lock). Each slot is a step in flight of its own, so with M stages up to
+    M steps of different jobs are in the pipeline at once (vLLM's virtual engines); a job
+    keeps its slot while it lives on that replica."""
+    load: dict[str, list[int]] = {}
+    todo: list[Proc] = []
+    for p in k.table.live():
+        n = depth(k, p.model) if p.replica >= 0 else 1
+        if n == 1:
+            continue
+        counts = load.setdefault(lane_of(p), [0] * n)
+        if 0 <= p.slot < n:
+            counts[p.slot] += 1
+        else:
+            todo.append(p)
+    for p in todo:
+        counts = load[lane_of(p)]
+        p.slot = counts.index(min(counts))
+        counts[p.slot] += 1
 
 
 def set_replica(k: Kernel, proc: Proc, replica: int) -> None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,7 +51,7 @@ def ranks_of(pid: int) -> list[psutil.Process]:
 
 
 def generate(engine: Engine, name: str, prompts: list[list[int]], n: int,
-             first_block: int = 0) -> list[list[int]]:
+             first_block: int = 0, first_seq: int = 1000) -> list[list[int]]:
     """All prompts to n greedy tokens in shared steps (one prefill step, then decode steps)."""
     per = max(len(p) for p in prompts) // 16 + n // 16 + 2
     tables = [list(range(first_block + i * per, first_block + (i + 1) * per))
@@ -58,14 +60,14 @@ def generate(engine: Engine, name: str, prompts: list[list[int]], n: int,
     pos = [0] * len(prompts)
     feed = [list(p) for p in prompts]
     for _ in range(n):
-        entries = [StepEntry(1000 + i, feed[i], pos[i], tables[i], True, GREEDY,
+        entries = [StepEntry(first_seq + i, feed[i], pos[i], tables[i], True, GREEDY,
                              reset=pos[i] == 0) for i in range(len(prompts))]
         for i, r in enumerate(engine.step(name, entries)):
             assert not r.error, r.error
             pos[i] += len(feed[i])
             out[i].append(r.token_id)
             feed[i] = [r.token_id]
-    engine.release(name, [1000 + i for i in range(len(prompts))])
+    engine.release(name, [first_seq + i for i in range(len(prompts))])
     return out
 
 
@@ -208,6 +210,31 @@ def test_pp_steps_run_as_micro_batches_and_equal_tp1(engine: Engine, name: str) 
     assert any(1 in rows and max(rows) > 1 and len(parts) == 2 for rows, parts in steps), steps
 
 
+@pytest.mark.parametrize("name", ["stages", "grid"])
+def test_pp_steps_of_other_jobs_fly_at_once_and_equal_tp1(engine: Engine, name: str) -> None:
+    """Two callers stepping different jobs (the kernel's two slots of a pp=2 model): the second
+    step is launched down the pipeline while the first is still in it, and each job's greedy
+    tokens are tp=1's."""
+    prompts = [engine.tokenize("one", p) for p in PROMPTS[:6]]
+    want = generate(engine, "one", prompts[:3], 12), generate(engine, "one", prompts[3:], 12)
+    model = engine._get(name).model
+    model.peak_in_flight = 0
+    start = threading.Barrier(2)
+    got: list[list[list[int]]] = [[], []]
+
+    def caller(j: int) -> None:
+        start.wait()
+        got[j] = generate(engine, name, prompts[3 * j: 3 * j + 3], 12, first_block=17 * j,
+                          first_seq=3000 + 10 * j)
+    threads = [threading.Thread(target=caller, args=(j,)) for j in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert (got[0], got[1]) == want
+    assert model.peak_in_flight == 2 and model.in_flight == 0
+
+
 def test_a_degree_that_does_not_split_the_heads_is_refused(engine: Engine) -> None:
     with pytest.raises(ValueError, match=r"valid tp: \[1, 3\]"):
         engine.load("two", embedded_gguf(), tp=2)
@@ -323,12 +350,24 @@ def test_deploy_tp3_serves_the_same_tokens_and_survives_a_killed_rank(
     assert len(ranks_of(after.pid)) == 2   # redeployed with tp=3
 
 
+def in_flight_counts(system: System, model: str) -> dict[str, float]:
+    """The kernel's steps_in_flight histogram for a model: bucket bound → launches at most it."""
+    text = system.call("Metrics", kernel_pb2.MetricsRequest()).text
+    pattern = rf'llmasos:steps_in_flight_bucket{{le="([0-9.+Inf]+)",model_name="{model}"}} (\S+)'
+    return {le: float(n) for le, n in re.findall(pattern, text)}
+
+
 def test_deploy_pp2_through_llmsh_serves_the_same_tokens(model_system: System) -> None:
+    """Through the daemon: pp=2 gives tp=1's tokens, and with several jobs the kernel keeps two
+    of the model's steps in flight at once (one per slot, each in its own stage)."""
     out = llmsh(model_system, f"deploy {embedded_gguf()} smol-pp2 --pp 2")
     assert out.returncode == 0 and "in 2 pipeline stages" in out.stdout, out.stderr
-    pids = [run(model_system, "smol-pp2", p) for p in PROMPTS[4:7]]
-    for pid, p in zip(pids, PROMPTS[4:7], strict=True):
+    pids = [run(model_system, "smol-pp2", p) for p in PROMPTS[:8]]
+    for pid, p in zip(pids, PROMPTS[:8], strict=True):
         assert list(wait(model_system, pid).token_ids) == alone(model_system, p), p
+    counts = in_flight_counts(model_system, "smol-pp2")
+    assert counts["+Inf"] > counts["1.0"] > 0, counts   # launches beside another step
+    assert counts["2.0"] == counts["+Inf"], counts   # never more than its 2 slots
     model_system.call("Undeploy", kernel_pb2.UndeployRequest(name="smol-pp2"))
     inference = model_system.services()["inference"].pid
     assert all("smol-pp2" not in " ".join(r.cmdline()) for r in ranks_of(inference))

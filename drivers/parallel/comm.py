@@ -75,6 +75,17 @@ class Comm:
         self.broadcast(buf, root)
         return obj if self.rank == root else pickle.loads(buf.cpu().numpy().tobytes())
 
+    def broadcast_object_async(self, obj: object) -> list[object]:
+        """Root only: obj sent as broadcast_object sends it, without waiting for the others to
+        take it (a pipeline's next step goes out while later stages still compute the one
+        before). The result holds the works and their tensors: wait on each before dropping."""
+        payload = pickle.dumps(obj)
+        size = torch.tensor([len(payload)], dtype=torch.int64, device=self.device)
+        buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
+        opts = dist.BroadcastOptions()
+        opts.rootRank = self.rank
+        return [self.pg.broadcast([size], opts), size, self.pg.broadcast([buf], opts), buf]
+
     def barrier_ok(self, ok: bool) -> bool:
         """True when every rank reports ok (a load that failed on one rank fails on all)."""
         flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=self.device)

@@ -16,8 +16,10 @@ import dataclasses
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from llmasos.drivers.loaders.config import ModelConfig
 from llmasos.drivers.model.batch import StepBatch
@@ -29,6 +31,34 @@ from llmasos.drivers.parallel.model import ShardedLlama
 from llmasos.drivers.parallel.shard import shard_config, shard_weights
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+MAX_PARTS = 64   # tags: a step's parts are numbered below this (parts <= stages <= layers)
+
+
+def tag(seq: int, part: int) -> int:
+    """The send/recv tag of one part of step seq: steps in flight at once never share one."""
+    return (seq % 65536) * MAX_PARTS + part
+
+
+@dataclass
+class Flight:
+    """One step launched down the pipeline from this rank: its sends and receives under way,
+    the tensors they use, and (rank 0) the logits they fill."""
+
+    works: list[dist.Work] = field(default_factory=list)
+    keep: list[torch.Tensor] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, works: list[object]) -> None:
+        """Works (and their tensors) of the step's descriptor, waited for with the step's."""
+        self.keep += [w for w in works if isinstance(w, torch.Tensor)]
+        self.works += [w for w in works if not isinstance(w, torch.Tensor)]
+
+    def wait(self) -> torch.Tensor:
+        """Every transfer done: rank 0's logits (the last stage's, the others' hidden states)."""
+        for work in self.works:
+            work.wait()
+        self.works = []
+        return self.logits[0] if len(self.logits) == 1 else torch.cat(self.logits)
 
 
 def valid_stages(cfg: ModelConfig) -> list[int]:
@@ -100,40 +130,58 @@ class StageLlama(ShardedLlama):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return super().logits(h) if self.last else h
 
-    def forward(self, batch: StepBatch, pool: KVPool, parts: int = 1) -> torch.Tensor:
-        """Run the step as `parts` micro-batches (micro.py): each part's hidden states go on to the
-        next stage as soon as they are computed (isend), so the stages overlap. The logits
-        travel back after every hidden state has gone out, on both sides in part order: no
-        pair of ranks ever waits on each other in opposite orders (NCCL serialises a pair's
-        sends and receives)."""
-        if parts == 1:   # no overlap: this rank may use what its process has
-            return self.pipeline([batch], pool)
-        with cpu_threads(self.threads):   # stages run at once: each keeps to its share
-            return self.pipeline(micro_batches(batch, parts), pool)
+    def forward(self, batch: StepBatch, pool: KVPool, parts: int = 1, seq: int = 0
+                ) -> torch.Tensor:
+        """The step, waited for: logits on rank 0 (launch, then Flight.wait)."""
+        return self.launch(batch, pool, parts, seq, overlap=parts > 1).wait()
 
-    def pipeline(self, parts: list[StepBatch], pool: KVPool) -> torch.Tensor:
+    def launch(self, batch: StepBatch, pool: KVPool, parts: int = 1, seq: int = 0,
+               overlap: bool = False) -> Flight:
+        """Run this stage's share of step `seq` as `parts` micro-batches (micro.py), sending
+        each part's hidden states on as soon as they are computed (isend), and return without
+        waiting for the later stages: rank 0 launches the next step (another job's) while they
+        compute this one. Rank 0 posts the receives of the logits here, before any later step's
+        sends, so the last stage never waits on it. overlap: other stages compute meanwhile,
+        so this rank keeps to its share of the cores."""
+        runs = micro_batches(batch, parts) if parts > 1 else [batch]
+        if not overlap:   # no overlap: this rank may use what its process has
+            return self.pipeline(runs, pool, seq)
+        with cpu_threads(self.threads):
+            return self.pipeline(runs, pool, seq)
+
+    def pipeline(self, parts: list[StepBatch], pool: KVPool, seq: int) -> Flight:
         pipe, rank = self.pipe, self.pipe.rank
         self.part_rows = [p.input_ids.shape[0] for p in parts]
         last_head = pipe.world - self.tp   # the last stage's first rank sends the logits back
-        sends, outs = [], []
+        flight = Flight()
+        early = self.device.type != "cuda"   # gloo: a receive posted early blocks nothing
+        if early:
+            self.receive_logits(flight, parts, seq)
         for i, part in enumerate(parts):
-            out = self.stage_forward(part, pool, i).contiguous()
-            outs.append(out)   # an isend's tensor must outlive it
+            out = self.stage_forward(part, pool, tag(seq, i)).contiguous()
+            flight.keep.append(out)   # an isend's tensor must outlive it
             if not self.last:
-                sends.append(pipe.isend(out, rank + self.tp, i))
+                flight.works.append(pipe.isend(out, rank + self.tp, tag(seq, i)))
         if rank == last_head and not self.first:
-            sends += [pipe.isend(out, 0, i) for i, out in enumerate(outs) if out.numel()]
-        back = []
-        if rank == 0 and not self.last:   # rank 0 samples: the logits come back
-            back = [torch.empty(p.sample_rows.shape[0], self.full_cfg.vocab_size,
-                                dtype=torch.float32, device=self.device) for p in parts]
-            for i, logits in enumerate(back):
-                if logits.numel():
-                    pipe.recv(logits, last_head, i)
-        for work in sends:
-            work.wait()
-        res = back or outs
-        return res[0] if len(res) == 1 else torch.cat(res)
+            flight.works += [pipe.isend(out, 0, tag(seq, i))
+                             for i, out in enumerate(flight.keep) if out.numel()]
+        if not early:   # NCCL runs a pair's sends and receives in order: after the sends
+            self.receive_logits(flight, parts, seq)
+        if not flight.logits:
+            flight.logits = flight.keep
+        return flight
+
+    def receive_logits(self, flight: Flight, parts: list[StepBatch], seq: int) -> None:
+        """Rank 0 samples: it receives each part's logits from the last stage."""
+        if self.pipe.rank != 0 or self.last:
+            return
+        for i, p in enumerate(parts):
+            logits = torch.empty(p.sample_rows.shape[0], self.full_cfg.vocab_size,
+                                 dtype=torch.float32, device=self.device)
+            flight.logits.append(logits)
+            if logits.numel():
+                flight.works.append(self.pipe.irecv(logits, self.pipe.world - self.tp,
+                                                    tag(seq, i)))
 
     def stage_forward(self, batch: StepBatch, pool: KVPool, tag: int) -> torch.Tensor:
         """This stage's layers over one micro-batch: logits on the last stage, every row's

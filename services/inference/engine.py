@@ -32,6 +32,7 @@ from llmasos.services.inference.parallel import (
     ALL_HERE,
     RankArgs,
     Spread,
+    StepFlight,
     TPModel,
     TPPool,
     load_parallel,
@@ -101,6 +102,19 @@ class Loaded:
     pool: KVPool | TPPool
     seqs: dict[int, SeqState] = field(default_factory=dict)
     swapped: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Launched:
+    """A step whose forward is launched: what sampling its logits needs."""
+
+    m: Loaded
+    entries: list[StepEntry]   # the entries that run
+    run: list[int]             # their indices in the request
+    results: list[StepResult]
+    sample_seqs: list[int]     # the batch's sampled sequences, in logits order
+    t0: float
+    flight: StepFlight | None = None
 
 
 def close(m: Loaded) -> None:
@@ -292,10 +306,17 @@ class Engine:
 
     def step(self, name: str, entries: list[StepEntry]) -> list[StepResult]:
         """Run one batch; one result per entry, in order. An entry the model cannot run gets
-        a result with `error` set and the others run on (a bad request fails only its job)."""
-        return on_compute_thread(self._step, name, entries)
+        a result with `error` set and the others run on (a bad request fails only its job).
+        A pp model's step is launched down its pipeline and waited for on this thread, so the
+        compute thread launches the next step (another slot's: kernel/replicas.py) meanwhile."""
+        launched = on_compute_thread(self._launch, name, entries)
+        if not isinstance(launched, Launched):
+            return launched
+        logits = launched.flight.wait()
+        return on_compute_thread(self._finish, launched, logits)
 
-    def _step(self, name: str, entries: list[StepEntry]) -> list[StepResult]:
+    def _launch(self, name: str, entries: list[StepEntry]) -> list[StepResult] | Launched:
+        """The step computed (its results), or for a pp model launched (Launched)."""
         with self._lock:
             m = self._get(name)
             self._check_batch(entries)
@@ -314,14 +335,26 @@ class Engine:
                 batch = build_batch(slices, self.block_size, gqa, self.device,
                                     for_kernels=m.model.kernels is not None,
                                     split_groups=self._split_groups(m, gqa))
-            logits = m.model.forward(batch, m.pool)
-            if batch.sample_seqs:
-                sampled = self._sample(m, good, batch.sample_seqs, logits,
-                                       [results[i] for i in run])
-                for i, r in zip(run, sampled, strict=True):
-                    results[i] = r
-            self.last_compute_ms = (time.perf_counter() - t0) * 1000
-            return results
+            launched = Launched(m, good, run, results, batch.sample_seqs, t0)
+            if isinstance(m.model, TPModel) and m.model.stages > 1:
+                launched.flight = m.model.launch(batch, m.pool)
+                return launched
+            return self._land(launched, m.model.forward(batch, m.pool))
+
+    def _finish(self, launched: Launched, logits: torch.Tensor) -> list[StepResult]:
+        with self._lock:
+            return self._land(launched, logits)
+
+    def _land(self, launched: Launched, logits: torch.Tensor) -> list[StepResult]:
+        """Sample the step's logits into its results (the engine lock held)."""
+        results, run = launched.results, launched.run
+        if launched.sample_seqs:
+            sampled = self._sample(launched.m, launched.entries, launched.sample_seqs, logits,
+                                   [results[i] for i in run])
+            for i, r in zip(run, sampled, strict=True):
+                results[i] = r
+        self.last_compute_ms = (time.perf_counter() - launched.t0) * 1000
+        return results
 
     def _split_groups(self, m: Loaded, gqa: int) -> bool:
         """Whether each attention shape needs a group of its own to stay batch-invariant: where

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -32,7 +33,7 @@ from llmasos.drivers.parallel.comm import LOOPBACK, Comm, step_collectives
 from llmasos.drivers.parallel.micro import MIN_PART_ROWS, micro_count
 from llmasos.drivers.parallel.model import ShardedLlama
 from llmasos.drivers.parallel.shard import check_degree
-from llmasos.drivers.parallel.stage import StageLlama, check_stages
+from llmasos.drivers.parallel.stage import Flight, StageLlama, check_stages
 
 log = structlog.get_logger()
 
@@ -192,6 +193,24 @@ class RankGroup:
                 self.last_op = time.monotonic()
         return None
 
+    def launch(self, op: str, args: tuple, local: Callable[[], Flight]) -> Flight:
+        """Send op to the workers without waiting for them to take it, then run local() (rank
+        0's stage, which posts its transfers and returns): a pipeline's next step goes out
+        while later stages compute earlier ones. The flight's wait covers the send of op."""
+        with self.lock:
+            if self.closing:
+                raise GroupBroken(f"model {self.name!r} is being unloaded")
+            try:
+                sent = self.comm.broadcast_object_async((op, args))
+                flight = local()
+            except Exception as err:  # noqa: BLE001 - any failure breaks the group
+                broken(f"{op} on {self.name!r}", err)
+                raise
+            finally:
+                self.last_op = time.monotonic()
+            flight.add(sent)
+            return flight
+
     def probe(self, rows: int, sampled: int, hidden: int, vocab_part: int, layers: int
               ) -> float:
         """Seconds one step's collectives take on their own (bench/parallel.py)."""
@@ -227,19 +246,67 @@ class TPModel:
         self.cfg, self.kernels = local.cfg, local.kernels
         self.min_part_rows = MIN_PART_ROWS   # pp: a step is cut only into parts this big
         self.stages = group.tp // group.args.tp if group.args.mode == "pp" else 1
+        self.pipelined = self.stages > 1 and torch.device(group.args.device).type != "cuda"
+        self.count_lock = threading.Lock()
+        self.seq = 0   # steps launched: each one's transfers are tagged with its number
+        self.in_flight = self.peak_in_flight = 0   # launched, not yet landed (tests, bench)
 
     def forward(self, batch: StepBatch, pool: TPPool) -> torch.Tensor:
+        if self.stages > 1:
+            return self.launch(batch, pool).wait()
+        return self.group.collective("step", (batch,), lambda: self.local.forward(
+            batch, pool.local))  # type: ignore[return-value]
+
+    def launch(self, batch: StepBatch, pool: TPPool) -> StepFlight:
+        """pp: start the step down the pipeline and return; wait() gives its logits. Steps of
+        different jobs launched one after another are in flight at once, each in its own
+        stage (the kernel keeps one step in flight per slot of the model: kernel/replicas.py).
+        On CUDA a step is waited for before the next one goes out (NCCL orders a pair's sends
+        and receives: two steps in flight would wait on each other)."""
         k = micro_count(batch, self.stages, self.min_part_rows)   # every rank gets rank 0's
         if k == 1:   # the layout only serves to cut the batch: not worth pickling
             batch = dataclasses.replace(batch, layout=None)
-        if self.stages == 1:
-            return self.group.collective("step", (batch,), lambda: self.local.forward(
-                batch, pool.local))  # type: ignore[return-value]
-        return self.group.collective("step", (batch, k), lambda: self.local.forward(
-            batch, pool.local, k))  # type: ignore[return-value]
+        with self.count_lock:
+            self.seq += 1
+            seq, overlap = self.seq, k > 1 or self.in_flight > 0
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            flight = self.group.launch("step", (batch, k, seq), lambda: self.local.launch(
+                batch, pool.local, k, seq, overlap))
+        except BaseException:
+            self.landed()
+            raise
+        out = StepFlight(self, flight)
+        if not self.pipelined:   # waited for here: nothing of it is left in flight
+            out = StepFlight(self, Flight(logits=[out.wait()]), done=True)
+        return out
+
+    def landed(self) -> None:
+        with self.count_lock:
+            self.in_flight -= 1
 
     def close(self) -> None:
         self.group.close()
+
+
+class StepFlight:
+    """One pp step in flight, as the engine holds it: wait() (on any thread) gives the logits;
+    a transfer that fails breaks the group."""
+
+    def __init__(self, model: TPModel, flight: Flight, done: bool = False) -> None:
+        self.model, self.flight, self.done = model, flight, done
+
+    def wait(self) -> torch.Tensor:
+        try:
+            return self.flight.wait()
+        except Exception as err:  # noqa: BLE001 - a rank gone mid-step
+            broken(f"step of {self.model.group.name!r}", err)
+            raise
+        finally:
+            if not self.done:
+                self.done = True
+                self.model.landed()
 
 
 class TPPool:

@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 
 import structlog
 import torch
@@ -22,6 +23,7 @@ from llmasos.drivers.loaders.cache import load_weights
 from llmasos.drivers.model.kv_pool import KVPool
 from llmasos.drivers.model.llama import LlamaModel
 from llmasos.drivers.parallel.comm import Comm, step_collectives
+from llmasos.drivers.parallel.stage import Flight, StageLlama
 from llmasos.services.inference.engine import DTYPES
 from llmasos.services.inference.parallel import (
     ARGS_KEY,
@@ -59,16 +61,26 @@ def load(comm: Comm, args: RankArgs) -> tuple[LlamaModel, KVPool]:
     return model, rank_pool(model.cfg, args, dtype)
 
 
+MAX_FLIGHTS = 8   # a pp stage's steps whose sends may still be under way
+
+
 def serve(comm: Comm, model: LlamaModel | None, pool: KVPool | None) -> int:
     """Run rank 0's operations until "exit" (model is None after a failed load)."""
+    flights: deque[Flight] = deque()
     while True:
         op, args = comm.broadcast_object()
         if op == "exit":
             return 0
         if op == "ping" or model is None or pool is None:
             continue
-        if op == "step":
-            model.forward(args[0], pool, *args[1:])   # pp: the micro-batch count
+        if op == "step" and isinstance(model, StageLlama):
+            # pp (batch, parts, seq): the next stage takes this step's hidden states when it is
+            # done with the step before, so this stage goes on without waiting for that
+            flights.append(model.launch(args[0], pool, *args[1:]))
+            while len(flights) > MAX_FLIGHTS:
+                flights.popleft().wait()
+        elif op == "step":
+            model.forward(args[0], pool)
         elif op == "copy_blocks":
             pool.copy_blocks(*args)
         elif op == "read_blocks":
