@@ -38,6 +38,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -156,8 +157,45 @@ def cpu_features() -> str:
     return " ".join(sorted({x for x in flags if x.startswith(("avx512f", "avx2", "amx"))}))
 
 
-def tp_pp_steps(reps: int) -> tuple[list[tuple], dict[str, dict]]:
-    """Per-step times of tp=3 and pp=2 against tp=1, and tp's collectives alone."""
+def in_flight(engine: Engine, reps: int, steps: int = 6) -> dict[str, float]:
+    """pp=2 with two steps in flight (the kernel's two slots of a pp model): two callers each
+    decode 4 sequences, as the two slots do, against the same work with one step in flight
+    (the callers take turns), against one step of all 8 rows on pp=2 and on tp=1. ms per
+    round of 8 tokens, best of reps; the runs interleaved."""
+    entries = {n: decode_entries(engine, n, 8) for n in ("tp1", "pp2")}
+    halves = entries["pp2"][:4], entries["pp2"][4:]
+
+    def two_callers() -> None:
+        threads = [threading.Thread(target=lambda h=h: [engine.step("pp2", h)
+                                                        for _ in range(steps)]) for h in halves]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    runs = {
+        "tp1_b8": lambda: [engine.step("tp1", entries["tp1"]) for _ in range(steps)],
+        "pp2_b8": lambda: [engine.step("pp2", entries["pp2"]) for _ in range(steps)],
+        "pp2_turns": lambda: [engine.step("pp2", h) for _ in range(steps) for h in halves],
+        "pp2_in_flight": two_callers,
+    }
+    best = dict.fromkeys(runs, float("inf"))
+    pp = engine._get("pp2").model
+    for _ in range(reps):
+        for name, run in runs.items():
+            pp.peak_in_flight = 0  # type: ignore[union-attr]
+            best[name] = min(best[name], timed(run) / steps)
+            if name == "pp2_in_flight":
+                peak = pp.peak_in_flight  # type: ignore[union-attr]
+    return {**{f"{k}_ms": round(v, 2) for k, v in best.items()}, "peak_in_flight": peak,
+            "in_flight_speedup": round(best["pp2_turns"] / best["pp2_in_flight"], 3),
+            "in_flight_vs_tp1": round(best["tp1_b8"] / best["pp2_in_flight"], 3),
+            "in_flight_vs_pp2_b8": round(best["pp2_b8"] / best["pp2_in_flight"], 3)}
+
+
+def tp_pp_steps(reps: int, flight_only: bool = False) -> tuple[list[tuple], dict[str, dict]]:
+    """Per-step times of tp=3 and pp=2 against tp=1, and tp's collectives alone; then pp=2's
+    steps in flight (flight_only: those alone)."""
     state = os.environ.get("LLMASOS_HOME") or tempfile.mkdtemp(prefix="bench-parallel-")
     engine = Engine(state, kv_budget_bytes=64 << 20)
     engine.load("tp1", gguf_path())
@@ -168,7 +206,7 @@ def tp_pp_steps(reps: int) -> tuple[list[tuple], dict[str, dict]]:
     group = engine._get("tp3").model.group  # type: ignore[union-attr]
     vocab_part = -(-cfg.vocab_size // 3)
     rows, figures = [], {}
-    for shape in SHAPES:
+    for shape in () if flight_only else SHAPES:
         s = shape_runs(engine, shape)
         best = dict.fromkeys([*RUNS, "coll"], float("inf"))
         for _ in range(reps):
@@ -190,6 +228,7 @@ def tp_pp_steps(reps: int) -> tuple[list[tuple], dict[str, dict]]:
         rows.append((shape, best["tp1"], best["tp3"], best["pp2w"], best["pp2c"],
                      best["pp2"], parts, best["coll"]))
     pp.min_part_rows = MIN_PART_ROWS  # type: ignore[union-attr]
+    figures["in_flight"] = in_flight(engine, reps)
     for name in MODELS:
         engine.unload(name)
     return rows, figures
@@ -202,15 +241,24 @@ def main() -> None:
     ap.add_argument("--dp-rounds", type=int, default=2)
     ap.add_argument("--skip-dp", action="store_true", help="only tp and pp")
     ap.add_argument("--only-dp", action="store_true", help="only the replicas")
+    ap.add_argument("--only-in-flight", action="store_true",
+                    help="only pp=2's steps in flight (and its references)")
     args = ap.parse_args()
-    rows, figures = ([], {}) if args.only_dp else tp_pp_steps(args.reps)
-    dp = {} if args.skip_dp else dp_throughput(args.dp_requests, args.dp_rounds)
+    rows, figures = ([], {}) if args.only_dp else tp_pp_steps(args.reps, args.only_in_flight)
+    skip_dp = args.skip_dp or args.only_in_flight
+    dp = {} if skip_dp else dp_throughput(args.dp_requests, args.dp_rounds)
     if rows:
         print(f"{'shape':<14}{'tp=1 ms':>9}{'tp=3 ms':>9}{'pp2 whole':>10}{'pp2 cut':>9}"
               f"{'pp=2 ms':>9}{'parts':>6}{'tp3/tp1':>8}{'pp2/tp1':>8}{'tp3 coll ms':>12}")
     for shape, a, b, w, cut, p, k, c in rows:
         print(f"{shape:<14}{a:>9.2f}{b:>9.2f}{w:>10.2f}{cut:>9.2f}{p:>9.2f}{k:>6}{b / a:>8.2f}"
               f"{p / a:>8.2f}{c:>12.2f}")
+    if "in_flight" in figures:
+        f = figures["in_flight"]
+        print(f"pp=2, 8 decode rows, ms per round of 8 tokens: tp=1 one step {f['tp1_b8_ms']}, "
+              f"pp=2 one step {f['pp2_b8_ms']}, two slots taking turns {f['pp2_turns_ms']}, "
+              f"two slots in flight {f['pp2_in_flight_ms']} (peak {f['peak_in_flight']}); "
+              f"in flight vs turns {f['in_flight_speedup']}, vs tp=1 {f['in_flight_vs_tp1']}")
     if dp:
         print(f"serve throughput, {dp['dp_requests']} requests x {dp['dp_rounds']} rounds: "
               f"one replica {dp['dp_one_tok_s']} tok/s, two replicas {dp['dp_two_tok_s']} "
@@ -223,6 +271,8 @@ def main() -> None:
         "loadavg": round(os.getloadavg()[0], 1), "cpu": cpu_features(),
         "tp_step_ratio": b8.get("ratio"), "pp_step_ratio": b8.get("pp_ratio"),
         "pp_microbatches": b8.get("pp_microbatches"),
+        "pp_in_flight_speedup": figures.get("in_flight", {}).get("in_flight_speedup"),
+        "pp_in_flight_vs_tp1": figures.get("in_flight", {}).get("in_flight_vs_tp1"),
         "pp_cut_speedup_4x64": round(p4.get("pp2_whole_ms", 0) / p4["pp2_cut_ms"], 3)
         if p4 else None,
         "dp_throughput_ratio": dp.get("dp_throughput_ratio"),

@@ -410,7 +410,7 @@ def deploy_events(k: Kernel, req: Any, ctx: Any) -> Iterator[common_pb2.DeployEv
                            nodes=k.nodes.placement(list(req.nodes), n) if world == 1 else [],
                            ranks=node_ranks.placement(k, list(req.nodes), world)
                            if world > 1 and req.nodes else [])
-            replicas.start_services(k, replicas.local_span(dep))
+            replicas.start_services(k, replicas.local_span(dep), world)
             with k.nodes.starting(dep.nodes, replicas.START_TIMEOUT):
                 info = yield from load_replicas(k, req.name, dep, ctx)
                 k.models[req.name] = dep   # (replaces an unavailable one of the same name)

@@ -187,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(cfg.home, mode=0o700, exist_ok=True)
     k = Kernel(cfg)
     recovery.recover(k)   # the journal: models, jobs and pids as the last step left them
-    replicas.start_services(k, replicas.widest(k))   # the services its replicas run in
+    world = max((max(1, d.tp) * max(1, d.pp) for d in k.models.values()), default=1)
+    replicas.start_services(k, replicas.widest(k), world)   # the services its replicas run in
     k.executor = Executor(k)
     k.remote = RemoteJobs(k)
     k.executor.jobs.on_signal = k.remote.on_signal

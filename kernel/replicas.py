@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from llmasos.kernel import devices
 from llmasos.kernel.pending_io import RPC_ERRORS
 from llmasos.kernel.proctable import Proc, State
 from llmasos.kernel.supervisor import ServiceSpec
@@ -164,18 +165,32 @@ def serving(k: Kernel, model: str) -> object:
 
 # --- the replicas' services -------------------------------------------------------------------
 
-def spec(k: Kernel, replica: int) -> ServiceSpec:
-    """inference.r: the inference service without the embedded model."""
-    base = k.supervisor.services[INFERENCE].spec
-    return ServiceSpec(service_name(replica), {**base.options, "embedded": "0"},
-                       base.start_timeout, module=INFERENCE)
+def gpu_env(replica: int, world: int, gpus: list[int], device: str) -> dict[str, str]:
+    """Replica r's service sees every GPU, listed from position r·world on: its cuda:0 is its
+    own GPU and its tp/pp ranks take the ones after it (parallel.rank_device), so R replicas
+    of a model of world W on R·W GPUs share none. {} on the CPU or with fewer than 2 GPUs
+    (replica 0, the inference service, sees them in their own order)."""
+    if not device.startswith("cuda") or len(gpus) < 2:
+        return {}
+    start = (replica * max(1, world)) % len(gpus)
+    return {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus[start:] + gpus[:start])}
 
 
-def start_services(k: Kernel, replicas: int) -> None:
+def spec(k: Kernel, replica: int, world: int = 1) -> ServiceSpec:
+    """inference.r: the inference service without the embedded model, on its own GPUs."""
+    main = k.supervisor.services[INFERENCE].spec
+    gpus = [d.index for d in devices.gpus()] if k.cfg.device.startswith("cuda") else []
+    return ServiceSpec(service_name(replica), {**main.options, "embedded": "0"},
+                       main.start_timeout, module=INFERENCE,
+                       env=gpu_env(replica, world, gpus, k.cfg.device))
+
+
+def start_services(k: Kernel, replicas: int, world: int = 1) -> None:
     """Start (and wait for) the services inference.1 .. inference.{replicas-1}; before boot
-    they only join the others (the journal's replicated models need them)."""
+    they only join the others (the journal's replicated models need them). world: the tp·pp
+    ranks of the model they are started for (each replica's GPUs, gpu_env)."""
     for r in range(1, replicas):
-        if not k.supervisor.add(spec(k, r), START_TIMEOUT):
+        if not k.supervisor.add(spec(k, r, world), START_TIMEOUT):
             state = k.supervisor.services[service_name(r)].state
             raise SyscallError("UNAVAILABLE", f"the service {service_name(r)} for replica {r} "
                                f"is {state}; see `llm-ps --services` and llmosd's log")

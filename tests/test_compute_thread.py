@@ -37,7 +37,7 @@ def test_a_call_from_the_compute_thread_runs_inline_and_errors_reach_the_caller(
 def test_engine_steps_run_on_the_compute_thread(monkeypatch) -> None:
     from llmasos.services.inference.engine import Engine
     seen: list[int] = []
-    monkeypatch.setattr(Engine, "_step", lambda self, name, entries: seen.append(
+    monkeypatch.setattr(Engine, "_launch", lambda self, name, entries: seen.append(
         threading.get_ident()) or [])
     engine = Engine("/nonexistent")
     threads = [threading.Thread(target=engine.step, args=("m", [])) for _ in range(4)]

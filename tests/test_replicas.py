@@ -11,12 +11,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import psutil
 import pytest
+import torch
 
+from llmasos.kernel.config import Config
+from llmasos.kernel.kernel import Deployed
+from llmasos.kernel.proctable import ProcessTable
+from llmasos.kernel.replicas import depth, gpu_env, place_slots, slot_lane_of
+from llmasos.kernel.replicas import split as rsplit
 from llmasos.proto import common_pb2, kernel_pb2, scheduler_pb2
+from llmasos.services.inference.parallel import rank_device
 from llmasos.services.scheduler.placement import PREFIX_WORTH_MAX, place
 
 from conftest import (
@@ -37,6 +45,44 @@ model_system = pytest.fixture(scope="module", name="model_system")(booted_model_
 NAME = "smol-dp"
 TOKENS = 16
 JOBS = [*PROMPTS, *(f"{p} Then" for p in PROMPTS)]   # 16 distinct prompts
+
+
+# --- devices and slots, alone ------------------------------------------------------------------
+
+def test_each_replica_and_rank_takes_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replica r of a world-W model sees the GPUs from position r·W on, so its rank i (cuda:i)
+    is GPU r·W+i: two replicas of tp=2 on 4 GPUs share none. The CPU, or one GPU: no pinning."""
+    gpus = [0, 1, 2, 3]
+    assert [gpu_env(r, 2, gpus, "cuda") for r in (1, 2)] == [
+        {"CUDA_VISIBLE_DEVICES": "2,3,0,1"}, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}]
+    assert gpu_env(1, 1, gpus, "cuda") == {"CUDA_VISIBLE_DEVICES": "1,2,3,0"}
+    assert gpu_env(1, 2, gpus, "cpu") == {} and gpu_env(1, 2, [0], "cuda") == {}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [rank_device("cuda", r) for r in range(6)] == [
+        "cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
+    assert rank_device("cpu", 3) == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert rank_device("cuda", 2) == "cuda"
+
+
+def test_a_pp_models_jobs_are_spread_over_its_slots() -> None:
+    """Each placed job of a pp=2 model gets the slot carrying fewer jobs, keeps it, and runs
+    on that slot's key; pp_steps=1 (or no pp) leaves every job on the lane itself."""
+    k = SimpleNamespace(table=ProcessTable(), cfg=Config(),
+                        models={"pp": Deployed("x", "float32", pp=2), "one": Deployed("y", "")})
+    jobs = [k.table.spawn(user="u", uid=1, ppid=0, model="pp", nice=0, replica=0)
+            for _ in range(5)]
+    other = k.table.spawn(user="u", uid=1, ppid=0, model="one", nice=0, replica=0)
+    unplaced = k.table.spawn(user="u", uid=1, ppid=0, model="pp", nice=0)
+    jobs[0].slot = 1   # already placed: kept
+    place_slots(k)
+    assert [j.slot for j in jobs] == [1, 0, 0, 1, 0] and other.slot == unplaced.slot == -1
+    assert [slot_lane_of(j) for j in jobs[:2]] == ["pp#1", "pp"] and slot_lane_of(other) == "one"
+    assert rsplit("pp@2#1") == ("pp", 2)
+    k.cfg.pp_steps = 1
+    fresh = k.table.spawn(user="u", uid=1, ppid=0, model="pp", nice=0, replica=0)
+    place_slots(k)
+    assert fresh.slot == -1 and depth(k, "pp") == 1
 
 
 # --- the placement policy alone ----------------------------------------------------------------

@@ -73,6 +73,17 @@ class Spread:
 ALL_HERE = Spread()   # every rank on this host, on loopback
 
 
+def rank_device(device: str, rank: int) -> str:
+    """One GPU per rank where the process sees several: rank r takes cuda:(r mod GPUs), so
+    rank 0 keeps the service's cuda:0 and the others the GPUs after it (a replica's service
+    sees its own first: kernel/replicas.gpu_env). On the CPU every rank takes a share of the
+    cores instead (RankArgs.threads)."""
+    if device != "cuda":
+        return device
+    n = torch.cuda.device_count()
+    return f"cuda:{rank % n}" if n > 1 else device
+
+
 def rank_pool(cfg: ModelConfig, a: RankArgs, dtype: torch.dtype) -> KVPool:
     """One rank's KV pool: its KV heads' share of every block (cfg is the rank's)."""
     return KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, a.kv_budget_bytes,

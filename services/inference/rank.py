@@ -8,6 +8,7 @@ away (its parent changes) or any collective fails."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ from llmasos.services.inference.parallel import (
     COLLECTIVE_TIMEOUT,
     RENDEZVOUS_TIMEOUT,
     RankArgs,
+    rank_device,
     rank_model,
     rank_pool,
 )
@@ -104,6 +106,9 @@ def main(argv: list[str]) -> int:
     store = dist.TCPStore(host.strip("[]"), int(port), a.world, is_master=False,
                           timeout=RENDEZVOUS_TIMEOUT)
     args = RankArgs(**json.loads(store.get(ARGS_KEY)))
+    args = dataclasses.replace(args, device=rank_device(args.device, a.rank))
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(args.device)   # NCCL's communicator takes the current device
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // a.world))  # a share
     comm = Comm(store, a.rank, a.world, torch.device(args.device), COLLECTIVE_TIMEOUT, a.host)
     model, pool = None, None
