@@ -157,13 +157,13 @@ def cpu_features() -> str:
     return " ".join(sorted({x for x in flags if x.startswith(("avx512f", "avx2", "amx"))}))
 
 
-def in_flight(engine: Engine, reps: int, steps: int = 6) -> dict[str, float]:
+def in_flight(engine: Engine, reps: int, steps: int = 6, rows: int = 8) -> dict[str, float]:
     """pp=2 with two steps in flight (the kernel's two slots of a pp model): two callers each
     decode 4 sequences, as the two slots do, against the same work with one step in flight
     (the callers take turns), against one step of all 8 rows on pp=2 and on tp=1. ms per
     round of 8 tokens, best of reps; the runs interleaved."""
-    entries = {n: decode_entries(engine, n, 8) for n in ("tp1", "pp2")}
-    halves = entries["pp2"][:4], entries["pp2"][4:]
+    entries = {n: decode_entries(engine, n, rows) for n in ("tp1", "pp2")}
+    halves = entries["pp2"][: rows // 2], entries["pp2"][rows // 2:]
 
     def two_callers() -> None:
         threads = [threading.Thread(target=lambda h=h: [engine.step("pp2", h)

@@ -405,11 +405,14 @@ def deploy_events(k: Kernel, req: Any, ctx: Any) -> Iterator[common_pb2.DeployEv
             if not os.path.exists(path):
                 raise SyscallError("NOT_FOUND", f"{path} does not exist")
             n = check_replicas(k, req)
+            check_pp_steps(req)
             world = max(1, req.tp) * max(1, req.pp)
+            by_rank = world > 1 and n == 1   # nodes names each rank's host, else each replica's
             dep = Deployed(path, req.dtype, quant=req.quant, tp=req.tp, pp=req.pp, replicas=n,
-                           nodes=k.nodes.placement(list(req.nodes), n) if world == 1 else [],
+                           pp_steps=req.pp_steps,
+                           nodes=[] if by_rank else k.nodes.placement(list(req.nodes), n),
                            ranks=node_ranks.placement(k, list(req.nodes), world)
-                           if world > 1 and req.nodes else [])
+                           if by_rank and req.nodes else [])
             replicas.start_services(k, replicas.local_span(dep), world)
             with k.nodes.starting(dep.nodes, replicas.START_TIMEOUT):
                 info = yield from load_replicas(k, req.name, dep, ctx)
@@ -418,14 +421,21 @@ def deploy_events(k: Kernel, req: Any, ctx: Any) -> Iterator[common_pb2.DeployEv
     yield common_pb2.DeployEvent(model=info)
 
 
+def check_pp_steps(req: Any) -> None:
+    if req.pp_steps and req.pp <= 1:
+        raise SyscallError("INVALID_ARGUMENT", "pp_steps is for a model deployed in pipeline "
+                           "stages; add --pp, or drop --pp-steps")
+    if req.pp_steps > max(1, req.pp):
+        raise SyscallError("INVALID_ARGUMENT", f"pp_steps={req.pp_steps} but the model has "
+                           f"{req.pp} stages: at most {req.pp} steps are in flight at once")
+
+
 def check_replicas(k: Kernel, req: Any) -> int:
     """How many replicas a Deploy asks for; refused when the host cannot give each a core
-    (nodes: each host its replicas, kernel/nodes.py)."""
+    (nodes: each host its replicas, kernel/nodes.py). A tp/pp model with replicas > 1 and
+    nodes has each replica's ranks on its host; with one replica nodes names each rank's."""
     n = max(1, req.replicas)
-    if n > 1 and (req.tp > 1 or req.pp > 1) and req.nodes:
-        raise SyscallError("FAILED_PRECONDITION", "replicas of a tp/pp model run on this host "
-                           "only; drop --nodes, or deploy --tp/--pp across nodes as one replica")
-    if req.nodes and (req.tp > 1 or req.pp > 1):
+    if req.nodes and (req.tp > 1 or req.pp > 1) and n == 1:
         return 1   # one replica; nodes names each tp×pp rank's host (kernel/node_ranks.py)
     if req.nodes and req.nodes[0] != "anywhere" and req.replicas <= 1:
         n = len(req.nodes)   # one replica per host named

@@ -37,6 +37,7 @@ class Deployed:
     embedded: bool = False
     tp: int = 0              # tensor-parallel ranks, passed through to the inference service
     pp: int = 0              # pipeline stages, likewise
+    pp_steps: int = 0        # a pp model's steps in flight per replica (0: replicas.depth's rule)
     error: str = ""          # set when a redeploy failed: the model is unavailable until
                              # it is deployed again
     quant: str = ""  # the recipe asked for at deploy ("" = the inference service's default)

@@ -95,12 +95,15 @@ def host_cores() -> int:
 
 
 def depth(k: Kernel, model: str) -> int:
-    """Steps of a model's replica in flight at once: one per pipeline stage for a pp model
-    (Config.pp_steps caps it), else one."""
+    """Steps of a model's replica in flight at once: for a pp model what its Deploy asked
+    (pp_steps), else llmosd's pp_steps setting, else one per stage when its stages run on more
+    than one host and one when they share this host's cores (measured there: two 4-row decode
+    steps in flight take 1.27x one 8-row step, README); one for any other model."""
     dep = k.models.get(model)
     if dep is None or dep.pp <= 1:
         return 1
-    return max(1, min(dep.pp, k.cfg.pp_steps or dep.pp))
+    spread = dep.pp if any(getattr(dep, "ranks", None) or []) else 1
+    return max(1, min(dep.pp, dep.pp_steps or k.cfg.pp_steps or spread))
 
 
 def count(k: Kernel, model: str) -> int:

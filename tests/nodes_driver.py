@@ -105,6 +105,8 @@ def main(argv: list[str]) -> None:
         out = {"ok": True}
     elif command == "services":
         out = services(head)
+    elif command == "metrics":   # the Prometheus text
+        out = head.call("Metrics", kernel_pb2.MetricsRequest()).text
     elif command == "crash":     # MODEL TOKENS PID PROMPTS_JSON
         out = crash(head, rest[0], int(rest[1]), int(rest[2]), json.loads(rest[3]))
     elif command == "spawn-busy":  # MODEL TOKENS PROMPTS_JSON: the pids, once one made a token

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 from test_nodes import Hosts, two_hosts
 
@@ -40,6 +42,12 @@ def wait_for(hosts: Hosts, event: str, count: int, timeout: float = 300) -> bool
             return True
         time.sleep(0.5)
     return False
+
+
+def in_flight_counts(text: str, model: str) -> dict[str, float]:
+    """The head's steps_in_flight histogram for a model: bucket bound → launches at most it."""
+    pattern = rf'llmasos:steps_in_flight_bucket{{le="([0-9.+Inf]+)",model_name="{model}"}} (\S+)'
+    return {le: float(n) for le, n in re.findall(pattern, text)}
 
 
 def test_tp_placement_is_checked(hosts: Hosts) -> None:
@@ -119,9 +127,30 @@ def test_pp2_with_its_second_stage_on_the_node_equals_tp1(hosts: Hosts,
     assert hosts.drive("services")["services"]["n1/rank.smol-pp2.1"]["state"] == "RUNNING"
     results = hosts.drive("jobs", "smol-pp2", str(TOKENS), json.dumps(PROMPTS))
     assert [r["tokens"] for r in results] == tp1
+    # its stages on two hosts: two steps (of other jobs) in flight at once, one in each stage
+    flying = in_flight_counts(hosts.drive("metrics"), "smol-pp2")
+    assert flying["+Inf"] > flying["1.0"] > 0 and flying["2.0"] == flying["+Inf"], flying
     hosts.drive("undeploy", "smol-pp2")
     deadline = time.monotonic() + 60   # its rank on the node is stopped with it
     while time.monotonic() < deadline and \
             "n1/rank.smol-pp2.1" in hosts.drive("services")["services"]:
         time.sleep(0.5)
     assert "n1/rank.smol-pp2.1" not in hosts.drive("services")["services"]
+
+
+@pytest.mark.slow
+def test_replicas_of_a_pp_model_on_two_hosts_equal_tp1(hosts: Hosts,
+                                                       tp1: list[list[int]]) -> None:
+    """--replicas 2 --pp 2 --nodes head,n1: each replica is a pp=2 group on its own host (the
+    node's inference.1 starts its stage-1 rank beside it); both serve tp=1's tokens."""
+    out = hosts.drive("deploy", embedded_gguf(), "smol-rpp", "head,n1", "2", "0", "2")
+    assert out == {"ok": True, "replicas": 2}, out
+    node_service = hosts.drive("services")["services"]["n1/inference.1"]
+    assert "smol-rpp@1" in node_service["replicas"]
+    ranks = [c for c in psutil.Process(node_service["pid"]).children()
+             if "smol-rpp" in " ".join(c.cmdline())]
+    assert len(ranks) == 1, "the node replica's stage 1 runs on the node"
+    results = hosts.drive("jobs", "smol-rpp", str(TOKENS), json.dumps(PROMPTS))
+    assert [r["tokens"] for r in results] == tp1
+    assert {r["replica"] for r in results} == {0, 1}, "both hosts got jobs"
+    hosts.drive("undeploy", "smol-rpp")

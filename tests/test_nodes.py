@@ -154,8 +154,10 @@ def test_a_node_joins_reports_devices_and_is_lost_when_silent(head: System,
              "one host per replica"),
             (dict(nodes=["head", "n1"], tp=3), grpc.StatusCode.INVALID_ARGUMENT,
              "one host per rank"),   # tp/pp ranks on nodes: tests/test_node_ranks.py
-            (dict(nodes=["head", "n1", "n1"], tp=3, replicas=2),
-             grpc.StatusCode.FAILED_PRECONDITION, "this host only"),
+            (dict(nodes=["head", "n1", "n1"], tp=3, replicas=2),   # replicas: one host each
+             grpc.StatusCode.INVALID_ARGUMENT, "3 hosts for 2 replicas"),
+            (dict(pp_steps=2), grpc.StatusCode.INVALID_ARGUMENT, "add --pp"),
+            (dict(pp=2, pp_steps=3), grpc.StatusCode.INVALID_ARGUMENT, "at most 2 steps"),
         ]
         for fields, code, words in refused:
             with pytest.raises(grpc.RpcError) as err:

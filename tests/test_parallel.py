@@ -358,9 +358,10 @@ def in_flight_counts(system: System, model: str) -> dict[str, float]:
 
 
 def test_deploy_pp2_through_llmsh_serves_the_same_tokens(model_system: System) -> None:
-    """Through the daemon: pp=2 gives tp=1's tokens, and with several jobs the kernel keeps two
-    of the model's steps in flight at once (one per slot, each in its own stage)."""
-    out = llmsh(model_system, f"deploy {embedded_gguf()} smol-pp2 --pp 2")
+    """Through the daemon: pp=2 gives tp=1's tokens, and with --pp-steps 2 and several jobs the
+    kernel keeps two of the model's steps in flight at once (one per slot, each in its own
+    stage; on one host the default is one: kernel/replicas.depth)."""
+    out = llmsh(model_system, f"deploy {embedded_gguf()} smol-pp2 --pp 2 --pp-steps 2")
     assert out.returncode == 0 and "in 2 pipeline stages" in out.stdout, out.stderr
     pids = [run(model_system, "smol-pp2", p) for p in PROMPTS[:8]]
     for pid, p in zip(pids, PROMPTS[:8], strict=True):

@@ -67,9 +67,13 @@ def test_each_replica_and_rank_takes_its_own_gpu(monkeypatch: pytest.MonkeyPatch
 
 def test_a_pp_models_jobs_are_spread_over_its_slots() -> None:
     """Each placed job of a pp=2 model gets the slot carrying fewer jobs, keeps it, and runs
-    on that slot's key; pp_steps=1 (or no pp) leaves every job on the lane itself."""
+    on that slot's key; one slot (or no pp) leaves every job on the lane itself. By default a
+    pp model has one slot per stage when its stages span hosts, one when they share this one."""
     k = SimpleNamespace(table=ProcessTable(), cfg=Config(),
-                        models={"pp": Deployed("x", "float32", pp=2), "one": Deployed("y", "")})
+                        models={"pp": Deployed("x", "float32", pp=2, ranks=["", "n1"]),
+                                "one": Deployed("y", ""), "here": Deployed("z", "", pp=2),
+                                "asked": Deployed("w", "", pp=3, pp_steps=2)})
+    assert [depth(k, m) for m in ("pp", "one", "here", "asked")] == [2, 1, 1, 2]
     jobs = [k.table.spawn(user="u", uid=1, ppid=0, model="pp", nice=0, replica=0)
             for _ in range(5)]
     other = k.table.spawn(user="u", uid=1, ppid=0, model="one", nice=0, replica=0)

@@ -196,15 +196,15 @@ class AsyncLLMClient(ClientBase):
                      pp: int = 0, remote_url: str = "", api_key_env: str = "",
                      api_key_file: str = "", remote_model: str = "",
                      progress: calls.Progress | None = None,
-                     replicas: int = 0, nodes: list[str] | None = None
-                     ) -> common_pb2.ModelInfo:
+                     replicas: int = 0, nodes: list[str] | None = None,
+                     pp_steps: int = 0) -> common_pb2.ModelInfo:
         """Load a model (root only). quant: "" (the service default), "none", "int8"...;
         tp > 1: that many tensor-parallel ranks, pp > 1: that many pipeline stages, replicas >
         1: that many copies (data parallelism), placed by nodes; remote_url: a hosted model
         (see LLMClient.deploy). progress: called (or awaited, if it returns an awaitable) with each
         LoadProgress; cancelling the task deploys nothing."""
         args = (path, name, dtype, quant, tp, pp, remote_url, api_key_env, api_key_file,
-                remote_model, replicas, nodes)
+                remote_model, replicas, nodes, pp_steps)
         if progress is None:
             return await self._call(calls.DEPLOY, *args, timeout=timeout)
         model = None

@@ -43,14 +43,14 @@ def _kill(pid: int, signal: str | int = "TERM") -> kernel_pb2.KillRequest:
 def _deploy(path: str, name: str, dtype: str = "", quant: str = "", tp: int = 0,
             pp: int = 0, remote_url: str = "", api_key_env: str = "", api_key_file: str = "",
             remote_model: str = "", replicas: int = 0,
-            nodes: list[str] | None = None) -> kernel_pb2.DeployRequest:
+            nodes: list[str] | None = None, pp_steps: int = 0) -> kernel_pb2.DeployRequest:
     """A model file or folder; or, with remote_url, a hosted model (path is then unused)."""
     if remote_url:
         return kernel_pb2.DeployRequest(name=name, remote_url=remote_url, api_key_env=api_key_env,
                                         api_key_file=api_key_file, remote_model=remote_model)
     return kernel_pb2.DeployRequest(path=os.path.abspath(path), name=name, dtype=dtype,
                                     quant=quant, tp=tp, pp=pp, replicas=replicas,
-                                    nodes=nodes or [])
+                                    nodes=nodes or [], pp_steps=pp_steps)
 
 
 def _set_quota(user: str, max_jobs: int | None = None, max_tokens: int | None = None,

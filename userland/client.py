@@ -245,7 +245,8 @@ class LLMClient(ClientBase):
                pp: int = 0, remote_url: str = "", api_key_env: str = "",
                api_key_file: str = "", remote_model: str = "",
                progress: calls.Progress | None = None,
-               replicas: int = 0, nodes: list[str] | None = None) -> common_pb2.ModelInfo:
+               replicas: int = 0, nodes: list[str] | None = None,
+               pp_steps: int = 0) -> common_pb2.ModelInfo:
         """Load a model (root only); loading takes a while, hence the job deadline.
         quant: "" (the service default), "none", "int8" or a recipe from formats(); tp > 1 runs
         it as that many tensor-parallel ranks, pp > 1 as that many pipeline stages; replicas > 1
@@ -256,7 +257,7 @@ class LLMClient(ClientBase):
         progress: called with each LoadProgress (.stage, .done, .total, .unit) as the model
         loads (DeployStream); leaving early (an exception, Ctrl-C) deploys nothing."""
         args = (path, name, dtype, quant, tp, pp, remote_url, api_key_env, api_key_file,
-                remote_model, replicas, nodes)
+                remote_model, replicas, nodes, pp_steps)
         if progress is None:
             return self._call(calls.DEPLOY, *args, timeout=timeout)
         model = None

@@ -348,7 +348,8 @@ def cmd_deploy(sh: Shell, cmd: Command, args: argparse.Namespace) -> int:
     try:
         m = sh.client.deploy(args.path, args.name, args.dtype, quant=args.quant, tp=args.tp,
                              pp=args.pp, progress=bar, replicas=args.replicas,
-                             nodes=[n for n in args.nodes.split(",") if n])
+                             nodes=[n for n in args.nodes.split(",") if n],
+                             pp_steps=args.pp_steps)
     finally:
         bar.close()
     ranks = (f" on {m.tp} tensor-parallel ranks" if m.tp > 1 else "") + (
@@ -662,6 +663,8 @@ COMMANDS: dict[str, Entry] = {
                      "help": "tensor-parallel ranks (must divide the head counts)"}),
         (("--pp",), {"type": int, "default": 0,
                      "help": "pipeline stages (must divide the layers)"}),
+        (("--pp-steps",), {"type": int, "default": 0,
+                           "help": "steps of a pp model in flight at once (2..pp)"}),
         (("--replicas",), {"type": int, "default": 0,
                            "help": "copies, each its own inference process and KV pool"}),
         (("--nodes",), {"default": "", "metavar": "HOST,..|anywhere",
