@@ -18,6 +18,11 @@ ratio shows what splitting costs here, the collective figure what it would cost 
 the ranks had their own devices. The JSON's pp_step_ratio is pp=2 (default rule) / tp=1 at
 decode batch 8, pp_microbatches the parts it ran, pp_cut_speedup_4x64 whole / cut at 4x64.
 
+Steps in flight (pp=2's slots): two callers each decode 4 of 8 sequences at once, as the
+kernel's two slots of a pp=2 model do, against the same steps taken in turns (one in flight),
+against one step of all 8 rows on pp=2 and on tp=1; pp_in_flight_speedup = turns / in flight,
+pp_in_flight_vs_tp1 = tp=1's time over in flight's (above 1: faster than one process).
+
 Data parallelism: the serve-throughput workload (bench/serve_throughput.py: 64 requests,
 greedy, every request streamed over gRPC) through two booted llmosd side by side, one serving
 the embedded model as one replica, the other as two replicas (two inference processes) on the
@@ -26,7 +31,7 @@ interleaved. dp_throughput_ratio = two replicas' tokens/s over one's. Prints a t
 JSON line.
 
     .venv/bin/python bench/parallel.py [--reps 5] [--dp-requests 64] [--dp-rounds 2]
-                                         [--skip-dp | --only-dp]
+                                         [--skip-dp | --only-dp | --only-in-flight]
 """
 
 from __future__ import annotations

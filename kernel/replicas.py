@@ -98,7 +98,7 @@ def depth(k: Kernel, model: str) -> int:
     """Steps of a model's replica in flight at once: for a pp model what its Deploy asked
     (pp_steps), else llmosd's pp_steps setting, else one per stage when its stages run on more
     than one host and one when they share this host's cores (measured there: two 4-row decode
-    steps in flight take 1.27x one 8-row step, README); one for any other model."""
+    steps in flight took 1.12-1.27x one 8-row step in two runs, README); one for any other model."""
     dep = k.models.get(model)
     if dep is None or dep.pp <= 1:
         return 1
