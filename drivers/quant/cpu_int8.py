@@ -103,7 +103,9 @@ class Int8Linear:
         # rows: x / smooth / max|row|, in one fresh tensor (x itself is the caller's)
         rows = (x * self.inv_smooth if self.inv_smooth is not None
                 else x.to(torch.float32, copy=True))
-        amax = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)
+        # max|row| as abs then amax: the same bits as vector_norm(inf), whose CPU reduction is
+        # ~10x slower from 32 rows up (46 against 5 us at [32, 576], 2 cores)
+        amax = rows.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)
         rows.div_(amax)
         if self.static is not None:
             y = self.static(rows, *X_RANGE[self.bits], self.packed)
