@@ -64,6 +64,30 @@ class Round:
     itl: list[float] = field(default_factory=list)
 
 
+def step_costs(text: str) -> dict[str, float]:
+    """Per step, from the kernel's metrics (Prometheus text): the forward (as the engine timed
+    it), the rest of the Step round trip, and the gap the engine waited between steps (the
+    kernel's work on the critical path; with the overlapped step, planning is off it); and the
+    steps made, all rounds and the warm-up included."""
+    from prometheus_client.parser import text_string_to_metric_families
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.endswith(("_sum", "_count")) and "step_" in s.name:
+                sums[s.name] = sums.get(s.name, 0.0) + s.value
+
+    def mean(name: str) -> float:
+        n = sums.get(f"llmasos:{name}_count", 0.0)
+        return sums.get(f"llmasos:{name}_sum", 0.0) / n * 1000 if n else 0.0
+    step, compute, gap = (mean("step_duration_seconds"), mean("step_compute_seconds"),
+                          mean("step_gap_seconds"))
+    return {"step_ms": round(step, 2), "forward_ms": round(compute, 2),
+            "step_rpc_overhead_ms": round(step - compute, 2),
+            "gap_between_steps_ms": round(gap, 3),
+            "outside_forward_fraction": round((step - compute + gap) / (step + gap), 4)
+            if step else 0.0, "steps": int(sums.get("llmasos:step_duration_seconds_count", 0))}
+
+
 class SystemRunner:
     """A booted llmosd; each round sends every request at once and streams each with Read.
     The client is one asyncio loop (grpc.aio), so it takes as little of the 2 cores as it can."""
@@ -75,28 +99,9 @@ class SystemRunner:
         return asyncio.run(self._run(reqs))
 
     def step_costs(self) -> dict[str, float]:
-        """Per step, from the kernel's metrics: the forward (as the engine timed it), the rest
-        of the Step round trip, and the gap the engine waited between steps (the kernel's work
-        on the critical path; with the overlapped step, planning is off it)."""
-        from prometheus_client.parser import text_string_to_metric_families
         stub = kernel_pb2_grpc.KernelStub(grpc.insecure_channel(self.booted.address))
-        text = stub.Metrics(kernel_pb2.MetricsRequest(), metadata=self.booted.metadata).text
-        sums: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name.endswith(("_sum", "_count")) and "step_" in s.name:
-                    sums[s.name] = sums.get(s.name, 0.0) + s.value
-
-        def mean(name: str) -> float:
-            n = sums.get(f"llmasos:{name}_count", 0.0)
-            return sums.get(f"llmasos:{name}_sum", 0.0) / n * 1000 if n else 0.0
-        step, compute, gap = (mean("step_duration_seconds"), mean("step_compute_seconds"),
-                              mean("step_gap_seconds"))
-        return {"step_ms": round(step, 2), "forward_ms": round(compute, 2),
-                "step_rpc_overhead_ms": round(step - compute, 2),
-                "gap_between_steps_ms": round(gap, 3),
-                "outside_forward_fraction": round((step - compute + gap) / (step + gap), 4)
-                if step else 0.0}
+        return step_costs(stub.Metrics(kernel_pb2.MetricsRequest(),
+                                       metadata=self.booted.metadata).text)
 
     async def _run(self, reqs: list[Request]) -> Round:
         md = self.booted.metadata
@@ -203,6 +208,13 @@ class InProcessRunner:
         assert tokens == sum(r.output_tokens for r in reqs)
         return Round(tokens, seconds, [p.first_token - wall for p in procs])   # all arrive at 0
 
+    def step_costs(self) -> dict[str, float]:
+        """The same figures from this process's metrics (the executor runs here)."""
+        from prometheus_client import generate_latest
+
+        from llmasos.kernel import metrics
+        return step_costs(generate_latest(metrics.REGISTRY).decode())
+
     def stop(self) -> None:
         self.k.executor.stop()
 
@@ -288,7 +300,8 @@ def main() -> int:
             rate = f"{o.tokens / o.seconds:6.1f} tok/s" if o.ok else f"{o.status.upper()}"
             print(f"seed {seed} HF {name:<19} {o.tokens} of {o.expected} tokens in "
                   f"{o.seconds:6.2f} s: {rate} {o.detail}", flush=True)
-    step_costs = system.step_costs()
+    costs = system.step_costs()
+    in_process_costs = inproc.step_costs()
     for runner in ours.values():
         runner.stop()
     hf.stop()
@@ -299,7 +312,8 @@ def main() -> int:
     result["ratio_vs_in_process"] = round(result["system_tok_s"] / result["in_process_tok_s"], 3)
     if "system_int8" in rounds:
         result["int8_vs_fp32"] = round(result["system_int8_tok_s"] / result["system_tok_s"], 3)
-    result |= step_costs
+    result |= costs
+    result |= {f"in_process_{k}": v for k, v in in_process_costs.items()}
     entries = {name: hf_entry(name, outs) for name, outs in hf_out.items()}
     result |= {f"hf_{name}": e for name, e in entries.items()}
     done = {name: e["tok_s"] for name, e in entries.items() if "tok_s" in e}
