@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import structlog
 
-from llmasos.kernel import node_ranks, quota, replicas
+from llmasos.kernel import node_ranks, quota, rank_procs, replicas
 from llmasos.kernel.auth import Identity
 from llmasos.kernel.ipc_delivery import IPC_TIMEOUT, caller, check_stdout_mailbox, ipc_failed
 from llmasos.kernel.kernel import Deployed, Kernel, load_request
@@ -596,8 +596,19 @@ def sys_services(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.S
             state=svc.state,
             restarts=svc.restarts, incarnation=svc.incarnation, uptime_s=up,
             last_exit=svc.last_exit, replicas=local_lanes(k, svc.spec.name)))
+        out += local_ranks(svc.spec.name, svc.pid)
     return kernel_pb2.ServicesResponse(services=[*out, *k.nodes.services(admin)],
                                        nodes=k.nodes.infos(admin))
+
+
+def local_ranks(service: str, pid: int) -> list[kernel_pb2.ServiceInfo]:
+    """The tp/pp worker ranks an inference service of this host started, as rank.MODEL.R."""
+    r = replicas.replica_of_service(service)
+    if r is None or not pid:
+        return []
+    return [kernel_pb2.ServiceInfo(name=f"rank.{model}.{rank}", pid=rank_pid, state="RUNNING",
+                                   replicas=[replicas.lane(model, r)])
+            for model, rank, rank_pid in rank_procs.child_ranks(pid)]
 
 
 def local_lanes(k: Kernel, service: str) -> list[str]:

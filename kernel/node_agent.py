@@ -36,7 +36,7 @@ import grpc
 import structlog
 
 from llmasos.connect import tls_credentials
-from llmasos.kernel import devices
+from llmasos.kernel import devices, rank_procs
 from llmasos.kernel.nodes import NODE_SECRET_KEY
 from llmasos.kernel.supervisor import ServiceSpec, Supervisor
 from llmasos.proto import kernel_pb2, node_pb2, node_pb2_grpc
@@ -140,6 +140,9 @@ class Agent:
         ranks = [node_pb2.NodeRank(key=key, pid=p.pid, state="RUNNING" if p.poll() is None
                                    else "EXITED", exit_code=p.returncode or 0)
                  for key, p in self.ranks.items()]
+        ranks += [node_pb2.NodeRank(key=f"{model}/{s.name}/{rank}", pid=pid, state="RUNNING")
+                  for s in services if s.pid
+                  for model, rank, pid in rank_procs.child_ranks(s.pid)]   # a replica's own
         return node_pb2.HeartbeatRequest(name=self.name, devices=self.devices,
                                          services=services, ranks=ranks)
 

@@ -382,12 +382,16 @@ class Nodes:
                         restarts=s.restarts, incarnation=s.incarnation, last_exit=s.last_exit,
                         node=node.name, replicas=sorted(self.lanes_on(node.name, replica))))
                 for r in sorted(node.ranks.values(), key=lambda r: r.key):
-                    model, _, rank = r.key.partition("/")
+                    model, _, rest = r.key.partition("/")
+                    # key model/port/rank: a rank of the head's replica 0; model/inference.r/rank:
+                    # a rank that the node's replica r started itself
+                    owner, _, rank = rest.rpartition("/")
+                    replica = replicas.replica_of_service(owner) or 0
                     out.append(kernel_pb2.ServiceInfo(
-                        name=f"{node.name}/rank.{model}.{rank.rpartition('/')[2]}", pid=r.pid,
+                        name=f"{node.name}/rank.{model}.{rank}", pid=r.pid,
                         state=r.state if node.state == "LIVE" else "LOST",
                         last_exit=f"exit {r.exit_code}" if r.state == "EXITED" else "",
-                        node=node.name, replicas=[replicas.lane(model, 0)]))
+                        node=node.name, replicas=[replicas.lane(model, replica)]))
         return out
 
 

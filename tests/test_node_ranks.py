@@ -150,6 +150,12 @@ def test_replicas_of_a_pp_model_on_two_hosts_equal_tp1(hosts: Hosts,
     ranks = [c for c in psutil.Process(node_service["pid"]).children()
              if "smol-rpp" in " ".join(c.cmdline())]
     assert len(ranks) == 1, "the node replica's stage 1 runs on the node"
+    deadline = time.monotonic() + 30   # the agent reports it with its next heartbeat
+    while time.monotonic() < deadline and \
+            "n1/rank.smol-rpp.1" not in hosts.drive("services")["services"]:
+        time.sleep(0.5)
+    row = hosts.drive("services")["services"]["n1/rank.smol-rpp.1"]
+    assert row["pid"] == ranks[0].pid and row["replicas"] == ["smol-rpp@1"], row
     results = hosts.drive("jobs", "smol-rpp", str(TOKENS), json.dumps(PROMPTS))
     assert [r["tokens"] for r in results] == tp1
     assert {r["replica"] for r in results} == {0, 1}, "both hosts got jobs"

@@ -329,9 +329,12 @@ def test_deploy_tp3_serves_the_same_tokens_and_survives_a_killed_rank(
         == want[PROMPTS[0]]
 
     # kill -9 one worker rank while four jobs run on the tp=3 model
-    before = model_system.services()["inference"]
+    listed = model_system.services()   # Services lists the worker ranks beside the services
+    before = listed["inference"]
     ranks = ranks_of(before.pid)
     assert len(ranks) == 2
+    assert sorted((listed[f"rank.smol-tp3.{r}"].pid, list(listed[f"rank.smol-tp3.{r}"].replicas))
+                  for r in (1, 2)) == sorted((p.pid, ["smol-tp3"]) for p in ranks)
     pids = [run(model_system, "smol-tp3", p) for p in PROMPTS[:4]]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:   # until some job has produced a token
