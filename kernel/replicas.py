@@ -102,7 +102,7 @@ def depth(k: Kernel, model: str) -> int:
     dep = k.models.get(model)
     if dep is None or dep.pp <= 1:
         return 1
-    spread = dep.pp if any(getattr(dep, "ranks", None) or []) else 1
+    spread = dep.pp if any(dep.ranks) else 1
     return max(1, min(dep.pp, dep.pp_steps or k.cfg.pp_steps or spread))
 
 
@@ -258,6 +258,8 @@ def place_slots(k: Kernel) -> None:
     (under the table lock). Each slot is a step in flight of its own, so with M stages up to
     M steps of different jobs are in the pipeline at once (vLLM's virtual engines); a job
     keeps its slot while it lives on that replica."""
+    if all(depth(k, m) == 1 for m in list(k.models)):
+        return   # no model has slots: nothing to look at
     load: dict[str, list[int]] = {}
     todo: list[Proc] = []
     for p in k.table.live():

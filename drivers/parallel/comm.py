@@ -66,25 +66,26 @@ class Comm:
     def broadcast_object(self, obj: object = None, root: int = 0) -> object:
         """Rank root's obj on every rank: its pickled length, then its bytes, as two
         broadcasts (the step descriptor: small, and the same size on every rank after)."""
-        payload = pickle.dumps(obj) if self.rank == root else b""
-        size = torch.tensor([len(payload)], dtype=torch.int64, device=self.device)
-        self.broadcast(size, root)
-        buf = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
-               if self.rank == root else
-               torch.empty(int(size.item()), dtype=torch.uint8, device=self.device))
-        self.broadcast(buf, root)
-        return obj if self.rank == root else pickle.loads(buf.cpu().numpy().tobytes())
+        if self.rank == root:
+            works, _ = self.broadcast_object_async(obj)
+            for work in works:
+                work.wait()
+            return obj
+        size = self.broadcast(torch.empty(1, dtype=torch.int64, device=self.device), root)
+        buf = self.broadcast(torch.empty(int(size.item()), dtype=torch.uint8,
+                                         device=self.device), root)
+        return pickle.loads(buf.cpu().numpy().tobytes())
 
-    def broadcast_object_async(self, obj: object) -> list[object]:
-        """Root only: obj sent as broadcast_object sends it, without waiting for the others to
+    def broadcast_object_async(self, obj: object) -> tuple[list[dist.Work], list[torch.Tensor]]:
+        """This rank's obj sent as broadcast_object sends it, without waiting for the others to
         take it (a pipeline's next step goes out while later stages still compute the one
-        before). The result holds the works and their tensors: wait on each before dropping."""
+        before): the works, and the tensors they send, which must outlive them."""
         payload = pickle.dumps(obj)
         size = torch.tensor([len(payload)], dtype=torch.int64, device=self.device)
         buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
         opts = dist.BroadcastOptions()
         opts.rootRank = self.rank
-        return [self.pg.broadcast([size], opts), size, self.pg.broadcast([buf], opts), buf]
+        return [self.pg.broadcast([size], opts), self.pg.broadcast([buf], opts)], [size, buf]
 
     def barrier_ok(self, ok: bool) -> bool:
         """True when every rank reports ok (a load that failed on one rank fails on all)."""

@@ -48,10 +48,10 @@ class Flight:
     keep: list[torch.Tensor] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
 
-    def add(self, works: list[object]) -> None:
-        """Works (and their tensors) of the step's descriptor, waited for with the step's."""
-        self.keep += [w for w in works if isinstance(w, torch.Tensor)]
-        self.works += [w for w in works if not isinstance(w, torch.Tensor)]
+    def add(self, works: list[dist.Work], tensors: list[torch.Tensor]) -> None:
+        """The step descriptor's sends and their tensors, waited for with the step's."""
+        self.works += works
+        self.keep += tensors
 
     def wait(self) -> torch.Tensor:
         """Every transfer done: rank 0's logits (the last stage's, the others' hidden states)."""

@@ -219,7 +219,7 @@ class RankGroup:
                 raise
             finally:
                 self.last_op = time.monotonic()
-            flight.add(sent)
+            flight.add(*sent)
             return flight
 
     def probe(self, rows: int, sampled: int, hidden: int, vocab_part: int, layers: int
