@@ -48,7 +48,8 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "matmul": ("aten::linear", "aten::addmm", "aten::mm", "aten::bmm", "aten::matmul",
                "mkldnn::_linear_pointwise", "aten::mkldnn_linear"),
     "attention": ("aten::scaled_dot_product_attention",
-                  "aten::_scaled_dot_product_flash_attention_for_cpu"),
+                  "aten::_scaled_dot_product_flash_attention_for_cpu",
+                  "paged_decode"),   # the native decode attention, reading K/V in the pool
     "kv_gather": ("aten::index_select",),  # a group's context blocks out of the pool
     "kv_scatter": ("aten::index_copy_",),  # the step's new K/V into their slots
     "sampling": ("sampling",),  # the sampler's tensor work, up to the ids and logprobs

@@ -31,6 +31,8 @@ class PagedGroup:
     identity: bool  # query_rows == token_rows: no padding, no scatter (decode-only groups)
     first_row: int  # token_rows[0]
     q_pos: torch.Tensor | None = None  # [S, 1, gqa * max_q, 1] position of each padded query
+    seq_lens: torch.Tensor | None = None  # [S] int64: each sequence's context, new tokens in
+    max_len: int = 0  # the longest of seq_lens
     window_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # built on first use
     biases: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict)  # likewise
 
@@ -87,7 +89,7 @@ def build_group(token_starts: list[int], q_lens: list[int], seq_lens: list[int],
         token_rows=token_rows.to(device), query_rows=rows.reshape(-1).to(device),
         padded_pos=padded_pos.to(device), kv_blocks=table.to(device), mask=mask.to(device),
         num_seqs=num_seqs, max_q=max_q, identity=identity, first_row=int(token_starts[0]),
-        q_pos=q_pos_folded.to(device),
+        q_pos=q_pos_folded.to(device), seq_lens=seq_len_t.to(device), max_len=max(seq_lens),
     )
 
 

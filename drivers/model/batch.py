@@ -47,6 +47,7 @@ class Layout:
     gqa: int
     for_kernels: bool
     split_groups: bool = False
+    one_decode_group: bool = False
 
 
 @dataclass
@@ -84,11 +85,13 @@ def context_blocks(s: SeqSlice, block_size: int) -> int:
 
 def build_batch(slices: list[SeqSlice], block_size: int, gqa: int,
                 device: torch.device | str = "cpu", for_kernels: bool = False,
-                split_groups: bool = False) -> StepBatch:
+                split_groups: bool = False, one_decode_group: bool = False) -> StepBatch:
     """Lay the slices out as one flat batch: decode (1-token) slices first, then chunks.
     split_groups: one attention group per shape (decode rows by context length in blocks,
     chunks by their length and context length), sorted by it, so no sequence's queries or keys
-    are padded to another's (attention.padding_exact says when that matters)."""
+    are padded to another's (attention.padding_exact says when that matters).
+    one_decode_group: the decode rows stay one group even so, for an attention that reads each
+    sequence's own context unpadded (drivers/cpu/paged_decode.py)."""
     decode = [i for i, s in enumerate(slices) if s.num_tokens == 1]
     chunks = [i for i, s in enumerate(slices) if s.num_tokens > 1]
     groups_of = [decode, chunks]
@@ -99,6 +102,8 @@ def build_batch(slices: list[SeqSlice], block_size: int, gqa: int,
         chunks.sort(key=shape)
         groups_of = [[i for i in members if shape(i) == key]
                      for members in (decode, chunks) for key in sorted(set(map(shape, members)))]
+        if one_decode_group:
+            groups_of = [decode] + [g for g in groups_of if g and slices[g[0]].num_tokens > 1]
     order = decode + chunks
     ids: list[int] = []
     positions: list[int] = []
@@ -134,5 +139,5 @@ def build_batch(slices: list[SeqSlice], block_size: int, gqa: int,
         sample_rows=torch.tensor(rows, dtype=torch.int64, device=device),
         sample_seqs=sample_seqs,
         kernel_groups=kernel_groups if for_kernels else None,
-        layout=Layout(slices, block_size, gqa, for_kernels, split_groups),
+        layout=Layout(slices, block_size, gqa, for_kernels, split_groups, one_decode_group),
     )

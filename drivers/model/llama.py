@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
+from llmasos.drivers.cpu.paged_decode import PagedDecode, decode_kernel
 from llmasos.drivers.cuda.backend import Kernels, kernels_for
 from llmasos.drivers.cuda.quant import QuantWeight, dequantize
 from llmasos.drivers.loaders.config import ModelConfig
@@ -158,6 +160,9 @@ class LlamaModel:
         # know neither sliding windows nor soft-capping: those families take the PyTorch path.
         plain = cfg.sliding_window or cfg.attn_softcap
         self.kernels: Kernels | None = None if plain else kernels_for(self.device)
+        # the CPU's decode rows read K/V in place from the pool (drivers/cpu/paged_decode.py)
+        self.decode_kernel: PagedDecode | None = None if self.kernels is not None else \
+            decode_kernel(dtype, self.device, cfg.head_dim, cfg.num_heads // cfg.num_kv_heads)
 
         def w(name: str) -> Weight:
             t = weights[name]
@@ -366,6 +371,9 @@ class LlamaModel:
                         k_cache: torch.Tensor, v_cache: torch.Tensor, group: PagedGroup,
                         window: int) -> torch.Tensor:
         softcap = self.cfg.attn_softcap
+        if group.max_q == 1 and not window and not softcap and self.decode_kernel is not None:
+            with record_function("paged_decode"):   # bench/engine_step.py counts it attention
+                return self.decode_kernel(q, k_cache, v_cache, group, self.scale)
         return group_attention(q, k_cache, v_cache, group, self.scale, window=window,
                                softcap=softcap)
 

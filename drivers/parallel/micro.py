@@ -47,5 +47,5 @@ def micro_batches(batch: StepBatch, k: int) -> list[StepBatch]:
     edges = [0, *cut([s.num_tokens for s in seqs], k), len(seqs)]
     device = batch.input_ids.device
     return [build_batch(seqs[a:b], lay.block_size, lay.gqa, device, lay.for_kernels,
-                        lay.split_groups)
+                        lay.split_groups, lay.one_decode_group)
             for a, b in zip(edges[:-1], edges[1:], strict=True)]

@@ -334,7 +334,9 @@ class Engine:
                 gqa = cfg.num_heads // cfg.num_kv_heads
                 batch = build_batch(slices, self.block_size, gqa, self.device,
                                     for_kernels=m.model.kernels is not None,
-                                    split_groups=self._split_groups(m, gqa))
+                                    split_groups=self._split_groups(m, gqa),
+                                    one_decode_group=getattr(m.model, "decode_kernel", None)
+                                    is not None)
             launched = Launched(m, good, run, results, batch.sample_seqs, t0)
             if isinstance(m.model, TPModel) and m.model.stages > 1:
                 launched.flight = m.model.launch(batch, m.pool)

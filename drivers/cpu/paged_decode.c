@@ -1,0 +1,154 @@
+/* Paged decode attention on the CPU: one query per sequence attends to its context where the
+ * context lies, in the KV pool's blocks, so no gathered copy of K and V is made (the PyTorch
+ * path copies every block it reads first, then reads the copy again in SDPA).
+ *
+ * Layout (drivers/model/kv_pool.py): k_cache, v_cache [num_blocks, block_size, kv_heads, D];
+ * token t of sequence b is at block tables[b][t / block_size], offset t % block_size.
+ * q: rows [B] of [kv_heads * G, D] (query head h * G + g reads KV head h), row stride q_stride.
+ * out: [B, kv_heads * G, D], contiguous.
+ *
+ * One (sequence, KV head) pair is one unit of work: its G query heads read each key and value
+ * once. Each sequence's result depends only on its own query and context, in a fixed order, so
+ * it is bit-identical alone or in any batch. Scores and the softmax are fp32, as SDPA's are.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+
+typedef float v16 __attribute__((vector_size(64)));   /* 16 floats: 1 AVX-512 or 2 AVX2 regs */
+
+enum { MAX_G = 16, MAX_C = 16 };
+enum { AHEAD = 32 };   /* tokens between a prefetch and the read it serves */   /* query heads per KV head; head_dim / 16 (head_dim <= 256) */
+
+static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+/* a tree of halves: 4 dependent adds, where a lane-by-lane loop is 15 */
+static inline float sum16(v16 v) {
+    v8 lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
+    lo += hi;
+    v4 a, b;
+    memcpy(&a, &lo, sizeof a);
+    memcpy(&b, (const char *)&lo + sizeof a, sizeof b);
+    a += b;
+    return (a[0] + a[2]) + (a[1] + a[3]);
+}
+
+/* exp(x) for x <= 0: Cephes' expf polynomial (max relative error ~1.5e-7), branch-free so the
+ * softmax loop vectorizes; below -87 it returns ~1.6e-38 instead of underflowing to 0. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } two_n = { .i = ((int32_t)n + 127) << 23 };
+    return p * two_n.f;
+}
+
+/* token t's row in a pool layer; block_size is a power of two (the engine's is 16), so the
+ * division and remainder are a shift and a mask, not two 64-bit divides per token */
+static inline const float *token(const float *cache, const int64_t *table, int64_t t,
+                                 int64_t block_size, int64_t token_stride) {
+    int64_t shift = __builtin_ctzll((unsigned long long)block_size);
+    return cache + ((table[t >> shift] << shift) + (t & (block_size - 1))) * token_stride;
+}
+
+/* C = head_dim / 16, a constant in each caller below so the vectors stay in registers */
+static inline __attribute__((always_inline)) void unit(
+        const float *q, const float *k_cache, const float *v_cache, const int64_t *table,
+        int64_t len, float *out, int64_t block_size, int64_t kv_heads, int64_t h, int64_t G,
+        const int64_t C, float scale, float *p /* [G, len] scratch */) {
+    const int64_t D = C * 16, token_stride = kv_heads * D;
+    v16 qv[MAX_G][MAX_C], acc[MAX_G][MAX_C];
+    float top[MAX_G], total[MAX_G];
+    for (int64_t g = 0; g < G; g++) {
+        for (int64_t c = 0; c < C; c++) qv[g][c] = load16(q + g * D + c * 16) * scale;
+        top[g] = -INFINITY;
+        total[g] = 0.0f;
+    }
+    for (int64_t t = 0; t < len; t++) {   /* scores, and each head's max */
+        const float *k = token(k_cache, table, t, block_size, token_stride) + h * D;
+        if (t + AHEAD < len) {   /* the pool is read at random: ask for a later token early */
+            const float *later = token(k_cache, table, t + AHEAD, block_size, token_stride);
+            for (int64_t c = 0; c < C; c++) __builtin_prefetch(later + h * D + c * 16);
+        }
+        v16 kv[MAX_C];
+        for (int64_t c = 0; c < C; c++) kv[c] = load16(k + c * 16);
+        for (int64_t g = 0; g < G; g++) {
+            v16 dot = qv[g][0] * kv[0];
+            for (int64_t c = 1; c < C; c++) dot += qv[g][c] * kv[c];
+            float s = sum16(dot);
+            p[g * len + t] = s;
+            top[g] = s > top[g] ? s : top[g];
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {   /* unnormalized probabilities */
+        float *pg = p + g * len, m = top[g], sum = 0.0f;
+        #pragma omp simd reduction(+:sum)
+        for (int64_t t = 0; t < len; t++) {
+            pg[t] = exp_nonpositive(pg[t] - m);
+            sum += pg[t];
+        }
+        total[g] = sum;
+    }
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t c = 0; c < C; c++) acc[g][c] = (v16){0};
+    for (int64_t t = 0; t < len; t++) {   /* the values, weighted */
+        const float *v = token(v_cache, table, t, block_size, token_stride) + h * D;
+        if (t + AHEAD < len) {
+            const float *later = token(v_cache, table, t + AHEAD, block_size, token_stride);
+            for (int64_t c = 0; c < C; c++) __builtin_prefetch(later + h * D + c * 16);
+        }
+        v16 vv[MAX_C];
+        for (int64_t c = 0; c < C; c++) vv[c] = load16(v + c * 16);
+        for (int64_t g = 0; g < G; g++) {
+            float w = p[g * len + t];
+            for (int64_t c = 0; c < C; c++) acc[g][c] += w * vv[c];
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        float inv = 1.0f / total[g];
+        for (int64_t c = 0; c < C; c++) store16(out + g * D + c * 16, acc[g][c] * inv);
+    }
+}
+
+/* Returns 0, or -1 when the shape is outside what this file handles (the caller checks first). */
+int paged_decode(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+                 const int64_t *tables, int64_t table_width, const int64_t *lens, float *out,
+                 int64_t batch, int64_t block_size, int64_t kv_heads, int64_t G,
+                 int64_t head_dim, float scale, int threads, float *scratch,
+                 int64_t scratch_per_thread) {
+    const int64_t C = head_dim / 16;
+    if (head_dim % 16 || C < 1 || C > MAX_C || G < 1 || G > MAX_G || block_size < 1 ||
+        (block_size & (block_size - 1)))
+        return -1;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t item = 0; item < batch * kv_heads; item++) {
+        int64_t b = item / kv_heads, h = item % kv_heads;
+        const float *qh = q + b * q_stride + h * G * head_dim;
+        float *oh = out + (b * kv_heads + h) * G * head_dim;
+        float *p = scratch + omp_get_thread_num() * scratch_per_thread;
+        const int64_t *table = tables + b * table_width;
+        switch (C) {   /* the common head sizes unrolled; any other multiple of 16 generic */
+        case 4: unit(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, 4,
+                     scale, p); break;
+        case 8: unit(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, 8,
+                     scale, p); break;
+        default: unit(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, C,
+                      scale, p);
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,77 @@
+"""Decode attention read in place from the paged KV pool (paged_decode.c), for the CPU's fp32
+decode groups: a drop-in for attention.group_attention where each sequence has one query.
+
+Used when the library builds on this machine and the shape fits (fp32, head_dim a multiple of
+16 up to 256, at most 16 query heads per KV head, no sliding window or soft-capping);
+LLMASOS_CPU_ATTENTION=sdpa keeps the PyTorch path (gather the blocks, then SDPA) instead."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from llmasos.drivers.cpu.build import load_library
+from llmasos.drivers.model.attention import PagedGroup
+
+MODE_ENV = "LLMASOS_CPU_ATTENTION"   # "native" (default) or "sdpa"
+P, I64 = ctypes.c_void_p, ctypes.c_int64
+ARGTYPES = [P, I64, P, P, P, I64, P, P, I64, I64, I64, I64, I64, ctypes.c_float, ctypes.c_int,
+            P, I64]
+
+
+def _kernel() -> ctypes._CFuncPtr | None:
+    lib = load_library("paged_decode")
+    if lib is None:
+        return None
+    fn = lib.paged_decode
+    fn.argtypes, fn.restype = ARGTYPES, ctypes.c_int
+    return fn
+
+
+def fits(dtype: torch.dtype, device: torch.device, head_dim: int, gqa: int) -> bool:
+    return (device.type == "cpu" and dtype == torch.float32 and head_dim % 16 == 0
+            and 16 <= head_dim <= 256 and 1 <= gqa <= 16)
+
+
+def decode_kernel(dtype: torch.dtype, device: torch.device, head_dim: int, gqa: int
+                  ) -> PagedDecode | None:
+    """The native decode attention for a model of this shape, or None (PyTorch path)."""
+    if os.environ.get(MODE_ENV, "native") == "sdpa" or not fits(dtype, device, head_dim, gqa):
+        return None
+    fn = _kernel()
+    return None if fn is None else PagedDecode(fn)
+
+
+class PagedDecode:
+    def __init__(self, fn: ctypes._CFuncPtr) -> None:
+        self.fn = fn
+
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 group: PagedGroup, scale: float) -> torch.Tensor:
+        """q: the flat batch's [T, Hq, D]; returns [S, Hq, D] for the group's rows (one query
+        each), as group_attention does."""
+        s = group.num_seqs
+        _, num_heads, head_dim = q.shape
+        kv_heads = k_cache.shape[2]
+        rows = q[group.first_row:group.first_row + s] if group.identity else \
+            q[group.query_rows]
+        if rows.stride(2) != 1 or rows.stride(1) != head_dim:
+            rows = rows.contiguous()   # heads must lie one after another within a row
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            raise ValueError("the KV pool's layer views must be contiguous")
+        tables, lens = group.kv_blocks, group.seq_lens
+        threads = torch.get_num_threads()
+        longest = int(group.max_len)
+        scratch = torch.empty(threads, longest * (num_heads // kv_heads))
+        out = torch.empty(s, num_heads, head_dim)
+        status = self.fn(rows.data_ptr(), rows.stride(0), k_cache.data_ptr(),
+                         v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
+                         lens.data_ptr(), out.data_ptr(), s, k_cache.shape[1], kv_heads,
+                         num_heads // kv_heads, head_dim, scale, threads, scratch.data_ptr(),
+                         scratch.shape[1])
+        if status != 0:
+            raise ValueError(f"paged_decode cannot serve head_dim {head_dim} with "
+                             f"{num_heads // kv_heads} query heads per KV head")
+        return out
