@@ -120,6 +120,20 @@ def test_shapes_it_cannot_serve_keep_the_pytorch_path() -> None:
     assert paged_decode.fits(torch.float32, CPU, 128, 8)
 
 
+def test_blocks_of_other_sizes_take_the_pytorch_path_and_other_dtypes_are_refused() -> None:
+    fn = kernel()
+    lens = [5, 30]
+    k_cache, v_cache, tables, ks, vs = pool(lens, 6, 3, 64, seed=2)   # 6: not a power of two
+    q = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(3))
+    group = build_group([0, 1], [1, 1], lens, tables, 6, 3)
+    out = fn(q, k_cache, v_cache, group, 0.125)
+    assert torch.equal(out, group_attention(q, k_cache, v_cache, group, 0.125))
+    k16, v16, tables16, _, _ = pool(lens, 16, 3, 64, seed=2)
+    with pytest.raises(TypeError, match="fp32 only"):
+        fn(q.double(), k16.double(), v16.double(),
+           build_group([0, 1], [1, 1], lens, tables16, 16, 3), 0.125)
+
+
 def test_no_compiler_gives_none_and_a_warning_naming_the_fix(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

@@ -2,8 +2,9 @@
 decode groups: a drop-in for attention.group_attention where each sequence has one query.
 
 Used when the library builds on this machine and the shape fits (fp32, head_dim a multiple of
-16 up to 256, at most 16 query heads per KV head, no sliding window or soft-capping);
-LLMASOS_CPU_ATTENTION=sdpa keeps the PyTorch path (gather the blocks, then SDPA) instead."""
+16 up to 256, at most 16 query heads per KV head, blocks of a power of two tokens, no sliding
+window or soft-capping). LLMASOS_CPU_ATTENTION=sdpa keeps the PyTorch path (gather the blocks,
+then SDPA) instead."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import os
 import torch
 
 from llmasos.drivers.cpu.build import load_library
-from llmasos.drivers.model.attention import PagedGroup
+from llmasos.drivers.model.attention import PagedGroup, group_attention
 
 MODE_ENV = "LLMASOS_CPU_ATTENTION"   # "native" (default) or "sdpa"
 P, I64 = ctypes.c_void_p, ctypes.c_int64
@@ -54,7 +55,11 @@ class PagedDecode:
         each), as group_attention does."""
         s = group.num_seqs
         _, num_heads, head_dim = q.shape
-        kv_heads = k_cache.shape[2]
+        kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+        if block_size & (block_size - 1):   # the C indexes blocks by shift and mask
+            return group_attention(q, k_cache, v_cache, group, scale)
+        if not q.dtype == k_cache.dtype == v_cache.dtype == torch.float32:
+            raise TypeError(f"paged_decode is fp32 only, got {q.dtype} and {k_cache.dtype}")
         rows = q[group.first_row:group.first_row + s] if group.identity else \
             q[group.query_rows]
         if rows.stride(2) != 1 or rows.stride(1) != head_dim:
@@ -68,7 +73,7 @@ class PagedDecode:
         out = torch.empty(s, num_heads, head_dim)
         status = self.fn(rows.data_ptr(), rows.stride(0), k_cache.data_ptr(),
                          v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
-                         lens.data_ptr(), out.data_ptr(), s, k_cache.shape[1], kv_heads,
+                         lens.data_ptr(), out.data_ptr(), s, block_size, kv_heads,
                          num_heads // kv_heads, head_dim, scale, threads, scratch.data_ptr(),
                          scratch.shape[1])
         if status != 0:
