@@ -291,6 +291,57 @@ def greedy(max_tokens: int = 12, **extra: object) -> object:
     return common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, **extra)
 
 
+def greedy_steps(engine: object, name: str, prompts: list[list[int]], n: int,
+                 first_block: int = 0, first_seq: int = 1000) -> list[list[int]]:
+    """All prompts to n greedy tokens through an in-process Engine, in shared steps (one
+    prefill step, then decode steps); their sequences are released after."""
+    from llmasos.services.inference.engine import StepEntry
+    from llmasos.services.inference.sampler import SamplingParams
+    params = SamplingParams(temperature=0.0, ignore_eos=True)
+    per = max(len(p) for p in prompts) // 16 + n // 16 + 2
+    tables = [list(range(first_block + i * per, first_block + (i + 1) * per))
+              for i in range(len(prompts))]
+    out: list[list[int]] = [[] for _ in prompts]
+    pos = [0] * len(prompts)
+    feed = [list(p) for p in prompts]
+    for _ in range(n):
+        entries = [StepEntry(first_seq + i, feed[i], pos[i], tables[i], True, params,
+                             reset=pos[i] == 0) for i in range(len(prompts))]
+        for i, r in enumerate(engine.step(name, entries)):
+            assert not r.error, r.error
+            pos[i] += len(feed[i])
+            out[i].append(r.token_id)
+            feed[i] = [r.token_id]
+    engine.release(name, [first_seq + i for i in range(len(prompts))])
+    return out
+
+
+def filled_pool(seq_lens: list[int], block: int, kv_heads: int, head_dim: int,
+                gen: object) -> tuple:
+    """A KV pool with random garbage in every slot and each sequence's K/V written through
+    write_kv at a random (shuffled, non-contiguous) block table: (k_cache, v_cache, tables,
+    ks, vs), tables as lists and ks, vs the dense [L, Hkv, D] of each sequence."""
+    import torch
+
+    from llmasos.drivers.model.attention import write_kv
+    need = [-(-n // block) for n in seq_lens]
+    num_blocks = sum(need) + 3
+    k_cache = torch.randn(num_blocks, block, kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_blocks, block, kv_heads, head_dim, generator=gen)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, ks, vs = [], [], []
+    for n, b in zip(seq_lens, need, strict=True):
+        table, perm = perm[:b], perm[b:]
+        k = torch.randn(n, kv_heads, head_dim, generator=gen)
+        v = torch.randn(n, kv_heads, head_dim, generator=gen)
+        slots = torch.tensor([table[p // block] * block + p % block for p in range(n)])
+        write_kv(k_cache, v_cache, k, v, slots)
+        tables.append(table)
+        ks.append(k)
+        vs.append(v)
+    return k_cache, v_cache, tables, ks, vs
+
+
 def spawn(system: System, prompt: str, max_tokens: int = 12, token: str | None = None,
           nice: int = 0, **extra: object) -> int:
     reply = system.call("Spawn", kernel_pb2.SpawnRequest(

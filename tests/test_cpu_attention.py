@@ -15,11 +15,10 @@ from hypothesis import strategies as st
 
 from llmasos.drivers.cpu import build, paged_decode
 from llmasos.drivers.cpu.paged_decode import PagedDecode, decode_kernel
-from llmasos.drivers.model.attention import build_group, group_attention, write_kv
-from llmasos.services.inference.engine import Engine, StepEntry
-from llmasos.services.inference.sampler import SamplingParams
+from llmasos.drivers.model.attention import build_group, group_attention
+from llmasos.services.inference.engine import Engine
 
-from conftest import converting_once, embedded_gguf, shared_state
+from conftest import converting_once, embedded_gguf, filled_pool, greedy_steps, shared_state
 
 CPU = torch.device("cpu")
 MAX_LEN = 300
@@ -41,25 +40,7 @@ def kernel() -> PagedDecode:
 
 
 def pool(seq_lens: list[int], block: int, kv_heads: int, head_dim: int, seed: int):
-    """Random garbage in every slot, each sequence's K/V written through write_kv at a random
-    (shuffled, non-contiguous) block table; returns caches, tables, and the dense K/V."""
-    gen = torch.Generator().manual_seed(seed)
-    need = [-(-n // block) for n in seq_lens]
-    num_blocks = sum(need) + 3
-    k_cache = torch.randn(num_blocks, block, kv_heads, head_dim, generator=gen)
-    v_cache = torch.randn(num_blocks, block, kv_heads, head_dim, generator=gen)
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, ks, vs = [], [], []
-    for n, b in zip(seq_lens, need, strict=True):
-        table, perm = perm[:b], perm[b:]
-        k = torch.randn(n, kv_heads, head_dim, generator=gen)
-        v = torch.randn(n, kv_heads, head_dim, generator=gen)
-        slots = torch.tensor([table[p // block] * block + p % block for p in range(n)])
-        write_kv(k_cache, v_cache, k, v, slots)
-        tables.append(table)
-        ks.append(k)
-        vs.append(v)
-    return k_cache, v_cache, tables, ks, vs
+    return filled_pool(seq_lens, block, kv_heads, head_dim, torch.Generator().manual_seed(seed))
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -166,21 +147,6 @@ def test_the_build_is_kept_per_source_compiler_and_cpu(monkeypatch, tmp_path) ->
     assert built[0].stat().st_mtime_ns == stamp   # the second load reuses it
 
 
-def greedy_tokens(engine: Engine, prompts: list[list[int]], steps: int) -> list[list[int]]:
-    """All prompts decoded together, greedy, `steps` tokens each."""
-    params = SamplingParams(temperature=0.0, ignore_eos=True)
-    entries = [StepEntry(i, ids, 0, list(range(i * 8, i * 8 + 8)), True, params, reset=True)
-               for i, ids in enumerate(prompts)]
-    out = [[r.token_id] for r in engine.step("m", entries)]
-    for step in range(steps - 1):
-        entries = [StepEntry(i, [out[i][-1]], len(prompts[i]) + step,
-                             list(range(i * 8, i * 8 + 8)), True, params)
-                   for i in range(len(prompts))]
-        for i, r in enumerate(engine.step("m", entries)):
-            out[i].append(r.token_id)
-    return out
-
-
 @pytest.mark.slow
 def test_the_model_decodes_with_it_and_gives_the_pytorch_paths_tokens(monkeypatch,
                                                                        tmp_path) -> None:
@@ -196,7 +162,7 @@ def test_the_model_decodes_with_it_and_gives_the_pytorch_paths_tokens(monkeypatc
             engine.load("m", embedded_gguf(), quant="none")
         model = engine._models["m"].model
         assert (model.decode_kernel is not None) == (mode == "native")
-        tokens[mode] = greedy_tokens(engine, prompts, 16)
+        tokens[mode] = greedy_steps(engine, "m", prompts, 16)
         engine.unload("m")
     # fp32 attention summed in another order: equal greedy tokens, unless two logits tie
     # within ~1e-5 somewhere (none does for these prompts on the machines we run)

@@ -16,6 +16,8 @@ from llmasos.drivers.model.attention import (
     write_kv,
 )
 
+from conftest import filled_pool
+
 BLOCK, HKV, HQ, D = 4, 2, 6, 16
 SCALE = 1 / math.sqrt(D)
 MAX_LEN = 40
@@ -39,22 +41,8 @@ def setup(seq_lens: list[int], q_lens: list[int], seed: int):
     """A pool with random garbage, each sequence's K/V written through write_kv at the slots of
     a random (shuffled, non-contiguous) block table."""
     gen = torch.Generator().manual_seed(seed)
-    need = [-(-n // BLOCK) for n in seq_lens]
-    num_blocks = sum(need) + 3
-    k_cache = torch.randn(num_blocks, BLOCK, HKV, D, generator=gen)
-    v_cache = torch.randn(num_blocks, BLOCK, HKV, D, generator=gen)
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, ks, vs = [], [], []
-    for n, b in zip(seq_lens, need, strict=True):
-        table, perm = perm[:b], perm[b:]
-        k = torch.randn(n, HKV, D, generator=gen)
-        v = torch.randn(n, HKV, D, generator=gen)
-        slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)])
-        write_kv(k_cache, v_cache, k, v, slots)
-        tables.append(table)
-        ks.append(k)
-        vs.append(v)
-    width = max(need)
+    k_cache, v_cache, tables, ks, vs = filled_pool(seq_lens, BLOCK, HKV, D, gen)
+    width = max(len(t) for t in tables)
     bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     q = torch.randn(sum(q_lens), HQ, D, generator=gen)
     return k_cache, v_cache, bt, ks, vs, q

@@ -32,7 +32,7 @@ from llmasos.proto import kernel_pb2
 from llmasos.services.inference.engine import Engine, StepEntry
 from llmasos.services.inference.sampler import SamplingParams
 
-from conftest import PROMPTS, System, alone, greedy, wait
+from conftest import PROMPTS, System, alone, greedy, greedy_steps, wait
 
 pytestmark = pytest.mark.slow
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
@@ -48,27 +48,6 @@ def ranks_of(pid: int) -> list[psutil.Process]:
     """The tp worker rank processes started by process pid."""
     return [c for c in psutil.Process(pid).children()
             if "llmasos.services.inference.rank" in " ".join(c.cmdline())]
-
-
-def generate(engine: Engine, name: str, prompts: list[list[int]], n: int,
-             first_block: int = 0, first_seq: int = 1000) -> list[list[int]]:
-    """All prompts to n greedy tokens in shared steps (one prefill step, then decode steps)."""
-    per = max(len(p) for p in prompts) // 16 + n // 16 + 2
-    tables = [list(range(first_block + i * per, first_block + (i + 1) * per))
-              for i in range(len(prompts))]
-    out: list[list[int]] = [[] for _ in prompts]
-    pos = [0] * len(prompts)
-    feed = [list(p) for p in prompts]
-    for _ in range(n):
-        entries = [StepEntry(first_seq + i, feed[i], pos[i], tables[i], True, GREEDY,
-                             reset=pos[i] == 0) for i in range(len(prompts))]
-        for i, r in enumerate(engine.step(name, entries)):
-            assert not r.error, r.error
-            pos[i] += len(feed[i])
-            out[i].append(r.token_id)
-            feed[i] = [r.token_id]
-    engine.release(name, [first_seq + i for i in range(len(prompts))])
-    return out
 
 
 # --- the embedded model, tp=3 in-process (rank 0) with two real worker ranks ------------------
@@ -102,11 +81,11 @@ def test_embedded_model_splits_into_1_or_3(engine: Engine) -> None:
 @pytest.mark.parametrize("name", ["three", "stages", "grid"])
 def test_tp3_pp2_and_both_greedy_equal_tp1_alone_and_batched(engine: Engine, name: str) -> None:
     prompts = [engine.tokenize("one", p) for p in PROMPTS[:4]]
-    alone_one = [generate(engine, "one", [p], 10)[0] for p in prompts[:2]]
-    alone_par = [generate(engine, name, [p], 10)[0] for p in prompts[:2]]
+    alone_one = [greedy_steps(engine, "one", [p], 10)[0] for p in prompts[:2]]
+    alone_par = [greedy_steps(engine, name, [p], 10)[0] for p in prompts[:2]]
     assert alone_par == alone_one
-    batched_one = generate(engine, "one", prompts, 10)
-    assert generate(engine, name, prompts, 10) == batched_one
+    batched_one = greedy_steps(engine, "one", prompts, 10)
+    assert greedy_steps(engine, name, prompts, 10) == batched_one
     assert batched_one[:2] == alone_one
 
 
@@ -115,7 +94,7 @@ def test_copy_and_swap_reach_every_ranks_share(engine: Engine, name: str) -> Non
     """A sequence whose blocks are copied (and swapped out and back in) elsewhere decodes on
     from the new blocks exactly as from the old: every rank moved its heads' share."""
     ids = engine.tokenize(name, PROMPTS[0])
-    want = generate(engine, name, [ids], 6)[0]
+    want = greedy_steps(engine, name, [ids], 6)[0]
     prefix = ids + want[:3]
     for move in ("copy", "swap"):
         engine.step(name, [StepEntry(7, prefix, 0, [0, 1], False, GREEDY, reset=True)])
@@ -216,7 +195,8 @@ def test_pp_steps_of_other_jobs_fly_at_once_and_equal_tp1(engine: Engine, name: 
     step is launched down the pipeline while the first is still in it, and each job's greedy
     tokens are tp=1's."""
     prompts = [engine.tokenize("one", p) for p in PROMPTS[:6]]
-    want = generate(engine, "one", prompts[:3], 12), generate(engine, "one", prompts[3:], 12)
+    want = (greedy_steps(engine, "one", prompts[:3], 12),
+            greedy_steps(engine, "one", prompts[3:], 12))
     model = engine._get(name).model
     model.peak_in_flight = 0
     start = threading.Barrier(2)
@@ -224,8 +204,8 @@ def test_pp_steps_of_other_jobs_fly_at_once_and_equal_tp1(engine: Engine, name: 
 
     def caller(j: int) -> None:
         start.wait()
-        got[j] = generate(engine, name, prompts[3 * j: 3 * j + 3], 12, first_block=17 * j,
-                          first_seq=3000 + 10 * j)
+        got[j] = greedy_steps(engine, name, prompts[3 * j: 3 * j + 3], 12,
+                              first_block=17 * j, first_seq=3000 + 10 * j)
     threads = [threading.Thread(target=caller, args=(j,)) for j in (0, 1)]
     for t in threads:
         t.start()
@@ -289,9 +269,9 @@ def test_tiny_random_model_split_equals_one(tmp_path: Path, kind: str, split: st
         assert len({p.pid for p in ranks_of(os.getpid())} - others) == 2 ** len(degrees) - 1
         gen = torch.Generator().manual_seed(3)
         prompts = [torch.randint(2, 128, (n,), generator=gen).tolist() for n in (5, 19, 33)]
-        want = generate(eng, "one", prompts, 12)
-        assert generate(eng, "two", prompts, 12) == want
-        assert [generate(eng, "two", [p], 12)[0] for p in prompts] == want
+        want = greedy_steps(eng, "one", prompts, 12)
+        assert greedy_steps(eng, "two", prompts, 12) == want
+        assert [greedy_steps(eng, "two", [p], 12)[0] for p in prompts] == want
     finally:
         eng.unload("two")
     assert {p.pid for p in ranks_of(os.getpid())} == others   # unloading ended its rank

@@ -68,8 +68,7 @@ class PagedDecode:
             raise ValueError("the KV pool's layer views must be contiguous")
         tables, lens = group.kv_blocks, group.seq_lens
         threads = torch.get_num_threads()
-        longest = int(group.max_len)
-        scratch = torch.empty(threads, longest * (num_heads // kv_heads))
+        scratch = torch.empty(threads, group.max_len * (num_heads // kv_heads))
         out = torch.empty(s, num_heads, head_dim)
         status = self.fn(rows.data_ptr(), rows.stride(0), k_cache.data_ptr(),
                          v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],

@@ -98,12 +98,14 @@ def build_batch(slices: list[SeqSlice], block_size: int, gqa: int,
     if split_groups:
         def shape(i: int) -> tuple[int, int]:
             return slices[i].num_tokens, context_blocks(slices[i], block_size)
+
+        def by_shape(members: list[int]) -> list[list[int]]:
+            keys = sorted(set(map(shape, members)))
+            return [[i for i in members if shape(i) == key] for key in keys]
+
         decode.sort(key=shape)
         chunks.sort(key=shape)
-        groups_of = [[i for i in members if shape(i) == key]
-                     for members in (decode, chunks) for key in sorted(set(map(shape, members)))]
-        if one_decode_group:
-            groups_of = [decode] + [g for g in groups_of if g and slices[g[0]].num_tokens > 1]
+        groups_of = ([decode] if one_decode_group else by_shape(decode)) + by_shape(chunks)
     order = decode + chunks
     ids: list[int] = []
     positions: list[int] = []
