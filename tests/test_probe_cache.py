@@ -80,3 +80,36 @@ def test_the_model_reuses_the_probe_across_loads(tmp_path: Path, monkeypatch) ->
     second = llama.LlamaModel(cfg, weights, torch.float32, torch.device("cpu"))
     assert len(probes) == 3 and second.plan.row == planted
     assert (second.plan.few, second.plan.many) == (first.plan.few, first.plan.many)
+
+
+def test_the_int8_engine_is_chosen_once_per_machine(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The quantized engine's timing probe runs at the first load only: engines round apart in
+    the last bit, so a restart timed on a busy machine must not switch its tokens."""
+    from llmasos.drivers.quant import cpu_int8
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    runs = []
+
+    def measure(shape: tuple[int, int], rows: tuple[int, ...]) -> str:
+        runs.append(shape)
+        return "fbgemm"   # not the preferred engine, so a remembered answer shows
+
+    monkeypatch.setattr(cpu_int8, "measure_engine", measure)
+    monkeypatch.setattr(torch.backends.quantized, "engine", torch.backends.quantized.engine)
+    for _ in range(2):   # two loads: a fresh process each, as far as the choice goes
+        monkeypatch.setattr(cpu_int8, "_chosen", None)
+        assert cpu_int8.choose_engine() == "fbgemm"
+        assert torch.backends.quantized.engine == "fbgemm"
+    assert len(runs) == 1
+    assert any(k.startswith("quant_engine/") for k in json.loads(
+        (tmp_path / "llmasos" / "probes.json").read_text()))
+
+
+def test_an_isa_cap_is_a_new_key(monkeypatch) -> None:  # noqa: ANN001
+    """ONEDNN_MAX_CPU_ISA or MKL_ENABLE_INSTRUCTIONS change which kernels run, so the answer."""
+    base = probe_cache.cpu_signature()
+    probe_cache.cpu_signature.cache_clear()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    try:
+        assert probe_cache.cpu_signature() != base
+    finally:
+        probe_cache.cpu_signature.cache_clear()

@@ -3,9 +3,10 @@ for these weights on this CPU: cpu_linear.probe) is reused by every later load: 
 service does not pay for it, and a busy machine's noisy timings cannot flip it from one restart
 to the next.
 
-The key holds all the answer depends on: torch's version, the CPU (model name, flags, the ISA
-torch dispatches to), torch's thread count and the weights' shapes and dtype. Any change is a
-new key, timed afresh. The file is $XDG_CACHE_HOME/llmasos/probes.json: rebuildable, deletable."""
+The key holds all the answer depends on: torch's version, the CPU (model name, flags, the ISAs
+torch, MKL and oneDNN dispatch to), torch's thread count and the weights' shapes and dtype. Any
+change is a new key, timed afresh. The file is $XDG_CACHE_HOME/llmasos/probes.json:
+rebuildable, deletable."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from llmasos.drivers.loaders.cache import weights_cache_dir
 log = structlog.get_logger()
 KEEP = 64   # most decisions kept (the newest): keys of old torch builds or CPUs fall out
 Answer = bool | str   # what a probe decides, as JSON keeps it
+# settings that cap the ISA MKL and oneDNN dispatch to (torch's own is asked directly)
+ISA_CAPS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 
 def probes_path(weights_dir: str | None = None) -> Path:
@@ -34,7 +37,7 @@ def probes_path(weights_dir: str | None = None) -> Path:
 
 @cache
 def cpu_signature() -> str:
-    """A short hash of the CPU's model name and flags and the ISA torch dispatches to."""
+    """A short hash of the CPU's model name and flags and the ISAs torch, MKL and oneDNN use."""
     lines = []
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
@@ -43,6 +46,7 @@ def cpu_signature() -> str:
             elif not line.strip() and lines:
                 break   # the first processor tells for all of them
     lines.append(torch.backends.cpu.get_cpu_capability())
+    lines += [f"{v}={os.environ.get(v, '')}" for v in ISA_CAPS]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 

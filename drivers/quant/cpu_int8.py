@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import structlog
 import torch
 
+from llmasos.drivers.model import probe_cache
 from llmasos.drivers.quant.footprint import Footprint, measured
 
 log = structlog.get_logger()
@@ -202,12 +203,23 @@ _chosen: str | None = None
 
 
 def choose_engine(shape: tuple[int, int] = (1536, 576), rows: tuple[int, ...] = (1, 8)) -> str:
-    """Probe once per process: among the batch-invariant quantized engines within ERROR_MARGIN
-    of the most accurate, the first in ENGINES within PREFER_MARGIN of the fastest; sets it."""
+    """The engine this CPU's probe picked (measure_engine), remembered on disk: engines round
+    apart in the last bit, so a restart timed on a busy machine must not switch them."""
     global _chosen
-    if _chosen is not None:
-        torch.backends.quantized.engine = _chosen
-        return _chosen
+    if _chosen is None:
+        supported = [e for e in ENGINES if e in torch.backends.quantized.supported_engines]
+        w = torch.empty(shape)
+        key = probe_cache.probe_key(f"quant_engine/{','.join(supported)}/{rows}", w)
+        remembered = probe_cache.remembered(key, lambda: measure_engine(shape, rows))
+        _chosen = (remembered if remembered in supported    # a damaged file: measured anew
+                   else measure_engine(shape, rows))
+    torch.backends.quantized.engine = _chosen
+    return _chosen
+
+
+def measure_engine(shape: tuple[int, int], rows: tuple[int, ...]) -> str:
+    """Among the batch-invariant quantized engines within ERROR_MARGIN of the most accurate,
+    the first in ENGINES within PREFER_MARGIN of the fastest."""
     supported = [e for e in ENGINES if e in torch.backends.quantized.supported_engines]
     g = torch.Generator().manual_seed(0)
     w = torch.randn(*shape, generator=g) * 0.05
@@ -219,12 +231,11 @@ def choose_engine(shape: tuple[int, int] = (1536, 576), rows: tuple[int, ...] = 
     best_error = min(p.error for p in probes.values())
     exact = {e: p.seconds for e, p in probes.items() if p.error <= best_error * ERROR_MARGIN}
     fastest = min(exact.values())
-    _chosen = next(e for e in exact if exact[e] <= fastest * PREFER_MARGIN)
-    torch.backends.quantized.engine = _chosen
-    log.info("quant_engine", engine=_chosen, activation_bits=activation_bits(),
+    chosen = next(e for e in exact if exact[e] <= fastest * PREFER_MARGIN)
+    log.info("quant_engine", engine=chosen, activation_bits=activation_bits(),
              ms={e: round(p.seconds * 1e3, 3) for e, p in probes.items()},
              error={e: round(p.error, 4) for e, p in probes.items()})
-    return _chosen
+    return chosen
 
 
 class CpuInt8:
