@@ -18,8 +18,8 @@
 
 typedef float v16 __attribute__((vector_size(64)));   /* 16 floats: 1 AVX-512 or 2 AVX2 regs */
 
-enum { MAX_G = 16, MAX_C = 16 };
-enum { AHEAD = 32 };   /* tokens between a prefetch and the read it serves */   /* query heads per KV head; head_dim / 16 (head_dim <= 256) */
+enum { MAX_G = 16, MAX_C = 16 };   /* query heads per KV head; head_dim / 16 (head_dim <= 256) */
+enum { AHEAD = 32 };   /* tokens between a prefetch and the read it serves */
 
 static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
