@@ -136,9 +136,19 @@ class Executor:
             self.k.segments.detach(proc)
 
     def stop(self) -> None:
+        """Stop the loop, then collect the steps it left in flight: what they made is real,
+        and a signal that waited for them (the kill of llmosd's shutdown) is delivered."""
         self.stopping.set()
         self.wakeup.set()
         self.thread.join(timeout=30)
+        if self.thread.is_alive():
+            return   # stuck in a call: its steps are the journal's to recover
+        self._guarded("", self._finish_inflight)
+        with self.table.lock:
+            for proc in self.table.live():
+                if proc.state == State.RUNNING and proc.pending_signal:
+                    self.table.set_state(proc, State.READY)
+                    self.jobs.deliver(proc)
 
     def wake(self) -> None:
         self.wakeup.set()

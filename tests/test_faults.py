@@ -182,6 +182,40 @@ def test_a_step_retried_after_a_timeout_doubles_no_token(loopback: InProcessServ
     assert proc.output_ids == reference.output_ids
 
 
+def test_a_shutdown_kill_reaches_a_job_whose_next_step_is_in_flight(tmp_path: Path) -> None:
+    """llmosd's shutdown marks running jobs for SIGKILL and stops the step loop. A kill that
+    lands after the next step was launched waits for that step's commit; if the loop stops
+    first, stopping must collect the step and deliver the kill (a CI run on a loaded machine
+    saw the job end with no exit at all). The kill is made to land there: between the launch
+    of the job's next step and the commit of the one before."""
+    from llmasos.kernel.proctable import Exit, State
+    services = InProcessServices(tmp_path)
+    executor = services.k.executor
+    commit, spawned = executor._commit, []
+
+    def kill_then_commit(work: object, results: list, seconds: float) -> None:
+        if spawned and len(spawned[0].output_ids) >= 3 and not executor.stopping.is_set():
+            executor.shutdown_jobs()
+            executor.stopping.set()   # the loop ends after this round, as llmosd's stop does
+        commit(work, results, seconds)
+
+    try:
+        executor._commit = kill_then_commit
+        proc = services.spawn(PROMPTS[0], greedy(4000, ignore_eos=True), 4000)
+        spawned.append(proc)
+        deadline = time.monotonic() + 120
+        while not executor.stopping.is_set():
+            assert time.monotonic() < deadline, "the job never decoded"
+            time.sleep(0.005)
+        executor.stop()
+        assert (proc.state, proc.exit_reason) == (State.ZOMBIE, Exit.KILLED)
+        pager = services.k.pagers[MODEL]
+        assert proc.pid not in pager and pager.free_blocks == pager.num_blocks
+    finally:
+        services.channel.close()
+        services.server.stop(0)
+
+
 # --- Deploy runs beside the step loop ------------------------------------------------------
 
 def test_jobs_keep_producing_tokens_while_a_model_loads(model_system: System,
