@@ -53,6 +53,7 @@ from llmasos.syscalls.limits import SIGKILL, SIGTERM
 log = structlog.get_logger()
 RUNNABLE = (State.NEW, State.READY, State.BLOCKED)
 RETRY_PAUSE = 0.2   # after a failed step (a service restarting), before trying again
+STOP_WAIT_S = 10.0  # how long stopping waits for the steps in flight (a hung service's: no more)
 # Codes that say the service (or the way to it) failed, not the request: retry the batch.
 SERVICE_FAULTS = frozenset({
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
@@ -143,12 +144,27 @@ class Executor:
         self.thread.join(timeout=30)
         if self.thread.is_alive():
             return   # stuck in a call: its steps are the journal's to recover
-        self._guarded("", self._finish_inflight)
+        if self._steps_end():
+            self._guarded("", self._finish_inflight)
         with self.table.lock:
             for proc in self.table.live():
                 if proc.state == State.RUNNING and proc.pending_signal:
                     self.table.set_state(proc, State.READY)
                     self.jobs.deliver(proc)
+
+    def _steps_end(self) -> bool:
+        """Do the steps in flight end within STOP_WAIT_S?"""
+        deadline = time.monotonic() + STOP_WAIT_S
+        for work in self.inflight.values():
+            wait = getattr(work.future, "exception", None)   # a Done (one process) has ended
+            if wait is not None:
+                try:
+                    wait(timeout=max(0.0, deadline - time.monotonic()))
+                except grpc.FutureTimeoutError:
+                    return False
+                except grpc.FutureCancelledError:
+                    continue
+        return True
 
     def wake(self) -> None:
         self.wakeup.set()

@@ -232,6 +232,7 @@ def measure_engine(shape: tuple[int, int], rows: tuple[int, ...]) -> str:
     exact = {e: p.seconds for e, p in probes.items() if p.error <= best_error * ERROR_MARGIN}
     fastest = min(exact.values())
     chosen = next(e for e in exact if exact[e] <= fastest * PREFER_MARGIN)
+    torch.backends.quantized.engine = chosen   # activation_bits() measures the current one
     log.info("quant_engine", engine=chosen, activation_bits=activation_bits(),
              ms={e: round(p.seconds * 1e3, 3) for e, p in probes.items()},
              error={e: round(p.error, 4) for e, p in probes.items()})
