@@ -131,4 +131,6 @@ def send_releases(io: PendingIo, route: Route) -> None:
             stub.Release(inference_pb2.ReleaseRequest(
                 model=model, seq_ids=io.releases.get(lane, []),
                 swap_handles=io.dropped.get(lane, [])), timeout=30)
+            if io.dropped.get(lane):
+                log.info("swap_copies_dropped", model=lane, copies=len(io.dropped[lane]))
     io.releases, io.dropped = {}, {}

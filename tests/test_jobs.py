@@ -3,6 +3,7 @@ kernel keeping its jobs across service crashes. Every test ends with no KV block
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -285,16 +286,25 @@ def test_seeded_n_samples_are_distinct_and_reproducible(model_system: System) ->
 
 
 def test_killing_a_stopped_job_drops_its_swapped_kv(model_system: System) -> None:
+    """A stopped job's KV is copied to host memory with the next step's I/O; killed, the job
+    has that copy dropped in the inference service (Release), not kept."""
     pid = spawn(model_system, PROMPTS[3], max_tokens=200)
     while model_system.call("Stat", kernel_pb2.StatRequest(pid=pid)).generated_tokens < 2:
         time.sleep(0.02)
     model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=19))
     while model_system.call("Stat", kernel_pb2.StatRequest(pid=pid)).state != STOPPED:
         time.sleep(0.02)
+    wait(model_system, spawn(model_system, PROMPTS[4], max_tokens=2))   # a step: the copy
+    events = [json.loads(line) for line in model_system.log_text().splitlines()
+              if '"job_swapped_out"' in line]
+    assert any(e.get("pid") == pid for e in events), "the stopped job's KV was never copied out"
+    dropped_before = model_system.log_text().count('"swap_copies_dropped"')
     model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=9))
     assert wait(model_system, pid).info.exit_reason == common_pb2.EXIT_KILLED
-    # The Release that dropped the host copy went through the inference service.
-    assert "job_swapped_out" in model_system.log_text()
+    deadline = time.monotonic() + 30   # the Release goes out with the loop's next round
+    while model_system.log_text().count('"swap_copies_dropped"') == dropped_before:
+        assert time.monotonic() < deadline, "the killed job's host copy was never dropped"
+        time.sleep(0.05)
 
 
 def test_many_open_read_streams_do_not_starve_the_kernel(model_system: System) -> None:
