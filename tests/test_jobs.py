@@ -192,6 +192,11 @@ def test_processes_survive_service_crashes(model_system: System) -> None:
     pids = [spawn(model_system, p, max_tokens=200) for p in PROMPTS[:3]]
     for pid in pids:
         model_system.call("Kill", kernel_pb2.KillRequest(pid=pid, signal=19))
+    deadline = time.monotonic() + 120   # a job in a step stops at its next token boundary
+    for pid in pids:
+        while model_system.call("Stat", kernel_pb2.StatRequest(pid=pid)).state != STOPPED:
+            assert time.monotonic() < deadline, f"job {pid} never stopped"
+            time.sleep(0.02)
     for name in ("security", "ipc", "scheduler", "inference"):
         before = model_system.services()[name]
         os.kill(before.pid, signal.SIGKILL)
