@@ -89,7 +89,7 @@ def test_the_int8_engine_is_chosen_once_per_machine(tmp_path: Path, monkeypatch)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     runs = []
 
-    def measure(shape: tuple[int, int], rows: tuple[int, ...]) -> str:
+    def measure(shape: tuple[int, int], rows: tuple[int, ...], supported: list[str]) -> str:
         runs.append(shape)
         return "fbgemm"   # not the preferred engine, so a remembered answer shows
 

@@ -210,17 +210,16 @@ def choose_engine(shape: tuple[int, int] = (1536, 576), rows: tuple[int, ...] = 
         supported = [e for e in ENGINES if e in torch.backends.quantized.supported_engines]
         w = torch.empty(shape)
         key = probe_cache.probe_key(f"quant_engine/{','.join(supported)}/{rows}", w)
-        remembered = probe_cache.remembered(key, lambda: measure_engine(shape, rows))
+        remembered = probe_cache.remembered(key, lambda: measure_engine(shape, rows, supported))
         _chosen = (remembered if remembered in supported    # a damaged file: measured anew
-                   else measure_engine(shape, rows))
+                   else measure_engine(shape, rows, supported))
     torch.backends.quantized.engine = _chosen
     return _chosen
 
 
-def measure_engine(shape: tuple[int, int], rows: tuple[int, ...]) -> str:
-    """Among the batch-invariant quantized engines within ERROR_MARGIN of the most accurate,
-    the first in ENGINES within PREFER_MARGIN of the fastest."""
-    supported = [e for e in ENGINES if e in torch.backends.quantized.supported_engines]
+def measure_engine(shape: tuple[int, int], rows: tuple[int, ...], supported: list[str]) -> str:
+    """Among the batch-invariant quantized engines of `supported` within ERROR_MARGIN of the
+    most accurate, the first in ENGINES within PREFER_MARGIN of the fastest."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(*shape, generator=g) * 0.05
     xs = [torch.randn(r, shape[1], generator=g) for r in rows]
