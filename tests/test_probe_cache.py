@@ -4,6 +4,7 @@ next load, timed again when what it depends on changes, rebuilt when the file is
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -113,3 +114,30 @@ def test_an_isa_cap_is_a_new_key(monkeypatch) -> None:  # noqa: ANN001
         assert probe_cache.cpu_signature() != base
     finally:
         probe_cache.cpu_signature.cache_clear()
+
+
+class Busy:
+    """A matmul of `cost` seconds, ten times slower while the machine is busy (a burst of load
+    on a shared core, over the race's first `burst` seconds)."""
+
+    def __init__(self, cost: float, busy: list[float]) -> None:
+        self.cost, self.busy = cost, busy
+
+    def matmul(self, x: torch.Tensor) -> None:
+        if not self.busy:
+            self.busy.append(time.perf_counter() + 0.03)   # the burst starts with the race
+        time.sleep(self.cost * (10 if time.perf_counter() < self.busy[0] else 1))
+
+
+def test_a_busy_spell_does_not_flip_the_engine_race(monkeypatch) -> None:  # noqa: ANN001
+    """CI at 241a09d: the engines were timed one after another, a burst of load covered the
+    preferred engine's whole series and the race picked oneDNN (~1.8x the weight memory).
+    Interleaved rounds put the burst on every engine; each keeps its best round."""
+    from llmasos.drivers.quant import cpu_int8
+    monkeypatch.setattr(torch.backends.quantized, "engine", torch.backends.quantized.engine)
+    busy: list[float] = []
+    racers = {"x86": cpu_int8.Candidate(Busy(0.001, busy), 0.01),          # type: ignore[arg-type]
+              "onednn": cpu_int8.Candidate(Busy(0.0014, busy), 0.01)}      # type: ignore[arg-type]
+    seconds = cpu_int8._race(racers, [torch.zeros(1, 4)])
+    assert seconds["x86"] < seconds["onednn"] < 10 * 0.0014
+    assert busy and busy[0] < time.perf_counter()   # the burst happened inside the race

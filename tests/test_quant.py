@@ -307,7 +307,8 @@ def test_int8_cache_is_keyed_by_recipe_and_source(tmp_path: Path) -> None:
 def test_int8_memory(fp32: Engine, int8: Engine) -> None:
     full, small = fp32.models()[0], int8.models()[0]
     assert small.parameters == full.parameters
-    assert small.memory_bytes < 0.5 * full.memory_bytes
+    # oneDNN keeps a second int8 copy (cpu_int8.PREFER_MARGIN): the engine names that cause
+    assert small.memory_bytes < 0.5 * full.memory_bytes, torch.backends.quantized.engine
 
 
 def rss() -> int:

@@ -165,23 +165,16 @@ def unpack(lin: Int8Linear) -> tuple[torch.Tensor, torch.Tensor]:
     return qw.int_repr().contiguous(), qw.q_per_channel_scales().float()
 
 
-def _best_time(fn: object, reps: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+ROUNDS = 30  # timing rounds, each engine once a round: a burst of load slows them all alike
 
 
 @dataclass(frozen=True)
-class Probe:
-    seconds: float   # best time for the probe's rows
+class Candidate:
+    lin: Int8Linear  # the probe's weight packed by this engine
     error: float     # relative RMS error against fp32 on the probe's rows
 
 
-def _probe(engine: str, w: torch.Tensor, xs: list[torch.Tensor]) -> Probe | None:
+def _candidate(engine: str, w: torch.Tensor, xs: list[torch.Tensor]) -> Candidate | None:
     """`engine` on the probe's weight and rows, or None if it fails or is not batch-invariant."""
     try:
         torch.backends.quantized.engine = engine
@@ -192,11 +185,24 @@ def _probe(engine: str, w: torch.Tensor, xs: list[torch.Tensor]) -> Probe | None
             log.info("quant_engine_not_invariant", engine=engine)
             return None
         ref = xs[-1] @ w.T
-        error = ((y - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
-        return Probe(sum(_best_time(lambda x=x: lin.matmul(x)) for x in xs), error)
+        return Candidate(lin, ((y - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item())
     except (RuntimeError, AttributeError) as err:
         log.info("quant_engine_unusable", engine=engine, error=str(err)[:120])
         return None
+
+
+def _race(candidates: dict[str, Candidate], xs: list[torch.Tensor]) -> dict[str, float]:
+    """Best seconds per engine for all of `xs`, the engines interleaved round by round (timed
+    one after another, a busy spell could land on one engine's whole series and flip the pick)."""
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(ROUNDS):
+        for engine, c in candidates.items():
+            torch.backends.quantized.engine = engine
+            t0 = time.perf_counter()
+            for x in xs:
+                c.lin.matmul(x)
+            best[engine] = min(best[engine], time.perf_counter() - t0)
+    return best
 
 
 _chosen: str | None = None
@@ -223,18 +229,19 @@ def measure_engine(shape: tuple[int, int], rows: tuple[int, ...], supported: lis
     g = torch.Generator().manual_seed(0)
     w = torch.randn(*shape, generator=g) * 0.05
     xs = [torch.randn(r, shape[1], generator=g) for r in rows]
-    probes = {e: p for e in supported if (p := _probe(e, w, xs)) is not None}
-    if not probes:
+    candidates = {e: c for e in supported if (c := _candidate(e, w, xs)) is not None}
+    if not candidates:
         raise RuntimeError(f"no usable quantized engine among {supported}: int8 needs fbgemm "
                            "or onednn in this PyTorch build; deploy with --quant none")
-    best_error = min(p.error for p in probes.values())
-    exact = {e: p.seconds for e, p in probes.items() if p.error <= best_error * ERROR_MARGIN}
-    fastest = min(exact.values())
-    chosen = next(e for e in exact if exact[e] <= fastest * PREFER_MARGIN)
+    best_error = min(c.error for c in candidates.values())
+    exact = {e: c for e, c in candidates.items() if c.error <= best_error * ERROR_MARGIN}
+    seconds = _race(exact, xs)
+    fastest = min(seconds.values())
+    chosen = next(e for e in exact if seconds[e] <= fastest * PREFER_MARGIN)
     torch.backends.quantized.engine = chosen   # activation_bits() measures the current one
     log.info("quant_engine", engine=chosen, activation_bits=activation_bits(),
-             ms={e: round(p.seconds * 1e3, 3) for e, p in probes.items()},
-             error={e: round(p.error, 4) for e, p in probes.items()})
+             ms={e: round(t * 1e3, 3) for e, t in seconds.items()},
+             error={e: round(c.error, 4) for e, c in candidates.items()})
     return chosen
 
 
