@@ -57,8 +57,10 @@ def gguf_path() -> str:
 def new_pool(model: LlamaModel, tokens: int) -> KVPool:
     cfg = model.cfg
     blocks = tokens // BLOCK + 2
-    per_block = cfg.num_layers * 2 * BLOCK * cfg.num_kv_heads * cfg.head_dim * 4
-    return KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, blocks * per_block, BLOCK)
+    per_block = cfg.num_layers * 2 * BLOCK * cfg.num_kv_heads * cfg.head_dim * \
+        model.kv_dtype.itemsize
+    return KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, blocks * per_block, BLOCK,
+                  model.kv_dtype)
 
 
 def step(model: LlamaModel, pool: KVPool, ids: list[int], start: int, all_rows: bool

@@ -317,17 +317,19 @@ def greedy_steps(engine: object, name: str, prompts: list[list[int]], n: int,
 
 
 def filled_pool(seq_lens: list[int], block: int, kv_heads: int, head_dim: int,
-                gen: object) -> tuple:
-    """A KV pool with random garbage in every slot and each sequence's K/V written through
-    write_kv at a random (shuffled, non-contiguous) block table: (k_cache, v_cache, tables,
-    ks, vs), tables as lists and ks, vs the dense [L, Hkv, D] of each sequence."""
+                gen: object, dtype: object = None) -> tuple:
+    """A KV pool (fp32, or `dtype`) with random garbage in every slot and each sequence's K/V
+    written through write_kv at a random (shuffled, non-contiguous) block table: (k_cache,
+    v_cache, tables, ks, vs), tables as lists and ks, vs the dense fp32 [L, Hkv, D] of each
+    sequence, as the pool holds them (rounded to its dtype)."""
     import torch
+    dtype = dtype or torch.float32
 
     from llmasos.drivers.model.attention import write_kv
     need = [-(-n // block) for n in seq_lens]
     num_blocks = sum(need) + 3
-    k_cache = torch.randn(num_blocks, block, kv_heads, head_dim, generator=gen)
-    v_cache = torch.randn(num_blocks, block, kv_heads, head_dim, generator=gen)
+    k_cache = torch.randn(num_blocks, block, kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block, kv_heads, head_dim, generator=gen).to(dtype)
     perm = torch.randperm(num_blocks, generator=gen).tolist()
     tables, ks, vs = [], [], []
     for n, b in zip(seq_lens, need, strict=True):
@@ -337,8 +339,8 @@ def filled_pool(seq_lens: list[int], block: int, kv_heads: int, head_dim: int,
         slots = torch.tensor([table[p // block] * block + p % block for p in range(n)])
         write_kv(k_cache, v_cache, k, v, slots)
         tables.append(table)
-        ks.append(k)
-        vs.append(v)
+        ks.append(k.to(dtype).float())
+        vs.append(v.to(dtype).float())
     return k_cache, v_cache, tables, ks, vs
 
 

@@ -39,8 +39,10 @@ def kernel() -> PagedDecode:
     return k
 
 
-def pool(seq_lens: list[int], block: int, kv_heads: int, head_dim: int, seed: int):
-    return filled_pool(seq_lens, block, kv_heads, head_dim, torch.Generator().manual_seed(seed))
+def pool(seq_lens: list[int], block: int, kv_heads: int, head_dim: int, seed: int,
+         kv: torch.dtype = torch.float32):
+    return filled_pool(seq_lens, block, kv_heads, head_dim, torch.Generator().manual_seed(seed),
+                       kv)
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -54,12 +56,15 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
 @settings(max_examples=40, deadline=None)
 @given(seq_lens=st.lists(st.integers(1, MAX_LEN), min_size=1, max_size=9),
        shape=st.sampled_from([(64, 3, 3), (128, 4, 2), (32, 1, 1), (64, 8, 1), (16, 2, 5)]),
-       block=st.sampled_from([4, 16]), seed=st.integers(0, 10_000))
+       block=st.sampled_from([4, 16]), seed=st.integers(0, 10_000),
+       kv=st.sampled_from([torch.float32, torch.float16]))
 def test_decode_matches_dense(seq_lens: list[int], shape: tuple[int, int, int], block: int,
-                              seed: int) -> None:
+                              seed: int, kv: torch.dtype) -> None:
+    """An fp16 pool (int8 recipes' half_kv) is widened on load: against the dense reference
+    over the values it holds, the fp32 bound holds."""
     head_dim, gqa, kv_heads = shape
     fn = kernel()
-    k_cache, v_cache, tables, ks, vs = pool(seq_lens, block, kv_heads, head_dim, seed)
+    k_cache, v_cache, tables, ks, vs = pool(seq_lens, block, kv_heads, head_dim, seed, kv)
     q = torch.randn(len(seq_lens), kv_heads * gqa, head_dim,
                     generator=torch.Generator().manual_seed(seed + 1))
     scale = 1 / math.sqrt(head_dim)
@@ -73,10 +78,11 @@ def test_decode_matches_dense(seq_lens: list[int], shape: tuple[int, int, int], 
                                atol=atol(head_dim, max(seq_lens)), rtol=0)
 
 
-def test_each_sequence_alone_and_in_any_batch_gives_the_same_bits() -> None:
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16])
+def test_each_sequence_alone_and_in_any_batch_gives_the_same_bits(kv: torch.dtype) -> None:
     fn = kernel()
     lens = [1, 15, 16, 17, 140, 299, 33, 64]
-    k_cache, v_cache, tables, _, _ = pool(lens, 16, 3, 64, seed=7)
+    k_cache, v_cache, tables, _, _ = pool(lens, 16, 3, 64, seed=7, kv=kv)
     q = torch.randn(len(lens), 9, 64, generator=torch.Generator().manual_seed(8))
     batch = fn(q, k_cache, v_cache, build_group(list(range(len(lens))), [1] * len(lens), lens,
                                                 tables, 16, 3), 0.125)
@@ -110,7 +116,7 @@ def test_blocks_of_other_sizes_take_the_pytorch_path_and_other_dtypes_are_refuse
     out = fn(q, k_cache, v_cache, group, 0.125)
     assert torch.equal(out, group_attention(q, k_cache, v_cache, group, 0.125))
     k16, v16, tables16, _, _ = pool(lens, 16, 3, 64, seed=2)
-    with pytest.raises(TypeError, match="fp32 only"):
+    with pytest.raises(TypeError, match="fp32 queries and an fp32 or fp16 pool"):
         fn(q.double(), k16.double(), v16.double(),
            build_group([0, 1], [1, 1], lens, tables16, 16, 3), 0.125)
 

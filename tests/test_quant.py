@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmasos.drivers.cpu import build
 from llmasos.drivers.quant.apply import quantize_model, smooth_factor
 from llmasos.drivers.quant.cpu_int8 import pack_int8
 from llmasos.drivers.quant.embedding import Int8Embedding
@@ -309,6 +310,17 @@ def test_int8_memory(fp32: Engine, int8: Engine) -> None:
     assert small.parameters == full.parameters
     # oneDNN keeps a second int8 copy (cpu_int8.PREFER_MARGIN): the engine names that cause
     assert small.memory_bytes < 0.5 * full.memory_bytes, torch.backends.quantized.engine
+
+
+@SLOW
+def test_int8_keeps_its_kv_pool_in_fp16(fp32: Engine, int8: Engine) -> None:
+    """The int8 recipe halves the KV pool too (recipe.half_kv): the same budget holds twice
+    the blocks, and decode attention reads half the bytes (paged_decode.c widens on load)."""
+    full, half = fp32._get("m").pool.geometry, int8._get("m").pool.geometry
+    assert (full.dtype, half.dtype) == ("float32", "float16")
+    assert full.block_bytes == 2 * half.block_bytes
+    assert half.num_blocks in (2 * full.num_blocks, 2 * full.num_blocks + 1)   # same budget
+    assert int8._get("m").model.decode_kernel is not None or build.compiler() is None
 
 
 def rss() -> int:

@@ -2,7 +2,8 @@
  * context lies, in the KV pool's blocks, so no gathered copy of K and V is made (the PyTorch
  * path copies every block it reads first, then reads the copy again in SDPA).
  *
- * Layout (drivers/model/kv_pool.py): k_cache, v_cache [num_blocks, block_size, kv_heads, D];
+ * Layout (drivers/model/kv_pool.py): k_cache, v_cache [num_blocks, block_size, kv_heads, D],
+ * fp32 or fp16 (half != 0: read as fp16 and widened to fp32 on load, half the bytes to fetch);
  * token t of sequence b is at block tables[b][t / block_size], offset t % block_size.
  * q: rows [B] of [kv_heads * G, D] (query head h * G + g reads KV head h), row stride q_stride.
  * out: [B, kv_heads * G, D], contiguous.
@@ -15,6 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
+#include <immintrin.h>
 
 typedef float v16 __attribute__((vector_size(64)));   /* 16 floats: 1 AVX-512 or 2 AVX2 regs */
 
@@ -23,6 +25,25 @@ enum { AHEAD = 32 };   /* tokens between a prefetch and the read it serves */
 
 static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+/* 16 KV elements from cache[index]: fp32 as they are, fp16 widened (F16C / AVX-512 convert) */
+static inline v16 load_kv(const void *cache, int64_t index, const int half) {
+    if (!half) return load16((const float *)cache + index);
+    const uint16_t *h = (const uint16_t *)cache + index;
+    v16 v;
+#if defined(__AVX512F__)
+    __m512 w = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+    memcpy(&v, &w, sizeof v);
+#elif defined(__F16C__)
+    __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+    __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 8)));
+    memcpy(&v, &lo, sizeof lo);
+    memcpy((char *)&v + sizeof lo, &hi, sizeof hi);
+#else
+    for (int i = 0; i < 16; i++) v[i] = _cvtsh_ss(h[i]);
+#endif
+    return v;
+}
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
@@ -57,19 +78,23 @@ static inline float exp_nonpositive(float x) {
     return p * two_n.f;
 }
 
-/* token t's row in a pool layer; block_size is a power of two (the engine's is 16), so the
- * division and remainder are a shift and a mask, not two 64-bit divides per token */
-static inline const float *token(const float *cache, const int64_t *table, int64_t t,
-                                 int64_t block_size, int64_t token_stride) {
+/* token t's first element in a pool layer; block_size is a power of two (the engine's is 16),
+ * so the division and remainder are a shift and a mask, not two 64-bit divides per token */
+static inline int64_t token(const int64_t *table, int64_t t, int64_t block_size,
+                            int64_t token_stride) {
     int64_t shift = __builtin_ctzll((unsigned long long)block_size);
-    return cache + ((table[t >> shift] << shift) + (t & (block_size - 1))) * token_stride;
+    return ((table[t >> shift] << shift) + (t & (block_size - 1))) * token_stride;
+}
+
+static inline void prefetch(const void *cache, int64_t index, const int half) {
+    __builtin_prefetch((const char *)cache + index * (half ? 2 : 4));
 }
 
 /* C = head_dim / 16, a constant in each caller below so the vectors stay in registers */
 static inline __attribute__((always_inline)) void unit(
-        const float *q, const float *k_cache, const float *v_cache, const int64_t *table,
+        const float *q, const void *k_cache, const void *v_cache, const int64_t *table,
         int64_t len, float *out, int64_t block_size, int64_t kv_heads, int64_t h, int64_t G,
-        const int64_t C, float scale, float *p /* [G, len] scratch */) {
+        const int64_t C, const int half, float scale, float *p /* [G, len] scratch */) {
     const int64_t D = C * 16, token_stride = kv_heads * D;
     v16 qv[MAX_G][MAX_C], acc[MAX_G][MAX_C];
     float top[MAX_G], total[MAX_G];
@@ -79,13 +104,13 @@ static inline __attribute__((always_inline)) void unit(
         total[g] = 0.0f;
     }
     for (int64_t t = 0; t < len; t++) {   /* scores, and each head's max */
-        const float *k = token(k_cache, table, t, block_size, token_stride) + h * D;
+        const int64_t k = token(table, t, block_size, token_stride) + h * D;
         if (t + AHEAD < len) {   /* the pool is read at random: ask for a later token early */
-            const float *later = token(k_cache, table, t + AHEAD, block_size, token_stride);
-            for (int64_t c = 0; c < C; c++) __builtin_prefetch(later + h * D + c * 16);
+            const int64_t later = token(table, t + AHEAD, block_size, token_stride) + h * D;
+            for (int64_t c = 0; c < C; c += half ? 2 : 1) prefetch(k_cache, later + c * 16, half);
         }
         v16 kv[MAX_C];
-        for (int64_t c = 0; c < C; c++) kv[c] = load16(k + c * 16);
+        for (int64_t c = 0; c < C; c++) kv[c] = load_kv(k_cache, k + c * 16, half);
         for (int64_t g = 0; g < G; g++) {
             v16 dot = qv[g][0] * kv[0];
             for (int64_t c = 1; c < C; c++) dot += qv[g][c] * kv[c];
@@ -106,13 +131,13 @@ static inline __attribute__((always_inline)) void unit(
     for (int64_t g = 0; g < G; g++)
         for (int64_t c = 0; c < C; c++) acc[g][c] = (v16){0};
     for (int64_t t = 0; t < len; t++) {   /* the values, weighted */
-        const float *v = token(v_cache, table, t, block_size, token_stride) + h * D;
+        const int64_t v = token(table, t, block_size, token_stride) + h * D;
         if (t + AHEAD < len) {
-            const float *later = token(v_cache, table, t + AHEAD, block_size, token_stride);
-            for (int64_t c = 0; c < C; c++) __builtin_prefetch(later + h * D + c * 16);
+            const int64_t later = token(table, t + AHEAD, block_size, token_stride) + h * D;
+            for (int64_t c = 0; c < C; c += half ? 2 : 1) prefetch(v_cache, later + c * 16, half);
         }
         v16 vv[MAX_C];
-        for (int64_t c = 0; c < C; c++) vv[c] = load16(v + c * 16);
+        for (int64_t c = 0; c < C; c++) vv[c] = load_kv(v_cache, v + c * 16, half);
         for (int64_t g = 0; g < G; g++) {
             float w = p[g * len + t];
             for (int64_t c = 0; c < C; c++) acc[g][c] += w * vv[c];
@@ -125,11 +150,11 @@ static inline __attribute__((always_inline)) void unit(
 }
 
 /* Returns 0, or -1 when the shape is outside what this file handles (the caller checks first). */
-int paged_decode(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+int paged_decode(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
                  const int64_t *tables, int64_t table_width, const int64_t *lens, float *out,
                  int64_t batch, int64_t block_size, int64_t kv_heads, int64_t G,
                  int64_t head_dim, float scale, int threads, float *scratch,
-                 int64_t scratch_per_thread) {
+                 int64_t scratch_per_thread, int half) {
     const int64_t C = head_dim / 16;
     if (head_dim % 16 || C < 1 || C > MAX_C || G < 1 || G > MAX_G || block_size < 1 ||
         (block_size & (block_size - 1)))
@@ -141,13 +166,25 @@ int paged_decode(const float *q, int64_t q_stride, const float *k_cache, const f
         float *oh = out + (b * kv_heads + h) * G * head_dim;
         float *p = scratch + omp_get_thread_num() * scratch_per_thread;
         const int64_t *table = tables + b * table_width;
-        switch (C) {   /* the common head sizes unrolled; any other multiple of 16 generic */
-        case 4: unit(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, 4,
-                     scale, p); break;
-        case 8: unit(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, 8,
-                     scale, p); break;
-        default: unit(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, C,
-                      scale, p);
+        /* the common head sizes unrolled, for each KV width; any other multiple of 16 generic */
+        if (half) {
+            switch (C) {
+            case 4: unit(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, 4,
+                         1, scale, p); break;
+            case 8: unit(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, 8,
+                         1, scale, p); break;
+            default: unit(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, C,
+                          1, scale, p);
+            }
+        } else {
+            switch (C) {
+            case 4: unit(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, 4,
+                         0, scale, p); break;
+            case 8: unit(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, 8,
+                         0, scale, p); break;
+            default: unit(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, C,
+                          0, scale, p);
+            }
         }
     }
     return 0;

@@ -1,5 +1,6 @@
 """Decode attention read in place from the paged KV pool (paged_decode.c), for the CPU's fp32
-decode groups: a drop-in for attention.group_attention where each sequence has one query.
+decode groups (the pool fp32 or fp16): a drop-in for attention.group_attention where each
+sequence has one query.
 
 Used when the library builds on this machine and the shape fits (fp32, head_dim a multiple of
 16 up to 256, at most 16 query heads per KV head, blocks of a power of two tokens, no sliding
@@ -19,7 +20,8 @@ from llmasos.drivers.model.attention import PagedGroup, group_attention
 MODE_ENV = "LLMASOS_CPU_ATTENTION"   # "native" (default) or "sdpa"
 P, I64 = ctypes.c_void_p, ctypes.c_int64
 ARGTYPES = [P, I64, P, P, P, I64, P, P, I64, I64, I64, I64, I64, ctypes.c_float, ctypes.c_int,
-            P, I64]
+            P, I64, ctypes.c_int]
+KV_DTYPES = (torch.float32, torch.float16)   # the pool's widths the C reads (fp16: widened)
 
 
 def _kernel() -> ctypes._CFuncPtr | None:
@@ -58,8 +60,10 @@ class PagedDecode:
         kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
         if block_size & (block_size - 1):   # the C indexes blocks by shift and mask
             return group_attention(q, k_cache, v_cache, group, scale)
-        if not q.dtype == k_cache.dtype == v_cache.dtype == torch.float32:
-            raise TypeError(f"paged_decode is fp32 only, got {q.dtype} and {k_cache.dtype}")
+        if q.dtype != torch.float32 or k_cache.dtype not in KV_DTYPES or \
+                v_cache.dtype != k_cache.dtype:
+            raise TypeError(f"paged_decode takes fp32 queries and an fp32 or fp16 pool, got "
+                            f"{q.dtype} and {k_cache.dtype}")
         rows = q[group.first_row:group.first_row + s] if group.identity else \
             q[group.query_rows]
         if rows.stride(2) != 1 or rows.stride(1) != head_dim:
@@ -74,7 +78,7 @@ class PagedDecode:
                          v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
                          lens.data_ptr(), out.data_ptr(), s, block_size, kv_heads,
                          num_heads // kv_heads, head_dim, scale, threads, scratch.data_ptr(),
-                         scratch.shape[1])
+                         scratch.shape[1], k_cache.dtype == torch.float16)
         if status != 0:
             raise ValueError(f"paged_decode cannot serve head_dim {head_dim} with "
                              f"{num_heads // kv_heads} query heads per KV head")

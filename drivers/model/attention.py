@@ -106,6 +106,8 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     blocks = group.kv_blocks.view(-1)
     k = k_cache.index_select(0, blocks).view(s, -1, kv_heads, head_dim).transpose(1, 2)
     v = v_cache.index_select(0, blocks).view(s, -1, kv_heads, head_dim).transpose(1, 2)
+    if k.dtype != q.dtype:   # a pool narrower than the model (fp16 KV): widened once gathered
+        k, v = k.to(q.dtype), v.to(q.dtype)
     first = group.first_row
     qp = q[first:first + s] if group.identity else q[group.query_rows]
     # [S*mq, Hq, D] -> [S, Hkv, gqa*mq, D]: the query heads of one KV head become extra rows

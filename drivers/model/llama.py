@@ -153,6 +153,7 @@ class LlamaModel:
         """tune=False leaves the matmul kernels at LinearPlan's defaults: the caller tunes on
         the thread that will run the steps (services/inference/engine.py)."""
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.kv_dtype = dtype   # the KV pool's; a quantization recipe may narrow it (recipe.py)
         self.family = fam = family(cfg.architecture)
         weights = to_llama_names(cfg, weights)
         # Triton attention and quantized matmuls on CUDA (and on CPU under TRITON_INTERPRET=1);

@@ -96,4 +96,12 @@ def quantize_model(model: Any, recipe: Recipe, calib_ids: list[int] | None = Non
         setattr(owner, attr, driver.quantize(w, recipe.fmt, s))
     if recipe.embed and isinstance(model.embed, torch.Tensor):
         model.embed = Int8Embedding.quantize(model.embed)
+    narrow_kv(model, recipe)
     return len(todo)
+
+
+def narrow_kv(model: Any, recipe: Recipe) -> None:
+    """The KV pool's dtype as the recipe has it, where the CPU's attention reads it (the Triton
+    kernels read the model's dtype)."""
+    if model.kernels is None:
+        model.kv_dtype = recipe.kv_dtype(model.dtype, model.device)

@@ -252,7 +252,7 @@ class Engine:
             if cfg.sparsity == "2:4":   # a pruned folder: sparse kernels where the GPU has them
                 semi_sparse.apply(model)
             pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, budget,
-                          self.block_size, torch_dtype, self.device)
+                          self.block_size, model.kv_dtype, self.device)
             memory = model.weight_bytes
         del weights
         entry = ModelEntry(

@@ -15,7 +15,7 @@ import torch
 from llmasos.drivers.loaders.config import ModelConfig
 from llmasos.drivers.loaders.progress import Report
 from llmasos.drivers.quant import cache
-from llmasos.drivers.quant.apply import driver_for, quantize_model
+from llmasos.drivers.quant.apply import driver_for, narrow_kv, quantize_model
 from llmasos.drivers.quant.corpus import calibration_text
 from llmasos.drivers.quant.recipe import RECIPES, Recipe, recipe
 from llmasos.drivers.tokenizer import Tokenizer
@@ -82,6 +82,7 @@ def cached(file: Path | None) -> cache.Cached | None:
 def restore(model: object, hit: cache.Cached, r: Recipe) -> int:
     driver_for(model)   # the quantized engine's probe, as a fresh quantization runs it
     packed = cache.restore(model, hit)
+    narrow_kv(model, r)
     log.info("model_quantized", recipe=r.name, packed=packed, cached=True)
     return packed
 
