@@ -40,7 +40,7 @@ static inline v16 load_kv(const void *cache, int64_t index, const int half) {
     memcpy(&v, &lo, sizeof lo);
     memcpy((char *)&v + sizeof lo, &hi, sizeof hi);
 #else
-    for (int i = 0; i < 16; i++) v[i] = _cvtsh_ss(h[i]);
+    for (int i = 0; i < 16; i++) v[i] = (float)((const _Float16 *)h)[i];   /* no F16C */
 #endif
     return v;
 }
