@@ -17,7 +17,9 @@ alike. An HF configuration that stalls, crashes or drops requests gets no figure
 so (status, tokens made of expected) and it is left out of the comparison. Ends with one JSON
 line: tokens/s of each, "ratio_vs_hf_best" against the fastest HF configuration that completed
 all the work (named in "hf_best"), "ratio_vs_in_process", p50/p99 time to first token and
-inter-token latency of the gRPC system, and the bench's own wall time.
+inter-token latency of the gRPC system, the CPU seconds each process of the system spent in
+the rounds ("system_cpu_s": kernel, services, this client) beside the in-process runner's, and
+the bench's own wall time.
 """
 
 from __future__ import annotations
@@ -62,6 +64,30 @@ class Round:
     seconds: float
     ttft: list[float]
     itl: list[float] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)   # CPU seconds by process role
+
+
+def role(p: psutil.Process) -> str:
+    """A process's part in the run: the module it runs (python -m NAME), else its name."""
+    cmd = p.cmdline()
+    name = cmd[cmd.index("-m") + 1] if "-m" in cmd[:-1] else p.name()
+    return name.removeprefix("llmasos.").removesuffix(".main").removesuffix(".__main__")
+
+
+def cpu_by_role(root: psutil.Process, client: str = "client") -> dict[str, float]:
+    """User + system CPU seconds of root and its descendants, summed by role, and of this
+    process (the client) under `client`."""
+    out: dict[str, float] = {client: sum(psutil.Process().cpu_times()[:2])}
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            out[role(p)] = out.get(role(p), 0.0) + sum(p.cpu_times()[:2])
+        except psutil.Error:
+            continue   # ended between the listing and the reading
+    return out
+
+
+def cpu_spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(v - before.get(k, 0.0), 3) for k, v in after.items()}
 
 
 def step_costs(text: str) -> dict[str, float]:
@@ -96,7 +122,11 @@ class SystemRunner:
         self.booted = boot(home, *flags)
 
     def run(self, reqs: list[Request]) -> Round:
-        return asyncio.run(self._run(reqs))
+        root = psutil.Process(self.booted.proc.pid)
+        before = cpu_by_role(root)
+        out = asyncio.run(self._run(reqs))
+        out.cpu = cpu_spent(before, cpu_by_role(root))
+        return out
 
     def step_costs(self) -> dict[str, float]:
         stub = kernel_pb2_grpc.KernelStub(grpc.insecure_channel(self.booted.address))
@@ -191,6 +221,7 @@ class InProcessRunner:
         from llmasos.proto import inference_pb2
 
         start, wall = time.perf_counter(), time.time()
+        before = sum(psutil.Process().cpu_times()[:2])
         procs = []
         for r in reqs:
             ids = self.inference.Tokenize(inference_pb2.TokenizeRequest(model=MODEL,
@@ -206,7 +237,8 @@ class InProcessRunner:
         seconds = time.perf_counter() - start
         tokens = sum(len(p.output_ids) for p in procs)
         assert tokens == sum(r.output_tokens for r in reqs)
-        return Round(tokens, seconds, [p.first_token - wall for p in procs])   # all arrive at 0
+        cpu = {"in_process": round(sum(psutil.Process().cpu_times()[:2]) - before, 3)}
+        return Round(tokens, seconds, [p.first_token - wall for p in procs], cpu=cpu)  # t=0
 
     def step_costs(self) -> dict[str, float]:
         """The same figures from this process's metrics (the executor runs here)."""
@@ -227,6 +259,11 @@ def summary(rounds: list[Round]) -> dict[str, float]:
            "ttft_p50_ms": pct(ttft, 0.5) * 1000, "ttft_p99_ms": pct(ttft, 0.99) * 1000}
     if itl:
         out |= {"itl_p50_ms": pct(itl, 0.5) * 1000, "itl_p99_ms": pct(itl, 0.99) * 1000}
+    cpu: dict[str, float] = {}
+    for r in rounds:
+        for k, v in r.cpu.items():
+            cpu[k] = cpu.get(k, 0.0) + v
+    out["cpu_s"] = {k: round(v, 2) for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])}
     return out
 
 
@@ -290,7 +327,7 @@ def main() -> int:
             rounds[name].append(runner.run(reqs))
             r = rounds[name][-1]
             print(f"seed {seed} {name:<22} {r.tokens} tokens in {r.seconds:6.2f} s: "
-                  f"{r.tokens / r.seconds:6.1f} tok/s", flush=True)
+                  f"{r.tokens / r.seconds:6.1f} tok/s; CPU s {r.cpu}", flush=True)
         allowed = max(300.0, args.hf_slack * rounds["system"][-1].seconds)
         for name in hf_names:
             if any(not o.ok for o in hf_out[name]):
@@ -308,7 +345,8 @@ def main() -> int:
 
     result: dict[str, object] = {"requests": args.requests, "rounds": args.rounds}
     for name, rs in rounds.items():
-        result |= {f"{name}_{k}": round(v, 3) for k, v in summary(rs).items()}
+        result |= {f"{name}_{k}": v if isinstance(v, dict) else round(v, 3)
+                   for k, v in summary(rs).items()}
     result["ratio_vs_in_process"] = round(result["system_tok_s"] / result["in_process_tok_s"], 3)
     if "system_int8" in rounds:
         result["int8_vs_fp32"] = round(result["system_int8_tok_s"] / result["system_tok_s"], 3)
