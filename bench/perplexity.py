@@ -96,9 +96,11 @@ def decode_tok_s(model: LlamaModel, context: list[int], steps: int) -> float:
     return 1 / best
 
 
-def measure(model: LlamaModel, evaluation: list[int]) -> dict[str, float]:
+def measure(model: LlamaModel, evaluation: list[int], parameters: int) -> dict[str, float]:
+    """parameters: counted before packing (a tied LM head, packed apart from the embedding
+    table, would count twice after)."""
     return {"ppl": perplexity(model, evaluation), "weight_mb": model.weight_bytes / 2**20,
-            "parameters_m": model.num_parameters / 1e6, "layers": len(model.layers)}
+            "parameters_m": parameters / 1e6, "layers": len(model.layers)}
 
 
 def interleaved_decode(models: dict[str, LlamaModel], context: list[int], steps: int,
@@ -153,14 +155,15 @@ def main() -> None:
     models: dict[str, LlamaModel] = {}
     for name in args.recipes.split(","):
         models[name] = model = LlamaModel(cfg, weights)
+        parameters = model.num_parameters
         quantize_model(model, recipe(name), calib)
-        rows[name] = measure(model, evaluation)
+        rows[name] = measure(model, evaluation, parameters)
         print(name, {k: round(v, 3) for k, v in rows[name].items()}, flush=True)
     pruned: list[str] = []
     for name, model in pruned_models(cfg, weights, args.pruned,
                                      calibration_ids(tok, args.calib_tokens)):
         models[name] = model
-        rows[name] = measure(model, evaluation)
+        rows[name] = measure(model, evaluation, model.num_parameters)
         pruned.append(name)
         print(name, {k: round(v, 3) for k, v in rows[name].items()}, flush=True)
     decode = interleaved_decode(models, evaluation[:128], args.steps, args.rounds)

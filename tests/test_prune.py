@@ -138,6 +138,11 @@ def test_layer_pruning_drops_the_least_influential_quarter(source, stats, layers
     record = json.loads((layers_folder / "config.json").read_text())["llmasos_pruned"][-1]
     lowest = sorted(range(LAYERS), key=lambda i: stats.influence[i])[:dropped]
     assert record["dropped_layers"] == sorted(lowest)
+    # every layer changes its input (cos < 1), each by its own amount: the hidden states were
+    # once kept by reference, the forward's in-place residual add made them all the last
+    # one, every influence read 0 and layers 0..7 were dropped
+    assert min(stats.influence) > 0
+    assert len({round(b, 6) for b in stats.influence}) == LAYERS
     kept = [i for i in range(LAYERS) if i not in lowest]
     for new, old in enumerate(kept):   # the survivors, renumbered in order, unchanged
         assert torch.equal(model.layers[new].down,

@@ -65,8 +65,8 @@ def collect(model: LlamaModel, ids: list[int], progress: bool = True) -> Stats:
 
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                  ) -> torch.Tensor:
-        if id(weight) in norms:
-            hidden[norms[id(weight)]] = x.float()
+        if id(weight) in norms:   # a copy: the forward adds to its residual stream in place
+            hidden[norms[id(weight)]] = x.to(torch.float32, copy=True)
         return plain_norm(x, weight, bias)
 
     cos = torch.zeros(layers, dtype=torch.float64)
