@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -21,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmasos.kernel.supervisor import secret_channel
 from llmasos.proto import ipc_pb2, ipc_pb2_grpc
 from llmasos.services.ipc.mailboxes import Caller, Mailboxes
 from llmasos.services.ipc.store import MEMORY, Store
@@ -42,16 +44,30 @@ def core_pairs_per_s(store: Store, pairs: int) -> float:
     return pairs / (time.perf_counter() - start)
 
 
-def start_ipc(state_dir: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "llmasos.services.ipc", "--listen",
-                             "127.0.0.1:0", "--state-dir", state_dir],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    return proc, proc.stdout.readline().strip()
+def start_ipc(state_dir: str) -> tuple[subprocess.Popen, str, str]:
+    """The IPC service as llmosd starts it: the per-boot secret on a pipe (a service answers
+    only its kernel); (process, address, secret)."""
+    secret = secrets.token_hex(32)
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, secret.encode() + b"\n")
+    os.close(write_fd)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "llmasos.services.ipc", "--listen",
+                                 "127.0.0.1:0", "--state-dir", state_dir,
+                                 "--secret-fd", str(read_fd)], pass_fds=(read_fd,),
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    finally:
+        os.close(read_fd)
+    address = proc.stdout.readline().strip()
+    if not address:
+        proc.wait(timeout=20)
+        raise SystemExit(f"the IPC service exited ({proc.returncode}) before it listened")
+    return proc, address, secret
 
 
-def grpc_p50_ms(address: str, pairs: int) -> tuple[float, float]:
+def grpc_p50_ms(address: str, secret: str, pairs: int) -> tuple[float, float]:
     """p50 of (send + receive) and of (two health checks), interleaved, in ms."""
-    with grpc.insecure_channel(address) as ch:
+    with secret_channel(address, secret) as ch:
         ipc, health = ipc_pb2_grpc.IpcStub(ch), health_pb2_grpc.HealthStub(ch)
         caller = ipc_pb2.Caller(user="alice")
         ipc.CreateMailbox(ipc_pb2.CreateMailboxRequest(name="q", caller=caller), timeout=10)
@@ -81,9 +97,9 @@ def main() -> None:
         normal = core_pairs_per_s(Store(str(Path(tmp) / "normal.db")), args.pairs)
         full = core_pairs_per_s(Store(str(Path(tmp) / "full.db"), sync="full"),
                                 max(50, args.pairs // 20))
-        proc, address = start_ipc(tmp)
+        proc, address, secret = start_ipc(tmp)
         try:
-            pair_ms, floor_ms = grpc_p50_ms(address, min(args.pairs, 1000))
+            pair_ms, floor_ms = grpc_p50_ms(address, secret, min(args.pairs, 1000))
         finally:
             proc.terminate()
             proc.wait(timeout=20)
