@@ -323,6 +323,27 @@ def test_int8_keeps_its_kv_pool_in_fp16(fp32: Engine, int8: Engine) -> None:
     assert int8._get("m").model.decode_kernel is not None or build.compiler() is None
 
 
+@SLOW
+def test_the_fp16_pool_copies_and_swaps_exactly(int8: Engine) -> None:
+    """Copy-on-write and swap move the fp16 pool's bytes as they are (no widening on the way),
+    and a sequence swapped out and back in continues with the token it would have made."""
+    pool = int8._get("m").pool
+    prompt = list(range(300, 340))   # 40 tokens: blocks 40, 41, 42
+    first = int8.step("m", [StepEntry(91, prompt, 0, [40, 41, 42], True, GREEDY)])[0].token_id
+    before = pool.kv[:, :, [40, 41, 42]].clone()
+    assert before.dtype == torch.float16 and before.abs().sum() > 0
+    int8.copy_blocks("m", [40, 41, 42], [50, 51, 52])
+    assert torch.equal(pool.kv[:, :, [50, 51, 52]], before)
+    kept = int8.step("m", [StepEntry(91, [first], 40, [50, 51, 52], True, GREEDY)])[0].token_id
+    handle = int8.swap_out("m", [40, 41, 42])
+    pool.kv[:, :, [40, 41, 42]] = 0
+    int8.swap_in("m", handle, [60, 61, 62])
+    assert torch.equal(pool.kv[:, :, [60, 61, 62]], before)
+    again = int8.step("m", [StepEntry(92, [first], 40, [60, 61, 62], True, GREEDY)])[0].token_id
+    assert again == kept
+    int8.release("m", [91, 92])
+
+
 def rss() -> int:
     """Resident anonymous bytes, after handing freed heap pages back (temporaries of packing).
     File-backed pages are left out: the fp32 weights may be mmapped from the weights cache, and
