@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workload import boot  # noqa: E402
+from workload import boot, cpu_features  # noqa: E402
 
 from llmasos.proto import common_pb2, kernel_pb2, kernel_pb2_grpc  # noqa: E402
 
@@ -146,8 +145,7 @@ def main() -> None:
     finally:
         system.stop()
     out = {
-        "cpu": " ".join(sorted(set(os.popen("grep -m1 -o 'avx512[a-z]*\\|avx2' /proc/cpuinfo")
-                                   .read().split()))),
+        "cpu": cpu_features(),
         "pipe_sequential_s": statistics.median(seq), "pipe_piped_s": statistics.median(piped),
         "pipe_latency_ratio": statistics.median(piped) / statistics.median(seq),
         "shm_tokens": info.tokens, "shm_cold_ttft_ms": statistics.median(cold) * 1000,

@@ -57,7 +57,7 @@ from llmasos.services.inference.sampler import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_throughput import MODEL, WARMUP, Round, SystemRunner  # noqa: E402
-from workload import requests  # noqa: E402
+from workload import cpu_features, requests  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTEXT = 64
@@ -153,13 +153,6 @@ def dp_throughput(n: int, rounds: int) -> dict[str, object]:
             "dp_requests": n, "dp_rounds": rounds,
             **{f"dp_{name}_{k}": v for name, c in costs.items() for k, v in c.items()
                if k in ("step_ms", "forward_ms", "gap_between_steps_ms")}}
-
-
-def cpu_features() -> str:
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":", 1)[1].split() for line in f
-                      if line.startswith("flags")), [])
-    return " ".join(sorted({x for x in flags if x.startswith(("avx512f", "avx2", "amx"))}))
 
 
 def in_flight(engine: Engine, reps: int, steps: int = 6, rows: int = 8) -> dict[str, float]:

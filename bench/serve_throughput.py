@@ -38,7 +38,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_baselines import CONFIGS, HFWorker, Outcome  # noqa: E402
-from workload import Request, boot, embedded_gguf, requests  # noqa: E402
+from workload import Request, boot, cpu_features, embedded_gguf, requests  # noqa: E402
 
 from llmasos.proto import common_pb2, kernel_pb2, kernel_pb2_grpc  # noqa: E402
 
@@ -343,7 +343,8 @@ def main() -> int:
         runner.stop()
     hf.stop()
 
-    result: dict[str, object] = {"requests": args.requests, "rounds": args.rounds}
+    result: dict[str, object] = {"requests": args.requests, "rounds": args.rounds,
+                                 "cpu": cpu_features(), "cores": psutil.cpu_count()}
     for name, rs in rounds.items():
         result |= {f"{name}_{k}": v if isinstance(v, dict) else round(v, 3)
                    for k, v in summary(rs).items()}

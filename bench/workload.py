@@ -76,3 +76,20 @@ def boot(home: Path, *flags: str, timeout: float = 600, address: str = "") -> Bo
             return Booted(proc, address, home)
     proc.kill()
     raise RuntimeError(f"llmosd did not boot; see {home / 'llmosd.log'}")
+
+
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
+def cpu_features() -> str:
+    """The CPU's vector extensions (/proc/cpuinfo), the level ATen dispatches to and any ISA cap
+    set for MKL / oneDNN: what a benchmark prints beside its figures."""
+    import torch
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f
+                      if line.startswith("flags")), [])
+    isa = sorted({x for x in flags
+                  if x.startswith(("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx"))})
+    caps = {k: os.environ[k] for k in ISA_CAPS if k in os.environ}
+    return (f"{' '.join(isa)}; aten {torch.backends.cpu.get_cpu_capability()}"
+            + (f"; caps {caps}" if caps else ""))
