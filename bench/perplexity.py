@@ -1,5 +1,6 @@
-"""Perplexity, weight memory and one-user decode speed of each quantization recipe and of
-pruned variants of the embedded SmolLM2, CPU, measured side by side with fp32 in the same run.
+"""Perplexity, weight memory, one-user decode speed and batched (serving-like, BATCH sequences)
+decode speed of each quantization recipe and of pruned variants of the embedded SmolLM2, CPU,
+measured side by side with fp32 in the same run.
 
 Text: CPython's pydoc_data/topics.py (drivers/quant/corpus.py): a fixed calibration slice for
 SmoothQuant's statistics and a disjoint evaluation slice, scored in windows of WINDOW tokens.
@@ -20,8 +21,10 @@ import importlib.util
 import json
 import math
 import os
+import sys
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +43,13 @@ from llmasos.drivers.quant.corpus import calibration_text, evaluation_text
 from llmasos.drivers.quant.recipe import ALIASES, CPU_RECIPES, recipe
 from llmasos.drivers.tokenizer import Tokenizer
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from workload import cpu_features  # noqa: E402
+
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WINDOW = 512        # tokens scored per window (each window starts with an empty cache)
 BLOCK = 16
+BATCH = 32          # sequences in the batched (serving-like) decode
 PPL_BUDGET = 1.02   # the default recipe must stay within 2% of fp32 perplexity
 PRUNED = "layers:0.1,layers:0.25,mlp:0.25,heads:0.34,magnitude:0.5,wanda:0.5,2:4"
 warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
@@ -96,6 +103,30 @@ def decode_tok_s(model: LlamaModel, context: list[int], steps: int) -> float:
     return 1 / best
 
 
+def batch_decode_tok_s(model: LlamaModel, context: list[int], steps: int,
+                       batch: int = BATCH) -> float:
+    """Serving-like: `batch` sequences (the context, each with its own first token) prefilled in
+    one step, then batched greedy decode; batch / the best step's time (batch building, the
+    forward and the argmax)."""
+    cfg = model.cfg
+    per_seq = -(-(len(context) + steps + 1) // BLOCK)
+    pool = new_pool(model, batch * per_seq * BLOCK)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
+    gqa = cfg.num_heads // cfg.num_kv_heads
+    seqs = [[(context[0] + i) % cfg.vocab_size, *context[1:]] for i in range(batch)]
+    first = build_batch([SeqSlice(s, 0, t, True) for s, t in zip(seqs, tables, strict=True)],
+                        BLOCK, gqa)
+    toks = model.forward(first, pool).argmax(-1).tolist()
+    best = float("inf")
+    for i in range(steps):
+        t0 = time.perf_counter()
+        step_batch = build_batch([SeqSlice([tok], len(context) + i, t, True)
+                                  for tok, t in zip(toks, tables, strict=True)], BLOCK, gqa)
+        toks = model.forward(step_batch, pool).argmax(-1).tolist()
+        best = min(best, time.perf_counter() - t0)
+    return batch / best
+
+
 def measure(model: LlamaModel, evaluation: list[int], parameters: int) -> dict[str, float]:
     """parameters: counted before packing (a tied LM head, packed apart from the embedding
     table, would count twice after)."""
@@ -103,15 +134,15 @@ def measure(model: LlamaModel, evaluation: list[int], parameters: int) -> dict[s
             "parameters_m": parameters / 1e6, "layers": len(model.layers)}
 
 
-def interleaved_decode(models: dict[str, LlamaModel], context: list[int], steps: int,
-                       rounds: int) -> dict[str, float]:
-    """Best one-user decode tok/s of each model over `rounds` rounds that take the models in
-    turn, so that a load spike on these shared cores hits them all alike."""
+def interleaved(models: dict[str, LlamaModel], speed: Callable[[LlamaModel], float],
+                rounds: int, label: str) -> dict[str, float]:
+    """Best speed(model) of each model over `rounds` rounds that take the models in turn, so
+    that a load spike on these shared cores hits them all alike."""
     best = dict.fromkeys(models, 0.0)
     for r in range(rounds):
         for name, model in models.items():
-            best[name] = max(best[name], decode_tok_s(model, context, steps))
-        print(f"decode round {r + 1}/{rounds}:", {n: round(v, 1) for n, v in best.items()},
+            best[name] = max(best[name], speed(model))
+        print(f"{label} round {r + 1}/{rounds}:", {n: round(v, 1) for n, v in best.items()},
               flush=True)
     return best
 
@@ -166,19 +197,25 @@ def main() -> None:
         rows[name] = measure(model, evaluation, model.num_parameters)
         pruned.append(name)
         print(name, {k: round(v, 3) for k, v in rows[name].items()}, flush=True)
-    decode = interleaved_decode(models, evaluation[:128], args.steps, args.rounds)
+    context = evaluation[:128]
+    decode = interleaved(models, lambda m: decode_tok_s(m, context, args.steps), args.rounds,
+                         "decode b1")
+    batched = interleaved(models, lambda m: batch_decode_tok_s(m, context, args.steps),
+                          args.rounds, f"decode b{BATCH}")
     for name, r in rows.items():
-        r["decode_b1_tok_s"] = decode[name]
+        r["decode_b1_tok_s"], r[f"decode_b{BATCH}_tok_s"] = decode[name], batched[name]
     base = rows["none"]
     for r in rows.values():
         r["ppl_ratio"] = r["ppl"] / base["ppl"]
         r["memory_ratio"] = r["weight_mb"] / base["weight_mb"]
         r["speedup"] = r["decode_b1_tok_s"] / base["decode_b1_tok_s"]
+        r[f"speedup_b{BATCH}"] = r[f"decode_b{BATCH}_tok_s"] / base[f"decode_b{BATCH}_tok_s"]
     print(f"\n{'recipe':<26} {'ppl':>7} {'ratio':>6} {'MB':>6} {'mem':>5} {'tok/s':>7} "
-          f"{'speedup':>7} {'layers':>6} {'params':>7}")
+          f"{'speedup':>7} {'b32 tok/s':>9} {'speedup':>7} {'layers':>6} {'params':>7}")
     for name, r in rows.items():
         print(f"{name:<26} {r['ppl']:>7.3f} {r['ppl_ratio']:>6.3f} {r['weight_mb']:>6.0f} "
               f"{r['memory_ratio']:>5.2f} {r['decode_b1_tok_s']:>7.1f} {r['speedup']:>7.2f} "
+              f"{r[f'decode_b{BATCH}_tok_s']:>9.1f} {r[f'speedup_b{BATCH}']:>7.2f} "
               f"{r['layers']:>6} {r['parameters_m']:>6.1f}M")
     within = [n for n, r in rows.items() if r["ppl_ratio"] <= PPL_BUDGET and n not in pruned]
     best = max(within, key=lambda n: rows[n]["decode_b1_tok_s"])
@@ -186,18 +223,20 @@ def main() -> None:
     print(f"fastest within {PPL_BUDGET:.2f}x fp32 perplexity: {best}; int8 default: {default}")
     print(json.dumps({
         "eval_tokens": len(evaluation) - 1, "calib_tokens": len(calib),
-        "threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(), "cpu": cpu_features(),
         "fp32_ppl": round(base["ppl"], 3),
         "int8_default": default, "best_within_budget": best,
         "int8_ppl_ratio": round(rows[default]["ppl_ratio"], 4),
         "int8_memory_ratio": round(rows[default]["memory_ratio"], 4),
         "decode_b1_int8_vs_fp32": round(rows[default]["speedup"], 3),
-        "frontier": {n: {k: round(r[k], 3) for k in ("ppl_ratio", "memory_ratio",
-                                                      "decode_b1_tok_s", "weight_mb")}
-                     for n, r in rows.items() if n not in pruned},
+        f"decode_b{BATCH}_int8_vs_fp32": round(rows[default][f"speedup_b{BATCH}"], 3),
+        "frontier": {n: {k: round(r[k], 3) for k in (
+            "ppl_ratio", "memory_ratio", "decode_b1_tok_s", f"decode_b{BATCH}_tok_s",
+            "weight_mb")} for n, r in rows.items() if n not in pruned},
         "pruned": {n: {k: round(rows[n][k], 3) for k in (
-            "ppl", "ppl_ratio", "memory_ratio", "decode_b1_tok_s", "speedup", "weight_mb",
-            "parameters_m", "layers")} for n in pruned}}))
+            "ppl", "ppl_ratio", "memory_ratio", "decode_b1_tok_s", "speedup",
+            f"decode_b{BATCH}_tok_s", f"speedup_b{BATCH}", "weight_mb", "parameters_m",
+            "layers")} for n in pruned}}))
 
 
 if __name__ == "__main__":
