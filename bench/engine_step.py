@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -34,6 +35,9 @@ from torch.autograd.profiler_util import FunctionEvent
 from llmasos.services.inference.compute_thread import on_compute_thread, on_passing_thread
 from llmasos.services.inference.engine import Engine, StepEntry
 from llmasos.services.inference.sampler import SamplingParams
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from workload import ISA_CAPS  # noqa: E402
 
 MODEL = "smollm2-135m"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -257,8 +261,7 @@ def print_breakdown(profiles: dict[int, dict[str, float]]) -> None:
 def cpu_features() -> str:
     """The instruction set ATen dispatches to, and what MKL/oneDNN were told to use."""
     caps = torch.backends.cpu.get_cpu_capability()
-    told = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
-                                       "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+    told = {k: os.environ[k] for k in ISA_CAPS if k in os.environ}
     return f"aten {caps}, {torch.get_num_threads()} threads" + (f", env {told}" if told else "")
 
 

@@ -74,13 +74,19 @@ def role(p: psutil.Process) -> str:
     return name.removeprefix("llmasos.").removesuffix(".main").removesuffix(".__main__")
 
 
+def cpu_s(p: psutil.Process | None = None) -> float:
+    """User + system CPU seconds of p (this process when None)."""
+    return sum((p or psutil.Process()).cpu_times()[:2])
+
+
 def cpu_by_role(root: psutil.Process, client: str = "client") -> dict[str, float]:
-    """User + system CPU seconds of root and its descendants, summed by role, and of this
-    process (the client) under `client`."""
-    out: dict[str, float] = {client: sum(psutil.Process().cpu_times()[:2])}
+    """CPU seconds of root and its descendants, summed by role, and of this process (the
+    client) under `client`."""
+    out: dict[str, float] = {client: cpu_s()}
     for p in [root, *root.children(recursive=True)]:
         try:
-            out[role(p)] = out.get(role(p), 0.0) + sum(p.cpu_times()[:2])
+            name = role(p)
+            out[name] = out.get(name, 0.0) + cpu_s(p)
         except psutil.Error:
             continue   # ended between the listing and the reading
     return out
@@ -221,7 +227,7 @@ class InProcessRunner:
         from llmasos.proto import inference_pb2
 
         start, wall = time.perf_counter(), time.time()
-        before = sum(psutil.Process().cpu_times()[:2])
+        before = cpu_s()
         procs = []
         for r in reqs:
             ids = self.inference.Tokenize(inference_pb2.TokenizeRequest(model=MODEL,
@@ -237,7 +243,7 @@ class InProcessRunner:
         seconds = time.perf_counter() - start
         tokens = sum(len(p.output_ids) for p in procs)
         assert tokens == sum(r.output_tokens for r in reqs)
-        cpu = {"in_process": round(sum(psutil.Process().cpu_times()[:2]) - before, 3)}
+        cpu = {"in_process": round(cpu_s() - before, 3)}
         return Round(tokens, seconds, [p.first_token - wall for p in procs], cpu=cpu)  # t=0
 
     def step_costs(self) -> dict[str, float]:

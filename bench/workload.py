@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmasos.drivers.model import probe_cache
+
 _TEXT = """the of and to in is was for on that with as by at from his her it an were are which
 this be or had not but what all when there can more one their if out so up time people year way
 day man thing woman life child world school state family student group country problem hand
@@ -78,7 +80,8 @@ def boot(home: Path, *flags: str, timeout: float = 600, address: str = "") -> Bo
     raise RuntimeError(f"llmosd did not boot; see {home / 'llmosd.log'}")
 
 
-ISA_CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+# what the kernels are told to use: ATen's dispatch level, and the caps probe_cache keys on
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", *probe_cache.ISA_CAPS)
 
 
 def cpu_features() -> str:

@@ -149,6 +149,21 @@ static inline __attribute__((always_inline)) void unit(
     }
 }
 
+/* unit() with the common head sizes unrolled; any other multiple of 16 generic */
+static inline __attribute__((always_inline)) void unit_of(
+        const float *q, const void *k_cache, const void *v_cache, const int64_t *table,
+        int64_t len, float *out, int64_t block_size, int64_t kv_heads, int64_t h, int64_t G,
+        int64_t C, const int half, float scale, float *p) {
+    switch (C) {
+    case 4: unit(q, k_cache, v_cache, table, len, out, block_size, kv_heads, h, G, 4, half,
+                 scale, p); break;
+    case 8: unit(q, k_cache, v_cache, table, len, out, block_size, kv_heads, h, G, 8, half,
+                 scale, p); break;
+    default: unit(q, k_cache, v_cache, table, len, out, block_size, kv_heads, h, G, C, half,
+                  scale, p);
+    }
+}
+
 /* Returns 0, or -1 when the shape is outside what this file handles (the caller checks first). */
 int paged_decode(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
                  const int64_t *tables, int64_t table_width, const int64_t *lens, float *out,
@@ -166,26 +181,12 @@ int paged_decode(const float *q, int64_t q_stride, const void *k_cache, const vo
         float *oh = out + (b * kv_heads + h) * G * head_dim;
         float *p = scratch + omp_get_thread_num() * scratch_per_thread;
         const int64_t *table = tables + b * table_width;
-        /* the common head sizes unrolled, for each KV width; any other multiple of 16 generic */
-        if (half) {
-            switch (C) {
-            case 4: unit(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, 4,
-                         1, scale, p); break;
-            case 8: unit(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, 8,
-                         1, scale, p); break;
-            default: unit(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, C,
-                          1, scale, p);
-            }
-        } else {
-            switch (C) {
-            case 4: unit(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, 4,
-                         0, scale, p); break;
-            case 8: unit(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, 8,
-                         0, scale, p); break;
-            default: unit(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, C,
-                          0, scale, p);
-            }
-        }
+        if (half)   /* a constant in each call: unit() is built for each KV width */
+            unit_of(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, C, 1,
+                    scale, p);
+        else
+            unit_of(qh, k_cache, v_cache, table, lens[b], oh, block_size, kv_heads, h, G, C, 0,
+                    scale, p);
     }
     return 0;
 }
