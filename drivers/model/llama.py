@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from llmasos.drivers.cpu.paged_decode import PagedDecode, decode_kernel
+from llmasos.drivers.cpu.rms_norm import add_rms_norm, rms_norm
 from llmasos.drivers.cuda.backend import Kernels, kernels_for
 from llmasos.drivers.cuda.quant import QuantWeight, dequantize
 from llmasos.drivers.loaders.config import ModelConfig
@@ -259,10 +260,18 @@ class LlamaModel:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The family's norm: RMSNorm, or LayerNorm (GPT-2, NeoX, GPT-J)."""
+        """The family's norm: RMSNorm (one C pass on the CPU's fp32 rows), or LayerNorm (GPT-2,
+        NeoX, GPT-J)."""
         if self.family.norm == "layer":
             return F.layer_norm(x, (x.shape[-1],), weight, bias, self.cfg.rms_norm_eps)
-        return F.rms_norm(x, (x.shape[-1],), weight, self.cfg.rms_norm_eps)
+        return rms_norm(x, weight, self.cfg.rms_norm_eps)
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x += delta (the residual stream, in place), then the norm of x: one pass for RMSNorm."""
+        if self.family.norm == "layer":
+            return self.rms_norm(x.add_(delta), weight, bias)
+        return add_rms_norm(x, delta, weight, self.cfg.rms_norm_eps)
 
     def rope(self, positions: torch.Tensor, inv_freq: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,8 +293,10 @@ class LlamaModel:
         rope = self.rope(batch.positions, self.inv_freq)
         local = rope if self.local_inv_freq is None else self.rope(batch.positions,
                                                                    self.local_inv_freq)
+        pending = None   # the last MLP's output, added into x by the next norm (one pass)
         for i, layer in enumerate(self.layers):
-            h = self.rms_norm(x, layer.attn_norm, layer.attn_norm_bias)
+            h = self.rms_norm(x, layer.attn_norm, layer.attn_norm_bias) if pending is None \
+                else self.add_norm(x, pending, layer.attn_norm, layer.attn_norm_bias)
             attn = self.attention_block(i, layer, h, batch, pool, local if layer.sliding
                                         else rope)
             if self.parallel:  # x + attn(norm x) + mlp(norm' x)
@@ -295,11 +306,13 @@ class LlamaModel:
                 continue
             if layer.post_attn_norm is not None:
                 attn = self.rms_norm(attn, layer.post_attn_norm)
-            x = x.add_(attn)   # in place: x is this forward's own (never the embedding table)
-            out = self.mlp(layer, self.rms_norm(x, layer.mlp_norm, layer.mlp_norm_bias))
+            # x += attn in place: x is this forward's own (never the embedding table)
+            pending = self.mlp(layer, self.add_norm(x, attn, layer.mlp_norm,
+                                                    layer.mlp_norm_bias))
             if layer.post_mlp_norm is not None:
-                out = self.rms_norm(out, layer.post_mlp_norm)
-            x = x.add_(out)
+                pending = self.rms_norm(pending, layer.post_mlp_norm)
+        if pending is not None:
+            x = x.add_(pending)
         return self.logits(self.rms_norm(x[batch.sample_rows], self.norm, self.norm_bias))
 
     def attention_block(self, i: int, layer: Layer, h: torch.Tensor, batch: StepBatch,
