@@ -3,8 +3,9 @@
 Two statistics: each layer's block influence (ShortGPT: 1 - cos(h_in, h_out) of the residual
 stream, averaged over tokens) and, per linear weight, the sum over tokens of x_j^2 for each
 input channel j (Wanda's |X_j|, and the activation side of the structured importances). The
-hooks are instance attributes that shadow LlamaModel.linear and .rms_norm for the pass only, as
-drivers/quant/apply.py's activation_amax does."""
+hooks are instance attributes that shadow LlamaModel.linear, .rms_norm and .add_norm (the
+residual add fused with the norm after it) for the pass only, as drivers/quant/apply.py's
+activation_amax does."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def collect(model: LlamaModel, ids: list[int], progress: bool = True) -> Stats:
     norms[id(model.norm)] = layers   # the final norm reads the last layer's output
     sq: dict[tuple[int, str], torch.Tensor] = {}
     hidden: dict[int, torch.Tensor] = {}
-    plain_linear, plain_norm = model.linear, model.rms_norm
+    plain_linear, plain_norm, plain_add_norm = model.linear, model.rms_norm, model.add_norm
 
     def linear(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
         key = weights.get(id(w))
@@ -69,13 +70,20 @@ def collect(model: LlamaModel, ids: list[int], progress: bool = True) -> Stats:
             hidden[norms[id(weight)]] = x.to(torch.float32, copy=True)
         return plain_norm(x, weight, bias)
 
+    def add_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = plain_add_norm(x, delta, weight, bias)   # x is the stream with delta added
+        if id(weight) in norms:
+            hidden[norms[id(weight)]] = x.to(torch.float32, copy=True)
+        return out
+
     cos = torch.zeros(layers, dtype=torch.float64)
     pool = window_pool(model)
     table = list(range(pool.geometry.num_blocks))
     gqa = model.cfg.num_heads // model.cfg.num_kv_heads
     steps = [(w, s) for w in range(0, len(ids), WINDOW)
              for s in range(w, min(w + WINDOW, len(ids)), CHUNK)]
-    model.linear, model.rms_norm = linear, rms_norm
+    model.linear, model.rms_norm, model.add_norm = linear, rms_norm, add_norm
     try:
         for window, start in tqdm(steps, desc="calibrate", unit="step", disable=not progress):
             chunk = ids[start:min(start + CHUNK, window + WINDOW)]
@@ -86,5 +94,5 @@ def collect(model: LlamaModel, ids: list[int], progress: bool = True) -> Stats:
             for i in range(layers):
                 cos[i] += F.cosine_similarity(hidden[i], hidden[i + 1], dim=-1).double().sum()
     finally:
-        del model.linear, model.rms_norm
+        del model.linear, model.rms_norm, model.add_norm
     return Stats([1.0 - float(c) / len(ids) for c in cos], sq, len(ids))
