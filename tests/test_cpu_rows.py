@@ -10,9 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmasos.drivers.cpu import rms_norm as rms_norm_module
+from llmasos.drivers.cpu import rope_kv as rope_kv_module
 from llmasos.drivers.cpu import row_scale as row_scale_module
 from llmasos.drivers.cpu.rms_norm import add_rms_norm, rms_norm
+from llmasos.drivers.cpu.rope_kv import rope_kv
 from llmasos.drivers.cpu.row_scale import row_scale, torch_row_scale
+from llmasos.drivers.model.attention import write_kv
+from llmasos.drivers.model.llama import apply_rope
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -100,3 +104,63 @@ def test_rms_norm_falls_back_off_its_path() -> None:
     x = torch.randn(2, 3, 16, dtype=torch.float64)
     w = torch.rand(16, dtype=torch.float64)
     assert torch.equal(rms_norm(x, w, 1e-6), F.rms_norm(x, (16,), w, 1e-6))
+
+
+def native_rope_kv() -> None:
+    if rope_kv_module._kernel() is None:
+        pytest.skip("no C compiler on this machine: the PyTorch path serves")
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = positions[:, None].float() * inv[None]
+    cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(t=st.integers(1, 80), kv_heads=st.integers(1, 4), gqa=st.integers(1, 4),
+       head_dim=st.sampled_from([2, 16, 64, 80, 128]), half=st.booleans(),
+       pad=st.integers(0, 3), seed=st.integers(0, 2**31))
+def test_rope_kv_gives_the_bits_of_apply_rope_then_write_kv(
+        t: int, kv_heads: int, gqa: int, head_dim: int, half: bool, pad: int, seed: int) -> None:
+    """The rotated rows and both pool layers, fp32 or fp16, bit for bit (past the threads' cut
+    of 64 rows too), on QKV rows with padding between them."""
+    native_rope_kv()
+    g = torch.Generator().manual_seed(seed)
+    q_heads, dtype = kv_heads * gqa, torch.float16 if half else torch.float32
+    width = (q_heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(t, width + pad, generator=g)[:, :width]
+    rope = rope_tables(torch.randint(0, 4096, (t,), generator=g), head_dim)
+    blocks, block_size = 8, 16
+    slots = torch.randperm(blocks * block_size, generator=g)[:t]
+    pool = torch.randn(2, blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    pools = [pool, pool.clone()]
+    ref = qkv.clone()
+    qk = ref[:, : (q_heads + kv_heads) * head_dim].view(t, q_heads + kv_heads, head_dim)
+    qk = apply_rope(qk, *rope)
+    v = ref[:, (q_heads + kv_heads) * head_dim:].view(t, kv_heads, head_dim)
+    write_kv(pools[0][0], pools[0][1], qk[:, q_heads:], v, slots)
+    assert rope_kv(qkv, rope, slots, pools[1][0], pools[1][1], q_heads)
+    assert torch.equal(qkv[:, : (q_heads + kv_heads) * head_dim], qk.reshape(t, -1))
+    assert torch.equal(pools[1], pools[0])
+
+
+def test_rope_kv_refuses_a_slot_outside_the_pool_and_writes_nothing() -> None:
+    native_rope_kv()
+    qkv = torch.randn(3, (3 + 2) * 16)
+    rope = rope_tables(torch.arange(3), 16)
+    k_cache, v_cache = torch.zeros(4, 16, 1, 16), torch.zeros(4, 16, 1, 16)
+    with pytest.raises(IndexError, match="outside the pool"):
+        rope_kv(qkv, rope, torch.tensor([0, 64, 5]), k_cache, v_cache, 3)
+    assert not k_cache.any() and not v_cache.any()
+
+
+def test_rope_kv_leaves_partial_rotary_to_pytorch() -> None:
+    """Tables narrower than a head (NeoX's partial rotary): no call, the caller's path."""
+    qkv = torch.randn(2, 3 * 32)
+    rope = rope_tables(torch.arange(2), 16)
+    k_cache, v_cache = torch.zeros(2, 16, 1, 32), torch.zeros(2, 16, 1, 32)
+    before = qkv.clone()
+    assert not rope_kv(qkv, rope, torch.tensor([0, 1]), k_cache, v_cache, 1)
+    assert torch.equal(qkv, before) and not k_cache.any()

@@ -14,6 +14,7 @@ from torch.profiler import record_function
 
 from llmasos.drivers.cpu.paged_decode import PagedDecode, decode_kernel
 from llmasos.drivers.cpu.rms_norm import add_rms_norm, rms_norm
+from llmasos.drivers.cpu.rope_kv import rope_kv
 from llmasos.drivers.cuda.backend import Kernels, kernels_for
 from llmasos.drivers.cuda.quant import QuantWeight, dequantize
 from llmasos.drivers.loaders.config import ModelConfig
@@ -319,23 +320,37 @@ class LlamaModel:
                         pool: KVPool, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         cfg = self.cfg
         t = h.shape[0]
-        cos, sin = rope
         qkv = self.linear(h, layer.qkv, layer.qkv_bias)
-        qk_heads = cfg.num_heads + cfg.num_kv_heads
+        k_cache, v_cache = pool.layer(i)
+        q, k, v = self.rotate_and_store(layer, qkv, batch, k_cache, v_cache, rope)
+        window = cfg.sliding_window if layer.sliding else 0
+        out = self.attention(q, k, v, k_cache, v_cache, batch, window).reshape(t, -1)
+        return self.linear(out, layer.o, layer.o_bias)
+
+    def rotate_and_store(self, layer: Layer, qkv: torch.Tensor, batch: StepBatch,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         rope: tuple[torch.Tensor, torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [T, H, D] out of the fused projection, RoPE applied to q and k, k and v
+        written to the pool: in one C call on the CPU's plain path (drivers/cpu/rope_kv.c),
+        else op by op (per-head norms, partial rotary, learned positions, the Triton path)."""
+        cfg = self.cfg
+        t, qk_heads = qkv.shape[0], cfg.num_heads + cfg.num_kv_heads
+        v = qkv[:, self.q_size + self.kv_size:].view(t, cfg.num_kv_heads, cfg.head_dim)
+        if self.kernels is None and layer.q_norm is None and self.family.positions == "rope" \
+                and rope_kv(qkv, rope, batch.slot_mapping, k_cache, v_cache, cfg.num_heads):
+            qk = qkv[:, : self.q_size + self.kv_size].view(t, qk_heads, cfg.head_dim)
+            return qk[:, : cfg.num_heads], qk[:, cfg.num_heads:], v
         qk = qkv[:, : self.q_size + self.kv_size].view(t, qk_heads, cfg.head_dim)
         if layer.q_norm is not None:  # per-head norms before RoPE (Qwen3, Gemma 3)
             qk = torch.cat((self.rms_norm(qk[:, : cfg.num_heads], layer.q_norm),
                             self.rms_norm(qk[:, cfg.num_heads:], layer.k_norm)), dim=1)
         if self.family.positions == "rope":
-            qk = apply_rope(qk, cos, sin)
+            qk = apply_rope(qk, *rope)
         q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads:]
-        v = qkv[:, self.q_size + self.kv_size:].view(t, cfg.num_kv_heads, cfg.head_dim)
-        k_cache, v_cache = pool.layer(i)
         (self.kernels.write_kv if self.kernels else write_kv)(
             k_cache, v_cache, k, v, batch.slot_mapping)
-        window = cfg.sliding_window if layer.sliding else 0
-        out = self.attention(q, k, v, k_cache, v_cache, batch, window).reshape(t, -1)
-        return self.linear(out, layer.o, layer.o_bias)
+        return q, k, v
 
     def mlp(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
         if self.family.gated:
