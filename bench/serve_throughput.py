@@ -5,12 +5,10 @@ length, and HF's own continuous batching with a paged cache) and (b) the same ke
 composed in one process (no gRPC, no service processes), all in one run.
 
     .venv/bin/python bench/serve_throughput.py [--requests 64] [--rounds 2] [--skip-hf]
-        [--skip-int8] [--policy-ab]
+        [--skip-int8]
 
 The gRPC system and the in-process runner serve fp32 (`--quant none`, as HF does); a second
 gRPC system serves the CPU's default int8 recipe (`--quant int8`), for "int8_vs_fp32".
---policy-ab adds the fp32 system with its control plane left SCHED_OTHER, for
-"control_batch_vs_other" (kernel/cpu_policy.py).
 
 Every request asks for exactly its output length (EOS ignored), so each side makes the same
 useful tokens. Every configuration first runs a short warm-up workload; then each round (seeds
@@ -126,8 +124,8 @@ class SystemRunner:
     """A booted llmosd; each round sends every request at once and streams each with Read.
     The client is one asyncio loop (grpc.aio), so it takes as little of the 2 cores as it can."""
 
-    def __init__(self, home: Path, *flags: str, env: dict[str, str] | None = None) -> None:
-        self.booted = boot(home, *flags, env=env)
+    def __init__(self, home: Path, *flags: str) -> None:
+        self.booted = boot(home, *flags)
 
     def run(self, reqs: list[Request]) -> Round:
         root = psutil.Process(self.booted.proc.pid)
@@ -300,9 +298,6 @@ def main() -> int:
                     help=f"HF configurations, comma-separated, of: {', '.join(CONFIGS)}")
     ap.add_argument("--skip-hf", action="store_true", help="only our configurations")
     ap.add_argument("--skip-int8", action="store_true", help="no int8 system")
-    ap.add_argument("--policy-ab", action="store_true",
-                    help="also the fp32 system with every process SCHED_OTHER "
-                         "(LLMASOS_CONTROL_POLICY=other, kernel/cpu_policy.py)")
     ap.add_argument("--hf-slack", type=float, default=10.0,
                     help="an HF run may take this many times the system's time for the round")
     args = ap.parse_args()
@@ -320,9 +315,6 @@ def main() -> int:
     ours: dict[str, SystemRunner | InProcessRunner] = {"system": system, "in_process": inproc}
     if not args.skip_int8:
         ours["system_int8"] = SystemRunner(home / "int8", "--quant", "int8")
-    if args.policy_ab:
-        ours["system_sched_other"] = SystemRunner(home / "other", "--quant", "none",
-                                                  env={"LLMASOS_CONTROL_POLICY": "other"})
     rounds: dict[str, list[Round]] = {name: [] for name in ours}
     hf_out: dict[str, list[Outcome]] = {name: [] for name in hf_names}
 
@@ -365,9 +357,6 @@ def main() -> int:
     result["ratio_vs_in_process"] = round(result["system_tok_s"] / result["in_process_tok_s"], 3)
     if "system_int8" in rounds:
         result["int8_vs_fp32"] = round(result["system_int8_tok_s"] / result["system_tok_s"], 3)
-    if "system_sched_other" in rounds:   # what the control plane's SCHED_BATCH is worth
-        result["control_batch_vs_other"] = round(
-            result["system_tok_s"] / result["system_sched_other_tok_s"], 3)
     result |= costs
     result |= {f"in_process_{k}": v for k, v in in_process_costs.items()}
     entries = {name: hf_entry(name, outs) for name, outs in hf_out.items()}

@@ -59,10 +59,9 @@ class Booted:
         return self.proc.wait(120)
 
 
-def boot(home: Path, *flags: str, timeout: float = 600, address: str = "",
-         env: dict[str, str] | None = None) -> Booted:
-    """Start llmosd in a subprocess (with `env` added to ours) and wait for its ready line (on
-    `address`, or a free loopback port)."""
+def boot(home: Path, *flags: str, timeout: float = 600, address: str = "") -> Booted:
+    """Start llmosd in a subprocess and wait for its ready line (on `address`, or a free
+    loopback port)."""
     home.mkdir(parents=True, exist_ok=True)
     if not address:
         with socket.socket() as s:
@@ -70,8 +69,7 @@ def boot(home: Path, *flags: str, timeout: float = 600, address: str = "",
             address = f"127.0.0.1:{s.getsockname()[1]}"
     proc = subprocess.Popen([sys.executable, "-m", "llmasos.kernel.main", "run", "--listen",
                              address, "--home", str(home), *flags], stdout=subprocess.PIPE,
-                            stderr=(home / "llmosd.log").open("a"), text=True,
-                            env={**os.environ, **env} if env else None)
+                            stderr=(home / "llmosd.log").open("a"), text=True)
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout

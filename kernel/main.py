@@ -26,7 +26,7 @@ from pathlib import Path
 import structlog
 
 from llmasos.drivers.prune import cli as prune_cli
-from llmasos.kernel import config, cpu_policy, join_tokens, log, node_agent, recovery, replicas
+from llmasos.kernel import config, join_tokens, log, node_agent, recovery, replicas
 from llmasos.kernel.audit import AuditLog
 from llmasos.kernel.executor import Executor
 from llmasos.kernel.gateway import Gateway
@@ -182,7 +182,6 @@ def manage_cache(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    cpu_policy.control_plane()   # before any thread: all of llmosd's, and its services, inherit it
     log.configure(args.log_level)
     cfg = config.load(args)
     os.makedirs(cfg.home, mode=0o700, exist_ok=True)

@@ -36,7 +36,7 @@ import grpc
 import structlog
 
 from llmasos.connect import tls_credentials
-from llmasos.kernel import cpu_policy, devices, rank_procs
+from llmasos.kernel import devices, rank_procs
 from llmasos.kernel.nodes import NODE_SECRET_KEY
 from llmasos.kernel.supervisor import ServiceSpec, Supervisor
 from llmasos.proto import kernel_pb2, node_pb2, node_pb2_grpc
@@ -235,7 +235,6 @@ def default_home() -> str:
 
 def main(args: argparse.Namespace) -> int:
     """`llmosd node --join HOST:PORT --token T`: run the agent until SIGTERM or SIGINT."""
-    cpu_policy.control_plane()   # before any thread; its ranks switch back (rank.py)
     token = args.token or os.environ.get("LLMASOS_JOIN_TOKEN", "")
     if not token:
         print("llmosd node: give --token T (or $LLMASOS_JOIN_TOKEN): a join token made on the "

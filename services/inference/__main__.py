@@ -12,7 +12,6 @@ import sys
 import grpc
 import structlog
 
-from llmasos.kernel.cpu_policy import data_plane
 from llmasos.services.inference import parallel
 from llmasos.services.inference.engine import Engine
 from llmasos.services.inference.servicer import add_to_server
@@ -49,5 +48,4 @@ def register(server: grpc.Server, args: argparse.Namespace) -> list[str]:
 
 
 if __name__ == "__main__":
-    data_plane()   # before any thread: the forward's threads inherit it (kernel/cpu_policy.py)
     sys.exit(serve("inference", register))

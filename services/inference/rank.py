@@ -25,7 +25,6 @@ from llmasos.drivers.model.kv_pool import KVPool
 from llmasos.drivers.model.llama import LlamaModel
 from llmasos.drivers.parallel.comm import Comm, step_collectives
 from llmasos.drivers.parallel.stage import Flight, StageLlama
-from llmasos.kernel.cpu_policy import data_plane
 from llmasos.services.inference.engine import DTYPES
 from llmasos.services.inference.parallel import (
     ARGS_KEY,
@@ -100,7 +99,6 @@ def serve(comm: Comm, model: LlamaModel | None, pool: KVPool | None) -> int:
 
 
 def main(argv: list[str]) -> int:
-    data_plane()   # a node's agent runs SCHED_BATCH (kernel/cpu_policy.py); a rank computes
     a = parse(argv)
     threading.Thread(target=watch_parent, args=(os.getppid(),), daemon=True).start()
     structlog.contextvars.bind_contextvars(tp_rank=a.rank, model=a.model)
