@@ -6,6 +6,11 @@ greedy tokens as the PyTorch path."""
 from __future__ import annotations
 
 import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,6 +156,23 @@ def test_the_build_is_kept_per_source_compiler_and_cpu(monkeypatch, tmp_path) ->
     stamp = built[0].stat().st_mtime_ns
     assert build.load_library.__wrapped__("paged_decode") is not None
     assert built[0].stat().st_mtime_ns == stamp   # the second load reuses it
+
+
+def test_an_aten_capped_at_avx2_builds_for_avx2() -> None:
+    """Under `make test-avx2` the kernels take an AVX2-only machine's code paths, as ATen does;
+    otherwise they are built for this CPU (an AVX2-only CPU's ATen says AVX2 itself)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86's instruction levels")
+    code = ("import torch; from llmasos.drivers.cpu import build; "
+            "print(torch.backends.cpu.get_cpu_capability(), *build.arch_flags())")
+    capped = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    free = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    for env in (capped, free):
+        cap, *flags = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                     text=True, timeout=120, check=True).stdout.split()
+        want = ["-march=x86-64-v3", "-mtune=native"] if cap == "AVX2" else ["-march=native"]
+        assert flags == want, (cap, flags)
+    assert cap != "AVX2" or "avx512f" not in Path("/proc/cpuinfo").read_text()
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Compile a C source of this folder into a shared library, once per source, compiler and CPU,
 kept under $XDG_CACHE_HOME/llmasos/native (rebuildable, deletable). Built for this CPU
-(-march=native), so the key holds the CPU's model and flags: a home shared by machines of two
-CPU families keeps one library for each. No compiler, or a failed build, gives None and one
+(-march=native, or AVX2's level where ATen is capped there: arch_flags), so the key holds the
+flags and the CPU's model: a home shared by machines of two CPU families keeps one library for
+each. No compiler, or a failed build, gives None and one
 warning naming the fix; the caller then keeps its PyTorch path."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -16,6 +18,7 @@ from functools import cache
 from pathlib import Path
 
 import structlog
+import torch
 
 from llmasos.drivers.loaders.cache import weights_cache_dir
 from llmasos.drivers.model.probe_cache import cpu_signature
@@ -24,8 +27,18 @@ log = structlog.get_logger()
 HERE = Path(__file__).resolve().parent
 # -fopenmp links libgomp.so.1, the soname torch has loaded by then: one OpenMP runtime and one
 # thread pool for torch's ops and these kernels, not two pools competing for the cores
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 COMPILER_ENV = "CC"
+
+
+def arch_flags() -> tuple[str, ...]:
+    """This CPU's instructions (-march=native), but AVX2's level on x86 where ATen was told to
+    stop there (ATEN_CPU_CAPABILITY=avx2, as `make test-avx2` runs): the kernels then take the
+    code paths of an AVX2-only machine, as the rest of the process does."""
+    if platform.machine() in ("x86_64", "AMD64") and \
+            torch.backends.cpu.get_cpu_capability() == "AVX2":
+        return ("-march=x86-64-v3", "-mtune=native")
+    return ("-march=native",)
 
 
 def native_dir() -> Path:
@@ -47,7 +60,8 @@ def _version(cc: str) -> str:
 
 def library_path(name: str, cc: str) -> Path:
     source = (HERE / f"{name}.c").read_bytes()
-    key = hashlib.sha256(b"\0".join([source, _version(cc).encode(), " ".join(FLAGS).encode(),
+    flags = " ".join((*FLAGS, *arch_flags()))
+    key = hashlib.sha256(b"\0".join([source, _version(cc).encode(), flags.encode(),
                                      cpu_signature().encode()])).hexdigest()[:16]
     return native_dir() / f"{name}-{key}.so"
 
@@ -58,7 +72,7 @@ def compile_library(name: str, cc: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, "-o", tmp, str(HERE / f"{name}.c")], check=True,
+        subprocess.run([cc, *FLAGS, *arch_flags(), "-o", tmp, str(HERE / f"{name}.c")], check=True,
                        capture_output=True, text=True, timeout=300)
         os.replace(tmp, target)
     finally:
