@@ -29,7 +29,9 @@ def row_scale(x: torch.Tensor, inv_smooth: torch.Tensor | None
     """(rows, amax): rows [n, k] = x * inv_smooth / amax, a fresh tensor; amax [n, 1] the
     largest |x * inv_smooth| of each row, at least 1e-30. x [n, k] fp32 is left as it is."""
     fn = _kernel()
-    if fn is None or x.dtype != torch.float32 or x.stride(1) != 1:
+    if fn is None or x.dtype != torch.float32 or x.stride(1) != 1 or (
+            inv_smooth is not None and not (inv_smooth.dtype == torch.float32 and
+                                            inv_smooth.is_contiguous())):
         return torch_row_scale(x, inv_smooth)
     n, k = x.shape
     rows, amax = torch.empty(n, k), torch.empty(n, 1)

@@ -336,12 +336,11 @@ class LlamaModel:
         else op by op (per-head norms, partial rotary, learned positions, the Triton path)."""
         cfg = self.cfg
         t, qk_heads = qkv.shape[0], cfg.num_heads + cfg.num_kv_heads
+        qk = qkv[:, : self.q_size + self.kv_size].view(t, qk_heads, cfg.head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(t, cfg.num_kv_heads, cfg.head_dim)
         if self.kernels is None and layer.q_norm is None and self.family.positions == "rope" \
                 and rope_kv(qkv, rope, batch.slot_mapping, k_cache, v_cache, cfg.num_heads):
-            qk = qkv[:, : self.q_size + self.kv_size].view(t, qk_heads, cfg.head_dim)
-            return qk[:, : cfg.num_heads], qk[:, cfg.num_heads:], v
-        qk = qkv[:, : self.q_size + self.kv_size].view(t, qk_heads, cfg.head_dim)
+            return qk[:, : cfg.num_heads], qk[:, cfg.num_heads:], v   # rotated in place
         if layer.q_norm is not None:  # per-head norms before RoPE (Qwen3, Gemma 3)
             qk = torch.cat((self.rms_norm(qk[:, : cfg.num_heads], layer.q_norm),
                             self.rms_norm(qk[:, cfg.num_heads:], layer.k_norm)), dim=1)
