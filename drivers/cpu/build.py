@@ -102,3 +102,14 @@ def load_library(name: str) -> ctypes.CDLL | None:
                     fix=f"check that {cc} can build C with OpenMP (-fopenmp); the PyTorch "
                         "path serves meanwhile")
         return None
+
+
+def native_function(name: str, argtypes: list, restype: object) -> ctypes._CFuncPtr | None:
+    """The function `name` of drivers/cpu/{name}.c, typed for ctypes, or None where the library
+    cannot be built (its caller keeps its PyTorch path)."""
+    lib = load_library(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, name)
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn

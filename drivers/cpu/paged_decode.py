@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from llmasos.drivers.cpu.build import load_library
+from llmasos.drivers.cpu.build import native_function
 from llmasos.drivers.model.attention import PagedGroup, group_attention
 
 MODE_ENV = "LLMASOS_CPU_ATTENTION"   # "native" (default) or "sdpa"
@@ -25,12 +25,7 @@ KV_DTYPES = (torch.float32, torch.float16)   # the pool's widths the C reads (fp
 
 
 def _kernel() -> ctypes._CFuncPtr | None:
-    lib = load_library("paged_decode")
-    if lib is None:
-        return None
-    fn = lib.paged_decode
-    fn.argtypes, fn.restype = ARGTYPES, ctypes.c_int
-    return fn
+    return native_function("paged_decode", ARGTYPES, ctypes.c_int)
 
 
 def fits(dtype: torch.dtype, device: torch.device, head_dim: int, gqa: int) -> bool:

@@ -1,5 +1,5 @@
 """RoPE in place on the fused QKV rows and the step's K/V stored into the pool, in one call
-(drivers/cpu/rope_kv.c) for the CPU's fp32 rows with full rotate-half rotary; None from
+(drivers/cpu/rope_kv.c) for the CPU's fp32 rows with full rotate-half rotary; False from
 rope_kv() sends the caller to the PyTorch path (apply_rope, then write_kv). Both give the
 same bits."""
 
@@ -10,7 +10,7 @@ from functools import cache
 
 import torch
 
-from llmasos.drivers.cpu.build import load_library
+from llmasos.drivers.cpu.build import native_function
 
 P, I64 = ctypes.c_void_p, ctypes.c_int64
 ARGTYPES = [P, I64, P, P, I64, P, P, P, I64, I64, I64, I64, I64, ctypes.c_int, ctypes.c_int]
@@ -19,12 +19,7 @@ POOL_DTYPES = (torch.float32, torch.float16)
 
 @cache
 def _kernel() -> ctypes._CFuncPtr | None:
-    lib = load_library("rope_kv")
-    if lib is None:
-        return None
-    fn = lib.rope_kv
-    fn.argtypes, fn.restype = ARGTYPES, ctypes.c_int
-    return fn
+    return native_function("rope_kv", ARGTYPES, ctypes.c_int)
 
 
 def fits(qkv: torch.Tensor, cos: torch.Tensor, k_cache: torch.Tensor, head_dim: int) -> bool:

@@ -9,19 +9,14 @@ from functools import cache
 
 import torch
 
-from llmasos.drivers.cpu.build import load_library
+from llmasos.drivers.cpu.build import native_function
 
 P, I64 = ctypes.c_void_p, ctypes.c_int64
 
 
 @cache
 def _kernel() -> ctypes._CFuncPtr | None:
-    lib = load_library("row_scale")
-    if lib is None:
-        return None
-    fn = lib.row_scale
-    fn.argtypes, fn.restype = [P, I64, P, P, P, I64, I64, ctypes.c_int], None
-    return fn
+    return native_function("row_scale", [P, I64, P, P, P, I64, I64, ctypes.c_int], None)
 
 
 def row_scale(x: torch.Tensor, inv_smooth: torch.Tensor | None
