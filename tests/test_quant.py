@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from llmasos.drivers.cpu import build
 from llmasos.drivers.quant.apply import quantize_model, smooth_factor
-from llmasos.drivers.quant.cpu_int8 import pack_int8
+from llmasos.drivers.quant.cpu_int8 import pack_int8, supported_engines
 from llmasos.drivers.quant.embedding import Int8Embedding
 from llmasos.drivers.quant.recipe import recipe
 from llmasos.proto import kernel_pb2
@@ -39,6 +39,10 @@ from conftest import greedy as greedy_params
 
 warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
 SLOW = pytest.mark.timeout(1800)  # loading + quantizing the model, on shared cores
+# the native kernel and fbgemm's static op (x86): what the probe picks among on x86 CPUs (oneDNN
+# limited to AVX2 saturates its int16 pairs: the probe's error margin keeps it out)
+ENGINES = pytest.mark.parametrize("engine", [e for e in supported_engines()
+                                             if e in ("native", "x86")])
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GREEDY = SamplingParams(max_tokens=1 << 16, ignore_eos=True)
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was",
@@ -55,25 +59,26 @@ def gguf_path() -> str:
 
 def int8_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Worst-case |y - x @ w.T| [rows, out] of the int8 linear. Per row, x is scaled to
-    max |x| = 1 and quantized to uint8 over [-1, 1]: step 2/255, so each element is off by at
-    most 1/255 of the row's max |x| (the clamp at the top end of the range is half a step
-    too). Each weight is int8 per output channel: off by at most half a step, 1/254 of the
+    max |x| = 1 and quantized over [-1, 1]: the native kernel to int8 in steps of 1/127,
+    fbgemm to uint8 in steps of 2/255, so each element is off by at most 1/254 of the row's
+    max |x| (fbgemm's clamp at the top end of its range is half a step too). Each weight is int8 per output channel: off by at most half a step, 1/254 of the
     channel's max |w|. The int32 accumulation is exact, so |error| <= sum_k
     |x_k| dw + |w_k| dx + dx dw, bounded with |x_k| <= max|x|, |w_k| <= max|w|."""
     ax = x.abs().amax(dim=1, keepdim=True)            # [rows, 1]
     aw = w.abs().amax(dim=1)[None, :]                 # [1, out]
-    dx, dw = ax / 255, aw / 254
+    dx, dw = ax / 254, aw / 254   # half a step: 127 steps a side (native), 127.5 (fbgemm)
     return x.shape[1] * (ax * dw + aw * dx + dx * dw) * 1.0001 + 1e-6  # + fp32 rounding
 
 
 @pytest.mark.parametrize("smooth", [False, True])
-def test_int8_linear_within_bound(smooth: bool) -> None:
+@ENGINES
+def test_int8_linear_within_bound(smooth: bool, engine: str) -> None:
     g = torch.Generator().manual_seed(1)
     w = torch.randn(1536, 576, generator=g) * 0.05
     x = torch.randn(9, 576, generator=g) * torch.logspace(-2, 2, 9)[:, None]  # rows of any size
     x[:, 7] *= 30  # an outlier channel, as LLM activations have
     s = torch.rand(576, generator=g) + 0.5 if smooth else None
-    y = pack_int8(w, s).matmul(x)
+    y = pack_int8(w, s, engine).matmul(x)
     ref = x @ w.T
     # smoothing quantizes x / s and W * s: the bound holds for those operands
     xs, ws = (x, w) if s is None else (x / s, w * s)
@@ -84,36 +89,40 @@ def rel_rms(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
 
 
-def test_int8_linear_typical_error_and_smoothing() -> None:
+@ENGINES
+def test_int8_linear_typical_error_and_smoothing(engine: str) -> None:
     """The bound above is a worst case; typical errors are ~1% (two ~0.6% roundings), and an
     outlier channel, which coarsens its whole row's grid, is what smoothing repairs."""
     g = torch.Generator().manual_seed(5)
     w = torch.randn(1536, 576, generator=g) * 0.05
     x = torch.randn(32, 576, generator=g)
-    assert rel_rms(pack_int8(w).matmul(x), x @ w.T) < 0.02
+    assert rel_rms(pack_int8(w, engine=engine).matmul(x), x @ w.T) < 0.02
     x[:, 7] *= 50
     ref = x @ w.T
-    plain = rel_rms(pack_int8(w).matmul(x), ref)
-    smoothed = rel_rms(pack_int8(w, smooth_factor(x.abs().amax(dim=0), w, 0.5)).matmul(x), ref)
+    plain = rel_rms(pack_int8(w, engine=engine).matmul(x), ref)
+    smooth = smooth_factor(x.abs().amax(dim=0), w, 0.5)
+    smoothed = rel_rms(pack_int8(w, smooth, engine).matmul(x), ref)
     assert smoothed < plain / 2, (smoothed, plain)
 
 
-def test_int8_linear_bias_and_shape() -> None:
+@ENGINES
+def test_int8_linear_bias_and_shape(engine: str) -> None:
     g = torch.Generator().manual_seed(2)
     w, b = torch.randn(64, 32, generator=g), torch.randn(64, generator=g)
     x = torch.randn(2, 3, 32, generator=g)
-    lin = pack_int8(w)
+    lin = pack_int8(w, engine=engine)
     y = lin.matmul(x, b)
     assert y.shape == (2, 3, 64)
     assert torch.equal(y, lin.matmul(x) + b)
     assert lin.nbytes >= 64 * 32
 
 
-def test_int8_linear_batch_invariant_bit_exact() -> None:
+@ENGINES
+def test_int8_linear_batch_invariant_bit_exact(engine: str) -> None:
     """A row's output is the same bits alone and in batches of any size and content."""
     g = torch.Generator().manual_seed(3)
     lin = pack_int8(torch.randn(1536, 576, generator=g) * 0.05,
-                    torch.rand(576, generator=g) + 0.5)
+                    torch.rand(576, generator=g) + 0.5, engine)
     row = torch.randn(1, 576, generator=g)
     alone = lin.matmul(row)
     for n in (2, 8, 33, 100):
@@ -122,8 +131,9 @@ def test_int8_linear_batch_invariant_bit_exact() -> None:
         assert torch.equal(lin.matmul(batch)[n // 2: n // 2 + 1], alone), n
 
 
-def test_zero_row() -> None:
-    lin = pack_int8(torch.randn(16, 8))
+@ENGINES
+def test_zero_row(engine: str) -> None:
+    lin = pack_int8(torch.randn(16, 8), engine=engine)
     assert torch.equal(lin.matmul(torch.zeros(1, 8)), torch.zeros(1, 16))
 
 

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from llmasos.drivers.loaders.config import ModelConfig
 from llmasos.drivers.quant.cpu_int8 import Int8Linear, pack_quantized, unpack
+from llmasos.drivers.quant.cpu_native import NativeInt8Linear
 from llmasos.drivers.quant.embedding import Int8Embedding
 from llmasos.drivers.quant.recipe import Recipe
 
@@ -60,7 +61,7 @@ def save(file: Path, model: Any, cfg: ModelConfig, checkpoint: dict[str, torch.T
     layout: dict[str, str] = {}
     for path, owner, attr in _slots(model):
         w = getattr(owner, attr)
-        if isinstance(w, Int8Linear):
+        if isinstance(w, (Int8Linear, NativeInt8Linear)):
             layout[path] = "int8"
             tensors[f"{path}.q"], tensors[f"{path}.scale"] = unpack(w)
             if w.inv_smooth is not None:

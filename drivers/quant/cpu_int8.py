@@ -1,4 +1,6 @@
-"""int8 linear on the CPU through PyTorch's quantized dynamic linear (fbgemm / x86 / onednn).
+"""int8 linear on the CPU: this project's kernel (cpu_native.py, engine "native") or PyTorch's
+quantized linear (fbgemm / x86 / onednn), whichever this CPU's probe picks (choose_engine).
+The rest of this docstring is about PyTorch's engines.
 
 Weights: symmetric int8 per output channel, packed once by the engine's prepack.
 Activations: quantized per ROW, batch-invariantly. The ops take one (scale, zero point) for
@@ -26,13 +28,18 @@ from dataclasses import dataclass
 import structlog
 import torch
 
+from llmasos.drivers.cpu import int8_linear
 from llmasos.drivers.cpu.row_scale import row_scale
 from llmasos.drivers.model import probe_cache
+from llmasos.drivers.quant.cpu_native import NativeInt8Linear, pack_native
 from llmasos.drivers.quant.footprint import Footprint, measured
 
 log = structlog.get_logger()
 
-ENGINES = ("x86", "fbgemm", "onednn")  # in order of preference; probed for speed
+NATIVE = "native"   # drivers/cpu/int8_linear.c, on x86 CPUs with AVX2 or AVX-512 VNNI
+# in order of preference; probed for speed. The native kernel comes first: its packed weight is
+# a plain tensor of 1 byte a weight, and its rows need no scaling pass around the call.
+ENGINES = (NATIVE, "x86", "fbgemm", "onednn")
 # A later engine wins the probe only if this much faster: sub-ms timings on shared cores are
 # noisy, and onednn's packed weight keeps a second int8 copy (2.07 bytes a weight, measured,
 # against fbgemm's 1.15).
@@ -113,19 +120,37 @@ class Int8Linear:
         return y if bias is None else y.add_(bias)
 
 
-def pack_int8(w: torch.Tensor, smooth: torch.Tensor | None = None) -> Int8Linear:
+Linear = Int8Linear | NativeInt8Linear
+
+
+def current_engine() -> str:
+    """The engine packing uses: the probe's pick once choose_engine ran, else PyTorch's."""
+    return _chosen or torch.backends.quantized.engine
+
+
+def use_engine(engine: str) -> None:
+    if engine != NATIVE:
+        torch.backends.quantized.engine = engine
+
+
+def pack_int8(w: torch.Tensor, smooth: torch.Tensor | None = None,
+              engine: str | None = None) -> Linear:
     """Quantize an fp32 weight [N, K]; with smooth [K], computes (x / smooth) @ (W * smooth).T."""
     w = w.float() if smooth is None else w.float() * smooth[None, :]
     q, scale = quantize_weight(w)
     inv = None if smooth is None else (1.0 / smooth).float().contiguous()
-    return pack_quantized(q, scale, inv)
+    return pack_quantized(q, scale, inv, engine=engine)
 
 
-def pack_quantized(q: torch.Tensor, scale: torch.Tensor,
-                   inv_smooth: torch.Tensor | None = None, bits: int = 0) -> Int8Linear:
-    """Pack int8 weights q [N, K] with per-channel scale [N] (as quantize_weight made them)."""
+def pack_quantized(q: torch.Tensor, scale: torch.Tensor, inv_smooth: torch.Tensor | None = None,
+                   bits: int = 0, engine: str | None = None) -> Linear:
+    """Pack int8 weights q [N, K] with per-channel scale [N] (as quantize_weight made them) for
+    `engine` (current_engine() when None)."""
+    engine = engine or current_engine()
+    if engine == NATIVE:
+        return pack_native(q, scale, inv_smooth)
+    use_engine(engine)
     n, k = q.shape
-    engine = torch.backends.quantized.engine
     packed, footprint = measured((engine, n, k), q.nbytes, lambda: prepack(q, scale))
     static = static_op()
     return Int8Linear(n, k, packed, footprint, static, None if static else anchor_row(k),
@@ -153,8 +178,10 @@ def activation_bits(shape: tuple[int, int] = (1536, 576)) -> int:
     return _bits[engine]
 
 
-def unpack(lin: Int8Linear) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack(lin: Linear) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [N, K], scale fp32 [N]) back from the packed weight, for the int8 cache."""
+    if isinstance(lin, NativeInt8Linear):
+        return lin.unpack()
     qw, _ = torch.ops.quantized.linear_unpack(lin.packed)
     return qw.int_repr().contiguous(), qw.q_per_channel_scales().float()
 
@@ -164,15 +191,14 @@ ROUNDS = 30  # timing rounds, each engine once a round: a burst of load slows th
 
 @dataclass(frozen=True)
 class Candidate:
-    lin: Int8Linear  # the probe's weight packed by this engine
+    lin: Linear      # the probe's weight packed by this engine
     error: float     # relative RMS error against fp32 on the probe's rows
 
 
 def _candidate(engine: str, w: torch.Tensor, xs: list[torch.Tensor]) -> Candidate | None:
     """`engine` on the probe's weight and rows, or None if it fails or is not batch-invariant."""
     try:
-        torch.backends.quantized.engine = engine
-        lin = pack_int8(w)
+        lin = pack_int8(w, engine=engine)
         alone = lin.matmul(xs[-1][:1])
         y = lin.matmul(xs[-1])
         if not torch.equal(alone, y[:1]):
@@ -191,7 +217,7 @@ def _race(candidates: dict[str, Candidate], xs: list[torch.Tensor]) -> dict[str,
     best = dict.fromkeys(candidates, float("inf"))
     for _ in range(ROUNDS):
         for engine, c in candidates.items():
-            torch.backends.quantized.engine = engine
+            use_engine(engine)
             t0 = time.perf_counter()
             for x in xs:
                 c.lin.matmul(x)
@@ -207,14 +233,22 @@ def choose_engine(shape: tuple[int, int] = (1536, 576), rows: tuple[int, ...] = 
     apart in the last bit, so a restart timed on a busy machine must not switch them."""
     global _chosen
     if _chosen is None:
-        supported = [e for e in ENGINES if e in torch.backends.quantized.supported_engines]
+        supported = supported_engines()
         w = torch.empty(shape)
         key = probe_cache.probe_key(f"quant_engine/{','.join(supported)}/{rows}", w)
         remembered = probe_cache.remembered(key, lambda: measure_engine(shape, rows, supported))
         _chosen = (remembered if remembered in supported    # a damaged file: measured anew
                    else measure_engine(shape, rows, supported))
-    torch.backends.quantized.engine = _chosen
+    use_engine(_chosen)
     return _chosen
+
+
+def supported_engines() -> list[str]:
+    """ENGINES this process can run: the native kernel where it built for AVX2 or AVX-512 VNNI
+    (its scalar C is slower than PyTorch's engines), and PyTorch's quantized engines."""
+    torch_engines = torch.backends.quantized.supported_engines
+    return [e for e in ENGINES
+            if (e == NATIVE and int8_linear.isa() > 0) or e in torch_engines]
 
 
 def measure_engine(shape: tuple[int, int], rows: tuple[int, ...], supported: list[str]) -> str:
@@ -232,8 +266,9 @@ def measure_engine(shape: tuple[int, int], rows: tuple[int, ...], supported: lis
     seconds = _race(exact, xs)
     fastest = min(seconds.values())
     chosen = next(e for e in exact if seconds[e] <= fastest * PREFER_MARGIN)
-    torch.backends.quantized.engine = chosen   # activation_bits() measures the current one
-    log.info("quant_engine", engine=chosen, activation_bits=activation_bits(),
+    use_engine(chosen)   # activation_bits() measures PyTorch's current one
+    log.info("quant_engine", engine=chosen,
+             activation_bits=None if chosen == NATIVE else activation_bits(),
              ms={e: round(t * 1e3, 3) for e, t in seconds.items()},
              error={e: round(c.error, 4) for e, c in candidates.items()})
     return chosen
@@ -249,8 +284,8 @@ class CpuInt8:
         self.engine = choose_engine()
 
     def quantize(self, w: torch.Tensor, fmt: str, smooth: torch.Tensor | None = None
-                 ) -> Int8Linear:
+                 ) -> Linear:
         if fmt != "int8":
             raise ValueError(f"quant format {fmt!r} is not served on the CPU; use one of "
                              f"{list(self.formats)}")
-        return pack_int8(w, smooth)
+        return pack_int8(w, smooth, self.engine)

@@ -1,0 +1,95 @@
+"""The int8 linear's native kernel (drivers/cpu/int8_linear.c): weights packed in its block
+layout, activations quantized per row inside the call. It serves x86 CPUs with AVX2 or
+AVX-512 VNNI; elsewhere (isa() == 0) the quantized engines of drivers/quant/cpu_int8.py do."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from llmasos.drivers.cpu.build import load_library, native_function
+
+P, I64 = ctypes.c_void_p, ctypes.c_int64
+BLOCK = 16   # output channels a block (the C's BLOCK)
+LEVELS = 127  # activations and weights are symmetric int8 in [-127, 127]
+
+
+ARGTYPES = [P, I64, P, I64, I64, P, P, P, P, I64, P, I64, ctypes.c_int]
+
+
+@cache
+def _kernel() -> ctypes._CFuncPtr | None:
+    return native_function("int8_linear", ARGTYPES, ctypes.c_int)
+
+
+def isa() -> int:
+    """512 (AVX-512 VNNI), 256 (AVX2) or 0 (the scalar C, or no library): what the kernel was
+    built to use on this CPU."""
+    lib = load_library("int8_linear")
+    return int(lib.int8_linear_isa()) if lib is not None else 0
+
+
+@dataclass(eq=False)
+class PackedInt8:
+    """W [n, k] int8 in the kernel's layout [n/16, k/4, 16, 4] (padded with zeros)."""
+
+    w: torch.Tensor          # int8 [ceil(n/16), ceil(k/4), 16, 4]
+    scale: torch.Tensor      # fp32 [n]: the weight's per-channel scale, W ~ q * scale
+    col_scale: torch.Tensor  # fp32 [n]: scale / 127, what the kernel multiplies by
+    colsum128: torch.Tensor  # int32 [n]: 128 * sum_k W, what VNNI's unsigned rows add
+    n: int
+    k: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes + self.scale.nbytes + self.col_scale.nbytes + self.colsum128.nbytes
+
+
+def pack(q: torch.Tensor, scale: torch.Tensor) -> PackedInt8:
+    """q int8 [n, k] in [-127, 127] (a -128 is clamped to -127: AVX2's sign trick needs the
+    symmetric range) with per-channel scale [n], as quantize_weight makes them."""
+    n, k = q.shape
+    kp, np_ = -(-k // 4) * 4, -(-n // BLOCK) * BLOCK
+    padded = torch.zeros(np_, kp, dtype=torch.int8)
+    padded[:n, :k] = q.clamp(min=-LEVELS)
+    w = padded.view(np_ // BLOCK, BLOCK, kp // 4, 4).permute(0, 2, 1, 3).contiguous()
+    colsum = padded[:n].sum(dim=1, dtype=torch.int32) * 128
+    scale = scale.float().contiguous()
+    return PackedInt8(w, scale, scale / LEVELS, colsum.contiguous(), n, k)
+
+
+def unpack(p: PackedInt8) -> torch.Tensor:
+    """q int8 [n, k] back from the packed layout."""
+    kp = p.w.shape[1] * 4
+    return p.w.permute(0, 2, 1, 3).reshape(-1, kp)[:p.n, :p.k].contiguous()
+
+
+def typed(lib: ctypes.CDLL) -> ctypes._CFuncPtr:
+    """The library's int8_linear, typed (for a library built for another ISA, in the tests)."""
+    fn = lib.int8_linear
+    fn.argtypes, fn.restype = ARGTYPES, ctypes.c_int
+    return fn
+
+
+def int8_linear(x: torch.Tensor, p: PackedInt8, inv_smooth: torch.Tensor | None,
+                bias: torch.Tensor | None, fn: ctypes._CFuncPtr | None = None) -> torch.Tensor:
+    """y [m, n] = x [m, k] (fp32, rows along k) through the packed weight, + bias (fp32 [n],
+    contiguous, as inv_smooth [k])."""
+    fn = fn or _kernel()
+    if fn is None:
+        raise RuntimeError("the int8_linear kernel could not be built; deploy with the "
+                           "quantized engines (drivers/quant/cpu_int8.py) instead")
+    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] != p.k:
+        raise ValueError(f"int8_linear takes fp32 rows [m, {p.k}] laid out along k, got "
+                         f"{x.dtype} {tuple(x.shape)} with strides {x.stride()}")
+    m = x.shape[0]
+    y = torch.empty(m, p.n)
+    if fn(x.data_ptr(), x.stride(0), None if inv_smooth is None else inv_smooth.data_ptr(), m,
+          p.k, p.w.data_ptr(), p.col_scale.data_ptr(), p.colsum128.data_ptr(),
+          None if bias is None else bias.data_ptr(), p.n, y.data_ptr(), y.stride(0),
+          torch.get_num_threads()) != 0:
+        raise MemoryError(f"int8_linear: no memory for {m} quantized rows of {p.k}")
+    return y

@@ -1,0 +1,132 @@
+"""The native int8 linear (drivers/cpu/int8_linear.c) against its definition computed with
+PyTorch's integer matmul: the same bits, for every ISA path this CPU can run (AVX-512 VNNI,
+AVX2, the scalar C), on odd shapes, strided rows and the edge rows (all zero, NaN)."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmasos.drivers.cpu import build
+from llmasos.drivers.cpu import int8_linear as kernel
+from llmasos.drivers.cpu.int8_linear import PackedInt8, int8_linear, pack, unpack
+from llmasos.drivers.quant.cpu_int8 import quantize_weight
+
+X86 = platform.machine() in ("x86_64", "AMD64")
+# the flags of each path: the scalar C (x86-64), AVX2 (x86-64-v3), and this CPU's best
+ISA_FLAGS = {"scalar": ("-march=x86-64",), "avx2": ("-march=x86-64-v3",),
+             "native": ("-march=native",)}
+
+
+def reference(x: torch.Tensor, p: PackedInt8, inv: torch.Tensor | None,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel's definition, op for op: s = round(v / max|v| * 127), exact integer sums,
+    then (sum * col_scale) * max|v| (+ bias), each rounded to fp32 in that order."""
+    v = x * inv if inv is not None else x
+    a = v.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
+    s = torch.round(v / a * 127).clamp(-127, 127).to(torch.int64)
+    acc = s @ unpack(p).to(torch.int64).T
+    y = acc.to(torch.float32) * p.col_scale * a
+    return y if bias is None else y + bias
+
+
+@pytest.fixture(scope="module", params=list(ISA_FLAGS))
+def isa_kernel(request: pytest.FixtureRequest) -> ctypes._CFuncPtr:
+    """int8_linear built for one ISA, as a machine of that kind builds it."""
+    if not X86:
+        pytest.skip("the ISA paths are x86's")
+    if build.compiler() is None:
+        pytest.skip("no C compiler on this machine: PyTorch's quantized engines serve")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(build, "arch_flags", lambda: ISA_FLAGS[request.param])
+    try:
+        lib = build.load_library.__wrapped__("int8_linear")
+    finally:
+        mp.undo()
+    assert lib is not None
+    return kernel.typed(lib)
+
+
+def make(n: int, k: int, seed: int) -> tuple[torch.Tensor, PackedInt8]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g)
+    return w, pack(*quantize_weight(w))
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(1, 20), n=st.integers(1, 70), k=st.integers(1, 300),
+       pad=st.integers(0, 3), smooth=st.booleans(), with_bias=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_the_kernel_gives_its_definition_bit_for_bit(
+        isa_kernel: ctypes._CFuncPtr, m: int, n: int, k: int, pad: int, smooth: bool,
+        with_bias: bool, seed: int) -> None:
+    """Shapes off every block (n not a multiple of 16, k not of 4, m past the row groups), rows
+    with a stride, an outlier channel, an all-zero row."""
+    g = torch.Generator().manual_seed(seed + 1)
+    _, p = make(n, k, seed)
+    x = (torch.randn(m, k + pad, generator=g) * torch.logspace(-3, 3, m)[:, None])[:, :k]
+    x[:, 0] *= 40
+    x[m // 2] = 0.0
+    inv = torch.rand(k, generator=g) + 0.25 if smooth else None
+    bias = torch.randn(n, generator=g) if with_bias else None
+    assert torch.equal(int8_linear(x, p, inv, bias, isa_kernel), reference(x, p, inv, bias))
+
+
+def test_the_threaded_path_gives_the_same_bits(isa_kernel: ctypes._CFuncPtr) -> None:
+    """Past the cut where rows and weight blocks spread over the threads."""
+    _, p = make(300, 1000, 7)
+    x = torch.randn(70, 1000, generator=torch.Generator().manual_seed(8))
+    y = int8_linear(x, p, None, None, isa_kernel)
+    assert torch.equal(y, reference(x, p, None, None))
+    assert torch.equal(int8_linear(x[33:34].clone(), p, None, None, isa_kernel), y[33:34])
+
+
+def test_every_isa_adds_the_same_integers() -> None:
+    """The paths this CPU runs agree with each other exactly (each equals the definition)."""
+    if not X86 or build.compiler() is None:
+        pytest.skip("the ISA paths are x86's, built with a C compiler")
+    _, p = make(200, 576, 3)
+    x = torch.randn(9, 576, generator=torch.Generator().manual_seed(4))
+    outs = []
+    for flags in ISA_FLAGS.values():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(build, "arch_flags", lambda flags=flags: flags)
+            lib = build.load_library.__wrapped__("int8_linear")
+        assert lib is not None
+        outs.append(int8_linear(x, p, None, None, kernel.typed(lib)))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_a_nan_row_stays_in_its_row() -> None:
+    if kernel._kernel() is None:
+        pytest.skip("no C compiler on this machine")
+    _, p = make(40, 64, 5)
+    x = torch.randn(3, 64)
+    x[1, 9] = float("nan")
+    y = int8_linear(x, p, None, None)
+    assert y[1].isnan().all() and not y[[0, 2]].isnan().any()
+
+
+def test_pack_round_trips_and_keeps_the_symmetric_range() -> None:
+    q = torch.randint(-128, 128, (37, 21), dtype=torch.int8)
+    p = pack(q, torch.rand(37))
+    assert torch.equal(unpack(p), q.clamp(min=-127))
+    assert p.w.shape == (3, 6, 16, 4)
+    assert p.nbytes == 3 * 6 * 64 + 37 * 4 * 3
+
+
+def test_bad_rows_are_refused_with_the_shape_it_takes() -> None:
+    if kernel._kernel() is None:
+        pytest.skip("no C compiler on this machine")
+    _, p = make(16, 32, 6)
+    with pytest.raises(ValueError, match=r"fp32 rows \[m, 32\]"):
+        int8_linear(torch.randn(2, 31), p, None, None)
+    with pytest.raises(ValueError, match="fp32 rows"):
+        int8_linear(torch.randn(2, 32, dtype=torch.float64), p, None, None)
+    with pytest.raises(ValueError, match="fp32 rows"):
+        int8_linear(torch.randn(32, 2).T, p, None, None)
