@@ -130,3 +130,37 @@ def test_bad_rows_are_refused_with_the_shape_it_takes() -> None:
         int8_linear(torch.randn(2, 32, dtype=torch.float64), p, None, None)
     with pytest.raises(ValueError, match="fp32 rows"):
         int8_linear(torch.randn(32, 2).T, p, None, None)
+
+
+def test_the_gated_rows_take_silu_gate_times_up(isa_kernel: ctypes._CFuncPtr) -> None:
+    """gated: rows [gate | up] go in, silu(gate) * up is what the linear takes. The C's silu
+    differs from F.silu's by an ulp or two (its own exp polynomial, ~1.5e-7 relative), which
+    can move a quantized element by one step: against the definition on F.silu's product the
+    result stays within a few of those steps, where the int8 rounding itself errs ~1%."""
+    _, p = make(48, 200, 9)
+    g = torch.Generator().manual_seed(10)
+    gate_up = torch.randn(7, 400, generator=g) * 4
+    gate_up[:, 3] = torch.tensor([-200.0, -90.0, -1e-30, 0.0, 1e-30, 90.0, 200.0])  # the tails
+    inv = torch.rand(200, generator=g) + 0.25
+    y = int8_linear(gate_up, p, inv, None, isa_kernel, gated=True)
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = reference(torch.nn.functional.silu(gate) * up, p, inv, None)
+    assert y.isfinite().all()
+    assert ((y - want).pow(2).mean() / want.pow(2).mean()).sqrt() < 1e-3
+    alone = int8_linear(gate_up[4:5].clone(), p, inv, None, isa_kernel, gated=True)
+    assert torch.equal(alone, y[4:5])
+
+
+def test_every_isa_forms_the_same_gated_rows() -> None:
+    if not X86 or build.compiler() is None:
+        pytest.skip("the ISA paths are x86's, built with a C compiler")
+    _, p = make(64, 300, 11)
+    gate_up = torch.randn(5, 600, generator=torch.Generator().manual_seed(12)) * 3
+    outs = []
+    for flags in ISA_FLAGS.values():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(build, "arch_flags", lambda flags=flags: flags)
+            lib = build.load_library.__wrapped__("int8_linear")
+        assert lib is not None
+        outs.append(int8_linear(gate_up, p, None, None, kernel.typed(lib), gated=True))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])

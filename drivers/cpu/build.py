@@ -59,7 +59,9 @@ def _version(cc: str) -> str:
 
 
 def library_path(name: str, cc: str) -> Path:
-    source = (HERE / f"{name}.c").read_bytes()
+    # the folder's headers with the source: a kernel that includes one rebuilds when it changes
+    source = b"\0".join((HERE / f).read_bytes() for f in
+                         (f"{name}.c", *sorted(p.name for p in HERE.glob("*.h"))))
     flags = " ".join((*FLAGS, *arch_flags()))
     key = hashlib.sha256(b"\0".join([source, _version(cc).encode(), flags.encode(),
                                      cpu_signature().encode()])).hexdigest()[:16]

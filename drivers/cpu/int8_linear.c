@@ -25,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "exp.h"
+
 #define BLOCK 16   /* output channels a block */
 /* VNNI's dpbusd takes u8 x s8: rows are stored as s + 128, and the sums lose 128 * sum_k w */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -82,6 +84,16 @@ static float quantize_row(const float *x, const float *inv_smooth, uint8_t *q, i
     }
     for (int64_t j = k; j < kp; j++) q[j] = ZERO;
     return m;
+}
+
+/* silu(g) * u for a gated MLP's rows [gate | up]: silu(g) = g * sigmoid(g), the sigmoid from
+ * exp(-|g|) <= 1, which neither overflows nor underflows to a wrong limit */
+static void silu_mul_row(const float *gate_up, float *v, int64_t k) {
+    #pragma omp simd
+    for (int64_t j = 0; j < k; j++) {
+        float g = gate_up[j], e = exp_nonpositive(-fabsf(g));
+        v[j] = g * ((g >= 0.0f ? 1.0f : e) / (1.0f + e)) * gate_up[k + j];
+    }
 }
 
 /* Integer sums acc[r][c] = sum_k u[r][k] * w[c][k] for `rows` rows against one block. */
@@ -224,21 +236,30 @@ static uint8_t *scratch(size_t bytes) {
     return buf;
 }
 
-/* y [m, n] (row stride y_stride) = the int8 linear of x [m, k] (row stride x_stride).
+/* y [m, n] (row stride y_stride) = the int8 linear of x [m, k] (row stride x_stride); with
+ * gated, x [m, 2k] holds an MLP's [gate | up] rows and the linear takes silu(gate) * up.
  * Returns 0, or -1 where the scratch for the quantized rows could not be had. */
 int int8_linear(const float *x, int64_t x_stride, const float *inv_smooth, int64_t m, int64_t k,
                 const int8_t *w, const float *col_scale, const int32_t *colsum128,
-                const float *bias, int64_t n, float *y, int64_t y_stride, int threads) {
+                const float *bias, int64_t n, float *y, int64_t y_stride, int gated,
+                int threads) {
     int64_t kp = (k + 3) / 4 * 4, blocks = (n + BLOCK - 1) / BLOCK;
-    uint8_t *q = scratch((size_t)(m * kp + m * 4 * sizeof(float)));
+    size_t q_bytes = (size_t)(m * kp), a_bytes = (size_t)m * sizeof(float);
+    uint8_t *q = scratch(q_bytes + a_bytes + (gated ? (size_t)(m * k) * sizeof(float) : 0));
     if (!q) return -1;
-    float *amax = (float *)(q + m * kp);
+    float *amax = (float *)(q + q_bytes), *v = amax + m;   /* m * kp is a multiple of 4 */
     int big = m * k >= (1 << 16);
     #pragma omp parallel num_threads(threads) if (big || blocks * kp >= (1 << 14))
     {
         #pragma omp for schedule(static)
-        for (int64_t r = 0; r < m; r++)
-            amax[r] = quantize_row(x + r * x_stride, inv_smooth, q + r * kp, k, kp);
+        for (int64_t r = 0; r < m; r++) {
+            const float *row = x + r * x_stride;
+            if (gated) {
+                silu_mul_row(row, v + r * k, k);
+                row = v + r * k;
+            }
+            amax[r] = quantize_row(row, inv_smooth, q + r * kp, k, kp);
+        }
         /* blocks split across threads: each streams its own share of the weights once */
         #pragma omp for schedule(static)
         for (int64_t nb = 0; nb < blocks; nb++)

@@ -17,7 +17,7 @@ BLOCK = 16   # output channels a block (the C's BLOCK)
 LEVELS = 127  # activations and weights are symmetric int8 in [-127, 127]
 
 
-ARGTYPES = [P, I64, P, I64, I64, P, P, P, P, I64, P, I64, ctypes.c_int]
+ARGTYPES = [P, I64, P, I64, I64, P, P, P, P, I64, P, I64, ctypes.c_int, ctypes.c_int]
 
 
 @cache
@@ -75,21 +75,24 @@ def typed(lib: ctypes.CDLL) -> ctypes._CFuncPtr:
 
 
 def int8_linear(x: torch.Tensor, p: PackedInt8, inv_smooth: torch.Tensor | None,
-                bias: torch.Tensor | None, fn: ctypes._CFuncPtr | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None, fn: ctypes._CFuncPtr | None = None,
+                gated: bool = False) -> torch.Tensor:
     """y [m, n] = x [m, k] (fp32, rows along k) through the packed weight, + bias (fp32 [n],
-    contiguous, as inv_smooth [k])."""
+    contiguous, as inv_smooth [k]). gated: x [m, 2k] holds a gated MLP's [gate | up] rows, and
+    the linear takes silu(gate) * up (computed in the C, within ~2 ulp of F.silu's)."""
     fn = fn or _kernel()
     if fn is None:
         raise RuntimeError("the int8_linear kernel could not be built; deploy with the "
                            "quantized engines (drivers/quant/cpu_int8.py) instead")
-    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] != p.k:
-        raise ValueError(f"int8_linear takes fp32 rows [m, {p.k}] laid out along k, got "
+    width = 2 * p.k if gated else p.k
+    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] != width:
+        raise ValueError(f"int8_linear takes fp32 rows [m, {width}] laid out along k, got "
                          f"{x.dtype} {tuple(x.shape)} with strides {x.stride()}")
     m = x.shape[0]
     y = torch.empty(m, p.n)
     if fn(x.data_ptr(), x.stride(0), None if inv_smooth is None else inv_smooth.data_ptr(), m,
           p.k, p.w.data_ptr(), p.col_scale.data_ptr(), p.colsum128.data_ptr(),
-          None if bias is None else bias.data_ptr(), p.n, y.data_ptr(), y.stride(0),
+          None if bias is None else bias.data_ptr(), p.n, y.data_ptr(), y.stride(0), gated,
           torch.get_num_threads()) != 0:
         raise MemoryError(f"int8_linear: no memory for {m} quantized rows of {p.k}")
     return y

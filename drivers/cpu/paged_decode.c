@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
+
+#include "exp.h"
 #include <immintrin.h>
 
 typedef float v16 __attribute__((vector_size(64)));   /* 16 floats: 1 AVX-512 or 2 AVX2 regs */
@@ -59,28 +61,6 @@ static inline float sum16(v16 v) {
     memcpy(&b, (const char *)&lo + sizeof a, sizeof b);
     a += b;
     return (a[0] + a[2]) + (a[1] + a[3]);
-}
-
-/* exp(x) for x <= 0: Cephes' expf polynomial (max relative error ~1.5e-7), branch-free so the
- * loops calling it vectorize; below -87 it returns ~1.6e-38 instead of underflowing to 0.
- * n = round(x / ln 2) by adding and subtracting 1.5 * 2^23 (exact for |n| < 2^22): with
- * floorf GCC 12 left the softmax loop scalar (-fopt-info-vec), ~30% of this kernel's time. */
-static inline float exp_nonpositive(float x) {
-    const float shifter = 12582912.0f;   /* 1.5 * 2^23: the sum's last bit is the integer */
-    x = x < -87.0f ? -87.0f : x;
-    float n = (x * 1.44269504088896341f + shifter) - shifter;
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n;
-    __builtin_memcpy(&two_n, &bits, sizeof two_n);
-    return p * two_n;
 }
 
 /* token t's first element in a pool layer; block_size is a power of two (the engine's is 16),

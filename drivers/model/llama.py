@@ -352,6 +352,9 @@ class LlamaModel:
         return q, k, v
 
     def mlp(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
+        if self.family.gated and self.act is F.silu and hasattr(layer.down, "matmul_silu"):
+            # the native int8 down projection forms silu(gate) * up as it quantizes its rows
+            return layer.down.matmul_silu(self.linear(h, layer.gate_up), layer.down_bias)
         if self.family.gated:
             gate, up = self.gate_up(h, layer.gate_up)
             return self.linear(self.act(gate).mul_(up), layer.down, layer.down_bias)

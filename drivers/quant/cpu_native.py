@@ -44,6 +44,19 @@ class NativeInt8Linear:
         y = int8_linear(x, self.packed, self.inv_smooth, bias if fused else None)
         return y if fused or bias is None else y.add_(bias)
 
+    def matmul_silu(self, gate_up: torch.Tensor, bias: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """silu(gate) * up through this weight, for a gated MLP's fused projection rows
+        gate_up [T, 2 * in_features]: the product is formed as the kernel quantizes the rows,
+        so the MLP's chunk, silu and multiply cost no passes of their own."""
+        if gate_up.dtype != torch.float32 or gate_up.dim() != 2 or gate_up.stride(1) != 1:
+            gate, up = gate_up.float().chunk(2, dim=-1)
+            return self.matmul(torch.nn.functional.silu(gate) * up, bias)
+        fused = bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
+        y = int8_linear(gate_up, self.packed, self.inv_smooth, bias if fused else None,
+                        gated=True)
+        return y if fused or bias is None else y.add_(bias)
+
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q int8 [N, K], scale fp32 [N]), as quantize_weight made them, for the int8 cache."""
         return unpack(self.packed), self.packed.scale
