@@ -164,3 +164,30 @@ def test_every_isa_forms_the_same_gated_rows() -> None:
         assert lib is not None
         outs.append(int8_linear(gate_up, p, None, None, kernel.typed(lib), gated=True))
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.parametrize("with_delta", [False, True])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_the_folded_rms_norm(isa_kernel: ctypes._CFuncPtr, with_delta: bool,
+                             smooth: bool) -> None:
+    """norm: the linear takes RMSNorm(x + delta), x += delta written back bit for bit. The
+    rows quantize x * weight (* inv_smooth) whatever the norm's factor r, which only scales
+    the row's result: r's sum of squares adds in the C's order, so y matches the definition
+    to a few fp32 roundings (rtol 1e-6, ~8 eps), and a row is the same bits in any batch."""
+    _, p = make(40, 96, 13)
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(6, 96, generator=g) * 3
+    delta = torch.randn(6, 96, generator=g) if with_delta else None
+    weight = torch.rand(96, generator=g) + 0.5
+    inv = torch.rand(96, generator=g) + 0.25 if smooth else None
+    added = x + delta if delta is not None else x.clone()
+    mul = weight * inv if inv is not None else weight
+    r = torch.rsqrt(added.pow(2).mean(dim=1, keepdim=True) + 1e-5)
+    want = reference(added * mul, p, None, None) * r
+    x_alone, delta_alone = x[2:3].clone(), None if delta is None else delta[2:3].clone()
+    y = int8_linear(x, p, inv, None, isa_kernel, norm=kernel.Norm(weight, 1e-5, delta))
+    assert torch.equal(x, added)
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+    alone = int8_linear(x_alone, p, inv, None, isa_kernel,
+                        norm=kernel.Norm(weight, 1e-5, delta_alone))
+    assert torch.equal(alone, y[2:3])

@@ -2,12 +2,18 @@
  * weights W quantized per output channel (symmetric, in [-127, 127]), the activations quantized
  * per row inside this call.
  *
- * Per row r: v = x * inv_smooth (when given), a = max|v| (at least 1e-30), and each element is
+ * Per row r: v = x * mul (mul per channel: the SmoothQuant factor inv_smooth, an RMSNorm's
+ * weight, their product, or none), a = max|v| (at least 1e-30), and each element is
  * s = round(v / a * 127) (to nearest even; in [-127, 127]). Per output n the int8 products add
- * exactly in int32, acc = sum_k s * w, and y = (float)acc * col_scale[n] * a (+ bias[n]), with
- * col_scale = the weight's scale / 127. A row's result depends on that row alone: the same bits
- * alone or in any batch, and on the AVX-512 VNNI, AVX2 and scalar paths alike (they add the same
- * integers; the float epilogue is the same three operations).
+ * exactly in int32, acc = sum_k s * w, and y = (float)acc * col_scale[n] * (a * c) (+ bias[n]),
+ * with col_scale = the weight's scale / 127 and c the row's norm factor (1 without a norm).
+ * A row's result depends on that row alone: the same bits alone or in any batch, and on the
+ * AVX-512 VNNI, AVX2 and scalar paths alike (they add the same integers, and the float ops are
+ * the same ones in the same order).
+ *
+ * Two producers of the rows are fused in, each saving a pass and a dispatch a layer: a gated
+ * MLP's silu(gate) * up (the down projection), and the residual add and RMSNorm before a
+ * layer's first linear (q/k/v, gate/up).
  *
  * Weights are packed (drivers/quant/cpu_native.py) in blocks of 16 output channels:
  * w[(nb * kp / 4 + kq) * 64 + c * 4 + j] = W[nb * 16 + c, kq * 4 + j], kp = K rounded up to 4,
@@ -54,16 +60,17 @@ static inline uint8_t quantize(float v, float m) {
     return (uint8_t)((int)s + ZERO);
 }
 
-/* One row of x quantized into q (kp wide, the padding zero); returns its scale.
+/* One row of x times mul (per channel: the smoothing, the norm's weight or their product, or
+ * NULL) quantized into q (kp wide, the padding zero); returns its scale.
  * A row holding NaN gets NaN as its scale, which makes its outputs NaN. */
-static float quantize_row(const float *x, const float *inv_smooth, uint8_t *q, int64_t k,
+static float quantize_row(const float *x, const float *mul, uint8_t *q, int64_t k,
                           int64_t kp) {
     float m = 0.0f;
     int nan = 0;
-    if (inv_smooth) {
+    if (mul) {
         #pragma omp simd reduction(max:m) reduction(|:nan)
         for (int64_t j = 0; j < k; j++) {
-            float v = x[j] * inv_smooth[j];
+            float v = x[j] * mul[j];
             m = fabsf(v) > m ? fabsf(v) : m;
             nan |= v != v;
         }
@@ -75,9 +82,9 @@ static float quantize_row(const float *x, const float *inv_smooth, uint8_t *q, i
         }
     }
     m = nan ? NAN : (m < 1e-30f ? 1e-30f : m);
-    if (inv_smooth) {
+    if (mul) {
         #pragma omp simd
-        for (int64_t j = 0; j < k; j++) q[j] = quantize(x[j] * inv_smooth[j], m);
+        for (int64_t j = 0; j < k; j++) q[j] = quantize(x[j] * mul[j], m);
     } else {
         #pragma omp simd
         for (int64_t j = 0; j < k; j++) q[j] = quantize(x[j], m);
@@ -236,29 +243,61 @@ static uint8_t *scratch(size_t bytes) {
     return buf;
 }
 
-/* y [m, n] (row stride y_stride) = the int8 linear of x [m, k] (row stride x_stride); with
- * gated, x [m, 2k] holds an MLP's [gate | up] rows and the linear takes silu(gate) * up.
- * Returns 0, or -1 where the scratch for the quantized rows could not be had. */
-int int8_linear(const float *x, int64_t x_stride, const float *inv_smooth, int64_t m, int64_t k,
+/* The RMSNorm before a linear, folded into its rows' quantization: x += delta in place (the
+ * residual stream, when delta is given), then r = 1 / sqrt(mean(x^2) + eps) as rms_norm.c has
+ * it. The quantizer takes x times the norm's weight, and r joins the row's scale: quantizing
+ * per row divides any common factor out, so only the epilogue needs it. */
+static float add_norm_scale(float *x, const float *delta, int64_t k, float eps) {
+    float sum = 0.0f;
+    if (delta) {
+        #pragma omp simd reduction(+:sum)
+        for (int64_t j = 0; j < k; j++) {
+            float v = x[j] + delta[j];
+            x[j] = v;
+            sum += v * v;
+        }
+    } else {
+        #pragma omp simd reduction(+:sum)
+        for (int64_t j = 0; j < k; j++) sum += x[j] * x[j];
+    }
+    return 1.0f / sqrtf(sum / (float)k + eps);
+}
+
+/* y [m, n] (row stride y_stride) = the int8 linear of x [m, k] (row stride x_stride).
+ * gated: x [m, 2k] holds an MLP's [gate | up] rows and the linear takes silu(gate) * up.
+ * norm_w: the linear takes RMSNorm(x + delta) with that weight (delta [m, k], row stride
+ * delta_stride, or NULL), x += delta written back. Returns 0, or -1 where the scratch for the
+ * quantized rows could not be had. */
+int int8_linear(float *x, int64_t x_stride, const float *delta, int64_t delta_stride,
+                const float *norm_w, float eps, const float *inv_smooth, int64_t m, int64_t k,
                 const int8_t *w, const float *col_scale, const int32_t *colsum128,
                 const float *bias, int64_t n, float *y, int64_t y_stride, int gated,
                 int threads) {
     int64_t kp = (k + 3) / 4 * 4, blocks = (n + BLOCK - 1) / BLOCK;
     size_t q_bytes = (size_t)(m * kp), a_bytes = (size_t)m * sizeof(float);
-    uint8_t *q = scratch(q_bytes + a_bytes + (gated ? (size_t)(m * k) * sizeof(float) : 0));
+    size_t v_bytes = gated ? (size_t)(m * k) * sizeof(float) : 0;
+    size_t mul_bytes = norm_w && inv_smooth ? (size_t)k * sizeof(float) : 0;
+    uint8_t *q = scratch(q_bytes + a_bytes + v_bytes + mul_bytes);
     if (!q) return -1;
-    float *amax = (float *)(q + q_bytes), *v = amax + m;   /* m * kp is a multiple of 4 */
+    /* m * kp is a multiple of 4: the float arrays after it are aligned */
+    float *amax = (float *)(q + q_bytes), *v = amax + m, *mul = v + (gated ? m * k : 0);
+    if (norm_w && inv_smooth)
+        for (int64_t j = 0; j < k; j++) mul[j] = norm_w[j] * inv_smooth[j];
+    else
+        mul = (float *)(norm_w ? norm_w : inv_smooth);
     int big = m * k >= (1 << 16);
     #pragma omp parallel num_threads(threads) if (big || blocks * kp >= (1 << 14))
     {
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < m; r++) {
-            const float *row = x + r * x_stride;
+            float *row = x + r * x_stride, scale = 1.0f;
             if (gated) {
                 silu_mul_row(row, v + r * k, k);
                 row = v + r * k;
+            } else if (norm_w) {
+                scale = add_norm_scale(row, delta ? delta + r * delta_stride : 0, k, eps);
             }
-            amax[r] = quantize_row(row, inv_smooth, q + r * kp, k, kp);
+            amax[r] = quantize_row(row, mul, q + r * kp, k, kp) * scale;
         }
         /* blocks split across threads: each streams its own share of the weights once */
         #pragma omp for schedule(static)

@@ -17,7 +17,8 @@ BLOCK = 16   # output channels a block (the C's BLOCK)
 LEVELS = 127  # activations and weights are symmetric int8 in [-127, 127]
 
 
-ARGTYPES = [P, I64, P, I64, I64, P, P, P, P, I64, P, I64, ctypes.c_int, ctypes.c_int]
+ARGTYPES = [P, I64, P, I64, P, ctypes.c_float, P, I64, I64, P, P, P, P, I64, P, I64, ctypes.c_int,
+            ctypes.c_int]
 
 
 @cache
@@ -74,24 +75,40 @@ def typed(lib: ctypes.CDLL) -> ctypes._CFuncPtr:
     return fn
 
 
+@dataclass(frozen=True)
+class Norm:
+    """The RMSNorm folded into a linear's rows: weight [k] fp32, and the residual add before it
+    (delta [m, k] fp32 rows along k, added into x in place), as rms_norm.add_rms_norm does."""
+
+    weight: torch.Tensor
+    eps: float
+    delta: torch.Tensor | None = None
+
+
 def int8_linear(x: torch.Tensor, p: PackedInt8, inv_smooth: torch.Tensor | None,
                 bias: torch.Tensor | None, fn: ctypes._CFuncPtr | None = None,
-                gated: bool = False) -> torch.Tensor:
+                gated: bool = False, norm: Norm | None = None) -> torch.Tensor:
     """y [m, n] = x [m, k] (fp32, rows along k) through the packed weight, + bias (fp32 [n],
     contiguous, as inv_smooth [k]). gated: x [m, 2k] holds a gated MLP's [gate | up] rows, and
-    the linear takes silu(gate) * up (computed in the C, within ~2 ulp of F.silu's)."""
+    the linear takes silu(gate) * up (computed in the C, within ~2 ulp of F.silu's). norm: the
+    linear takes RMSNorm(x + delta), x += delta written back."""
     fn = fn or _kernel()
     if fn is None:
         raise RuntimeError("the int8_linear kernel could not be built; deploy with the "
                            "quantized engines (drivers/quant/cpu_int8.py) instead")
     width = 2 * p.k if gated else p.k
-    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] != width:
+    rows = (x,) if norm is None or norm.delta is None else (x, norm.delta)
+    if any(t.dtype != torch.float32 or t.dim() != 2 or t.stride(1) != 1 or t.shape[1] != width
+           or t.shape[0] != x.shape[0] for t in rows):
         raise ValueError(f"int8_linear takes fp32 rows [m, {width}] laid out along k, got "
-                         f"{x.dtype} {tuple(x.shape)} with strides {x.stride()}")
+                         f"{[(t.dtype, tuple(t.shape), t.stride()) for t in rows]}")
     m = x.shape[0]
     y = torch.empty(m, p.n)
-    if fn(x.data_ptr(), x.stride(0), None if inv_smooth is None else inv_smooth.data_ptr(), m,
-          p.k, p.w.data_ptr(), p.col_scale.data_ptr(), p.colsum128.data_ptr(),
+    delta = None if norm is None else norm.delta
+    if fn(x.data_ptr(), x.stride(0), None if delta is None else delta.data_ptr(),
+          0 if delta is None else delta.stride(0), None if norm is None else norm.weight.data_ptr(),
+          0.0 if norm is None else norm.eps, None if inv_smooth is None else inv_smooth.data_ptr(),
+          m, p.k, p.w.data_ptr(), p.col_scale.data_ptr(), p.colsum128.data_ptr(),
           None if bias is None else bias.data_ptr(), p.n, y.data_ptr(), y.stride(0), gated,
           torch.get_num_threads()) != 0:
         raise MemoryError(f"int8_linear: no memory for {m} quantized rows of {p.k}")

@@ -296,31 +296,53 @@ class LlamaModel:
                                                                    self.local_inv_freq)
         pending = None   # the last MLP's output, added into x by the next norm (one pass)
         for i, layer in enumerate(self.layers):
-            h = self.rms_norm(x, layer.attn_norm, layer.attn_norm_bias) if pending is None \
-                else self.add_norm(x, pending, layer.attn_norm, layer.attn_norm_bias)
-            attn = self.attention_block(i, layer, h, batch, pool, local if layer.sliding
-                                        else rope)
+            rotary = local if layer.sliding else rope
             if self.parallel:  # x + attn(norm x) + mlp(norm' x)
+                h = self.rms_norm(x, layer.attn_norm, layer.attn_norm_bias)
+                attn = self.attention_block(i, layer, self.linear(h, layer.qkv, layer.qkv_bias),
+                                            batch, pool, rotary)
                 h2 = h if layer.mlp_norm is None else self.rms_norm(x, layer.mlp_norm,
                                                                     layer.mlp_norm_bias)
                 x = x.add_(attn).add_(self.mlp(layer, h2))
                 continue
+            qkv = self.norm_linear(x, pending, layer.attn_norm, layer.attn_norm_bias, layer.qkv,
+                                   layer.qkv_bias)
+            if qkv is None:
+                h = self.rms_norm(x, layer.attn_norm, layer.attn_norm_bias) if pending is None \
+                    else self.add_norm(x, pending, layer.attn_norm, layer.attn_norm_bias)
+                qkv = self.linear(h, layer.qkv, layer.qkv_bias)
+            attn = self.attention_block(i, layer, qkv, batch, pool, rotary)
             if layer.post_attn_norm is not None:
                 attn = self.rms_norm(attn, layer.post_attn_norm)
             # x += attn in place: x is this forward's own (never the embedding table)
+            gate_up = self.norm_linear(x, attn, layer.mlp_norm, layer.mlp_norm_bias,
+                                       layer.gate_up, None if self.family.gated
+                                       else layer.gate_up_bias)
             pending = self.mlp(layer, self.add_norm(x, attn, layer.mlp_norm,
-                                                    layer.mlp_norm_bias))
+                                                    layer.mlp_norm_bias)) \
+                if gate_up is None else self.down(layer, gate_up)
             if layer.post_mlp_norm is not None:
                 pending = self.rms_norm(pending, layer.post_mlp_norm)
         if pending is not None:
             x = x.add_(pending)
         return self.logits(self.rms_norm(x[batch.sample_rows], self.norm, self.norm_bias))
 
-    def attention_block(self, i: int, layer: Layer, h: torch.Tensor, batch: StepBatch,
+    def norm_linear(self, x: torch.Tensor, delta: torch.Tensor | None, norm: torch.Tensor,
+                    norm_bias: torch.Tensor | None, w: Weight, bias: torch.Tensor | None
+                    ) -> torch.Tensor | None:
+        """linear(norm(x + delta), w) in one call where w is the native int8 linear (it folds
+        the RMSNorm into its rows' quantization; x += delta in place as add_norm does); None
+        where it does not apply, and the caller norms, then multiplies."""
+        if self.family.norm == "layer" or norm_bias is not None or \
+                not hasattr(w, "matmul_norm"):
+            return None
+        return w.matmul_norm(x, delta, norm, self.cfg.rms_norm_eps, bias)
+
+    def attention_block(self, i: int, layer: Layer, qkv: torch.Tensor, batch: StepBatch,
                         pool: KVPool, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The attention layer's output from its fused q/k/v projection's rows."""
         cfg = self.cfg
-        t = h.shape[0]
-        qkv = self.linear(h, layer.qkv, layer.qkv_bias)
+        t = qkv.shape[0]
         k_cache, v_cache = pool.layer(i)
         q, k, v = self.rotate_and_store(layer, qkv, batch, k_cache, v_cache, rope)
         window = cfg.sliding_window if layer.sliding else 0
@@ -352,14 +374,24 @@ class LlamaModel:
         return q, k, v
 
     def mlp(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
-        if self.family.gated and self.act is F.silu and hasattr(layer.down, "matmul_silu"):
-            # the native int8 down projection forms silu(gate) * up as it quantizes its rows
-            return layer.down.matmul_silu(self.linear(h, layer.gate_up), layer.down_bias)
-        if self.family.gated:
+        if self.family.gated and not self.silu_in_down(layer):
             gate, up = self.gate_up(h, layer.gate_up)
             return self.linear(self.act(gate).mul_(up), layer.down, layer.down_bias)
-        up = self.linear(h, layer.gate_up, layer.gate_up_bias)
-        return self.linear(self.act(up), layer.down, layer.down_bias)
+        bias = None if self.family.gated else layer.gate_up_bias
+        return self.down(layer, self.linear(h, layer.gate_up, bias))
+
+    def silu_in_down(self, layer: Layer) -> bool:
+        """The native int8 down projection forms silu(gate) * up as it quantizes its rows."""
+        return self.act is F.silu and hasattr(layer.down, "matmul_silu")
+
+    def down(self, layer: Layer, gate_up: torch.Tensor) -> torch.Tensor:
+        """The MLP's second half, from its first projection's rows [T, 2I] (gated) or [T, I]."""
+        if not self.family.gated:
+            return self.linear(self.act(gate_up), layer.down, layer.down_bias)
+        if self.silu_in_down(layer):
+            return layer.down.matmul_silu(gate_up, layer.down_bias)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.linear(self.act(gate).mul_(up), layer.down, layer.down_bias)
 
     def linear(self, x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None
                ) -> torch.Tensor:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmasos.drivers.cpu.int8_linear import PackedInt8, int8_linear, pack, unpack
+from llmasos.drivers.cpu.int8_linear import Norm, PackedInt8, int8_linear, pack, unpack
 
 
 @dataclass(eq=False)
@@ -56,6 +56,18 @@ class NativeInt8Linear:
         y = int8_linear(gate_up, self.packed, self.inv_smooth, bias if fused else None,
                         gated=True)
         return y if fused or bias is None else y.add_(bias)
+
+    def matmul_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                    eps: float, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """This weight applied to RMSNorm(x + delta) (x += delta in place first, when delta is
+        given), the norm folded into the kernel's quantization of the rows; None where the rows
+        are not plain fp32 rows [T, in_features] (the caller then norms and multiplies)."""
+        rows = (x, weight) if delta is None else (x, weight, delta)
+        if not all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in rows) or \
+                x.dim() != 2 or weight.shape != (self.in_features,) or \
+                (bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous())):
+            return None
+        return int8_linear(x, self.packed, self.inv_smooth, bias, norm=Norm(weight, eps, delta))
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q int8 [N, K], scale fp32 [N]), as quantize_weight made them, for the int8 cache."""
