@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import record_function
 
 from llmasos.drivers.cpu.paged_decode import PagedDecode, decode_kernel
 from llmasos.drivers.cpu.rms_norm import add_rms_norm, rms_norm
@@ -29,6 +28,7 @@ from llmasos.drivers.model.batch import StepBatch
 from llmasos.drivers.model.cpu_linear import SMALL_ROWS, LinearPlan, probe
 from llmasos.drivers.model.families import family
 from llmasos.drivers.model.kv_pool import KVPool
+from llmasos.drivers.model.ranges import named_range
 from llmasos.drivers.model.weights import to_llama_names
 
 Weight = torch.Tensor | QuantWeight  # QuantWeight only where the Triton kernels run
@@ -435,7 +435,7 @@ class LlamaModel:
                         window: int) -> torch.Tensor:
         softcap = self.cfg.attn_softcap
         if group.max_q == 1 and not window and not softcap and self.decode_kernel is not None:
-            with record_function("paged_decode"):   # bench/engine_step.py counts it attention
+            with named_range("paged_decode"):   # bench/engine_step.py counts it attention
                 return self.decode_kernel(q, k_cache, v_cache, group, self.scale)
         return group_attention(q, k_cache, v_cache, group, self.scale, window=window,
                                softcap=softcap)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import structlog
 import torch
-from torch.profiler import record_function
 
 from llmasos.drivers.cuda.backend import kernels_for
 from llmasos.drivers.loaders.cache import load_weights, weights_cache_dir
@@ -23,6 +22,7 @@ from llmasos.drivers.model.attention import padding_exact
 from llmasos.drivers.model.batch import SeqSlice, build_batch
 from llmasos.drivers.model.kv_pool import KVPool, PoolGeometry
 from llmasos.drivers.model.llama import LlamaModel
+from llmasos.drivers.model.ranges import named_range
 from llmasos.drivers.prune import semi_sparse
 from llmasos.drivers.tokenizer import Tokenizer
 from llmasos.services.inference import quantize
@@ -327,7 +327,7 @@ class Engine:
                 return results
             t0 = time.perf_counter()
             good = [entries[i] for i in run]
-            with record_function("batch"):   # named ranges: bench/engine_step.py's breakdown
+            with named_range("batch"):   # named ranges: bench/engine_step.py's breakdown
                 slices = [SeqSlice(list(e.token_ids), e.start_pos, list(e.block_table),
                                    e.sample) for e in good]
                 cfg = m.model.cfg
@@ -408,12 +408,12 @@ class Engine:
     def _sample(self, m: Loaded, entries: list[StepEntry], rows: list[int], logits: torch.Tensor,
                 results: list[StepResult]) -> list[StepResult]:
         states = [self._state(m, entries[i]) for i in rows]
-        with record_function("sampling"):
+        with named_range("sampling"):
             token_ids, logprobs = sample(logits, [entries[i].params for i in rows],
                                          [s.generated for s in states],
                                          [len(s.generated) for s in states])
             token_ids, logprobs = token_ids.tolist(), logprobs.tolist()
-        with record_function("detokenize"):
+        with named_range("detokenize"):
             for i, state, tok, lp in zip(rows, states, token_ids, logprobs, strict=True):
                 state.generated.append(tok)
                 text, stopped = state.output.append(tok)
