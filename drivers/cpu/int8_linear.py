@@ -44,6 +44,9 @@ class PackedInt8:
     n: int
     k: int
 
+    def __post_init__(self) -> None:   # the call's weight arguments, taken once
+        self.ptrs = (self.w.data_ptr(), self.col_scale.data_ptr(), self.colsum128.data_ptr())
+
     @property
     def nbytes(self) -> int:
         return self.w.nbytes + self.scale.nbytes + self.col_scale.nbytes + self.colsum128.nbytes
@@ -97,19 +100,19 @@ def int8_linear(x: torch.Tensor, p: PackedInt8, inv_smooth: torch.Tensor | None,
         raise RuntimeError("the int8_linear kernel could not be built; deploy with the "
                            "quantized engines (drivers/quant/cpu_int8.py) instead")
     width = 2 * p.k if gated else p.k
-    rows = (x,) if norm is None or norm.delta is None else (x, norm.delta)
-    if any(t.dtype != torch.float32 or t.dim() != 2 or t.stride(1) != 1 or t.shape[1] != width
-           or t.shape[0] != x.shape[0] for t in rows):
-        raise ValueError(f"int8_linear takes fp32 rows [m, {width}] laid out along k, got "
-                         f"{[(t.dtype, tuple(t.shape), t.stride()) for t in rows]}")
+    delta = None if norm is None else norm.delta
+    for t in (x,) if delta is None else (x, delta):   # the call's own checks: a cheap path
+        if t.dtype != torch.float32 or t.dim() != 2 or t.stride(1) != 1 or \
+                t.shape[1] != width or t.shape[0] != x.shape[0]:
+            raise ValueError(f"int8_linear takes fp32 rows [m, {width}] laid out along k, got "
+                             f"{t.dtype} {tuple(t.shape)} with strides {t.stride()}")
     m = x.shape[0]
     y = torch.empty(m, p.n)
-    delta = None if norm is None else norm.delta
+    w, col_scale, colsum128 = p.ptrs
     if fn(x.data_ptr(), x.stride(0), None if delta is None else delta.data_ptr(),
           0 if delta is None else delta.stride(0), None if norm is None else norm.weight.data_ptr(),
           0.0 if norm is None else norm.eps, None if inv_smooth is None else inv_smooth.data_ptr(),
-          m, p.k, p.w.data_ptr(), p.col_scale.data_ptr(), p.colsum128.data_ptr(),
-          None if bias is None else bias.data_ptr(), p.n, y.data_ptr(), y.stride(0), gated,
-          torch.get_num_threads()) != 0:
+          m, p.k, w, col_scale, colsum128, None if bias is None else bias.data_ptr(), p.n,
+          y.data_ptr(), p.n, gated, torch.get_num_threads()) != 0:
         raise MemoryError(f"int8_linear: no memory for {m} quantized rows of {p.k}")
     return y
