@@ -11,30 +11,68 @@ mask. The model builds the groups once per step and reuses them in every layer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 
 import torch
 import torch.nn.functional as F
 
 
-@dataclass
-class PagedGroup:
-    """Index tensors for one batched attention call over S sequences (built once per step)."""
+@dataclass(frozen=True)
+class SdpaIndex:
+    """The padded layout SDPA reads a group through (the native decode kernel needs none)."""
 
     token_rows: torch.Tensor  # [n] rows of the flat batch that belong to this group, in order
     query_rows: torch.Tensor  # [S * max_q] row of the flat batch for each padded query (pad: 0)
     padded_pos: torch.Tensor  # [n] index of each token_rows entry in the padded [S * max_q]
-    kv_blocks: torch.Tensor  # [S, nb] the blocks holding each sequence's context (pad: 0)
     mask: torch.Tensor  # [S, 1, gqa * max_q, nb * block_size] bool, True = attend; GQA folded
+    q_pos: torch.Tensor  # [S, 1, gqa * max_q, 1] position of each padded query
+
+
+@dataclass
+class PagedGroup:
+    """Index tensors for one batched attention call over S sequences (built once per step).
+    What only SDPA reads (the padded layout and its mask) is built on first use: a decode step
+    on the native kernel never pays for it."""
+
+    token_starts: list[int]  # sequence s owns flat rows token_starts[s] .. + q_lens[s]
+    q_lens: list[int]
+    context_lens: list[int]  # each sequence's context, new tokens included
+    block_size: int
+    gqa: int
+    device: torch.device | str
+    kv_blocks: torch.Tensor  # [S, nb] the blocks holding each sequence's context (pad: 0)
     num_seqs: int
     max_q: int
     identity: bool  # query_rows == token_rows: no padding, no scatter (decode-only groups)
     first_row: int  # token_rows[0]
-    q_pos: torch.Tensor | None = None  # [S, 1, gqa * max_q, 1] position of each padded query
-    seq_lens: torch.Tensor | None = None  # [S] int64: each sequence's context, new tokens in
-    max_len: int = 0  # the longest of seq_lens
+    seq_lens: torch.Tensor  # [S] int64: context_lens as a tensor
+    max_len: int  # the longest of seq_lens
     window_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # built on first use
     biases: dict[tuple[int, torch.dtype], torch.Tensor] = field(default_factory=dict)  # likewise
+
+    @cached_property
+    def sdpa(self) -> SdpaIndex:
+        return sdpa_index(self)
+
+    @property
+    def token_rows(self) -> torch.Tensor:
+        return self.sdpa.token_rows
+
+    @property
+    def query_rows(self) -> torch.Tensor:
+        return self.sdpa.query_rows
+
+    @property
+    def padded_pos(self) -> torch.Tensor:
+        return self.sdpa.padded_pos
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.sdpa.mask
+
+    @property
+    def q_pos(self) -> torch.Tensor:
+        return self.sdpa.q_pos
 
     def window_mask(self, window: int) -> torch.Tensor:
         """mask, keeping only keys within `window` positions of the query (HF: q - k < window)."""
@@ -60,14 +98,27 @@ def build_group(token_starts: list[int], q_lens: list[int], seq_lens: list[int],
     """Sequence s owns flat rows token_starts[s] .. + q_lens[s]; its context is seq_lens[s] tokens
     (the new ones included) at the slots of block_tables[s]. Query i of s sits at position
     seq_lens[s] - q_lens[s] + i and attends causally to positions <= its own."""
-    num_seqs, max_q = len(q_lens), max(q_lens)
+    max_q = max(q_lens)
     nb = -(-max(seq_lens) // block_size)
     table = torch.tensor([bt[:nb] + [0] * (nb - len(bt[:nb])) for bt in block_tables],
                          dtype=torch.int64)
-    q_len_t = torch.tensor(q_lens, dtype=torch.int64)
-    seq_len_t = torch.tensor(seq_lens, dtype=torch.int64)
-    start_t = torch.tensor(token_starts, dtype=torch.int64)
-    max_k = nb * block_size
+    first = int(token_starts[0])
+    identity = max_q == 1 and all(t == first + i for i, t in enumerate(token_starts))
+    return PagedGroup(
+        token_starts=list(token_starts), q_lens=list(q_lens), context_lens=list(seq_lens),
+        block_size=block_size, gqa=gqa, device=device, kv_blocks=table.to(device),
+        num_seqs=len(q_lens), max_q=max_q, identity=identity, first_row=first,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int64).to(device), max_len=max(seq_lens))
+
+
+def sdpa_index(g: PagedGroup) -> SdpaIndex:
+    """The group's queries padded to [S, max_q] and its keys to whole blocks, with the causal
+    mask over them."""
+    num_seqs, max_q, gqa = g.num_seqs, g.max_q, g.gqa
+    q_len_t = torch.tensor(g.q_lens, dtype=torch.int64)
+    seq_len_t = torch.tensor(g.context_lens, dtype=torch.int64)
+    start_t = torch.tensor(g.token_starts, dtype=torch.int64)
+    max_k = g.kv_blocks.shape[1] * g.block_size
     pos_k = torch.arange(max_k)
 
     i = torch.arange(max_q)
@@ -83,14 +134,9 @@ def build_group(token_starts: list[int], q_lens: list[int], seq_lens: list[int],
     flat_real = real.reshape(-1)
     token_rows = rows.reshape(-1)[flat_real]
     padded_pos = torch.arange(num_seqs * max_q)[flat_real]
-    identity = max_q == 1 and bool((token_rows == torch.arange(len(token_rows))
-                                    + token_rows[0]).all()) if len(token_rows) else False
-    return PagedGroup(
-        token_rows=token_rows.to(device), query_rows=rows.reshape(-1).to(device),
-        padded_pos=padded_pos.to(device), kv_blocks=table.to(device), mask=mask.to(device),
-        num_seqs=num_seqs, max_q=max_q, identity=identity, first_row=int(token_starts[0]),
-        q_pos=q_pos_folded.to(device), seq_lens=seq_len_t.to(device), max_len=max(seq_lens),
-    )
+    return SdpaIndex(token_rows=token_rows.to(g.device), query_rows=rows.reshape(-1).to(g.device),
+                     padded_pos=padded_pos.to(g.device), mask=mask.to(g.device),
+                     q_pos=q_pos_folded.to(g.device))
 
 
 def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
