@@ -164,3 +164,40 @@ def test_rope_kv_leaves_partial_rotary_to_pytorch() -> None:
     before = qkv.clone()
     assert not rope_kv(qkv, rope, torch.tensor([0, 1]), k_cache, v_cache, 1)
     assert torch.equal(qkv, before) and not k_cache.any()
+
+
+def test_greedy_takes_the_first_maximum_and_its_logprob() -> None:
+    """The native greedy rows against torch.max and log_softmax: the same token (ties go to the
+    first), the log-probability within the sum's rounding (its exp polynomial errs ~1.5e-7
+    relative, under the sqrt(V) ulps of any fp32 order), on strided rows."""
+    from llmasos.drivers.cpu import greedy as greedy_module
+    if greedy_module._kernel() is None:
+        pytest.skip("no C compiler on this machine: the PyTorch path serves")
+    g = torch.Generator().manual_seed(21)
+    logits = (torch.randn(40, 49160, generator=g) * 4)[:, :49152]
+    logits[3, 100] = logits[3, 200] = logits[3].max() + 1   # a tie: the first wins
+    token, logprob = greedy_module.greedy(logits)
+    top, want = logits.max(dim=-1)
+    assert torch.equal(token, want) and token[3] == 100
+    exact = torch.log_softmax(logits.double(), dim=-1).gather(1, want[:, None]).squeeze(1)
+    lse = torch.logsumexp(logits.double(), dim=-1).abs().max().item()
+    torch.testing.assert_close(logprob.double(), exact, rtol=0,
+                               atol=(lse + 49152 ** 0.5) * EPS)
+
+
+def test_greedy_edge_rows_match_pytorch() -> None:
+    """NaN picks its first NaN with a NaN logprob; all -inf and +inf rows get NaN, as the
+    PyTorch ops give; a row of one finite value among -inf is certain (logprob 0)."""
+    from llmasos.drivers.cpu import greedy as greedy_module
+    if greedy_module._kernel() is None:
+        pytest.skip("no C compiler on this machine: the PyTorch path serves")
+    rows = torch.full((4, 8), float("-inf"))
+    rows[0, 2], rows[0, 5] = float("nan"), float("nan")
+    rows[2, 1] = float("inf")
+    rows[3, 6] = 1.5
+    token, logprob = greedy_module.greedy(rows)
+    assert token.tolist() == [2, 0, 1, 6]
+    assert logprob[:3].isnan().all() and logprob[3] == 0.0
+    top, want = rows.max(dim=-1)
+    torch_lp = (rows - top[:, None]).exp().sum(dim=-1).log().neg()
+    assert torch.equal(token, want) and torch_lp[:3].isnan().all()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmasos.drivers.cpu.greedy import greedy as native_greedy
 from llmasos.proto import common_pb2
 from llmasos.syscalls.limits import (  # the ABI's one table of limits and defaults
     DEFAULT_MAX_TOKENS,
@@ -270,7 +271,11 @@ def _draw(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) 
 
 def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain greedy rows: one max gives each row's token (its first maximum, as argmax) and the
-    shift of its log-softmax; the chosen token's logprob is then -log(sum(exp(logits - max)))."""
+    shift of its log-softmax; the chosen token's logprob is then -log(sum(exp(logits - max))).
+    On the CPU one native call does both (drivers/cpu/greedy.c)."""
+    native = native_greedy(logits)
+    if native is not None:
+        return native
     top, chosen = logits.max(dim=-1)
     return chosen, (logits - top[:, None]).exp_().sum(dim=-1).log_().neg_()
 
