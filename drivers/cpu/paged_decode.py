@@ -59,8 +59,11 @@ class PagedDecode:
                 v_cache.dtype != k_cache.dtype:
             raise TypeError(f"paged_decode takes fp32 queries and an fp32 or fp16 pool, got "
                             f"{q.dtype} and {k_cache.dtype}")
-        rows = q[group.first_row:group.first_row + s] if group.identity else \
-            q[group.query_rows]
+        if group.identity:   # the group's rows in order: all of q (a decode-only step), or a slice
+            rows = q if group.first_row == 0 and s == q.shape[0] else \
+                q[group.first_row:group.first_row + s]
+        else:
+            rows = q[group.query_rows]
         if rows.stride(2) != 1 or rows.stride(1) != head_dim:
             rows = rows.contiguous()   # heads must lie one after another within a row
         if not (k_cache.is_contiguous() and v_cache.is_contiguous()):

@@ -344,25 +344,25 @@ class LlamaModel:
         cfg = self.cfg
         t = qkv.shape[0]
         k_cache, v_cache = pool.layer(i)
-        q, k, v = self.rotate_and_store(layer, qkv, batch, k_cache, v_cache, rope)
+        q = self.rotate_and_store(layer, qkv, batch, k_cache, v_cache, rope)
         window = cfg.sliding_window if layer.sliding else 0
-        out = self.attention(q, k, v, k_cache, v_cache, batch, window).reshape(t, -1)
+        out = self.attention(q, k_cache, v_cache, batch, window).reshape(t, -1)
         return self.linear(out, layer.o, layer.o_bias)
 
     def rotate_and_store(self, layer: Layer, qkv: torch.Tensor, batch: StepBatch,
                          k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         rope: tuple[torch.Tensor, torch.Tensor]
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v [T, H, D] out of the fused projection, RoPE applied to q and k, k and v
-        written to the pool: in one C call on the CPU's plain path (drivers/cpu/rope_kv.c),
-        else op by op (per-head norms, partial rotary, learned positions, the Triton path)."""
+                         rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """q [T, H, D] out of the fused projection, RoPE applied to q and k, k and v written to
+        the pool (attention reads them there): in one C call on the CPU's plain path
+        (drivers/cpu/rope_kv.c), else op by op (per-head norms, partial rotary, learned
+        positions, the Triton path)."""
         cfg = self.cfg
         t, qk_heads = qkv.shape[0], cfg.num_heads + cfg.num_kv_heads
-        qk = qkv[:, : self.q_size + self.kv_size].view(t, qk_heads, cfg.head_dim)
-        v = qkv[:, self.q_size + self.kv_size:].view(t, cfg.num_kv_heads, cfg.head_dim)
         if self.kernels is None and layer.q_norm is None and self.family.positions == "rope" \
                 and rope_kv(qkv, rope, batch.slot_mapping, k_cache, v_cache, cfg.num_heads):
-            return qk[:, : cfg.num_heads], qk[:, cfg.num_heads:], v   # rotated in place
+            return qkv[:, : self.q_size].view(t, cfg.num_heads, cfg.head_dim)  # rotated in place
+        qk = qkv[:, : self.q_size + self.kv_size].view(t, qk_heads, cfg.head_dim)
+        v = qkv[:, self.q_size + self.kv_size:].view(t, cfg.num_kv_heads, cfg.head_dim)
         if layer.q_norm is not None:  # per-head norms before RoPE (Qwen3, Gemma 3)
             qk = torch.cat((self.rms_norm(qk[:, : cfg.num_heads], layer.q_norm),
                             self.rms_norm(qk[:, cfg.num_heads:], layer.k_norm)), dim=1)
@@ -371,7 +371,7 @@ class LlamaModel:
         q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads:]
         (self.kernels.write_kv if self.kernels else write_kv)(
             k_cache, v_cache, k, v, batch.slot_mapping)
-        return q, k, v
+        return q
 
     def mlp(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
         if self.family.gated and not self.silu_in_down(layer):
@@ -416,23 +416,20 @@ class LlamaModel:
         cap = self.cfg.final_softcap
         return logits if not cap else torch.tanh(logits / cap) * cap
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch,
-                  window: int = 0) -> torch.Tensor:
-        """q, k, v: this step's [T, H, D]; k_cache, v_cache: the layer's pool (k, v written)."""
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  batch: StepBatch, window: int = 0) -> torch.Tensor:
+        """q: this step's [T, H, D]; k_cache, v_cache: the layer's pool (this step's K/V in)."""
         if batch.kernel_groups is not None:
             return self.kernel_attention(q, k_cache, v_cache, batch)
         if len(batch.groups) == 1:  # one group covers rows 0..T-1 in order: no scatter
-            return self.group_attention(q, k, v, k_cache, v_cache, batch.groups[0], window)
+            return self.group_attention(q, k_cache, v_cache, batch.groups[0], window)
         out = torch.empty_like(q)
         for group in batch.groups:
-            out[group.token_rows] = self.group_attention(q, k, v, k_cache, v_cache, group,
-                                                         window)
+            out[group.token_rows] = self.group_attention(q, k_cache, v_cache, group, window)
         return out
 
-    def group_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        k_cache: torch.Tensor, v_cache: torch.Tensor, group: PagedGroup,
-                        window: int) -> torch.Tensor:
+    def group_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        group: PagedGroup, window: int) -> torch.Tensor:
         softcap = self.cfg.attn_softcap
         if group.max_q == 1 and not window and not softcap and self.decode_kernel is not None:
             with named_range("paged_decode"):   # bench/engine_step.py counts it attention
