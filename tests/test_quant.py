@@ -17,6 +17,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from llmasos.drivers.cpu import build
+from llmasos.drivers.model.batch import SeqSlice, StepBatch, build_batch
 from llmasos.drivers.quant.apply import quantize_model, smooth_factor
 from llmasos.drivers.quant.cpu_int8 import pack_int8, supported_engines
 from llmasos.drivers.quant.embedding import Int8Embedding
@@ -61,8 +63,9 @@ def int8_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Worst-case |y - x @ w.T| [rows, out] of the int8 linear. Per row, x is scaled to
     max |x| = 1 and quantized over [-1, 1]: the native kernel to int8 in steps of 1/127,
     fbgemm to uint8 in steps of 2/255, so each element is off by at most 1/254 of the row's
-    max |x| (fbgemm's clamp at the top end of its range is half a step too). Each weight is int8 per output channel: off by at most half a step, 1/254 of the
-    channel's max |w|. The int32 accumulation is exact, so |error| <= sum_k
+    max |x| (fbgemm's clamp at the top end of its range is half a step too). Each weight is
+    int8 per output channel: off by at most half a step, 1/254 of the channel's max |w|. The
+    int32 accumulation is exact, so |error| <= sum_k
     |x_k| dw + |w_k| dx + dx dw, bounded with |x_k| <= max|x|, |w_k| <= max|w|."""
     ax = x.abs().amax(dim=1, keepdim=True)            # [rows, 1]
     aw = w.abs().amax(dim=1)[None, :]                 # [1, out]
@@ -235,6 +238,57 @@ def test_int8_batched_equals_alone(int8: Engine, int8_alone: list[list[int]]) ->
 
 
 @SLOW
+def decode_batch(engine: Engine, n: int) -> tuple[Any, Any, StepBatch]:
+    """(model, pool, a decode step's batch) after n sequences of 20-odd tokens were prefilled."""
+    m = engine._get("m")
+    entries = [StepEntry(90 + i, engine.tokenize("m", f"Item {i}: the river bends {i} times"),
+                         0, list(range(8 * i, 8 * i + 8)), True, GREEDY, reset=True)
+               for i in range(n)]
+    results = engine.step("m", entries)
+    slices = [SeqSlice([r.token_id], len(e.token_ids), list(e.block_table), True)
+              for e, r in zip(entries, results, strict=True)]
+    cfg = m.model.cfg
+    return m.model, m.pool, build_batch(slices, engine.block_size,
+                                        cfg.num_heads // cfg.num_kv_heads, one_decode_group=True)
+
+
+def python_loop_called(*args: object) -> None:
+    raise AssertionError("a plain int8 decode step ran LlamaModel.layer_loop")
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_the_native_layer_call_gives_the_python_loops_bits(int8: Engine, n: int) -> None:
+    """A decode step through drivers/cpu/decode_layers.c and through LlamaModel.layer_loop, from
+    the same pool: the same logits and the same K/V written, bit for bit."""
+    model, pool, batch = decode_batch(int8, n)
+    assert model.decode_layers() is not None   # the embedded int8 model qualifies
+    before = pool.kv.clone()
+    with pytest.MonkeyPatch.context() as mp:   # the step must not reach the Python loop
+        mp.setattr(model, "layer_loop", python_loop_called)
+        native = model.forward(batch, pool)
+    native_kv = pool.kv.clone()
+    pool.kv.copy_(before)
+    model._decode_layers = None   # the Python loop
+    try:
+        loop = model.forward(batch, pool)
+    finally:
+        model.weights_changed()
+    assert torch.equal(native, loop) and torch.equal(pool.kv, native_kv)
+    int8.release("m", [90 + i for i in range(n)])
+
+
+def test_the_native_layer_call_refuses_a_slot_outside_the_pool(int8: Engine) -> None:
+    """As the Python loop's rope_kv does: IndexError, and nothing written to the pool."""
+    model, pool, batch = decode_batch(int8, 1)
+    batch.slot_mapping[0] = pool.kv.shape[2] * pool.kv.shape[3]   # one past the last slot
+    before = pool.kv.clone()
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(IndexError, match="outside the pool"):
+        mp.setattr(model, "layer_loop", python_loop_called)
+        model.forward(batch, pool)
+    assert torch.equal(pool.kv, before)
+    int8.release("m", [90])
+
+
 def test_no_fp32_cache_for_int8_deploy(fp32: Engine, int8: Engine, int8_home: Path) -> None:
     """The int8 deploy writes its int8 cache entry and no fp32 cache: the entry holds int8
     weights, and fp32 only for tensors of at most cache.SMALL elements (norms)."""

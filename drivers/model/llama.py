@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llmasos.drivers.cpu.decode_layers import DecodeLayers
 from llmasos.drivers.cpu.paged_decode import PagedDecode, decode_kernel
 from llmasos.drivers.cpu.rms_norm import add_rms_norm, rms_norm
 from llmasos.drivers.cpu.rope_kv import rope_kv
@@ -142,6 +143,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + x.roll(rot // 2, dims=-1) * sin
 
 
+UNSET = object()   # LlamaModel.decode_layers not worked out yet
+
 ACTIVATIONS = {
     "silu": F.silu, "relu": F.relu, "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -202,6 +205,7 @@ class LlamaModel:
             self.tune()
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self._decode_layers: DecodeLayers | None | object = UNSET
 
     def tune(self) -> None:
         """MKL or oneDNN, per row regime: whichever makes a pass through this model's dense
@@ -294,6 +298,32 @@ class LlamaModel:
         rope = self.rope(batch.positions, self.inv_freq)
         local = rope if self.local_inv_freq is None else self.rope(batch.positions,
                                                                    self.local_inv_freq)
+        native = self.decode_layers()
+        pending = None if native is None else native.run(x, batch, pool, rope)
+        if pending is None:
+            pending = self.layer_loop(x, batch, pool, rope, local)
+        if pending is not None:
+            x = x.add_(pending)
+        return self.logits(self.rms_norm(x[batch.sample_rows], self.norm, self.norm_bias))
+
+    def decode_layers(self) -> DecodeLayers | None:
+        """The layers as one native call takes them on a decode step (drivers/cpu/
+        decode_layers.py), or None where this model does not qualify; worked out at the first
+        step after the weights last changed (weights_changed)."""
+        if self._decode_layers is UNSET:
+            self._decode_layers = DecodeLayers.of(self)
+        return self._decode_layers   # type: ignore[return-value]
+
+    def weights_changed(self) -> None:
+        """Whoever swaps the layers' weights (quantization, the int8 cache, 2:4 packing) calls
+        this: the native layer call holds pointers into the old ones."""
+        self._decode_layers = UNSET
+
+    def layer_loop(self, x: torch.Tensor, batch: StepBatch, pool: KVPool,
+                   rope: tuple[torch.Tensor, torch.Tensor],
+                   local: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+        """The decoder layers, op by op; x updated in place; the last MLP's output (or None
+        where the residual already holds it: parallel blocks)."""
         pending = None   # the last MLP's output, added into x by the next norm (one pass)
         for i, layer in enumerate(self.layers):
             rotary = local if layer.sliding else rope
@@ -323,9 +353,7 @@ class LlamaModel:
                 if gate_up is None else self.down(layer, gate_up)
             if layer.post_mlp_norm is not None:
                 pending = self.rms_norm(pending, layer.post_mlp_norm)
-        if pending is not None:
-            x = x.add_(pending)
-        return self.logits(self.rms_norm(x[batch.sample_rows], self.norm, self.norm_bias))
+        return pending
 
     def norm_linear(self, x: torch.Tensor, delta: torch.Tensor | None, norm: torch.Tensor,
                     norm_bias: torch.Tensor | None, w: Weight, bias: torch.Tensor | None

@@ -79,4 +79,6 @@ def apply(model: Any) -> int:
             except (RuntimeError, ValueError) as err:
                 log.warning("semi_sparse_dense", layer=i, kind=kind, error=str(err))
     log.info("semi_sparse_packed", weights=packed)
+    if packed and hasattr(model, "weights_changed"):
+        model.weights_changed()
     return packed

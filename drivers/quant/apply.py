@@ -97,6 +97,8 @@ def quantize_model(model: Any, recipe: Recipe, calib_ids: list[int] | None = Non
     if recipe.embed and isinstance(model.embed, torch.Tensor):
         model.embed = Int8Embedding.quantize(model.embed)
     narrow_kv(model, recipe)
+    if hasattr(model, "weights_changed"):   # the native layer call points at the old ones
+        model.weights_changed()
     return len(todo)
 
 

@@ -135,4 +135,6 @@ def restore(model: Any, cached: Cached) -> int:
         setattr(owner, attr, value)
     if cached.layout.get("lm_head") == "tied":
         model.lm_head = model.embed
+    if hasattr(model, "weights_changed"):   # the native layer call points at the old ones
+        model.weights_changed()
     return packed
