@@ -8,9 +8,22 @@
  * loops calling it vectorize; below -87 it returns ~1.6e-38 instead of underflowing to 0.
  * n = round(x / ln 2) by adding and subtracting 1.5 * 2^23 (exact for |n| < 2^22): with
  * floorf GCC 12 left the softmax loop scalar (-fopt-info-vec), ~30% of this kernel's time. */
+/* x < -87 ? -87 : x (NaN stays NaN), as a bitwise blend: GCC 12 turns the ternary into a
+ * branch for AVX2 and then leaves every loop calling this scalar (5x slower, measured) */
+static inline float floor_at_minus_87(float x) {
+    const float lo = -87.0f;
+    int32_t xb, lb;
+    __builtin_memcpy(&xb, &x, sizeof xb);
+    __builtin_memcpy(&lb, &lo, sizeof lb);
+    const int32_t below = -(int32_t)(x < lo);   /* all ones where x < -87 */
+    const int32_t r = (xb & ~below) | (lb & below);
+    __builtin_memcpy(&x, &r, sizeof x);
+    return x;
+}
+
 static inline float exp_nonpositive(float x) {
     const float shifter = 12582912.0f;   /* 1.5 * 2^23: the sum's last bit is the integer */
-    x = x < -87.0f ? -87.0f : x;
+    x = floor_at_minus_87(x);
     float n = (x * 1.44269504088896341f + shifter) - shifter;
     float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
