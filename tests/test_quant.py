@@ -289,6 +289,29 @@ def test_the_native_layer_call_refuses_a_slot_outside_the_pool(int8: Engine) -> 
     int8.release("m", [90])
 
 
+def test_the_native_layer_call_is_only_for_plain_int8_decode_steps(fp32: Engine,
+                                                                   int8: Engine) -> None:
+    """fp32 models, a layer left in fp32 (a recipe's mix) and a step with a prompt chunk in it
+    take the Python loop; swapping weights (weights_changed) drops the pointers taken."""
+    from llmasos.drivers.cpu.decode_layers import DecodeLayers
+    assert fp32._get("m").model.decode_layers() is None
+    model, pool, batch = decode_batch(int8, 2)
+    layers = model.decode_layers()
+    assert layers is not None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model.layers[3], "o", torch.zeros(model.layers[3].o.out_features,
+                                                    model.layers[3].o.in_features))
+        assert DecodeLayers.of(model) is None
+    chunk = SeqSlice(int8.tokenize("m", "A second prompt"), 0, list(range(40, 48)), True)
+    mixed = build_batch([*batch.layout.slices, chunk], int8.block_size,
+                        model.cfg.num_heads // model.cfg.num_kv_heads, one_decode_group=True)
+    x = torch.zeros(len(mixed.input_ids), model.cfg.hidden_size)
+    assert layers.run(x, mixed, pool, model.rope(mixed.positions, model.inv_freq)) is None
+    model.weights_changed()
+    assert model.decode_layers() is not layers and model.decode_layers() is not None
+    int8.release("m", [90, 91])
+
+
 def test_no_fp32_cache_for_int8_deploy(fp32: Engine, int8: Engine, int8_home: Path) -> None:
     """The int8 deploy writes its int8 cache entry and no fp32 cache: the entry holds int8
     weights, and fp32 only for tensors of at most cache.SMALL elements (norms)."""
