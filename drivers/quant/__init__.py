@@ -1,1 +1,2 @@
-"""Quantized linear layers behind one interface: fbgemm int8 on the CPU, Triton on CUDA."""
+"""Quantized linear layers behind one interface: int8 on the CPU (the native kernel, or
+PyTorch's fbgemm / x86 / oneDNN engines), Triton on CUDA."""
