@@ -21,6 +21,7 @@ from llmasos.proto import common_pb2, kernel_pb2
 from conftest import (
     MODEL,
     PROMPTS,
+    SHARED_CACHE,
     System,
     alone,
     assert_no_kv_held,
@@ -222,6 +223,15 @@ def test_jobs_keep_producing_tokens_while_a_model_loads(model_system: System,
                                                         tmp_path: Path) -> None:
     copy = tmp_path / "second.gguf"   # a fresh path: no converted-weights cache to hit
     shutil.copy(embedded_gguf(), copy)
+    cached = set(SHARED_CACHE.glob("second-*"))
+    try:
+        loads_beside_the_step_loop(model_system, copy)
+    finally:   # its fp32 cache entry (~540 MB, keyed by the fresh path) would pile up run by run
+        for entry in set(SHARED_CACHE.glob("second-*")) - cached:
+            entry.unlink(missing_ok=True)
+
+
+def loads_beside_the_step_loop(model_system: System, copy: Path) -> None:
     pid = spawn(model_system, "Once upon a time, in a small village,", max_tokens=400,
                 ignore_eos=True)
     counts: list[tuple[float, int]] = []
