@@ -31,6 +31,17 @@ os.environ["XDG_CACHE_HOME"] = str(Path(tempfile.gettempdir()) / "llmasos-test-x
 SHARED_CACHE = Path(os.environ["XDG_CACHE_HOME"]) / "llmasos" / "weights"
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Drop the shared cache's stale entries (no load can read them again) once a run, in the
+    controller: each fresh clone's model path keys a new ~540 MB entry, and on a machine that
+    runs many clones they piled up (15 GB of them here, the disk full with another leak)."""
+    if hasattr(session.config, "workerinput"):   # an xdist worker: the controller did it
+        return
+    from llmasos.drivers.loaders.cache_entries import clear
+    with suppress(OSError):   # another run sharing the cache may remove the same file
+        clear(str(SHARED_CACHE), stale_only=True)
+
+
 # Modules by measured time, slowest first (worker-seconds in a CI run at 28ba601: test_parallel
 # 166 ... test_engine 16). The Makefile turns off xdist's own order (most tests first, which
 # queued the few-test heavy modules last, so one worker ran on alone at the end): starting the
