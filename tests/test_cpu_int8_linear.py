@@ -35,21 +35,26 @@ def reference(x: torch.Tensor, p: PackedInt8, inv: torch.Tensor | None,
     return y if bias is None else y + bias
 
 
-@pytest.fixture(scope="module", params=list(ISA_FLAGS))
-def isa_kernel(request: pytest.FixtureRequest) -> ctypes._CFuncPtr:
-    """int8_linear built for one ISA, as a machine of that kind builds it."""
+def needs_isa_builds() -> None:
     if not X86:
         pytest.skip("the ISA paths are x86's")
     if build.compiler() is None:
         pytest.skip("no C compiler on this machine: PyTorch's quantized engines serve")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(build, "arch_flags", lambda: ISA_FLAGS[request.param])
-    try:
+
+
+def built_for(isa: str) -> ctypes._CFuncPtr:
+    """int8_linear built for one ISA, as a machine of that kind builds it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(build, "arch_flags", lambda: ISA_FLAGS[isa])
         lib = build.load_library.__wrapped__("int8_linear")
-    finally:
-        mp.undo()
     assert lib is not None
     return kernel.typed(lib)
+
+
+@pytest.fixture(scope="module", params=list(ISA_FLAGS))
+def isa_kernel(request: pytest.FixtureRequest) -> ctypes._CFuncPtr:
+    needs_isa_builds()
+    return built_for(request.param)
 
 
 def make(n: int, k: int, seed: int) -> tuple[torch.Tensor, PackedInt8]:
@@ -88,17 +93,10 @@ def test_the_threaded_path_gives_the_same_bits(isa_kernel: ctypes._CFuncPtr) -> 
 
 def test_every_isa_adds_the_same_integers() -> None:
     """The paths this CPU runs agree with each other exactly (each equals the definition)."""
-    if not X86 or build.compiler() is None:
-        pytest.skip("the ISA paths are x86's, built with a C compiler")
+    needs_isa_builds()
     _, p = make(200, 576, 3)
     x = torch.randn(9, 576, generator=torch.Generator().manual_seed(4))
-    outs = []
-    for flags in ISA_FLAGS.values():
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(build, "arch_flags", lambda flags=flags: flags)
-            lib = build.load_library.__wrapped__("int8_linear")
-        assert lib is not None
-        outs.append(int8_linear(x, p, None, None, kernel.typed(lib)))
+    outs = [int8_linear(x, p, None, None, built_for(isa)) for isa in ISA_FLAGS]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
@@ -152,17 +150,10 @@ def test_the_gated_rows_take_silu_gate_times_up(isa_kernel: ctypes._CFuncPtr) ->
 
 
 def test_every_isa_forms_the_same_gated_rows() -> None:
-    if not X86 or build.compiler() is None:
-        pytest.skip("the ISA paths are x86's, built with a C compiler")
+    needs_isa_builds()
     _, p = make(64, 300, 11)
     gate_up = torch.randn(5, 600, generator=torch.Generator().manual_seed(12)) * 3
-    outs = []
-    for flags in ISA_FLAGS.values():
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(build, "arch_flags", lambda flags=flags: flags)
-            lib = build.load_library.__wrapped__("int8_linear")
-        assert lib is not None
-        outs.append(int8_linear(gate_up, p, None, None, kernel.typed(lib), gated=True))
+    outs = [int8_linear(gate_up, p, None, None, built_for(isa), gated=True) for isa in ISA_FLAGS]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 

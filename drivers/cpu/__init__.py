@@ -8,5 +8,5 @@ and called through ctypes; each has a PyTorch fallback for machines without a C 
     int8_linear     the native int8 linear (drivers/quant/cpu_native.py)
     decode_layers   a plain int8 Llama's decoder layers of one decode step, in one call
     greedy          greedy rows: the first maximum and its logprob
-    exp.h           the exp polynomial the kernels share
+    exp.h, rms.h    the exp polynomial and RMSNorm's factor the kernels share
 """

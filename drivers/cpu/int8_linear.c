@@ -32,6 +32,7 @@
 #include <string.h>
 
 #include "exp.h"
+#include "rms.h"
 
 #define BLOCK 16   /* output channels a block */
 /* VNNI's dpbusd takes u8 x s8: rows are stored as s + 128, and the sums lose 128 * sum_k w */
@@ -243,25 +244,9 @@ static uint8_t *scratch(size_t bytes) {
     return buf;
 }
 
-/* The RMSNorm before a linear, folded into its rows' quantization: x += delta in place (the
- * residual stream, when delta is given), then r = 1 / sqrt(mean(x^2) + eps) as rms_norm.c has
- * it. The quantizer takes x times the norm's weight, and r joins the row's scale: quantizing
- * per row divides any common factor out, so only the epilogue needs it. */
-static float add_norm_scale(float *x, const float *delta, int64_t k, float eps) {
-    float sum = 0.0f;
-    if (delta) {
-        #pragma omp simd reduction(+:sum)
-        for (int64_t j = 0; j < k; j++) {
-            float v = x[j] + delta[j];
-            x[j] = v;
-            sum += v * v;
-        }
-    } else {
-        #pragma omp simd reduction(+:sum)
-        for (int64_t j = 0; j < k; j++) sum += x[j] * x[j];
-    }
-    return 1.0f / sqrtf(sum / (float)k + eps);
-}
+/* The RMSNorm before a linear is folded into its rows' quantization (rms.h): the quantizer
+ * takes x times the norm's weight, and the norm's factor joins the row's scale, as quantizing
+ * per row divides any common factor out; only the epilogue needs it. */
 
 /* y [m, n] (row stride y_stride) = the int8 linear of x [m, k] (row stride x_stride).
  * gated: x [m, 2k] holds an MLP's [gate | up] rows and the linear takes silu(gate) * up.
@@ -295,7 +280,7 @@ int int8_linear(float *x, int64_t x_stride, const float *delta, int64_t delta_st
                 silu_mul_row(row, v + r * k, k);
                 row = v + r * k;
             } else if (norm_w) {
-                scale = add_norm_scale(row, delta ? delta + r * delta_stride : 0, k, eps);
+                scale = add_rms_factor(row, delta ? delta + r * delta_stride : 0, k, eps);
             }
             amax[r] = quantize_row(row, mul, q + r * kp, k, kp) * scale;
         }

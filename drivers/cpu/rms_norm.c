@@ -12,21 +12,11 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "rms.h"
+
 static void norm_row(float *x, const float *delta, const float *w, float eps, float *out,
                      int64_t k) {
-    float sum = 0.0f;
-    if (delta) {
-        #pragma omp simd reduction(+:sum)
-        for (int64_t j = 0; j < k; j++) {
-            float v = x[j] + delta[j];
-            x[j] = v;
-            sum += v * v;
-        }
-    } else {
-        #pragma omp simd reduction(+:sum)
-        for (int64_t j = 0; j < k; j++) sum += x[j] * x[j];
-    }
-    float r = 1.0f / sqrtf(sum / (float)k + eps);
+    const float r = add_rms_factor(x, delta, k, eps);
     #pragma omp simd
     for (int64_t j = 0; j < k; j++) out[j] = x[j] * r * w[j];
 }
