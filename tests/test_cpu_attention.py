@@ -83,6 +83,47 @@ def test_decode_matches_dense(seq_lens: list[int], shape: tuple[int, int, int], 
                                atol=atol(head_dim, max(seq_lens)), rtol=0)
 
 
+# the flags of each path: the generic vectors (x86-64; AVX-512 takes them too), the AVX2 one
+# (x86-64-v3), and this CPU's best
+ISA_FLAGS = {"scalar": ("-march=x86-64",), "avx2": ("-march=x86-64-v3",),
+             "native": ("-march=native",)}
+
+
+def built_for(isa: str) -> PagedDecode:
+    """paged_decode built for one ISA, as a machine of that kind builds it."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the ISA paths are x86's")
+    kernel()   # skips where there is no compiler
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(build, "arch_flags", lambda: ISA_FLAGS[isa])
+        lib = build.load_library.__wrapped__("paged_decode")
+    assert lib is not None
+    fn = lib.paged_decode
+    fn.argtypes, fn.restype = paged_decode.ARGTYPES, paged_decode.ctypes.c_int
+    return PagedDecode(fn)
+
+
+@pytest.mark.parametrize("isa", list(ISA_FLAGS))
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16])
+def test_every_isa_build_matches_dense_alone_and_in_a_batch(isa: str, kv: torch.dtype) -> None:
+    """Each code path this CPU can run (the AVX2 one has its own loops: 16 registers), over
+    lengths around the 8-key groups and blocks, head sizes of 1 to 16 chunks and GQA 1 to 5."""
+    fn = built_for(isa)
+    lens = [1, 7, 8, 9, 15, 16, 17, 140, 299]
+    for head_dim, gqa, kv_heads in [(64, 3, 3), (128, 4, 2), (16, 5, 2), (256, 1, 1)]:
+        k_cache, v_cache, tables, ks, vs = pool(lens, 16, kv_heads, head_dim, seed=head_dim, kv=kv)
+        q = torch.randn(len(lens), kv_heads * gqa, head_dim,
+                        generator=torch.Generator().manual_seed(gqa))
+        scale = 1 / math.sqrt(head_dim)
+        out = fn(q, k_cache, v_cache, build_group(list(range(len(lens))), [1] * len(lens), lens,
+                                                  tables, 16, gqa), scale)
+        ref = torch.stack([dense(q[i], ks[i], vs[i], scale) for i in range(len(lens))])
+        torch.testing.assert_close(out, ref, atol=atol(head_dim, max(lens)), rtol=0)
+        alone = fn(q[-1:], k_cache, v_cache, build_group([0], [1], lens[-1:], [tables[-1]], 16,
+                                                          gqa), scale)
+        assert torch.equal(alone[0], out[-1]), (isa, head_dim, gqa)
+
+
 @pytest.mark.parametrize("kv", [torch.float32, torch.float16])
 def test_each_sequence_alone_and_in_any_batch_gives_the_same_bits(kv: torch.dtype) -> None:
     fn = kernel()
