@@ -77,10 +77,10 @@ static inline void prefetch(const void *cache, int64_t index, const int half) {
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
 /* AVX2 has 16 vector registers: unit() below keeps every query head's row and accumulators
- * (24 of each for G = 3, D = 64) and spills, and sums each score across lanes alone; measured on
- * a 2-core AMD EPYC (Zen 2), 31-36 us per (sequence, KV head) of 128 tokens. Here one query
- * head at a time: its row in 8-wide registers, eight keys' dot products reduced together
- * (sums8), then the values summed over all of D at once: ~10x less. */
+ * (24 of each for G = 3, D = 64) and spills, and sums each score across lanes alone: 36 us per
+ * (sequence, KV head) of 128 tokens on a 2-core AMD EPYC (Zen 2). Here one query head at a
+ * time: its row in 8-wide registers, eight keys' dot products reduced together (sums8), then
+ * the values summed over all of D at once: 8.5 us. */
 static inline __m256 kv8(const void *cache, int64_t index, const int half) {
     if (!half) return _mm256_loadu_ps((const float *)cache + index);
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)cache + index)));
@@ -90,7 +90,8 @@ static inline __m256 kv8(const void *cache, int64_t index, const int half) {
 static inline __m256 sums8(const __m256 x[8]) {
     __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(x[0], x[1]), _mm256_hadd_ps(x[2], x[3]));
     __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(x[4], x[5]), _mm256_hadd_ps(x[6], x[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20),
+                         _mm256_permute2f128_ps(a, b, 0x31));
 }
 
 static inline float sum8(__m256 x) {
@@ -105,7 +106,8 @@ static inline float max8(__m256 x) {
     return _mm_cvtss_f32(_mm_max_ss(v, _mm_movehdup_ps(v)));
 }
 
-/* query head g's scores p[0, len) and their max; E = D / 8 */
+/* one query head's scores p[0, len) and their max; E = D / 8; ahead: prefetch K (the first
+ * head's pass, which brings K into the cache for the others) */
 static inline __attribute__((always_inline)) float scores(
         const float *qg, const void *k_cache, const int64_t *table, int64_t len,
         int64_t block_size, int64_t token_stride, int64_t hd, const int64_t E, const int half,
@@ -121,10 +123,12 @@ static inline __attribute__((always_inline)) float scores(
             const int64_t k = token(table, t + j, block_size, token_stride) + hd;
             if (ahead && t + j + AHEAD < len) {   /* the pool is read at random: ask early */
                 const int64_t later = token(table, t + j + AHEAD, block_size, token_stride) + hd;
-                for (int64_t e = 0; e < E; e += half ? 4 : 2) prefetch(k_cache, later + e * 8, half);
+                for (int64_t e = 0; e < E; e += half ? 4 : 2)
+                    prefetch(k_cache, later + e * 8, half);
             }
             __m256 d = _mm256_mul_ps(qv[0], kv8(k_cache, k, half));
-            for (int64_t e = 1; e < E; e++) d = _mm256_fmadd_ps(qv[e], kv8(k_cache, k + e * 8, half), d);
+            for (int64_t e = 1; e < E; e++)
+                d = _mm256_fmadd_ps(qv[e], kv8(k_cache, k + e * 8, half), d);
             dots[j] = d;
         }
         __m256 s = sums8(dots);
@@ -135,7 +139,8 @@ static inline __attribute__((always_inline)) float scores(
     for (; t < len; t++) {
         const int64_t k = token(table, t, block_size, token_stride) + hd;
         __m256 d = _mm256_mul_ps(qv[0], kv8(k_cache, k, half));
-        for (int64_t e = 1; e < E; e++) d = _mm256_fmadd_ps(qv[e], kv8(k_cache, k + e * 8, half), d);
+        for (int64_t e = 1; e < E; e++)
+            d = _mm256_fmadd_ps(qv[e], kv8(k_cache, k + e * 8, half), d);
         p[t] = sum8(d);
         top = p[t] > top ? p[t] : top;
     }
@@ -163,13 +168,16 @@ static inline __attribute__((always_inline)) void unit(
             const int64_t v = token(table, t, block_size, token_stride) + hd;
             if (g == 0 && t + AHEAD < len) {
                 const int64_t later = token(table, t + AHEAD, block_size, token_stride) + hd;
-                for (int64_t e = 0; e < E; e += half ? 4 : 2) prefetch(v_cache, later + e * 8, half);
+                for (int64_t e = 0; e < E; e += half ? 4 : 2)
+                    prefetch(v_cache, later + e * 8, half);
             }
             const __m256 w = _mm256_set1_ps(pg[t]);
-            for (int64_t e = 0; e < E; e++) acc[e] = _mm256_fmadd_ps(w, kv8(v_cache, v + e * 8, half), acc[e]);
+            for (int64_t e = 0; e < E; e++)
+                acc[e] = _mm256_fmadd_ps(w, kv8(v_cache, v + e * 8, half), acc[e]);
         }
         const __m256 inv = _mm256_set1_ps(1.0f / sum);
-        for (int64_t e = 0; e < E; e++) _mm256_storeu_ps(out + g * D + e * 8, _mm256_mul_ps(acc[e], inv));
+        for (int64_t e = 0; e < E; e++)
+            _mm256_storeu_ps(out + g * D + e * 8, _mm256_mul_ps(acc[e], inv));
     }
 }
 #else
