@@ -3,6 +3,7 @@ with its own state directory, and check that nothing is left running afterwards.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import selectors
@@ -40,6 +41,22 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     from llmasos.drivers.loaders.cache_entries import clear
     with suppress(OSError):   # another run sharing the cache may remove the same file
         clear(str(SHARED_CACHE), stale_only=True)
+
+
+# The flags of each x86 code path a native kernel has: the generic C (x86-64), AVX2
+# (x86-64-v3), and this CPU's best
+ISA_FLAGS = {"scalar": ("-march=x86-64",), "avx2": ("-march=x86-64-v3",),
+             "native": ("-march=native",)}
+
+
+def library_built_for(name: str, isa: str) -> ctypes.CDLL:
+    """drivers/cpu/{name}.c built for one ISA, as a machine of that kind builds it."""
+    from llmasos.drivers.cpu import build
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(build, "arch_flags", lambda: ISA_FLAGS[isa])
+        lib = build.load_library.__wrapped__(name)
+    assert lib is not None
+    return lib
 
 
 # Modules by measured time, slowest first (worker-seconds in a CI run at 28ba601: test_parallel

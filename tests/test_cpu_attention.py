@@ -23,7 +23,15 @@ from llmasos.drivers.cpu.paged_decode import PagedDecode, decode_kernel
 from llmasos.drivers.model.attention import build_group, group_attention
 from llmasos.services.inference.engine import Engine
 
-from conftest import converting_once, embedded_gguf, filled_pool, greedy_steps, shared_state
+from conftest import (
+    ISA_FLAGS,
+    converting_once,
+    embedded_gguf,
+    filled_pool,
+    greedy_steps,
+    library_built_for,
+    shared_state,
+)
 
 CPU = torch.device("cpu")
 MAX_LEN = 300
@@ -83,24 +91,13 @@ def test_decode_matches_dense(seq_lens: list[int], shape: tuple[int, int, int], 
                                atol=atol(head_dim, max(seq_lens)), rtol=0)
 
 
-# the flags of each path: the generic vectors (x86-64; AVX-512 takes them too), the AVX2 one
-# (x86-64-v3), and this CPU's best
-ISA_FLAGS = {"scalar": ("-march=x86-64",), "avx2": ("-march=x86-64-v3",),
-             "native": ("-march=native",)}
-
-
 def built_for(isa: str) -> PagedDecode:
-    """paged_decode built for one ISA, as a machine of that kind builds it."""
+    """paged_decode built for one ISA (the AVX2 one has its own loops; AVX-512 and x86-64
+    build the generic vectors), as a machine of that kind builds it."""
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the ISA paths are x86's")
     kernel()   # skips where there is no compiler
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(build, "arch_flags", lambda: ISA_FLAGS[isa])
-        lib = build.load_library.__wrapped__("paged_decode")
-    assert lib is not None
-    fn = lib.paged_decode
-    fn.argtypes, fn.restype = paged_decode.ARGTYPES, paged_decode.ctypes.c_int
-    return PagedDecode(fn)
+    return PagedDecode(paged_decode.typed(library_built_for("paged_decode", isa)))
 
 
 @pytest.mark.parametrize("isa", list(ISA_FLAGS))

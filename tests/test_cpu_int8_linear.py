@@ -17,10 +17,9 @@ from llmasos.drivers.cpu import int8_linear as kernel
 from llmasos.drivers.cpu.int8_linear import PackedInt8, int8_linear, pack, unpack
 from llmasos.drivers.quant.cpu_int8 import quantize_weight
 
+from conftest import ISA_FLAGS, library_built_for
+
 X86 = platform.machine() in ("x86_64", "AMD64")
-# the flags of each path: the scalar C (x86-64), AVX2 (x86-64-v3), and this CPU's best
-ISA_FLAGS = {"scalar": ("-march=x86-64",), "avx2": ("-march=x86-64-v3",),
-             "native": ("-march=native",)}
 
 
 def reference(x: torch.Tensor, p: PackedInt8, inv: torch.Tensor | None,
@@ -44,11 +43,7 @@ def needs_isa_builds() -> None:
 
 def built_for(isa: str) -> ctypes._CFuncPtr:
     """int8_linear built for one ISA, as a machine of that kind builds it."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(build, "arch_flags", lambda: ISA_FLAGS[isa])
-        lib = build.load_library.__wrapped__("int8_linear")
-    assert lib is not None
-    return kernel.typed(lib)
+    return kernel.typed(library_built_for("int8_linear", isa))
 
 
 @pytest.fixture(scope="module", params=list(ISA_FLAGS))

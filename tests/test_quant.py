@@ -237,7 +237,6 @@ def test_int8_batched_equals_alone(int8: Engine, int8_alone: list[list[int]]) ->
     assert greedy(int8, PROMPTS, True) == int8_alone
 
 
-@SLOW
 def decode_batch(engine: Engine, n: int) -> tuple[Any, Any, StepBatch]:
     """(model, pool, a decode step's batch) after n sequences of 20-odd tokens were prefilled."""
     m = engine._get("m")
@@ -312,6 +311,7 @@ def test_the_native_layer_call_is_only_for_plain_int8_decode_steps(fp32: Engine,
     int8.release("m", [90, 91])
 
 
+@SLOW
 def test_no_fp32_cache_for_int8_deploy(fp32: Engine, int8: Engine, int8_home: Path) -> None:
     """The int8 deploy writes its int8 cache entry and no fp32 cache: the entry holds int8
     weights, and fp32 only for tensors of at most cache.SMALL elements (norms)."""

@@ -4,10 +4,6 @@
 #define LLMASOS_EXP_H
 #include <stdint.h>
 
-/* exp(x) for x <= 0: Cephes' expf polynomial (max relative error ~1.5e-7), branch-free so the
- * loops calling it vectorize; below -87 it returns ~1.6e-38 instead of underflowing to 0.
- * n = round(x / ln 2) by adding and subtracting 1.5 * 2^23 (exact for |n| < 2^22): with
- * floorf GCC 12 left the softmax loop scalar (-fopt-info-vec), ~30% of this kernel's time. */
 /* x < -87 ? -87 : x (NaN stays NaN), as a bitwise blend: GCC 12 turns the ternary into a
  * branch for AVX2 and then leaves every loop calling this scalar (5x slower, measured) */
 static inline float floor_at_minus_87(float x) {
@@ -21,6 +17,10 @@ static inline float floor_at_minus_87(float x) {
     return x;
 }
 
+/* exp(x) for x <= 0: Cephes' expf polynomial (max relative error ~1.5e-7), branch-free so the
+ * loops calling it vectorize; below -87 it returns ~1.6e-38 instead of underflowing to 0.
+ * n = round(x / ln 2) by adding and subtracting 1.5 * 2^23 (exact for |n| < 2^22): with
+ * floorf GCC 12 left the softmax loop scalar (-fopt-info-vec), ~30% of this kernel's time. */
 static inline float exp_nonpositive(float x) {
     const float shifter = 12582912.0f;   /* 1.5 * 2^23: the sum's last bit is the integer */
     x = floor_at_minus_87(x);

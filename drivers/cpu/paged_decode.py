@@ -28,6 +28,13 @@ def _kernel() -> ctypes._CFuncPtr | None:
     return native_function("paged_decode", ARGTYPES, ctypes.c_int)
 
 
+def typed(lib: ctypes.CDLL) -> ctypes._CFuncPtr:
+    """The library's paged_decode, typed (for a library built for another ISA, in the tests)."""
+    fn = lib.paged_decode
+    fn.argtypes, fn.restype = ARGTYPES, ctypes.c_int
+    return fn
+
+
 def fits(dtype: torch.dtype, device: torch.device, head_dim: int, gqa: int) -> bool:
     return (device.type == "cpu" and dtype == torch.float32 and head_dim % 16 == 0
             and 16 <= head_dim <= 256 and 1 <= gqa <= 16)
