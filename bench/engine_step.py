@@ -50,7 +50,8 @@ PROFILED_STEPS = 5  # decode steps under the profiler per batch size; the best o
 # Ops not named here are "other" (norms, RoPE, activations, adds, views, copies).
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "matmul": ("aten::linear", "aten::addmm", "aten::mm", "aten::bmm", "aten::matmul",
-               "mkldnn::_linear_pointwise", "aten::mkldnn_linear"),
+               "mkldnn::_linear_pointwise", "aten::mkldnn_linear",
+               "packed_linear"),   # the native fp32 linear on panel-packed weights
     "attention": ("aten::scaled_dot_product_attention",
                   "aten::_scaled_dot_product_flash_attention_for_cpu",
                   "paged_decode"),   # the native decode attention, reading K/V in the pool

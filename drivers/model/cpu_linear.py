@@ -1,4 +1,4 @@
-"""Dense matmuls x @ w.T on the CPU: three ways to compute one, and a probe at load that picks
+"""Dense matmuls x @ w.T on the CPU: four ways to compute one, and a probe at load that picks
 the fastest for each row regime of a step. MKL and oneDNN rank differently by CPU family (MKL
 stays on AVX2 on AMD; with MKL_ENABLE_INSTRUCTIONS / ONEDNN_MAX_CPU_ISA both are capped) and by
 shape, so the choice is measured on the machine that runs the model, not assumed.
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from llmasos.drivers.cpu import packed_linear
 
 Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 SMALL_ROWS = 64  # the most rows of the "few" regime (decode batches)
@@ -42,6 +44,7 @@ KERNELS: dict[str, Linear] = {
     "mkl": F.linear,
     "mkl_transposed": mkl_transposed,
     "onednn": onednn_linear,
+    "packed": packed_linear.dense_packed,   # our own, on a panel-packed copy of w
 }  # fmt: skip
 
 
@@ -53,9 +56,9 @@ class Regime:
 
 
 REGIMES = (
-    Regime("row", 1, ("mkl_transposed", "mkl", "onednn")),     # decode at batch 1
-    Regime("few", 16, ("mkl_transposed", "mkl", "onednn")),    # decode batches
-    Regime("many", 128, ("mkl", "onednn")),                    # prefill chunks
+    Regime("row", 1, ("mkl_transposed", "mkl", "onednn", "packed")),     # decode at batch 1
+    Regime("few", 16, ("mkl_transposed", "mkl", "onednn", "packed")),    # decode batches
+    Regime("many", 128, ("mkl", "onednn", "packed")),                    # prefill chunks
 )  # fmt: skip
 
 
@@ -63,6 +66,15 @@ def onednn_usable(w: torch.Tensor) -> bool:
     return (w.device.type == "cpu" and w.dtype == torch.float32
             and hasattr(torch.ops.mkldnn, "_linear_pointwise")
             and torch.backends.mkldnn.is_available())
+
+
+def usable(name: str, weights: list[torch.Tensor]) -> bool:
+    if name == "onednn":
+        return all(map(onednn_usable, weights))
+    if name == "packed":
+        return packed_linear.available() and all(w.dim() == 2 and w.device.type == "cpu"
+                                                 for w in weights)
+    return True
 
 
 def pass_time(fn: Linear, xs: dict[int, torch.Tensor], weights: list[torch.Tensor]) -> float:
@@ -76,7 +88,10 @@ def pass_time(fn: Linear, xs: dict[int, torch.Tensor], weights: list[torch.Tenso
 def fastest(regime: Regime, weights: list[torch.Tensor], reps: int = 3) -> str:
     """The candidate with the least best-of-reps time for a pass through weights (the rounds
     take the candidates in turn, so a busy moment of the machine hits them alike)."""
-    names = [n for n in regime.candidates if n != "onednn" or all(map(onednn_usable, weights))]
+    names = [n for n in regime.candidates if usable(n, weights)]
+    if "packed" in names:   # packed before the clock runs: the copy is made once, at load
+        for w in weights:
+            packed_linear.packed_of(w)
     xs = {k: torch.randn(regime.rows, k, dtype=weights[0].dtype, device=weights[0].device)
           for k in {w.shape[1] for w in weights}}
     best = dict.fromkeys(names, float("inf"))
@@ -123,7 +138,17 @@ def probe(small: list[torch.Tensor], large: list[torch.Tensor],
     if not small or any(w.dtype != torch.float32 for w in small + large):
         return LinearPlan()
     row, few, many = REGIMES
-    return LinearPlan(remember(row.name, small, lambda: fastest(row, small)),
-                      remember(few.name, small, lambda: fastest(few, small)),
-                      remember(many.name, large, lambda: fastest(many, large)) if large
-                      else "mkl")
+    plan = LinearPlan(decide(row, small, remember), decide(few, small, remember),
+                      decide(many, large, remember) if large else "mkl")
+    if "packed" not in (plan.row, plan.few, plan.many):   # free the copies the probe made
+        for w in small + large:
+            packed_linear.drop_packed(w)
+    return plan
+
+
+def decide(regime: Regime, weights: list[torch.Tensor], remember: Remember) -> str:
+    """The regime's kernel, timed or remembered (under a key that names the candidates, so a
+    new one is timed afresh); a remembered one this process cannot use gives the default."""
+    key = f"{regime.name}[{','.join(regime.candidates)}]"
+    name = remember(key, weights, lambda: fastest(regime, weights))
+    return name if name in KERNELS and usable(name, weights) else regime.candidates[0]

@@ -1,0 +1,106 @@
+"""The fp32 linear on panel-packed weights (drivers/cpu/packed_linear.c), built for each x86
+level: x @ w.T + bias within the bound of an fp32 sum of k terms in any order, each row's result
+the same bits alone as in any batch, and the probe keeping its copies only where it picks it."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmasos.drivers.cpu import packed_linear as kernel
+from llmasos.drivers.cpu.packed_linear import ATTRIBUTE, pack, packed_linear, unpack
+from llmasos.drivers.model import cpu_linear
+
+from conftest import ISA_FLAGS, library_built_for
+from test_cpu_int8_linear import needs_isa_builds
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def built_for(isa: str) -> ctypes._CFuncPtr:
+    return kernel.typed(library_built_for("packed_linear", isa))
+
+
+@pytest.fixture(scope="module", params=list(ISA_FLAGS))
+def isa_kernel(request: pytest.FixtureRequest) -> ctypes._CFuncPtr:
+    needs_isa_builds()
+    return built_for(request.param)
+
+
+def within_bound(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                 bias: torch.Tensor | None) -> bool:
+    """fp32 sums of k products (fused or not) in any order: |error| <= k eps sum|x_i w_i|, and
+    the bias add one more rounding."""
+    ref = x.double() @ w.double().T + (0 if bias is None else bias.double())
+    bound = x.shape[1] * EPS32 * (x.double().abs() @ w.double().abs().T) + EPS32 * ref.abs()
+    return bool(((y.double() - ref).abs() <= bound).all())
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(1, 30), n=st.integers(1, 70), k=st.integers(1, 300),
+       pad=st.integers(0, 5), with_bias=st.booleans(), seed=st.integers(0, 1000))
+def test_the_kernel_is_x_times_w_transposed(isa_kernel: ctypes._CFuncPtr, m: int, n: int,
+                                            k: int, pad: int, with_bias: bool,
+                                            seed: int) -> None:
+    """Any rows (tiles of each ISA's height and a remainder), any channels (a short last
+    panel), rows further apart than k (a view of wider rows), with and without a bias."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(m, k + pad, generator=g)[:, :k]
+    bias = torch.randn(n, generator=g) if with_bias else None
+    y = packed_linear(x, pack(w), bias, isa_kernel)
+    assert y.shape == (m, n) and y.dtype == torch.float32 and y.is_contiguous()
+    assert within_bound(y, x, w, bias)
+
+
+def test_a_row_gives_the_same_bits_alone_as_in_any_batch(isa_kernel: ctypes._CFuncPtr) -> None:
+    """Each row sums over k in one order whatever rows come with it: a sequence's logits do not
+    depend on its batch. Large enough for the threaded path (panels split across threads)."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(200, 576, generator=g), torch.randn(40, 576, generator=g)
+    p = pack(w)
+    whole = packed_linear(x, p, None, isa_kernel)
+    for rows in (slice(0, 1), slice(7, 8), slice(3, 16), slice(13, 40)):
+        assert torch.equal(packed_linear(x[rows], p, None, isa_kernel), whole[rows])
+
+
+def test_pack_round_trips_and_pads_the_last_panel_with_zeros() -> None:
+    w = torch.randn(37, 11)
+    p = pack(w)
+    assert p.w.shape == (3, 11, 16) and (p.n, p.k) == (37, 11)
+    assert torch.equal(unpack(p), w)
+    assert not p.w[2, :, 5:].any()   # channels 37..47 do not exist
+
+
+def test_bad_input_is_refused_with_what_it_takes() -> None:
+    p = pack(torch.randn(8, 12))
+    with pytest.raises(ValueError, match=r"rows \[m, 12\]"):
+        packed_linear(torch.randn(2, 13), p)
+    with pytest.raises(ValueError, match=r"rows \[m, 12\]"):
+        packed_linear(torch.randn(12, 2).t(), p)   # columns, not rows, along k
+    with pytest.raises(ValueError, match=r"rows \[m, 12\]"):
+        packed_linear(torch.randn(2, 12, dtype=torch.float64), p)
+    with pytest.raises(ValueError, match=r"bias is fp32 \[8\]"):
+        packed_linear(torch.randn(2, 12), p, torch.randn(9))
+
+
+def test_the_probe_keeps_the_copies_only_where_it_picks_the_kernel(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe packs every weight to time the kernel; when another wins every regime the
+    copies go (they would double the weights' memory for nothing)."""
+    needs_isa_builds()
+    weights = [torch.randn(64, 32), torch.randn(48, 64)]
+    monkeypatch.setattr(cpu_linear, "pass_time", lambda fn, xs, ws: (
+        1.0 if fn is cpu_linear.KERNELS["packed"] else 2.0))
+    plan = cpu_linear.probe(weights, weights[:1], torch.device("cpu"))
+    assert (plan.row, plan.few, plan.many) == ("packed",) * 3
+    assert all(hasattr(w, ATTRIBUTE) for w in weights)
+    monkeypatch.setattr(cpu_linear, "pass_time", lambda fn, xs, ws: (
+        2.0 if fn is cpu_linear.KERNELS["packed"] else 1.0))
+    plan = cpu_linear.probe(weights, weights[:1], torch.device("cpu"))
+    assert "packed" not in (plan.row, plan.few, plan.many)
+    assert not any(hasattr(w, ATTRIBUTE) for w in weights)
