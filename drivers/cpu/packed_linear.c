@@ -88,16 +88,20 @@ static void store(const v16 *sums, int rows, const float *bias, int cols, float 
 void packed_linear(const float *x, int64_t ldx, int64_t m, int64_t k, const float *w,
                    const float *bias, int64_t n, float *y, int64_t ldy, int threads) {
     int64_t panels = (n + PANEL - 1) / PANEL;
+    /* rows in tiles of even height (8 rows: 4 + 4, not 6 + 2): a short tile has too few sums
+     * in flight to hide the FMA's latency */
+    int64_t tiles = (m + ROWS - 1) / ROWS;
     #pragma omp parallel for num_threads(threads) schedule(static) if (panels * k >= (1 << 14))
     for (int64_t p = 0; p < panels; p++) {
         const float *panel = w + p * k * PANEL;
         int cols = n - p * PANEL < PANEL ? (int)(n - p * PANEL) : PANEL;
         const float *b = bias ? bias + p * PANEL : 0;
         v16 sums[ROWS];
-        for (int64_t r = 0; r < m; r += ROWS) {
-            int rows = m - r < ROWS ? (int)(m - r) : ROWS;
+        for (int64_t t = 0, r = 0; t < tiles; t++) {
+            int rows = (int)(m / tiles + (t < m % tiles));
             tile_any(x + r * ldx, ldx, panel, k, rows, sums);
             store(sums, rows, b, cols, y + r * ldy + p * PANEL, ldy);
+            r += rows;
         }
     }
 }
