@@ -68,12 +68,16 @@ def test_a_row_gives_the_same_bits_alone_as_in_any_batch(isa_kernel: ctypes._CFu
         assert torch.equal(packed_linear(x[rows], p, None, isa_kernel), whole[rows])
 
 
-def test_pack_round_trips_and_pads_the_last_panel_with_zeros() -> None:
-    w = torch.randn(37, 11)
+@pytest.mark.parametrize("n,k", [(37, 11), (16, 3), (1, 5), (3072, 576)])
+def test_pack_is_the_panel_layout_and_round_trips(n: int, k: int) -> None:
+    """The native packer (a model's weights at load) writes exactly [n/16, k, 16] of w, zero
+    channels past n; unpack gives w back."""
+    w = torch.randn(n, k)
     p = pack(w)
-    assert p.w.shape == (3, 11, 16) and (p.n, p.k) == (37, 11)
+    padded = torch.cat([w, torch.zeros(-n % 16, k)])
+    assert p.w.shape == (-(-n // 16), k, 16) and (p.n, p.k) == (n, k)
+    assert torch.equal(p.w, padded.view(-1, 16, k).transpose(1, 2))
     assert torch.equal(unpack(p), w)
-    assert not p.w[2, :, 5:].any()   # channels 37..47 do not exist
 
 
 def test_bad_input_is_refused_with_what_it_takes() -> None:

@@ -105,3 +105,20 @@ void packed_linear(const float *x, int64_t ldx, int64_t m, int64_t k, const floa
         }
     }
 }
+
+/* W [n, k] (rows along k) into panels [ceil(n/16)][k][16], the last one padded with zero
+ * channels: one pass, a panel per thread at a time (a model's weights at load, ~memory speed). */
+void packed_linear_pack(const float *w, int64_t n, int64_t k, float *out, int threads) {
+    int64_t panels = (n + PANEL - 1) / PANEL;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (panels * k >= (1 << 14))
+    for (int64_t p = 0; p < panels; p++) {
+        float *panel = out + p * k * PANEL;
+        for (int j = 0; j < PANEL; j++) {
+            int64_t row = p * PANEL + j;
+            if (row < n)
+                for (int64_t i = 0; i < k; i++) panel[i * PANEL + j] = w[row * k + i];
+            else
+                for (int64_t i = 0; i < k; i++) panel[i * PANEL + j] = 0.0f;
+        }
+    }
+}

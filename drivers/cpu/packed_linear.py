@@ -12,7 +12,7 @@ from functools import cache
 
 import torch
 
-from llmasos.drivers.cpu.build import native_function
+from llmasos.drivers.cpu.build import load_library, native_function
 from llmasos.drivers.model.ranges import named_range
 
 P, I64 = ctypes.c_void_p, ctypes.c_int64
@@ -46,9 +46,27 @@ class PackedF32:
     k: int
 
 
+@cache
+def _packer() -> ctypes._CFuncPtr | None:
+    lib = load_library("packed_linear")
+    if lib is None:
+        return None
+    fn = lib.packed_linear_pack
+    fn.argtypes, fn.restype = [P, I64, I64, P, ctypes.c_int], None
+    return fn
+
+
 def pack(w: torch.Tensor) -> PackedF32:
+    """The copy, in one native pass over w where the library builds (a model's weights at
+    load: a restart waits for it), else through torch."""
     n, k = w.shape
-    padded = torch.zeros(-(-n // PANEL) * PANEL, k, dtype=torch.float32)
+    panels = -(-n // PANEL)
+    fn = _packer() if w.dtype == torch.float32 and w.is_contiguous() else None
+    if fn is not None:
+        out = torch.empty(panels, k, PANEL)
+        fn(w.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+        return PackedF32(out, n, k)
+    padded = torch.zeros(panels * PANEL, k, dtype=torch.float32)
     padded[:n] = w
     return PackedF32(padded.view(-1, PANEL, k).transpose(1, 2).contiguous(), n, k)
 
