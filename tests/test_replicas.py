@@ -268,13 +268,15 @@ def crash(system: System) -> None:
     assert not alive, f"services outlived the kernel: {[p.pid for p in alive]}"
 
 
-def test_kill_9_of_llmosd_brings_replicas_and_jobs_back(tmp_path: Path) -> None:
+def test_kill_9_of_llmosd_brings_replicas_and_jobs_back(model_system: System,
+                                                       tmp_path: Path) -> None:
+    want = one_replica(model_system)[:len(PROMPTS)]   # JOBS begins with PROMPTS
     home = tmp_path / "home"
     system = boot(home, "--no-embedded")
     try:
         system.call("Deploy", kernel_pb2.DeployRequest(path=embedded_gguf(), name="m",
                                                        replicas=2), timeout=600)
-        pids = spawn_all(system, "m", PROMPTS, tokens=24)
+        pids = spawn_all(system, "m", PROMPTS)
         while True:   # both replicas are decoding
             ps = system.call("Ps", kernel_pb2.PsRequest(all=True)).processes
             if {p.replica for p in ps if p.generated_tokens > 2} == {0, 1}:
@@ -289,8 +291,6 @@ def test_kill_9_of_llmosd_brings_replicas_and_jobs_back(tmp_path: Path) -> None:
         assert system.services()["inference.1"].state == "HEALTHY"
         replies = [wait(system, pid) for pid in pids]
         assert {r.info.replica for r in replies} == {0, 1}   # put back where they ran
-        expected = [list(wait(system, pid).token_ids)
-                    for pid in spawn_all(system, "m", PROMPTS, tokens=24)]
-        assert [list(r.token_ids) for r in replies] == expected
+        assert [list(r.token_ids) for r in replies] == want
     finally:
         assert shutdown(system) == 0
