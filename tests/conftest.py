@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import platform
 import selectors
 import shutil
 import signal
@@ -47,6 +48,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 # (x86-64-v3), and this CPU's best
 ISA_FLAGS = {"scalar": ("-march=x86-64",), "avx2": ("-march=x86-64-v3",),
              "native": ("-march=native",)}
+
+
+def needs_isa_builds() -> None:
+    """Skip where library_built_for cannot build: not x86, or no C compiler."""
+    from llmasos.drivers.cpu import build
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the ISA paths are x86's")
+    if build.compiler() is None:
+        pytest.skip("no C compiler on this machine: the PyTorch paths serve")
 
 
 def library_built_for(name: str, isa: str) -> ctypes.CDLL:

@@ -5,21 +5,17 @@ AVX2, the scalar C), on odd shapes, strided rows and the edge rows (all zero, Na
 from __future__ import annotations
 
 import ctypes
-import platform
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmasos.drivers.cpu import build
 from llmasos.drivers.cpu import int8_linear as kernel
 from llmasos.drivers.cpu.int8_linear import PackedInt8, int8_linear, pack, unpack
 from llmasos.drivers.quant.cpu_int8 import quantize_weight
 
-from conftest import ISA_FLAGS, library_built_for
-
-X86 = platform.machine() in ("x86_64", "AMD64")
+from conftest import ISA_FLAGS, library_built_for, needs_isa_builds
 
 
 def reference(x: torch.Tensor, p: PackedInt8, inv: torch.Tensor | None,
@@ -32,13 +28,6 @@ def reference(x: torch.Tensor, p: PackedInt8, inv: torch.Tensor | None,
     acc = s @ unpack(p).to(torch.int64).T
     y = acc.to(torch.float32) * p.col_scale * a
     return y if bias is None else y + bias
-
-
-def needs_isa_builds() -> None:
-    if not X86:
-        pytest.skip("the ISA paths are x86's")
-    if build.compiler() is None:
-        pytest.skip("no C compiler on this machine: PyTorch's quantized engines serve")
 
 
 def built_for(isa: str) -> ctypes._CFuncPtr:

@@ -15,8 +15,7 @@ from llmasos.drivers.cpu import packed_linear as kernel
 from llmasos.drivers.cpu.packed_linear import ATTRIBUTE, pack, packed_linear, unpack
 from llmasos.drivers.model import cpu_linear
 
-from conftest import ISA_FLAGS, library_built_for
-from test_cpu_int8_linear import needs_isa_builds
+from conftest import ISA_FLAGS, library_built_for, needs_isa_builds
 
 EPS32 = torch.finfo(torch.float32).eps
 

@@ -1,11 +1,12 @@
 /* y [m, n] = x [m, k] @ W.T (+ bias), fp32, with W packed in panels of 16 output channels:
- * [ceil(n/16)][k][16], zero-padded past n. A decode step's few rows stream each panel from
- * memory once, in order, and keep every row's 16 sums in registers (drivers/cpu/packed_linear.py).
+ * [ceil(n/16)][k][16], zero-padded past n. Each thread streams its panels from memory once, in
+ * order, and keeps the sums of a tile of rows in registers while the panel sits in its cache
+ * (drivers/cpu/packed_linear.py; the load-time probe picks it per row regime where it is faster).
  *
- * Written with GCC's vector types, not one ISA's intrinsics: a v16 is one AVX-512 register,
- * two AVX2 ones, four SSE ones, so the one source is the kernel on every x86 level (and on any
- * CPU GCC targets). Each row's sums run over k in the same order however many rows come with
- * it: a row's result does not depend on its batch. */
+ * Written with GCC's vector types at the register's width, not one ISA's intrinsics: a panel row
+ * is one AVX-512 register, two AVX2 ones, four SSE ones, so the one source is the kernel on every
+ * x86 level (and on any CPU GCC targets). Each row's sums run over k in the same order however
+ * many rows come with it: a row's result does not depend on its batch. */
 #include <stdint.h>
 #include <string.h>
 
@@ -32,8 +33,6 @@ static inline vec load(const float *p) {
     memcpy(&v, p, sizeof v);   /* unaligned: the compiler emits one plain load */
     return v;
 }
-
-int packed_linear_rows(void) { return ROWS; }
 
 /* rows (<= ROWS, a constant where inlined) rows of x times one panel: 16 sums a row. The
  * accumulators are an array of native registers indexed by constants only, so the compiler

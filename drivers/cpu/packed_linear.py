@@ -1,8 +1,8 @@
-"""The fp32 linear's native kernel for few rows (drivers/cpu/packed_linear.c): the weight copied
-once into panels of 16 output channels, [n/16, k, 16], which a decode step streams from memory
-in order while every row's 16 sums stay in registers. The copy sits beside the dense weight
-(prefill chunks keep MKL's or oneDNN's kernels on it) and is made only where the load-time probe
-picks this kernel (drivers/model/cpu_linear.py)."""
+"""The fp32 linear's native kernel (drivers/cpu/packed_linear.c): the weight copied once into
+panels of 16 output channels, [n/16, k, 16], which a step streams from memory in order while each
+row's 16 sums stay in registers. The copy sits beside the dense weight, kept on the tensor; the
+load-time probe (drivers/model/cpu_linear.py) makes it, times it against MKL and oneDNN per row
+regime, and drops it where it wins none."""
 
 from __future__ import annotations
 
