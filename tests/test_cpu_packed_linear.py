@@ -79,6 +79,17 @@ def test_pack_is_the_panel_layout_and_round_trips(n: int, k: int) -> None:
     assert torch.equal(unpack(p), w)
 
 
+def test_the_probe_candidate_takes_what_f_linear_takes() -> None:
+    """As a cpu_linear kernel it serves any x F.linear would: batched dims, columns along k."""
+    needs_isa_builds()
+    w, bias = torch.randn(40, 24), torch.randn(40)
+    for x in (torch.randn(3, 5, 24), torch.randn(24, 7).t(), torch.randn(9, 48)[:, ::2]):
+        y = kernel.dense_packed(x, w, bias)
+        assert y.shape == (*x.shape[:-1], 40)
+        flat = x.reshape(-1, 24)
+        assert within_bound(y.reshape(-1, 40), flat, w, bias)
+
+
 def test_bad_input_is_refused_with_what_it_takes() -> None:
     p = pack(torch.randn(8, 12))
     with pytest.raises(ValueError, match=r"rows \[m, 12\]"):

@@ -112,6 +112,11 @@ def packed_linear(x: torch.Tensor, p: PackedF32, bias: torch.Tensor | None = Non
 
 def dense_packed(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
                  ) -> torch.Tensor:
-    """cpu_linear's signature (x, dense w, bias) through w's packed copy."""
+    """cpu_linear's signature (x, dense w, bias) through w's packed copy, taking any x F.linear
+    takes: leading dimensions flattened, rows not laid out along k copied."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
     with named_range("packed_linear"):   # bench/engine_step.py counts it a matmul
-        return packed_linear(x, packed_of(w), bias)
+        y = packed_linear(rows, packed_of(w), bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
