@@ -19,12 +19,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import grpc
 import psutil
 import pytest
 
 from llmasos.proto import common_pb2, kernel_pb2, kernel_pb2_grpc
+
+if TYPE_CHECKING:   # imported where used: a worker that runs no torch test does not load it
+    import torch
 
 BOOT_TIMEOUT = 300.0
 # Every test system gets its own state dir, but they share the dequantized-weights cache (every
@@ -67,6 +72,24 @@ def library_built_for(name: str, isa: str) -> ctypes.CDLL:
         lib = build.load_library.__wrapped__(name)
     assert lib is not None
     return lib
+
+
+def typed_built_for(module: ModuleType, isa: str) -> ctypes._CFuncPtr:
+    """A drivers/cpu kernel module's function, typed by its typed(), from its C built for one
+    ISA (skipped where that cannot be built)."""
+    needs_isa_builds()
+    return module.typed(library_built_for(module.__name__.rsplit(".", 1)[-1], isa))
+
+
+def within_fp32_sums(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> bool:
+    """y = x @ w.T + bias as fp32 sums of k products (fused or not) in any order and blocking:
+    |error| <= k eps sum|x_i w_i|, and the bias add one more rounding."""
+    import torch
+    eps = torch.finfo(torch.float32).eps
+    ref = x.double() @ w.double().T + (0 if bias is None else bias.double())
+    bound = x.shape[1] * eps * (x.double().abs() @ w.double().abs().T) + eps * ref.abs()
+    return bool(((y.double() - ref).abs() <= bound).all())
 
 
 # Modules by measured time, slowest first (worker-seconds in a CI run at 28ba601: test_parallel

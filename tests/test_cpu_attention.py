@@ -29,8 +29,8 @@ from conftest import (
     embedded_gguf,
     filled_pool,
     greedy_steps,
-    library_built_for,
     shared_state,
+    typed_built_for,
 )
 
 CPU = torch.device("cpu")
@@ -94,10 +94,7 @@ def test_decode_matches_dense(seq_lens: list[int], shape: tuple[int, int, int], 
 def built_for(isa: str) -> PagedDecode:
     """paged_decode built for one ISA (the AVX2 one has its own loops; AVX-512 and x86-64
     build the generic vectors), as a machine of that kind builds it."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("the ISA paths are x86's")
-    kernel()   # skips where there is no compiler
-    return PagedDecode(paged_decode.typed(library_built_for("paged_decode", isa)))
+    return PagedDecode(typed_built_for(paged_decode, isa))
 
 
 @pytest.mark.parametrize("isa", list(ISA_FLAGS))

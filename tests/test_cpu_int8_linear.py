@@ -15,7 +15,7 @@ from llmasos.drivers.cpu import int8_linear as kernel
 from llmasos.drivers.cpu.int8_linear import PackedInt8, int8_linear, pack, unpack
 from llmasos.drivers.quant.cpu_int8 import quantize_weight
 
-from conftest import ISA_FLAGS, library_built_for, needs_isa_builds
+from conftest import ISA_FLAGS, typed_built_for
 
 
 def reference(x: torch.Tensor, p: PackedInt8, inv: torch.Tensor | None,
@@ -30,15 +30,9 @@ def reference(x: torch.Tensor, p: PackedInt8, inv: torch.Tensor | None,
     return y if bias is None else y + bias
 
 
-def built_for(isa: str) -> ctypes._CFuncPtr:
-    """int8_linear built for one ISA, as a machine of that kind builds it."""
-    return kernel.typed(library_built_for("int8_linear", isa))
-
-
 @pytest.fixture(scope="module", params=list(ISA_FLAGS))
 def isa_kernel(request: pytest.FixtureRequest) -> ctypes._CFuncPtr:
-    needs_isa_builds()
-    return built_for(request.param)
+    return typed_built_for(kernel, request.param)
 
 
 def make(n: int, k: int, seed: int) -> tuple[torch.Tensor, PackedInt8]:
@@ -77,10 +71,9 @@ def test_the_threaded_path_gives_the_same_bits(isa_kernel: ctypes._CFuncPtr) -> 
 
 def test_every_isa_adds_the_same_integers() -> None:
     """The paths this CPU runs agree with each other exactly (each equals the definition)."""
-    needs_isa_builds()
     _, p = make(200, 576, 3)
     x = torch.randn(9, 576, generator=torch.Generator().manual_seed(4))
-    outs = [int8_linear(x, p, None, None, built_for(isa)) for isa in ISA_FLAGS]
+    outs = [int8_linear(x, p, None, None, typed_built_for(kernel, isa)) for isa in ISA_FLAGS]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
@@ -134,10 +127,10 @@ def test_the_gated_rows_take_silu_gate_times_up(isa_kernel: ctypes._CFuncPtr) ->
 
 
 def test_every_isa_forms_the_same_gated_rows() -> None:
-    needs_isa_builds()
     _, p = make(64, 300, 11)
     gate_up = torch.randn(5, 600, generator=torch.Generator().manual_seed(12)) * 3
-    outs = [int8_linear(gate_up, p, None, None, built_for(isa), gated=True) for isa in ISA_FLAGS]
+    outs = [int8_linear(gate_up, p, None, None, typed_built_for(kernel, isa), gated=True)
+            for isa in ISA_FLAGS]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 

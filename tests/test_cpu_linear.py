@@ -15,12 +15,7 @@ from llmasos.drivers.model.cpu_linear import (
     probe,
 )
 
-EPS32 = torch.finfo(torch.float32).eps
-
-
-def worst_case(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """fp32 dot products of K terms in any order and blocking: |error| <= K eps sum|x_i w_i|."""
-    return x.shape[1] * EPS32 * (x.double().abs() @ w.double().abs().T)
+from conftest import within_fp32_sums
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
@@ -32,9 +27,8 @@ def test_every_kernel_is_x_times_w_transposed(name: str, rows: int) -> None:
     x = torch.randn(rows, 80, generator=torch.Generator().manual_seed(rows + 1))
     bias = torch.randn(96)
     out = KERNELS[name](x, w, bias)
-    ref = x.double() @ w.double().T + bias.double()
     assert out.shape == (rows, 96) and out.dtype == torch.float32 and out.is_contiguous()
-    assert ((out.double() - ref).abs() <= worst_case(x, w) + EPS32 * ref.abs()).all()
+    assert within_fp32_sums(out, x, w, bias)
 
 
 def test_probe_picks_a_candidate_of_each_regime_and_the_plan_routes_by_rows() -> None:

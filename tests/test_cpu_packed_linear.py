@@ -15,28 +15,12 @@ from llmasos.drivers.cpu import packed_linear as kernel
 from llmasos.drivers.cpu.packed_linear import ATTRIBUTE, pack, packed_linear, unpack
 from llmasos.drivers.model import cpu_linear
 
-from conftest import ISA_FLAGS, library_built_for, needs_isa_builds
-
-EPS32 = torch.finfo(torch.float32).eps
-
-
-def built_for(isa: str) -> ctypes._CFuncPtr:
-    return kernel.typed(library_built_for("packed_linear", isa))
+from conftest import ISA_FLAGS, needs_isa_builds, typed_built_for, within_fp32_sums
 
 
 @pytest.fixture(scope="module", params=list(ISA_FLAGS))
 def isa_kernel(request: pytest.FixtureRequest) -> ctypes._CFuncPtr:
-    needs_isa_builds()
-    return built_for(request.param)
-
-
-def within_bound(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
-                 bias: torch.Tensor | None) -> bool:
-    """fp32 sums of k products (fused or not) in any order: |error| <= k eps sum|x_i w_i|, and
-    the bias add one more rounding."""
-    ref = x.double() @ w.double().T + (0 if bias is None else bias.double())
-    bound = x.shape[1] * EPS32 * (x.double().abs() @ w.double().abs().T) + EPS32 * ref.abs()
-    return bool(((y.double() - ref).abs() <= bound).all())
+    return typed_built_for(kernel, request.param)
 
 
 @settings(max_examples=30, deadline=None)
@@ -53,7 +37,7 @@ def test_the_kernel_is_x_times_w_transposed(isa_kernel: ctypes._CFuncPtr, m: int
     bias = torch.randn(n, generator=g) if with_bias else None
     y = packed_linear(x, pack(w), bias, isa_kernel)
     assert y.shape == (m, n) and y.dtype == torch.float32 and y.is_contiguous()
-    assert within_bound(y, x, w, bias)
+    assert within_fp32_sums(y, x, w, bias)
 
 
 def test_a_row_gives_the_same_bits_alone_as_in_any_batch(isa_kernel: ctypes._CFuncPtr) -> None:
@@ -87,7 +71,7 @@ def test_the_probe_candidate_takes_what_f_linear_takes() -> None:
         y = kernel.dense_packed(x, w, bias)
         assert y.shape == (*x.shape[:-1], 40)
         flat = x.reshape(-1, 24)
-        assert within_bound(y.reshape(-1, 40), flat, w, bias)
+        assert within_fp32_sums(y.reshape(-1, 40), flat, w, bias)
 
 
 def test_bad_input_is_refused_with_what_it_takes() -> None:

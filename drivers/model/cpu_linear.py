@@ -140,9 +140,12 @@ def probe(small: list[torch.Tensor], large: list[torch.Tensor],
     row, few, many = REGIMES
     plan = LinearPlan(decide(row, small, remember), decide(few, small, remember),
                       decide(many, large, remember) if large else "mkl")
-    if "packed" not in (plan.row, plan.few, plan.many):   # free the copies the probe made
-        for w in small + large:
-            packed_linear.drop_packed(w)
+    # the packed copies exactly where they serve: made at load, not at the first step (its
+    # latency, the memory seen early), even where the answer was remembered; else freed
+    settle = packed_linear.packed_of if "packed" in (plan.row, plan.few, plan.many) \
+        else packed_linear.drop_packed
+    for w in small + large:
+        settle(w)
     return plan
 
 

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from llmasos.drivers.cpu.decode_layers import DecodeLayers
-from llmasos.drivers.cpu.packed_linear import packed_of
 from llmasos.drivers.cpu.paged_decode import PagedDecode, decode_kernel
 from llmasos.drivers.cpu.rms_norm import add_rms_norm, rms_norm
 from llmasos.drivers.cpu.rope_kv import rope_kv
@@ -217,9 +216,6 @@ class LlamaModel:
         head = [self.lm_head] if isinstance(self.lm_head, torch.Tensor) else []
         many = [w for ws in layer_weights[:2] for w in ws]
         self.plan = probe(dense + head, many, self.device, remember=probe_cache.linear_kernel)
-        if "packed" in (self.plan.row, self.plan.few, self.plan.many):
-            for w in dense + head:   # now, not at the first step: its latency, memory seen early
-                packed_of(w)
 
     def _layer(self, weights: dict[str, torch.Tensor], i: int, w: object, opt: object) -> Layer:
         p = f"model.layers.{i}."
