@@ -21,12 +21,14 @@ import stat
 import threading
 from collections.abc import Callable
 from concurrent import futures
+from typing import NoReturn
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from llmasos.kernel import log
+from llmasos.services.fast_exit import exit_now
 
 SECRET_KEY = "x-llmasos-secret"   # the call metadata that carries the per-boot secret
 STACKS_SIGNAL = signal.SIGUSR1     # dumps every thread's stack to stderr (the kernel's log)
@@ -148,7 +150,7 @@ def report_address(fd: int, address: str) -> None:
 
 
 def serve(name: str, register: Callable[[grpc.Server, argparse.Namespace], list[str]],
-          argv: list[str] | None = None) -> int:
+          argv: list[str] | None = None) -> NoReturn:
     """Run a service until SIGTERM/SIGINT; the standard main of every service process."""
     args = parse_args(argv)
     if args.listen.startswith("unix:"):   # the supervisor's name for us: inference.1, ...
@@ -173,7 +175,8 @@ def serve(name: str, register: Callable[[grpc.Server, argparse.Namespace], list[
             orphaned(log, parent, args.listen, ours)
     server.stop(grace=2).wait()
     log.info("service_stopped")
-    return 0
+    exit_now(0)
+
 
 
 PARENT_POLL_S = 0.2   # how soon a service notices its kernel died

@@ -25,6 +25,7 @@ from llmasos.drivers.model.kv_pool import KVPool
 from llmasos.drivers.model.llama import LlamaModel
 from llmasos.drivers.parallel.comm import Comm, step_collectives
 from llmasos.drivers.parallel.stage import Flight, StageLlama
+from llmasos.services.fast_exit import exit_now
 from llmasos.services.inference.engine import DTYPES
 from llmasos.services.inference.parallel import (
     ARGS_KEY,
@@ -129,4 +130,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_now(main(sys.argv[1:]))
