@@ -254,14 +254,26 @@ def test_nice_value_changes_the_order(tmp_path) -> None:
         assert shutdown(system) == 0
 
 
-def test_sigterm_gives_running_jobs_grace_then_kills_them(tmp_path) -> None:
-    system = boot(tmp_path / "home", "--grace", "2")
+def test_sigterm_refuses_spawns_gives_running_jobs_grace_then_kills_them(tmp_path) -> None:
+    """While llmosd drains (a job runs, --grace 3), a Spawn is refused with UNAVAILABLE; until
+    the signal is handled one may still get in (it ends with the rest)."""
+    system = boot(tmp_path / "home", "--grace", "3")
     pid = spawn(system, PROMPTS[0], max_tokens=4000, ignore_eos=True)
     while system.call("Stat", kernel_pb2.StatRequest(pid=pid)).generated_tokens < 2:
         time.sleep(0.05)
     start = time.monotonic()
+    system.proc.send_signal(signal.SIGTERM)
+    while True:
+        try:
+            spawn(system, PROMPTS[1], max_tokens=4)
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+            assert "shutting down" in err.details(), err.details()
+            break
+        assert time.monotonic() - start < 3, "Spawn was still accepted after the grace"
+        time.sleep(0.02)
     assert shutdown(system) == 0          # also asserts no process and no port is left
-    assert time.monotonic() - start < 2 + 20
+    assert time.monotonic() - start < 3 + 20
     assert '"reason": "SHUTDOWN"' in system.log_text() or \
         '"reason": "KILLED"' in system.log_text()
 
