@@ -327,17 +327,20 @@ def test_abandoned_stream_kills_the_job(gen_system):
 
 
 def test_ctrl_c_while_waiting_kills_the_job(gen_system):
-    code = ("from llmasos import LLMClient\n"
+    # SIGINT raises KeyboardInterrupt in the child even where the suite runs with it ignored
+    # (under nohup, in the background), which the child would inherit. Set there, not by a
+    # preexec_fn: that makes Popen fork() this threaded process, and gRPC's fork handlers then
+    # run in the child (once it aborted there: "epoll_wait error: Bad file descriptor").
+    code = ("import signal\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from llmasos import LLMClient\n"
             "c = LLMClient('smollm2-135m')\n"
             "p = c.spawn('Tell me a long story.', max_tokens=4000, ignore_eos=True)\n"
             "print(p.pid, flush=True)\n"
             "p.wait()\n")
     env = {**os.environ, "LLMASOS_ADDR": gen_system.address, "LLMASOS_TOKEN": gen_system.root_token}
-    # SIGINT back to its default in the child: a suite run under nohup or in the background
-    # inherits it ignored, and Python then never raises KeyboardInterrupt
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                             stderr=subprocess.PIPE, env=env,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                             stderr=subprocess.PIPE, env=env)
     try:
         line = child.stdout.readline()
         if not line.strip():   # it exited before printing a pid: say why
