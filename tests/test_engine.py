@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from llmasos.drivers.cpu.packed_linear import packed_bytes
 from llmasos.services.inference.engine import Engine, StepEntry
 from llmasos.services.inference.sampler import SamplingParams
 
@@ -78,7 +79,13 @@ def test_model_info_and_geometry(engine: Engine) -> None:
     assert (info.name, info.architecture, info.vocab_size, info.dtype) == (
         MODEL, "llama", 49152, "float32")
     assert 130_000_000 < info.parameters < 140_000_000
-    assert info.context_length == 8192 and info.memory_bytes == info.parameters * 4
+    # fp32 weights, and the copies the load-time probe packed where it picked our kernel (the
+    # LM head, tied to the embedding, among them): about the weights once more
+    model = engine._models[MODEL].model
+    packed = sum(packed_bytes(w) for w in model._weights() if isinstance(w, torch.Tensor))
+    picked = "packed" in (model.plan.row, model.plan.few, model.plan.many)
+    assert (packed > 0.9 * info.parameters * 4) if picked else packed == 0
+    assert info.context_length == 8192 and info.memory_bytes == info.parameters * 4 + packed
     g = engine.geometry(MODEL)
     assert (g.block_size, g.num_layers, g.kv_heads, g.head_dim) == (16, 30, 3, 64)
     assert g.block_bytes == 30 * 2 * 16 * 3 * 64 * 4

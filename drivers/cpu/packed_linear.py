@@ -84,6 +84,12 @@ def packed_of(w: torch.Tensor) -> PackedF32:
     return p
 
 
+def packed_bytes(w: torch.Tensor) -> int:
+    """The bytes of w's packed copy (0: none)."""
+    p = getattr(w, ATTRIBUTE, None)
+    return p.w.nbytes if p is not None else 0
+
+
 def drop_packed(w: torch.Tensor) -> None:
     if hasattr(w, ATTRIBUTE):
         delattr(w, ATTRIBUTE)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from llmasos.drivers.cpu.decode_layers import DecodeLayers
+from llmasos.drivers.cpu.packed_linear import packed_bytes
 from llmasos.drivers.cpu.paged_decode import PagedDecode, decode_kernel
 from llmasos.drivers.cpu.rms_norm import add_rms_norm, rms_norm
 from llmasos.drivers.cpu.rope_kv import rope_kv
@@ -99,9 +100,10 @@ def weight_numel(w: Weight) -> int:
 
 
 def weight_bytes(w: Weight) -> int:
+    """What w holds: its quantized parts, or its dense data and any packed copy of it."""
     if isinstance(w, QuantWeight):
         return sum(t.nbytes for t in (w.qweight, w.scale, w.offset) if t is not None)
-    return w.nbytes
+    return w.nbytes + packed_bytes(w)
 
 
 def rope_inv_freq(cfg: ModelConfig, rope_freqs: torch.Tensor | None = None,
@@ -260,7 +262,8 @@ class LlamaModel:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes the weights take on the device (quantized ones in their packed form)."""
+        """Bytes the weights take on the device (quantized ones in their packed form, dense ones
+        with the copies the probe packed for our own kernel)."""
         return sum(weight_bytes(t) for t in self._weights())
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor,

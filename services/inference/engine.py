@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 import torch
@@ -194,6 +194,8 @@ class Engine:
                 threads=threads)
             if isinstance(loaded.model, LlamaModel):   # timed where its steps will run
                 on_compute_thread(loaded.model.tune)
+                # the probe may have packed copies of the weights for our own kernel
+                loaded.entry = replace(loaded.entry, memory_bytes=loaded.model.weight_bytes)
                 cfg = loaded.model.cfg   # padding_exact measured now, not in the first step
                 self._split_groups(loaded, cfg.num_heads // cfg.num_kv_heads)
             with self._lock:   # checked where it is kept: a caller gone now never sees it
