@@ -1,6 +1,6 @@
 """How a service process ends: flush, then _exit. Finalizing the interpreter tears down
 torch's modules one by one (half a second) and keeps nothing: by then all a process owns is
-written or closed, and its children are told to go."""
+written or closed (a service's TP ranks watch for its exit and leave)."""
 
 from __future__ import annotations
 
