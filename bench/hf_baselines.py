@@ -188,16 +188,20 @@ class HFWorker:
             self._start()
         start = time.perf_counter()
         self.conn.send((name, n, seed, allowed))
+        expected = sum(r.output_tokens for r in workload(n, seed))
         if self.conn.poll(allowed + 60):   # its own deadline, plus time to stop cleanly
             try:
                 outcome = self.conn.recv()
                 if not outcome.ok:
                     self._kill()   # its generation thread may still be running
                 return outcome
-            except EOFError:
-                pass
+            except EOFError:   # the worker died mid-run
+                self.proc.join(10)
+                code = self.proc.exitcode
+                self._kill()
+                return Outcome("crashed", 0, expected, time.perf_counter() - start,
+                               f"the worker died (exit code {code})")
         self._kill()
-        expected = sum(r.output_tokens for r in workload(n, seed))
         return Outcome("timed_out", 0, expected, time.perf_counter() - start,
                        f"no answer in {allowed + 60:.0f} s; worker killed")
 
