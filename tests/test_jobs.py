@@ -270,10 +270,12 @@ def test_sigterm_refuses_spawns_gives_running_jobs_grace_then_kills_them(tmp_pat
             assert err.code() == grpc.StatusCode.UNAVAILABLE, err
             assert "shutting down" in err.details(), err.details()
             break
-        assert time.monotonic() - start < 3, "Spawn was still accepted after the grace"
+        # by time, not tries: a loaded host may handle the signal late (the drain, and so the
+        # window where Spawn is refused, lasts --grace from then: the job keeps it open)
+        assert time.monotonic() - start < 30, "Spawn was still accepted 30 s after SIGTERM"
         time.sleep(0.02)
     assert shutdown(system) == 0          # also asserts no process and no port is left
-    assert time.monotonic() - start < 3 + 20
+    assert time.monotonic() - start < 30 + 3 + 20
     assert '"reason": "SHUTDOWN"' in system.log_text() or \
         '"reason": "KILLED"' in system.log_text()
 
