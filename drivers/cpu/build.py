@@ -106,12 +106,13 @@ def load_library(name: str) -> ctypes.CDLL | None:
         return None
 
 
-def native_function(name: str, argtypes: list, restype: object) -> ctypes._CFuncPtr | None:
-    """The function `name` of drivers/cpu/{name}.c, typed for ctypes, or None where the library
-    cannot be built (its caller keeps its PyTorch path)."""
+def native_function(name: str, argtypes: list, restype: object,
+                    symbol: str = "") -> ctypes._CFuncPtr | None:
+    """The function `symbol` (default `name`) of drivers/cpu/{name}.c, typed for ctypes, or None
+    where the library cannot be built (its caller keeps its PyTorch path)."""
     lib = load_library(name)
     if lib is None:
         return None
-    fn = getattr(lib, name)
+    fn = getattr(lib, symbol or name)
     fn.argtypes, fn.restype = argtypes, restype
     return fn

@@ -12,7 +12,7 @@ from functools import cache
 
 import torch
 
-from llmasos.drivers.cpu.build import load_library, native_function
+from llmasos.drivers.cpu.build import native_function
 from llmasos.drivers.model.ranges import named_range
 
 P, I64 = ctypes.c_void_p, ctypes.c_int64
@@ -48,12 +48,8 @@ class PackedF32:
 
 @cache
 def _packer() -> ctypes._CFuncPtr | None:
-    lib = load_library("packed_linear")
-    if lib is None:
-        return None
-    fn = lib.packed_linear_pack
-    fn.argtypes, fn.restype = [P, I64, I64, P, ctypes.c_int], None
-    return fn
+    return native_function("packed_linear", [P, I64, I64, P, ctypes.c_int], None,
+                           symbol="packed_linear_pack")
 
 
 def pack(w: torch.Tensor) -> PackedF32:
