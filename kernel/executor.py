@@ -726,6 +726,7 @@ class Executor:
                     rows.append(Tokens(proc.pid, len(proc.output_ids), [result.token_id],
                                        [result.logprob], result.text))
                     self._emit(proc, result)
+                    self.table.touch(proc)
                     if proc.stdout_pids and self.k.pipes is not None:
                         self.k.pipes.wrote(proc)
                 if proc.pid in nxt:

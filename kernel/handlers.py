@@ -230,14 +230,15 @@ def sys_wait(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.WaitR
     proc = lookup(k, ident, req.pid)
     limit = req.timeout_ms / 1000 if req.timeout_ms else None
     deadline = time.monotonic() + limit if limit else None
-    with k.table.changed:
+    ended = k.table.watch(proc)
+    with ended:
         while proc.state not in ENDED:
             if not ctx.is_active():
                 raise SyscallError("CANCELLED", "the caller went away")
             left = deadline - time.monotonic() if deadline else 1.0
             if left <= 0:
                 raise SyscallError("DEADLINE_EXCEEDED", f"process {proc.pid} still running")
-            k.table.changed.wait(min(left, 1.0))
+            ended.wait(min(left, 1.0))
         if proc.state == State.REAPED:   # another Wait (or the zombie timeout) reaped it
             if k.table.answered_wait(proc.pid) is proc:
                 return wait_response(proc, k)
@@ -272,11 +273,12 @@ def sys_read(k: Kernel, ident: Identity, req: Any, ctx: Any) -> Iterator[kernel_
                                f"{len(proc.output_ids)} tokens process {proc.pid} has produced")
         sent_tokens = req.offset
         sent_chars = proc.text_ends[sent_tokens - 1] if sent_tokens else 0
+    news = k.table.watch(proc)
     while True:
-        with k.table.changed:
+        with news:
             while (len(proc.output_ids) == sent_tokens and len(proc.text) == sent_chars
                    and proc.state not in ENDED and ctx.is_active()):
-                k.table.changed.wait(1.0)
+                news.wait(1.0)
             text, ids = proc.text[sent_chars:], proc.output_ids[sent_tokens:]
             lps = proc.output_logprobs[sent_tokens:sent_tokens + len(ids)]
             done = proc.state in ENDED

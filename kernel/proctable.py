@@ -127,6 +127,7 @@ class ProcessTable:
     def __init__(self, zombie_ttl: float = 600.0) -> None:
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)  # notified on exits, stops and new output
+        self.watchers: dict[int, threading.Condition] = {}   # pid → its Read and Wait callers
         self.procs: dict[int, Proc] = {}
         self.next_pid = 1
         self.zombie_ttl = zombie_ttl
@@ -152,6 +153,23 @@ class ProcessTable:
                 proc.started = time.time()
             if new in WAKES:   # the step loop's READY <-> RUNNING moves wake nobody
                 self.changed.notify_all()
+                self.touch(proc)
+
+    def watch(self, proc: Proc) -> threading.Condition:
+        """The condition one job's Read and Wait callers sleep on: notified only for that job
+        (touch), so a step's output wakes each reader once and no waiter at all."""
+        with self.lock:
+            if proc.state == State.REAPED:
+                return threading.Condition(self.lock)   # ended: nothing will notify it
+            return self.watchers.setdefault(proc.pid, threading.Condition(self.lock))
+
+    def touch(self, proc: Proc) -> None:
+        """The job has new output or a new state its watchers wait for (under the lock)."""
+        watchers = self.watchers.get(proc.pid)
+        if watchers is not None:
+            watchers.notify_all()
+            if proc.state == State.REAPED:
+                del self.watchers[proc.pid]
 
     def exit(self, proc: Proc, reason: Exit, status: int = 0, message: str = "") -> None:
         """Make a live job a zombie with its exit status."""

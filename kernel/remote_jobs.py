@@ -154,7 +154,7 @@ class RemoteJobs:
         proc.text += text
         job.chunks += 1
         self.k.journal.record_tokens([Tokens(proc.pid, len(proc.output_ids), [], [], text)])
-        self.k.table.changed.notify_all()
+        self.k.table.touch(proc)
 
     def _settle(self, job: Job, finish: str | None) -> bool:
         """After the stream: end the job, or deliver the signal that cancelled it; True when

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -93,3 +94,38 @@ def test_ten_thousand_entries() -> None:
     procs = table.listing()
     assert [p.pid for p in procs] == list(range(1, 10_001))
     assert table.get(5_000).pid == 5_000 and len(table) == 10_000
+
+
+def test_a_jobs_watchers_wake_for_that_job_only_and_go_with_it() -> None:
+    """Read and Wait sleep on their job's own condition: another job's output or exit wakes
+    none of them, their own job's does, and the condition is dropped once the job is reaped."""
+    table = ProcessTable()
+    mine, other = spawn(table), spawn(table)
+    woken: list[str] = []
+    watcher = table.watch(mine)
+    started = threading.Event()
+
+    def wait() -> None:
+        with watcher:
+            started.set()
+            while mine.state != State.ZOMBIE:
+                woken.append("wake" if watcher.wait(5.0) else "timeout")
+
+    t = threading.Thread(target=wait)
+    t.start()
+    started.wait(5)
+    with table.lock:   # the waiter holds the lock until it sleeps
+        table.touch(other)
+        table.exit(other, Exit.STOP)
+    time.sleep(0.2)
+    assert woken == []   # nothing of mine happened
+    with table.lock:
+        table.touch(mine)
+    time.sleep(0.2)
+    assert woken == ["wake"]
+    table.exit(mine, Exit.STOP)
+    t.join(5)
+    assert woken == ["wake", "wake"] and not t.is_alive()
+    assert table.watch(mine) is watcher   # kept while it is a zombie (a Wait may still come)
+    table.reap(mine)
+    assert mine.pid not in table.watchers
