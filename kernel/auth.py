@@ -6,7 +6,6 @@ Every refused authentication is written to the audit log."""
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import threading
 import time
@@ -43,11 +42,6 @@ class Authenticator:
         self.ttl = ttl
         self.cache: dict[str, tuple[float, Identity]] = {}
         self.lock = threading.Lock()
-
-    def cached(self, token: str) -> Identity | None:
-        """The identity a recent resolve() found for the token, without a round trip."""
-        hit = self.cache.get(token)
-        return hit[1] if hit and time.monotonic() - hit[0] < self.ttl else None
 
     def resolve(self, token: str) -> Identity:
         """Raise grpc-coded errors via the returned tuple of (code, message) on failure."""
@@ -103,57 +97,47 @@ def bearer(metadata: tuple) -> str:
     return ""
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps each Kernel handler so it runs with the caller's Identity in current_identity
-    (the handler's task; a blocking handler's thread gets a copy: kernel/sync_calls.py)."""
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Wraps each Kernel handler so it runs with the caller's Identity in current_identity."""
 
     def __init__(self, auth: Authenticator, audit: AuditLog | None = None) -> None:
         self.auth = auth
         self.audit = audit
 
-    async def intercept_service(self, continuation: Callable,  # noqa: ANN201
-                                details: grpc.HandlerCallDetails):
-        handler = await continuation(details)
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails):  # noqa: ANN201
+        handler = continuation(details)
         if handler is None or details.method.startswith(OPEN_PREFIXES):
             return handler
-        token, call = bearer(details.invocation_metadata), details.method.rsplit("/", 1)[-1]
+        token = bearer(details.invocation_metadata)
         if handler.unary_unary:
-            inner = handler.unary_unary
-
-            async def unary(request, context):  # noqa: ANN001, ANN202
-                await self._authenticate(token, call, context)
-                return await inner(request, context)
             return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
+                self._wrap(handler.unary_unary, token, details.method),
+                request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream:
-            inner_stream = handler.unary_stream
-
-            async def stream(request, context):  # noqa: ANN001, ANN202
-                await self._authenticate(token, call, context)
-                async for message in inner_stream(request, context):
-                    yield message
             return grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=handler.request_deserializer,
+                self._wrap(handler.unary_stream, token, details.method),
+                request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         return handler
 
-    async def _authenticate(self, token: str, call: str, context: grpc.aio.ServicerContext
-                            ) -> None:
-        if not token:
-            await self._refuse(context, call, grpc.StatusCode.UNAUTHENTICATED,
-                               "no token: send metadata 'authorization: Bearer <token>'")
-        ident = self.auth.cached(token)
-        if ident is None:   # a round trip to the security service: not on the loop
-            try:
-                ident = await asyncio.get_running_loop().run_in_executor(
-                    None, self.auth.resolve, token)
-            except AuthError as e:
-                await self._refuse(context, call, e.code, e.message)
-        current_identity.set(ident)
+    def _wrap(self, behavior: Callable, token: str, method: str) -> Callable:
+        call = method.rsplit("/", 1)[-1]
 
-    async def _refuse(self, context: grpc.aio.ServicerContext, call: str,
-                      code: grpc.StatusCode, message: str) -> None:
+        def authenticated(request, context):  # noqa: ANN001, ANN202
+            if not token:
+                self._refuse(context, call, grpc.StatusCode.UNAUTHENTICATED,
+                             "no token: send metadata 'authorization: Bearer <token>'")
+            try:
+                ident = self.auth.resolve(token)
+            except AuthError as e:
+                self._refuse(context, call, e.code, e.message)
+            current_identity.set(ident)
+            return behavior(request, context)
+        return authenticated
+
+    def _refuse(self, context: grpc.ServicerContext, call: str, code: grpc.StatusCode,
+                message: str) -> None:
         if self.audit is not None and code == grpc.StatusCode.UNAUTHENTICATED:
             self.audit.record(call=call, code=code.name, message=message, peer=context.peer())
-        await context.abort(code, message)
+        context.abort(code, message)

@@ -5,14 +5,13 @@ runs; handlers raise SyscallError for what depends on state (unknown pid, anothe
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import grpc
@@ -22,7 +21,6 @@ from llmasos.kernel import node_ranks, quota, rank_procs, replicas
 from llmasos.kernel.auth import Identity
 from llmasos.kernel.ipc_delivery import IPC_TIMEOUT, caller, check_stdout_mailbox, ipc_failed
 from llmasos.kernel.kernel import Deployed, Kernel, load_request
-from llmasos.kernel.output_events import OutputEvents
 from llmasos.kernel.pipes import Template
 from llmasos.kernel.proctable import Exit, Proc, State
 from llmasos.kernel.segments import Segment
@@ -265,11 +263,9 @@ def timings(p: Proc) -> kernel_pb2.Timings:
         total_ms=((p.ended or time.time()) - p.created) * ms)
 
 
-async def sys_read(k: Kernel, ident: Identity, req: Any, ctx: Any,
-                   events: OutputEvents) -> AsyncIterator[kernel_pb2.ReadChunk]:
+def sys_read(k: Kernel, ident: Identity, req: Any, ctx: Any) -> Iterator[kernel_pb2.ReadChunk]:
     """Stream output from token `offset` on; the stream ends when the job ends or is reaped
-    by anyone (a concurrent Wait, the zombie timeout), with its exit status. Runs on the
-    server's event loop (kernel/server_loop.py): it waits on an event, not in a thread."""
+    by anyone (a concurrent Wait, the zombie timeout), with its exit status."""
     proc = lookup(k, ident, req.pid)
     with k.table.lock:
         if req.offset > len(proc.output_ids):
@@ -277,31 +273,22 @@ async def sys_read(k: Kernel, ident: Identity, req: Any, ctx: Any,
                                f"{len(proc.output_ids)} tokens process {proc.pid} has produced")
         sent_tokens = req.offset
         sent_chars = proc.text_ends[sent_tokens - 1] if sent_tokens else 0
-    news = events.watch(proc.pid)
-    try:
-        while True:
-            news.clear()   # before looking: news from here on sets it again
-            with k.table.lock:
-                done = proc.state in ENDED
-                if not done and len(proc.output_ids) == sent_tokens and \
-                        len(proc.text) == sent_chars:
-                    chunk = None
-                else:
-                    text, ids = proc.text[sent_chars:], proc.output_ids[sent_tokens:]
-                    lps = proc.output_logprobs[sent_tokens:sent_tokens + len(ids)]
-                    sent_chars, sent_tokens = sent_chars + len(text), sent_tokens + len(ids)
-                    chunk = kernel_pb2.ReadChunk(
-                        text=text, token_ids=ids, logprobs=lps, done=done,
-                        exit_reason=int(proc.exit_reason) if done else 0)
-            if chunk is None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(news.wait(), 1.0)
-                continue
-            yield chunk
-            if done:
-                return
-    finally:
-        events.unwatch(proc.pid, news)
+    news = k.table.watch(proc)
+    while True:
+        with news:
+            while (len(proc.output_ids) == sent_tokens and len(proc.text) == sent_chars
+                   and proc.state not in ENDED and ctx.is_active()):
+                news.wait(1.0)
+            text, ids = proc.text[sent_chars:], proc.output_ids[sent_tokens:]
+            lps = proc.output_logprobs[sent_tokens:sent_tokens + len(ids)]
+            done = proc.state in ENDED
+            sent_chars, sent_tokens = sent_chars + len(text), sent_tokens + len(ids)
+        if not ctx.is_active():
+            return
+        yield kernel_pb2.ReadChunk(text=text, token_ids=ids, logprobs=lps, done=done,
+                                   exit_reason=int(proc.exit_reason) if done else 0)
+        if done:
+            return
 
 
 def sys_kill(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.KillResponse:

@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any
 
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health, health_pb2
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -24,9 +24,8 @@ def statuses(k: Any) -> dict[str, int]:
     return out
 
 
-def watch(k: Any, servicer: Any) -> threading.Thread:
-    """Mirror statuses(k) into the servicer (anything with set(name, status)), setting only
-    what changed (Watch streams see it)."""
+def watch(k: Any, servicer: health.HealthServicer) -> threading.Thread:
+    """Mirror statuses(k) into the servicer, setting only what changed (Watch streams see it)."""
     def loop() -> None:
         last: dict[str, int] = {}
         while True:

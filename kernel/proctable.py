@@ -13,7 +13,6 @@ import enum
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,8 +127,7 @@ class ProcessTable:
     def __init__(self, zombie_ttl: float = 600.0) -> None:
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)  # notified on exits, stops and new output
-        self.watchers: dict[int, threading.Condition] = {}   # pid → its Wait callers
-        self.on_touch: Callable[[Proc], None] | None = None   # the Read streams' (server)
+        self.watchers: dict[int, threading.Condition] = {}   # pid → its Read and Wait callers
         self.procs: dict[int, Proc] = {}
         self.next_pid = 1
         self.zombie_ttl = zombie_ttl
@@ -167,8 +165,6 @@ class ProcessTable:
 
     def touch(self, proc: Proc) -> None:
         """The job has new output or a new state its watchers wait for (under the lock)."""
-        if self.on_touch is not None:
-            self.on_touch(proc)
         watchers = self.watchers.get(proc.pid)
         if watchers is not None:
             watchers.notify_all()

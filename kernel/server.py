@@ -1,16 +1,13 @@
 """The Kernel gRPC server, built from the syscall table: each entry becomes a method handler
 that checks the capability, validates the arguments, dispatches to kernel/handlers.py and logs
 the call (uid, syscall, pid, status code, latency). Privileged calls, calls on another user's
-job and every refusal also go to the audit log. Off loopback the server speaks TLS only.
-It runs on grpc.aio (kernel/server_loop.py): Read is async, every other handler blocks in a
-thread pool (kernel/sync_calls.py)."""
+job and every refusal also go to the audit log. Off loopback the server speaks TLS only."""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from typing import Any
@@ -19,7 +16,6 @@ import grpc
 import structlog
 from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from llmasos.kernel import handlers
@@ -28,10 +24,7 @@ from llmasos.kernel.auth import Authenticator, AuthInterceptor, current_identity
 from llmasos.kernel.health import watch as health_watch
 from llmasos.kernel.kernel import Kernel
 from llmasos.kernel.nodes import NodeHeadServicer
-from llmasos.kernel.output_events import OutputEvents
-from llmasos.kernel.server_loop import ServerLoop
-from llmasos.kernel.sync_calls import ThreadContext, sync_streaming, sync_unary
-from llmasos.proto import kernel_pb2, node_pb2
+from llmasos.proto import kernel_pb2, node_pb2_grpc
 from llmasos.syscalls import SYSCALLS, Syscall, SyscallError
 
 log = structlog.get_logger()
@@ -122,65 +115,19 @@ def streaming(k: Kernel, call: Syscall) -> Callable:
     return behavior
 
 
-def output_stream(k: Kernel, call: Syscall, events: OutputEvents) -> Callable:
-    """An async handler (handlers.sys_read) with syscall()'s checks, statuses, log and audit."""
-    handler = getattr(handlers, call.handler)
-
-    async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        start, code, message = time.perf_counter(), "OK", ""
-        audited = call.audit or on_others_job(k, request)
-        ctx = ThreadContext(context, asyncio.get_running_loop())
-        try:
-            async for chunk in handler(k, check(k, call, request), request, ctx, events):
-                yield chunk
-        except (asyncio.CancelledError, GeneratorExit):   # the caller went away
-            code, message = "CANCELLED", "the caller went away"
-            raise
-        except SyscallError as e:
-            code, message = e.code, e.message
-            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
-        except Exception as e:   # a bug, not the caller's move: INTERNAL with a trace in the log
-            code = "INTERNAL"
-            log.exception("syscall_crashed", call=call.name)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{call.name} failed inside llmosd "
-                                f"({type(e).__name__}: {e}); this is a bug, see llmosd's log")
-        finally:
-            _log(call, request, code, start)
-            if audited or code in REFUSALS:
-                _audit(k, call, request, code, message, ctx)
-    return behavior
-
-
-def method_handler(k: Kernel, call: Syscall, pool: futures.Executor,
-                   events: OutputEvents) -> grpc.RpcMethodHandler:
+def method_handler(k: Kernel, call: Syscall) -> grpc.RpcMethodHandler:
     desc = METHODS[call.name]
     req_cls = message_factory.GetMessageClass(desc.input_type)
     rep_cls = message_factory.GetMessageClass(desc.output_type)
-    if not call.stream:
-        make, body = grpc.unary_unary_rpc_method_handler, sync_unary(unary(k, call), pool)
-    elif call.handler == "sys_read":
-        make, body = grpc.unary_stream_rpc_method_handler, output_stream(k, call, events)
-    else:
-        make, body = grpc.unary_stream_rpc_method_handler, sync_streaming(streaming(k, call),
-                                                                          pool)
+    make = grpc.unary_stream_rpc_method_handler if call.stream \
+        else grpc.unary_unary_rpc_method_handler
+    body = streaming(k, call) if call.stream else unary(k, call)
     return make(body, request_deserializer=req_cls.FromString,
                 response_serializer=rep_cls.SerializeToString)
 
 
-def node_head_handler(servicer: NodeHeadServicer, pool: futures.Executor
-                      ) -> grpc.GenericRpcHandler:
-    """NodeHead's blocking methods, each run in the pool."""
-    service = node_pb2.DESCRIPTOR.services_by_name["NodeHead"]
-    return grpc.method_handlers_generic_handler(service.full_name, {
-        m.name: grpc.unary_unary_rpc_method_handler(
-            sync_unary(getattr(servicer, m.name), pool),
-            request_deserializer=message_factory.GetMessageClass(m.input_type).FromString,
-            response_serializer=message_factory.GetMessageClass(m.output_type).SerializeToString)
-        for m in service.methods})
-
-
-# A Wait holds a worker thread for the life of its job (a Read holds none), so the pool must
-# cover every Wait clients keep open at once; past it, calls answer RESOURCE_EXHAUSTED.
+# A Read or Wait holds a worker thread for the life of its job, so the pool must cover every
+# stream clients keep open at once; past it, calls answer RESOURCE_EXHAUSTED instead of queueing.
 WORKERS = 512
 
 
@@ -205,7 +152,7 @@ def credentials(cert: str, key: str) -> grpc.ServerCredentials:
         raise SystemExit(f"llmosd: cannot read the TLS certificate or key: {e}") from None
 
 
-def bind(server: grpc.aio.Server, listen: str, cert: str = "", key: str = "",
+def bind(server: grpc.Server, listen: str, cert: str = "", key: str = "",
          insecure: bool = False) -> int:
     """Listen on `listen`: TLS when given a certificate; plain text only on loopback unless
     `insecure` says the network is trusted."""
@@ -226,43 +173,23 @@ def bind(server: grpc.aio.Server, listen: str, cert: str = "", key: str = "",
     return port
 
 
-class Health:
-    """The health servicer's set(), from the thread that mirrors the supervisor (health.py)."""
-
-    def __init__(self, host: ServerLoop, servicer: health_aio.HealthServicer) -> None:
-        self.host, self.servicer = host, servicer
-
-    def set(self, name: str, status: int) -> None:
-        self.host.wait(self.servicer.set(name, status))
-
-
-def build(k: Kernel, listen: str, workers: int = WORKERS) -> tuple[ServerLoop, int]:
+def build(k: Kernel, listen: str, workers: int = WORKERS) -> tuple[grpc.Server, int]:
     auth = Authenticator(lambda: k.supervisor.channel("security"))
     k.auth = auth                                          # SetQuota drops stale identities
     k.audit = AuditLog(f"{k.cfg.home}/audit.log")          # handlers.sys_audit reads it
-    host = ServerLoop()
-    pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="syscall")
-    events = OutputEvents(host.loop)
-    k.table.on_touch = events.fire
-
-    def make() -> tuple[int, health_aio.HealthServicer]:   # on the loop, where grpc.aio works
-        server = grpc.aio.server(pool, maximum_concurrent_rpcs=workers,
-                                 interceptors=[AuthInterceptor(auth, k.audit)],
-                                 options=[("grpc.so_reuseport", 0)])   # a second llmosd fails
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-            SERVICE, {c.name: method_handler(k, c, pool, events) for c in SYSCALLS})])
-        server.add_generic_rpc_handlers([node_head_handler(NodeHeadServicer(k.nodes), pool)])
-        health_servicer = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        host.server = server
-        cfg = k.cfg
-        return bind(server, listen, cfg.tls_cert, cfg.tls_key, cfg.insecure), health_servicer
-
-    port, health_servicer = host.run(make)
-    health_probe = Health(host, health_servicer)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         maximum_concurrent_rpcs=workers,
+                         interceptors=[AuthInterceptor(auth, k.audit)],
+                         options=[("grpc.so_reuseport", 0)])   # a second llmosd must fail
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        SERVICE, {c.name: method_handler(k, c) for c in SYSCALLS})])
+    node_pb2_grpc.add_NodeHeadServicer_to_server(NodeHeadServicer(k.nodes), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (SERVICE, ""):
-        health_probe.set(name, health_pb2.HealthCheckResponse.SERVING)
-    health_watch(k, health_probe)
-    return host, port
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_watch(k, health_servicer)
+    reflection.enable_server_reflection(
+        [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    cfg = k.cfg
+    return server, bind(server, listen, cfg.tls_cert, cfg.tls_key, cfg.insecure)

