@@ -397,6 +397,8 @@ class Executor:
         failed = send_swaps(work.io, self._route, self.table.lock, self.jobs.lost)
         if failed:
             self._drop(work, failed)
+        if work.io.releases or work.io.dropped:   # jobs that ended since the last round's flush
+            send_releases(work.io, self._route)
 
     def _launch(self, work: Work) -> None:
         step = self._route(work.lane)[0].Step

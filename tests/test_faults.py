@@ -83,7 +83,8 @@ class InProcessServices:
         from llmasos.services.scheduler.servicer import SchedulerServicer
 
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        add_to_server(Engine(str(home), kv_budget_bytes=64 << 20), self.server)
+        self.engine = Engine(str(home), kv_budget_bytes=64 << 20)
+        add_to_server(self.engine, self.server)
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer("fcfs"),
                                                             self.server)
         port = self.server.add_insecure_port("127.0.0.1:0")
@@ -181,6 +182,35 @@ def test_a_step_retried_after_a_timeout_doubles_no_token(loopback: InProcessServ
         ex.Executor._results = original
     assert lost["n"] == 3
     assert proc.output_ids == reference.output_ids
+
+
+def test_a_job_ended_just_before_an_admission_is_released_in_the_service(
+        loopback: InProcessServices) -> None:
+    """A job that ends while the loop is idle queues its release; the admission of a job
+    spawned at the same moment takes that queue with it, and the release must still reach
+    the inference service (its sampler state would stay there for good)."""
+    from llmasos.kernel.proctable import Exit, State
+    from llmasos.syscalls.limits import SIGSTOP
+    ended = loopback.spawn("My favourite book is", greedy(200), 200)
+    deadline = time.monotonic() + 60
+    while len(ended.output_ids) < 2:   # it has sampled: the service holds its state
+        assert time.monotonic() < deadline, "the job made no token"
+        time.sleep(0.01)
+    with loopback.k.table.lock:
+        loopback.k.executor.signal(ended, SIGSTOP)
+    while ended.state != State.STOPPED or loopback.k.executor.inflight:
+        assert time.monotonic() < deadline, "the job did not stop"
+        time.sleep(0.01)
+    seqs = loopback.engine._models[MODEL].seqs
+    assert ended.pid in seqs
+    with loopback.k.table.lock:   # its end and a new job's admission, in one breath
+        loopback.k.executor.end(ended, Exit.KILLED, -9, "killed in the test")
+        new = loopback.spawn("The capital of France is", greedy(4), 4)
+    loopback.wait_all([new])
+    deadline = time.monotonic() + 30
+    while ended.pid in seqs:
+        assert time.monotonic() < deadline, "the ended job's state stayed in the service"
+        time.sleep(0.05)
 
 
 def test_a_shutdown_kill_reaches_a_job_whose_next_step_is_in_flight(tmp_path: Path) -> None:
