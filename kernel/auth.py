@@ -97,6 +97,14 @@ def bearer(metadata: tuple) -> str:
     return ""
 
 
+HANDLER_KINDS = (   # a method handler's behavior attribute → how to build one around it
+    ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
+)
+
+
 class AuthInterceptor(grpc.ServerInterceptor):
     """Wraps each Kernel handler so it runs with the caller's Identity in current_identity."""
 
@@ -109,17 +117,13 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler is None or details.method.startswith(OPEN_PREFIXES):
             return handler
         token = bearer(details.invocation_metadata)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap(handler.unary_unary, token, details.method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap(handler.unary_stream, token, details.method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        return handler
+        for kind, make in HANDLER_KINDS:   # every kind: none may run without an identity
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                return make(self._wrap(behavior, token, details.method),
+                            request_deserializer=handler.request_deserializer,
+                            response_serializer=handler.response_serializer)
+        return None   # no behavior at all: gRPC answers UNIMPLEMENTED
 
     def _wrap(self, behavior: Callable, token: str, method: str) -> Callable:
         call = method.rsplit("/", 1)[-1]

@@ -22,6 +22,7 @@ from llmasos.kernel.auth import Identity
 from llmasos.kernel.ipc_delivery import IPC_TIMEOUT, caller, check_stdout_mailbox, ipc_failed
 from llmasos.kernel.kernel import Deployed, Kernel, load_request
 from llmasos.kernel.pipes import Template
+from llmasos.kernel.poll import Poll
 from llmasos.kernel.proctable import Exit, Proc, State
 from llmasos.kernel.segments import Segment
 from llmasos.proto import (
@@ -34,7 +35,7 @@ from llmasos.proto import (
 )
 from llmasos.syscalls import SyscallError
 from llmasos.syscalls.limits import DEFAULT_MAX_TOKENS, SIGCONT, SIGSTOP, sampling_errors
-from llmasos.syscalls.table import CAP_ADMIN
+from llmasos.syscalls.table import BY_NAME, CAP_ADMIN
 
 ENDED = (State.ZOMBIE, State.REAPED)
 log = structlog.get_logger()
@@ -289,6 +290,26 @@ def sys_read(k: Kernel, ident: Identity, req: Any, ctx: Any) -> Iterator[kernel_
                                    exit_reason=int(proc.exit_reason) if done else 0)
         if done:
             return
+
+
+def sys_poll(k: Kernel, ident: Identity, requests: Iterator[kernel_pb2.PollRequest],
+             ctx: Any) -> Iterator[kernel_pb2.PollChunk]:
+    """Follow many jobs' output over one stream (kernel/poll.py); refusals and jobs of other
+    users are audited one by one, as their Reads would be."""
+    peer = ctx.peer()
+
+    def audit(code: str, message: str, follow: kernel_pb2.ReadRequest) -> None:
+        proc = k.table.get(follow.pid)
+        if code in ("PERMISSION_DENIED", "UNAUTHENTICATED") or \
+                (code == "OK" and proc is not None and proc.user != ident.user):
+            k.audit.record(call="Poll", code=code, message=message, user=ident.user,
+                           uid=ident.uid, args={"pid": follow.pid, "offset": follow.offset},
+                           peer=peer)
+
+    poll = Poll(k.table, lambda pid: lookup(k, ident, pid), BY_NAME["Poll"].check, audit)
+    threading.Thread(target=poll.drain, args=(requests,), name="poll-requests",
+                     daemon=True).start()
+    yield from poll.chunks(ctx.is_active)
 
 
 def sys_kill(k: Kernel, ident: Identity, req: Any, ctx: Any) -> kernel_pb2.KillResponse:

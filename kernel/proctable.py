@@ -128,6 +128,7 @@ class ProcessTable:
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)  # notified on exits, stops and new output
         self.watchers: dict[int, threading.Condition] = {}   # pid → its Read and Wait callers
+        self.followers: dict[int, set[threading.Condition]] = {}   # pid → the Polls following it
         self.procs: dict[int, Proc] = {}
         self.next_pid = 1
         self.zombie_ttl = zombie_ttl
@@ -163,6 +164,19 @@ class ProcessTable:
                 return threading.Condition(self.lock)   # ended: nothing will notify it
             return self.watchers.setdefault(proc.pid, threading.Condition(self.lock))
 
+    def follow(self, pid: int, news: threading.Condition) -> None:
+        """Notify `news` (a Poll's, on this table's lock) whenever the job is touched."""
+        with self.lock:
+            self.followers.setdefault(pid, set()).add(news)
+
+    def unfollow(self, pid: int, news: threading.Condition) -> None:
+        with self.lock:
+            polls = self.followers.get(pid)
+            if polls is not None:
+                polls.discard(news)
+                if not polls:
+                    del self.followers[pid]
+
     def touch(self, proc: Proc) -> None:
         """The job has new output or a new state its watchers wait for (under the lock)."""
         watchers = self.watchers.get(proc.pid)
@@ -170,6 +184,8 @@ class ProcessTable:
             watchers.notify_all()
             if proc.state == State.REAPED:
                 del self.watchers[proc.pid]
+        for news in self.followers.get(proc.pid, ()):
+            news.notify_all()
 
     def exit(self, proc: Proc, reason: Exit, status: int = 0, message: str = "") -> None:
         """Make a live job a zombie with its exit status."""

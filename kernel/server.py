@@ -35,16 +35,32 @@ REFUSALS = ("PERMISSION_DENIED", "UNAUTHENTICATED")   # always audited
 
 def check(k: Kernel, call: Syscall, request: Any) -> Any:
     """Capability, arguments, services: everything that must hold before state changes."""
+    ident = capable(call)
+    call.check(request)
+    services_up(k, call)
+    return ident
+
+
+def allowed(k: Kernel, call: Syscall) -> Any:
+    """check() for a stream of requests, whose handler checks each one itself."""
+    ident = capable(call)
+    services_up(k, call)
+    return ident
+
+
+def capable(call: Syscall) -> Any:
     ident = current_identity.get()
     if call.cap not in ident.caps and not ident.root:
         raise SyscallError("PERMISSION_DENIED", f"{call.name} needs the {call.cap!r} "
                            f"capability, which {ident.user} lacks")
-    call.check(request)
+    return ident
+
+
+def services_up(k: Kernel, call: Syscall) -> None:
     failed = k.supervisor.failed(call.needs)
     if failed:
         raise SyscallError("UNAVAILABLE", f"{call.name} needs the {', '.join(failed)} service, "
                            "which has FAILED (restart budget spent); see `llm-ps --services`")
-    return ident
 
 
 def _log(call: Syscall, request: Any, code: str, start: float) -> None:
@@ -115,13 +131,27 @@ def streaming(k: Kernel, call: Syscall) -> Callable:
     return behavior
 
 
+def bidi(k: Kernel, call: Syscall) -> Callable:
+    """Requests and replies both stream (Poll): the handler checks each request itself."""
+    handler = getattr(handlers, call.handler)
+    nothing = message_factory.GetMessageClass(METHODS[call.name].input_type)()
+
+    def behavior(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        with syscall(k, call, nothing, context):
+            yield from handler(k, allowed(k, call), requests, context)
+    return behavior
+
+
 def method_handler(k: Kernel, call: Syscall) -> grpc.RpcMethodHandler:
     desc = METHODS[call.name]
     req_cls = message_factory.GetMessageClass(desc.input_type)
     rep_cls = message_factory.GetMessageClass(desc.output_type)
-    make = grpc.unary_stream_rpc_method_handler if call.stream \
-        else grpc.unary_unary_rpc_method_handler
-    body = streaming(k, call) if call.stream else unary(k, call)
+    if call.bidi:
+        make, body = grpc.stream_stream_rpc_method_handler, bidi(k, call)
+    elif call.stream:
+        make, body = grpc.unary_stream_rpc_method_handler, streaming(k, call)
+    else:
+        make, body = grpc.unary_unary_rpc_method_handler, unary(k, call)
     return make(body, request_deserializer=req_cls.FromString,
                 response_serializer=rep_cls.SerializeToString)
 

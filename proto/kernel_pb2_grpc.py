@@ -50,6 +50,11 @@ class KernelStub:
                 request_serializer=kernel__pb2.ReadRequest.SerializeToString,
                 response_deserializer=kernel__pb2.ReadChunk.FromString,
                 _registered_method=True)
+        self.Poll = channel.stream_stream(
+                '/llmasos.v1.Kernel/Poll',
+                request_serializer=kernel__pb2.PollRequest.SerializeToString,
+                response_deserializer=kernel__pb2.PollChunk.FromString,
+                _registered_method=True)
         self.Kill = channel.unary_unary(
                 '/llmasos.v1.Kernel/Kill',
                 request_serializer=kernel__pb2.KillRequest.SerializeToString,
@@ -181,6 +186,17 @@ class KernelServicer:
 
     def Read(self, request, context):
         """Stream a job's output as it is produced, from the start; ends when the job ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Poll(self, request_iterator, context):
+        """Follow many jobs' output over one stream (a front end's epoll): send the jobs to follow
+        (more at any time); each PollChunk holds every followed job's new output since the last,
+        one entry per job, so N streams cost one message per step, not N. A job leaves the set
+        with its last entry (done); a follow that cannot be honoured is refused in an entry of its
+        own. The stream ends once the caller has closed its side and every job has left.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -364,6 +380,11 @@ def add_KernelServicer_to_server(servicer, server):
                     servicer.Read,
                     request_deserializer=kernel__pb2.ReadRequest.FromString,
                     response_serializer=kernel__pb2.ReadChunk.SerializeToString,
+            ),
+            'Poll': grpc.stream_stream_rpc_method_handler(
+                    servicer.Poll,
+                    request_deserializer=kernel__pb2.PollRequest.FromString,
+                    response_serializer=kernel__pb2.PollChunk.SerializeToString,
             ),
             'Kill': grpc.unary_unary_rpc_method_handler(
                     servicer.Kill,
@@ -557,6 +578,33 @@ class Kernel:
             '/llmasos.v1.Kernel/Read',
             kernel__pb2.ReadRequest.SerializeToString,
             kernel__pb2.ReadChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Poll(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/llmasos.v1.Kernel/Poll',
+            kernel__pb2.PollRequest.SerializeToString,
+            kernel__pb2.PollChunk.FromString,
             options,
             channel_credentials,
             insecure,

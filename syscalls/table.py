@@ -9,6 +9,8 @@ needs   services the call cannot work without (UNAVAILABLE when one has FAILED)
 stream  server-streaming reply
 audit   always written to the audit log (kernel/audit.py); refusals and calls on another
         user's job are audited whatever this says
+bidi    the requests stream too (Poll): `check` runs on each job a request names, and a bad
+        one is refused in the reply stream without ending it
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Syscall:
     needs: tuple[str, ...] = ()
     stream: bool = False
     audit: bool = False
+    bidi: bool = False
 
 
 SYSCALLS: tuple[Syscall, ...] = (
@@ -45,6 +48,7 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall(1, "Spawn",    CAP_PROC,   "sys_spawn",    v.spawn,    ("inference", "scheduler")),
     Syscall(2, "Wait",     CAP_PROC,   "sys_wait",     v.pid),
     Syscall(3, "Read",     CAP_PROC,   "sys_read",     v.pid,      (),                     True),
+    Syscall(29, "Poll",    CAP_PROC,   "sys_poll",     v.pid,      (),         True, bidi=True),
     Syscall(4, "Kill",     CAP_PROC,   "sys_kill",     v.kill),
     Syscall(5, "Nice",     CAP_PROC,   "sys_nice",     v.nice),
     Syscall(6, "Ps",       CAP_PROC,   "sys_ps",       v.ps),

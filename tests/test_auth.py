@@ -15,6 +15,7 @@ REQUESTS = {
     "Spawn": kernel_pb2.SpawnRequest(model="m", prompt="hi"),
     "Wait": kernel_pb2.WaitRequest(pid=1),
     "Read": kernel_pb2.ReadRequest(pid=1),
+    "Poll": kernel_pb2.PollRequest(follow=[kernel_pb2.ReadRequest(pid=1)]),
     "Kill": kernel_pb2.KillRequest(pid=1, signal=15),
     "Nice": kernel_pb2.NiceRequest(pid=1, nice=1),
     "Ps": kernel_pb2.PsRequest(),
@@ -41,6 +42,8 @@ REQUESTS = {
 
 
 def code_of(system: System, name: str, request: object, metadata: list) -> grpc.StatusCode:
+    if BY_NAME[name].bidi:   # its requests stream: one, then the caller's side closes
+        request = iter([request])
     try:
         reply = getattr(system.kernel, name)(request, metadata=metadata, timeout=30)
         if BY_NAME[name].stream:
