@@ -223,3 +223,28 @@ def test_split_groups_give_each_shape_its_own_attention_group() -> None:
     assert [slices[i].token_ids[-1] for i in split.sample_seqs] == [4, 2, 6, 1, 5]
     rows = torch.cat([g.token_rows for g in split.groups]).tolist()
     assert sorted(rows) == list(range(len(split.input_ids)))   # every row in one group
+def test_a_release_does_not_wait_for_the_step_computing(engine: Engine) -> None:
+    """A step holds the engine lock through its forward; the kernel's Release of jobs in no
+    step must not wait that out (it held up the kernel's next plan by a whole forward)."""
+    import threading
+    engine.step(MODEL, [StepEntry(41, list(range(40, 56)), 0, [12], True, GREEDY)])
+    assert 41 in engine._models[MODEL].seqs
+    computing, done = threading.Event(), threading.Event()
+
+    def forward() -> None:   # a step in its forward, as far as the lock can tell
+        with engine._lock:
+            computing.set()
+            done.wait(30)
+
+    step = threading.Thread(target=forward)
+    step.start()
+    try:
+        assert computing.wait(30)
+        released = threading.Thread(target=engine.release, args=(MODEL, [41]))
+        released.start()
+        released.join(10)
+        assert not released.is_alive(), "Release waited for the step"
+        assert 41 not in engine._models[MODEL].seqs
+    finally:
+        done.set()
+        step.join(30)

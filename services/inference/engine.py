@@ -453,9 +453,10 @@ class Engine:
             del m.swapped[handle]
 
     def release(self, name: str, seq_ids: list[int], swap_handles: list[int] = ()) -> None:
-        with self._lock:
-            m = self._get(name)
-            for s in seq_ids:
-                m.seqs.pop(s, None)
-            for h in swap_handles:
-                m.swapped.pop(h, None)
+        """Without the engine lock, so it never waits for a forward: the kernel releases only
+        jobs that are in no step, and each pop is one atomic dict operation."""
+        m = self._get(name)
+        for s in seq_ids:
+            m.seqs.pop(s, None)
+        for h in swap_handles:
+            m.swapped.pop(h, None)
