@@ -5,10 +5,13 @@ length, and HF's own continuous batching with a paged cache) and (b) the same ke
 composed in one process (no gRPC, no service processes), all in one run.
 
     .venv/bin/python bench/serve_throughput.py [--requests 64] [--rounds 2] [--skip-hf]
-        [--skip-int8]
+        [--skip-int8] [--skip-read]
 
 The gRPC system and the in-process runner serve fp32 (`--quant none`, as HF does); a second
-gRPC system serves the CPU's default int8 recipe (`--quant int8`), for "int8_vs_fp32".
+gRPC system serves the CPU's default int8 recipe (`--quant int8`), for "int8_vs_fp32". The
+client streams every request's output as a front end does, over one Poll stream (one message a
+step, as the HTTP gateway reads); a third system ("system_read", fp32) is streamed as one client
+per request reads, a Read stream each, for "ratio_vs_in_process_read".
 
 Every request asks for exactly its output length (EOS ignored), so each side makes the same
 useful tokens. Every configuration first runs a short warm-up workload (an HF one that fails
@@ -122,17 +125,22 @@ def step_costs(text: str) -> dict[str, float]:
 
 
 class SystemRunner:
-    """A booted llmosd; each round sends every request at once and streams each with Read.
+    """A booted llmosd; each round sends every request at once and streams its output, either
+    as a front end does (`poll`: one Poll stream follows every request, one message a step, as
+    the HTTP gateway reads) or as one client per request does (`read`: a Read stream each).
     The client is one asyncio loop (grpc.aio), so it takes as little of the 2 cores as it can."""
 
-    def __init__(self, home: Path, *flags: str) -> None:
+    def __init__(self, home: Path, *flags: str, reader: str = "poll") -> None:
         self.booted = boot(home, *flags)
+        self.reader = reader
 
     def run(self, reqs: list[Request]) -> Round:
         root = psutil.Process(self.booted.proc.pid)
         before = cpu_by_role(root)
-        out = asyncio.run(self._run(reqs))
+        rounds = {"poll": self._polled, "read": self._read}
+        out = asyncio.run(rounds[self.reader](reqs))
         out.cpu = cpu_spent(before, cpu_by_role(root))
+        assert out.tokens == sum(r.output_tokens for r in reqs), "every request must finish"
         return out
 
     def step_costs(self) -> dict[str, float]:
@@ -140,7 +148,12 @@ class SystemRunner:
         return step_costs(stub.Metrics(kernel_pb2.MetricsRequest(),
                                        metadata=self.booted.metadata).text)
 
-    async def _run(self, reqs: list[Request]) -> Round:
+    async def _spawn(self, stub: kernel_pb2_grpc.KernelStub, r: Request) -> int:
+        return (await stub.Spawn(kernel_pb2.SpawnRequest(
+            model=MODEL, prompt=r.prompt, sampling=sampling(r)),
+            metadata=self.booted.metadata)).pid
+
+    async def _read(self, reqs: list[Request]) -> Round:
         md = self.booted.metadata
         out = Round(0, 0.0, [])
         async with grpc.aio.insecure_channel(self.booted.address) as channel:
@@ -148,31 +161,75 @@ class SystemRunner:
 
             async def one(r: Request) -> None:
                 t0 = time.perf_counter()
-                pid = (await stub.Spawn(kernel_pb2.SpawnRequest(
-                    model=MODEL, prompt=r.prompt, sampling=sampling(r)), metadata=md)).pid
-                last, first, n = None, None, 0
+                pid = await self._spawn(stub, r)
+                heard = Heard(t0)
                 async for chunk in stub.Read(kernel_pb2.ReadRequest(pid=pid), metadata=md,
                                              timeout=3600):
-                    now = time.perf_counter()
-                    if chunk.token_ids:
-                        if first is None:
-                            first = now
-                        elif last is not None:
-                            k = len(chunk.token_ids)
-                            out.itl.extend([(now - last) / k] * k)
-                        last, n = now, n + len(chunk.token_ids)
+                    heard.chunk(chunk, out)
                 await stub.Wait(kernel_pb2.WaitRequest(pid=pid), metadata=md, timeout=60)
-                out.ttft.append(first - t0)
-                out.tokens += n
+                out.ttft.append(heard.first - t0)
 
             start = time.perf_counter()
             await asyncio.gather(*(one(r) for r in reqs))
             out.seconds = time.perf_counter() - start
-        assert out.tokens == sum(r.output_tokens for r in reqs), "every request must finish"
+        return out
+
+    async def _polled(self, reqs: list[Request]) -> Round:
+        md = self.booted.metadata
+        out = Round(0, 0.0, [])
+        async with grpc.aio.insecure_channel(self.booted.address) as channel:
+            stub = kernel_pb2_grpc.KernelStub(channel)
+            poll = stub.Poll(metadata=md, timeout=3600)
+            writing = asyncio.Lock()   # one write at a time on a stream
+            heard: dict[int, Heard] = {}
+
+            async def one(r: Request) -> None:
+                t0 = time.perf_counter()
+                pid = await self._spawn(stub, r)
+                heard[pid] = Heard(t0)
+                async with writing:
+                    await poll.write(kernel_pb2.PollRequest(
+                        follow=[kernel_pb2.ReadRequest(pid=pid)]))
+
+            async def spawn_all() -> None:
+                await asyncio.gather(*(one(r) for r in reqs))
+                await poll.done_writing()
+
+            start = time.perf_counter()
+            spawning = asyncio.create_task(spawn_all())
+            async for chunk in poll:
+                for e in chunk.entries:
+                    assert not e.error_code, e.error
+                    heard[e.pid].chunk(e.chunk, out)
+            await spawning
+            await asyncio.gather(*(stub.Wait(kernel_pb2.WaitRequest(pid=pid), metadata=md,
+                                             timeout=60) for pid in heard))
+            out.seconds = time.perf_counter() - start
+            out.ttft += [h.first - h.spawned for h in heard.values()]
         return out
 
     def stop(self) -> None:
         self.booted.stop()
+
+
+@dataclass
+class Heard:
+    """One request's stream as the client hears it: first token and inter-token gaps."""
+
+    spawned: float
+    first: float = 0.0
+    last: float = 0.0
+
+    def chunk(self, chunk: kernel_pb2.ReadChunk, out: Round) -> None:
+        if not chunk.token_ids:
+            return
+        now, k = time.perf_counter(), len(chunk.token_ids)
+        if not self.first:
+            self.first = now
+        else:
+            out.itl.extend([(now - self.last) / k] * k)
+        self.last = now
+        out.tokens += k
 
 
 # --- the same cores in one process --------------------------------------------------------
@@ -299,6 +356,8 @@ def main() -> int:
                     help=f"HF configurations, comma-separated, of: {', '.join(CONFIGS)}")
     ap.add_argument("--skip-hf", action="store_true", help="only our configurations")
     ap.add_argument("--skip-int8", action="store_true", help="no int8 system")
+    ap.add_argument("--skip-read", action="store_true",
+                    help="no fp32 system streamed with a Read per request")
     ap.add_argument("--hf-slack", type=float, default=10.0,
                     help="an HF run may take this many times the system's time for the round")
     args = ap.parse_args()
@@ -314,6 +373,8 @@ def main() -> int:
     inproc = InProcessRunner(home / "inproc")
     hf = HFWorker()
     ours: dict[str, SystemRunner | InProcessRunner] = {"system": system, "in_process": inproc}
+    if not args.skip_read:   # its own system: the same prompts again would hit the prefix cache
+        ours["system_read"] = SystemRunner(home / "read", "--quant", "none", reader="read")
     if not args.skip_int8:
         ours["system_int8"] = SystemRunner(home / "int8", "--quant", "int8")
     rounds: dict[str, list[Round]] = {name: [] for name in ours}
@@ -360,6 +421,9 @@ def main() -> int:
         result |= {f"{name}_{k}": v if isinstance(v, dict) else round(v, 3)
                    for k, v in summary(rs).items()}
     result["ratio_vs_in_process"] = round(result["system_tok_s"] / result["in_process_tok_s"], 3)
+    if "system_read" in rounds:
+        result["ratio_vs_in_process_read"] = round(
+            result["system_read_tok_s"] / result["in_process_tok_s"], 3)
     if "system_int8" in rounds:
         result["int8_vs_fp32"] = round(result["system_int8_tok_s"] / result["system_tok_s"], 3)
     result |= costs
