@@ -1,6 +1,7 @@
 """The OpenAI-compatible API, through the official `openai` package (unmodified), against a
 real llmosd with its HTTP gateway: chat and completions, streamed and not, n, stop strings,
-logprobs, errors in OpenAI's shape, a disconnect that kills the job, and /metrics."""
+logprobs, errors in OpenAI's shape, a disconnect that kills the job, /metrics, and one caller's
+concurrent streams read over one Poll stream."""
 
 from __future__ import annotations
 
@@ -329,3 +330,42 @@ def test_streamed_logprobs_and_max_completion_tokens(http: HTTP) -> None:
     assert chunks[-1].usage.completion_tokens == len(entries) <= 5
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "".join(t.token for t in entries) == text
+
+
+def syscalls_logged(http: HTTP, call: str) -> int:
+    lines = http.system.log_text().splitlines()
+    return sum(1 for line in lines if f'"call": "{call}"' in line and '"syscall"' in line)
+
+
+def test_concurrent_streams_of_a_caller_share_one_poll_and_get_their_own_text(
+        http: HTTP) -> None:
+    """The gateway follows a caller's jobs on one Poll stream (not a Read each); every
+    request still gets its own job's text, and another caller's jobs go on their own stream."""
+    import threading
+    other = http.system.adduser("httppoll")
+    prompts = [PROMPT, "Once upon a time", "The three primary colors are", "def add(a, b):"]
+    keys = [None, None, None, other]
+    with http.llm() as llm:
+        expected = [llm.generate_text(p, max_tokens=24, temperature=0) for p in prompts]
+    polls, reads = syscalls_logged(http, "Poll"), syscalls_logged(http, "Read")
+    start = threading.Barrier(len(prompts))
+    got: dict[int, str] = {}
+
+    def stream(i: int) -> None:
+        start.wait(30)
+        chunks = http.client(keys[i]).completions.create(
+            model=MODEL, prompt=prompts[i], temperature=0, max_tokens=24, stream=True)
+        got[i] = "".join(c.choices[0].text for c in chunks if c.choices)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert [got.get(i) for i in range(len(prompts))] == expected
+    deadline = time.monotonic() + 60   # a Poll is logged when it ends, after its last job
+    while (new_polls := syscalls_logged(http, "Poll") - polls) < 2:
+        assert time.monotonic() < deadline, "the two callers' Poll streams never ended"
+        time.sleep(0.1)
+    assert syscalls_logged(http, "Read") == reads, "the gateway opened Read streams"
+    assert 2 <= new_polls < len(prompts), new_polls   # one caller's three shared a stream

@@ -1,8 +1,8 @@
 """The routes: OpenAI's /v1/chat/completions, /v1/completions and /v1/models, and /metrics.
 
-Each request is syscalls made with the caller's API key (their LLMasOS token): Spawn, then Read
-(streamed into server-sent events, or gathered), then Wait to reap; a client that disconnects
-has its jobs killed."""
+Each request is syscalls made with the caller's API key (their LLMasOS token): Spawn, then its
+jobs followed on the caller's one Poll stream (streamed into server-sent events, or gathered),
+then Wait to reap; a client that disconnects has its jobs killed."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from llmasos import connect
 from llmasos.http import params
 from llmasos.http.errors import APIError, from_rpc, no_key
 from llmasos.http.jobs import Disconnected, Jobs, failed
+from llmasos.http.poller import Pollers
 from llmasos.http.shapes import Choice, Shape, sse
 from llmasos.proto import kernel_pb2, kernel_pb2_grpc
 
@@ -29,13 +30,15 @@ PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Gateway:
-    """The daemon's one piece of state is its channel to the kernel (no user state)."""
+    """The daemon's state: its channel to the kernel, and each caller's Poll stream while the
+    caller has jobs streaming (no other user state)."""
 
     def __init__(self, kernel: str) -> None:
         self.kernel = kernel
         self.own_token = connect.find_token()   # for an unauthenticated /metrics scrape
         self.channel: grpc.aio.Channel | None = None
         self.stub: kernel_pb2_grpc.KernelStub | None = None
+        self.pollers = Pollers()
 
     async def start(self) -> None:
         self.channel = connect.aio_channel(self.kernel)
@@ -81,7 +84,7 @@ async def complete(request: Request, chat: bool) -> Response:
     body = await body_of(request)
     parse = params.chat if chat else params.completion
     parsed = parse(body, job_name(request))
-    jobs = Jobs(gw.stub, md)
+    jobs = Jobs(gw.stub, md, gw.pollers.of(gw.stub, md))
     await jobs.spawn(parsed)
     shape = Shape(chat, parsed.spawn.model, f"{'chatcmpl' if chat else 'cmpl'}-{jobs.pids[0]}",
                   parsed.logprobs)

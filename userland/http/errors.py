@@ -49,9 +49,14 @@ def bad_param(param: str, message: str) -> APIError:
 
 def from_rpc(err: grpc.RpcError, param: str | None = None) -> APIError:
     """A syscall's failure as an API error; an unknown model is OpenAI's model_not_found."""
-    status, type_, code = STATUS.get(err.code(), INTERNAL)
-    message = err.details() or err.code().name
-    if err.code() == grpc.StatusCode.NOT_FOUND and "model" in message:
+    return from_status(err.code(), err.details(), param)
+
+
+def from_status(status_code: grpc.StatusCode, details: str | None,
+                param: str | None = None) -> APIError:
+    status, type_, code = STATUS.get(status_code, INTERNAL)
+    message = details or status_code.name
+    if status_code == grpc.StatusCode.NOT_FOUND and "model" in message:
         param, code = "model", "model_not_found"
     return APIError(status, message, type_, param, code)
 

@@ -1,6 +1,6 @@
-"""One HTTP request's jobs: spawn them, merge their Read streams, reap them with Wait, and kill
-them if the client goes away first (a detached task, so the request's cancellation cannot stop
-the kill half-way)."""
+"""One HTTP request's jobs: spawn them, merge their output (followed on the caller's shared
+Poll stream, poller.py), reap them with Wait, and kill them if the client goes away first (a
+detached task, so the request's cancellation cannot stop the kill half-way)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import grpc
 
 from llmasos.http.errors import APIError, from_rpc
 from llmasos.http.params import Parsed
+from llmasos.http.poller import Poller
 from llmasos.proto import common_pb2, kernel_pb2, kernel_pb2_grpc
 
 FINISH = {common_pb2.EXIT_STOP: "stop", common_pb2.EXIT_LENGTH: "length",
@@ -52,6 +53,7 @@ class Disconnected(Exception):
 class Jobs:
     stub: kernel_pb2_grpc.KernelStub
     metadata: tuple[tuple[str, str], ...]
+    poller: Poller
     pids: list[int] = field(default_factory=list)     # choice i is pids[i]
     firsts: list[int] = field(default_factory=list)   # the first job of each prompt
     reaped: set[int] = field(default_factory=set)
@@ -75,22 +77,24 @@ class Jobs:
         """Every choice's output as it comes; Disconnected if the client leaves first."""
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(i: int, pid: int) -> None:
-            try:
-                async for c in self.stub.Read(kernel_pb2.ReadRequest(pid=pid),
-                                              metadata=self.metadata):
-                    await queue.put(Piece(i, c.text, list(c.token_ids), list(c.logprobs),
-                                          FINISH.get(c.exit_reason) if c.done else None))
-                await queue.put(i)
-            except grpc.RpcError as err:
-                await queue.put(from_rpc(err))
+        def to_queue(i: int) -> Callable[[kernel_pb2.ReadChunk | APIError], None]:
+            def deliver(item: kernel_pb2.ReadChunk | APIError) -> None:
+                if isinstance(item, APIError):
+                    queue.put_nowait(item)
+                    return
+                queue.put_nowait(Piece(i, item.text, list(item.token_ids), list(item.logprobs),
+                                       FINISH.get(item.exit_reason) if item.done else None))
+                if item.done:
+                    queue.put_nowait(i)
+            return deliver
 
         async def watch() -> None:
             await disconnected()
             await queue.put(Disconnected())
 
-        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(self.pids)]
-        tasks.append(asyncio.create_task(watch()))
+        for i, pid in enumerate(self.pids):
+            await self.poller.follow(pid, to_queue(i))
+        watching = asyncio.create_task(watch())
         left = len(self.pids)
         try:
             while left:
@@ -105,8 +109,7 @@ class Jobs:
             self.kill()
             raise
         finally:
-            for t in tasks:
-                t.cancel()
+            watching.cancel()
 
     async def reap(self) -> tuple[Usage, str]:
         """Wait for every job (they have ended); the usage, and the first error message."""
