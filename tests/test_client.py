@@ -392,3 +392,36 @@ def test_async_generation_and_cancel_kills(gen_system):
                 await asyncio.sleep(0.1)
             assert info.exit_reason == common_pb2.EXIT_KILLED
     asyncio.run(go())
+
+
+def test_poll_follows_several_jobs_over_one_stream(gen_system):
+    prompts = ["Once upon a time", "The capital of France is", "def add(a, b):"]
+    with LLMClient("smollm2-135m", address=gen_system.address,
+                   token=gen_system.root_token) as c:
+        procs = [c.spawn(p, max_tokens=8, temperature=0) for p in prompts]
+        got: dict[int, str] = {p.pid: "" for p in procs}
+        ended = []
+        for pid, chunk in c.poll([p.pid for p in procs]):
+            got[pid] += chunk.text
+            if chunk.done:
+                ended.append(pid)
+        assert sorted(ended) == sorted(got)
+        for p, prompt in zip(procs, prompts, strict=True):
+            assert got[p.pid] == p.wait().check()
+            assert got[p.pid] == c.generate_text(prompt, max_tokens=8, temperature=0)
+        with pytest.raises(errors.NotFound, match="process 999999"):
+            list(c.poll([999_999]))
+
+
+def test_async_poll_follows_several_jobs(gen_system):
+    async def go() -> None:
+        async with AsyncLLMClient("smollm2-135m", address=gen_system.address,
+                                  token=gen_system.root_token) as c:
+            procs = [await c.spawn(p, max_tokens=6, temperature=0)
+                     for p in ("Once upon a time", "The capital of France is")]
+            got = {p.pid: "" for p in procs}
+            async for pid, chunk in c.poll([p.pid for p in procs]):
+                got[pid] += chunk.text
+            for p in procs:
+                assert got[p.pid] == (await p.wait()).check()
+    asyncio.run(go())

@@ -169,6 +169,24 @@ class AsyncLLMClient(ClientBase):
             finally:
                 stream.cancel()
 
+    async def poll(self, pids: Iterable[int], timeout: float | None = None
+                   ) -> AsyncIterator[tuple[int, kernel_pb2.ReadChunk]]:
+        """See LLMClient.poll."""
+        cursor = self._poll_cursor(pids, timeout)
+        while cursor.jobs:
+            options = self._options(calls.POLL, cursor.left())
+            stream = self._stub.Poll(iter([calls.POLL.build(cursor)]), **options)
+            try:
+                async for chunk in stream:
+                    for got in self._polled(cursor, chunk):
+                        yield got
+                return
+            except grpc.RpcError as err:
+                if not cursor.resumes(err):
+                    raise self._error(err, options["wait_for_ready"]) from None
+            finally:
+                stream.cancel()
+
     async def kill(self, pid: int, signal: str | int = "TERM") -> int:
         return await self._call(calls.KILL, pid, signal)
 

@@ -68,6 +68,7 @@ WAIT = Call("Wait", lambda pid: kernel_pb2.WaitRequest(pid=pid), Completion.from
             idempotent=True, job=True)
 READ = Call("Read", lambda pid, offset=0: kernel_pb2.ReadRequest(pid=pid, offset=offset),
             _same, idempotent=True, job=True)
+POLL = Call("Poll", lambda cursor: cursor.request(), _same, idempotent=True, job=True)
 KILL = Call("Kill", _kill, lambda r: r.state, idempotent=True)
 NICE = Call("Nice", lambda pid, value: kernel_pb2.NiceRequest(pid=pid, nice=value),
             lambda r: r.nice, idempotent=True)
@@ -99,7 +100,7 @@ SHM_REMOVE = Call("ShmRemove", lambda name: kernel_pb2.ShmRemoveRequest(name=nam
 SHM_LIST = Call("ShmList", kernel_pb2.ShmListRequest, lambda r: list(r.segments),
                 idempotent=True)
 
-CALLS = (SPAWN, WAIT, READ, KILL, NICE, STAT, PS, MODELS, DEPLOY, DEPLOY_STREAM, UNDEPLOY,
+CALLS = (SPAWN, WAIT, READ, POLL, KILL, NICE, STAT, PS, MODELS, DEPLOY, DEPLOY_STREAM, UNDEPLOY,
          WHOAMI, SERVICES, AUDIT, SET_QUOTA, ALIAS, SHM_CREATE, SHM_REMOVE, SHM_LIST)
 RETRIED = tuple(c.name for c in CALLS if c.idempotent)
 
@@ -166,3 +167,32 @@ class ReadCursor:
         if self.broken_since is None:
             self.broken_since = now
         return now - self.broken_since <= self.patience
+
+
+@dataclass
+class PollCursor:
+    """How far a Poll of a fixed set of jobs got, one ReadCursor each (the same patience and
+    deadline): a broken stream is re-opened with each job from where it broke, and a job that
+    has ended leaves the set."""
+
+    jobs: dict[int, ReadCursor]
+
+    @classmethod
+    def of(cls, pids: list[int], patience: float, deadline: float) -> PollCursor:
+        return cls({pid: ReadCursor(pid, patience, deadline) for pid in pids})
+
+    def request(self) -> kernel_pb2.PollRequest:
+        return kernel_pb2.PollRequest(follow=[c.request() for c in self.jobs.values()])
+
+    def left(self) -> float:
+        return min(c.left() for c in self.jobs.values())
+
+    def advance(self, entry: kernel_pb2.PollEntry) -> None:
+        self.jobs[entry.pid].advance(entry.chunk)
+        for cursor in self.jobs.values():   # progress on any job is progress
+            cursor.broken_since = None
+        if entry.chunk.done:
+            del self.jobs[entry.pid]
+
+    def resumes(self, err: grpc.RpcError) -> bool:
+        return all(c.resumes(err) for c in list(self.jobs.values()))

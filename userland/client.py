@@ -17,7 +17,7 @@ import grpc
 
 from llmasos import calls, connect, requests, tasks
 from llmasos.calls import Call
-from llmasos.errors import DeadlineExceeded, LLMError, NotFound, from_rpc
+from llmasos.errors import DeadlineExceeded, LLMError, NotFound, from_rpc, refused
 from llmasos.mailbox import Mailbox
 from llmasos.process import Completion, Process
 from llmasos.proto import common_pb2, kernel_pb2, kernel_pb2_grpc
@@ -67,6 +67,20 @@ class ClientBase:
     def _read_cursor(self, pid: int, timeout: float | None) -> calls.ReadCursor:
         return calls.ReadCursor(pid, self.retry_s, time.monotonic() + self.retry_s +
                                 (timeout or self.job_timeout))
+
+    def _poll_cursor(self, pids: Iterable[int], timeout: float | None) -> calls.PollCursor:
+        return calls.PollCursor.of(list(dict.fromkeys(pids)), self.retry_s, time.monotonic() +
+                                   self.retry_s + (timeout or self.job_timeout))
+
+    def _polled(self, cursor: calls.PollCursor,
+                chunk: kernel_pb2.PollChunk) -> Iterator[tuple[int, kernel_pb2.ReadChunk]]:
+        """A Poll message's entries as (pid, chunk); a refused job raises its error."""
+        self._reached = True
+        for entry in chunk.entries:
+            if entry.error_code:
+                raise refused(entry.pid, entry.error_code, entry.error)
+            cursor.advance(entry)
+            yield entry.pid, entry.chunk
 
 
 class LLMClient(ClientBase):
@@ -209,6 +223,27 @@ class LLMClient(ClientBase):
                     self._reached = True
                     cursor.advance(chunk)
                     yield chunk
+                return
+            except grpc.RpcError as err:
+                if not cursor.resumes(err):
+                    raise self._error(err, options["wait_for_ready"]) from None
+            finally:
+                stream.cancel()
+
+    def poll(self, pids: Iterable[int],
+             timeout: float | None = None) -> Iterator[tuple[int, kernel_pb2.ReadChunk]]:
+        """Several jobs' output over one stream (the Poll syscall, one message a step for all
+        of them): (pid, chunk) as it comes, each job's chunks in order, until every job has
+        ended (its last chunk has `done`). A job that cannot be followed raises its error
+        (NotFound, PermissionDenied, OutOfRange); a stream broken by a restart of llmosd is
+        re-opened where it broke."""
+        cursor = self._poll_cursor(pids, timeout)
+        while cursor.jobs:
+            options = self._options(calls.POLL, cursor.left())
+            stream = self._stub.Poll(iter([calls.POLL.build(cursor)]), **options)
+            try:
+                for chunk in stream:
+                    yield from self._polled(cursor, chunk)
                 return
             except grpc.RpcError as err:
                 if not cursor.resumes(err):

@@ -133,3 +133,9 @@ def _unreachable(details: str) -> bool:
               "Socket closed", "failed to pick subchannel", "Connection reset",
               "recvmsg:Connection reset", "Broken pipe", "connections to all backends failing")
     return details.lower().startswith(tuple(w.lower() for w in starts))
+
+
+def refused(pid: int, code: str, details: str) -> LLMError:
+    """A Poll's refusal of one job (PollEntry.error_code and error) as its typed error."""
+    status = getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
+    return BY_CODE.get(status, Unknown)(f"process {pid}: {details}")
