@@ -1,5 +1,6 @@
 """Clients ride over restarts: gRPC's retry policy on UNAVAILABLE for the idempotent calls
-only, a client that waits for a restarted llmosd, and a Read that resumes where it broke.
+only, a client that waits for a restarted llmosd, and a Read or Poll that resumes where it
+broke.
 Against a tiny fake Kernel: a real grpc.server on loopback, in this process or (to be killed
 with SIGKILL, as a crashed llmosd is) in a child process running this file."""
 
@@ -38,6 +39,7 @@ class FakeKernel(kernel_pb2_grpc.KernelServicer):
         self.fail, self.break_at, self.delay = fail, break_at, delay
         self.calls: dict[str, int] = {}
         self.reads: list[int] = []  # the offset of each Read
+        self.polls: list[dict[int, int]] = []   # each Poll's jobs and offsets
         self.lock = threading.Lock()
 
     def _count(self, name: str, ctx: grpc.ServicerContext) -> None:
@@ -77,6 +79,26 @@ class FakeKernel(kernel_pb2_grpc.KernelServicer):
             time.sleep(self.delay)
             done = i == len(PIECES) - 1
             yield kernel_pb2.ReadChunk(text=PIECES[i], token_ids=[i], done=done)
+
+    def Poll(self, requests: Iterator[kernel_pb2.PollRequest],  # noqa: N802
+             ctx: grpc.ServicerContext) -> Iterator[kernel_pb2.PollChunk]:
+        """Every job named streams PIECES from its offset, one piece each a message; the first
+        Poll aborts at message break_at."""
+        at = {f.pid: f.offset for r in requests for f in r.follow}
+        self.polls.append(dict(at))
+        for n in range(len(PIECES)):
+            if n == self.break_at and len(self.polls) == 1:
+                ctx.abort(grpc.StatusCode.UNAVAILABLE, "the kernel went away")
+            entries = []
+            for pid, i in list(at.items()):
+                entries.append(kernel_pb2.PollEntry(pid=pid, chunk=kernel_pb2.ReadChunk(
+                    text=PIECES[i], token_ids=[i], done=i == len(PIECES) - 1)))
+                at[pid] = i + 1
+                if at[pid] == len(PIECES):
+                    del at[pid]
+            if not entries:
+                return
+            yield kernel_pb2.PollChunk(entries=entries)
 
 
 RETRY = float(os.environ.get("TEST_RETRY_S", "30"))  # 0: see the tests fail without retry
@@ -200,6 +222,32 @@ def test_async_broken_read_resumes_without_gap_or_repeat(fake):
             return [p async for p in AsyncProcess(c, 7).read()]
     assert "".join(asyncio.run(go())) == FULL
     assert kernel.reads == [0, 4]
+
+
+def test_broken_poll_resumes_each_job_where_it_broke(fake):
+    kernel, addr = fake
+    with LLMClient(address=addr, token="t") as c:
+        got: dict[int, list[int]] = {7: [], 8: []}
+        text = {7: "", 8: ""}
+        for pid, chunk in c.poll([7, 8]):
+            got[pid] += chunk.token_ids
+            text[pid] += chunk.text
+    assert got == {7: list(range(len(PIECES))), 8: list(range(len(PIECES)))}
+    assert text == {7: FULL, 8: FULL}
+    assert kernel.polls == [{7: 0, 8: 0}, {7: 4, 8: 4}]
+
+
+def test_async_broken_poll_resumes_each_job_where_it_broke(fake):
+    kernel, addr = fake
+
+    async def go() -> dict[int, str]:
+        async with AsyncLLMClient(address=addr, token="t") as c:
+            text = {7: "", 8: ""}
+            async for pid, chunk in c.poll([7, 8]):
+                text[pid] += chunk.text
+            return text
+    assert asyncio.run(go()) == {7: FULL, 8: FULL}
+    assert kernel.polls == [{7: 0, 8: 0}, {7: 4, 8: 4}]
 
 
 def test_read_without_retry_stops_at_the_break(fake):
