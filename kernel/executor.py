@@ -1,7 +1,8 @@
 """The step loop: the kernel's mechanism for running jobs, as nano-vllm's step reads:
 
     snapshot   (table lock)  runnable jobs and the pager's exact block needs
-    plan       (no lock)     one Plan RPC: the scheduler picks slots and any preemption
+    plan       (no lock)     one Plan RPC: the scheduler picks slots and any preemption (or
+                             its last plan again while it stands: kernel/plan_lease.py)
     admit      (table lock)  preempt as planned, give blocks, build the step's entries
     send       (no lock)     swap-outs, swap-ins, copy-on-write copies (kernel/pending_io.py)
     step       (no lock)     one Step RPC for the whole batch
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 
-from llmasos.kernel import metrics, replicas
+from llmasos.kernel import metrics, plan_lease, replicas
 from llmasos.kernel.fork import fork_siblings, waits_for_fork
 from llmasos.kernel.ipc_delivery import deliver_output
 from llmasos.kernel.jobctl import JobControl
@@ -124,6 +125,7 @@ class Executor:
         self.thread = threading.Thread(target=self._loop, name="executor", daemon=True)
         self.inflight: dict[str, Work] = {}   # [loop] lane → the step its replica computes
         self.dead: list[dict[str, Pager]] = []   # pagers of replicas whose process died
+        self.leases: dict[str, tuple[int, ...] | None] = {}   # [loop] lane → renewable plan
 
     def start(self) -> None:
         self.thread.start()
@@ -364,7 +366,12 @@ class Executor:
         request = self._snapshot(lane, pager)
         if request is None:
             return None
-        plan = self.k.scheduler().Plan(request, timeout=30)
+        plan = plan_lease.renew(self.leases.get(lane), request)
+        if plan is None:
+            plan = self.k.scheduler().Plan(request, timeout=30)
+            self.leases[lane] = plan_lease.granted(plan)
+        else:
+            metrics.on_renewed(replicas.split(lane)[0])
         return self._admit(lane, pager, plan)
 
     def _await_inflight(self, lane: str, work: Work | None) -> tuple | None:

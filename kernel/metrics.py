@@ -49,6 +49,8 @@ PROMPT_TOKENS = _c("prompt_tokens", "Prefill tokens computed (prefix-cache hits 
 GENERATION_TOKENS = _c("generation_tokens", "Tokens generated.")
 REQUEST_SUCCESS = _c("request_success", "Jobs ended, by finish reason.",
                      M + ["finished_reason"])
+PLANS_RENEWED = _c("plans_renewed", "Steps run on the scheduler's last plan, renewed without a "
+                   "Plan call (kernel/plan_lease.py; llmasos only).")
 PREEMPTIONS = _c("num_preemptions", "Jobs preempted (KV freed or swapped to make room).")
 SWAPS = _c("num_swaps", "KV swaps between the pool and host memory (llmasos only).",
            M + ["direction"])
@@ -123,6 +125,10 @@ def on_exit(proc: Any) -> None:
                                        / (len(proc.output_ids) - 1))
     REQ_PROMPT.labels(model).observe(len(proc.prompt_ids))
     REQ_GEN.labels(model).observe(len(proc.output_ids))
+
+
+def on_renewed(model: str) -> None:
+    PLANS_RENEWED.labels(model).inc()
 
 
 def on_gap(model: str, seconds: float) -> None:

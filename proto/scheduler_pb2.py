@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fscheduler.proto\x12\nllmasos.v1\"\xdc\x01\n\x08SchedJob\x12\x0b\n\x03pid\x18\x01 \x01(\x04\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0c\n\x04nice\x18\x03 \x01(\x11\x12\x0f\n\x07\x61rrival\x18\x04 \x01(\x01\x12\x16\n\x0epending_tokens\x18\x05 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x06 \x01(\r\x12\x13\n\x0b\x62locks_held\x18\x07 \x01(\r\x12\x10\n\x08resident\x18\x08 \x01(\x08\x12\x15\n\rserved_tokens\x18\t \x01(\x04\x12\x18\n\x0bneed_blocks\x18P \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_need_blocks\"\x81\x02\n\x0bPlanRequest\x12\"\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.llmasos.v1.SchedJob\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x14\n\x0ctoken_budget\x18\x04 \x01(\r\x12\x11\n\tmax_batch\x18\x05 \x01(\r\x12\x45\n\x10user_block_limit\x18P \x03(\x0b\x32+.llmasos.v1.PlanRequest.UserBlockLimitEntry\x1a\x35\n\x13UserBlockLimitEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"+\n\x08PlanSlot\x12\x0b\n\x03pid\x18\x01 \x01(\x04\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\"@\n\x08StepPlan\x12#\n\x05slots\x18\x01 \x03(\x0b\x32\x14.llmasos.v1.PlanSlot\x12\x0f\n\x07preempt\x18\x02 \x03(\x04\"\x0f\n\rPolicyRequest\" \n\x0ePolicyResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\"F\n\x0bReplicaLoad\x12\x0f\n\x07replica\x18\x01 \x01(\r\x12\x11\n\tlive_jobs\x18\x02 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\r\".\n\x08PlaceJob\x12\x0b\n\x03pid\x18\x01 \x01(\x04\x12\x15\n\rcached_blocks\x18\x02 \x03(\r\"]\n\x0cPlaceRequest\x12)\n\x08replicas\x18\x01 \x03(\x0b\x32\x17.llmasos.v1.ReplicaLoad\x12\"\n\x04jobs\x18\x02 \x03(\x0b\x32\x14.llmasos.v1.PlaceJob\" \n\rPlaceResponse\x12\x0f\n\x07replica\x18\x01 \x03(\r2\xc1\x01\n\tScheduler\x12\x35\n\x04Plan\x12\x17.llmasos.v1.PlanRequest\x1a\x14.llmasos.v1.StepPlan\x12?\n\x06Policy\x12\x19.llmasos.v1.PolicyRequest\x1a\x1a.llmasos.v1.PolicyResponse\x12<\n\x05Place\x12\x18.llmasos.v1.PlaceRequest\x1a\x19.llmasos.v1.PlaceResponseBI\n\rio.llmasos.v1P\x01Z6github.com/llmasos/llmasos/gen/go/llmasos/v1;llmasosv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fscheduler.proto\x12\nllmasos.v1\"\xdc\x01\n\x08SchedJob\x12\x0b\n\x03pid\x18\x01 \x01(\x04\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x0c\n\x04nice\x18\x03 \x01(\x11\x12\x0f\n\x07\x61rrival\x18\x04 \x01(\x01\x12\x16\n\x0epending_tokens\x18\x05 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x06 \x01(\r\x12\x13\n\x0b\x62locks_held\x18\x07 \x01(\r\x12\x10\n\x08resident\x18\x08 \x01(\x08\x12\x15\n\rserved_tokens\x18\t \x01(\x04\x12\x18\n\x0bneed_blocks\x18P \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_need_blocks\"\x81\x02\n\x0bPlanRequest\x12\"\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.llmasos.v1.SchedJob\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x14\n\x0ctoken_budget\x18\x04 \x01(\r\x12\x11\n\tmax_batch\x18\x05 \x01(\r\x12\x45\n\x10user_block_limit\x18P \x03(\x0b\x32+.llmasos.v1.PlanRequest.UserBlockLimitEntry\x1a\x35\n\x13UserBlockLimitEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"+\n\x08PlanSlot\x12\x0b\n\x03pid\x18\x01 \x01(\x04\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\"S\n\x08StepPlan\x12#\n\x05slots\x18\x01 \x03(\x0b\x32\x14.llmasos.v1.PlanSlot\x12\x0f\n\x07preempt\x18\x02 \x03(\x04\x12\x11\n\trenewable\x18\x03 \x01(\x08\"\x0f\n\rPolicyRequest\" \n\x0ePolicyResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\"F\n\x0bReplicaLoad\x12\x0f\n\x07replica\x18\x01 \x01(\r\x12\x11\n\tlive_jobs\x18\x02 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\r\".\n\x08PlaceJob\x12\x0b\n\x03pid\x18\x01 \x01(\x04\x12\x15\n\rcached_blocks\x18\x02 \x03(\r\"]\n\x0cPlaceRequest\x12)\n\x08replicas\x18\x01 \x03(\x0b\x32\x17.llmasos.v1.ReplicaLoad\x12\"\n\x04jobs\x18\x02 \x03(\x0b\x32\x14.llmasos.v1.PlaceJob\" \n\rPlaceResponse\x12\x0f\n\x07replica\x18\x01 \x03(\r2\xc1\x01\n\tScheduler\x12\x35\n\x04Plan\x12\x17.llmasos.v1.PlanRequest\x1a\x14.llmasos.v1.StepPlan\x12?\n\x06Policy\x12\x19.llmasos.v1.PolicyRequest\x1a\x1a.llmasos.v1.PolicyResponse\x12<\n\x05Place\x12\x18.llmasos.v1.PlaceRequest\x1a\x19.llmasos.v1.PlaceResponseBI\n\rio.llmasos.v1P\x01Z6github.com/llmasos/llmasos/gen/go/llmasos/v1;llmasosv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,19 +43,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLANSLOT']._serialized_start=514
   _globals['_PLANSLOT']._serialized_end=557
   _globals['_STEPPLAN']._serialized_start=559
-  _globals['_STEPPLAN']._serialized_end=623
-  _globals['_POLICYREQUEST']._serialized_start=625
-  _globals['_POLICYREQUEST']._serialized_end=640
-  _globals['_POLICYRESPONSE']._serialized_start=642
-  _globals['_POLICYRESPONSE']._serialized_end=674
-  _globals['_REPLICALOAD']._serialized_start=676
-  _globals['_REPLICALOAD']._serialized_end=746
-  _globals['_PLACEJOB']._serialized_start=748
-  _globals['_PLACEJOB']._serialized_end=794
-  _globals['_PLACEREQUEST']._serialized_start=796
-  _globals['_PLACEREQUEST']._serialized_end=889
-  _globals['_PLACERESPONSE']._serialized_start=891
-  _globals['_PLACERESPONSE']._serialized_end=923
-  _globals['_SCHEDULER']._serialized_start=926
-  _globals['_SCHEDULER']._serialized_end=1119
+  _globals['_STEPPLAN']._serialized_end=642
+  _globals['_POLICYREQUEST']._serialized_start=644
+  _globals['_POLICYREQUEST']._serialized_end=659
+  _globals['_POLICYRESPONSE']._serialized_start=661
+  _globals['_POLICYRESPONSE']._serialized_end=693
+  _globals['_REPLICALOAD']._serialized_start=695
+  _globals['_REPLICALOAD']._serialized_end=765
+  _globals['_PLACEJOB']._serialized_start=767
+  _globals['_PLACEJOB']._serialized_end=813
+  _globals['_PLACEREQUEST']._serialized_start=815
+  _globals['_PLACEREQUEST']._serialized_end=908
+  _globals['_PLACERESPONSE']._serialized_start=910
+  _globals['_PLACERESPONSE']._serialized_end=942
+  _globals['_SCHEDULER']._serialized_start=945
+  _globals['_SCHEDULER']._serialized_end=1138
 # @@protoc_insertion_point(module_scope)

@@ -6,8 +6,10 @@ import grpc
 
 from llmasos.proto import scheduler_pb2, scheduler_pb2_grpc
 from llmasos.services.scheduler.placement import place
-from llmasos.services.scheduler.policy import POLICIES, plan
+from llmasos.services.scheduler.policy import POLICIES, Plan, plan
 from llmasos.services.scheduler.usage import Usage
+
+RENEWABLE = ("fcfs", "priority")   # policies whose plan depends on the request alone
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -26,7 +28,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self.usage.charge(users[pid], n)
         return scheduler_pb2.StepPlan(
             slots=[scheduler_pb2.PlanSlot(pid=p, num_tokens=n) for p, n in result.slots],
-            preempt=result.preempt)
+            preempt=result.preempt, renewable=self._renewable(request, result))
+
+    def _renewable(self, request: scheduler_pb2.PlanRequest, result: Plan) -> bool:
+        """Every job runs all it has pending and none is preempted: while that still fits,
+        this stateless policy would plan the same again (StepPlan.renewable)."""
+        pending = {j.pid: j.pending_tokens for j in request.jobs}
+        return self.policy in RENEWABLE and not result.preempt and \
+            len(result.slots) == len(pending) and \
+            all(pending.get(pid) == n for pid, n in result.slots)
 
     def Policy(self, request: scheduler_pb2.PolicyRequest,  # noqa: N802
                context: grpc.ServicerContext) -> scheduler_pb2.PolicyResponse:
