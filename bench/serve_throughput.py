@@ -16,7 +16,9 @@ per request reads, a Read stream each, for "ratio_vs_in_process_read".
 Every request asks for exactly its output length (EOS ignored), so each side makes the same
 useful tokens. Every configuration first runs a short warm-up workload (an HF one that fails
 gets one more try); then each round (seeds 0..R-1) runs the same workload through every
-configuration in turn, so machine noise hits all alike. An HF configuration that stalls, crashes
+configuration in turn, so machine noise hits all alike: ours in an order rotated each round
+(whichever ran first after HF's runs was slowed, and it used to be the gRPC system every time),
+each warmed up again after HF's runs, then HF's. An HF configuration that stalls, crashes
 or drops requests gets no figure: the JSON says so (status, tokens made of expected) and it is
 left out of the comparison. Ends with one JSON
 line: tokens/s of each, "ratio_vs_hf_best" against the fastest HF configuration that completed
@@ -393,9 +395,14 @@ def main() -> int:
         if not o.ok:
             hf_out[name].append(o)
 
+    names = list(ours)
     for seed in range(args.rounds):
         reqs = requests(args.requests, seed=seed)
-        for name, runner in ours.items():
+        if seed:   # the HF runs just before touched memory and caches: all of ours warm again
+            for runner in ours.values():
+                runner.run(warm)
+        for name in names[seed % len(names):] + names[:seed % len(names)]:   # none always first
+            runner = ours[name]
             rounds[name].append(runner.run(reqs))
             r = rounds[name][-1]
             print(f"seed {seed} {name:<22} {r.tokens} tokens in {r.seconds:6.2f} s: "
