@@ -57,7 +57,7 @@ node: $(NODE_STAMP)
 
 # Our sources compiled once (only what changed since): where PYTHONDONTWRITEBYTECODE is set, as
 # on our CI machines, each Python process would compile all it imports afresh (the suite starts
-# ~550, each importing llmasos: 0.05-0.13 s apiece).
+# ~550; importing llmasos.kernel.main took 0.42 s so, 0.29 s compiled).
 SOURCES := userland kernel services syscalls drivers proto tests
 bytecode: $(RUN_STAMP)
 	PYTHONDONTWRITEBYTECODE= $(PY) -m compileall -q -j 0 $(SOURCES) >/dev/null
