@@ -64,21 +64,23 @@ def needs_isa_builds() -> None:
         pytest.skip("no C compiler on this machine: the PyTorch paths serve")
 
 
-def library_built_for(name: str, isa: str) -> ctypes.CDLL:
-    """drivers/cpu/{name}.c built for one ISA, as a machine of that kind builds it."""
+def library_built_for(name: str, isa: str, extra: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """drivers/cpu/{name}.c built for one ISA, as a machine of that kind builds it (extra: more
+    compiler flags, such as a kernel's layout taken on a CPU that lacks its ISA)."""
     from llmasos.drivers.cpu import build
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(build, "arch_flags", lambda: ISA_FLAGS[isa])
+        mp.setattr(build, "arch_flags", lambda: (*ISA_FLAGS[isa], *extra))
         lib = build.load_library.__wrapped__(name)
     assert lib is not None
     return lib
 
 
-def typed_built_for(module: ModuleType, isa: str) -> ctypes._CFuncPtr:
+def typed_built_for(module: ModuleType, isa: str,
+                    extra: tuple[str, ...] = ()) -> ctypes._CFuncPtr:
     """A drivers/cpu kernel module's function, typed by its typed(), from its C built for one
     ISA (skipped where that cannot be built)."""
     needs_isa_builds()
-    return module.typed(library_built_for(module.__name__.rsplit(".", 1)[-1], isa))
+    return module.typed(library_built_for(module.__name__.rsplit(".", 1)[-1], isa, extra))
 
 
 def within_fp32_sums(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor,

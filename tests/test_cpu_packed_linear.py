@@ -17,10 +17,16 @@ from llmasos.drivers.model import cpu_linear
 
 from conftest import ISA_FLAGS, needs_isa_builds, typed_built_for, within_fp32_sums
 
+# each ISA's build, and AVX-512's tiles (12 rows of 16-lane sums) built for AVX2: the tile code
+# a Xeon runs, checked on a CPU without AVX-512 too
+BUILDS = {**{isa: (isa, ()) for isa in ISA_FLAGS},
+          "avx512_tiles": ("avx2", ("-DPACKED_LAYOUT=512",))}
 
-@pytest.fixture(scope="module", params=list(ISA_FLAGS))
+
+@pytest.fixture(scope="module", params=list(BUILDS))
 def isa_kernel(request: pytest.FixtureRequest) -> ctypes._CFuncPtr:
-    return typed_built_for(kernel, request.param)
+    isa, extra = BUILDS[request.param]
+    return typed_built_for(kernel, isa, extra)
 
 
 @settings(max_examples=30, deadline=None)
@@ -38,6 +44,17 @@ def test_the_kernel_is_x_times_w_transposed(isa_kernel: ctypes._CFuncPtr, m: int
     y = packed_linear(x, pack(w), bias, isa_kernel)
     assert y.shape == (m, n) and y.dtype == torch.float32 and y.is_contiguous()
     assert within_fp32_sums(y, x, w, bias)
+
+
+def test_every_tile_height_of_every_build(isa_kernel: ctypes._CFuncPtr) -> None:
+    """Row counts 1 to 25 take every tile height each build has (3, 6 or 12 rows at most) and
+    splits into several tiles: each a case of the kernel's own, not left to a random draw."""
+    g = torch.Generator().manual_seed(1)
+    w, bias = torch.randn(40, 33, generator=g), torch.randn(40, generator=g)
+    p = pack(w)
+    for m in range(1, 26):
+        x = torch.randn(m, 33, generator=g)
+        assert within_fp32_sums(packed_linear(x, p, bias, isa_kernel), x, w, bias), m
 
 
 def test_a_row_gives_the_same_bits_alone_as_in_any_batch(isa_kernel: ctypes._CFuncPtr) -> None:

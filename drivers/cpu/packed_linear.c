@@ -13,7 +13,9 @@
 #pragma GCC diagnostic ignored "-Wpsabi"   /* v16 returns stay inside this file: no ABI to keep */
 
 #define PANEL 16   /* output channels a panel (drivers/cpu/packed_linear.py's PANEL) */
-#if defined(__AVX512F__)
+/* -DPACKED_LAYOUT=512 takes AVX-512's tiles on a CPU without it (GCC splits each 64-byte vector
+ * in two), so a test checks the tile code a Xeon runs on any x86 */
+#if defined(__AVX512F__) || PACKED_LAYOUT == 512
 #define LANES 16   /* floats a register holds */
 #define ROWS 12    /* rows a tile: their sums (one zmm each) and a panel row fit 32 registers */
 #elif defined(__AVX__)
