@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,8 +32,10 @@ class Endpoint:
     """A scripted /v1/completions: `plan` says what each successive request gets."""
 
     def __init__(self) -> None:
-        self.plan: list[str] = []  # "ok", "429", "503", "cut" (stream 2 words then drop), "400"
+        # "ok", "429", "503", "cut" (stream 2 words then drop), "400", "slow" (0.1 s a word)
+        self.plan: list[str] = []
         self.requests: list[dict] = []
+        self.closed = threading.Event()   # a client hung up mid-stream
         self.headers: list[dict[str, str]] = []
         endpoint = self
 
@@ -59,6 +62,12 @@ class Endpoint:
                 done = len(body["prompt"]) - len("The quick brown fox")
                 start = sum(1 for w in WORDS if done > 0 and (done := done - len(w)) >= 0)
                 words = WORDS[start:][: body["max_tokens"]]
+                try:
+                    self.stream(step, start, words)
+                except (BrokenPipeError, ConnectionResetError):
+                    endpoint.closed.set()
+
+            def stream(self, step: str, start: int, words: list[str]) -> None:
                 for i, word in enumerate(words):
                     if step == "cut" and i == 2:
                         self.wfile.flush()
@@ -70,6 +79,8 @@ class Endpoint:
                                           if last else None}]}
                     self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
                     self.wfile.flush()
+                    if step == "slow":
+                        time.sleep(0.1)
                 self.wfile.write(b"data: [DONE]\n\n")
 
             def error(self, code: int, message: str, retry_after: str | None = None) -> None:
@@ -148,12 +159,16 @@ def test_client_errors_are_not_retried_and_keep_their_meaning(endpoint: Endpoint
 
 
 def test_cancel_stops_the_stream(endpoint: Endpoint) -> None:
+    """The stream ends at the next chunk, and the driver hangs up: the server's next writes
+    fail (it does not go on generating for no one)."""
+    endpoint.plan = ["slow"]
     cancel = threading.Event()
     got = []
     for chunk in model(endpoint).stream(Completion("The quick brown fox"), cancel):
         got.append(chunk)
         cancel.set()
     assert len(got) == 1
+    assert endpoint.closed.wait(10)
 
 
 def test_key_from_env_or_private_file_and_never_shown(
