@@ -24,8 +24,8 @@ left out of the comparison. Ends with one JSON
 line: tokens/s of each, "ratio_vs_hf_best" against the fastest HF configuration that completed
 all the work (named in "hf_best", over the rounds HF ran: `--hf-rounds` runs HF in the first N
 only, as its runs take most of the time), "ratio_vs_in_process" over every round with the
-paired ratio of each round beside it (on a shared 2-core VM one round moves by ±5%, so more
-rounds pin it), p50/p99 time to first token and
+paired ratio of each round beside it (on a shared 2-core VM one round moved ±5–8% from the
+mean in two 8-round runs, so more rounds pin it), p50/p99 time to first token and
 inter-token latency of the gRPC system, the CPU seconds each process of the system spent in
 the rounds ("system_cpu_s": kernel, services, this client) beside the in-process runner's, and
 the bench's own wall time.
